@@ -1,0 +1,15 @@
+"""calibrate: layer-wise calibration probing and steering of language models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["compose", "load_dataset", "load_model", "probe_layers"]
+
+
+def __getattr__(name: str):
+    # Lazy: `python -m calibrate.assets` must not import torch or transformers.
+    if name in __all__:
+        from calibrate import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'calibrate' has no attribute {name!r}")

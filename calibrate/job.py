@@ -1,0 +1,165 @@
+"""One job: validate, load data, build prompts, load the model, probe, measure, write, track.
+
+The Hydra entry point (:mod:`calibrate.run`) is a thin layer over :func:`run_job`; notebooks
+use :func:`probe_records` directly (see :mod:`calibrate.api`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from calibrate import results
+from calibrate.data import load_records
+from calibrate.metrics import layer_table
+from calibrate.models import LoadedModel, load_model, load_tokenizer, resolve_source
+from calibrate.phases import detect_phases, phases_to_dict
+from calibrate.probe import ProbeResult, ProbeSettings, run_probe
+from calibrate.prompts import PromptSet, build_prompts
+from calibrate.track import Tracker, open_tracker
+from calibrate.validate import check_job
+
+RESULT_FILES = [results.LAYERS_FILE, results.PREDICTIONS_FILE, results.METRICS_FILE,
+                "layer_curves.png", "reliability_final.png", "reliability_peak_ece.png"]
+
+
+@dataclass
+class ProbeReport:
+    """What a probe of one model on one dataset produced."""
+
+    table: pd.DataFrame  # one row per layer
+    result: ProbeResult
+    prompt_set: PromptSet
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        """Metrics of the last layer (the model's own prediction)."""
+        return {k: float(v) for k, v in self.table.iloc[-1].items() if k != "layer"}
+
+
+def measure(result: ProbeResult, metrics_cfg: Mapping[str, Any]) -> pd.DataFrame:
+    """The per-layer metrics table of a probe result (plus the mean option mass per layer)."""
+    table = layer_table(result.probs, result.labels, n_bins=int(metrics_cfg["n_bins"]),
+                        binning=str(metrics_cfg["binning"]),
+                        extra_bins=tuple(metrics_cfg.get("extra_bins") or ()))
+    if result.option_mass is not None:
+        mass = np.full(len(table), np.nan)
+        mass[-result.option_mass.shape[1]:] = result.option_mass.mean(axis=0)
+        table["option_mass"] = mass
+    return table
+
+
+def probe_records(loaded: LoadedModel, records: Sequence[Any], dataset_cfg: Mapping[str, Any],
+                  probe_cfg: Mapping[str, Any], metrics_cfg: Mapping[str, Any],
+                  keep_layers: Sequence[int] = ()) -> ProbeReport:
+    """Build prompts, run the probe and measure every layer; no files are written."""
+    prompt_set = build_prompts(records, dataset_cfg, loaded.tokenizer)
+    return probe_prompts(loaded, prompt_set, probe_cfg, metrics_cfg, keep_layers)
+
+
+def probe_prompts(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[str, Any],
+                  metrics_cfg: Mapping[str, Any], keep_layers: Sequence[int] = ()) -> ProbeReport:
+    """Run the probe on ready prompts and measure every layer."""
+    result = run_probe(loaded, prompt_set, ProbeSettings.from_config(probe_cfg, keep_layers))
+    info = {"adds_bos": prompt_set.adds_bos, "option_strings": prompt_set.option_strings,
+            "padding_efficiency": result.padding_efficiency}
+    return ProbeReport(measure(result, metrics_cfg), result, prompt_set, info)
+
+
+def _prepare(cfg: Mapping[str, Any]) -> tuple[list[Any], PromptSet, LoadedModel]:
+    """Everything that can fail on bad input runs before the model weights are read."""
+    check_job(cfg)
+    cache = cfg.get("cache_dir")
+    records = load_records(cfg["dataset"], cache)
+    tokenizer = load_tokenizer(resolve_source(cfg["model"], cache), cfg["model"])
+    prompt_set = build_prompts(records, cfg["dataset"], tokenizer)
+    loaded = load_model(cfg["model"], cache, tokenizer=tokenizer)
+    return records, prompt_set, loaded
+
+
+def _plots(report: ProbeReport, job_dir: Path, title: str, metrics_cfg: Mapping[str, Any],
+           phases: Any) -> dict[str, Path]:
+    from calibrate.plots import plot_layer_curves, plot_reliability
+
+    probs, labels = report.result.probs, report.result.labels
+    n_bins, binning = int(metrics_cfg["n_bins"]), str(metrics_cfg["binning"])
+    peak = int(report.table["ece"].idxmax())
+    chance = float(np.mean(1.0 / (report.prompt_set.option_ids >= 0).sum(axis=1)))
+    return {
+        "layer_curves": plot_layer_curves(report.table, job_dir / "layer_curves.png", title,
+                                          phases=phases, chance=chance),
+        "reliability_final": plot_reliability(probs[:, -1], labels, job_dir / "reliability_final.png",
+                                              f"{title}: final layer", n_bins, binning),
+        "reliability_peak_ece": plot_reliability(probs[:, peak], labels,
+                                                 job_dir / "reliability_peak_ece.png",
+                                                 f"{title}: layer {peak} (highest ECE)", n_bins, binning),
+    }
+
+
+def _summary(cfg: Mapping[str, Any], report: ProbeReport, loaded: LoadedModel, phases: dict,
+             elapsed: float) -> dict[str, Any]:
+    ds = cfg["dataset"]
+    return {
+        "status": "complete", "model": loaded.name, "model_source": loaded.source,
+        "model_type": loaded.adapter.model_type, "unembed_hash": loaded.unembed_hash,
+        "dataset": ds["name"], "split": ds.get("split"), "n_examples": len(report.result.labels),
+        "n_options": int(report.prompt_set.option_ids.shape[1]), "answer_format": ds["answer_format"],
+        "num_layers": report.result.num_layers, **report.info, "final": report.final,
+        **phases, "elapsed_s": round(elapsed, 3),
+    }
+
+
+def write_report(report: ProbeReport, job_dir: Path, summary: Mapping[str, Any],
+                 output_cfg: Mapping[str, Any], plots: dict[str, Path]) -> None:
+    """Write the job's files; metrics.json last, as the completion marker."""
+    results.write_csv(job_dir / results.LAYERS_FILE, report.table)
+    if output_cfg.get("predictions", True):
+        res = report.result
+        arrays = {"labels": res.labels, "probs": res.probs, "option_logits": res.option_logits,
+                  "option_ids": report.prompt_set.option_ids}
+        if res.option_mass is not None:
+            arrays["option_mass"] = res.option_mass
+        results.write_npz(job_dir / results.PREDICTIONS_FILE, **arrays)
+    results.write_json(job_dir / results.METRICS_FILE, {**summary, "plots": sorted(plots)})
+
+
+def run_job(cfg: Mapping[str, Any], job_dir: Path, name: str = "job", group: str | None = None,
+            config_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run one probe job and write its results into ``job_dir``; returns the metrics summary."""
+    start = time.perf_counter()
+    job_dir = Path(job_dir)
+    _, prompt_set, loaded = _prepare(cfg)
+    tracker: Tracker = Tracker()
+    try:
+        tracker = open_tracker(cfg["tracker"], job_dir, name, group, cfg["intervention"]["name"],
+                               config_dict or {})
+        report = probe_prompts(loaded, prompt_set, cfg["probe"], cfg["metrics"])
+        phases = detect_phases(report.table)
+        title = f"{loaded.name} on {cfg['dataset']['name']}"
+        plots = _plots(report, job_dir, title, cfg["metrics"], phases) if cfg["output"].get("plots") else {}
+        summary = _summary(cfg, report, loaded, phases_to_dict(phases), time.perf_counter() - start)
+        write_report(report, job_dir, summary, cfg["output"], plots)
+        tracker.log_layers(report.table)
+        tracker.log_images(plots)
+        tracker.log_summary(_flat_summary(summary))
+    except BaseException:
+        results.remove_outputs(job_dir, RESULT_FILES)
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    return summary
+
+
+def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    flat = {f"final/{k}": v for k, v in summary["final"].items()}
+    for key in ("plateau_layer", "peak_ece_layer", "peak_ece", "n_examples"):
+        if summary.get(key) is not None:
+            flat[key] = summary[key]
+    return flat

@@ -1,0 +1,100 @@
+"""Prompts and answer tokens: records -> template strings, options -> one token id each."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ANSWER_FORMATS = ("letters", "verbalizer")
+LETTERS = string.ascii_uppercase
+
+
+class PromptError(ValueError):
+    """A template or an answer option cannot be used with this tokenizer."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts ready for the probe.
+
+    ``option_ids[i, k]`` is the token read for option k of example i, -1 where example i has
+    fewer than K options (ARC questions have 3 to 5).
+    """
+
+    prompts: list[str]
+    labels: np.ndarray  # [N] int64
+    option_ids: np.ndarray  # [N, K] int64, -1 padded
+    option_strings: list[str]  # the continuation read for each option slot, e.g. " A" or " positive"
+    adds_bos: bool  # whether the tokenizer's default adds a BOS token (recorded, not forced)
+
+
+def render_choices(options: Sequence[str]) -> str:
+    """``A. first\\nB. second ...`` as in lm-eval's MMLU template."""
+    if len(options) > len(LETTERS):
+        raise PromptError(f"{len(options)} options; at most {len(LETTERS)} can be lettered")
+    return "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
+
+
+def render_prompt(template: str, record: Any, default_subject: str = "") -> str:
+    """Fill ``{subject}``, ``{question}`` and ``{choices}`` of a template for one record."""
+    try:
+        return template.format(subject=record.subject or default_subject,
+                               question=record.question, choices=render_choices(record.options))
+    except (KeyError, IndexError) as err:
+        raise PromptError(f"template {template!r} uses unknown placeholder {err}; "
+                          "accepted: {subject}, {question}, {choices}") from err
+
+
+def option_strings(answer_format: str, n_options: int, verbalizer: Sequence[str] | None) -> list[str]:
+    """The continuation string of each option slot."""
+    if answer_format == "letters":
+        return [f" {LETTERS[k]}" for k in range(n_options)]
+    if answer_format == "verbalizer":
+        if not verbalizer or len(verbalizer) != n_options:
+            raise PromptError(f"verbalizer {list(verbalizer or [])} must give one word for each of "
+                              f"the {n_options} options")
+        return list(verbalizer)
+    raise PromptError(f"answer_format={answer_format!r}; accepted: {', '.join(ANSWER_FORMATS)}")
+
+
+def single_token_id(tokenizer: Any, text: str, contexts: Sequence[str]) -> int:
+    """The one token of ``text`` as it follows each context; error if it is not exactly one."""
+    alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(alone) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(alone)
+        raise PromptError(f"answer option {text!r} is not a single token for this tokenizer: "
+                          f"{pieces} (ids {alone}); choose options that are one token each")
+    for context in contexts:
+        base = tokenizer(context, add_special_tokens=False)["input_ids"]
+        full = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+        if full[: len(base)] != base or full[len(base):] != alone:
+            raise PromptError(f"answer option {text!r} merges with the end of the prompt "
+                              f"{context[-40:]!r}: it is not one separate token there")
+    return alone[0]
+
+
+def build_prompts(records: Sequence[Any], dataset_cfg: Mapping[str, Any], tokenizer: Any) -> PromptSet:
+    """Render every record and resolve each option slot to a single token id."""
+    if not records:
+        raise PromptError(f"dataset {dataset_cfg.get('name')!r} has no records")
+    fmt = str(dataset_cfg.get("answer_format"))
+    width = max(len(r.options) for r in records)
+    strings = option_strings(fmt, width, dataset_cfg.get("verbalizer"))
+    prompts = [render_prompt(str(dataset_cfg["template"]), r, str(dataset_cfg.get("subject") or ""))
+               for r in records]
+    # Merges at the boundary depend only on the prompt's end, shared by all prompts of a template.
+    endings = sorted({p.rsplit("\n", 1)[-1] for p in prompts})
+    ids = [single_token_id(tokenizer, s, endings) for s in strings]
+    if len(set(ids)) != len(ids):
+        raise PromptError(f"answer options {strings} map to repeated token ids {ids}")
+    option_ids = np.full((len(records), width), -1, dtype=np.int64)
+    for i, record in enumerate(records):
+        option_ids[i, : len(record.options)] = ids[: len(record.options)]
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    probe_ids = tokenizer("x")["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and probe_ids[0] == tokenizer.bos_token_id
+    return PromptSet(prompts, labels, option_ids, strings, bool(adds_bos))

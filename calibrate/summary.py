@@ -1,0 +1,73 @@
+"""The sweep summary: one ``summary.csv`` row per job of a multirun, gathered at its end.
+
+Rows are read from the job directories (``metrics.json`` or ``error.json``), so the summary is
+right whatever launcher ran the jobs, and a job that did not complete shows as ``failed`` or
+``incomplete`` instead of disappearing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from calibrate import results
+
+SUMMARY_FILE = "summary.csv"
+
+
+def _overrides(job_dir: Path) -> str:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    return " ".join(str(o) for o in OmegaConf.load(path))
+
+
+def job_row(job_dir: Path) -> dict[str, Any]:
+    """One summary row: the job's overrides, status and final metrics."""
+    row: dict[str, Any] = {"job": job_dir.name, "overrides": _overrides(job_dir)}
+    metrics = results.read_metrics(job_dir)
+    error_path = job_dir / results.ERROR_FILE
+    if metrics is not None:
+        row.update(status="complete", model=metrics.get("model"), dataset=metrics.get("dataset"),
+                   n_examples=metrics.get("n_examples"))
+        row.update({k: v for k, v in metrics.get("final", {}).items()})
+        for key in ("plateau_layer", "peak_ece_layer", "peak_ece"):
+            row[key] = metrics.get(key)
+    elif error_path.is_file():
+        error = json.loads(error_path.read_text())
+        row.update(status="failed", error=f"{error.get('error_type')}: {error.get('error')}")
+    else:
+        row.update(status="incomplete")
+    return row
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job directories of a sweep: sub-folders holding a ``.hydra`` folder, in job order."""
+    found = [p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()]
+    return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def summarize_sweep(sweep_dir: Path) -> pd.DataFrame:
+    """Write ``summary.csv`` for a sweep directory and return it."""
+    table = pd.DataFrame([job_row(d) for d in job_dirs(sweep_dir)])
+    results.write_csv(Path(sweep_dir) / SUMMARY_FILE, table)
+    return table
+
+
+class SweepSummary(Callback):
+    """Hydra callback: gather ``summary.csv`` when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        table = summarize_sweep(sweep_dir)
+        failed = int((table.get("status") != "complete").sum()) if len(table) else 0
+        print(f"[calibrate] sweep summary: {sweep_dir / SUMMARY_FILE} "
+              f"({len(table) - failed} complete, {failed} not)", file=sys.stderr)

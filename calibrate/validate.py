@@ -1,0 +1,102 @@
+"""Cheap checks of a composed job config, run before any data or model is loaded."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from calibrate.metrics import BINNINGS
+from calibrate.probe import OPTION_MASS_MODES
+
+TRACKERS = ("wandb", "none")
+TRACKER_MODES = ("offline", "online", "disabled")
+DEVICES_HINT = "auto, cpu, cuda, cuda:N"
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names it and what is accepted."""
+
+
+def parse_eta(value: Any) -> list[float]:
+    """η as a list of finite floats; accepts one number or a list of numbers."""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if not values:
+        raise ConfigError("eta is an empty list; give a number or a list of numbers, e.g. eta=4")
+    out = []
+    for item in values:
+        if isinstance(item, bool):
+            raise ConfigError(f"eta={item!r} is not a number; accepted: finite numbers")
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"eta={item!r} is not a number; accepted: finite numbers") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"eta={item!r} is not finite; accepted: finite numbers")
+        out.append(number)
+    return out
+
+
+def _positive_int(name: str, value: Any, allow: Sequence[Any] = ()) -> None:
+    if value in allow:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        accepted = " or ".join([*(repr(a) for a in allow), "an integer >= 1"])
+        raise ConfigError(f"{name}={value!r}; accepted: {accepted}")
+
+
+def check_probe(cfg: Mapping[str, Any]) -> None:
+    """The ``probe`` group."""
+    _positive_int("probe.batch_size", cfg.get("batch_size"), allow=("auto", None))
+    _positive_int("probe.max_batch_size", cfg.get("max_batch_size"))
+    _positive_int("probe.max_tokens", cfg.get("max_tokens"))
+    fill = cfg.get("min_fill")
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0 <= fill <= 1:
+        raise ConfigError(f"probe.min_fill={fill!r}; accepted: a number in [0, 1]")
+    if cfg.get("option_mass") not in OPTION_MASS_MODES:
+        raise ConfigError(f"probe.option_mass={cfg.get('option_mass')!r}; "
+                          f"accepted: {', '.join(OPTION_MASS_MODES)}")
+
+
+def check_metrics(cfg: Mapping[str, Any]) -> None:
+    """The ``metrics`` group."""
+    _positive_int("metrics.n_bins", cfg.get("n_bins"))
+    for extra in cfg.get("extra_bins") or []:
+        _positive_int("metrics.extra_bins[]", extra)
+    if cfg.get("binning") not in BINNINGS:
+        raise ConfigError(f"metrics.binning={cfg.get('binning')!r}; accepted: {', '.join(BINNINGS)}")
+
+
+def check_model(cfg: Mapping[str, Any]) -> None:
+    """The ``model`` group (values only; the architecture is checked from the model's config)."""
+    from calibrate.models import _DTYPES
+
+    if cfg.get("dtype", "auto") not in ("auto", *_DTYPES):
+        raise ConfigError(f"model.dtype={cfg.get('dtype')!r}; accepted: auto, {', '.join(_DTYPES)}")
+    device = str(cfg.get("device", "auto"))
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise ConfigError(f"model.device={device!r}; accepted: {DEVICES_HINT}")
+    if not cfg.get("path") and not cfg.get("offline"):
+        raise ConfigError(f"model {cfg.get('name')!r} has no model.path and no offline copy; "
+                          "set model.path to a hub id or a local folder")
+
+
+def check_tracker(cfg: Mapping[str, Any]) -> None:
+    """The ``tracker`` group."""
+    if cfg.get("name") not in TRACKERS:
+        raise ConfigError(f"tracker={cfg.get('name')!r}; accepted: {', '.join(TRACKERS)}")
+    if cfg.get("name") == "wandb" and cfg.get("mode") not in TRACKER_MODES:
+        raise ConfigError(f"tracker.mode={cfg.get('mode')!r}; accepted: {', '.join(TRACKER_MODES)}")
+
+
+def check_job(cfg: Mapping[str, Any]) -> None:
+    """Every cheap check of a job config; raises :class:`ConfigError` or a dataset error."""
+    from calibrate.data import validate_dataset_config
+
+    check_model(cfg["model"])
+    validate_dataset_config(cfg["dataset"])
+    check_probe(cfg["probe"])
+    check_metrics(cfg["metrics"])
+    check_tracker(cfg["tracker"])
+    if "eta" in cfg:
+        parse_eta(cfg["eta"])

