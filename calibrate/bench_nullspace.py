@@ -10,9 +10,6 @@ into ``bench.json`` in the current directory. Not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 import torch
 
 from calibrate import nullspace
+from calibrate.results import merge_json
 
 BENCH_FILE = "bench.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -69,24 +67,6 @@ def projector_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ a.T - b @ b.T).abs().max())
 
 
-def update_bench_json(path: Path, values: dict[str, Any]) -> None:
-    """Merge ``values`` into the JSON object at ``path``, written atomically."""
-    existing = json.loads(path.read_text()) if path.exists() else {}
-    if not isinstance(existing, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    existing.update(values)
-    directory = path.resolve().parent
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(existing, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time both routes on one random matrix and return the bench.json entries."""
     k = nullspace.resolve_k(args.hidden, args.k)
@@ -123,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"  svd ({args.svd_dtype}): {results['nullspace_svd_s']:.3f} s")
     print(f"  speedup     : {results['nullspace_speedup']:.1f}x")
     print(f"  max |P_gram - P_svd| = {settings['projector_max_diff']:.2e}")
-    update_bench_json(args.output, results)
+    merge_json(args.output, results)
     print(f"wrote {args.output}")
 
 

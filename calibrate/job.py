@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibrate import results
+from calibrate import intervene, probe_cache, results
 from calibrate.data import load_records
 from calibrate.metrics import layer_table
-from calibrate.models import LoadedModel, load_model, load_tokenizer, resolve_source
+from calibrate.models import (LoadedModel, check_architecture, load_model, load_tokenizer,
+                              resolve_source)
 from calibrate.phases import detect_phases, phases_to_dict
 from calibrate.probe import ProbeResult, ProbeSettings, run_probe
 from calibrate.prompts import PromptSet, build_prompts
@@ -78,7 +79,9 @@ def _prepare(cfg: Mapping[str, Any]) -> tuple[list[Any], PromptSet, LoadedModel]
     check_job(cfg)
     cache = cfg.get("cache_dir")
     records = load_records(cfg["dataset"], cache)
-    tokenizer = load_tokenizer(resolve_source(cfg["model"], cache), cfg["model"])
+    source = resolve_source(cfg["model"], cache)
+    check_architecture(source, cfg["model"])  # before the tokenizer: its errors would mislead
+    tokenizer = load_tokenizer(source, cfg["model"])
     prompt_set = build_prompts(records, cfg["dataset"], tokenizer)
     loaded = load_model(cfg["model"], cache, tokenizer=tokenizer)
     return records, prompt_set, loaded
@@ -130,31 +133,93 @@ def write_report(report: ProbeReport, job_dir: Path, summary: Mapping[str, Any],
     results.write_json(job_dir / results.METRICS_FILE, {**summary, "plots": sorted(plots)})
 
 
+def cached_probe(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[str, Any],
+                 keep_layers: Sequence[int] = (), cache_dir: str | Path | None = None) -> ProbeResult:
+    """:func:`run_probe` through the in-process and on-disk result cache."""
+    settings = ProbeSettings.from_config(probe_cfg, keep_layers)
+    if loaded.name not in _FINGERPRINTS:
+        _FINGERPRINTS.clear()
+        _FINGERPRINTS[loaded.name] = probe_cache.weights_fingerprint(loaded.model)
+    key = probe_cache.probe_key(_FINGERPRINTS[loaded.name], prompt_set, settings)
+    result = probe_cache.load(key, cache_dir)
+    if result is None:
+        result = run_probe(loaded, prompt_set, settings)
+        probe_cache.store(key, result, cache_dir)
+    return result
+
+
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def _report(result: ProbeResult, prompt_set: PromptSet, metrics_cfg: Mapping[str, Any]) -> ProbeReport:
+    info = {"adds_bos": prompt_set.adds_bos, "option_strings": prompt_set.option_strings,
+            "padding_efficiency": result.padding_efficiency}
+    return ProbeReport(measure(result, metrics_cfg), result, prompt_set, info)
+
+
 def run_job(cfg: Mapping[str, Any], job_dir: Path, name: str = "job", group: str | None = None,
             config_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Run one probe job and write its results into ``job_dir``; returns the metrics summary."""
+    """Run one job (probe, or probe and steering) into ``job_dir``; returns the metrics summary."""
     start = time.perf_counter()
     job_dir = Path(job_dir)
     _, prompt_set, loaded = _prepare(cfg)
+    steering = intervene.wants_steering(cfg)
     tracker: Tracker = Tracker()
     try:
-        tracker = open_tracker(cfg["tracker"], job_dir, name, group, cfg["intervention"]["name"],
+        tracker = open_tracker(cfg["tracker"], job_dir, name, group,
+                               "direction" if steering else cfg["intervention"]["name"],
                                config_dict or {})
-        report = probe_prompts(loaded, prompt_set, cfg["probe"], cfg["metrics"])
-        phases = detect_phases(report.table)
         title = f"{loaded.name} on {cfg['dataset']['name']}"
-        plots = _plots(report, job_dir, title, cfg["metrics"], phases) if cfg["output"].get("plots") else {}
-        summary = _summary(cfg, report, loaded, phases_to_dict(phases), time.perf_counter() - start)
+        extra, plots, report = {}, {}, None
+        if steering:
+            report, extra, plots = _steering(cfg, loaded, prompt_set, job_dir, title, tracker)
+        else:
+            result = cached_probe(loaded, prompt_set, cfg["probe"], (), cfg.get("cache_dir"))
+            report = _report(result, prompt_set, cfg["metrics"])
+        phases = detect_phases(report.table)
+        if cfg["output"].get("plots"):
+            plots.update(_plots(report, job_dir, title, cfg["metrics"], phases))
+        summary = {**_summary(cfg, report, loaded, phases_to_dict(phases), time.perf_counter() - start),
+                   **extra}
         write_report(report, job_dir, summary, cfg["output"], plots)
         tracker.log_layers(report.table)
         tracker.log_images(plots)
         tracker.log_summary(_flat_summary(summary))
     except BaseException:
-        results.remove_outputs(job_dir, RESULT_FILES)
+        results.remove_outputs(job_dir, RESULT_FILES + intervene.FILES)
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
     return summary
+
+
+def _steering(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet, job_dir: Path,
+              title: str, tracker: Tracker) -> tuple[ProbeReport, dict[str, Any], dict[str, Path]]:
+    """Run the steering part; the report it returns covers the evaluation split, unsteered."""
+    def probe(ps: PromptSet, keep: Sequence[int]) -> ProbeResult:
+        return cached_probe(loaded, ps, cfg["probe"], keep, cfg.get("cache_dir"))
+
+    def measure_result(result: ProbeResult) -> pd.DataFrame:
+        return measure(result, cfg["metrics"])
+
+    settings = ProbeSettings.from_config(cfg["probe"])
+    out = intervene.run_direction(cfg, loaded, prompt_set, probe, measure_result, settings)
+    report = _report(out["base_eval"], out["eval_set"], cfg["metrics"])
+    intervene.write_steering_data(out, job_dir)
+    plots = intervene.plot_steering(out, job_dir, title) if cfg["output"].get("plots") else {}
+    meta = out["direction"].meta
+    extra = {"intervention": "direction", "etas": out["etas"],
+             "n_calibration": int(len(out["cal_idx"])), "n_evaluation": int(len(out["eval_idx"])),
+             "direction": {k: meta.get(k) for k in ("method", "layers", "raw_norm", "dataset",
+                                                    "cross_model_transfer", "cosine_to_direction")},
+             "steering": intervene.steering_summary(out["steering"])}
+    table = out["steering"]
+    for eta in out["etas"]:
+        tracker.log_layers(table[table["eta"] == eta].drop(columns="eta"), prefix=f"steered/eta={eta:g}/")
+    tracker.log_table("steering", out["steering"])
+    tracker.log_artifact(f"direction-{loaded.name}-{cfg['dataset']['name']}", "direction",
+                         [job_dir / "direction.safetensors", job_dir / "direction.json"], meta)
+    return report, extra, plots
 
 
 def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,4 +227,9 @@ def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("plateau_layer", "peak_ece_layer", "peak_ece", "n_examples"):
         if summary.get(key) is not None:
             flat[key] = summary[key]
+    for eta, values in summary.get("steering", {}).items():
+        for metric in ("delta_ece", "delta_mce", "delta_accuracy", "changed"):
+            flat[f"steering/eta={eta}/{metric}"] = values[metric]
+    if summary.get("direction"):
+        flat["direction/raw_norm"] = summary["direction"].get("raw_norm")
     return flat

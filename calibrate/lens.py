@@ -30,6 +30,8 @@ def _detached_norm(norm: nn.Module, device: torch.device) -> nn.Module:
 class Lens:
     """Reads residuals [..., hidden] as logits through the model's own final norm and unembedding."""
 
+    vocab_chunk = 32768  # unembedding rows upcast to float32 at a time in vocab_logsumexp
+
     def __init__(self, adapter: Adapter) -> None:
         weight = adapter.unembed_weight
         self.device = weight.device
@@ -62,12 +64,21 @@ class Lens:
         return logits.masked_fill((ids < 0).unsqueeze(1), float("-inf"))
 
     def vocab_logsumexp(self, normed: torch.Tensor) -> torch.Tensor:
-        """log sum_v exp(logit_v) over the full vocabulary: normed [..., H] -> [...] float64."""
-        logits = normed.to(self.weight.dtype) @ self.weight.T
-        logits = logits.float()
-        if self.bias is not None:
-            logits = logits + self.bias
-        return torch.logsumexp(self._cap(logits).double(), dim=-1)
+        """log sum_v exp(logit_v) over the full vocabulary: normed [..., H] -> [...] float64.
+
+        In float32 like :meth:`option_logits` (a bf16 matmul here would make the mass on the
+        options exceed 1), over vocabulary chunks so no float32 copy of the whole unembedding
+        is made.
+        """
+        normed = normed.to(device=self.device, dtype=torch.float32)
+        parts = []
+        for start in range(0, self.weight.shape[0], self.vocab_chunk):
+            rows = self.weight[start:start + self.vocab_chunk].float()
+            logits = normed @ rows.T
+            if self.bias is not None:
+                logits = logits + self.bias[start:start + self.vocab_chunk]
+            parts.append(torch.logsumexp(self._cap(logits).double(), dim=-1))
+        return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
 
 
 def option_probabilities(logits: np.ndarray) -> np.ndarray:

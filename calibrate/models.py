@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +70,26 @@ def tensor_hash(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()
 
 
+def check_architecture(source: str, cfg: Mapping[str, Any]) -> str:
+    """The ``model_type`` of ``source`` read from its config alone; an error if it has no adapter."""
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(source, revision=cfg.get("revision"),
+                                               trust_remote_code=bool(cfg.get("trust_remote_code")))
+    except OSError as err:  # a missing folder, or a hub id neither cached nor reachable
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelConfigError(f"model {source!r} cannot be loaded ({reason}); accepted: a local "
+                               "model folder, or a hub id that is cached or reachable") from err
+    check_supported(hf_config.model_type)
+    return hf_config.model_type
+
+
 def _from_pretrained(source: str, cfg: Mapping[str, Any], dtype: torch.dtype, device: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     common = {"revision": cfg.get("revision"), "trust_remote_code": bool(cfg.get("trust_remote_code"))}
-    hf_config = AutoConfig.from_pretrained(source, **common)
-    check_supported(hf_config.model_type)  # before the weights are read
+    check_architecture(source, cfg)  # before the weights are read
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, **common}
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg["device_map"]
@@ -96,9 +111,33 @@ def load_tokenizer(source: str, cfg: Mapping[str, Any]) -> Any:
     return tokenizer
 
 
+_LOADED: dict[str, LoadedModel] = {}
+
+
+def _reuse_key(cfg: Mapping[str, Any], cache_dir: str | Path | None) -> str:
+    keys = ("name", "path", "offline", "revision", "dtype", "device", "device_map", "trust_remote_code")
+    return json.dumps({**{k: cfg.get(k) for k in keys}, "cache": str(cache_dir)}, sort_keys=True,
+                      default=str)
+
+
 def load_model(cfg: Mapping[str, Any], cache_dir: str | Path | None = None,
-               tokenizer: Any = None) -> LoadedModel:
-    """Load the model named by a model config (see ``conf/model``), in eval mode, frozen."""
+               tokenizer: Any = None, reuse: bool = True) -> LoadedModel:
+    """Load the model named by a model config (see ``conf/model``), in eval mode, frozen.
+
+    With ``reuse`` the last model loaded in this process is handed back when the config is the
+    same (a multirun over eta runs its jobs in one process and must not reload the model).
+    """
+    key = _reuse_key(cfg, cache_dir)
+    if reuse and key in _LOADED:
+        return _LOADED[key]
+    _LOADED.clear()  # hold at most one model: a sweep over models must not keep them all
+    loaded = _load_model(cfg, cache_dir, tokenizer)
+    if reuse:
+        _LOADED[key] = loaded
+    return loaded
+
+
+def _load_model(cfg: Mapping[str, Any], cache_dir: str | Path | None, tokenizer: Any) -> LoadedModel:
     device = resolve_device(str(cfg.get("device", "auto")))
     dtype = resolve_dtype(str(cfg.get("dtype", "auto")), device)
     source = resolve_source(cfg, cache_dir)

@@ -175,3 +175,16 @@ def plot_overlay(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_eta_curves(steering: pd.DataFrame, path: Path, title: str, layer: int | None = None) -> Path:
+    """Accuracy, ECE and MCE against eta at one layer (default: the last) of a steering table."""
+    layer = int(steering["layer"].max()) if layer is None else layer
+    rows = steering[steering["layer"] == layer].sort_values("eta")
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, 3), ("accuracy", "ece", "mce")):
+        ax.plot(rows["eta"], rows[metric], "o-")
+        ax.set(xlabel="eta", ylabel=metric, title=f"{metric} at layer {layer}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(fig, path)

@@ -76,9 +76,9 @@ class ProbeResult:
 def plan_batches(lengths: np.ndarray, settings: ProbeSettings) -> list[np.ndarray]:
     """Group example indices into batches, longest first.
 
-    A batch closes when it reaches the batch size, when its padded size would pass
-    ``max_tokens`` (automatic batch size), or when adding the next (shorter) prompt would drop
-    its share of real tokens below ``min_fill``.
+    A batch closes when it reaches the batch size; with the automatic batch size also when its
+    padded size would pass ``max_tokens`` or when adding the next (shorter) prompt would drop its
+    share of real tokens below ``min_fill``. An explicit ``batch_size`` is taken as given.
     """
     order = np.argsort(-lengths, kind="stable")
     batches: list[list[int]] = []
@@ -90,8 +90,9 @@ def plan_batches(lengths: np.ndarray, settings: ProbeSettings) -> list[np.ndarra
         if current:
             width, count = int(lengths[current[0]]), len(current) + 1
             full = len(current) >= cap
-            over_budget = settings.batch_size is None and width * count > settings.max_tokens
-            underfilled = (real + length) / (width * count) < settings.min_fill
+            auto = settings.batch_size is None
+            over_budget = auto and width * count > settings.max_tokens
+            underfilled = auto and (real + length) / (width * count) < settings.min_fill
             if full or over_budget or underfilled:
                 batches.append(current)
                 current, real = [], 0

@@ -71,6 +71,15 @@ def write_npz(path: Path, **arrays: np.ndarray) -> Path:
     return atomic_write(path, lambda h: np.savez_compressed(h, **arrays))
 
 
+def merge_json(path: Path, values: Mapping[str, Any]) -> Path:
+    """Merge ``values`` into the JSON object at ``path`` (created if missing), atomically."""
+    path = Path(path)
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    if not isinstance(existing, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return write_json(path, {**existing, **values})
+
+
 def read_metrics(job_dir: Path) -> dict[str, Any] | None:
     """The job's metrics.json, or None when the job did not complete."""
     path = Path(job_dir) / METRICS_FILE
@@ -78,9 +87,9 @@ def read_metrics(job_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
+    except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
-    return data if data.get("status") == "complete" else None
+    return data if isinstance(data, dict) and data.get("status") == "complete" else None
 
 
 def remove_outputs(job_dir: Path, names: list[str]) -> None:

@@ -119,7 +119,7 @@ def test_out_of_memory_halves_the_batch(tiny, monkeypatch):
 
     monkeypatch.setattr(probe_mod, "forward_batch", flaky)
     result = run_probe(tiny, prompts, ProbeSettings(batch_size=6, progress=False))
-    assert sizes[:2] == [6, 3] and max(sizes[2:]) == 1  # halved after each out-of-memory
+    assert sizes[0] == 6 and max(sizes[1:]) <= 3  # at most half the failed batch afterwards
     np.testing.assert_allclose(result.option_logits, reference.option_logits, rtol=1e-5, atol=1e-5)
 
 

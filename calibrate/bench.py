@@ -1,0 +1,208 @@
+"""Speed and memory of the probe, measured side by side in one run (not a test).
+
+``python -m calibrate.bench [--model smollm2] [--dataset mmlu] [--n 8] [--rounds 3]``
+
+On the same prompts and the same batches it times, interleaved round by round (these machines
+are noisy, so only ratios measured together count):
+
+* ``forward``: a plain forward pass of the model (``model(...)``, logits at every position), and
+  ``forward_last``: the same with ``logits_to_keep=1`` (only the last position's logits);
+* ``probe``: the layer-wise probe (hooks at every block, lens on the option rows only);
+* ``peer``: the common peer approach (TransformerLens / tuned-lens style): ``output_hidden_states``
+  and a full-vocabulary logit lens at every position of every layer, one layer at a time.
+
+It prints the ratios and merges them into ``bench.json`` in the current directory:
+``probe_over_forward`` (target <= 1.05), ``peer_over_probe`` (target >= 5),
+``padding_efficiency`` (target >= 0.9) and the peak memory of each variant in MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrate.lens import Lens
+from calibrate.probe import ProbeSettings, left_pad, plan_batches, position_ids, run_probe, tokenize
+from calibrate.results import merge_json
+
+BENCH_FILE = "bench.json"
+
+
+class PeakMemory:
+    """Peak memory above the starting point while the block runs, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's resident set size, sampled
+    from /proc every ``interval`` seconds by a background thread.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002) -> None:
+        self.device, self.interval, self.peak_mib = device, interval, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * 4096
+
+    def _sample(self, base: int) -> None:
+        peak = base
+        while not self._stop.is_set():
+            peak = max(peak, self._rss())
+            time.sleep(self.interval)
+        self.peak_mib = max(self.peak_mib, (max(peak, self._rss()) - base) / 2**20)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, args=(self._rss(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _batches(loaded, prompts: Sequence[str], settings: ProbeSettings) -> list[tuple[torch.Tensor, ...]]:
+    token_ids = tokenize(loaded, prompts)
+    lengths = np.array([len(t) for t in token_ids])
+    out = []
+    for idx in plan_batches(lengths, settings):
+        ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
+        out.append(tuple(t.to(loaded.device) for t in (ids, mask, position_ids(mask))))
+    return out
+
+
+def plain_forward(loaded, batches, last_logits_only: bool = False) -> None:
+    """The reference: the model's own forward pass on the same batches (all logits, or only
+    the last position's with ``logits_to_keep=1``, the leanest forward a user could run)."""
+    extra = {"logits_to_keep": 1} if last_logits_only else {}
+    with torch.inference_mode():
+        for ids, mask, pos in batches:
+            loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra)
+
+
+def peer_lens(loaded, batches, option_ids: torch.Tensor) -> None:
+    """Peer approach: all hidden states, full-vocabulary lens at every position of every layer."""
+    lens = Lens(loaded.adapter)
+    with torch.inference_mode():
+        for ids, mask, pos in batches:
+            out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               output_hidden_states=True, use_cache=False)
+            hidden = out.hidden_states
+            for layer, h in enumerate(hidden):
+                # transformers' last entry is already normalized; do not normalize it twice
+                normed = h.float() if layer == len(hidden) - 1 else lens.normalize(h)
+                logits = normed.to(lens.weight.dtype) @ lens.weight.T
+                probs = torch.softmax(logits.float(), dim=-1)
+                _ = probs[:, -1][:, option_ids]  # the peer reads its options from the full table
+
+
+def _time(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+    return elapsed, memory.peak_mib
+
+
+def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[str, Any]:
+    """Interleave the three variants ``rounds`` times; medians of time, max of peak memory."""
+    batches = _batches(loaded, prompt_set.prompts, settings)
+    option_ids = torch.from_numpy(np.unique(prompt_set.option_ids[prompt_set.option_ids >= 0]))
+    variants = {
+        "forward": lambda: plain_forward(loaded, batches),
+        "forward_last": lambda: plain_forward(loaded, batches, last_logits_only=True),
+        "probe": lambda: run_probe(loaded, prompt_set, settings),
+        "peer": lambda: peer_lens(loaded, batches, option_ids.to(loaded.device)),
+    }
+    variants["probe"]()  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    peaks: dict[str, float] = {k: 0.0 for k in variants}
+    for round_ in range(rounds):
+        for name, fn in variants.items():
+            elapsed, peak = _time(fn, loaded.device)
+            times[name].append(elapsed)
+            peaks[name] = max(peaks[name], peak)
+            print(f"  round {round_ + 1}/{rounds} {name:8s} {elapsed:8.2f} s  peak +{peak:8.1f} MiB")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    efficiency = run_probe(loaded, prompt_set, settings).padding_efficiency
+    return {
+        "probe_over_forward": med["probe"] / med["forward"],
+        "probe_over_forward_last_logits": med["probe"] / med["forward_last"],
+        "peer_over_probe": med["peer"] / med["probe"],
+        "padding_efficiency": efficiency,
+        "forward_s": med["forward"], "forward_last_s": med["forward_last"], "probe_s": med["probe"],
+        "peer_s": med["peer"],
+        "forward_peak_mib": peaks["forward"], "probe_peak_mib": peaks["probe"],
+        "peer_peak_mib": peaks["peer"],
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(prog="python -m calibrate.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="model config name")
+    parser.add_argument("--dataset", default="mmlu", help="dataset config name")
+    parser.add_argument("--n", type=int, default=8, help="number of prompts")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--output", type=Path, default=Path(BENCH_FILE))
+    args = parser.parse_args(argv)
+    for name in ("n", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and merge its figures into bench.json."""
+    import calibrate
+    from calibrate.api import compose
+    from calibrate.prompts import build_prompts
+    from omegaconf import OmegaConf
+
+    args = parse_args(argv)
+    cfg = OmegaConf.to_container(compose([f"model={args.model}", f"dataset={args.dataset}",
+                                          f"dataset.limit={args.n}", "dataset.shuffle=true"]),
+                                 resolve=True)
+    loaded = calibrate.load_model(args.model)
+    records = calibrate.load_dataset(args.dataset, limit=args.n, shuffle=True)
+    prompt_set = build_prompts(records, cfg["dataset"], loaded.tokenizer)
+    settings = ProbeSettings.from_config({**cfg["probe"], "progress": False})
+    print(f"bench: {args.model} on {args.n} {args.dataset} prompts, {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads, device {loaded.device}")
+    figures = measure(loaded, prompt_set, settings, args.rounds)
+    figures.update(bench_model=args.model, bench_dataset=args.dataset, bench_n=args.n,
+                   bench_rounds=args.rounds, bench_device=str(loaded.device))
+    merge_json(args.output, figures)
+    print(f"probe / forward     = {figures['probe_over_forward']:.3f}   (target <= 1.05)")
+    print(f"probe / forward with last-position logits only = "
+          f"{figures['probe_over_forward_last_logits']:.3f}")
+    print(f"peer  / probe       = {figures['peer_over_probe']:.2f}   (target >= 5)")
+    print(f"padding efficiency  = {figures['padding_efficiency']:.3f}   (target >= 0.9)")
+    print(f"peak memory MiB     : forward {figures['forward_peak_mib']:.1f}, probe "
+          f"{figures['probe_peak_mib']:.1f}, peer {figures['peer_peak_mib']:.1f}")
+    print(f"written to {args.output}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

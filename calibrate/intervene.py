@@ -1,0 +1,192 @@
+"""The steering job: fit c_hat on a calibration split, add eta * c_hat, measure the evaluation split.
+
+Outputs (besides the probe job's files, computed on the evaluation part): ``steering.csv`` (one
+row per eta and layer), ``direction.safetensors`` + ``direction.json``, ``eta_curves.png`` and
+``steered_ece.png``. The unsteered probe comes from :mod:`calibrate.probe_cache`, so a sweep over
+eta neither reloads the model (same process) nor redoes the probe (any process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from calibrate import results
+from calibrate.direction import (Direction, DirectionError, check_compatible, check_layers,
+                                 fit_direction, load_direction, residual_layers_for, save_direction,
+                                 split_indices)
+from calibrate.models import LoadedModel
+from calibrate.probe import ProbeResult, ProbeSettings
+from calibrate.prompts import PromptSet, build_prompts
+from calibrate.steer import Steering, check_steering, residual_norms, run_steered, steering_table
+from calibrate.validate import parse_eta
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STEERING_FILE = "steering.csv"
+FILES = [STEERING_FILE, "direction.safetensors", "direction.json", "eta_curves.png", "steered_ece.png"]
+
+
+def wants_steering(cfg: Mapping[str, Any]) -> bool:
+    """Whether a job steers: intervention=direction, or a non-zero eta."""
+    return cfg["intervention"]["name"] == "direction" or any(e != 0 for e in parse_eta(cfg["eta"]))
+
+
+def intervention_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The intervention group; a non-zero eta with intervention=none means the direction defaults."""
+    if cfg["intervention"]["name"] == "direction":
+        return dict(cfg["intervention"])
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "intervention" / "direction.yaml"))
+    return dict(defaults)
+
+
+def eta_list(cfg: Mapping[str, Any]) -> list[float]:
+    """The etas to run, always with 0 first (the reference of every delta)."""
+    etas = parse_eta(cfg["eta"])
+    return [0.0] + [e for e in dict.fromkeys(etas) if e != 0.0]
+
+
+def subset(prompt_set: PromptSet, idx: np.ndarray) -> PromptSet:
+    """The prompts at ``idx``."""
+    return PromptSet([prompt_set.prompts[i] for i in idx], prompt_set.labels[idx],
+                     prompt_set.option_ids[idx], prompt_set.option_strings, prompt_set.adds_bos)
+
+
+def source_dataset_config(name: str, seed: int, limit: int | None) -> dict[str, Any]:
+    """A dataset config by name, resolved as the CLI would (for fitting on another dataset)."""
+    path = CONF_DIR / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise DirectionError(f"direction.source={name!r}; accepted: {', '.join(choices)}")
+    merged = OmegaConf.create({"seed": seed, "dataset": OmegaConf.load(path)})
+    out = OmegaConf.to_container(merged, resolve=True)["dataset"]
+    if limit is not None:
+        out["limit"] = limit
+    return out
+
+
+class DirectionJob:
+    """State shared by the steps of one steering job."""
+
+    def __init__(self, cfg: Mapping[str, Any], loaded: LoadedModel, probe) -> None:
+        self.cfg, self.loaded, self.probe = cfg, loaded, probe  # probe(prompt_set, keep) -> result
+        self.num_layers = loaded.adapter.num_blocks + 1
+        icfg = intervention_config(cfg)
+        layers = icfg.get("layers") or [self.num_layers - 1]
+        self.icfg = icfg
+        self.steer_layers = check_steering(layers, self.num_layers, icfg["position"], icfg["eta_scale"])
+
+    def direction_layers(self, auto_table: pd.DataFrame | None) -> list[int]:
+        """``direction.layers`` resolved (``auto``: the detected correction phase)."""
+        layers = self.cfg["direction"]["layers"]
+        if layers == "auto":
+            from calibrate.phases import detect_phases
+
+            phases = detect_phases(auto_table)
+            if not phases.correction_layers:
+                raise DirectionError(f"direction.layers=auto: {phases.note}; set direction.layers")
+            layers = phases.correction_layers
+        return check_layers(layers, self.num_layers)
+
+    def keep_layers(self, fit_layers: Sequence[int]) -> list[int]:
+        """Residual layers the probe must return: the fit's and the steering layers."""
+        return sorted(set(residual_layers_for(fit_layers)) | set(self.steer_layers))
+
+    def fit(self, prompt_set: PromptSet, cal_idx: np.ndarray, auto_table) -> Direction:
+        """Fit c_hat on the calibration part of ``prompt_set`` (or load it from a file)."""
+        dcfg = self.cfg["direction"]
+        if dcfg.get("path"):
+            direction = load_direction(dcfg["path"])
+            return check_compatible(direction, self.loaded.adapter.unembed_weight.shape[1],
+                                    self.loaded.unembed_hash, self.loaded.name,
+                                    bool(dcfg.get("allow_cross_model")))
+        layers = self.direction_layers(auto_table)
+        result = self.probe(prompt_set, self.keep_layers(layers))
+        residuals = {l: result.residuals[l][cal_idx] for l in residual_layers_for(layers)}
+        direction = fit_direction(residuals, layers, dcfg["method"], int(dcfg["seed"]))
+        direction.meta.update(model=self.loaded.name, unembed_hash=self.loaded.unembed_hash,
+                              split="calibration", n_examples=int(len(cal_idx)))
+        return direction
+
+
+def _split(n: int, dcfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    return split_indices(n, float(dcfg["calibration_fraction"]), int(dcfg["seed"]))
+
+
+def run_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet,
+                  probe, measure, settings: ProbeSettings) -> dict[str, Any]:
+    """Everything but writing: returns tables, arrays and metadata of a steering job."""
+    job = DirectionJob(cfg, loaded, probe)
+    dcfg = cfg["direction"]
+    cal_idx, eval_idx = _split(len(prompt_set.prompts), dcfg)
+    fits_here = not dcfg.get("source") and not dcfg.get("path") and dcfg["layers"] != "auto"
+    # One probe pass serves both the metrics and the fit when the fit layers are known upfront.
+    keep = job.keep_layers(job.direction_layers(None)) if fits_here else job.steer_layers
+    base = probe(prompt_set, keep)
+    if dcfg.get("source"):
+        from calibrate.data import load_records
+
+        src_cfg = source_dataset_config(dcfg["source"], int(cfg["seed"]), dcfg.get("source_limit"))
+        src_set = build_prompts(load_records(src_cfg, cfg.get("cache_dir")), src_cfg, loaded.tokenizer)
+        src_cal, _ = _split(len(src_set.prompts), dcfg)
+        src_table = measure(_take(probe(src_set, ()), src_cal)) if dcfg["layers"] == "auto" else None
+        direction = job.fit(src_set, src_cal, src_table)
+        direction.meta.update(dataset=src_cfg["name"], dataset_split=src_cfg.get("split"))
+    else:
+        auto_table = measure(_take(base, cal_idx)) if dcfg["layers"] == "auto" else None
+        direction = job.fit(prompt_set, cal_idx, auto_table)
+        direction.meta.update(dataset=cfg["dataset"]["name"], dataset_split=cfg["dataset"].get("split"))
+    scale = None
+    if job.icfg["eta_scale"] == "residual_norm":
+        scale = residual_norms({l: base.residuals[l][cal_idx] for l in job.steer_layers},
+                               job.steer_layers)
+    etas = eta_list(cfg)
+    steering = Steering(direction.vector, tuple(job.steer_layers), tuple(etas),
+                        job.icfg["position"], scale)
+    eval_set = subset(prompt_set, eval_idx)
+    logits = run_steered(loaded, eval_set, steering, settings, bool(job.icfg.get("use_cache", True)))
+    mcfg = cfg["metrics"]
+    table = steering_table(logits, eval_set.labels, etas, int(mcfg["n_bins"]), str(mcfg["binning"]), 0)
+    direction.meta.update(intervention_layers=job.steer_layers, position=steering.position,
+                          eta_scale=job.icfg["eta_scale"], layer_scale=scale)
+    return {"direction": direction, "steering": table, "eval_idx": eval_idx, "cal_idx": cal_idx,
+            "base_eval": _take(base, eval_idx), "steered_logits": logits, "eval_set": eval_set,
+            "etas": etas}
+
+
+def _take(result: ProbeResult, idx: np.ndarray) -> ProbeResult:
+    mass = None if result.option_mass is None else result.option_mass[idx]
+    return ProbeResult(result.option_logits[idx], result.probs[idx], result.labels[idx], mass,
+                       {l: v[idx] for l, v in result.residuals.items()},
+                       result.real_tokens, result.computed_tokens)
+
+
+def steering_summary(table: pd.DataFrame) -> dict[str, Any]:
+    """Final-layer figures per eta, for metrics.json and the tracker summary."""
+    last = table[table["layer"] == table["layer"].max()]
+    cols = ["accuracy", "ece", "mce", "delta_accuracy", "delta_ece", "delta_mce", "changed"]
+    return {f"{eta:g}": {c: float(row[c]) for c in cols}
+            for eta, row in zip(last["eta"], last.to_dict("records"))}
+
+
+def write_steering_data(out: Mapping[str, Any], job_dir: Path) -> None:
+    """Write steering.csv and the direction (safetensors + json)."""
+    results.write_csv(job_dir / STEERING_FILE, out["steering"])
+    save_direction(out["direction"], job_dir)
+
+
+def plot_steering(out: Mapping[str, Any], job_dir: Path, title: str) -> dict[str, Path]:
+    """The steering plots: final-layer metrics against eta, per-layer ECE for each eta."""
+    from calibrate.plots import plot_eta_curves, plot_overlay
+
+    table = out["steering"]
+    per_eta = {f"eta={eta:g}": table[table["eta"] == eta] for eta in out["etas"]}
+    return {
+        "eta_curves": plot_eta_curves(table, job_dir / "eta_curves.png", f"{title}: steering"),
+        "steered_ece": plot_overlay(per_eta, "ece", job_dir / "steered_ece.png",
+                                    f"{title}: ECE per layer for each eta"),
+    }

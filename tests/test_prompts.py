@@ -1,0 +1,176 @@
+"""Prompts and answer tokens on the REAL SmolLM2 and Gemma-3 tokenizers (trap 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from calibrate.data import MCRecord
+from calibrate.prompts import (PromptError, build_prompts, option_strings, render_prompt,
+                               single_token_id)
+
+REAL = ("smollm2", "gemma3_270m")
+SST2 = {"name": "sst2", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
+        "template": "Review: {question}\nSentiment:", "subject": "movie reviews"}
+LETTERS = {"name": "toy", "answer_format": "letters", "verbalizer": None,
+           "template": "Question: {question}\n{choices}\nAnswer:"}
+
+
+def composed(*overrides: str) -> dict[str, Any]:
+    from calibrate.api import compose
+
+    return OmegaConf.to_container(compose(list(overrides)), resolve=True)
+
+
+@pytest.fixture(scope="session", params=REAL)
+def real_tokenizer(request, cache_dir: Path):
+    """The real tokenizer of a packaged model (prepared once into the cache, then fast)."""
+    from calibrate.assets import AssetError
+    from calibrate.models import load_tokenizer, resolve_source
+
+    cfg = composed(f"model={request.param}")["model"]
+    try:
+        source = resolve_source(cfg, cache_dir)
+    except AssetError as err:  # pragma: no cover - no offline copy and no network
+        pytest.skip(f"{request.param} unavailable: {err}")
+    tok = load_tokenizer(source, cfg)
+    tok.calibrate_name = request.param
+    return tok
+
+
+def rec(question: str, options: tuple[str, ...], label: int = 0, subject: str = "") -> MCRecord:
+    return MCRecord(question=question, options=options, label=label, subject=subject)
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("words", [[" A", " B", " C", " D", " E"], [" negative", " positive"],
+                                   [" no", " yes"]])
+def test_option_words_are_single_distinct_tokens(real_tokenizer, words):
+    tok = real_tokenizer
+    prompt = "Review: the film was fine\nAnswer:"
+    got = [single_token_id(tok, w, [prompt]) for w in words]
+    assert len(set(got)) == len(got)
+    for word, token in zip(words, got, strict=True):
+        assert ids(tok, word) == [token]
+        # independent reference: the continuation's tokens in the full prompt
+        full, base = ids(tok, prompt + word), ids(tok, prompt)
+        assert full[: len(base)] == base and full[len(base):] == [token]
+        assert tok.decode([token]) == word
+
+
+def test_build_prompts_ids_equal_full_minus_prompt(real_tokenizer):
+    tok = real_tokenizer
+    records = [rec("a gripping, beautifully shot film", ("negative", "positive"), 1),
+               rec("dull.", ("negative", "positive"), 0)]
+    ps = build_prompts(records, SST2, tok)
+    assert ps.option_strings == [" negative", " positive"]
+    assert ps.prompts[0] == "Review: a gripping, beautifully shot film\nSentiment:"
+    for i, prompt in enumerate(ps.prompts):
+        base = tok(prompt)["input_ids"]  # with the tokenizer's own special tokens, as the probe
+        for k, word in enumerate(ps.option_strings):
+            full = tok(prompt + word)["input_ids"]
+            assert full[: len(base)] == base
+            assert full[len(base):] == [ps.option_ids[i, k]]
+    assert ps.labels.tolist() == [1, 0] and ps.labels.dtype == np.int64
+
+
+def test_adds_bos_is_recorded_not_forced(real_tokenizer):
+    tok = real_tokenizer
+    ps = build_prompts([rec("fine", ("negative", "positive"))], SST2, tok)
+    expected = {"smollm2": False, "gemma3_270m": True}[tok.calibrate_name]
+    assert ps.adds_bos is expected
+    first = tok("Review: fine")["input_ids"][0]
+    assert (first == tok.bos_token_id) is expected  # the tokenizer's own default, unchanged
+
+
+def test_mmlu_template_renders_as_lm_eval():
+    cfg = composed("dataset=mmlu")["dataset"]
+    record = rec("Find the degree of Q(sqrt(2)) over Q.", ("0", "4", "2", "6"), 2,
+                 subject="abstract algebra")
+    expected = ("The following are multiple choice questions (with answers) about abstract algebra."
+                "\n\nFind the degree of Q(sqrt(2)) over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
+    assert render_prompt(cfg["template"], record, cfg.get("subject") or "") == expected
+
+
+def test_default_subject_fills_records_without_one():
+    out = render_prompt("about {subject}: {question}", rec("q", ("x", "y")), "movie reviews")
+    assert out == "about movie reviews: q"
+
+
+def test_multi_token_option_names_option_and_pieces(real_tokenizer):
+    tok = real_tokenizer
+    word = " antidisestablishmentarianism"
+    pieces = tok.convert_ids_to_tokens(ids(tok, word))
+    assert len(pieces) > 1
+    cfg = {**SST2, "verbalizer": [" negative", word]}
+    with pytest.raises(PromptError) as err:
+        build_prompts([rec("fine", ("negative", "positive"))], cfg, tok)
+    msg = str(err.value)
+    assert repr(word) in msg
+    for piece in pieces:
+        assert repr(piece) in msg
+
+
+def test_option_merging_with_prompt_end_raises(real_tokenizer):
+    tok = real_tokenizer
+    # "no"/"yes" are single tokens, but after a trailing space the space joins them (" no").
+    assert len(ids(tok, "no")) == 1 and len(ids(tok, "yes")) == 1
+    cfg = {"name": "toy", "answer_format": "verbalizer", "verbalizer": ["no", "yes"],
+           "template": "Question: {question}\nAnswer: "}
+    with pytest.raises(PromptError, match="merges with the end of the prompt"):
+        build_prompts([rec("is it?", ("no", "yes"))], cfg, tok)
+
+
+def test_repeated_ids_raise(real_tokenizer):
+    cfg = {**SST2, "verbalizer": [" positive", " positive"]}
+    with pytest.raises(PromptError, match="repeated token ids"):
+        build_prompts([rec("fine", ("negative", "positive"))], cfg, real_tokenizer)
+
+
+def test_unknown_placeholder_raises(word_tokenizer):
+    cfg = {**LETTERS, "template": "{question} {context}\nAnswer:"}
+    with pytest.raises(PromptError, match="context"):
+        build_prompts([rec("the movie", ("bad", "good"))], cfg, word_tokenizer)
+    with pytest.raises(PromptError, match="placeholder"):
+        render_prompt("{0} {question}", rec("q", ("x", "y")))
+
+
+def test_unknown_answer_format_raises(word_tokenizer):
+    cfg = {**LETTERS, "answer_format": "numbers"}
+    with pytest.raises(PromptError, match="'numbers'.*letters, verbalizer"):
+        build_prompts([rec("the movie", ("bad", "good"))], cfg, word_tokenizer)
+
+
+def test_verbalizer_length_mismatch_raises(word_tokenizer):
+    cfg = {**SST2, "verbalizer": [" negative", " positive", " good"]}
+    with pytest.raises(PromptError, match="one word for each of the 2 options"):
+        build_prompts([rec("the movie", ("bad", "good"))], cfg, word_tokenizer)
+    with pytest.raises(PromptError):
+        option_strings("verbalizer", 2, None)
+    assert option_strings("letters", 3, None) == [" A", " B", " C"]
+
+
+def test_empty_records_raise(word_tokenizer):
+    with pytest.raises(PromptError, match="no records"):
+        build_prompts([], LETTERS, word_tokenizer)
+
+
+def test_variable_option_counts_pad_with_minus_one(real_tokenizer):
+    tok = real_tokenizer
+    records = [rec("q1", ("x", "y", "z"), 2), rec("q2", ("x", "y", "z", "w", "v"), 4),
+               rec("q3", ("x", "y", "z", "w"), 0)]
+    ps = build_prompts(records, LETTERS, tok)
+    letter_ids = [ids(tok, f" {c}")[0] for c in "ABCDE"]
+    assert ps.option_ids.shape == (3, 5) and ps.option_ids.dtype == np.int64
+    assert ps.option_ids[0].tolist() == letter_ids[:3] + [-1, -1]
+    assert ps.option_ids[1].tolist() == letter_ids
+    assert ps.option_ids[2].tolist() == letter_ids[:4] + [-1]
+    assert ps.option_strings == [" A", " B", " C", " D", " E"]
+    assert ps.prompts[0] == "Question: q1\nA. x\nB. y\nC. z\nAnswer:"

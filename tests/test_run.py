@@ -1,0 +1,438 @@
+"""The CLI (``python -m calibrate.run``) end to end, in subprocesses, and the notebook API.
+
+* Bad input: a non-zero exit, one clear line on stderr naming the bad value (and what is
+  accepted), no result files, and no model weights read. Every case runs in-process through
+  the job's own preparation (with weight loading replaced by a failure); the cases marked
+  ``cli`` also run through the real CLI, two at a time.
+* A multirun with a failing job in the middle: ``summary.csv`` has one row per job.
+* The default job on the real SmolLM2 with the W&B tracker offline, checked against the model.
+* rotten_tomatoes and TruthfulQA from ``../shared/data`` (skipped where it is absent).
+* The README's Python API.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import calibrate
+from calibrate import job as job_mod
+from calibrate.api import dataset_config
+from calibrate.errors import USER_ERRORS
+from calibrate.metrics import ece, mce
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+RESULT_NAMES = ("layers.csv", "metrics.json", "predictions.npz")
+PLOTS = ("layer_curves.png", "reliability_final.png", "reliability_peak_ece.png")
+QUICK_S = 60  # a config error must end well before a model could be loaded and probed
+WEIGHTS_MARKER = "Loading weights"  # transformers' progress line while reading weights
+SMOL_LAYERS = 31  # SmolLM2-135M: embeddings + 30 blocks
+
+
+# ---------------------------------------------------------------- running the CLI
+
+@dataclass
+class Run:
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float  # wall clock
+    cpu_seconds: float  # user + system time of the process (and the children it waited for)
+    root: Path
+
+    def lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def cli(args: list[str], root: Path, *, multirun: bool = False, timeout: float = 600) -> Run:
+    """Run the CLI with ``root`` as cwd and output folder; offline, no HYDRA_FULL_ERROR."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    where = f"hydra.sweep.dir={root / 'sweep'}" if multirun else f"hydra.run.dir={root / 'out'}"
+    cmd = [sys.executable, "-m", "calibrate.run", *(["-m"] if multirun else []), *args, where]
+    out_path, err_path = root / ".cli.stdout", root / ".cli.stderr"
+    start = time.perf_counter()
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=err)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            # wait4, not communicate: the CPU time of this one child, whatever else is running
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    out_path.unlink()
+    err_path.unlink()
+    return Run(proc.returncode, stdout, stderr, time.perf_counter() - start,
+               usage.ru_utime + usage.ru_stime, root)
+
+
+def result_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.name in RESULT_NAMES or p.suffix == ".png")
+
+
+def explain(run: Run) -> str:
+    return (f"exit {run.rc} after {run.seconds:.1f}s ({run.cpu_seconds:.1f}s CPU)\n"
+            f"--- stderr ---\n{run.stderr[-4000:]}")
+
+
+# ---------------------------------------------------------------- bad input
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]  # "{tmp}" is the case's folder, "{eta}" is eta or +eta
+    names: tuple[str, ...]  # what the error line must name (the bad value)
+    accepts: tuple[str, ...] = ()  # what it must offer instead
+    hydra: bool = False  # Hydra's own composition error (several lines, exit 1)
+    cli: bool = False  # also run through the real CLI
+    files: dict = field(default_factory=dict, hash=False, compare=False)  # name -> text, in {tmp}
+
+
+BERT_CONFIG = json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"],
+                          "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "intermediate_size": 64})
+
+CASES = [
+    Case("model_unknown", ("model=nope",), ("model/nope",), ("smollm2", "phi2"), hydra=True, cli=True),
+    Case("dataset_unknown", ("dataset=nope",), ("dataset/nope",), ("sst2", "mmlu"), hydra=True),
+    Case("key_unknown", ("foo=1",), ("'foo'",), hydra=True, cli=True),
+    Case("tracker_unknown", ("tracker=nope",), ("tracker/nope",), ("wandb", "none"), hydra=True, cli=True),
+    Case("eta_abc", ("{eta}=abc",), ("eta='abc'",), ("finite numbers",), cli=True),
+    Case("eta_nan", ("{eta}=nan",), ("eta=nan",), ("finite numbers",)),
+    Case("eta_inf", ("{eta}=inf",), ("eta=inf",), ("finite numbers",)),
+    Case("limit_zero", ("dataset.limit=0",), ("limit 0",), ("integer >= 1",), cli=True),
+    Case("limit_negative", ("dataset.limit=-3",), ("limit -3",), ("integer >= 1",)),
+    Case("jsonl_empty", ("dataset.local_path={tmp}/empty.jsonl",), ("{tmp}/empty.jsonl", "no rows"),
+         files={"empty.jsonl": ""}, cli=True),
+    Case("jsonl_malformed", ("dataset.local_path={tmp}/bad.jsonl",),
+         ("{tmp}/bad.jsonl", "line 2", "not valid JSON"),
+         files={"bad.jsonl": '{"sentence": "fine", "label": 1}\n{"sentence": "oops", label: 0\n'},
+         cli=True),
+    Case("file_missing", ("dataset.local_path={tmp}/missing.jsonl",),
+         ("{tmp}/missing.jsonl", "does not exist"), cli=True),
+    Case("verbalizer_multitoken", ('dataset.verbalizer=[" antidisestablishmentarianism"," positive"]',),
+         ("' antidisestablishmentarianism'", "not a single token"), ("one token each",), cli=True),
+    Case("answer_format", ("dataset.answer_format=bogus",), ("'bogus'",), ("letters, verbalizer",)),
+    Case("dtype", ("model.dtype=float8",), ("model.dtype='float8'",), ("float32", "bfloat16"), cli=True),
+    Case("device", ("model.device=tpu",), ("model.device='tpu'",), ("cpu", "cuda")),
+    Case("n_bins", ("metrics.n_bins=0",), ("metrics.n_bins=0",), ("integer >= 1",)),
+    Case("binning", ("metrics.binning=nope",), ("metrics.binning='nope'",), ("guo", "torchmetrics")),
+    Case("batch_size", ("probe.batch_size=0",), ("probe.batch_size=0",), ("integer >= 1", "auto")),
+    Case("option_mass", ("probe.option_mass=some",), ("probe.option_mass='some'",),
+         ("final", "all", "none")),
+    Case("architecture", ("model.path={tmp}/bert",), ("'bert'", "no adapter"), ("llama", "gpt2"),
+         files={"bert/config.json": BERT_CONFIG}, cli=True),
+    Case("mmlu_subject", ("dataset=mmlu", "dataset.subjects=[astrology]"), ("'astrology'",),
+         ("abstract_algebra",), cli=True),
+    Case("mmlu_category", ("dataset=mmlu", "dataset.category=arts"), ("'arts'",),
+         ("stem", "humanities")),
+]
+CLI_CASES = [c for c in CASES if c.cli]
+assert len(CLI_CASES) >= 12
+
+
+def eta_key() -> str:
+    """``eta`` when the composed config has it, else ``+eta`` (check_job reads a top-level eta)."""
+    return "eta" if "eta" in calibrate.compose([]) else "+eta"
+
+
+def materialize(case: Case, tmp: Path, eta: str) -> tuple[list[str], list[str]]:
+    """The case's files written under ``tmp``; its overrides and expected names filled in."""
+    for name, text in case.files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text)
+    fill = lambda s: s.replace("{tmp}", str(tmp)).replace("{eta}", eta)  # noqa: E731
+    limit = [] if any(a.startswith("dataset.limit=") for a in case.args) else ["dataset.limit=4"]
+    return limit + [fill(a) for a in case.args], [fill(n) for n in case.names]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_in_process(case, tmp_path, monkeypatch):
+    """The job's own preparation raises a user error naming the value, before reading weights."""
+    args, names = materialize(case, tmp_path, eta_key())
+
+    def no_weights(*_a, **_k):
+        raise AssertionError("model weights would be loaded")
+
+    monkeypatch.setattr(job_mod, "load_model", no_weights)
+    if case.hydra:
+        with pytest.raises(Exception) as info:
+            calibrate.compose(args)
+        message = str(info.value)
+    else:
+        cfg = OmegaConf.to_container(calibrate.compose(args), resolve=True)
+        with pytest.raises(USER_ERRORS) as info:
+            job_mod._prepare(cfg)
+        message = str(info.value)
+        assert "\n" not in message, f"multi-line message: {message!r}"
+    for text in (*names, *case.accepts):
+        assert text in message, f"{text!r} not in {message!r}"
+
+
+# ---------------------------------------------------------------- subprocesses in the background
+
+SHARED_CASES = {  # dataset -> (file under ../shared, the answer format its config uses)
+    "rotten_tomatoes": ("data/rotten_tomatoes", "verbalizer"),
+    "truthfulqa": ("data/truthfulqa/TruthfulQA.csv", "letters"),
+}
+SWEEP_ARGS = ["dataset.limit=6,0,8", "tracker=none", "probe.progress=false", "output.plots=false"]
+E2E_ARGS = ["dataset.limit=24", "tracker=wandb"]
+
+
+def _wanted(session, module_file: str) -> list[str]:
+    """Background keys the selected tests of this module need, slowest first."""
+    keys: list[str] = []
+    for item in session.items:
+        if Path(str(item.fspath)) != Path(module_file):
+            continue
+        name = getattr(item, "originalname", item.name)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if name.startswith("test_e2e_"):
+            keys.append("e2e")
+        elif name == "test_multirun_with_a_failing_job":
+            keys.append("sweep")
+        elif name == "test_shared_dataset_through_cli" and (SHARED / "data").is_dir():
+            keys.append(params["name"])
+        elif name == "test_bad_input_cli":
+            keys.append(params["case"].id)
+    order = ["e2e", "sweep", *SHARED_CASES, *(c.id for c in CLI_CASES)]
+    return sorted(set(keys), key=order.index)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request, tmp_path_factory):
+    """Start every CLI run this module's selected tests need, two at a time, at module start.
+
+    Each subprocess spends most of its time importing torch and transformers on one core, so
+    two of them (plus the in-process tests in the main thread) keep a 2-core machine busy.
+    Tests wait on their own run with ``background[key].result()``.
+    """
+    eta = eta_key()
+
+    def bad(case: Case):
+        tmp = tmp_path_factory.mktemp(case.id)
+        args, names = materialize(case, tmp, eta)
+        return cli(args, tmp, timeout=300), names
+
+    def shared(name: str) -> Run:
+        rel, _ = SHARED_CASES[name]
+        args = [f"dataset={name}", f"dataset.local_path={SHARED / rel}", "dataset.limit=6",
+                "tracker=none", "probe.progress=false", "output.plots=false"]
+        return cli(args, tmp_path_factory.mktemp(name))
+
+    jobs = {"e2e": lambda: cli(E2E_ARGS, tmp_path_factory.mktemp("e2e")),
+            "sweep": lambda: cli(SWEEP_ARGS, tmp_path_factory.mktemp("sweep"), multirun=True),
+            **{name: (lambda n=name: shared(n)) for name in SHARED_CASES},
+            **{case.id: (lambda c=case: bad(c)) for case in CLI_CASES}}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="cli")
+    futures = {key: pool.submit(jobs[key]) for key in _wanted(request.session, __file__)}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- the Python API (main thread)
+
+@pytest.fixture(scope="module")
+def lm():
+    return calibrate.load_model("smollm2")
+
+
+def test_python_api(lm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = calibrate.load_dataset("sst2", limit=10)
+    assert len(records) == 10
+    report = calibrate.probe_layers(lm, records, dataset="sst2")
+    assert len(report.table) == SMOL_LAYERS
+    assert list(report.table["layer"]) == list(range(SMOL_LAYERS))
+    assert report.result.probs.shape == (10, SMOL_LAYERS, 2)
+    assert {"accuracy", "ece", "mce"} <= set(report.final)
+    assert list(tmp_path.iterdir()) == [], "the API wrote files into the working directory"
+
+
+# ---------------------------------------------------------------- bad input through the CLI
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_bad_input_cli(case, background):
+    run, names = background[case.id].result()
+    lines = run.lines()
+    assert run.rc != 0, explain(run)
+    assert "Traceback" not in run.stderr, explain(run)
+    assert not result_files(run.root), f"result files left: {result_files(run.root)}"
+    # CPU time, not wall time: the machine may be shared; loading and probing would take longer
+    assert run.cpu_seconds < QUICK_S, explain(run)
+    assert run.seconds < 3 * QUICK_S, explain(run)
+    assert not any(WEIGHTS_MARKER in line for line in lines), explain(run)
+    if case.hydra:
+        # Hydra's own message: its first line names the value, the options follow.
+        assert run.rc == 1, explain(run)
+    else:
+        assert run.rc == 2, explain(run)
+        assert len(lines) == 1, f"expected one error line: {explain(run)}"
+        assert lines[0].startswith("error: "), explain(run)
+    assert all(n in lines[0] for n in names), explain(run)
+    assert all(a in run.stderr for a in case.accepts), explain(run)
+
+
+# ---------------------------------------------------------------- multirun
+
+def test_multirun_with_a_failing_job(background):
+    """limit 6, 0 (fails validation), 8: the sweep goes on, exits 0, and summarizes every job."""
+    run = background["sweep"].result()
+    assert run.rc == 0, explain(run)  # run.py: a failing job is recorded; the other jobs go on
+    assert "error: limit 0 is invalid" in run.stderr, explain(run)
+    assert "(2 complete, 1 not)" in run.stderr, explain(run)
+    sweep = run.root / "sweep"
+    table = pd.read_csv(sweep / "summary.csv")
+    assert list(table["job"]) == [0, 1, 2]
+    assert list(table["status"]) == ["complete", "failed", "complete"]
+    assert "dataset.limit=0" in table.loc[1, "overrides"]
+    assert table.loc[1, "error"].startswith("DatasetError: limit 0 is invalid")
+    assert not result_files(sweep / "1") and (sweep / "1" / "error.json").is_file()
+    for index, n in ((0, 6), (2, 8)):
+        row = table.loc[index]
+        assert f"dataset.limit={n}" in row["overrides"]
+        assert row["model"] == "smollm2" and row["dataset"] == "sst2" and row["n_examples"] == n
+        metrics = json.loads((sweep / str(index) / "metrics.json").read_text())
+        assert metrics["status"] == "complete" and metrics["n_examples"] == n
+        for key in ("accuracy", "ece", "mce"):
+            assert 0 <= row[key] <= 1
+            assert row[key] == pytest.approx(metrics["final"][key], rel=1e-12, abs=1e-15)
+        assert pd.isna(row["error"])
+        assert len(pd.read_csv(sweep / str(index) / "layers.csv")) == SMOL_LAYERS
+
+
+# ---------------------------------------------------------------- the default job, end to end
+
+@pytest.fixture(scope="module")
+def e2e(background) -> Run:
+    run = background["e2e"].result()
+    assert run.rc == 0, explain(run)
+    return run
+
+
+def job_dir(run: Run) -> Path:
+    return run.root / "out"
+
+
+def test_e2e_files(e2e):
+    out = job_dir(e2e)
+    for name in (*RESULT_NAMES, *PLOTS):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert WEIGHTS_MARKER in e2e.stderr  # the marker the bad-input cases look for is real
+    assert not (e2e.root / "outputs").exists(), "hydra.run.dir was not honored"
+
+
+def test_e2e_tables(e2e):
+    out = job_dir(e2e)
+    table = pd.read_csv(out / "layers.csv")
+    assert list(table["layer"]) == list(range(SMOL_LAYERS))
+    assert {"layer", "accuracy", "confidence", "ece", "mce", "brier", "nll"} <= set(table.columns)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    assert (metrics["model"], metrics["dataset"], metrics["split"]) == ("smollm2", "sst2", "validation")
+    assert metrics["n_examples"] == 24 and metrics["num_layers"] == SMOL_LAYERS
+    assert metrics["answer_format"] == "verbalizer"
+    last = table.iloc[-1]
+    assert set(metrics["final"]) == set(table.columns) - {"layer"}
+    for key, value in metrics["final"].items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            assert pd.isna(last[key]), key
+        else:
+            assert value == pytest.approx(float(last[key]), rel=1e-12, abs=1e-15), key
+
+
+def test_e2e_predictions_match_table(e2e):
+    out = job_dir(e2e)
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    n_bins, binning = int(cfg.metrics.n_bins), str(cfg.metrics.binning)
+    table = pd.read_csv(out / "layers.csv")
+    pred = np.load(out / "predictions.npz")
+    probs, labels = pred["probs"], pred["labels"]
+    assert probs.shape == (24, SMOL_LAYERS, 2)
+    assert pred["option_logits"].shape == (24, SMOL_LAYERS, 2) and labels.shape == (24,)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-9)
+    for layer in range(SMOL_LAYERS):
+        p = probs[:, layer]
+        confidence, correct = p.max(axis=-1), (p.argmax(axis=-1) == labels).astype(float)
+        row = table.iloc[layer]
+        assert correct.mean() == pytest.approx(row["accuracy"], abs=1e-12)
+        assert ece(confidence, correct, n_bins, binning) == pytest.approx(row["ece"], abs=1e-12)
+        assert mce(confidence, correct, n_bins, binning) == pytest.approx(row["mce"], abs=1e-12)
+
+
+def test_e2e_last_layer_is_the_model(e2e, lm):
+    """The lens at the last layer gives the model's own logits on the option tokens."""
+    from calibrate.prompts import render_prompt
+
+    pred = np.load(job_dir(e2e) / "predictions.npz")
+    ds = dataset_config("sst2")
+    records = calibrate.load_dataset("sst2", limit=24)
+    assert [r.label for r in records] == list(pred["labels"])
+    tok = lm.tokenizer
+    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in ds["verbalizer"]]
+    assert all(len(i) == 1 for i in ids)
+    assert (pred["option_ids"] == np.array([i[0] for i in ids])).all()
+    tol = 1e-4 if lm.model.dtype == torch.float32 else 5e-2
+    for i in (0, 23):
+        prompt = render_prompt(ds["template"], records[i], ds["subject"])
+        enc = tok(prompt, return_tensors="pt").to(lm.device)
+        with torch.no_grad():
+            logits = lm.model(**enc).logits[0, -1].float().cpu()
+        ref = logits[torch.from_numpy(pred["option_ids"][i])].numpy()
+        np.testing.assert_allclose(pred["option_logits"][i, -1], ref, rtol=0, atol=tol)
+
+
+def test_e2e_wandb_offline_run(e2e):
+    runs = list((job_dir(e2e) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    run_dir = runs[0]
+    assert (run_dir / "files").is_dir()
+    config_yaml = run_dir / "files" / "config.yaml"
+    records = list(run_dir.glob("run-*.wandb"))
+    assert len(records) == 1
+    data = records[0].read_bytes()
+    # the job config and the per-layer series are in the run (config.yaml only appears on sync)
+    assert (config_yaml.is_file() and "n_bins" in config_yaml.read_text()) or b"n_bins" in data
+    assert b"sst2" in data and b"layer/ece" in data
+
+
+# ---------------------------------------------------------------- the other offline datasets
+
+@pytest.mark.parametrize("name", sorted(SHARED_CASES))
+def test_shared_dataset_through_cli(name, background):
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"{SHARED / 'data'} is absent (only these machines carry it)")
+    run = background[name].result()
+    assert run.rc == 0, explain(run)
+    out = run.root / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["dataset"] == name
+    assert metrics["n_examples"] == 6
+    assert metrics["answer_format"] == SHARED_CASES[name][1]
+    if name == "rotten_tomatoes":
+        assert metrics["option_strings"] == [" negative", " positive"]
+    else:
+        assert metrics["n_options"] >= 2
+        assert metrics["option_strings"] == [f" {chr(65 + k)}" for k in range(metrics["n_options"])]
+    assert len(pd.read_csv(out / "layers.csv")) == SMOL_LAYERS
