@@ -8,12 +8,15 @@ are noisy, so only ratios measured together count):
 * ``forward``: a plain forward pass of the model (``model(...)``, logits at every position), and
   ``forward_last``: the same with ``logits_to_keep=1`` (only the last position's logits);
 * ``probe``: the layer-wise probe (hooks at every block, lens on the option rows only);
+* ``eta8_cached`` / ``eta8_full``: a sweep of 8 etas steering the last position at the last
+  layer, with the key/value cache reused across etas / with a full forward pass per eta;
 * ``peer``: the common peer approach (TransformerLens / tuned-lens style): ``output_hidden_states``
   and a full-vocabulary logit lens at every position of every layer, one layer at a time.
 
 It prints the ratios and merges them into ``bench.json`` in the current directory:
 ``probe_over_forward`` (target <= 1.05), ``peer_over_probe`` (target >= 5),
-``padding_efficiency`` (target >= 0.9) and the peak memory of each variant in MiB.
+``padding_efficiency`` (target >= 0.9), ``eta8_over_probe`` (target <= 1.3) and the peak
+memory of each variant in MiB.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from calibrate.lens import Lens
 from calibrate.probe import ProbeSettings, left_pad, plan_batches, position_ids, run_probe, tokenize
 from calibrate.results import merge_json
+from calibrate.steer import Steering, run_steered
 
 BENCH_FILE = "bench.json"
 
@@ -133,6 +137,12 @@ def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[st
         "probe": lambda: run_probe(loaded, prompt_set, settings),
         "peer": lambda: peer_lens(loaded, batches, option_ids.to(loaded.device)),
     }
+    hidden = loaded.adapter.unembed_weight.shape[1]
+    vec = np.random.default_rng(0).standard_normal(hidden)
+    steering = Steering(vec / np.linalg.norm(vec), (loaded.adapter.num_blocks,),
+                        tuple(float(e) for e in range(8)), "last")
+    variants["eta8_cached"] = lambda: run_steered(loaded, prompt_set, steering, settings, use_cache=True)
+    variants["eta8_full"] = lambda: run_steered(loaded, prompt_set, steering, settings, use_cache=False)
     variants["probe"]()  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {k: 0.0 for k in variants}
@@ -147,10 +157,12 @@ def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[st
     return {
         "probe_over_forward": med["probe"] / med["forward"],
         "probe_over_forward_last_logits": med["probe"] / med["forward_last"],
+        "eta8_over_probe": med["eta8_cached"] / med["probe"],
+        "eta8_full_over_probe": med["eta8_full"] / med["probe"],
         "peer_over_probe": med["peer"] / med["probe"],
         "padding_efficiency": efficiency,
         "forward_s": med["forward"], "forward_last_s": med["forward_last"], "probe_s": med["probe"],
-        "peer_s": med["peer"],
+        "peer_s": med["peer"], "eta8_cached_s": med["eta8_cached"], "eta8_full_s": med["eta8_full"],
         "forward_peak_mib": peaks["forward"], "probe_peak_mib": peaks["probe"],
         "peer_peak_mib": peaks["peer"],
     }
@@ -198,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{figures['probe_over_forward_last_logits']:.3f}")
     print(f"peer  / probe       = {figures['peer_over_probe']:.2f}   (target >= 5)")
     print(f"padding efficiency  = {figures['padding_efficiency']:.3f}   (target >= 0.9)")
+    print(f"8-eta sweep / probe = {figures['eta8_over_probe']:.3f}   (target <= 1.3; "
+          f"8 full steered passes: {figures['eta8_full_over_probe']:.2f})")
     print(f"peak memory MiB     : forward {figures['forward_peak_mib']:.1f}, probe "
           f"{figures['probe_peak_mib']:.1f}, peer {figures['peer_peak_mib']:.1f}")
     print(f"written to {args.output}")

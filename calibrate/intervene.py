@@ -9,6 +9,7 @@ eta neither reloads the model (same process) nor redoes the probe (any process).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from omegaconf import OmegaConf
 
 from calibrate import results
 from calibrate.direction import (Direction, DirectionError, check_compatible, check_layers,
-                                 fit_direction, load_direction, residual_layers_for, save_direction,
-                                 split_indices)
+                                 fit_direction, load_direction, per_layer_directions,
+                                 residual_layers_for, save_direction, split_indices)
 from calibrate.models import LoadedModel
 from calibrate.probe import ProbeResult, ProbeSettings
 from calibrate.prompts import PromptSet, build_prompts
@@ -31,14 +32,18 @@ STEERING_FILE = "steering.csv"
 FILES = [STEERING_FILE, "direction.safetensors", "direction.json", "eta_curves.png", "steered_ece.png"]
 
 
-def wants_steering(cfg: Mapping[str, Any]) -> bool:
-    """Whether a job steers: intervention=direction, or a non-zero eta."""
-    return cfg["intervention"]["name"] == "direction" or any(e != 0 for e in parse_eta(cfg["eta"]))
+def intervention_kind(cfg: Mapping[str, Any]) -> str:
+    """``none``, ``direction`` (steering; also a non-zero eta with intervention=none), or an
+    ablation (``nullspace``, ``direction_ablate``)."""
+    name = cfg["intervention"]["name"]
+    if name == "none" and any(e != 0 for e in parse_eta(cfg["eta"])):
+        return "direction"
+    return name
 
 
 def intervention_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The intervention group; a non-zero eta with intervention=none means the direction defaults."""
-    if cfg["intervention"]["name"] == "direction":
+    if cfg["intervention"]["name"] != "none":
         return dict(cfg["intervention"])
     defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "intervention" / "direction.yaml"))
     return dict(defaults)
@@ -78,7 +83,8 @@ class DirectionJob:
         icfg = intervention_config(cfg)
         layers = icfg.get("layers") or [self.num_layers - 1]
         self.icfg = icfg
-        self.steer_layers = check_steering(layers, self.num_layers, icfg["position"], icfg["eta_scale"])
+        self.steer_layers = check_steering(layers, self.num_layers, icfg["position"],
+                                           icfg.get("eta_scale", "absolute"))
 
     def direction_layers(self, auto_table: pd.DataFrame | None) -> list[int]:
         """``direction.layers`` resolved (``auto``: the detected correction phase)."""
@@ -117,9 +123,21 @@ def _split(n: int, dcfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return split_indices(n, float(dcfg["calibration_fraction"]), int(dcfg["seed"]))
 
 
-def run_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet,
-                  probe, measure, settings: ProbeSettings) -> dict[str, Any]:
-    """Everything but writing: returns tables, arrays and metadata of a steering job."""
+@dataclass
+class Fitted:
+    """A direction fit on the calibration split, and the probe it came from."""
+
+    job: DirectionJob
+    direction: Direction
+    base: ProbeResult  # unsteered probe of all examples (residuals of the fit/steer layers)
+    cal_idx: np.ndarray
+    eval_idx: np.ndarray
+    per_layer: dict[int, np.ndarray]  # the per-layer c_l means (empty when loaded from a file)
+
+
+def obtain_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet,
+                     probe, measure) -> Fitted:
+    """Fit c_hat on the calibration split (this dataset or ``direction.source``) or load it."""
     job = DirectionJob(cfg, loaded, probe)
     dcfg = cfg["direction"]
     cal_idx, eval_idx = _split(len(prompt_set.prompts), dcfg)
@@ -127,19 +145,33 @@ def run_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: Promp
     # One probe pass serves both the metrics and the fit when the fit layers are known upfront.
     keep = job.keep_layers(job.direction_layers(None)) if fits_here else job.steer_layers
     base = probe(prompt_set, keep)
+    fit_set, fit_cal, fit_name = prompt_set, cal_idx, cfg["dataset"]
     if dcfg.get("source"):
         from calibrate.data import load_records
 
-        src_cfg = source_dataset_config(dcfg["source"], int(cfg["seed"]), dcfg.get("source_limit"))
-        src_set = build_prompts(load_records(src_cfg, cfg.get("cache_dir")), src_cfg, loaded.tokenizer)
-        src_cal, _ = _split(len(src_set.prompts), dcfg)
-        src_table = measure(_take(probe(src_set, ()), src_cal)) if dcfg["layers"] == "auto" else None
-        direction = job.fit(src_set, src_cal, src_table)
-        direction.meta.update(dataset=src_cfg["name"], dataset_split=src_cfg.get("split"))
-    else:
-        auto_table = measure(_take(base, cal_idx)) if dcfg["layers"] == "auto" else None
-        direction = job.fit(prompt_set, cal_idx, auto_table)
-        direction.meta.update(dataset=cfg["dataset"]["name"], dataset_split=cfg["dataset"].get("split"))
+        fit_name = source_dataset_config(dcfg["source"], int(cfg["seed"]), dcfg.get("source_limit"))
+        fit_set = build_prompts(load_records(fit_name, cfg.get("cache_dir")), fit_name, loaded.tokenizer)
+        fit_cal, _ = _split(len(fit_set.prompts), dcfg)
+    auto_table = None
+    if dcfg["layers"] == "auto" and not dcfg.get("path"):
+        auto_table = measure(_take(probe(fit_set, ()), fit_cal))
+    direction = job.fit(fit_set, fit_cal, auto_table)
+    per_layer = {}
+    if not dcfg.get("path"):
+        direction.meta.update(dataset=fit_name["name"], dataset_split=fit_name.get("split"))
+        layers = direction.meta.get("layers") or []
+        fitted = probe(fit_set, job.keep_layers(layers)) if layers else None
+        if fitted is not None and dcfg["method"] != "random":
+            per_layer = per_layer_directions({l: v[fit_cal] for l, v in fitted.residuals.items()},
+                                             layers, dcfg["method"])
+    return Fitted(job, direction, base, cal_idx, eval_idx, per_layer)
+
+
+def run_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet,
+                  probe, measure, settings: ProbeSettings) -> dict[str, Any]:
+    """Everything but writing: returns tables, arrays and metadata of a steering job."""
+    fit = obtain_direction(cfg, loaded, prompt_set, probe, measure)
+    job, direction, base, cal_idx, eval_idx = fit.job, fit.direction, fit.base, fit.cal_idx, fit.eval_idx
     scale = None
     if job.icfg["eta_scale"] == "residual_norm":
         scale = residual_norms({l: base.residuals[l][cal_idx] for l in job.steer_layers},

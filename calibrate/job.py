@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibrate import intervene, probe_cache, results
+from calibrate import ablate, intervene, probe_cache, results
 from calibrate.data import load_records
 from calibrate.metrics import layer_table
 from calibrate.models import (LoadedModel, check_architecture, load_model, load_tokenizer,
@@ -163,16 +163,18 @@ def run_job(cfg: Mapping[str, Any], job_dir: Path, name: str = "job", group: str
     start = time.perf_counter()
     job_dir = Path(job_dir)
     _, prompt_set, loaded = _prepare(cfg)
-    steering = intervene.wants_steering(cfg)
+    kind = intervene.intervention_kind(cfg)
     tracker: Tracker = Tracker()
     try:
         tracker = open_tracker(cfg["tracker"], job_dir, name, group,
-                               "direction" if steering else cfg["intervention"]["name"],
+                               kind,
                                config_dict or {})
         title = f"{loaded.name} on {cfg['dataset']['name']}"
         extra, plots, report = {}, {}, None
-        if steering:
+        if kind == "direction":
             report, extra, plots = _steering(cfg, loaded, prompt_set, job_dir, title, tracker)
+        elif kind != "none":
+            report, extra, plots = _ablation(cfg, loaded, prompt_set, job_dir, title, tracker)
         else:
             result = cached_probe(loaded, prompt_set, cfg["probe"], (), cfg.get("cache_dir"))
             report = _report(result, prompt_set, cfg["metrics"])
@@ -186,7 +188,7 @@ def run_job(cfg: Mapping[str, Any], job_dir: Path, name: str = "job", group: str
         tracker.log_images(plots)
         tracker.log_summary(_flat_summary(summary))
     except BaseException:
-        results.remove_outputs(job_dir, RESULT_FILES + intervene.FILES)
+        results.remove_outputs(job_dir, RESULT_FILES + intervene.FILES + ablate.FILES)
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
@@ -222,6 +224,27 @@ def _steering(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet
     return report, extra, plots
 
 
+def _ablation(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet, job_dir: Path,
+              title: str, tracker: Tracker) -> tuple[ProbeReport, dict[str, Any], dict[str, Path]]:
+    """Null-space truncation or direction ablation; the report covers the evaluation split."""
+    kind = intervene.intervention_kind(cfg)
+    out = ablate.run_ablation(cfg, kind, loaded, prompt_set,
+                              lambda ps, keep: cached_probe(loaded, ps, cfg["probe"], keep,
+                                                            cfg.get("cache_dir")),
+                              lambda result: measure(result, cfg["metrics"]),
+                              ProbeSettings.from_config(cfg["probe"]))
+    report = _report(out["base_eval"], out["eval_set"], cfg["metrics"])
+    plots = ablate.write_ablation(out, job_dir, title, bool(cfg["output"].get("plots")))
+    extra = {"intervention": kind, "n_calibration": int(len(out["fit"].cal_idx)),
+             "n_evaluation": int(len(out["fit"].eval_idx)), "ablation": out["report"]}
+    table = out["table"]
+    for variant in table["variant"].unique():
+        tracker.log_layers(table[table["variant"] == variant].drop(columns="variant"),
+                           prefix=f"ablation/{variant}/")
+    tracker.log_table("ablation", table)
+    return report, extra, plots
+
+
 def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
     flat = {f"final/{k}": v for k, v in summary["final"].items()}
     for key in ("plateau_layer", "peak_ece_layer", "peak_ece", "n_examples"):
@@ -232,4 +255,11 @@ def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
             flat[f"steering/eta={eta}/{metric}"] = values[metric]
     if summary.get("direction"):
         flat["direction/raw_norm"] = summary["direction"].get("raw_norm")
+    report = summary.get("ablation") or {}
+    for key in ("rho", "rho_random_mean", "p_value", "max_cosine", "k"):
+        if key in report:
+            flat[f"nullspace/{key}"] = report[key]
+    for part in ("truncation", "random_control"):
+        for metric, value in (report.get(part) or {}).items():
+            flat[f"ablation/{part}/{metric}"] = value
     return flat

@@ -188,3 +188,112 @@ def plot_eta_curves(steering: pd.DataFrame, path: Path, title: str, layer: int |
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+# --- comparison plots (calibrate.compare) -------------------------------------------------------
+
+
+def plot_eta_lines(
+    lines: Mapping[str, pd.DataFrame],
+    metric: str,
+    path: Path,
+    title: str,
+) -> Path:
+    """One metric against eta, one line per named table (each with ``eta`` and ``metric``).
+
+    Rows sharing an eta within one table are averaged (several jobs of one configuration).
+    """
+    if not lines:
+        raise ValueError("no lines to plot")
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for name, table in lines.items():
+        if metric not in table.columns or "eta" not in table.columns:
+            raise ValueError(f"table {name!r} lacks column 'eta' or {metric!r}")
+        points = table.groupby("eta", sort=True)[metric].mean()
+        ax.plot(points.index.to_numpy(float), points.to_numpy(float), "o-", ms=4, label=name)
+    ax.set(xlabel="eta", ylabel=metric, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_heatmaps(
+    panels: Mapping[str, pd.DataFrame],
+    path: Path,
+    title: str,
+    value_label: str,
+    xlabel: str = "eta",
+    ylabel: str = "direction.layers",
+) -> Path:
+    """One annotated heat map per panel; each panel a matrix (index: rows, columns: x values).
+
+    Missing cells (NaN) stay blank. All panels share one colour scale.
+    """
+    if not panels:
+        raise ValueError("no panels to plot")
+    values = np.concatenate([p.to_numpy(float).ravel() for p in panels.values()])
+    finite = values[np.isfinite(values)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    n = len(panels)
+    height = max(3.0, 0.5 * max(len(p.index) for p in panels.values()) + 2.0)
+    fig = Figure(figsize=(min(5.5 * n, 22), height), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n))
+    image = None
+    for ax, (name, panel) in zip(axes, panels.items()):
+        data = panel.to_numpy(float)
+        image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="viridis",
+                          vmin=vmin, vmax=vmax)
+        ax.set_xticks(range(data.shape[1]), [f"{c:g}" if isinstance(c, (int, float)) else str(c)
+                                             for c in panel.columns])
+        ax.set_yticks(range(data.shape[0]), [str(r) for r in panel.index])
+        for (i, j), v in np.ndenumerate(data):
+            if np.isfinite(v):
+                dark = (v - vmin) / (vmax - vmin) < 0.6
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=name)
+    fig.colorbar(image, ax=list(axes), label=value_label)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_grouped_bars(
+    table: pd.DataFrame,
+    panels: Mapping[str, Mapping[str, str]],
+    path: Path,
+    title: str,
+    errors: Mapping[str, str] | None = None,
+) -> Path:
+    """Grouped bars, one panel per entry of ``panels`` (panel title -> {bar label -> column}).
+
+    ``table`` has one row per group (its index names the groups on the x axis); ``errors`` maps a
+    value column to a column of error-bar half-widths. NaN values draw no bar.
+    """
+    if table.empty or not panels:
+        raise ValueError("nothing to plot")
+    errors = dict(errors or {})
+    names = [str(i) for i in table.index]
+    x = np.arange(len(names))
+    fig = Figure(figsize=(max(6.0, 1.2 * len(names) * len(panels) + 2), 4.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (panel, series) in zip(axes, panels.items()):
+        width = 0.8 / max(len(series), 1)
+        for k, (label, column) in enumerate(series.items()):
+            if column not in table.columns:
+                continue
+            y = table[column].to_numpy(float)
+            err = table[errors[column]].to_numpy(float) if errors.get(column) in table.columns else None
+            if err is not None:
+                err = np.where(np.isfinite(err), err, 0.0)
+            ax.bar(x + (k - (len(series) - 1) / 2) * width, np.nan_to_num(y), width, yerr=err,
+                   capsize=3, label=label, alpha=0.85)
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        ax.set(title=panel, ylabel=panel)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)

@@ -9,7 +9,8 @@ positions needs a full forward pass per eta.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,19 +32,48 @@ class SteeringError(ValueError):
     """An intervention setting is invalid."""
 
 
-@dataclass(frozen=True)
-class Steering:
-    """Where and how strongly to add the direction."""
+class Intervention:
+    """Edits the residual at some layers in ``n_variants`` ways, one per batch row.
 
-    vector: np.ndarray  # [hidden] unit direction
-    layers: tuple[int, ...]  # residual layers to edit (0 = input of block 0, l = output of block l)
-    etas: tuple[float, ...]
+    Subclasses implement :meth:`apply`; variant 0 is the reference (no change) of every delta.
+    """
+
+    layers: tuple[int, ...] = ()
+    position: str = "last"
+
+    @property
+    def n_variants(self) -> int:
+        """How many versions of each example are run."""
+        raise NotImplementedError
+
+    def apply(self, layer: int, hidden: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        """Edited ``hidden`` [R, T, H]; ``variant`` [R] says which version each row is."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Steering(Intervention):
+    """Add eta * vector at ``layers``; one variant per eta."""
+
+    vector: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [hidden] unit direction
+    layers: tuple[int, ...] = ()  # residual layers to edit (0 = input of block 0, l = output of block l)
+    etas: tuple[float, ...] = (0.0,)
     position: str = "last"
     layer_scale: Mapping[int, float] | None = None  # eta multiplier per layer (residual_norm mode)
+
+    @property
+    def n_variants(self) -> int:
+        return len(self.etas)
 
     def scale(self, layer: int) -> float:
         """Multiplier of eta at ``layer`` (1 for absolute units)."""
         return 1.0 if not self.layer_scale else float(self.layer_scale[layer])
+
+    def apply(self, layer: int, hidden: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        vec = torch.as_tensor(self.vector, dtype=hidden.dtype, device=hidden.device)
+        etas = torch.as_tensor(self.etas, dtype=torch.float64)[variant.cpu()]
+        shift = (etas * self.scale(layer)).to(hidden.device, hidden.dtype)[:, None] * vec
+        return hidden + shift[:, None, :]
 
 
 def check_steering(layers: Sequence[int], num_layers: int, position: str, eta_scale: str) -> list[int]:
@@ -65,15 +95,13 @@ def residual_norms(residuals: Mapping[int, np.ndarray], layers: Sequence[int]) -
             for layer in layers}
 
 
-def _editor(steering: Steering, row_etas: torch.Tensor, last_only: bool):
+def _editor(intervention: Intervention, row_variants: torch.Tensor, last_only: bool):
     def edit(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        vec = torch.as_tensor(steering.vector, dtype=hidden.dtype, device=hidden.device)
-        shift = (row_etas.to(hidden.device, hidden.dtype) * steering.scale(layer))[:, None] * vec
-        if last_only:
-            hidden = hidden.clone()
-            hidden[:, -1] += shift
-            return hidden
-        return hidden + shift[:, None, :]
+        if not last_only:
+            return intervention.apply(layer, hidden, row_variants)
+        hidden = hidden.clone()
+        hidden[:, -1:] = intervention.apply(layer, hidden[:, -1:], row_variants)
+        return hidden
     return edit
 
 
@@ -92,18 +120,18 @@ def _cache_argument(backbone: torch.nn.Module) -> str:
 
 
 def steer_batch_cached(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
-                       option_ids: torch.Tensor, steering: Steering) -> torch.Tensor:
-    """All etas for one batch via the key/value cache: [B, E, L+1, K] option logits."""
-    device, n_eta = loaded.device, len(steering.etas)
+                       option_ids: torch.Tensor, steering: Intervention) -> torch.Tensor:
+    """All variants for one batch via the key/value cache: [B, V, L+1, K] option logits."""
+    device, n_eta = loaded.device, steering.n_variants
     ids, mask, pos = ids.to(device), mask.to(device), position_ids(mask).to(device)
     backbone = loaded.adapter.backbone
     with torch.inference_mode():
         prefix = backbone(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                           position_ids=pos[:, :-1], use_cache=True)
         cache = getattr(prefix, "cache", None) or prefix.past_key_values
-        cache.batch_repeat_interleave(n_eta)  # row b*E + e holds example b for eta e
-        row_etas = torch.tensor(steering.etas, dtype=torch.float64).repeat(ids.shape[0])
-        with edit_residual(loaded.adapter, list(steering.layers), _editor(steering, row_etas, True)), \
+        cache.batch_repeat_interleave(n_eta)  # row b*V + v holds example b, variant v
+        row_variants = torch.arange(n_eta).repeat(ids.shape[0])
+        with edit_residual(loaded.adapter, list(steering.layers), _editor(steering, row_variants, True)), \
                 capture_last_position(loaded.adapter) as store:
             backbone(input_ids=ids[:, -1:].repeat_interleave(n_eta, 0),
                      attention_mask=mask.repeat_interleave(n_eta, 0),
@@ -114,14 +142,14 @@ def steer_batch_cached(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask:
 
 
 def steer_batch_full(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
-                     option_ids: torch.Tensor, steering: Steering) -> torch.Tensor:
-    """All etas for one batch with a full forward pass per eta: [B, E, L+1, K]."""
+                     option_ids: torch.Tensor, steering: Intervention) -> torch.Tensor:
+    """All variants for one batch with a full forward pass per variant: [B, V, L+1, K]."""
     device, out = loaded.device, []
     last_only = steering.position == "last"
     with torch.inference_mode():
-        for eta in steering.etas:
-            row_etas = torch.full((ids.shape[0],), eta, dtype=torch.float64)
-            with edit_residual(loaded.adapter, list(steering.layers), _editor(steering, row_etas, last_only)), \
+        for variant in range(steering.n_variants):
+            row_variants = torch.full((ids.shape[0],), variant, dtype=torch.long)
+            with edit_residual(loaded.adapter, list(steering.layers), _editor(steering, row_variants, last_only)), \
                     capture_last_position(loaded.adapter) as store:
                 loaded.adapter.backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
                                         position_ids=position_ids(mask).to(device), use_cache=False)
@@ -129,17 +157,17 @@ def steer_batch_full(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: t
     return torch.stack(out, dim=1)
 
 
-def run_steered(loaded: LoadedModel, prompt_set: PromptSet, steering: Steering,
+def run_steered(loaded: LoadedModel, prompt_set: PromptSet, steering: Intervention,
                 settings: ProbeSettings | None = None, use_cache: bool = True) -> np.ndarray:
-    """Option logits [E, N, L+1, K] of every eta, every example, every layer."""
+    """Option logits [V, N, L+1, K] of every variant (eta), every example, every layer."""
     settings = settings or ProbeSettings()
     token_ids = tokenize(loaded, prompt_set.prompts)
     lengths = np.array([len(t) for t in token_ids])
     lens = Lens(loaded.adapter)
     n, k = prompt_set.option_ids.shape
-    out = np.empty((len(steering.etas), n, loaded.adapter.num_blocks + 1, k), dtype=np.float32)
+    out = np.empty((steering.n_variants, n, loaded.adapter.num_blocks + 1, k), dtype=np.float32)
     cached = use_cache and steering.position == "last"
-    with tqdm(total=n, desc=f"steer {loaded.name} x{len(steering.etas)} eta", unit="ex",
+    with tqdm(total=n, desc=f"{type(steering).__name__.lower()} {loaded.name} x{steering.n_variants}", unit="ex",
               disable=not settings.progress) as bar:
         for idx in plan_batches(lengths, settings):
             ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
@@ -151,10 +179,10 @@ def run_steered(loaded: LoadedModel, prompt_set: PromptSet, steering: Steering,
     return out
 
 
-def steering_table(logits: np.ndarray, labels: np.ndarray, etas: Sequence[float], n_bins: int,
-                   binning: str, reference: int) -> pd.DataFrame:
-    """Per eta and layer: metrics, deltas against the eta at index ``reference`` (eta 0), and
-    the share of examples whose predicted answer changed."""
+def steering_table(logits: np.ndarray, labels: np.ndarray, etas: Sequence[Any], n_bins: int,
+                   binning: str, reference: int, column: str = "eta") -> pd.DataFrame:
+    """Per variant (eta) and layer: metrics, deltas against the variant at index ``reference``
+    (eta 0), and the share of examples whose predicted answer changed."""
     probs = option_probabilities(logits)  # [E, N, L+1, K]
     tables = [layer_table(p, labels, n_bins=n_bins, binning=binning) for p in probs]
     base, base_pred = tables[reference], probs[reference].argmax(-1)
@@ -164,6 +192,6 @@ def steering_table(logits: np.ndarray, labels: np.ndarray, etas: Sequence[float]
         for metric in ("accuracy", "ece", "mce"):
             table[f"delta_{metric}"] = table[metric] - base[metric]
         table["changed"] = (p.argmax(-1) != base_pred).mean(axis=0)
-        table.insert(0, "eta", float(eta))
+        table.insert(0, column, eta)
         rows.append(table)
     return pd.concat(rows, ignore_index=True)

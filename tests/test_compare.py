@@ -1,0 +1,327 @@
+"""calibrate.compare on real job directories: jobs run in-process through ``run_job`` on tiny
+random models (only the model loading is replaced), failures recorded as a multirun records them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from calibrate import compare as cmp
+from calibrate import job as job_mod
+from calibrate import results
+from calibrate.summary import SUMMARY_FILE, summarize_sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
+DATASET = {"name": "toy", "split": "validation", "answer_format": "verbalizer",
+           "verbalizer": [" negative", " positive"],
+           "template": "{question} \n question : is this sentence positive or negative ? answer :"}
+SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
+             "fun", "the the the movie was very very fun and good good", "bad", "it was terrible",
+             "a great fun movie", "not bad", "very very boring", "good", "the film is fun",
+             "this is not a good movie", "great", "it was not fun", "a terrible terrible film"]
+
+
+def job_cfg(cache: Path, eta=0, layers=(1, 2), method: str = "layer_diff") -> dict:
+    """The resolved job config as ``calibrate.run`` hands it to ``run_job``."""
+    return {
+        "seed": 0, "eta": eta, "dataset": dict(DATASET), "model": {"name": "tiny"},
+        "tracker": {"name": "none"}, "intervention": {"name": "none"},
+        "direction": {"method": method, "layers": list(layers), "calibration_fraction": 0.5,
+                      "seed": 0, "source": None, "path": None, "allow_cross_model": False},
+        "cache_dir": str(cache),
+        "probe": {"batch_size": "auto", "max_batch_size": 64, "max_tokens": 8192, "min_fill": 0.9,
+                  "option_mass": "final", "progress": False},
+        "metrics": {"n_bins": 15, "binning": "guo", "extra_bins": [10]},
+        "output": {"predictions": False, "plots": False},
+    }
+
+
+def tiny_model(tokenizer, blocks: int, name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import torch
+    from calibrate.models import wrap_model
+    from conftest import TINY_SIZES
+
+    torch.manual_seed(blocks)
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2,
+                                  **{**TINY_SIZES, "num_hidden_layers": blocks})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return wrap_model(model, tokenizer, name=name)
+
+
+def run_one(job_dir: Path, cfg: dict, overrides: list[str], loaded) -> None:
+    """One job as the Hydra entry point runs it: .hydra/ files, run_job, error.json on failure."""
+    from calibrate.prompts import build_prompts
+    from calibrate.run import _fail
+
+    hydra = job_dir / ".hydra"
+    hydra.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(cfg), hydra / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), hydra / "overrides.yaml")  # Hydra's format: a list
+    records = [SimpleNamespace(question=s, options=("bad", "good"), label=i % 2, subject="")
+               for i, s in enumerate(SENTENCES)]
+    prompt_set = build_prompts(records, cfg["dataset"], loaded.tokenizer)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(job_mod, "_prepare", lambda _cfg: (records, prompt_set, loaded))
+        try:
+            job_mod.run_job(cfg, job_dir, name=job_dir.name)
+        except Exception as err:  # noqa: BLE001 - a failing job in a sweep is recorded
+            _fail(job_dir, err, multirun=True, user_error=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, word_tokenizer) -> SimpleNamespace:
+    """Two sweeps and one single job:
+
+    * ``steer``: 3 steering jobs differing in direction.layers (1-2, 2-3, 1,3) and eta, plus one
+      failing job (direction.layers=[9] on a 4-layer model);
+    * ``probe``: two probe jobs on models of 3 and 5 blocks, each with a nullspace.json;
+    * ``single``: one steering job with the random direction control.
+    """
+    root = tmp_path_factory.mktemp("runs")
+    cache = root / "cache"
+    small = tiny_model(word_tokenizer, 3, "tiny3")
+    deep = tiny_model(word_tokenizer, 5, "tiny5")
+    steer = root / "multirun" / "steer"
+    base = ["model=tiny3", "tracker=none"]
+    plan = [(["eta=[0,2,4]", "direction.layers=[1,2]"], dict(eta=[0, 2, 4], layers=(1, 2))),
+            (["eta=[0,2,4]", "direction.layers=[2,3]"], dict(eta=[0, 2, 4], layers=(2, 3))),
+            (["eta=[0,4]", "direction.layers=[1,3]"], dict(eta=[0, 4], layers=(1, 3))),
+            (["eta=[0,4]", "direction.layers=[9]"], dict(eta=[0, 4], layers=(9,)))]
+    for num, (overrides, kw) in enumerate(plan):
+        run_one(steer / str(num), job_cfg(cache, **kw), base + overrides, small)
+    summarize_sweep(steer)
+    probe = root / "multirun" / "probe"
+    for num, (loaded, name) in enumerate([(small, "tiny3"), (deep, "tiny5")]):
+        run_one(probe / str(num), job_cfg(cache), [f"model={name}", "tracker=none"], loaded)
+    summarize_sweep(probe)
+    # nullspace.json in two layouts (the producer is not written yet: both must be understood)
+    results.write_json(probe / "0" / "nullspace.json", {
+        "k": 3, "rho": 0.4, "rho_random_mean": 0.1, "p_value": 0.01, "max_cosine": 0.3,
+        "truncation": {"delta_ece": -0.02, "delta_mce": -0.05},
+        "random_control": [{"delta_ece": 0.001, "delta_mce": 0.002},
+                           {"delta_ece": -0.003, "delta_mce": 0.0}]})
+    results.write_json(probe / "1" / "nullspace.json", {
+        "k": 5, "rho": 0.2, "p_value": 0.3, "delta_ece": 0.01, "delta_mce": 0.03,
+        "random_delta_ece": 0.005, "random_delta_mce": 0.01})
+    single = root / "outputs" / "12-00-00_tiny3_toy"
+    run_one(single, job_cfg(cache, eta=[0, 4], method="random"),
+            ["eta=[0,4]", "direction.method=random"], small)
+    return SimpleNamespace(root=root, steer=steer, probe=probe, single=single,
+                           jobs=sorted([*steer.iterdir(), *probe.iterdir(), single]))
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.fixture(scope="module")
+def compared(runs, tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("cmp") / "compare"
+    code = cmp.main([str(runs.steer), str(runs.probe), str(runs.single), "--out", str(out),
+                     "--relative-depth"])
+    assert code == 0
+    return SimpleNamespace(out=out, table=pd.read_csv(out / "runs.csv"))
+
+
+def test_inputs_are_real_jobs(runs):
+    steer = pd.read_csv(runs.steer / SUMMARY_FILE)
+    assert steer["status"].tolist() == ["complete", "complete", "complete", "failed"]
+    assert (runs.steer / "0" / "steering.csv").is_file()
+    assert not (runs.probe / "0" / "steering.csv").exists()
+    assert (runs.single / results.METRICS_FILE).is_file()
+
+
+def test_runs_table_has_every_job_with_its_final_metrics(runs, compared):
+    table = compared.table
+    assert len(table) == 7
+    assert list(table.columns[:7]) == ["sweep", "job", "label", "overrides", "status", "model",
+                                      "dataset"]
+    for _, row in table.iterrows():
+        metrics = results.read_metrics(Path(row["path"]))
+        if row["status"] != "complete":
+            continue
+        assert row["model"] == metrics["model"] and row["n_examples"] == metrics["n_examples"]
+        for key, value in metrics["final"].items():
+            assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+        for key in ("plateau_layer", "peak_ece_layer", "peak_ece"):
+            assert (pd.isna(row[key]) and metrics[key] is None) or row[key] == pytest.approx(metrics[key])
+    failed = table[table["status"] == "failed"]
+    assert len(failed) == 1 and "direction.layers=[9]" in failed.iloc[0]["overrides"]
+    assert "DirectionError" in failed.iloc[0]["error"]
+    assert table["label"].is_unique
+
+
+def test_labels_are_the_differing_overrides(compared):
+    labels = dict(zip(compared.table["overrides"], compared.table["label"]))
+    assert labels["model=tiny3 tracker=none eta=[0,2,4] direction.layers=[1,2]"] == \
+        "model=tiny3 tracker=none eta=[0,2,4] direction.layers=[1,2]"  # common to none of all 7
+    runs = [cmp.Run("s", Path(str(i)), ["tracker=none", f"eta={e}"], {"model": "m", "dataset": "d"},
+                    {"status": "complete"}) for i, e in enumerate((0, 4))]
+    cmp.assign_labels(runs)
+    assert [r.label for r in runs] == ["eta=0", "eta=4"]
+    same = [cmp.Run("s", Path(str(i)), [], {"model": "m", "dataset": "d"}, {}) for i in range(2)]
+    cmp.assign_labels(same)
+    assert [r.label for r in same] == ["m/d (s/0)", "m/d (s/1)"]
+
+
+def test_markdown_table(compared):
+    text = (compared.out / "runs.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| sweep | job | label |")
+    assert set(lines[1].replace("|", "").split()) <= {"---", ":---", "---:", ":---:"} | \
+        {"-" * n for n in range(3, 200)} | {":" + "-" * n for n in range(3, 200)} | \
+        {"-" * n + ":" for n in range(3, 200)}
+    assert len(lines) == 2 + 7
+    assert "failed" in text
+
+
+def test_markdown_fallback_without_tabulate(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tabulate", None)  # import fails
+    text = cmp.markdown_table(pd.DataFrame({"a": [1.0, np.nan], "b": ["x|y", None]}))
+    assert text.splitlines() == ["| a | b |", "| --- | --- |", "| 1.0000 | x\\|y |", "|  |  |"]
+
+
+def test_layer_plots(compared):
+    for metric in ("accuracy", "ece", "mce"):
+        assert is_png(compared.out / f"layers_{metric}.png")
+    assert not list(compared.out.glob(".*.tmp"))
+
+
+def test_steering_outputs(runs, compared):
+    steering = pd.read_csv(compared.out / "steering.csv")
+    # 3 + 3 + 2 final-layer rows from the sweep, 2 from the single job; the failed job has none
+    assert len(steering) == 10
+    assert {"overrides", "eta", "ece", "accuracy", "delta_ece", "direction_layers"} <= set(steering)
+    for _, row in steering.iterrows():
+        metrics = json.loads((Path(runs.root) / _job_path(runs, row) / "metrics.json").read_text())
+        ref = metrics["steering"][f"{row['eta']:g}"]
+        assert row["ece"] == pytest.approx(ref["ece"], abs=1e-12)
+        assert row["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+    assert set(steering["direction_layers"]) == {"1-2", "2-3", "1,3"}
+    for metric in ("accuracy", "ece", "mce"):
+        assert is_png(compared.out / f"eta_{metric}.png")
+        assert is_png(compared.out / f"ablation_{metric}.png")
+
+
+def _job_path(runs, row) -> Path:
+    if not isinstance(row["sweep"], str) or not row["sweep"]:
+        return runs.single.relative_to(runs.root)
+    return (Path(row["sweep"]) / str(row["job"])).relative_to(runs.root)
+
+
+def test_nullspace_outputs(compared):
+    table = pd.read_csv(compared.out / "nullspace.csv")
+    assert len(table) == 2
+    first, second = table.iloc[0], table.iloc[1]
+    assert first["delta_ece"] == pytest.approx(-0.02) and first["delta_mce"] == pytest.approx(-0.05)
+    assert first["random_delta_ece"] == pytest.approx(-0.001)
+    assert first["random_delta_ece_std"] == pytest.approx(0.002)
+    assert second["random_delta_mce"] == pytest.approx(0.01) and second["k"] == 5
+    assert is_png(compared.out / "nullspace_truncation.png")
+
+
+def test_nullspace_fields_layouts():
+    f = cmp.nullspace_fields
+    assert f({"delta_ece": 0.1, "random_control": {"delta_ece": [0.0, 0.2]}})["random_delta_ece"] == \
+        pytest.approx(0.1)
+    assert f({"truncation": {"delta_mce": 0.3, "random_delta_mce": {"mean": 0.1, "std": 0.05}}}) == \
+        {"delta_mce": 0.3, "random_delta_mce": 0.1, "random_delta_mce_std": 0.05}
+    assert f({"k": 2, "rho": 0.5, "note": "x", "nested": {"a": 1}}) == {"k": 2, "rho": 0.5, "note": "x"}
+
+
+def test_probe_only_sweep_has_no_steering_outputs(runs, tmp_path, capsys):
+    table = cmp.compare([runs.probe], tmp_path / "out")
+    assert len(table) == 2 and table["status"].eq("complete").all()
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert names == {"runs.csv", "runs.md", "layers_accuracy.png", "layers_ece.png",
+                     "layers_mce.png", "nullspace.csv", "nullspace_truncation.png"}
+    assert "different depths" in capsys.readouterr().err  # 4 and 6 layers, no --relative-depth
+    assert table.attrs["outputs"]
+
+
+def test_single_job_dir_and_metric_choice(runs, tmp_path):
+    table = cmp.compare([runs.steer / "1"], tmp_path / "out", metrics=["nll"])
+    assert len(table) == 1 and table.loc[0, "label"].startswith("model=tiny3")
+    assert is_png(tmp_path / "out" / "layers_nll.png")
+    assert not (tmp_path / "out" / "eta_ece.png").exists()  # only the chosen metrics
+    assert is_png(tmp_path / "out" / "eta_nll.png")
+    assert (tmp_path / "out" / "steering.csv").is_file()
+    assert not (tmp_path / "out" / "ablation_nll.png").exists()  # one layer range: no ablation
+
+
+@pytest.mark.parametrize("kind", ["empty", "missing", "file", "nested"])
+def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, capsys, kind):
+    bad = tmp_path / "bad"
+    if kind == "empty":
+        bad.mkdir()
+    elif kind == "file":
+        bad.write_text("x")
+    elif kind == "nested":
+        (bad / "sub" / "deeper").mkdir(parents=True)
+    out = tmp_path / "out"
+    assert cmp.main([str(runs.probe), str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "accepted" in err[0]
+    assert not out.exists()
+
+
+def test_cli_subprocess_bad_dir_and_success(runs, tmp_path):
+    bad = tmp_path / "not_a_sweep"
+    bad.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "calibrate.compare", str(bad), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{bad}: neither a sweep nor a job directory" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    proc = subprocess.run([sys.executable, "-m", "calibrate.compare", str(runs.steer)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path / "compare") in proc.stdout  # default ./compare, printed
+    assert (tmp_path / "compare" / "runs.csv").is_file()
+
+
+def test_wandb_group_offline_fails_clearly(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "out"
+    assert cmp.main([str(runs.probe), "--wandb-group", "me/calibrate/sweep1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--wandb-group=me/calibrate/sweep1" in err and "offline" in err
+    assert not out.exists()
+    assert cmp.main([str(runs.probe), "--wandb-group", "nogroup", "--out", str(out)]) == 2
+    assert "ENTITY/PROJECT/GROUP" in capsys.readouterr().err
+
+
+def test_wandb_group_rows(runs, tmp_path, monkeypatch):
+    """The W&B rows join the table (wandb.Api replaced: no network in tests)."""
+    import wandb
+
+    fake = SimpleNamespace(name="tiny3-toy-eta=4", state="finished", url="https://wandb.ai/x",
+                           config={"model": {"name": "tiny3"}, "dataset": {"name": "toy"}},
+                           summary={"final/ece": 0.25, "final/accuracy": 0.5, "n_examples": 8,
+                                    "plateau_layer": 2})
+
+    class Api:
+        def __init__(self, **_kw):
+            pass
+
+        def runs(self, path, filters):
+            assert path == "me/calibrate" and filters == {"group": "g"}
+            return [fake]
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "Api", Api)
+    table = cmp.compare([runs.probe], tmp_path / "out", wandb_group="me/calibrate/g")
+    row = table[table["sweep"] == "wandb:me/calibrate/g"].iloc[0]
+    assert row["ece"] == 0.25 and row["status"] == "complete" and row["model"] == "tiny3"
