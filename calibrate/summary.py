@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from calibrate import results
 
 SUMMARY_FILE = "summary.csv"
+STEERING_SUMMARY_FILE = "steering_summary.csv"
 
 
 def _overrides(job_dir: Path) -> str:
@@ -53,10 +54,31 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
+def steering_rows(job_dir: Path) -> list[dict[str, Any]]:
+    """Final-layer rows of a steering job (one per eta) with the direction's layer range."""
+    metrics = results.read_metrics(job_dir)
+    path = job_dir / "steering.csv"
+    if metrics is None or not path.is_file():
+        return []
+    table = pd.read_csv(path)
+    final = table[table["layer"] == table["layer"].max()]
+    direction = metrics.get("direction") or {}
+    head = {"job": job_dir.name, "overrides": _overrides(job_dir), "model": metrics.get("model"),
+            "dataset": metrics.get("dataset"), "direction_method": direction.get("method"),
+            "direction_layers": str(direction.get("layers")),
+            "direction_dataset": direction.get("dataset")}
+    return [{**head, **row} for row in final.to_dict("records")]
+
+
 def summarize_sweep(sweep_dir: Path) -> pd.DataFrame:
-    """Write ``summary.csv`` for a sweep directory and return it."""
-    table = pd.DataFrame([job_row(d) for d in job_dirs(sweep_dir)])
+    """Write ``summary.csv`` for a sweep directory (and, when jobs steered,
+    ``steering_summary.csv``: one row per job and eta, e.g. layer range x eta) and return it."""
+    dirs = job_dirs(sweep_dir)
+    table = pd.DataFrame([job_row(d) for d in dirs])
     results.write_csv(Path(sweep_dir) / SUMMARY_FILE, table)
+    steering = [row for d in dirs for row in steering_rows(d)]
+    if steering:
+        results.write_csv(Path(sweep_dir) / STEERING_SUMMARY_FILE, pd.DataFrame(steering))
     return table
 
 

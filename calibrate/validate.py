@@ -89,6 +89,59 @@ def check_tracker(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"tracker.mode={cfg.get('mode')!r}; accepted: {', '.join(TRACKER_MODES)}")
 
 
+INTERVENTIONS = ("none", "direction", "nullspace", "direction_ablate")
+POSITIONS = ("last", "all")
+ETA_SCALES = ("absolute", "residual_norm")
+ABLATIONS = ("zero", "mean")
+DIRECTION_METHODS = ("layer_diff", "mean_diff", "random")
+
+
+def _choice(name: str, value: Any, accepted: Sequence[str]) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{name}={value!r}; accepted: {', '.join(accepted)}")
+
+
+def _layer_list(name: str, value: Any, allow: Sequence[Any] = ()) -> None:
+    if value in allow:
+        return
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value or any(
+            isinstance(v, bool) or not isinstance(v, int) for v in value):
+        accepted = " or ".join([*(repr(a) for a in allow), "a non-empty list of layer numbers"])
+        raise ConfigError(f"{name}={value!r}; accepted: {accepted}")
+
+
+def check_intervention(cfg: Mapping[str, Any]) -> None:
+    """The ``intervention``, ``direction`` and ``nullspace`` groups (values; layer ranges are
+    checked against the model once its depth is known)."""
+    icfg = cfg["intervention"]
+    _choice("intervention", icfg.get("name"), INTERVENTIONS)
+    if icfg["name"] != "none":
+        _choice("intervention.position", icfg.get("position"), POSITIONS)
+        _layer_list("intervention.layers", icfg.get("layers"), allow=(None,))
+    if icfg["name"] == "direction":
+        _choice("intervention.eta_scale", icfg.get("eta_scale"), ETA_SCALES)
+    if icfg["name"] in ("nullspace", "direction_ablate"):
+        _choice("intervention.ablation", icfg.get("ablation"), ABLATIONS)
+    dcfg = cfg.get("direction") or {}
+    if dcfg:
+        _choice("direction.method", dcfg.get("method"), DIRECTION_METHODS)
+        _layer_list("direction.layers", dcfg.get("layers"), allow=("auto",))
+        fraction = dcfg.get("calibration_fraction")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ConfigError(f"direction.calibration_fraction={fraction!r}; accepted: a number "
+                              "strictly between 0 and 1")
+    ncfg = cfg.get("nullspace") or {}
+    if ncfg.get("k") is not None:
+        k = ncfg["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"nullspace.k={k!r}; accepted: null or an integer >= 0")
+    if ncfg:
+        fraction = ncfg.get("fraction")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ConfigError(f"nullspace.fraction={fraction!r}; accepted: a number in (0, 1]")
+        _positive_int("nullspace.n_random", ncfg.get("n_random"))
+
+
 def check_job(cfg: Mapping[str, Any]) -> None:
     """Every cheap check of a job config; raises :class:`ConfigError` or a dataset error."""
     from calibrate.data import validate_dataset_config
@@ -100,3 +153,5 @@ def check_job(cfg: Mapping[str, Any]) -> None:
     check_tracker(cfg["tracker"])
     if "eta" in cfg:
         parse_eta(cfg["eta"])
+    if "intervention" in cfg:
+        check_intervention(cfg)
