@@ -159,7 +159,7 @@ def _steering_fields(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         direction = metrics.get("direction") or {}
         out.update(intervention=metrics.get("intervention"),
                    direction_method=direction.get("method"),
-                   direction_layers=layer_range(direction.get("layers")),
+                   direction_layers=layer_range(direction.get("layers")) or "none",
                    etas=" ".join(f"{float(e):g}" for e in metrics.get("etas") or []))
     return out
 
@@ -502,20 +502,24 @@ def _steering_outputs(runs: Sequence[Run], out: Path, metrics: Sequence[str]) ->
         lines = {name: part for name, part in table.groupby("line", sort=True)}
         written.append(plot_eta_lines(lines, metric, out / f"eta_{metric}.png",
                                       f"final-layer {metric} against eta"))
-    if table["direction_layers"].fillna("").nunique() > 1:
-        panel_names = _group_names([r for r, _ in steered], drop=("direction.layers=",))
-        table["panel"] = [panel_names[r.job_dir] for r, t in steered for _ in range(len(t))]
-        for metric in metrics:
-            if metric not in table.columns:
-                continue
-            panels = {}
-            for name, part in table.groupby("panel", sort=True):
-                grid = part.pivot_table(index="direction_layers", columns="eta", values=metric,
-                                        aggfunc="mean")
-                panels[name] = grid.loc[sorted(grid.index, key=_range_key)]
-            written.append(plot_heatmaps(panels, out / f"ablation_{metric}.png",
-                                         f"final-layer {metric}: direction.layers x eta",
-                                         f"final-layer {metric}"))
+    # the layer-range ablation: panels (model/dataset/method/other overrides) with several ranges
+    panel_names = _group_names([r for r, _ in steered], drop=("direction.layers=",))
+    table["panel"] = [panel_names[r.job_dir] for r, t in steered for _ in range(len(t))]
+    table["direction_layers"] = table["direction_layers"].fillna("none").astype(str)
+    ablated = [name for name, part in table.groupby("panel", sort=True)
+               if part["direction_layers"].nunique() > 1]
+    for metric in metrics if ablated else ():
+        if metric not in table.columns:
+            continue
+        panels = {}
+        for name in ablated:
+            part = table[table["panel"] == name]
+            grid = part.pivot_table(index="direction_layers", columns="eta", values=metric,
+                                    aggfunc="mean")
+            panels[name] = grid.loc[sorted(grid.index, key=_range_key)]
+        written.append(plot_heatmaps(panels, out / f"ablation_{metric}.png",
+                                     f"final-layer {metric}: direction.layers x eta",
+                                     f"final-layer {metric}"))
     return written
 
 

@@ -209,7 +209,7 @@ def test_steering_outputs(runs, compared):
         ref = metrics["steering"][f"{row['eta']:g}"]
         assert row["ece"] == pytest.approx(ref["ece"], abs=1e-12)
         assert row["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
-    assert set(steering["direction_layers"]) == {"1-2", "2-3", "1,3"}
+    assert set(steering["direction_layers"]) == {"1-2", "2-3", "1,3", "none"}  # none: random
     for metric in ("accuracy", "ece", "mce"):
         assert is_png(compared.out / f"eta_{metric}.png")
         assert is_png(compared.out / f"ablation_{metric}.png")
@@ -285,11 +285,14 @@ def test_cli_subprocess_bad_dir_and_success(runs, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"{bad}: neither a sweep nor a job directory" in proc.stderr
     assert not (tmp_path / "o").exists()
-    proc = subprocess.run([sys.executable, "-m", "calibrate.compare", str(runs.steer)],
+    proc = subprocess.run([sys.executable, "-m", "calibrate.compare", str(runs.probe), "--metric",
+                           "ece"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert str(tmp_path / "compare") in proc.stdout  # default ./compare, printed
     assert (tmp_path / "compare" / "runs.csv").is_file()
+    assert is_png(tmp_path / "compare" / "layers_ece.png")
+    assert not (tmp_path / "compare" / "layers_mce.png").exists()
 
 
 def test_wandb_group_offline_fails_clearly(runs, tmp_path, capsys, monkeypatch):
@@ -322,6 +325,8 @@ def test_wandb_group_rows(runs, tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setattr(wandb, "Api", Api)
-    table = cmp.compare([runs.probe], tmp_path / "out", wandb_group="me/calibrate/g")
+    table = cmp.compare([runs.probe], tmp_path / "out", metrics=["ece"],
+                        wandb_group="me/calibrate/g")
+    assert len(table) == 3
     row = table[table["sweep"] == "wandb:me/calibrate/g"].iloc[0]
     assert row["ece"] == 0.25 and row["status"] == "complete" and row["model"] == "tiny3"
