@@ -197,6 +197,14 @@ def _varying(lists: Sequence[Sequence[str]]) -> list[list[str]]:
     return [[o for o in x if o not in common] for x in lists]
 
 
+IDENTITY_KEYS = ("model", "model.name", "dataset", "dataset.name")
+
+
+def _key(override: str) -> str:
+    """The config key an override sets (``++metrics.bootstrap=0`` -> ``metrics.bootstrap``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _model_dataset(row: Mapping[str, Any]) -> str:
     model, dataset = row.get("model"), row.get("dataset")
     parts = [str(x) for x in (model, dataset) if isinstance(x, str) and x]
@@ -212,7 +220,7 @@ def assign_labels(runs: Sequence[Run]) -> None:
         pairs = {_model_dataset(r.row) for r in runs if r.complete}
         for run, varying in zip(runs, _varying([r.overrides for r in runs])):
             parts = []
-            if len(pairs) > 1 and not any(o.startswith(("model=", "dataset=")) for o in varying):
+            if len(pairs) > 1 and not any(_key(o) in IDENTITY_KEYS for o in varying):
                 parts.append(_model_dataset(run.row))
             parts += varying
             run.label = " ".join(p for p in parts if p) or _model_dataset(run.row) or run.job_dir.name
@@ -293,15 +301,11 @@ def final_steering_rows(run: Run) -> pd.DataFrame | None:
     return table.sort_values("eta").reset_index(drop=True)
 
 
-def _non_eta(overrides: Sequence[str], drop: Sequence[str] = ()) -> list[str]:
-    prefixes = ("eta=", "+eta=", *drop)
-    return [o for o in overrides if not o.startswith(prefixes)]
-
-
 def _group_names(runs: Sequence[Run], drop: Sequence[str] = ()) -> dict[Path, str]:
-    """Per run: model/dataset/method plus the non-eta overrides that differ between the runs."""
-    fixed = ("model=", "dataset=", "direction.method=", *drop)
-    varying = _varying([_non_eta(r.overrides, fixed) for r in runs])
+    """Per run: model/dataset/method plus the other overrides (not eta, not the ``drop`` keys)
+    that differ between the runs."""
+    fixed = {"eta", *IDENTITY_KEYS, "direction.method", *drop}
+    varying = _varying([[o for o in r.overrides if _key(o) not in fixed] for r in runs])
     names = {}
     for run, extra in zip(runs, varying):
         base = "/".join(str(x) for x in (run.row.get("model"), run.row.get("dataset"),
@@ -503,7 +507,7 @@ def _steering_outputs(runs: Sequence[Run], out: Path, metrics: Sequence[str]) ->
         written.append(plot_eta_lines(lines, metric, out / f"eta_{metric}.png",
                                       f"final-layer {metric} against eta"))
     # the layer-range ablation: panels (model/dataset/method/other overrides) with several ranges
-    panel_names = _group_names([r for r, _ in steered], drop=("direction.layers=",))
+    panel_names = _group_names([r for r, _ in steered], drop=("direction.layers",))
     table["panel"] = [panel_names[r.job_dir] for r, t in steered for _ in range(len(t))]
     table["direction_layers"] = table["direction_layers"].fillna("none").astype(str)
     ablated = [name for name, part in table.groupby("panel", sort=True)

@@ -90,9 +90,9 @@ class DirectionJob:
         """``direction.layers`` resolved (``auto``: the detected correction phase)."""
         layers = self.cfg["direction"]["layers"]
         if layers == "auto":
-            from calibrate.phases import detect_phases
+            from calibrate.phases import find_phases
 
-            phases = detect_phases(auto_table)
+            phases = find_phases(auto_table, self.cfg["phases"])
             if not phases.correction_layers:
                 raise DirectionError(f"direction.layers=auto: {phases.note}; set direction.layers")
             layers = phases.correction_layers

@@ -17,10 +17,10 @@ import pandas as pd
 
 from calibrate import ablate, intervene, probe_cache, results
 from calibrate.data import load_records
-from calibrate.metrics import layer_table
+from calibrate.metrics import bootstrap_layer_ci, layer_table
 from calibrate.models import (LoadedModel, check_architecture, load_model, load_tokenizer,
                               resolve_source)
-from calibrate.phases import detect_phases, phases_to_dict
+from calibrate.phases import find_phases, phases_to_dict
 from calibrate.probe import ProbeResult, ProbeSettings, run_probe
 from calibrate.prompts import PromptSet, build_prompts
 from calibrate.track import Tracker, open_tracker
@@ -46,10 +46,17 @@ class ProbeReport:
 
 
 def measure(result: ProbeResult, metrics_cfg: Mapping[str, Any]) -> pd.DataFrame:
-    """The per-layer metrics table of a probe result (plus the mean option mass per layer)."""
-    table = layer_table(result.probs, result.labels, n_bins=int(metrics_cfg["n_bins"]),
-                        binning=str(metrics_cfg["binning"]),
+    """The per-layer metrics table of a probe result (plus the mean option mass per layer and,
+    with ``metrics.bootstrap`` > 0, percentile-bootstrap intervals of accuracy and ECE)."""
+    n_bins, binning = int(metrics_cfg["n_bins"]), str(metrics_cfg["binning"])
+    table = layer_table(result.probs, result.labels, n_bins=n_bins, binning=binning,
                         extra_bins=tuple(metrics_cfg.get("extra_bins") or ()))
+    n_boot = int(metrics_cfg.get("bootstrap") or 0)
+    for metric in ("accuracy", "ece") if n_boot else ():
+        ci = bootstrap_layer_ci(result.probs, result.labels, metric, n_boot=n_boot,
+                                alpha=float(metrics_cfg["alpha"]), seed=int(metrics_cfg["seed"]),
+                                n_bins=n_bins, binning=binning)
+        table[f"{metric}_lo"], table[f"{metric}_hi"] = ci["lo"].to_numpy(), ci["hi"].to_numpy()
     if result.option_mass is not None:
         mass = np.full(len(table), np.nan)
         mass[-result.option_mass.shape[1]:] = result.option_mass.mean(axis=0)
@@ -178,7 +185,7 @@ def run_job(cfg: Mapping[str, Any], job_dir: Path, name: str = "job", group: str
         else:
             result = cached_probe(loaded, prompt_set, cfg["probe"], (), cfg.get("cache_dir"))
             report = _report(result, prompt_set, cfg["metrics"])
-        phases = detect_phases(report.table)
+        phases = find_phases(report.table, cfg["phases"])
         if cfg["output"].get("plots"):
             plots.update(_plots(report, job_dir, title, cfg["metrics"], phases))
         summary = {**_summary(cfg, report, loaded, phases_to_dict(phases), time.perf_counter() - start),

@@ -18,7 +18,9 @@ final row):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -142,3 +144,14 @@ def phases_to_dict(p: Phases) -> dict:
         "correction_layers": list(p.correction_layers),
         "phase_note": p.note,
     }
+
+
+def find_phases(table: pd.DataFrame, phases_cfg: Mapping[str, Any]) -> Phases:
+    """:func:`detect_phases` with the ``phases`` config; when the table carries bootstrap
+    intervals (``ece_lo``/``ece_hi``), a peak inside the noise is not called a peak."""
+    ci = None
+    if "ece_lo" in table.columns:
+        ci = pd.DataFrame({"layer": table["layer"], "ece": table["ece"], "lo": table["ece_lo"],
+                           "hi": table["ece_hi"]})
+    return detect_phases(table, tolerance=float(phases_cfg["tolerance"]),
+                         min_drop=float(phases_cfg["min_drop"]), ci=ci)

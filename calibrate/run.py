@@ -41,6 +41,11 @@ def main(cfg: DictConfig) -> dict | None:
     job_dir, name, group, multirun = _job_context()
     if cfg.tracker.get("group"):
         group = cfg.tracker.group
+    done = results.read_metrics(job_dir) if cfg.get("resume") else None
+    if done is not None:
+        print(f"[calibrate] resume: {job_dir} is complete, skipped", file=sys.stderr)
+        return done
+    (job_dir / results.ERROR_FILE).unlink(missing_ok=True)  # a rerun replaces an earlier failure
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
         summary = run_job(container, job_dir, name=name, group=group, config_dict=container)

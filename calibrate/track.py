@@ -100,6 +100,16 @@ class WandbTracker(Tracker):
         self._guard("finish", lambda: self.run.finish(exit_code=exit_code))
 
 
+def _auto_tags(config: Mapping[str, Any]) -> list[str]:
+    """The model and dataset names as tags, so runs filter by them in the W&B UI."""
+    tags = []
+    for group in ("model", "dataset"):
+        name = (config.get(group) or {}).get("name") if isinstance(config.get(group), Mapping) else None
+        if name:
+            tags.append(str(name))
+    return tags
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -108,9 +118,10 @@ def _init_wandb(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | N
                 job_type: str, config: Mapping[str, Any], mode: str) -> Any:
     import wandb
 
+    tags = list(dict.fromkeys([*(cfg.get("tags") or []), *_auto_tags(config)]))
     return wandb.init(project=cfg.get("project"), entity=cfg.get("entity"), mode=mode,
                       dir=str(cfg.get("dir") or job_dir), name=name, group=group, job_type=job_type,
-                      tags=list(cfg.get("tags") or []), config=dict(config), reinit="finish_previous",
+                      tags=tags, config=dict(config), reinit="finish_previous",
                       settings=wandb.Settings(silent=True, x_disable_stats=True))
 
 

@@ -63,6 +63,12 @@ def check_metrics(cfg: Mapping[str, Any]) -> None:
     _positive_int("metrics.n_bins", cfg.get("n_bins"))
     for extra in cfg.get("extra_bins") or []:
         _positive_int("metrics.extra_bins[]", extra)
+    boot = cfg.get("bootstrap", 0)
+    if isinstance(boot, bool) or not isinstance(boot, int) or boot < 0:
+        raise ConfigError(f"metrics.bootstrap={boot!r}; accepted: an integer >= 0")
+    alpha = cfg.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ConfigError(f"metrics.alpha={alpha!r}; accepted: a number strictly between 0 and 1")
     if cfg.get("binning") not in BINNINGS:
         raise ConfigError(f"metrics.binning={cfg.get('binning')!r}; accepted: {', '.join(BINNINGS)}")
 

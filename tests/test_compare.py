@@ -30,19 +30,11 @@ SENTENCES = ["the movie was great", "a very boring film", "this film is not good
              "this is not a good movie", "great", "it was not fun", "a terrible terrible film"]
 
 
-def job_cfg(cache: Path, eta=0, layers=(1, 2), method: str = "layer_diff") -> dict:
-    """The resolved job config as ``calibrate.run`` hands it to ``run_job``."""
-    return {
-        "seed": 0, "eta": eta, "dataset": dict(DATASET), "model": {"name": "tiny"},
-        "tracker": {"name": "none"}, "intervention": {"name": "none"},
-        "direction": {"method": method, "layers": list(layers), "calibration_fraction": 0.5,
-                      "seed": 0, "source": None, "path": None, "allow_cross_model": False},
-        "cache_dir": str(cache),
-        "probe": {"batch_size": "auto", "max_batch_size": 64, "max_tokens": 8192, "min_fill": 0.9,
-                  "option_mass": "final", "progress": False},
-        "metrics": {"n_bins": 15, "binning": "guo", "extra_bins": [10]},
-        "output": {"predictions": False, "plots": False},
-    }
+def job_cfg(overrides: list[str]) -> dict:
+    """The resolved job config exactly as ``calibrate.run`` hands it to ``run_job``."""
+    from calibrate.api import compose
+
+    return OmegaConf.to_container(compose(overrides), resolve=True)
 
 
 def tiny_model(tokenizer, blocks: int, name: str):
@@ -60,11 +52,17 @@ def tiny_model(tokenizer, blocks: int, name: str):
     return wrap_model(model, tokenizer, name=name)
 
 
-def run_one(job_dir: Path, cfg: dict, overrides: list[str], loaded) -> None:
-    """One job as the Hydra entry point runs it: .hydra/ files, run_job, error.json on failure."""
+def run_one(job_dir: Path, overrides: list[str], loaded, cache: Path) -> None:
+    """One job as the Hydra entry point runs it: .hydra/ files, run_job, error.json on failure.
+
+    Only the model loading is replaced (the tiny model); everything else is the real job."""
     from calibrate.prompts import build_prompts
     from calibrate.run import _fail
 
+    overrides = [f"model.name={loaded.name}", "tracker=none", *overrides, f"cache_dir={cache}",
+                 "probe.progress=false", "output.plots=false", "output.predictions=false",
+                 "++metrics.bootstrap=0"]
+    cfg = job_cfg(overrides)
     hydra = job_dir / ".hydra"
     hydra.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(cfg), hydra / "config.yaml")
@@ -84,8 +82,8 @@ def run_one(job_dir: Path, cfg: dict, overrides: list[str], loaded) -> None:
 def runs(tmp_path_factory, word_tokenizer) -> SimpleNamespace:
     """Two sweeps and one single job:
 
-    * ``steer``: 3 steering jobs differing in direction.layers (1-2, 2-3, 1,3) and eta, plus one
-      failing job (direction.layers=[9] on a 4-layer model);
+    * ``steer``: 2 steering jobs differing in direction.layers (1-2, 2-3), plus one failing job
+      (direction.layers=[9] on a 4-layer model);
     * ``probe``: two probe jobs on models of 3 and 5 blocks, each with a nullspace.json;
     * ``single``: one steering job with the random direction control.
     """
@@ -94,17 +92,14 @@ def runs(tmp_path_factory, word_tokenizer) -> SimpleNamespace:
     small = tiny_model(word_tokenizer, 3, "tiny3")
     deep = tiny_model(word_tokenizer, 5, "tiny5")
     steer = root / "multirun" / "steer"
-    base = ["model=tiny3", "tracker=none"]
-    plan = [(["eta=[0,2,4]", "direction.layers=[1,2]"], dict(eta=[0, 2, 4], layers=(1, 2))),
-            (["eta=[0,2,4]", "direction.layers=[2,3]"], dict(eta=[0, 2, 4], layers=(2, 3))),
-            (["eta=[0,4]", "direction.layers=[1,3]"], dict(eta=[0, 4], layers=(1, 3))),
-            (["eta=[0,4]", "direction.layers=[9]"], dict(eta=[0, 4], layers=(9,)))]
-    for num, (overrides, kw) in enumerate(plan):
-        run_one(steer / str(num), job_cfg(cache, **kw), base + overrides, small)
+    plan = [["eta=[0,2,4]", "direction.layers=[1,2]"], ["eta=[0,2,4]", "direction.layers=[2,3]"],
+            ["eta=[0,4]", "direction.layers=[9]"]]
+    for num, overrides in enumerate(plan):
+        run_one(steer / str(num), overrides, small, cache)
     summarize_sweep(steer)
     probe = root / "multirun" / "probe"
-    for num, (loaded, name) in enumerate([(small, "tiny3"), (deep, "tiny5")]):
-        run_one(probe / str(num), job_cfg(cache), [f"model={name}", "tracker=none"], loaded)
+    for num, loaded in enumerate([small, deep]):
+        run_one(probe / str(num), [], loaded, cache)
     summarize_sweep(probe)
     # nullspace.json in two layouts (the producer is not written yet: both must be understood)
     results.write_json(probe / "0" / "nullspace.json", {
@@ -116,8 +111,7 @@ def runs(tmp_path_factory, word_tokenizer) -> SimpleNamespace:
         "k": 5, "rho": 0.2, "p_value": 0.3, "delta_ece": 0.01, "delta_mce": 0.03,
         "random_delta_ece": 0.005, "random_delta_mce": 0.01})
     single = root / "outputs" / "12-00-00_tiny3_toy"
-    run_one(single, job_cfg(cache, eta=[0, 4], method="random"),
-            ["eta=[0,4]", "direction.method=random"], small)
+    run_one(single, ["eta=[0,4]", "direction.method=random"], small, cache)
     return SimpleNamespace(root=root, steer=steer, probe=probe, single=single,
                            jobs=sorted([*steer.iterdir(), *probe.iterdir(), single]))
 
@@ -137,7 +131,7 @@ def compared(runs, tmp_path_factory) -> SimpleNamespace:
 
 def test_inputs_are_real_jobs(runs):
     steer = pd.read_csv(runs.steer / SUMMARY_FILE)
-    assert steer["status"].tolist() == ["complete", "complete", "complete", "failed"]
+    assert steer["status"].tolist() == ["complete", "complete", "failed"]
     assert (runs.steer / "0" / "steering.csv").is_file()
     assert not (runs.probe / "0" / "steering.csv").exists()
     assert (runs.single / results.METRICS_FILE).is_file()
@@ -145,7 +139,7 @@ def test_inputs_are_real_jobs(runs):
 
 def test_runs_table_has_every_job_with_its_final_metrics(runs, compared):
     table = compared.table
-    assert len(table) == 7
+    assert len(table) == 6
     assert list(table.columns[:7]) == ["sweep", "job", "label", "overrides", "status", "model",
                                       "dataset"]
     for _, row in table.iterrows():
@@ -164,9 +158,11 @@ def test_runs_table_has_every_job_with_its_final_metrics(runs, compared):
 
 
 def test_labels_are_the_differing_overrides(compared):
-    labels = dict(zip(compared.table["overrides"], compared.table["label"]))
-    assert labels["model=tiny3 tracker=none eta=[0,2,4] direction.layers=[1,2]"] == \
-        "model=tiny3 tracker=none eta=[0,2,4] direction.layers=[1,2]"  # common to none of all 7
+    labels = sorted(compared.table["label"])
+    assert labels == ["model.name=tiny3", "model.name=tiny3 eta=[0,2,4] direction.layers=[1,2]",
+                      "model.name=tiny3 eta=[0,2,4] direction.layers=[2,3]",
+                      "model.name=tiny3 eta=[0,4] direction.layers=[9]",
+                      "model.name=tiny3 eta=[0,4] direction.method=random", "model.name=tiny5"]
     runs = [cmp.Run("s", Path(str(i)), ["tracker=none", f"eta={e}"], {"model": "m", "dataset": "d"},
                     {"status": "complete"}) for i, e in enumerate((0, 4))]
     cmp.assign_labels(runs)
@@ -183,7 +179,7 @@ def test_markdown_table(compared):
     assert set(lines[1].replace("|", "").split()) <= {"---", ":---", "---:", ":---:"} | \
         {"-" * n for n in range(3, 200)} | {":" + "-" * n for n in range(3, 200)} | \
         {"-" * n + ":" for n in range(3, 200)}
-    assert len(lines) == 2 + 7
+    assert len(lines) == 2 + 6
     assert "failed" in text
 
 
@@ -201,15 +197,15 @@ def test_layer_plots(compared):
 
 def test_steering_outputs(runs, compared):
     steering = pd.read_csv(compared.out / "steering.csv")
-    # 3 + 3 + 2 final-layer rows from the sweep, 2 from the single job; the failed job has none
-    assert len(steering) == 10
+    # 3 + 3 final-layer rows from the sweep, 2 from the single job; the failed job has none
+    assert len(steering) == 8
     assert {"overrides", "eta", "ece", "accuracy", "delta_ece", "direction_layers"} <= set(steering)
     for _, row in steering.iterrows():
         metrics = json.loads((Path(runs.root) / _job_path(runs, row) / "metrics.json").read_text())
         ref = metrics["steering"][f"{row['eta']:g}"]
         assert row["ece"] == pytest.approx(ref["ece"], abs=1e-12)
         assert row["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
-    assert set(steering["direction_layers"]) == {"1-2", "2-3", "1,3", "none"}  # none: random
+    assert set(steering["direction_layers"]) == {"1-2", "2-3", "none"}  # none: random
     for metric in ("accuracy", "ece", "mce"):
         assert is_png(compared.out / f"eta_{metric}.png")
         assert is_png(compared.out / f"ablation_{metric}.png")
@@ -253,7 +249,7 @@ def test_probe_only_sweep_has_no_steering_outputs(runs, tmp_path, capsys):
 
 def test_single_job_dir_and_metric_choice(runs, tmp_path):
     table = cmp.compare([runs.steer / "1"], tmp_path / "out", metrics=["nll"])
-    assert len(table) == 1 and table.loc[0, "label"].startswith("model=tiny3")
+    assert len(table) == 1 and table.loc[0, "label"] == table.loc[0, "overrides"]  # all of them
     assert is_png(tmp_path / "out" / "layers_nll.png")
     assert not (tmp_path / "out" / "eta_ece.png").exists()  # only the chosen metrics
     assert is_png(tmp_path / "out" / "eta_nll.png")
@@ -277,19 +273,22 @@ def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, capsys, kind):
     assert not out.exists()
 
 
-def test_cli_subprocess_bad_dir_and_success(runs, tmp_path):
+def test_cli_subprocess_bad_dir(tmp_path):
     bad = tmp_path / "not_a_sweep"
     bad.mkdir()
     proc = subprocess.run([sys.executable, "-m", "calibrate.compare", str(bad), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert f"{bad}: neither a sweep nor a job directory" in proc.stderr
+    assert proc.stderr.strip() == (f"error: {bad}: neither a sweep nor a job directory (no job "
+                                   f"folders with .hydra/, no metrics.json); accepted: {cmp.ACCEPTED}")
     assert not (tmp_path / "o").exists()
-    proc = subprocess.run([sys.executable, "-m", "calibrate.compare", str(runs.probe), "--metric",
-                           "ece"],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert str(tmp_path / "compare") in proc.stdout  # default ./compare, printed
+
+
+def test_cli_default_out_is_printed(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cmp.main([str(runs.probe), "--metric", "ece"]) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "compare") in printed and "layers_ece.png" in printed
     assert (tmp_path / "compare" / "runs.csv").is_file()
     assert is_png(tmp_path / "compare" / "layers_ece.png")
     assert not (tmp_path / "compare" / "layers_mce.png").exists()
@@ -308,8 +307,6 @@ def test_wandb_group_offline_fails_clearly(runs, tmp_path, capsys, monkeypatch):
 
 def test_wandb_group_rows(runs, tmp_path, monkeypatch):
     """The W&B rows join the table (wandb.Api replaced: no network in tests)."""
-    import wandb
-
     fake = SimpleNamespace(name="tiny3-toy-eta=4", state="finished", url="https://wandb.ai/x",
                            config={"model": {"name": "tiny3"}, "dataset": {"name": "toy"}},
                            summary={"final/ece": 0.25, "final/accuracy": 0.5, "n_examples": 8,
@@ -324,7 +321,7 @@ def test_wandb_group_rows(runs, tmp_path, monkeypatch):
             return [fake]
 
     monkeypatch.setenv("WANDB_MODE", "online")
-    monkeypatch.setattr(wandb, "Api", Api)
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(Api=Api))
     table = cmp.compare([runs.probe], tmp_path / "out", metrics=["ece"],
                         wandb_group="me/calibrate/g")
     assert len(table) == 3

@@ -3,11 +3,16 @@
 * Bad input: a non-zero exit, one clear line on stderr naming the bad value (and what is
   accepted), no result files, and no model weights read. Every case runs in-process through
   the job's own preparation (with weight loading replaced by a failure); the cases marked
-  ``cli`` also run through the real CLI, two at a time.
-* A multirun with a failing job in the middle: ``summary.csv`` has one row per job.
+  ``cli`` also run through the real CLI. Hydra's own errors (unknown group option or key) keep
+  Hydra's several-line message, whose first line names the value.
+* One multirun, ``dataset.limit=6,0,8``: two complete jobs around one that fails validation;
+  ``summary.csv`` has one row per job and the sweep exits 0.
 * The default job on the real SmolLM2 with the W&B tracker offline, checked against the model.
 * rotten_tomatoes and TruthfulQA from ``../shared/data`` (skipped where it is absent).
 * The README's Python API.
+
+All subprocesses start in the background when the module starts, two at a time (see
+:func:`background`); the whole module takes about 3 minutes of CPU.
 """
 
 from __future__ import annotations
@@ -35,11 +40,10 @@ from calibrate.api import dataset_config
 from calibrate.errors import USER_ERRORS
 from calibrate.metrics import ece, mce
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RESULT_NAMES = ("layers.csv", "metrics.json", "predictions.npz")
 PLOTS = ("layer_curves.png", "reliability_final.png", "reliability_peak_ece.png")
-QUICK_S = 60  # a config error must end well before a model could be loaded and probed
+QUICK_S = 60  # CPU seconds: a config error ends long before a model is loaded and probed
 WEIGHTS_MARKER = "Loading weights"  # transformers' progress line while reading weights
 SMOL_LAYERS = 31  # SmolLM2-135M: embeddings + 30 blocks
 
@@ -202,7 +206,7 @@ def _wanted(session, module_file: str) -> list[str]:
     """Background keys the selected tests of this module need, slowest first."""
     keys: list[str] = []
     for item in session.items:
-        if Path(str(item.fspath)) != Path(module_file):
+        if Path(item.path) != Path(module_file):
             continue
         name = getattr(item, "originalname", item.name)
         params = getattr(getattr(item, "callspec", None), "params", {})
