@@ -32,8 +32,9 @@ import json
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from calibrate.summary import job_dirs, job_row
 
 DEFAULT_OUT = "compare"
 DEFAULT_METRICS = ("accuracy", "ece", "mce")
-STEERING_FILE = "steering.csv"  # calibrate.intervene.STEERING_FILE (not imported: it pulls in torch)
+STEERING_FILE = "steering.csv"  # = calibrate.intervene.STEERING_FILE (which imports torch)
 NULLSPACE_FILE = "nullspace.json"
 PROGRESS_MIN_JOBS = 10  # a progress bar from this many jobs on
 FRONT_COLUMNS = ("sweep", "job", "label", "overrides", "status", "model", "dataset", "split",
@@ -71,7 +72,6 @@ class Run:
     metrics: dict[str, Any] | None
     label: str = ""
     layers: pd.DataFrame | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -166,8 +166,13 @@ def _steering_fields(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def read_run(sweep: str, job_dir: Path) -> Run:
     """Read one job directory (its summary row, metrics.json and layers.csv)."""
-    row = {"sweep": sweep, **job_row(job_dir)}
-    metrics = results.read_metrics(job_dir)
+    try:
+        row = {"sweep": sweep, **job_row(job_dir)}
+    except Exception as err:  # noqa: BLE001 - a corrupt error.json or overrides.yaml: one row
+        _warn(f"{job_dir}: cannot read ({type(err).__name__}: {err})")
+        row = {"sweep": sweep, "job": job_dir.name, "overrides": " ".join(read_overrides(job_dir)),
+               "status": "unreadable", "error": f"{type(err).__name__}: {err}"}
+    metrics = results.read_metrics(job_dir) if row["status"] == "complete" else None
     if metrics is not None:
         row["split"] = metrics.get("split")
     row.update(_steering_fields(metrics))
@@ -180,6 +185,12 @@ def read_run(sweep: str, job_dir: Path) -> Run:
         except (OSError, ValueError) as err:
             _warn(f"{path}: cannot read the layer table ({err}); left out of the layer plots")
     return run
+
+
+def _legend(label: str, width: int = 60, limit: int = 180) -> str:
+    """A label fit for a legend: wrapped, and shortened past ``limit`` characters."""
+    text = label if len(label) <= limit else label[: limit - 1] + "…"
+    return textwrap.fill(text, width, break_long_words=True, break_on_hyphens=False)
 
 
 def _warn(message: str) -> None:
@@ -223,14 +234,15 @@ def assign_labels(runs: Sequence[Run]) -> None:
             if len(pairs) > 1 and not any(_key(o) in IDENTITY_KEYS for o in varying):
                 parts.append(_model_dataset(run.row))
             parts += varying
-            run.label = " ".join(p for p in parts if p) or _model_dataset(run.row) or run.job_dir.name
+            run.label = (" ".join(p for p in parts if p) or _model_dataset(run.row)
+                         or run.job_dir.name)
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.label] = counts.get(run.label, 0) + 1
     for run in runs:
         if counts[run.label] > 1:
-            where = "/".join(p for p in (Path(run.sweep).name if run.sweep else run.job_dir.parent.name,
-                                         run.job_dir.name) if p)
+            parent = Path(run.sweep).name if run.sweep else run.job_dir.parent.name
+            where = "/".join(p for p in (parent, run.job_dir.name) if p)
             run.label = f"{run.label} ({where})"
     for run in runs:
         run.row["label"] = run.label
@@ -239,9 +251,18 @@ def assign_labels(runs: Sequence[Run]) -> None:
 # --- tables -------------------------------------------------------------------------------------
 
 
+INT_COLUMNS = ("n_examples", "plateau_layer", "peak_ece_layer", "num_layers")
+
+
 def runs_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """The combined table, the identifying columns first and ``path`` last."""
+    """The combined table, the identifying columns first and ``path`` last; counts and layers
+    stay integers where failed jobs leave them empty."""
     table = pd.DataFrame(list(rows))
+    for column in INT_COLUMNS:
+        if column in table.columns:
+            values = pd.to_numeric(table[column], errors="coerce")
+            if values.dropna().eq(values.dropna().round()).all():
+                table[column] = values.round().astype("Int64")
     front = [c for c in FRONT_COLUMNS if c in table.columns]
     back = [c for c in ("error", "path") if c in table.columns]
     middle = [c for c in table.columns if c not in front and c not in back]
@@ -249,7 +270,7 @@ def runs_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.4f}"
@@ -266,7 +287,18 @@ def markdown_table(table: pd.DataFrame) -> str:
         lines = ["| " + " | ".join(_cell(v) for v in row) + " |"
                  for row in table.itertuples(index=False, name=None)]
         return "\n".join([header, rule, *lines]) + "\n"
-    return table.to_markdown(index=False, floatfmt=".4f") + "\n"
+    rows = [[_md_value(v) for v in row] for row in table.itertuples(index=False, name=None)]
+    cells = pd.DataFrame(rows, columns=list(table.columns), dtype=object)
+    return cells.to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
+
+
+def _md_value(value: Any) -> Any:
+    """A cell for tabulate: missing -> None (blank), text with its pipes escaped."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value.replace("|", "\\|").replace("\n", " ")
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _run_info(run: Run) -> dict[str, Any]:
@@ -338,7 +370,8 @@ def _number(value: Any) -> tuple[float, float | None] | None:
     return None
 
 
-def _lookup(data: Mapping[str, Any], places: Sequence[tuple[str, ...]]) -> tuple[float, float | None] | None:
+def _lookup(data: Mapping[str, Any],
+            places: Sequence[tuple[str, ...]]) -> tuple[float, float | None] | None:
     for place in places:
         node: Any = data
         for key in place:
@@ -471,7 +504,8 @@ def _layer_plots(runs: Sequence[Run], out: Path, metrics: Sequence[str],
                  relative_depth: bool) -> list[Path]:
     from calibrate.plots import plot_overlay
 
-    tables = {r.label: r.layers for r in runs if r.layers is not None and "layer" in r.layers}
+    tables = {_legend(r.label): r.layers for r in runs
+              if r.layers is not None and "layer" in r.layers}
     if not tables:
         return []
     depths = {int(t["layer"].max()) for t in tables.values()}
@@ -498,7 +532,7 @@ def _steering_outputs(runs: Sequence[Run], out: Path, metrics: Sequence[str]) ->
         return []
     table = pd.concat([t for _, t in steered], ignore_index=True)
     written = [results.write_csv(out / STEERING_FILE, table)]
-    names = _group_names([r for r, _ in steered])
+    names = {k: _legend(v) for k, v in _group_names([r for r, _ in steered]).items()}
     table["line"] = [names[r.job_dir] for r, t in steered for _ in range(len(t))]
     for metric in metrics:
         if metric not in table.columns:
@@ -507,7 +541,8 @@ def _steering_outputs(runs: Sequence[Run], out: Path, metrics: Sequence[str]) ->
         written.append(plot_eta_lines(lines, metric, out / f"eta_{metric}.png",
                                       f"final-layer {metric} against eta"))
     # the layer-range ablation: panels (model/dataset/method/other overrides) with several ranges
-    panel_names = _group_names([r for r, _ in steered], drop=("direction.layers",))
+    panel_names = {k: _legend(v, width=45) for k, v in
+                   _group_names([r for r, _ in steered], drop=("direction.layers",)).items()}
     table["panel"] = [panel_names[r.job_dir] for r, t in steered for _ in range(len(t))]
     table["direction_layers"] = table["direction_layers"].fillna("none").astype(str)
     ablated = [name for name, part in table.groupby("panel", sort=True)
@@ -542,9 +577,10 @@ def _nullspace_outputs(runs: Sequence[Run], out: Path) -> list[Path]:
             panels[f"Δ{metric.upper()}"] = series
     if panels:
         bars = table.copy()
-        bars.index = [f"{lab} k={k}" if "k" in bars.columns and pd.notna(k) and
-                      (bars["label"] == lab).sum() > 1 else str(lab)
-                      for lab, k in zip(bars["label"], bars.get("k", pd.Series([None] * len(bars))))]
+        ks = bars["k"] if "k" in bars.columns else pd.Series([None] * len(bars), index=bars.index)
+        repeated = bars["label"].duplicated(keep=False)
+        bars.index = [_legend(f"{lab} k={k}" if again and pd.notna(k) else str(lab), width=30)
+                      for lab, k, again in zip(bars["label"], ks, repeated)]
         errors = {f"random_delta_{m}": f"random_delta_{m}_std" for m in ("ece", "mce")}
         written.append(plot_grouped_bars(bars, panels, out / "nullspace_truncation.png",
                                          "null-space truncation against the random-subspace "
@@ -608,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", metavar="DIR",
                         help="sweep directory (multirun) or single job directory")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: ./compare)")
-    parser.add_argument("--metric", nargs="+", dest="metrics", default=None, metavar="METRIC",
+    parser.add_argument("--metric", nargs="+", action="extend", dest="metrics", default=None,
+                        metavar="METRIC",
                         help="per-layer metrics to plot (default: accuracy ece mce)")
     parser.add_argument("--relative-depth", action="store_true",
                         help="x axis layer / last layer, for models of different depth")

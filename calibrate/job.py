@@ -255,8 +255,7 @@ def _ablation(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet
 def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
     flat = {f"final/{k}": v for k, v in summary["final"].items()}
     for key in ("plateau_layer", "peak_ece_layer", "peak_ece", "n_examples"):
-        if summary.get(key) is not None:
-            flat[key] = summary[key]
+        flat[key] = summary.get(key)  # the same keys in every run; None when there is no peak
     for eta, values in summary.get("steering", {}).items():
         for metric in ("delta_ece", "delta_mce", "delta_accuracy", "changed"):
             flat[f"steering/eta={eta}/{metric}"] = values[metric]

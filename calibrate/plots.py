@@ -285,8 +285,9 @@ def plot_grouped_bars(
             if column not in table.columns:
                 continue
             y = table[column].to_numpy(float)
-            err = table[errors[column]].to_numpy(float) if errors.get(column) in table.columns else None
-            if err is not None:
+            err = None
+            if errors.get(column) in table.columns:
+                err = table[errors[column]].to_numpy(float)
                 err = np.where(np.isfinite(err), err, 0.0)
             ax.bar(x + (k - (len(series) - 1) / 2) * width, np.nan_to_num(y), width, yerr=err,
                    capsize=3, label=label, alpha=0.85)

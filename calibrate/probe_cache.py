@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,8 @@ def weights_fingerprint(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        raw = tensor.detach().reshape(-1).view(torch.uint8) if tensor.numel() else tensor.new_empty(0)
+        raw = (tensor.detach().reshape(-1).view(torch.uint8) if tensor.numel()
+               else tensor.new_empty(0, dtype=torch.uint8))  # bf16 has no numpy dtype
         head, tail = raw[:_SAMPLE_BYTES].cpu().numpy(), raw[-_SAMPLE_BYTES:].cpu().numpy()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(head.tobytes())
@@ -102,7 +105,8 @@ def load(key: str, cache_dir: str | Path | None) -> ProbeResult | None:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
         if meta.get("key") != key or meta.get("checksum") != _checksum(arrays):
             return None
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, json.JSONDecodeError,
+            EOFError, zipfile.BadZipFile, zlib.error):  # truncated or flipped bytes
         return None
     from calibrate.lens import option_probabilities
 

@@ -123,13 +123,14 @@ def test_cached_path_equals_full_forward(tiny):
     h = hidden_of(tiny)
     u, control = orthonormal(h, 6), orthonormal(h, 6, seed=3)
     mean = np.random.default_rng(4).standard_normal(h)
-    for means in (None, {1: mean, 3: 2 * mean}):
-        ab = SubspaceAblation(bases=(u.astype(np.float32), control.astype(np.float32)),
-                              layers=(1, 3), means=means)
-        cached = run_steered(tiny, ps, ab, QUIET, use_cache=True)
-        full = run_steered(tiny, ps, ab, QUIET, use_cache=False)
-        np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
-        assert not np.allclose(cached[1], cached[0], atol=1e-4)
+    # mean ablation (zero ablation is its special case mean = 0), two layers, two bases
+    ab = SubspaceAblation(bases=(u.astype(np.float32), control.astype(np.float32)),
+                          layers=(1, 3), means={1: mean, 3: 2 * mean})
+    cached = run_steered(tiny, ps, ab, QUIET, use_cache=True)
+    full = run_steered(tiny, ps, ab, QUIET, use_cache=False)
+    np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(cached[1], cached[0], atol=1e-4)
+    assert not np.allclose(cached[2], cached[1], atol=1e-4)
 
 
 def test_whole_space_at_the_last_layer_leaves_the_lens_of_zero(tiny):

@@ -4,6 +4,7 @@ random models (only the model loading is replaced), failures recorded as a multi
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +21,6 @@ from calibrate import results
 from calibrate.summary import SUMMARY_FILE, summarize_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-REPO = Path(__file__).resolve().parents[1]
-DATASET = {"name": "toy", "split": "validation", "answer_format": "verbalizer",
-           "verbalizer": [" negative", " positive"],
-           "template": "{question} \n question : is this sentence positive or negative ? answer :"}
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
              "fun", "the the the movie was very very fun and good good", "bad", "it was terrible",
              "a great fun movie", "not bad", "very very boring", "good", "the film is fun",
@@ -87,7 +84,17 @@ def runs(tmp_path_factory, word_tokenizer) -> SimpleNamespace:
     * ``probe``: two probe jobs on models of 3 and 5 blocks, each with a nullspace.json;
     * ``single``: one steering job with the random direction control.
     """
-    root = tmp_path_factory.mktemp("runs")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention (10x slower on 2 cores)
+    try:
+        return build_runs(tmp_path_factory.mktemp("runs"), word_tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_runs(root: Path, word_tokenizer) -> SimpleNamespace:
     cache = root / "cache"
     small = tiny_model(word_tokenizer, 3, "tiny3")
     deep = tiny_model(word_tokenizer, 5, "tiny5")
@@ -110,10 +117,10 @@ def runs(tmp_path_factory, word_tokenizer) -> SimpleNamespace:
     results.write_json(probe / "1" / "nullspace.json", {
         "k": 5, "rho": 0.2, "p_value": 0.3, "delta_ece": 0.01, "delta_mce": 0.03,
         "random_delta_ece": 0.005, "random_delta_mce": 0.01})
-    single = root / "outputs" / "12-00-00_tiny3_toy"
-    run_one(single, ["eta=[0,4]", "direction.method=random"], small, cache)
-    return SimpleNamespace(root=root, steer=steer, probe=probe, single=single,
-                           jobs=sorted([*steer.iterdir(), *probe.iterdir(), single]))
+    single = root / "outputs" / "12-00-00_tiny3_sst2"
+    run_one(single, ["eta=[0,4]", "direction.method=random", "direction.layers=[1,2]"], small,
+            cache)
+    return SimpleNamespace(root=root, steer=steer, probe=probe, single=single)
 
 
 def is_png(path: Path) -> bool:
@@ -150,7 +157,10 @@ def test_runs_table_has_every_job_with_its_final_metrics(runs, compared):
         for key, value in metrics["final"].items():
             assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
         for key in ("plateau_layer", "peak_ece_layer", "peak_ece"):
-            assert (pd.isna(row[key]) and metrics[key] is None) or row[key] == pytest.approx(metrics[key])
+            if metrics[key] is None:
+                assert pd.isna(row[key])
+            else:
+                assert row[key] == pytest.approx(metrics[key])
     failed = table[table["status"] == "failed"]
     assert len(failed) == 1 and "direction.layers=[9]" in failed.iloc[0]["overrides"]
     assert "DirectionError" in failed.iloc[0]["error"]
@@ -162,7 +172,8 @@ def test_labels_are_the_differing_overrides(compared):
     assert labels == ["model.name=tiny3", "model.name=tiny3 eta=[0,2,4] direction.layers=[1,2]",
                       "model.name=tiny3 eta=[0,2,4] direction.layers=[2,3]",
                       "model.name=tiny3 eta=[0,4] direction.layers=[9]",
-                      "model.name=tiny3 eta=[0,4] direction.method=random", "model.name=tiny5"]
+                      "model.name=tiny3 eta=[0,4] direction.method=random direction.layers=[1,2]",
+                      "model.name=tiny5"]
     runs = [cmp.Run("s", Path(str(i)), ["tracker=none", f"eta={e}"], {"model": "m", "dataset": "d"},
                     {"status": "complete"}) for i, e in enumerate((0, 4))]
     cmp.assign_labels(runs)
@@ -174,19 +185,36 @@ def test_labels_are_the_differing_overrides(compared):
 
 def test_markdown_table(compared):
     text = (compared.out / "runs.md").read_text()
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    assert lines[0].startswith("| sweep | job | label |")
-    assert set(lines[1].replace("|", "").split()) <= {"---", ":---", "---:", ":---:"} | \
-        {"-" * n for n in range(3, 200)} | {":" + "-" * n for n in range(3, 200)} | \
-        {"-" * n + ":" for n in range(3, 200)}
-    assert len(lines) == 2 + 6
-    assert "failed" in text
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            for line in text.splitlines() if line.startswith("|")]
+    assert rows[0][:5] == ["sweep", "job", "label", "overrides", "status"]
+    assert all(set(c) <= set("-:") for c in rows[1])
+    assert len(rows) == 2 + 6 and all(len(r) == len(rows[0]) for r in rows)
+    assert sorted(r[4] for r in rows[2:]) == ["complete"] * 5 + ["failed"]
 
 
 def test_markdown_fallback_without_tabulate(monkeypatch):
     monkeypatch.setitem(sys.modules, "tabulate", None)  # import fails
     text = cmp.markdown_table(pd.DataFrame({"a": [1.0, np.nan], "b": ["x|y", None]}))
     assert text.splitlines() == ["| a | b |", "| --- | --- |", "| 1.0000 | x\\|y |", "|  |  |"]
+
+
+def test_markdown_with_tabulate():
+    pytest.importorskip("tabulate")
+    text = cmp.markdown_table(pd.DataFrame({"a": [1.0, np.nan], "n": pd.array([8, None], "Int64"),
+                                            "b": ["x|y", None]}))
+    lines = text.splitlines()
+    assert len(lines) == 4 and "x\\|y" in lines[2] and "nan" not in text and "<NA>" not in text
+
+
+def test_unreadable_error_json_is_a_row(runs, tmp_path):
+    job = tmp_path / "broken"
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["eta=4"]), job / ".hydra" / "overrides.yaml")
+    (job / results.ERROR_FILE).write_text("{not json")
+    table = cmp.compare([job, runs.probe / "1"], tmp_path / "out", metrics=["ece"])
+    assert table["status"].tolist() == ["unreadable", "complete"]
+    assert table.loc[0, "overrides"] == "eta=4"
 
 
 def test_layer_plots(compared):
@@ -230,19 +258,21 @@ def test_nullspace_outputs(compared):
 
 def test_nullspace_fields_layouts():
     f = cmp.nullspace_fields
-    assert f({"delta_ece": 0.1, "random_control": {"delta_ece": [0.0, 0.2]}})["random_delta_ece"] == \
-        pytest.approx(0.1)
-    assert f({"truncation": {"delta_mce": 0.3, "random_delta_mce": {"mean": 0.1, "std": 0.05}}}) == \
-        {"delta_mce": 0.3, "random_delta_mce": 0.1, "random_delta_mce_std": 0.05}
-    assert f({"k": 2, "rho": 0.5, "note": "x", "nested": {"a": 1}}) == {"k": 2, "rho": 0.5, "note": "x"}
+    found = f({"delta_ece": 0.1, "random_control": {"delta_ece": [0.0, 0.2]}})
+    assert found["random_delta_ece"] == pytest.approx(0.1)
+    assert found["random_delta_ece_std"] == pytest.approx(0.1)
+    nested = {"truncation": {"delta_mce": 0.3, "random_delta_mce": {"mean": 0.1, "std": 0.05}}}
+    assert f(nested) == {"delta_mce": 0.3, "random_delta_mce": 0.1, "random_delta_mce_std": 0.05}
+    plain = {"k": 2, "rho": 0.5, "note": "x", "nested": {"a": 1}}
+    assert f(plain) == {"k": 2, "rho": 0.5, "note": "x"}
 
 
 def test_probe_only_sweep_has_no_steering_outputs(runs, tmp_path, capsys):
-    table = cmp.compare([runs.probe], tmp_path / "out")
+    table = cmp.compare([runs.probe], tmp_path / "out", metrics=["ece"])
     assert len(table) == 2 and table["status"].eq("complete").all()
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert names == {"runs.csv", "runs.md", "layers_accuracy.png", "layers_ece.png",
-                     "layers_mce.png", "nullspace.csv", "nullspace_truncation.png"}
+    assert names == {"runs.csv", "runs.md", "layers_ece.png", "nullspace.csv",
+                     "nullspace_truncation.png"}
     assert "different depths" in capsys.readouterr().err  # 4 and 6 layers, no --relative-depth
     assert table.attrs["outputs"]
 
@@ -279,8 +309,9 @@ def test_cli_subprocess_bad_dir(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "calibrate.compare", str(bad), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == (f"error: {bad}: neither a sweep nor a job directory (no job "
-                                   f"folders with .hydra/, no metrics.json); accepted: {cmp.ACCEPTED}")
+    assert proc.stderr.strip() == (
+        f"error: {bad}: neither a sweep nor a job directory (no job folders with .hydra/, no "
+        f"metrics.json); accepted: {cmp.ACCEPTED}")
     assert not (tmp_path / "o").exists()
 
 
@@ -297,7 +328,8 @@ def test_cli_default_out_is_printed(runs, tmp_path, capsys, monkeypatch):
 def test_wandb_group_offline_fails_clearly(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "out"
-    assert cmp.main([str(runs.probe), "--wandb-group", "me/calibrate/sweep1", "--out", str(out)]) == 2
+    args = [str(runs.probe), "--wandb-group", "me/calibrate/sweep1", "--out", str(out)]
+    assert cmp.main(args) == 2
     err = capsys.readouterr().err
     assert "--wandb-group=me/calibrate/sweep1" in err and "offline" in err
     assert not out.exists()

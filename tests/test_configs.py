@@ -39,6 +39,8 @@ def test_groups_are_known():
     assert "smollm2" in options("model") and "sst2" in options("dataset")
     assert set(options("tracker")) >= {"wandb", "none"}
     assert "none" in options("intervention")
+    assert set(groups()) <= {"model", "dataset", "tracker", "intervention", "experiment"}, \
+        "a new config group: give it a test here"
 
 
 def test_default_job():
@@ -68,12 +70,39 @@ def test_every_dataset_composes_with_default_model(dataset):
     check_job(cfg)
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in groups() if g not in ("model", "dataset")
+@pytest.mark.parametrize("group,option", [(g, o) for g in groups()
+                                          if g not in ("model", "dataset", "experiment")
                                           for o in options(g)])
 def test_every_other_group_option_composes(group, option):
     cfg = resolved([f"{group}={option}"])
     assert cfg[group]["name"] == option
     check_job(cfg)
+
+
+def sweep_points(experiment: str) -> list[str]:
+    """One override per value of each of the experiment's sweeper params (not their product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = ((load_yaml("experiment", experiment).get("hydra") or {}).get("sweeper") or {}) \
+        .get("params") or {}
+    parser = OverridesParser.create()
+    points = []
+    for key, value in params.items():
+        override = parser.parse_overrides([f"{key}={value}"])[0]
+        values = override.sweep_string_iterator() if override.is_sweep_override() else [str(value)]
+        points.extend(f"{key}={v}" for v in values)
+    return points
+
+
+@pytest.mark.parametrize("experiment", options("experiment") if (CONF / "experiment").is_dir() else [])
+def test_every_experiment_composes(experiment):
+    """An experiment (a ``_global_`` package) composes, and so does each value it sweeps over."""
+    check_job(resolved([f"experiment={experiment}"]))
+    for point in sweep_points(experiment):
+        try:
+            check_job(resolved([f"experiment={experiment}", point]))
+        except Exception as err:
+            raise AssertionError(f"experiment={experiment} {point}: {err}") from err
 
 
 @pytest.mark.parametrize("model", options("model"))

@@ -1,0 +1,178 @@
+"""Speed of cloze scoring through the lens, side by side with lm-eval's scoring (not a test).
+
+``python -m calibrate.bench_cloze [--model smollm2] [--n 16] [--rounds 3]``
+
+On ARC-Easy records with lm-eval's ARC prompt (``Question: {question}\\nAnswer:``, continuation
+``" " + option``) it times, interleaved round by round (only ratios measured together count):
+
+* ``cloze``: :func:`calibrate.cloze.run_cloze`, every layer through the lens, the context run
+  once per example (key/value cache) and each lens state read once;
+* ``lmeval``: lm-eval's own scoring (``HFLM._loglikelihood_tokens``): every context + continuation
+  (without its last token) from scratch through ``model(...)``, longest first, right-padded
+  batches, identical inputs run once, full log-softmax, gather; the last layer only;
+* ``scratch``: every layer through the lens without sharing anything: each option's context +
+  continuation from scratch (the options of one example as one batch), the full-vocabulary lens at
+  every continuation position of every layer.
+
+It checks that the three agree (cloze's last layer against lm-eval, every layer against scratch),
+prints ``cloze_over_lmeval`` (target <= 1.2) and ``cloze_over_from_scratch`` and merges them into
+``bench.json`` in the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrate.cloze import ClozeRequest, build_requests, capture_positions, lens_logprobs, run_cloze
+from calibrate.lens import Lens
+from calibrate.models import LoadedModel
+from calibrate.probe import ProbeSettings, left_pad, position_ids
+from calibrate.results import merge_json
+
+BENCH_FILE = "bench.json"
+TEMPLATE = "Question: {question}\nAnswer:"
+
+
+def lmeval_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], batch_size: int) -> list[np.ndarray]:
+    """lm-eval's scores: [K] summed continuation log-probabilities per example (last layer)."""
+    inputs: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+    for i, req in enumerate(requests):
+        for k, cont in enumerate(req.continuations):
+            inputs.setdefault(tuple((req.context_ids + cont)[:-1]), []).append((i, k, cont))
+    order = sorted(inputs, key=lambda seq: (-len(seq), seq))  # lm-eval's Collator: longest first
+    out = [np.zeros(r.n_options) for r in requests]
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = len(chunk[0])
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)  # right padding, no mask
+            for row, seq in enumerate(chunk):
+                ids[row, :len(seq)] = torch.tensor(seq)
+            logprobs = torch.log_softmax(loaded.model(input_ids=ids.to(loaded.device)).logits, dim=-1)
+            for row, seq in enumerate(chunk):
+                for i, k, cont in inputs[seq]:
+                    part = logprobs[row, len(seq) - len(cont):len(seq)]
+                    target = torch.tensor(cont, device=part.device)[:, None]
+                    out[i][k] = float(part.gather(1, target).double().sum())
+    return out
+
+
+def scratch_lens_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest]) -> list[np.ndarray]:
+    """Every layer, nothing shared: [L+1, K] per example, each option run from scratch."""
+    lens, pad = Lens(loaded.adapter), loaded.tokenizer.pad_token_id
+    out = []
+    with torch.inference_mode():
+        for req in requests:
+            seqs = [(req.context_ids + cont)[:-1] for cont in req.continuations]
+            ids, mask = left_pad(seqs, pad)
+            with capture_positions(loaded.adapter, slice(None)) as store:
+                loaded.adapter.backbone(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                                        position_ids=position_ids(mask).to(loaded.device), use_cache=False)
+            hidden = torch.stack(store, dim=2)  # [K, T, L+1, H]
+            width = hidden.shape[1]
+            states = torch.cat([hidden[k, width - len(c):] for k, c in enumerate(req.continuations)])
+            targets = torch.tensor([t for c in req.continuations for t in c])
+            logprobs = lens_logprobs(lens, states, torch.arange(len(targets)), targets).cpu()
+            rows = torch.repeat_interleave(torch.arange(req.n_options),
+                                           torch.tensor([len(c) for c in req.continuations]))
+            out.append(torch.zeros(req.n_options, logprobs.shape[1], dtype=torch.float64)
+                       .index_add_(0, rows, logprobs).T.numpy())
+    return out
+
+
+def _time(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def agreement(cloze: np.ndarray, lmeval: list[np.ndarray], scratch: list[np.ndarray]) -> dict[str, float]:
+    """Largest absolute gaps: cloze's last layer vs lm-eval, cloze's every layer vs scratch."""
+    last = max(float(np.abs(cloze[i, -1, :len(s)] - s).max()) for i, s in enumerate(lmeval))
+    every = max(float(np.abs(cloze[i, :, :s.shape[1]] - s).max()) for i, s in enumerate(scratch))
+    return {"cloze_vs_lmeval_max_abs": last, "cloze_vs_scratch_max_abs": every}
+
+
+def measure(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.ndarray,
+            settings: ProbeSettings, rounds: int, lmeval_batch: int) -> dict[str, Any]:
+    """Interleave the three variants ``rounds`` times; medians of the times."""
+    variants: dict[str, Callable[[], Any]] = {
+        "cloze": lambda: run_cloze(loaded, requests, labels, settings).option_logits,
+        "lmeval": lambda: lmeval_loglik(loaded, requests, lmeval_batch),
+        "scratch": lambda: scratch_lens_loglik(loaded, requests),
+    }
+    outputs = {name: fn() for name, fn in variants.items()}  # warm-up, and the agreement check
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for round_ in range(rounds):
+        for name, fn in variants.items():
+            elapsed, _ = _time(fn, loaded.device)
+            times[name].append(elapsed)
+            print(f"  round {round_ + 1}/{rounds} {name:8s} {elapsed:8.2f} s")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_tokens = [len(c) for r in requests for c in r.continuations]
+    return {
+        "cloze_over_lmeval": med["cloze"] / med["lmeval"],
+        "cloze_over_from_scratch": med["cloze"] / med["scratch"],
+        "cloze_s": med["cloze"], "cloze_lmeval_s": med["lmeval"], "cloze_scratch_s": med["scratch"],
+        **agreement(outputs["cloze"], outputs["lmeval"], outputs["scratch"]),
+        "cloze_mean_context_tokens": float(np.mean([len(r.context_ids) for r in requests])),
+        "cloze_mean_continuation_tokens": float(np.mean(n_tokens)),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(prog="python -m calibrate.bench_cloze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="model config name")
+    parser.add_argument("--n", type=int, default=16, help="number of ARC-Easy records")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--lmeval-batch", type=int, default=16, help="lm-eval's batch size (requests)")
+    parser.add_argument("--output", type=Path, default=Path(BENCH_FILE))
+    args = parser.parse_args(argv)
+    for name in ("n", "rounds", "lmeval_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and merge its figures into bench.json."""
+    import calibrate
+
+    args = parse_args(argv)
+    loaded = calibrate.load_model(args.model)
+    records = calibrate.load_dataset("arc_easy", limit=args.n)
+    contexts = [TEMPLATE.format(question=r.question) for r in records]
+    requests = build_requests(loaded, contexts, [r.options for r in records])
+    labels = np.array([r.label for r in records])
+    settings = ProbeSettings(progress=False)
+    print(f"bench_cloze: {args.model} on {args.n} arc_easy records, {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads, device {loaded.device}")
+    figures = measure(loaded, requests, labels, settings, args.rounds, args.lmeval_batch)
+    figures.update(cloze_bench={"model": args.model, "dataset": "arc_easy", "n": args.n,
+                                "rounds": args.rounds, "lmeval_batch": args.lmeval_batch,
+                                "device": str(loaded.device), "threads": torch.get_num_threads()})
+    merge_json(args.output, figures)
+    print(f"cloze / lm-eval        = {figures['cloze_over_lmeval']:.3f}   (target <= 1.2)")
+    print(f"cloze / from scratch   = {figures['cloze_over_from_scratch']:.3f}")
+    print(f"seconds: cloze {figures['cloze_s']:.2f}, lm-eval {figures['cloze_lmeval_s']:.2f}, "
+          f"from scratch {figures['cloze_scratch_s']:.2f}")
+    print(f"max |cloze - lm-eval| at the last layer = {figures['cloze_vs_lmeval_max_abs']:.2e}; "
+          f"max |cloze - from scratch| at every layer = {figures['cloze_vs_scratch_max_abs']:.2e}")
+    print(f"written to {args.output}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Cloze scoring through the lens: each option's continuation log-likelihood at every layer.
+
+lm-eval's log-likelihood scoring of multiple-choice tasks (ARC, HellaSwag, PIQA, COPA, OpenBookQA,
+SciQ), read at every layer: option k is the continuation ``" " + option`` of the rendered context;
+at layer l each continuation token's log-probability is read through the lens (final norm
+recomputed, full-vocabulary log-softmax) at the position before it, and the log-probabilities are
+summed into the option's log-likelihood at layer l. The last layer is the model's own score.
+
+Cost: the context runs once per example; its key/value cache is selected once per option and only
+the continuation tokens (all but the last, which predicts nothing) run again, right-padded. The
+lens's full-vocabulary normalizer is computed once per distinct predicting state: every option
+shares the context's last position, and options that begin with the same tokens share those
+positions too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from calibrate.adapters import Adapter, block_hidden
+from calibrate.lens import Lens, option_probabilities
+from calibrate.models import LoadedModel
+from calibrate.probe import (ProbeResult, ProbeSettings, _halved, _is_oom, check_finite, left_pad,
+                             plan_batches, plan_batches_subset, position_ids)
+from calibrate.steer import _cache_argument
+
+CLOZE_NORMS = ("none", "token", "byte")
+LENS_ROWS = 512  # (state, layer) rows per full-vocabulary lens chunk: bounds memory to rows x vocab_chunk
+
+
+@dataclass(frozen=True)
+class ClozeRequest:
+    """One example: the context's token ids and each option's continuation token ids."""
+
+    context_ids: list[int]
+    continuations: list[list[int]]  # one per option, each non-empty
+    continuation_bytes: tuple[int, ...] = ()  # UTF-8 bytes of each continuation string (byte norm)
+
+    @property
+    def n_options(self) -> int:
+        """Number of options K of this example."""
+        return len(self.continuations)
+
+
+def split_context(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's rule: trailing whitespace of the context moves to the front of the continuation."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def _prefix_token(tokenizer) -> int:
+    """lm-eval's token for an empty context: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def build_requests(loaded: LoadedModel, contexts: Sequence[str], options: Sequence[Sequence[str]],
+                   delimiter: str = " ") -> list[ClozeRequest]:
+    """Tokenize like lm-eval: continuation = encode(context + cont)[len(encode(context)):].
+
+    The split is computed without special tokens; the context itself keeps the tokenizer's
+    default special tokens (BOS or not), as the letter probe does. An empty context becomes
+    the BOS (else EOS) token. A continuation with no tokens raises ``ValueError``.
+    """
+    if len(contexts) != len(options):
+        raise ValueError(f"{len(contexts)} contexts but {len(options)} option lists")
+    tok = loaded.tokenizer
+    split = [[split_context(c, delimiter + o) for o in opts] for c, opts in zip(contexts, options)]
+    for context, opts in zip(contexts, options):
+        if not opts:
+            raise ValueError(f"context {context[-60:]!r} has no options")
+    bare = [pairs[0][0] for pairs in split]
+    plain = tok(bare, add_special_tokens=False)["input_ids"]
+    default = tok(bare)["input_ids"]
+    wholes = tok([c + cont for pairs in split for c, cont in pairs], add_special_tokens=False)["input_ids"]
+    requests, at = [], 0
+    for i, pairs in enumerate(split):
+        conts = [w[len(plain[i]):] for w in wholes[at:at + len(pairs)]]
+        at += len(pairs)
+        for option, ids in zip(options[i], conts):
+            if not ids:
+                raise ValueError(f"option {option!r} of example {i} has no continuation tokens after "
+                                 f"the context {bare[i][-40:]!r}; options must be non-empty text")
+        context_ids = list(default[i]) if bare[i] else [_prefix_token(tok)]
+        requests.append(ClozeRequest(context_ids, [list(c) for c in conts],
+                                     tuple(len(cont.encode("utf-8")) for _, cont in pairs)))
+    return requests
+
+
+@contextmanager
+def capture_positions(adapter: Adapter, positions: int | slice) -> Iterator[list[torch.Tensor]]:
+    """Collect ``hidden[:, positions]`` of every layer (L + 1 tensors, detached copies)."""
+    store: list[torch.Tensor] = []
+
+    def keep(hidden: torch.Tensor) -> None:
+        store.append(hidden[:, positions].detach().clone())  # a copy: a view would pin the whole layer
+
+    def pre(_module, args, kwargs):
+        keep(args[0] if args else kwargs["hidden_states"])
+
+    def post(_module, _args, output):
+        keep(block_hidden(output))
+
+    handles = []
+    try:
+        handles.append(adapter.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
+        handles += [block.register_forward_hook(post) for block in adapter.blocks]
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to ``width``: (input_ids, attention_mask), both [R, width] int64."""
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """Which residual predicts each continuation token.
+
+    Residual sources are the B context-last states followed by the R x W continuation states
+    (row r, position p at ``B + r * W + p``). Each distinct prefix (example, tokens so far) is
+    one state, read through the lens once.
+    """
+
+    state_src: torch.Tensor  # [S] index into the sources
+    token_state: torch.Tensor  # [M] state predicting each continuation token
+    token_target: torch.Tensor  # [M] the token
+    token_row: torch.Tensor  # [M] its (example, option) row
+
+
+def token_plan(continuations: Sequence[Sequence[int]], row_example: Sequence[int], n_examples: int,
+               width: int) -> TokenPlan:
+    """Map every continuation token to the state before it, sharing states across options."""
+    states: dict[tuple[int, tuple[int, ...]], int] = {}
+    src, tok_state, targets, rows = [], [], [], []
+    for r, (cont, b) in enumerate(zip(continuations, row_example)):
+        for p, target in enumerate(cont):
+            key = (int(b), tuple(cont[:p]))
+            if key not in states:
+                states[key] = len(src)
+                src.append(int(b) if p == 0 else n_examples + r * width + p - 1)
+            tok_state.append(states[key])
+            targets.append(int(target))
+            rows.append(r)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return TokenPlan(as_long(src), as_long(tok_state), as_long(targets), as_long(rows))
+
+
+def lens_logprobs(lens: Lens, states: torch.Tensor, token_state: torch.Tensor,
+                  token_target: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary lens log-probabilities of each token: states [S, L+1, H] -> [M, L+1] float64.
+
+    States are processed in chunks of ``LENS_ROWS // (L+1)`` so no [states, L+1, vocab] tensor
+    is ever materialized; only the target tokens' logits are gathered.
+    """
+    n_layers = states.shape[1]
+    step = max(1, LENS_ROWS // n_layers)
+    token_state, token_target = token_state.to(lens.device), token_target.to(lens.device)
+    out = torch.empty((len(token_state), n_layers), dtype=torch.float64, device=lens.device)
+    for start in range(0, states.shape[0], step):
+        normed = lens.normalize(states[start:start + step])  # [s, L+1, H] float32
+        lse = lens.vocab_logsumexp(normed)  # [s, L+1] float64
+        sel = ((token_state >= start) & (token_state < start + step)).nonzero().squeeze(1)
+        local = token_state[sel] - start
+        target = lens.option_logits(normed[local], token_target[sel, None])[..., 0]  # [m, L+1]
+        out[sel] = target.double() - lse[local]
+    return out
+
+
+@dataclass
+class BatchOutput:
+    """Per-option log-likelihoods of one batch and what else the caller keeps."""
+
+    loglik: torch.Tensor  # [R, L+1] float64, rows in (example, option) order
+    context_last: torch.Tensor  # [B, L+1, H] the last context position's residuals
+    real_tokens: int
+    computed_tokens: int
+
+
+def _context_pass(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool):
+    device, backbone = loaded.device, loaded.adapter.backbone
+    with capture_positions(loaded.adapter, -1) as store:
+        out = backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=position_ids(mask).to(device), use_cache=use_cache)
+    cache = (getattr(out, "cache", None) or out.past_key_values) if use_cache else None
+    return torch.stack(store, dim=1), cache  # [B, L+1, H]
+
+
+def _continuation_pass(loaded: LoadedModel, cache, mask: torch.Tensor, row_example: torch.Tensor,
+                       inputs: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, int]:
+    """Run the continuation tokens (each without its last) on the selected context cache."""
+    device, backbone = loaded.device, loaded.adapter.backbone
+    cache.batch_select_indices(row_example.to(device))  # row r holds example row_example[r]
+    ids, cont_mask = right_pad(inputs, loaded.tokenizer.pad_token_id, width)
+    full_mask = torch.cat([mask[row_example], cont_mask], dim=1)  # context mask + continuation mask
+    pos = mask.sum(1)[row_example][:, None] + torch.arange(width)
+    with capture_positions(loaded.adapter, slice(None)) as store:
+        backbone(input_ids=ids.to(device), attention_mask=full_mask.to(device),
+                 position_ids=pos.to(device), use_cache=True, **{_cache_argument(backbone): cache})
+    return torch.stack(store, dim=2), int(cont_mask.sum())  # [R, W, L+1, H]
+
+
+def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest]) -> BatchOutput:
+    """Every option's log-likelihood at every layer for a batch of examples."""
+    ids, mask = left_pad([r.context_ids for r in batch], loaded.tokenizer.pad_token_id)
+    conts = [c for r in batch for c in r.continuations]
+    row_example = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([r.n_options for r in batch]))
+    width = max(len(c) for c in conts) - 1  # the last token of a continuation predicts nothing
+    real, computed = int(mask.sum()), mask.numel()
+    with torch.inference_mode():
+        context_last, cache = _context_pass(loaded, ids, mask, use_cache=width > 0)
+        sources = [context_last.to(lens.device)]
+        if width > 0:
+            hidden, cont_real = _continuation_pass(loaded, cache, mask, row_example,
+                                                   [c[:-1] for c in conts], width)
+            sources.append(hidden.flatten(0, 1).to(lens.device))
+            real, computed = real + cont_real, computed + len(conts) * width
+        del cache
+        plan = token_plan(conts, row_example.tolist(), len(batch), width)
+        states = torch.cat(sources)[plan.state_src.to(lens.device)]  # [S, L+1, H]
+        check_finite(states)
+        logprobs = lens_logprobs(lens, states, plan.token_state, plan.token_target)
+        loglik = torch.zeros((len(conts), states.shape[1]), dtype=torch.float64, device=lens.device)
+        loglik.index_add_(0, plan.token_row.to(lens.device), logprobs)
+    return BatchOutput(loglik.cpu(), context_last, real, computed)
+
+
+def cloze_divisors(requests: Sequence[ClozeRequest], norm: str,
+                   byte_lengths: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """[N, K] float64 divisor of each option's log-likelihood (1 where an example has no option k).
+
+    ``none``: 1; ``token``: the continuation's token count; ``byte``: its UTF-8 byte count, from
+    ``byte_lengths`` when given, else from the requests (:func:`build_requests` records it).
+    """
+    if norm not in CLOZE_NORMS:
+        raise ValueError(f"cloze_norm={norm!r}; accepted: {', '.join(CLOZE_NORMS)}")
+    k = max(r.n_options for r in requests)
+    out = np.ones((len(requests), k), dtype=np.float64)
+    for i, req in enumerate(requests):
+        if norm == "token":
+            out[i, :req.n_options] = [len(c) for c in req.continuations]
+        elif norm == "byte":
+            lengths = list(byte_lengths[i]) if byte_lengths is not None else list(req.continuation_bytes)
+            if len(lengths) != req.n_options or min(lengths) <= 0:
+                raise ValueError(f"cloze_norm=byte needs a positive byte length for each of the "
+                                 f"{req.n_options} options of example {i}; got {lengths}")
+            out[i, :req.n_options] = lengths
+    return out
+
+
+def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings: ProbeSettings,
+                 keep_layers: Sequence[int] = ()) -> tuple[np.ndarray, dict[int, np.ndarray], int, int]:
+    """Summed log-likelihoods [N, L+1, K] float64 (-inf padded), kept context residuals and the
+    real / computed token counts."""
+    lens = Lens(loaded.adapter)
+    n, k = len(requests), max(r.n_options for r in requests)
+    loglik = np.full((n, loaded.adapter.num_blocks + 1, k), -np.inf)
+    kept: dict[int, np.ndarray] = {}
+    real = computed = 0
+    lengths = np.array([len(r.context_ids) + sum(len(c) for c in r.continuations) for r in requests])
+    pending = plan_batches(lengths, settings)
+    with tqdm(total=n, desc=f"cloze {loaded.name}", unit="ex", disable=not settings.progress) as bar:
+        while pending:
+            idx = pending.pop(0)
+            try:
+                out = cloze_batch(loaded, lens, [requests[i] for i in idx])
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                if not _is_oom(err) or len(idx) == 1:
+                    raise
+                settings = _halved(settings, len(idx))
+                pending = plan_batches_subset(lengths, np.concatenate([idx, *pending]), settings)
+                torch.cuda.empty_cache()
+                continue
+            rows = out.loglik.numpy()
+            at = 0
+            for i in idx:
+                kk = requests[i].n_options
+                loglik[i, :, :kk] = rows[at:at + kk].T
+                at += kk
+            for layer in keep_layers:
+                kept.setdefault(layer, np.empty((n, out.context_last.shape[-1]), np.float32))
+                kept[layer][idx] = out.context_last[:, layer].float().cpu().numpy()
+            real, computed = real + out.real_tokens, computed + out.computed_tokens
+            bar.update(len(idx))
+    return loglik, kept, real, computed
+
+
+def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.ndarray,
+              settings: ProbeSettings | None = None, norm: str = "none",
+              byte_lengths: Sequence[Sequence[int]] | None = None,
+              keep_layers: Sequence[int] = ()) -> ProbeResult:
+    """Read every option's (normalized) log-likelihood at every layer: a :class:`ProbeResult`.
+
+    ``option_logits`` [N, L+1, K] float64 holds the normalized log-likelihoods (-inf where an
+    example has fewer options), ``probs`` their float64 softmax over the options; ``residuals``
+    are the last context position's (shared by all options) at ``keep_layers`` (default:
+    ``settings.keep_layers``).
+    """
+    settings = settings or ProbeSettings()
+    if not requests:
+        raise ValueError("no cloze requests")
+    divisors = cloze_divisors(requests, norm, byte_lengths)  # validated before any compute
+    keep = tuple(keep_layers) or tuple(settings.keep_layers)
+    loglik, kept, real, computed = cloze_loglik(loaded, requests, settings, keep)
+    scores = loglik / divisors[:, None, :]
+    return ProbeResult(scores, option_probabilities(scores), np.asarray(labels).copy(), None, kept,
+                       real, computed)
+
+
+def loglik_reference(loaded: LoadedModel, request: ClozeRequest) -> np.ndarray:
+    """[K] the model's own summed log-probabilities of each continuation (lm-eval's score).
+
+    Each context + continuation runs alone, from scratch, through the full model (``model(...)``,
+    its own final norm and head); log-softmax over the vocabulary, gathered at the continuation.
+    """
+    n = len(request.context_ids)
+    out = []
+    with torch.inference_mode():
+        for cont in request.continuations:
+            ids = torch.tensor([request.context_ids + cont], device=loaded.device)
+            logits = loaded.model(input_ids=ids).logits[0, n - 1:-1].double()
+            target = torch.tensor(cont, device=logits.device)[:, None]
+            out.append(float(torch.log_softmax(logits, -1).gather(1, target).sum()))
+    return np.array(out)
