@@ -1,0 +1,390 @@
+"""Steering and ablation jobs end to end on the real SmolLM2-135M, in process.
+
+Each job runs ``calibrate.job.run_job`` on 16 SST-2 sentences (8 calibration, 8 evaluation)
+with the tracker and plots off. The unsteered probe goes through the probe cache in the real
+user cache, so after the first job (or the first session) only the steering passes cost time.
+
+Checks against references computed here: c_hat recomputed by hand from the cached residuals
+and the seeded split, the null space from numpy's own eigendecomposition of W_Uᵀ W_U, eta 0
+against the plain probe (layers.csv), loaded directions against the fitted one.
+
+Numerics: the key/value path runs every eta (variant) of an example as a separate row of one
+batch. The CPU matmul kernels do not round identical rows identically at every row position, so
+rows with the same input (eta 0 and eta 8 before the intervention layer, or an identity ablation)
+differ by ~1e-5 in the option logits. Metrics derived from them (ECE, MCE) therefore agree to
+METRIC_TOL, not bit for bit; predictions (accuracy, ``changed``) agree exactly unless a
+prediction sits on a near-tie, which these 8 examples do not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from calibrate import job as job_mod
+from calibrate import models
+from calibrate.api import compose
+from calibrate.direction import Direction, DirectionError, load_direction, save_direction
+from calibrate.steer import SteeringError
+from calibrate.validate import ConfigError
+
+pytestmark = pytest.mark.slow
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BASE = ["dataset.limit=16", "tracker=none", "probe.progress=false", "output.plots=false",
+        "metrics.bootstrap=0",
+        "probe.min_fill=0"]  # one batch of 8 per steering pass: fewer, larger matmuls on CPU
+LAYERS = 31  # SmolLM2-135M: embeddings + 30 blocks
+HIDDEN = 576
+METRIC_TOL = 1e-5  # see the module docstring
+STEERING_COLUMNS = ["eta", "layer", "accuracy", "ece", "mce", "delta_accuracy", "delta_ece",
+                    "delta_mce", "changed"]
+RESULT_NAMES = ("layers.csv", "metrics.json", "predictions.npz", "steering.csv", "ablation.csv",
+                "nullspace.json", "direction.safetensors", "direction.json")
+
+
+def config(*overrides: str) -> dict:
+    return OmegaConf.to_container(compose([*BASE, *overrides]), resolve=True)
+
+
+def run(tmp: Path, *overrides: str) -> tuple[Path, dict]:
+    job_dir = tmp / "job"
+    return job_dir, job_mod.run_job(config(*overrides), job_dir)
+
+
+def steering(job_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(job_dir / "steering.csv")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def eta_rows(table: pd.DataFrame, eta: float) -> pd.DataFrame:
+    rows = table[table["eta"] == eta].sort_values("layer").reset_index(drop=True)
+    assert list(rows["layer"]) == list(range(LAYERS))
+    return rows
+
+
+def assert_no_results(job_dir: Path) -> None:
+    present = sorted(p.name for p in job_dir.iterdir()) if job_dir.exists() else []
+    assert not [n for n in present if n in RESULT_NAMES or n.endswith(".png")], present
+
+
+# ---------------------------------------------------------------- the steering job
+
+
+@pytest.fixture(scope="module")
+def steered(tmp_path_factory):
+    """intervention=direction, eta=[0,2,8]: the reference every other job is compared with."""
+    job_dir, summary = run(tmp_path_factory.mktemp("steer"), "intervention=direction", "eta=[0,2,8]")
+    loaded = next(iter(models._LOADED.values()))
+    return job_dir, summary, loaded
+
+
+def test_steering_table_shape_and_reference_rows(steered):
+    job_dir, _, _ = steered
+    table = steering(job_dir)
+    assert set(STEERING_COLUMNS) <= set(table.columns)
+    assert len(table) == 3 * LAYERS
+    assert sorted(table["eta"].unique()) == [0.0, 2.0, 8.0]
+    zero = eta_rows(table, 0.0)
+    for column in ("delta_accuracy", "delta_ece", "delta_mce", "changed"):
+        assert (zero[column] == 0).all(), column
+
+
+def test_eta_zero_equals_the_unsteered_probe(steered):
+    job_dir, _, _ = steered
+    zero = eta_rows(steering(job_dir), 0.0)
+    layers = pd.read_csv(job_dir / "layers.csv")  # the plain forward on the evaluation part
+    assert list(layers["layer"]) == list(range(LAYERS))
+    np.testing.assert_array_equal(zero["accuracy"], layers["accuracy"])  # no near-ties flip
+    np.testing.assert_allclose(zero["ece"], layers["ece"], rtol=0, atol=METRIC_TOL)
+    np.testing.assert_allclose(zero["mce"], layers["mce"], rtol=0, atol=METRIC_TOL)
+
+
+def test_layers_before_the_intervention_are_unchanged(steered):
+    job_dir, _, _ = steered
+    table = steering(job_dir)
+    zero = eta_rows(table, 0.0)
+    for eta in (2.0, 8.0):
+        rows = eta_rows(table, eta)
+        before = rows["layer"] < LAYERS - 1  # default intervention layer: the last one (30)
+        np.testing.assert_array_equal(rows.loc[before, "accuracy"], zero.loc[before, "accuracy"])
+        np.testing.assert_allclose(rows.loc[before, "ece"], zero.loc[before, "ece"], atol=METRIC_TOL)
+        assert (rows.loc[before, "changed"] == 0).all()
+        assert (rows.loc[before, "delta_accuracy"] == 0).all()
+        assert rows.loc[before, "delta_ece"].abs().max() <= METRIC_TOL
+    last8 = eta_rows(table, 8.0).iloc[-1]
+    assert abs(last8["delta_ece"]) > 1e-3 or last8["changed"] > 0  # eta 8 does something
+
+
+def test_direction_files(steered):
+    job_dir, summary, loaded = steered
+    meta = read_json(job_dir / "direction.json")
+    assert meta["model"] == "smollm2"
+    assert meta["unembed_hash"] == loaded.unembed_hash == summary["unembed_hash"]
+    assert meta["unembed_hash"] == models.tensor_hash(loaded.adapter.unembed_weight)
+    assert meta["layers"] == [28, 29, 30]
+    assert meta["method"] == "layer_diff"
+    assert meta["raw_norm"] > 0
+    assert meta["n_examples"] == summary["n_calibration"] == 8
+    assert meta["dataset"] == "sst2"
+    direction = load_direction(job_dir / "direction.safetensors")
+    assert direction.hidden == HIDDEN
+    assert np.linalg.norm(direction.vector) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_direction_equals_hand_computed_layer_diff(steered):
+    """c_hat from the cached residuals of the calibration split, the split redone by hand."""
+    job_dir, _, loaded = steered
+    cfg = config("intervention=direction", "eta=[0,2,8]")
+    _, prompt_set, _ = job_mod._prepare(cfg)
+    probe = job_mod.cached_probe(loaded, prompt_set, cfg["probe"], [27, 28, 29, 30], cfg.get("cache_dir"))
+    cal = np.sort(np.random.default_rng(0).permutation(16)[:8])  # seed 0, fraction 0.5
+    per_layer = []
+    for layer in (28, 29, 30):
+        diff = (probe.residuals[layer][cal].astype(np.float64)
+                - probe.residuals[layer - 1][cal].astype(np.float64))
+        per_layer.append((diff / np.linalg.norm(diff, axis=1, keepdims=True)).mean(axis=0))
+    mean = np.mean(per_layer, axis=0)
+    vector = load_direction(job_dir / "direction.safetensors").vector
+    np.testing.assert_allclose(vector, mean / np.linalg.norm(mean), rtol=0, atol=1e-12)
+    assert read_json(job_dir / "direction.json")["raw_norm"] == pytest.approx(np.linalg.norm(mean))
+
+
+def test_metrics_json(steered):
+    job_dir, summary, _ = steered
+    metrics = read_json(job_dir / "metrics.json")
+    assert metrics["status"] == "complete"
+    assert metrics["n_calibration"] + metrics["n_evaluation"] == 16
+    assert metrics["n_examples"] == metrics["n_evaluation"] == 8
+    assert metrics["intervention"] == "direction"
+    assert set(metrics["steering"]) == {"0", "2", "8"}
+    last = eta_rows(steering(job_dir), 8.0).iloc[-1]
+    assert metrics["steering"]["8"]["delta_ece"] == pytest.approx(last["delta_ece"], abs=1e-12)
+    assert metrics["direction"]["method"] == "layer_diff"
+    assert summary["steering"] == metrics["steering"]
+
+
+def test_another_eta_reuses_the_probe_and_the_model(steered, tmp_path, monkeypatch):
+    """eta=4 with intervention=none runs the steering job without a new probe or model load."""
+    job_dir0, _, loaded = steered
+
+    def no_probe(*_args, **_kwargs):
+        raise AssertionError("run_probe called: the unsteered probe was not reused")
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded again")
+
+    handed = []
+
+    def spy(*args, **kwargs):
+        handed.append(original(*args, **kwargs))
+        return handed[-1]
+
+    original = job_mod.load_model
+    monkeypatch.setattr(job_mod, "run_probe", no_probe)
+    monkeypatch.setattr(models, "_load_model", no_load)
+    monkeypatch.setattr(job_mod, "load_model", spy)
+    job_dir, summary = run(tmp_path, "eta=4")
+    assert len(handed) == 1 and handed[0] is loaded
+    assert summary["intervention"] == "direction" and summary["etas"] == [0.0, 4.0]
+    table = steering(job_dir)
+    assert sorted(table["eta"].unique()) == [0.0, 4.0]
+    zero, zero0 = eta_rows(table, 0.0), eta_rows(steering(job_dir0), 0.0)
+    np.testing.assert_allclose(zero["ece"], zero0["ece"], atol=METRIC_TOL)
+    np.testing.assert_array_equal(zero["accuracy"], zero0["accuracy"])
+    np.testing.assert_array_equal(load_direction(job_dir / "direction.safetensors").vector,
+                                  load_direction(job_dir0 / "direction.safetensors").vector)
+
+
+# ---------------------------------------------------------------- loading a direction
+
+
+def test_loaded_direction_gives_the_same_steering(steered, tmp_path):
+    job_dir0, _, _ = steered
+    job_dir, summary = run(tmp_path, "intervention=direction", "eta=[0,2,8]",
+                           f"direction.path={job_dir0 / 'direction.safetensors'}")
+    a, b = steering(job_dir0), steering(job_dir)
+    pd.testing.assert_frame_equal(a[STEERING_COLUMNS], b[STEERING_COLUMNS], check_exact=False,
+                                  rtol=0, atol=1e-9)
+    pd.testing.assert_frame_equal(pd.read_csv(job_dir0 / "layers.csv"),
+                                  pd.read_csv(job_dir / "layers.csv"), check_exact=False, atol=1e-9)
+    meta = read_json(job_dir / "direction.json")
+    assert "cross_model_transfer" not in meta and meta["method"] == "layer_diff"
+    assert summary["n_calibration"] + summary["n_evaluation"] == 16
+
+
+def test_direction_of_another_width_is_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    vector = rng.standard_normal(640)
+    save_direction(Direction(vector / np.linalg.norm(vector), {"model": "wide", "unembed_hash": "x"}),
+                   tmp_path)
+    job_dir = tmp_path / "job"
+    with pytest.raises(DirectionError, match=r"hidden size 640.*'smollm2' has 576"):
+        job_mod.run_job(config("intervention=direction", "eta=[0,2]",
+                               f"direction.path={tmp_path / 'direction.safetensors'}"), job_dir)
+    assert_no_results(job_dir)
+
+
+def test_direction_of_another_model_needs_allow_cross_model(steered, tmp_path):
+    job_dir0, _, _ = steered
+    fitted = load_direction(job_dir0 / "direction.safetensors")
+    other = Direction(fitted.vector, {**fitted.meta, "model": "other-576", "unembed_hash": "0" * 64})
+    save_direction(other, tmp_path, stem="other")
+    path = f"direction.path={tmp_path / 'other.safetensors'}"
+    refused = tmp_path / "refused"
+    with pytest.raises(DirectionError, match=r"other-576.*direction\.allow_cross_model=true"):
+        job_mod.run_job(config("intervention=direction", "eta=[0,8]", path), refused)
+    assert_no_results(refused)
+    job_dir, summary = run(tmp_path, "intervention=direction", "eta=[0,8]", path,
+                           "direction.allow_cross_model=true")
+    meta = read_json(job_dir / "direction.json")
+    assert meta["cross_model_transfer"] is True and meta["applied_to"] == "smollm2"
+    assert summary["direction"]["cross_model_transfer"] is True
+    same = steering(job_dir0)
+    same = same[same["eta"].isin([0.0, 8.0])].reset_index(drop=True)
+    np.testing.assert_allclose(steering(job_dir)["ece"], same["ece"], rtol=0, atol=METRIC_TOL)
+
+
+# ---------------------------------------------------------------- other fits
+
+
+def test_random_direction_runs_and_differs(steered, tmp_path):
+    job_dir0, _, _ = steered
+    job_dir, summary = run(tmp_path, "intervention=direction", "eta=[0,8]", "direction.method=random")
+    meta = read_json(job_dir / "direction.json")
+    assert meta["method"] == "random" and summary["direction"]["method"] == "random"
+    random = load_direction(job_dir / "direction.safetensors").vector
+    fitted = load_direction(job_dir0 / "direction.safetensors").vector
+    assert np.linalg.norm(random) == pytest.approx(1.0)
+    assert abs(random @ fitted) < 0.5
+    np.testing.assert_array_equal(random, np.random.default_rng(0).standard_normal(HIDDEN)
+                                  / np.linalg.norm(np.random.default_rng(0).standard_normal(HIDDEN)))
+    mine, theirs = eta_rows(steering(job_dir), 8.0), eta_rows(steering(job_dir0), 8.0)
+    assert mine.iloc[-1]["ece"] != pytest.approx(theirs.iloc[-1]["ece"], abs=1e-6)
+    np.testing.assert_allclose(eta_rows(steering(job_dir), 0.0)["ece"],
+                               eta_rows(steering(job_dir0), 0.0)["ece"], atol=METRIC_TOL)
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "rotten_tomatoes").is_dir(),
+                    reason="../shared/data/rotten_tomatoes is absent")
+def test_direction_fit_on_another_dataset(steered, tmp_path):
+    """Fit on SST-2 (the same 16 sentences as the reference job), evaluate on Rotten Tomatoes:
+    the direction must equal the one the reference job fit on SST-2 itself."""
+    job_dir0, _, _ = steered
+    job_dir, summary = run(tmp_path, "dataset=rotten_tomatoes",
+                           f"dataset.local_path={SHARED / 'data' / 'rotten_tomatoes'}",
+                           "intervention=direction", "eta=[0,8]", "direction.source=sst2",
+                           "direction.source_limit=16")
+    meta = read_json(job_dir / "direction.json")
+    assert meta["dataset"] == "sst2" and summary["dataset"] == "rotten_tomatoes"
+    assert summary["direction"]["dataset"] == "sst2"
+    assert meta["n_examples"] == 8
+    np.testing.assert_allclose(load_direction(job_dir / "direction.safetensors").vector,
+                               load_direction(job_dir0 / "direction.safetensors").vector, atol=1e-12)
+    assert len(steering(job_dir)) == 2 * LAYERS
+    assert summary["n_calibration"] + summary["n_evaluation"] == 16
+
+
+# ---------------------------------------------------------------- ablations
+
+
+@pytest.fixture(scope="module")
+def null_basis(steered):
+    """The bottom-6 eigenvectors of W_Uᵀ W_U by numpy, and their singular values."""
+    _, _, loaded = steered
+    w = loaded.adapter.unembed_weight.detach().cpu().double().numpy()
+    values, vectors = np.linalg.eigh(w.T @ w)
+    return vectors[:, :6], np.sqrt(np.clip(values[:6], 0, None))
+
+
+def ablation_rows(job_dir: Path, variants: list[str]) -> pd.DataFrame:
+    table = pd.read_csv(job_dir / "ablation.csv")
+    assert sorted(table["variant"].unique()) == sorted(variants)
+    assert len(table) == len(variants) * LAYERS
+    none = table[table["variant"] == "none"]
+    for column in ("delta_accuracy", "delta_ece", "delta_mce", "changed"):
+        assert (none[column] == 0).all()
+    before = table["layer"] < LAYERS - 1  # default: the last layer is ablated
+    assert (table.loc[before, "changed"] == 0).all()
+    assert (table.loc[before, "delta_accuracy"] == 0).all()
+    assert table.loc[before, "delta_ece"].abs().max() <= METRIC_TOL
+    return table
+
+
+def test_nullspace_job(steered, null_basis, tmp_path):
+    job_dir0, _, _ = steered
+    job_dir, summary = run(tmp_path, "intervention=nullspace")
+    report = read_json(job_dir / "nullspace.json")
+    for key in ("k", "rho", "rho_random_mean", "p_value", "max_cosine", "truncation", "random_control"):
+        assert key in report, key
+    assert report["k"] == 6  # round(1% of 576)
+    basis, sigma = null_basis
+    c = load_direction(job_dir0 / "direction.safetensors").vector  # the same fit
+    assert report["rho"] == pytest.approx(np.linalg.norm(basis.T @ c), abs=1e-6)
+    assert report["max_cosine"] == pytest.approx(np.abs(basis.T @ c).max(), abs=1e-6)
+    np.testing.assert_allclose(report["singular_values"], sigma, rtol=1e-6)
+    assert 0 < report["rho_random_mean"] < 1 and 0 < report["p_value"] <= 1
+    table = ablation_rows(job_dir, ["none", "nullspace", "random"])
+    last = table[(table["variant"] == "nullspace") & (table["layer"] == LAYERS - 1)].iloc[0]
+    assert report["truncation"]["delta_ece"] == pytest.approx(last["delta_ece"], abs=1e-12)
+    assert summary["intervention"] == "nullspace"
+    assert summary["n_calibration"] + summary["n_evaluation"] == 16
+    assert summary["ablation"]["k"] == 6
+
+
+def test_nullspace_with_k_zero_changes_nothing(tmp_path):
+    job_dir, _ = run(tmp_path, "intervention=nullspace", "nullspace.k=0")
+    report = read_json(job_dir / "nullspace.json")
+    assert report["k"] == 0 and report["rho"] == 0.0 and report["max_cosine"] == 0.0
+    # An empty basis is the identity (bit for bit: tests/test_ablate.py); here the ablated rows
+    # sit at other batch positions than the reference rows, hence METRIC_TOL for ECE/MCE.
+    truncation = report["truncation"]
+    assert truncation["delta_accuracy"] == 0.0 and truncation["changed"] == 0.0
+    assert abs(truncation["delta_ece"]) <= METRIC_TOL and abs(truncation["delta_mce"]) <= METRIC_TOL
+    table = ablation_rows(job_dir, ["none", "nullspace", "random"])
+    nulled = table[table["variant"] == "nullspace"]
+    assert (nulled["changed"] == 0).all() and (nulled["delta_accuracy"] == 0).all()
+    assert nulled["delta_ece"].abs().max() <= METRIC_TOL
+
+
+def test_direction_ablation_job(tmp_path):
+    job_dir, summary = run(tmp_path, "intervention=direction_ablate")
+    ablation_rows(job_dir, ["none", "direction", "random"])
+    assert not (job_dir / "nullspace.json").exists()
+    assert not (job_dir / "steering.csv").exists()
+    assert summary["intervention"] == "direction_ablate"
+    assert set(summary["ablation"]["truncation"]) >= {"delta_accuracy", "delta_ece", "changed"}
+
+
+# ---------------------------------------------------------------- bad settings
+
+
+BAD = [
+    (["intervention=direction", "intervention.position=middle"], ConfigError,
+     r"intervention\.position='middle'"),
+    (["intervention=direction", "intervention.layers=[99]"], SteeringError,
+     r"intervention\.layers=\[99\].*0\.\.30"),
+    (["eta=4", "direction.layers=[0]"], DirectionError, r"direction\.layers=\[0\].*1\.\.30"),
+    (["eta=4", "direction.calibration_fraction=1.5"], ConfigError,
+     r"direction\.calibration_fraction=1\.5"),
+    (["eta=4", "direction.method=pca"], ConfigError, r"direction\.method='pca'"),
+    (["intervention=nullspace", "intervention.ablation=median"], ConfigError,
+     r"intervention\.ablation='median'"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,message", BAD, ids=[b[0][-1] for b in BAD])
+def test_bad_settings_fail_cleanly(overrides, error, message, tmp_path):
+    job_dir = tmp_path / "job"
+    with pytest.raises(error, match=message) as info:
+        job_mod.run_job(config(*overrides), job_dir)
+    assert type(info.value) is error
+    assert_no_results(job_dir)
