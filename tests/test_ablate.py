@@ -98,7 +98,8 @@ def test_mean_ablation_puts_the_mean_component_back():
 
 def test_float32_hidden_keeps_its_dtype():
     h, variant = rows_and_variants()
-    out = SubspaceAblation(bases=(orthonormal(16, 3).astype(np.float32),)).apply(0, h.float(), variant % 2)
+    ab = SubspaceAblation(bases=(orthonormal(16, 3).astype(np.float32),))
+    out = ab.apply(0, h.float(), variant % 2)
     assert out.dtype == torch.float32 and out.shape == h.shape
 
 
@@ -170,7 +171,8 @@ def test_final_deltas_reads_the_last_layer_of_the_variant():
         for layer in range(3):
             rows.append({"variant": variant, "layer": layer, "accuracy": 0.5 + offset + layer,
                          "ece": offset * layer, "mce": 2 * offset, "delta_accuracy": offset - layer,
-                         "delta_ece": offset * 10 + layer, "delta_mce": -offset, "changed": layer / 4})
+                         "delta_ece": offset * 10 + layer, "delta_mce": -offset,
+                         "changed": layer / 4})
     table = pd.DataFrame(rows)
     got = final_deltas(table, "nullspace")
     assert got == pytest.approx({"delta_accuracy": 0.1 - 2, "delta_ece": 1.0 + 2, "delta_mce": -0.1,

@@ -8,12 +8,14 @@ Checks against references computed here: c_hat recomputed by hand from the cache
 and the seeded split, the null space from numpy's own eigendecomposition of W_Uᵀ W_U, eta 0
 against the plain probe (layers.csv), loaded directions against the fitted one.
 
-Numerics: the key/value path runs every eta (variant) of an example as a separate row of one
-batch. The CPU matmul kernels do not round identical rows identically at every row position, so
-rows with the same input (eta 0 and eta 8 before the intervention layer, or an identity ablation)
-differ by ~1e-5 in the option logits. Metrics derived from them (ECE, MCE) therefore agree to
-METRIC_TOL, not bit for bit; predictions (accuracy, ``changed``) agree exactly unless a
-prediction sits on a near-tie, which these 8 examples do not.
+Numerics (float32 forced, so a GPU machine runs the same arithmetic as a CPU one): eta 0 of
+the key/value path and the plain forward of the probe agree to float rounding, ~1e-6 in each
+example's confidence, and ECE/MCE move by at most that much. The key/value path also runs every
+eta (variant) of an example as another row of one batch, and CPU matmul kernels need not round
+identical rows identically at every row position (seen: ~1e-5 in the logits with a 3-batch
+plan, 0 with one batch). ECE/MCE comparisons therefore use METRIC_TOL = 1e-5; predictions
+(accuracy, ``changed``) are compared exactly, which holds as long as no example sits on a
+near-tie of its two options (none of these 8 does).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BASE = ["dataset.limit=16", "tracker=none", "probe.progress=false", "output.plots=false",
-        "metrics.bootstrap=0",
+        "metrics.bootstrap=0", "model.dtype=float32",
         "probe.min_fill=0"]  # one batch of 8 per steering pass: fewer, larger matmuls on CPU
 LAYERS = 31  # SmolLM2-135M: embeddings + 30 blocks
 HIDDEN = 576
@@ -82,7 +84,8 @@ def assert_no_results(job_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def steered(tmp_path_factory):
     """intervention=direction, eta=[0,2,8]: the reference every other job is compared with."""
-    job_dir, summary = run(tmp_path_factory.mktemp("steer"), "intervention=direction", "eta=[0,2,8]")
+    job_dir, summary = run(tmp_path_factory.mktemp("steer"), "intervention=direction",
+                           "eta=[0,2,8]")
     loaded = next(iter(models._LOADED.values()))
     return job_dir, summary, loaded
 
@@ -116,7 +119,8 @@ def test_layers_before_the_intervention_are_unchanged(steered):
         rows = eta_rows(table, eta)
         before = rows["layer"] < LAYERS - 1  # default intervention layer: the last one (30)
         np.testing.assert_array_equal(rows.loc[before, "accuracy"], zero.loc[before, "accuracy"])
-        np.testing.assert_allclose(rows.loc[before, "ece"], zero.loc[before, "ece"], atol=METRIC_TOL)
+        np.testing.assert_allclose(rows.loc[before, "ece"], zero.loc[before, "ece"],
+                                   atol=METRIC_TOL)
         assert (rows.loc[before, "changed"] == 0).all()
         assert (rows.loc[before, "delta_accuracy"] == 0).all()
         assert rows.loc[before, "delta_ece"].abs().max() <= METRIC_TOL
@@ -145,7 +149,8 @@ def test_direction_equals_hand_computed_layer_diff(steered):
     job_dir, _, loaded = steered
     cfg = config("intervention=direction", "eta=[0,2,8]")
     _, prompt_set, _ = job_mod._prepare(cfg)
-    probe = job_mod.cached_probe(loaded, prompt_set, cfg["probe"], [27, 28, 29, 30], cfg.get("cache_dir"))
+    probe = job_mod.cached_probe(loaded, prompt_set, cfg["probe"], [27, 28, 29, 30],
+                                 cfg.get("cache_dir"))
     cal = np.sort(np.random.default_rng(0).permutation(16)[:8])  # seed 0, fraction 0.5
     per_layer = []
     for layer in (28, 29, 30):
@@ -224,8 +229,8 @@ def test_loaded_direction_gives_the_same_steering(steered, tmp_path):
 def test_direction_of_another_width_is_refused(tmp_path):
     rng = np.random.default_rng(1)
     vector = rng.standard_normal(640)
-    save_direction(Direction(vector / np.linalg.norm(vector), {"model": "wide", "unembed_hash": "x"}),
-                   tmp_path)
+    wide = Direction(vector / np.linalg.norm(vector), {"model": "wide", "unembed_hash": "x"})
+    save_direction(wide, tmp_path)
     job_dir = tmp_path / "job"
     with pytest.raises(DirectionError, match=r"hidden size 640.*'smollm2' has 576"):
         job_mod.run_job(config("intervention=direction", "eta=[0,2]",
@@ -236,7 +241,8 @@ def test_direction_of_another_width_is_refused(tmp_path):
 def test_direction_of_another_model_needs_allow_cross_model(steered, tmp_path):
     job_dir0, _, _ = steered
     fitted = load_direction(job_dir0 / "direction.safetensors")
-    other = Direction(fitted.vector, {**fitted.meta, "model": "other-576", "unembed_hash": "0" * 64})
+    other = Direction(fitted.vector,
+                      {**fitted.meta, "model": "other-576", "unembed_hash": "0" * 64})
     save_direction(other, tmp_path, stem="other")
     path = f"direction.path={tmp_path / 'other.safetensors'}"
     refused = tmp_path / "refused"
@@ -258,15 +264,16 @@ def test_direction_of_another_model_needs_allow_cross_model(steered, tmp_path):
 
 def test_random_direction_runs_and_differs(steered, tmp_path):
     job_dir0, _, _ = steered
-    job_dir, summary = run(tmp_path, "intervention=direction", "eta=[0,8]", "direction.method=random")
+    job_dir, summary = run(tmp_path, "intervention=direction", "eta=[0,8]",
+                           "direction.method=random")
     meta = read_json(job_dir / "direction.json")
     assert meta["method"] == "random" and summary["direction"]["method"] == "random"
     random = load_direction(job_dir / "direction.safetensors").vector
     fitted = load_direction(job_dir0 / "direction.safetensors").vector
     assert np.linalg.norm(random) == pytest.approx(1.0)
     assert abs(random @ fitted) < 0.5
-    np.testing.assert_array_equal(random, np.random.default_rng(0).standard_normal(HIDDEN)
-                                  / np.linalg.norm(np.random.default_rng(0).standard_normal(HIDDEN)))
+    seeded = np.random.default_rng(0).standard_normal(HIDDEN)  # direction.seed = seed = 0
+    np.testing.assert_array_equal(random, seeded / np.linalg.norm(seeded))
     mine, theirs = eta_rows(steering(job_dir), 8.0), eta_rows(steering(job_dir0), 8.0)
     assert mine.iloc[-1]["ece"] != pytest.approx(theirs.iloc[-1]["ece"], abs=1e-6)
     np.testing.assert_allclose(eta_rows(steering(job_dir), 0.0)["ece"],
@@ -288,7 +295,8 @@ def test_direction_fit_on_another_dataset(steered, tmp_path):
     assert summary["direction"]["dataset"] == "sst2"
     assert meta["n_examples"] == 8
     np.testing.assert_allclose(load_direction(job_dir / "direction.safetensors").vector,
-                               load_direction(job_dir0 / "direction.safetensors").vector, atol=1e-12)
+                               load_direction(job_dir0 / "direction.safetensors").vector,
+                               atol=1e-12)
     assert len(steering(job_dir)) == 2 * LAYERS
     assert summary["n_calibration"] + summary["n_evaluation"] == 16
 
@@ -298,10 +306,11 @@ def test_direction_fit_on_another_dataset(steered, tmp_path):
 
 @pytest.fixture(scope="module")
 def null_basis(steered):
-    """The bottom-6 eigenvectors of W_Uᵀ W_U by numpy, and their singular values."""
+    """The bottom-6 eigenvectors of W_Uᵀ W_U by numpy, and their singular values (the Gram
+    matrix in float32, half the time of float64; its bottom-6 subspace agrees to ~1e-7)."""
     _, _, loaded = steered
-    w = loaded.adapter.unembed_weight.detach().cpu().double().numpy()
-    values, vectors = np.linalg.eigh(w.T @ w)
+    w = loaded.adapter.unembed_weight.detach().cpu().float().numpy()
+    values, vectors = np.linalg.eigh((w.T @ w).astype(np.float64))
     return vectors[:, :6], np.sqrt(np.clip(values[:6], 0, None))
 
 
@@ -323,14 +332,15 @@ def test_nullspace_job(steered, null_basis, tmp_path):
     job_dir0, _, _ = steered
     job_dir, summary = run(tmp_path, "intervention=nullspace")
     report = read_json(job_dir / "nullspace.json")
-    for key in ("k", "rho", "rho_random_mean", "p_value", "max_cosine", "truncation", "random_control"):
-        assert key in report, key
+    keys = ("k", "rho", "rho_random_mean", "p_value", "max_cosine", "truncation", "random_control")
+    assert set(keys) <= set(report)
     assert report["k"] == 6  # round(1% of 576)
     basis, sigma = null_basis
     c = load_direction(job_dir0 / "direction.safetensors").vector  # the same fit
-    assert report["rho"] == pytest.approx(np.linalg.norm(basis.T @ c), abs=1e-6)
-    assert report["max_cosine"] == pytest.approx(np.abs(basis.T @ c).max(), abs=1e-6)
-    np.testing.assert_allclose(report["singular_values"], sigma, rtol=1e-6)
+    assert report["rho"] == pytest.approx(np.linalg.norm(basis.T @ c), abs=1e-4)
+    np.testing.assert_allclose(report["singular_values"], sigma, rtol=1e-4)
+    # single columns (not just the span) matter here: looser, eigenvalue gaps are only ~3
+    assert report["max_cosine"] == pytest.approx(np.abs(basis.T @ c).max(), abs=5e-3)
     assert 0 < report["rho_random_mean"] < 1 and 0 < report["p_value"] <= 1
     table = ablation_rows(job_dir, ["none", "nullspace", "random"])
     last = table[(table["variant"] == "nullspace") & (table["layer"] == LAYERS - 1)].iloc[0]

@@ -126,25 +126,27 @@ def test_key_changes_with_every_input(word_tokenizer):
     ps = prompts(word_tokenizer)
     settings = ProbeSettings(keep_layers=(1, 3))
     key = probe_cache.probe_key("w", ps, settings)
-    assert key == probe_cache.probe_key("w", prompts(word_tokenizer), ProbeSettings(keep_layers=(1, 3)))
+    again = probe_cache.probe_key("w", prompts(word_tokenizer), ProbeSettings(keep_layers=(1, 3)))
+    assert again == key
+    edited = [*ps.prompts[:-1], ps.prompts[-1] + " "]  # one trailing space
     changed = {
         "weights": probe_cache.probe_key("w2", ps, settings),
-        "prompts": probe_cache.probe_key("w", replace(ps, prompts=[*ps.prompts[:-1], ps.prompts[-1] + " "]),
-                                         settings),
+        "prompts": probe_cache.probe_key("w", replace(ps, prompts=edited), settings),
         "prompt order": probe_cache.probe_key("w", replace(ps, prompts=ps.prompts[::-1]), settings),
         "labels": probe_cache.probe_key("w", replace(ps, labels=1 - ps.labels), settings),
-        "option ids": probe_cache.probe_key("w", replace(ps, option_ids=ps.option_ids[:, ::-1].copy()),
-                                            settings),
+        "option ids": probe_cache.probe_key(
+            "w", replace(ps, option_ids=ps.option_ids[:, ::-1].copy()), settings),
         "keep_layers": probe_cache.probe_key("w", ps, ProbeSettings(keep_layers=(1, 2, 3))),
         "no keep_layers": probe_cache.probe_key("w", ps, ProbeSettings()),
-        "option_mass": probe_cache.probe_key("w", ps, ProbeSettings(option_mass="all",
-                                                                    keep_layers=(1, 3))),
+        "option_mass": probe_cache.probe_key(
+            "w", ps, ProbeSettings(option_mass="all", keep_layers=(1, 3))),
     }
     for what, other in changed.items():
         assert other != key, what
     assert len(set(changed.values())) == len(changed)
     # Batching does not change results, so it does not change the key; keep_layers is a set.
-    same = ProbeSettings(batch_size=2, max_tokens=64, min_fill=0.1, progress=False, keep_layers=(3, 1))
+    same = ProbeSettings(batch_size=2, max_tokens=64, min_fill=0.1, progress=False,
+                         keep_layers=(3, 1))
     assert probe_cache.probe_key("w", ps, same) == key
 
 
