@@ -34,11 +34,12 @@ def capture_last_position(adapter: Adapter) -> Iterator[list[torch.Tensor]]:
     """
     store: list[torch.Tensor] = []
 
+    # clone: a view would keep every layer's whole [batch, seq, hidden] output alive
     def pre(_module, args, kwargs):
-        store.append(_pre_hidden(args, kwargs)[:, -1].detach())
+        store.append(_pre_hidden(args, kwargs)[:, -1].detach().clone())
 
     def post(_module, _args, output):
-        store.append(block_hidden(output)[:, -1].detach())
+        store.append(block_hidden(output)[:, -1].detach().clone())
 
     handles = [adapter.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
     try:

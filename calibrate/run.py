@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> dict | None:
     job_dir, name, group, multirun = _job_context()
     if cfg.tracker.get("group"):
         group = cfg.tracker.group
-    done = results.read_metrics(job_dir) if cfg.get("resume") else None
+    done = results.read_metrics(job_dir) if cfg.get("resume") is True else None  # else validated
     if done is not None:
         print(f"[calibrate] resume: {job_dir} is complete, skipped", file=sys.stderr)
         return done

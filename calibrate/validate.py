@@ -157,6 +157,8 @@ def check_job(cfg: Mapping[str, Any]) -> None:
     check_probe(cfg["probe"])
     check_metrics(cfg["metrics"])
     check_tracker(cfg["tracker"])
+    if not isinstance(cfg.get("resume", False), bool):  # "maybe" would otherwise count as true
+        raise ConfigError(f"resume={cfg.get('resume')!r}; accepted: true, false")
     if "eta" in cfg:
         parse_eta(cfg["eta"])
     if "intervention" in cfg:

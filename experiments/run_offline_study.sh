@@ -1,37 +1,44 @@
 #!/usr/bin/env bash
 # The offline study on CPU (SmolLM2-135M, Gemma-3-270M, real data), as committed under
 # experiments/offline_study/. Run from the repository root after `make setup`.
+# STEPS="1 2 3 4" selects parts (default: all).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
+STEPS=${STEPS:-1 2 3 4}
 common="probe.progress=false tracker=none dataset.shuffle=true"
+steer="intervention=direction intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # 1. layer-wise probe: both models x SST-2, ARC-Easy, MMLU (200 each) and Rotten Tomatoes
-$PY -m calibrate.run -m $common model=smollm2,gemma3_270m dataset=sst2,arc_easy,mmlu \
-    dataset.limit=200 hydra.sweep.dir=$OUT/layerwise
-$PY -m calibrate.run -m $common model=smollm2,gemma3_270m dataset=rotten_tomatoes \
-    dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=200 hydra.sweep.dir=$OUT/layerwise_rt
+if step 1; then
+  $PY -m calibrate.run -m $common model=smollm2,gemma3_270m dataset=sst2,arc_easy,mmlu \
+      dataset.limit=200 hydra.sweep.dir=$OUT/layerwise
+  $PY -m calibrate.run -m $common model=smollm2,gemma3_270m dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=200 hydra.sweep.dir=$OUT/layerwise_rt
+fi
 
-# 2. steering and null space: the bundle (direction + nullspace on SST-2, ARC-Easy, MMLU)
-$PY -m calibrate.run -m experiment=offline_study probe.progress=false hydra.sweep.dir=$OUT/study
+# 2. steering and the null space on SST-2 (direction + nullspace jobs share one probe)
+if step 2; then
+  $PY -m calibrate.run -m experiment=offline_study probe.progress=false dataset=sst2 \
+      hydra.sweep.dir=$OUT/study
+fi
 
-# 3. fitted direction vs the random control, and cross-dataset transfer from SST-2
-$PY -m calibrate.run -m $common intervention=direction intervention.eta_scale=residual_norm \
-    'eta=[0,0.05,0.1,0.2,0.4]' model=smollm2,gemma3_270m direction.method=layer_diff,random \
-    dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=300 \
-    hydra.sweep.dir=$OUT/steer_rt
-$PY -m calibrate.run -m $common intervention=direction intervention.eta_scale=residual_norm \
-    'eta=[0,0.05,0.1,0.2,0.4]' model=smollm2,gemma3_270m direction.method=random \
-    dataset=sst2 dataset.limit=200 hydra.sweep.dir=$OUT/steer_sst2_random
-$PY -m calibrate.run -m $common intervention=direction intervention.eta_scale=residual_norm \
-    'eta=[0,0.05,0.1,0.2,0.4]' model=smollm2,gemma3_270m direction.source=sst2 \
-    direction.source_limit=200 dataset=arc_easy dataset.limit=200 hydra.sweep.dir=$OUT/transfer_arc
-$PY -m calibrate.run -m $common intervention=direction intervention.eta_scale=residual_norm \
-    'eta=[0,0.05,0.1,0.2,0.4]' model=smollm2,gemma3_270m direction.source=sst2 \
-    direction.source_limit=200 dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
-    dataset.limit=300 hydra.sweep.dir=$OUT/transfer_rt
+# 3. the fitted direction vs the random control on Rotten Tomatoes, and transfer from SST-2
+if step 3; then
+  $PY -m calibrate.run -m $common $steer model=smollm2,gemma3_270m \
+      direction.method=layer_diff,random dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=200 hydra.sweep.dir=$OUT/steer_rt
+  $PY -m calibrate.run -m $common $steer model=smollm2,gemma3_270m direction.source=sst2 \
+      direction.source_limit=200 dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
+      dataset.limit=200 hydra.sweep.dir=$OUT/transfer_rt
+  $PY -m calibrate.run -m $common $steer model=smollm2,gemma3_270m direction.source=sst2 \
+      direction.source_limit=200 dataset=arc_easy dataset.limit=100 hydra.sweep.dir=$OUT/transfer_arc
+fi
 
 # 4. one comparison of everything
-$PY -m calibrate.compare $OUT/layerwise $OUT/layerwise_rt $OUT/study $OUT/steer_rt \
-    $OUT/steer_sst2_random $OUT/transfer_arc $OUT/transfer_rt --out $OUT/compare --relative-depth
+if step 4; then
+  $PY -m calibrate.compare $OUT/layerwise $OUT/layerwise_rt $OUT/study $OUT/steer_rt \
+      $OUT/transfer_rt $OUT/transfer_arc --out $OUT/compare --relative-depth
+fi

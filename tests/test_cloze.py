@@ -17,12 +17,12 @@ from calibrate.models import wrap_model
 from calibrate.probe import ProbeSettings
 from conftest import build_tiny
 
-# multi-token options of different lengths; examples with 2, 3 and 4 options
+# multi-token options of different lengths (some sharing leading tokens); 2, 3 and 4 options
 CONTEXTS = ["question : the movie was great ? answer :", "question : is this a film ? answer :",
             "the movie", "a very boring film . question : good or bad ? answer :"]
 OPTIONS = [["very good fun", "bad", "not very good ."], ["yes", "no no"],
            ["was fun", "film", "is not very very good , it was bad", "the"],
-           ["good", "bad", "very bad", "this film is not good"]]
+           ["good", "very bad", "very good", "very good fun , not bad"]]
 LABELS = np.array([0, 1, 2, 1])
 
 
@@ -245,25 +245,55 @@ def test_tokenization_follows_lm_eval(word_tokenizer, bos):
             assert request.context_ids == ([1] if bos else []) + ctx_ids
         else:
             assert request.context_ids == [lm.tokenizer.bos_token_id]  # lm-eval's prefix token
+    assert build_requests(lm.tokenizer, contexts, options) == requests  # a bare tokenizer works
     # the trailing space of "Answer: " is not a context token: it leads the continuation
     assert requests[1].context_ids == lm.tokenizer("Answer:")["input_ids"]
     assert lm.tokenizer.decode(requests[1].continuations[0]) == "  yes"
 
 
 def test_options_sharing_a_prefix_share_lens_states():
-    plan = token_plan([[5, 6, 7], [5, 6, 8], [9], [5]], [0, 0, 0, 1], n_examples=2, width=2)
-    # example 0: () , (5,) , (5, 6) -> 3 states; example 1: () -> 1 state
-    assert plan.state_src.tolist() == [0, 2 + 0 * 2 + 0, 2 + 0 * 2 + 1, 1]
+    # rows 0-2 belong to example 0, row 3 to example 1; rows 0 and 1 run at sources 2.. and 4..
+    plan = token_plan([[5, 6, 7], [5, 6, 8], [9], [5]], [0, 0, 0, 1], row_base=[2, 4, -1, -1])
+    # example 0: (), (5,), (5, 6) -> 3 states read at sources 0, 2, 3; example 1: () at source 1
+    assert plan.state_src.tolist() == [0, 2, 3, 1]
     assert plan.token_state.tolist() == [0, 1, 2, 0, 1, 2, 0, 3]
     assert plan.token_target.tolist() == [5, 6, 7, 5, 6, 8, 9, 5]
     assert plan.token_row.tolist() == [0, 0, 0, 1, 1, 1, 2, 3]
 
 
+def test_continuation_groups_skip_single_tokens_and_limit_padding():
+    widths = [8, 0, 7, 1, 8, 2, 0, 1]
+    for fill in (0.9, 0.3):
+        groups = cloze_mod.continuation_groups(widths, quiet(min_fill=fill))
+        assert sorted(np.concatenate(groups).tolist()) == [0, 2, 3, 4, 5, 7]  # width 0: nothing to run
+        for group in groups:
+            w = np.asarray(widths)[group]
+            assert w.sum() / (w.max() * len(group)) >= min(fill, cloze_mod.CONTINUATION_MIN_FILL)
+        assert np.asarray(widths)[groups[0]].max() == 8
+    groups = cloze_mod.continuation_groups([8, 0, 7, 1, 8, 1, 0, 1, 1], quiet(min_fill=0.9))
+    assert [sorted(g.tolist()) for g in groups] == [[0, 2, 3, 4, 5, 7], [8]]  # fill 27/56 < 0.5
+
+
+def test_several_continuation_groups_are_used(tiny, monkeypatch):
+    requests = build_requests(tiny, CONTEXTS, OPTIONS)
+    real_pass, calls = cloze_mod._continuation_pass, []
+
+    def counted(loaded, cache, mask, row_example, inputs, device):
+        calls.append(len(inputs))
+        return real_pass(loaded, cache, mask, row_example, inputs, device)
+
+    monkeypatch.setattr(cloze_mod, "_continuation_pass", counted)
+    result = run_cloze(tiny, requests, LABELS, quiet(batch_size=4))
+    assert len(calls) > 1  # the cache was copied for all but the last group
+    assert sum(calls) == sum(len(c) > 1 for r in requests for c in r.continuations)
+    assert result.padding_efficiency > 0.5
+
+
 def test_lens_chunks_do_not_change_the_result(tiny, monkeypatch):
     requests = build_requests(tiny, CONTEXTS, OPTIONS)
     whole = run_cloze(tiny, requests, LABELS, quiet())
-    monkeypatch.setattr(cloze_mod, "LENS_ROWS", 1)  # one state per chunk
-    monkeypatch.setattr(cloze_mod.Lens, "vocab_chunk", 7)  # many vocabulary chunks
+    monkeypatch.setattr(cloze_mod, "LENS_ROWS_CPU", 1)  # one state per step
+    monkeypatch.setattr(cloze_mod, "LENS_VOCAB_CPU", 7)  # many vocabulary chunks
     chunked = run_cloze(tiny, requests, LABELS, quiet())
     np.testing.assert_allclose(chunked.option_logits, whole.option_logits, rtol=0, atol=1e-5)
 
@@ -285,11 +315,11 @@ def test_hooks_are_removed_and_oom_halves_the_batch(tiny, monkeypatch):
     reference = run_cloze(tiny, requests, LABELS, quiet(batch_size=1))
     real_batch, sizes = cloze_mod.cloze_batch, []
 
-    def flaky(loaded, lens, batch):
+    def flaky(loaded, lens, batch, *args):
         sizes.append(len(batch))
         if len(batch) > 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_batch(loaded, lens, batch)
+        return real_batch(loaded, lens, batch, *args)
 
     monkeypatch.setattr(cloze_mod, "cloze_batch", flaky)
     result = run_cloze(tiny, requests, LABELS, quiet(batch_size=4))
