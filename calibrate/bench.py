@@ -176,8 +176,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="mmlu", help="dataset config name")
     parser.add_argument("--n", type=int, default=8, help="number of prompts")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 is steadier on a busy machine")
     parser.add_argument("--output", type=Path, default=Path(BENCH_FILE))
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     for name in ("n", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -192,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     cfg = OmegaConf.to_container(compose([f"model={args.model}", f"dataset={args.dataset}",
                                           f"dataset.limit={args.n}", "dataset.shuffle=true"]),
                                  resolve=True)

@@ -122,7 +122,8 @@ def _init_wandb(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | N
     return wandb.init(project=cfg.get("project"), entity=cfg.get("entity"), mode=mode,
                       dir=str(cfg.get("dir") or job_dir), name=name, group=group, job_type=job_type,
                       tags=tags, config=dict(config), reinit="finish_previous",
-                      settings=wandb.Settings(silent=True, x_disable_stats=True))
+                      settings=wandb.Settings(silent=True, x_disable_stats=True,
+                                              init_timeout=float(cfg.get("init_timeout", 90))))
 
 
 def open_tracker(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | None,

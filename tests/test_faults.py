@@ -6,7 +6,7 @@ entries go to throw-away cache roots whose ``models``, ``wheels`` and ``unpacked
 links to the real cache (see :func:`isolated_cache`): no test reads or damages an entry of the
 user's cache, and every probe is really computed the first time. The independent CLI runs start
 in the background when the module starts, two at a time (:func:`background`); the resume and
-kill tests run their subprocesses in the test itself. About 3 minutes of CPU in all.
+kill tests run their subprocesses in the test itself. About 2.5 minutes of CPU in all.
 """
 
 from __future__ import annotations
@@ -151,15 +151,23 @@ def assert_row_matches_metrics(row: pd.Series, job_dir: Path) -> None:
         assert row[key] == pytest.approx(metrics["final"][key], rel=1e-12, abs=1e-15), key
 
 
+CACHE_ENTRY = re.compile(r"^[0-9a-f]{64}\.(npz|safetensors)$")  # probe / null-space entries
+JOB_PARTS = {".hydra", "wandb", "probe", "nullspace"}
+
+
 def repo_files() -> set[Path]:
-    """Files of the working tree that a job could write by mistake (not sources being edited by
-    others, not the background experiment's folder)."""
+    """Files in the working tree that look written by a job or a cache: cache entries, Hydra and
+    W&B folders, result files. (Sources that others edit meanwhile, and the background
+    experiment's ``experiments/`` folder, are not looked at.)"""
     skip_dirs = {".git", ".venv", "__pycache__", ".pytest_cache", "experiments"}
-    sources = {".py", ".md", ".yaml", ".yml", ".toml", ".cfg", ".txt", ".sh", ".jinja"}
     found = set()
     for dirpath, dirnames, filenames in os.walk(REPO):
         dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.endswith(".egg-info")]
-        found.update(Path(dirpath) / f for f in filenames if Path(f).suffix not in sources)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if (CACHE_ENTRY.match(name) or name in (*RESULT_NAMES, "run.log")
+                    or JOB_PARTS & set(path.relative_to(REPO).parts)):
+                found.add(path)
     return found
 
 
@@ -239,7 +247,8 @@ def _wandb_unreachable_job(root: Path) -> dict:
     cwd = root / "cwd"
     out = cwd / "out"
     before = repo_files()
-    run = cli(["calibrate.run", "intervention=nullspace", "nullspace.n_random=10", "dataset.limit=4",
+    run = cli(["calibrate.run", "intervention=nullspace", "nullspace.n_random=10",
+               "dataset.limit=4",
                "tracker=wandb", "tracker.mode=online", "probe.progress=false", "output.plots=false",
                "metrics.bootstrap=0", f"hydra.run.dir={out}"], cwd, timeout=420,
               env={"CALIBRATE_CACHE": str(cache), "WANDB_MODE": None,
@@ -332,7 +341,7 @@ def test_unreachable_wandb_still_completes(background):
     assert "falling back to offline" in run.stderr, explain(run)
     metrics = results.read_metrics(out)
     assert metrics is not None and metrics["intervention"] == "nullspace"
-    assert metrics["n_calibration"] + metrics["n_evaluation"] == 4  # n_examples: the evaluation split
+    assert metrics["n_calibration"] + metrics["n_evaluation"] == 4  # n_examples: evaluation only
     assert len(pd.read_csv(out / "layers.csv")) == SMOL_LAYERS
     assert list((out / "wandb").glob("offline-run-*")), list((out / "wandb").iterdir())
     assert run.seconds < 400, explain(run)
@@ -509,8 +518,9 @@ def test_same_config_and_seed_give_identical_files(job_config, uncached, tmp_pat
     cfg = job_config(6, **{"metrics.bootstrap": 50})  # the seeded bootstrap is part of it
     first = job_mod.run_job(cfg, tmp_path / "a")
     second = job_mod.run_job(cfg, tmp_path / "b")
-    assert (tmp_path / "a" / "layers.csv").read_bytes() == (tmp_path / "b" / "layers.csv").read_bytes()
-    with np.load(tmp_path / "a" / "predictions.npz") as a, np.load(tmp_path / "b" / "predictions.npz") as b:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    assert (a_dir / "layers.csv").read_bytes() == (b_dir / "layers.csv").read_bytes()
+    with np.load(a_dir / "predictions.npz") as a, np.load(b_dir / "predictions.npz") as b:
         assert a.files == b.files
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -551,7 +561,8 @@ def test_damaged_probe_cache_entry_is_rebuilt(job_config, tmp_path, monkeypatch,
     real_load, real_probe = probe_cache.load, job_mod.run_probe
     monkeypatch.setattr(probe_cache, "load", lambda key, cache_dir: keys.append(key) or
                         real_load(key, cache_dir))
-    monkeypatch.setattr(job_mod, "run_probe", lambda *a, **k: computed.append(1) or real_probe(*a, **k))
+    monkeypatch.setattr(job_mod, "run_probe",
+                        lambda *a, **k: computed.append(1) or real_probe(*a, **k))
     probe_cache._MEMORY.clear()
     first = job_mod.run_job(cfg, tmp_path / "first")
     entry = probe_cache._path(keys[-1], cfg["cache_dir"])
@@ -562,7 +573,8 @@ def test_damaged_probe_cache_entry_is_rebuilt(job_config, tmp_path, monkeypatch,
     computed.clear()
     second = job_mod.run_job(cfg, tmp_path / "second")
     assert computed == [1], "the damaged entry was used"
-    assert (tmp_path / "first" / "layers.csv").read_bytes() == (tmp_path / "second" / "layers.csv").read_bytes()
+    layers = [(tmp_path / d / "layers.csv").read_bytes() for d in ("first", "second")]
+    assert layers[0] == layers[1]
     assert first["final"] == second["final"]
     with np.load(entry, allow_pickle=False) as data:  # rewritten whole
         assert "option_logits" in data.files

@@ -89,8 +89,9 @@ RUNS = {
     # one job: submitit pickles the task, starts a fresh process and waits for its result
     "submitit": lambda root, cache: _sweep(root, cache, ["hydra/launcher=submitit_local",
                                                          "hydra.launcher.timeout_min=5"], "4"),
-    "slurm_cfg": lambda root, cache: (cli(["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu",
-                                           "--cfg", "hydra"], root / "cwd", cache), None),
+    "slurm_cfg": lambda root, cache: (cli(["hydra/launcher=slurm_gpu",
+                                           "hydra.launcher.partition=gpu", "--cfg", "hydra"],
+                                          root / "cwd", cache), None),
 }
 TEST_KEYS = {"test_joblib_sweep": "joblib", "test_submitit_local_sweep": "submitit",
              "test_slurm_gpu_launcher_composes": "slurm_cfg"}
@@ -159,7 +160,8 @@ def test_slurm_gpu_launcher_composes(background):
     run, _ = background["slurm_cfg"].result()
     assert run.rc == 0, explain(run)
     launcher = yaml.safe_load(run.stdout)["hydra"]["launcher"]
-    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher["_target_"] == ("hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+                                    "SlurmLauncher")
     assert launcher["gpus_per_node"] == 1
     assert (launcher["tasks_per_node"], launcher["nodes"]) == (1, 1)
     assert launcher["cpus_per_task"] == 8 and launcher["mem_gb"] == 64
