@@ -22,8 +22,8 @@ memory of each variant in MiB.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,46 +40,23 @@ from calibrate.steer import Steering, run_steered
 BENCH_FILE = "bench.json"
 
 
-class PeakMemory:
-    """Peak memory above the starting point while the block runs, in MiB.
+class CudaPeakMemory:
+    """Peak CUDA memory above the starting point while the block runs, in MiB."""
 
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's resident set size, sampled
-    from /proc every ``interval`` seconds by a background thread.
-    """
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mib = device, float("nan")
 
-    def __init__(self, device: torch.device, interval: float = 0.002) -> None:
-        self.device, self.interval, self.peak_mib = device, interval, 0.0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * 4096
-
-    def _sample(self, base: int) -> None:
-        peak = base
-        while not self._stop.is_set():
-            peak = max(peak, self._rss())
-            time.sleep(self.interval)
-        self.peak_mib = max(self.peak_mib, (max(peak, self._rss()) - base) / 2**20)
-
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> CudaPeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._thread = threading.Thread(target=self._sample, args=(self._rss(),), daemon=True)
-            self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
 
 
 def _batches(loaded, prompts: Sequence[str], settings: ProbeSettings) -> list[tuple[torch.Tensor, ...]]:
@@ -118,7 +95,7 @@ def peer_lens(loaded, batches, option_ids: torch.Tensor) -> None:
 
 
 def _time(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    with PeakMemory(device) as memory:
+    with CudaPeakMemory(device) as memory:
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
@@ -127,8 +104,8 @@ def _time(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
     return elapsed, memory.peak_mib
 
 
-def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[str, Any]:
-    """Interleave the three variants ``rounds`` times; medians of time, max of peak memory."""
+def variants_for(loaded, prompt_set, settings: ProbeSettings) -> dict[str, Callable[[], Any]]:
+    """The timed variants on the same prompts and batches."""
     batches = _batches(loaded, prompt_set.prompts, settings)
     option_ids = torch.from_numpy(np.unique(prompt_set.option_ids[prompt_set.option_ids >= 0]))
     variants = {
@@ -143,6 +120,12 @@ def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[st
                         tuple(float(e) for e in range(8)), "last")
     variants["eta8_cached"] = lambda: run_steered(loaded, prompt_set, steering, settings, use_cache=True)
     variants["eta8_full"] = lambda: run_steered(loaded, prompt_set, steering, settings, use_cache=False)
+    return variants
+
+
+def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[str, Any]:
+    """Interleave the variants ``rounds`` times; medians of time."""
+    variants = variants_for(loaded, prompt_set, settings)
     variants["probe"]()  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {k: 0.0 for k in variants}
@@ -151,7 +134,7 @@ def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[st
             elapsed, peak = _time(fn, loaded.device)
             times[name].append(elapsed)
             peaks[name] = max(peaks[name], peak)
-            print(f"  round {round_ + 1}/{rounds} {name:8s} {elapsed:8.2f} s  peak +{peak:8.1f} MiB")
+            print(f"  round {round_ + 1}/{rounds} {name:12s} {elapsed:8.2f} s")
     med = {k: statistics.median(v) for k, v in times.items()}
     efficiency = run_probe(loaded, prompt_set, settings).padding_efficiency
     return {
@@ -163,9 +146,34 @@ def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[st
         "padding_efficiency": efficiency,
         "forward_s": med["forward"], "forward_last_s": med["forward_last"], "probe_s": med["probe"],
         "peer_s": med["peer"], "eta8_cached_s": med["eta8_cached"], "eta8_full_s": med["eta8_full"],
-        "forward_peak_mib": peaks["forward"], "probe_peak_mib": peaks["probe"],
-        "peer_peak_mib": peaks["peer"],
+        **{f"{k}_peak_mib": v for k, v in peaks.items()},
     }
+
+
+_MEMORY_SCRIPT = """
+import resource, sys, torch
+from calibrate import bench
+loaded, prompt_set, settings, variants = bench.setup(sys.argv[1], sys.argv[2], int(sys.argv[3]),
+                                                     int(sys.argv[4]))
+with torch.inference_mode():  # warm-up on one short input: one-off kernel and allocator setup
+    loaded.model(input_ids=torch.tensor([[1, 2, 3]], device=loaded.device))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+variants[sys.argv[5]]()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024.0)
+"""
+
+
+def peak_memory_subprocess(args: argparse.Namespace, variant: str) -> float:
+    """Peak resident memory (MiB) a variant adds, each in a fresh process (CPU), so allocator
+    caches of one variant cannot hide another's peak."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, args.model, args.dataset,
+                           str(args.n), str(args.threads), variant],
+                          capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -178,6 +186,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is steadier on a busy machine")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak-memory measurement (CPU: one process per variant)")
     parser.add_argument("--output", type=Path, default=Path(BENCH_FILE))
     args = parser.parse_args(argv)
     if args.threads < 0:
@@ -188,26 +198,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark and merge its figures into bench.json."""
+def setup(model: str, dataset: str, n: int, threads: int):
+    """Model, prompts, probe settings and the timed variants, as the benchmark uses them."""
     import calibrate
     from calibrate.api import compose
     from calibrate.prompts import build_prompts
     from omegaconf import OmegaConf
 
-    args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    cfg = OmegaConf.to_container(compose([f"model={args.model}", f"dataset={args.dataset}",
-                                          f"dataset.limit={args.n}", "dataset.shuffle=true"]),
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cfg = OmegaConf.to_container(compose([f"model={model}", f"dataset={dataset}",
+                                          f"dataset.limit={n}", "dataset.shuffle=true"]),
                                  resolve=True)
-    loaded = calibrate.load_model(args.model)
-    records = calibrate.load_dataset(args.dataset, limit=args.n, shuffle=True)
+    loaded = calibrate.load_model(model)
+    records = calibrate.load_dataset(dataset, limit=n, shuffle=True)
     prompt_set = build_prompts(records, cfg["dataset"], loaded.tokenizer)
     settings = ProbeSettings.from_config({**cfg["probe"], "progress": False})
+    return loaded, prompt_set, settings, variants_for(loaded, prompt_set, settings)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and merge its figures into bench.json."""
+    args = parse_args(argv)
+    if args.memory_only:
+        figures = {f"{name}_peak_mib": peak_memory_subprocess(args, name)
+                   for name in ("forward", "probe", "peer", "eta8_cached")}
+        merge_json(args.output, figures)
+        print(json.dumps(figures, indent=2))
+        return figures
+    loaded, prompt_set, settings, _ = setup(args.model, args.dataset, args.n, args.threads)
     print(f"bench: {args.model} on {args.n} {args.dataset} prompts, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, device {loaded.device}")
     figures = measure(loaded, prompt_set, settings, args.rounds)
+    if loaded.device.type != "cuda":  # CPU: peak resident memory, each variant in its own process
+        for name in ("forward", "probe", "peer", "eta8_cached"):
+            figures[f"{name}_peak_mib"] = peak_memory_subprocess(args, name)
     figures.update(bench_model=args.model, bench_dataset=args.dataset, bench_n=args.n,
                    bench_rounds=args.rounds, bench_device=str(loaded.device))
     merge_json(args.output, figures)
@@ -219,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"8-eta sweep / probe = {figures['eta8_over_probe']:.3f}   (target <= 1.3; "
           f"8 full steered passes: {figures['eta8_full_over_probe']:.2f})")
     print(f"peak memory MiB     : forward {figures['forward_peak_mib']:.1f}, probe "
-          f"{figures['probe_peak_mib']:.1f}, peer {figures['peer_peak_mib']:.1f}")
+          f"{figures['probe_peak_mib']:.1f}, peer {figures['peer_peak_mib']:.1f}, 8-eta sweep "
+          f"{figures['eta8_cached_peak_mib']:.1f}")
     print(f"written to {args.output}")
     return figures
 
