@@ -120,12 +120,29 @@ def variants_for(loaded, prompt_set, settings: ProbeSettings) -> dict[str, Calla
                         tuple(float(e) for e in range(8)), "last")
     variants["eta8_cached"] = lambda: run_steered(loaded, prompt_set, steering, settings, use_cache=True)
     variants["eta8_full"] = lambda: run_steered(loaded, prompt_set, steering, settings, use_cache=False)
+    variants["truncation"] = lambda: run_steered(loaded, prompt_set, _truncation(loaded), settings)
     return variants
 
 
-def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[str, Any]:
+def _truncation(loaded):
+    """Null-space truncation at the last layer next to its random-subspace control (k = 1%)."""
+    from calibrate import nullspace
+    from calibrate.ablate import SubspaceAblation
+
+    weight = loaded.adapter.unembed_weight.detach().cpu()
+    k = nullspace.resolve_k(weight.shape[1])
+    basis, _ = nullspace.null_space(weight, k)
+    control = nullspace.random_subspace(weight.shape[1], k, 0)
+    return SubspaceAblation(bases=(basis.float().numpy(), control.float().numpy()),
+                            layers=(loaded.adapter.num_blocks,))
+
+
+def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int,
+            only: Sequence[str] | None = None) -> dict[str, Any]:
     """Interleave the variants ``rounds`` times; medians of time."""
     variants = variants_for(loaded, prompt_set, settings)
+    if only:
+        variants = {k: v for k, v in variants.items() if k == "probe" or k in only}
     variants["probe"]()  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {k: 0.0 for k in variants}
@@ -137,11 +154,15 @@ def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int) -> dict[st
             print(f"  round {round_ + 1}/{rounds} {name:12s} {elapsed:8.2f} s")
     med = {k: statistics.median(v) for k, v in times.items()}
     efficiency = run_probe(loaded, prompt_set, settings).padding_efficiency
+    if only:
+        return {**{f"{k}_over_probe": med[k] / med["probe"] for k in med if k != "probe"},
+                **{f"{k}_s": v for k, v in med.items()}}
     return {
         "probe_over_forward": med["probe"] / med["forward"],
         "probe_over_forward_last_logits": med["probe"] / med["forward_last"],
         "eta8_over_probe": med["eta8_cached"] / med["probe"],
         "eta8_full_over_probe": med["eta8_full"] / med["probe"],
+        "truncation_over_probe": med["truncation"] / med["probe"],
         "peer_over_probe": med["peer"] / med["probe"],
         "padding_efficiency": efficiency,
         "forward_s": med["forward"], "forward_last_s": med["forward_last"], "probe_s": med["probe"],
@@ -186,6 +207,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is steadier on a busy machine")
+    parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                        help="time only these variants (with probe, the reference of every ratio)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak-memory measurement (CPU: one process per variant)")
     parser.add_argument("--output", type=Path, default=Path(BENCH_FILE))
@@ -229,7 +252,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loaded, prompt_set, settings, _ = setup(args.model, args.dataset, args.n, args.threads)
     print(f"bench: {args.model} on {args.n} {args.dataset} prompts, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, device {loaded.device}")
-    figures = measure(loaded, prompt_set, settings, args.rounds)
+    figures = measure(loaded, prompt_set, settings, args.rounds, args.only)
+    if args.only:
+        merge_json(args.output, figures)
+        print(json.dumps(figures, indent=2))
+        return figures
     if loaded.device.type != "cuda":  # CPU: peak resident memory, each variant in its own process
         for name in ("forward", "probe", "peer", "eta8_cached"):
             figures[f"{name}_peak_mib"] = peak_memory_subprocess(args, name)
@@ -243,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"padding efficiency  = {figures['padding_efficiency']:.3f}   (target >= 0.9)")
     print(f"8-eta sweep / probe = {figures['eta8_over_probe']:.3f}   (target <= 1.3; "
           f"8 full steered passes: {figures['eta8_full_over_probe']:.2f})")
+    print(f"null-space truncation (+ random control) / probe = {figures['truncation_over_probe']:.3f}")
     print(f"peak memory MiB     : forward {figures['forward_peak_mib']:.1f}, probe "
           f"{figures['probe_peak_mib']:.1f}, peer {figures['peer_peak_mib']:.1f}, 8-eta sweep "
           f"{figures['eta8_cached_peak_mib']:.1f}")
