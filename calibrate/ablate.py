@@ -24,7 +24,7 @@ import torch
 
 from calibrate import nullspace, results
 from calibrate.assets import cache_root
-from calibrate.intervene import _take, intervention_config, obtain_direction, subset
+from calibrate.intervene import intervention_config, obtain_direction, subset
 from calibrate.models import LoadedModel
 from calibrate.probe import ProbeSettings
 from calibrate.prompts import PromptSet
@@ -126,7 +126,7 @@ def run_ablation(cfg: Mapping[str, Any], kind: str, loaded: LoadedModel, prompt_
     report.update(layers=list(layers), ablation=icfg.get("ablation", "zero"), position=ablation.position,
                   truncation=final_deltas(table, names[1]), random_control=final_deltas(table, names[2]))
     return {"fit": fit, "table": table, "report": report, "kind": kind, "eval_set": eval_set,
-            "base_eval": _take(fit.base, fit.eval_idx)}
+            "base_eval": fit.base.take(fit.eval_idx)}
 
 
 def write_ablation(out: Mapping[str, Any], job_dir: Path, title: str, plots: bool) -> dict[str, Path]:

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from calibrate.adapters import Adapter, block_hidden
 from calibrate.lens import Lens, option_probabilities
 from calibrate.models import LoadedModel
-from calibrate.probe import (ProbeResult, ProbeSettings, _halved, _is_oom, check_finite, left_pad,
+from calibrate.probe import (ProbeResult, ProbeSettings, halved_settings, is_out_of_memory, check_finite, left_pad,
                              plan_batches, plan_batches_subset, position_ids)
-from calibrate.steer import _cache_argument
+from calibrate.steer import cache_argument
 
 CLOZE_NORMS = ("none", "token", "byte")
 LENS_ROWS = 2048  # (state, layer) rows per full-vocabulary lens step on an accelerator
@@ -242,7 +242,7 @@ def _continuation_pass(loaded: LoadedModel, cache, mask: torch.Tensor, row_examp
     pos = mask.sum(1)[row_example][:, None] + torch.arange(width)
     with capture_positions(loaded.adapter, slice(None)) as store:
         backbone(input_ids=ids.to(device), attention_mask=full_mask.to(device),
-                 position_ids=pos.to(device), use_cache=True, **{_cache_argument(backbone): cache})
+                 position_ids=pos.to(device), use_cache=True, **{cache_argument(backbone): cache})
     return torch.stack([t.to(out_device) for t in store], dim=2), int(cont_mask.sum())
 
 
@@ -363,9 +363,9 @@ def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings
             try:
                 out = cloze_batch(loaded, lens, [requests[i] for i in idx], settings, max_rows)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not _is_oom(err) or len(idx) == 1:
+                if not is_out_of_memory(err) or len(idx) == 1:
                     raise
-                settings = _halved(settings, len(idx))
+                settings = halved_settings(settings, len(idx))
                 pending = plan_batches_subset(lengths, np.concatenate([idx, *pending]), settings)
                 torch.cuda.empty_cache()
                 continue

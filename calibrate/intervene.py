@@ -154,7 +154,7 @@ def obtain_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: Pr
         fit_cal, _ = _split(len(fit_set.prompts), dcfg)
     auto_table = None
     if dcfg["layers"] == "auto" and not dcfg.get("path"):
-        auto_table = measure(_take(probe(fit_set, ()), fit_cal))
+        auto_table = measure(probe(fit_set, ()).take(fit_cal))
     direction = job.fit(fit_set, fit_cal, auto_table)
     per_layer = {}
     if not dcfg.get("path"):
@@ -186,15 +186,8 @@ def run_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: Promp
     direction.meta.update(intervention_layers=job.steer_layers, position=steering.position,
                           eta_scale=job.icfg["eta_scale"], layer_scale=scale)
     return {"direction": direction, "steering": table, "eval_idx": eval_idx, "cal_idx": cal_idx,
-            "base_eval": _take(base, eval_idx), "steered_logits": logits, "eval_set": eval_set,
+            "base_eval": base.take(eval_idx), "steered_logits": logits, "eval_set": eval_set,
             "etas": etas}
-
-
-def _take(result: ProbeResult, idx: np.ndarray) -> ProbeResult:
-    mass = None if result.option_mass is None else result.option_mass[idx]
-    return ProbeResult(result.option_logits[idx], result.probs[idx], result.labels[idx], mass,
-                       {l: v[idx] for l, v in result.residuals.items()},
-                       result.real_tokens, result.computed_tokens)
 
 
 def steering_summary(table: pd.DataFrame) -> dict[str, Any]:

@@ -76,9 +76,7 @@ def probe_prompts(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping
                   metrics_cfg: Mapping[str, Any], keep_layers: Sequence[int] = ()) -> ProbeReport:
     """Run the probe on ready prompts and measure every layer."""
     result = run_probe(loaded, prompt_set, ProbeSettings.from_config(probe_cfg, keep_layers))
-    info = {"adds_bos": prompt_set.adds_bos, "option_strings": prompt_set.option_strings,
-            "padding_efficiency": result.padding_efficiency}
-    return ProbeReport(measure(result, metrics_cfg), result, prompt_set, info)
+    return _report(result, prompt_set, metrics_cfg)
 
 
 def _prepare(cfg: Mapping[str, Any]) -> tuple[list[Any], PromptSet, LoadedModel]:

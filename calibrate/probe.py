@@ -72,6 +72,13 @@ class ProbeResult:
         """Share of computed token positions that are real rather than padding."""
         return self.real_tokens / max(self.computed_tokens, 1)
 
+    def take(self, idx: np.ndarray) -> ProbeResult:
+        """The examples at ``idx`` (token counts are those of the whole run)."""
+        mass = None if self.option_mass is None else self.option_mass[idx]
+        return ProbeResult(self.option_logits[idx], self.probs[idx], self.labels[idx], mass,
+                           {layer: v[idx] for layer, v in self.residuals.items()},
+                           self.real_tokens, self.computed_tokens)
+
 
 def plan_batches(lengths: np.ndarray, settings: ProbeSettings) -> list[np.ndarray]:
     """Group example indices into batches, longest first.
@@ -120,7 +127,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
@@ -204,9 +211,9 @@ def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSetting
                     loaded, lens, ids, mask, torch.from_numpy(prompt_set.option_ids[idx]),
                     settings.option_mass)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not _is_oom(err) or len(idx) == 1:
+                if not is_out_of_memory(err) or len(idx) == 1:
                     raise
-                settings = _halved(settings, len(idx))
+                settings = halved_settings(settings, len(idx))
                 pending = plan_batches_subset(lengths, np.concatenate([idx, *pending]), settings)
                 torch.cuda.empty_cache()
                 continue
@@ -218,7 +225,7 @@ def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSetting
                        acc.mass, dict(acc.keep), acc.real, acc.computed)
 
 
-def _halved(settings: ProbeSettings, failed: int) -> ProbeSettings:
+def halved_settings(settings: ProbeSettings, failed: int) -> ProbeSettings:
     from dataclasses import replace
 
     half = max(failed // 2, 1)

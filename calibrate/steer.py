@@ -111,7 +111,7 @@ def _read(lens: Lens, store: list[torch.Tensor], option_ids: torch.Tensor) -> to
     return lens.option_logits(lens.normalize(stacked), option_ids)
 
 
-def _cache_argument(backbone: torch.nn.Module) -> str:
+def cache_argument(backbone: torch.nn.Module) -> str:
     """Name of the key/value cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     import inspect
 
@@ -136,7 +136,7 @@ def steer_batch_cached(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask:
             backbone(input_ids=ids[:, -1:].repeat_interleave(n_eta, 0),
                      attention_mask=mask.repeat_interleave(n_eta, 0),
                      position_ids=pos[:, -1:].repeat_interleave(n_eta, 0),
-                     use_cache=True, **{_cache_argument(backbone): cache})
+                     use_cache=True, **{cache_argument(backbone): cache})
         logits = _read(lens, store, option_ids.repeat_interleave(n_eta, 0))
     return logits.reshape(ids.shape[0], n_eta, *logits.shape[1:])
 
