@@ -24,11 +24,12 @@ import torch
 
 from calibrate import nullspace, results
 from calibrate.assets import cache_root
-from calibrate.intervene import intervention_config, obtain_direction, subset
+from calibrate.intervene import intervention_config, obtain_direction
 from calibrate.models import LoadedModel
 from calibrate.probe import ProbeSettings
 from calibrate.prompts import PromptSet
-from calibrate.steer import Intervention, run_steered, steering_table
+from calibrate.scoring import score_steered
+from calibrate.steer import Intervention, steering_table
 
 ABLATIONS = ("zero", "mean")
 ABLATION_FILE = "ablation.csv"
@@ -120,8 +121,8 @@ def run_ablation(cfg: Mapping[str, Any], kind: str, loaded: LoadedModel, prompt_
                                 position=icfg["position"],
                                 means=_means(fit, layers, str(icfg.get("ablation", "zero"))),
                                 names=names)
-    eval_set = subset(prompt_set, fit.eval_idx)
-    logits = run_steered(loaded, eval_set, ablation, settings, bool(icfg.get("use_cache", True)))
+    eval_set = prompt_set.subset(fit.eval_idx)
+    logits = score_steered(loaded, eval_set, ablation, settings, bool(icfg.get("use_cache", True)))
     table = _variant_table(cfg, logits, eval_set.labels, names)
     report.update(layers=list(layers), ablation=icfg.get("ablation", "zero"), position=ablation.position,
                   truncation=final_deltas(table, names[1]), random_control=final_deltas(table, names[2]))

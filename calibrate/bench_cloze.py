@@ -1,9 +1,11 @@
 """Speed of cloze scoring through the lens, side by side with lm-eval's scoring (not a test).
 
-``python -m calibrate.bench_cloze [--model smollm2] [--n 16] [--rounds 3]``
+``python -m calibrate.bench_cloze [--model smollm2] [--dataset arc_easy] [--n 16] [--rounds 3]``
 
-On ARC-Easy records with lm-eval's ARC prompt (``Question: {question}\\nAnswer:``, continuation
-``" " + option``) it times, interleaved round by round (only ratios measured together count):
+On records of a cloze dataset (ARC-Easy by default: lm-eval's ARC prompt
+``Question: {question}\\nAnswer:``, continuation ``" " + option``; ``--dataset hellaswag`` for long
+continuations), its prompts built as a job builds them, it times, interleaved round by round
+(only ratios measured together count):
 
 * ``cloze``: :func:`calibrate.cloze.run_cloze`, every layer through the lens, the context run
   once per example (key/value cache) and each lens state read once;
@@ -33,14 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.cloze import (ClozeRequest, build_requests, capture_positions, cloze_lens,
-                             lens_logprobs, run_cloze)
+from calibrate.cloze import (ClozeRequest, capture_positions, cloze_lens, lens_logprobs, run_cloze,
+                             token_plan)
+from calibrate.data import load_records
 from calibrate.models import LoadedModel
 from calibrate.probe import ProbeSettings, left_pad, position_ids
+from calibrate.prompts import build_prompts
 from calibrate.results import merge_json
 
 BENCH_FILE = "bench.json"
-TEMPLATE = "Question: {question}\nAnswer:"
 
 
 def lmeval_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest],
@@ -108,6 +111,35 @@ def agreement(cloze: np.ndarray, lmeval: list[np.ndarray],
     return {"cloze_vs_lmeval_max_abs": last, "cloze_vs_scratch_max_abs": every}
 
 
+def matmul_ratio(requests: Sequence[ClozeRequest], body: int, vocab: int, hidden: int,
+                 layers: int) -> dict[str, float]:
+    """What the arithmetic alone implies: multiply-adds of cloze over lm-eval's, counting the
+    blocks' ``body`` weights once per token run and the [vocab, hidden] unembedding once per
+    (state, layer) the lens reads (cloze) or once per token (lm-eval); attention scores are
+    left out.
+
+    Cloze runs each context once and each continuation without its last token, and reads
+    ``layers`` layers through the full vocabulary at every distinct predicting state; lm-eval
+    runs context + continuation (without its last token) per option, the head once per token.
+    """
+    tokens_cloze = sum(len(r.context_ids) + sum(len(c) - 1 for c in r.continuations)
+                       for r in requests)
+    states = sum(len(token_plan(r.continuations, [0] * r.n_options, [1] * r.n_options).state_src)
+                 for r in requests)
+    tokens_lmeval = sum(len(r.context_ids) + len(c) - 1 for r in requests for c in r.continuations)
+    lens = states * layers * vocab * hidden
+    cloze = tokens_cloze * body + lens
+    return {"cloze_over_lmeval_matmul": cloze / (tokens_lmeval * (body + vocab * hidden)),
+            "cloze_lens_share_matmul": lens / cloze}
+
+
+def model_shape(loaded: LoadedModel) -> dict[str, int]:
+    """The sizes :func:`matmul_ratio` needs, read off a loaded model."""
+    vocab, hidden = loaded.adapter.unembed_weight.shape
+    body = sum(p.numel() for block in loaded.adapter.blocks for p in block.parameters())
+    return {"body": body, "vocab": vocab, "hidden": hidden, "layers": loaded.adapter.num_blocks + 1}
+
+
 def measure(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.ndarray,
             settings: ProbeSettings, rounds: int, lmeval_batch: int) -> dict[str, Any]:
     """Interleave the three variants ``rounds`` times; medians of the times."""
@@ -134,6 +166,7 @@ def measure(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.nd
         "cloze_over_from_scratch": med["cloze"] / med["scratch"],
         "cloze_s": med["cloze"], "cloze_lmeval_s": med["lmeval"], "cloze_scratch_s": med["scratch"],
         **agreement(outputs["cloze"], outputs["lmeval"], outputs["scratch"]),
+        **matmul_ratio(requests, **model_shape(loaded)),
         "cloze_mean_context_tokens": float(np.mean([len(r.context_ids) for r in requests])),
         "cloze_mean_continuation_tokens": float(np.mean(n_tokens)),
     }
@@ -144,7 +177,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m calibrate.bench_cloze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="model config name")
-    parser.add_argument("--n", type=int, default=16, help="number of ARC-Easy records")
+    parser.add_argument("--dataset", default="arc_easy",
+                        help="dataset config name, scored in its cloze format")
+    parser.add_argument("--n", type=int, default=16, help="number of records")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--lmeval-batch", type=int, default=16,
                         help="lm-eval's batch size (requests)")
@@ -162,25 +197,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and merge its figures into bench.json."""
     import calibrate
+    from calibrate.api import dataset_config
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = calibrate.load_model(args.model)
-    records = calibrate.load_dataset("arc_easy", limit=args.n)
-    contexts = [TEMPLATE.format(question=r.question) for r in records]
-    requests = build_requests(loaded, contexts, [r.options for r in records])
-    labels = np.array([r.label for r in records])
+    cfg = dataset_config(args.dataset, limit=args.n, answer_format="cloze")
+    records = load_records(cfg)
+    prompt_set = build_prompts(records, cfg, loaded.tokenizer)
+    requests, labels = list(prompt_set.requests), prompt_set.labels
     settings = ProbeSettings(progress=False)
-    print(f"bench_cloze: {args.model} on {args.n} arc_easy records, {args.rounds} rounds, "
+    print(f"bench_cloze: {args.model} on {args.n} {args.dataset} records, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads, device {loaded.device}")
     figures = measure(loaded, requests, labels, settings, args.rounds, args.lmeval_batch)
-    figures.update(cloze_bench={"model": args.model, "dataset": "arc_easy", "n": args.n,
+    figures.update(cloze_bench={"model": args.model, "dataset": args.dataset, "n": args.n,
                                 "rounds": args.rounds, "lmeval_batch": args.lmeval_batch,
                                 "device": str(loaded.device), "threads": torch.get_num_threads()})
     merge_json(args.output, figures)
     print(f"cloze / lm-eval        = {figures['cloze_over_lmeval']:.3f}   (target <= 1.2)")
     print(f"cloze / from scratch   = {figures['cloze_over_from_scratch']:.3f}")
+    print(f"multiply-adds alone: cloze / lm-eval = {figures['cloze_over_lmeval_matmul']:.3f}, "
+          f"of which the lens's full-vocabulary reads are "
+          f"{100 * figures['cloze_lens_share_matmul']:.0f}% of cloze's")
     print(f"seconds: cloze {figures['cloze_s']:.2f}, lm-eval {figures['cloze_lmeval_s']:.2f}, "
           f"from scratch {figures['cloze_scratch_s']:.2f}")
     print(f"max |cloze - lm-eval| at the last layer = {figures['cloze_vs_lmeval_max_abs']:.2e}; "

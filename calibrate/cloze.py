@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,77 +26,18 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrate.adapters import Adapter, block_hidden
+from calibrate.continuations import (CLOZE_NORMS, ClozeRequest, build_requests,  # noqa: F401
+                                     cloze_divisors, split_context)
+from calibrate.hooks import edit_residual
 from calibrate.lens import Lens, option_probabilities
 from calibrate.models import LoadedModel
 from calibrate.probe import (ProbeResult, ProbeSettings, halved_settings, is_out_of_memory, check_finite, left_pad,
                              plan_batches, plan_batches_subset, position_ids)
-from calibrate.steer import cache_argument
+from calibrate.steer import Intervention, cache_argument, editor
 
-CLOZE_NORMS = ("none", "token", "byte")
 LENS_ROWS = 2048  # (state, layer) rows per full-vocabulary lens step on an accelerator
 LENS_ROWS_CPU, LENS_VOCAB_CPU = 256, 4096  # on CPU: rows per step, vocabulary rows per chunk
 CONTINUATION_MIN_FILL = 0.5  # least share of real positions in one continuation pass
-
-
-@dataclass(frozen=True)
-class ClozeRequest:
-    """One example: the context's token ids and each option's continuation token ids."""
-
-    context_ids: list[int]
-    continuations: list[list[int]]  # one per option, each non-empty
-    continuation_bytes: tuple[int, ...] = ()  # UTF-8 bytes of each continuation string (byte norm)
-
-    @property
-    def n_options(self) -> int:
-        """Number of options K of this example."""
-        return len(self.continuations)
-
-
-def split_context(context: str, continuation: str) -> tuple[str, str]:
-    """lm-eval's rule: trailing whitespace of the context moves to the front of the continuation."""
-    stripped = context.rstrip()
-    return stripped, context[len(stripped):] + continuation
-
-
-def _prefix_token(tokenizer: Any) -> int:
-    """lm-eval's token for an empty context: BOS, else EOS."""
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
-def build_requests(loaded: LoadedModel | Any, contexts: Sequence[str],
-                   options: Sequence[Sequence[str]], delimiter: str = " ") -> list[ClozeRequest]:
-    """Tokenize like lm-eval: continuation = encode(context + cont)[len(encode(context)):].
-
-    ``loaded`` is a :class:`LoadedModel` or a bare tokenizer (to build requests before the
-    weights are read). The split is computed without special tokens; the context itself keeps
-    the tokenizer's default special tokens (BOS or not), as the letter probe does. An empty
-    context becomes the BOS (else EOS) token. A continuation with no tokens raises ``ValueError``.
-    """
-    if len(contexts) != len(options):
-        raise ValueError(f"{len(contexts)} contexts but {len(options)} option lists")
-    tok = loaded.tokenizer if isinstance(loaded, LoadedModel) else loaded
-    split = [[split_context(c, delimiter + o) for o in opts] for c, opts in zip(contexts, options)]
-    for context, opts in zip(contexts, options):
-        if not opts:
-            raise ValueError(f"context {context[-60:]!r} has no options")
-    bare = [pairs[0][0] for pairs in split]
-    plain = tok(bare, add_special_tokens=False)["input_ids"]
-    default = tok(bare)["input_ids"]
-    wholes = tok([c + cont for pairs in split for c, cont in pairs],
-                 add_special_tokens=False)["input_ids"]
-    requests, at = [], 0
-    for i, pairs in enumerate(split):
-        conts = [w[len(plain[i]):] for w in wholes[at:at + len(pairs)]]
-        at += len(pairs)
-        for option, ids in zip(options[i], conts):
-            if not ids:
-                raise ValueError(f"option {option!r} of example {i} has no continuation tokens "
-                                 f"after the context {bare[i][-40:]!r}; options must be "
-                                 "non-empty text")
-        context_ids = list(default[i]) if bare[i] else [_prefix_token(tok)]
-        requests.append(ClozeRequest(context_ids, [list(c) for c in conts],
-                                     tuple(len(cont.encode("utf-8")) for _, cont in pairs)))
-    return requests
 
 
 @contextmanager
@@ -219,10 +160,21 @@ class BatchOutput:
 
 
 def _context_pass(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool,
-                  out_device: torch.device):
-    """Run the left-padded contexts: ([B, L+1, H] last-position residuals, key/value cache)."""
+                  out_device: torch.device, edit: tuple[Intervention, int] | None = None):
+    """Run the left-padded contexts: ([B, L+1, H] last-position residuals, key/value cache).
+
+    ``edit`` = (intervention, variant) edits the context's residual (its last position, or all
+    of its positions with ``position: all``); the continuations then read the edited cache.
+    """
     device, backbone = loaded.device, loaded.adapter.backbone
-    with capture_positions(loaded.adapter, -1) as store:
+    with ExitStack() as stack:
+        if edit is not None:
+            intervention, variant = edit
+            rows = torch.full((ids.shape[0],), variant, dtype=torch.long)
+            stack.enter_context(edit_residual(loaded.adapter, list(intervention.layers),
+                                              editor(intervention, rows,
+                                                     intervention.position == "last")))
+        store = stack.enter_context(capture_positions(loaded.adapter, -1))
         out = backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
                        position_ids=position_ids(mask).to(device), use_cache=use_cache)
     cache = (getattr(out, "cache", None) or out.past_key_values) if use_cache else None
@@ -276,12 +228,14 @@ def _layout(widths: Sequence[int], groups: Sequence[np.ndarray],
 
 
 def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
-                settings: ProbeSettings, max_rows: int = 256) -> BatchOutput:
+                settings: ProbeSettings, max_rows: int = 256,
+                edit: tuple[Intervention, int] | None = None) -> BatchOutput:
     """Every option's log-likelihood at every layer for a batch of examples.
 
     The contexts run once (left-padded, key/value cache kept); the continuations (each without
     its last token, which predicts nothing) run on a copy of that cache selected per option,
     in groups of similar length. Only the states the lens reads are kept from each pass.
+    ``edit`` (intervention, variant) edits the context pass only.
     """
     ids, mask = left_pad([r.context_ids for r in batch], loaded.tokenizer.pad_token_id)
     conts = [c for r in batch for c in r.continuations]
@@ -294,7 +248,7 @@ def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
     src = plan.state_src.to(lens.device)
     real, computed = int(mask.sum()), mask.numel()
     with torch.inference_mode():
-        context_last, cache = _context_pass(loaded, ids, mask, bool(groups), lens.device)
+        context_last, cache = _context_pass(loaded, ids, mask, bool(groups), lens.device, edit)
         states = context_last.new_empty((len(src), *context_last.shape[1:]))  # [S, L+1, H]
         _take(states, src, context_last, 0)
         for g, rows in enumerate(groups):
@@ -318,36 +272,11 @@ def _take(states: torch.Tensor, src: torch.Tensor, piece: torch.Tensor, start: i
     states[sel] = piece[src[sel] - start]
 
 
-def cloze_divisors(requests: Sequence[ClozeRequest], norm: str,
-                   byte_lengths: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """[N, K] float64 divisor of each option's log-likelihood (1 where an example has no option k).
-
-    ``none``: 1; ``token``: the continuation's token count; ``byte``: its UTF-8 byte count, from
-    ``byte_lengths`` when given, else from the requests (:func:`build_requests` records it).
-    """
-    if norm not in CLOZE_NORMS:
-        raise ValueError(f"cloze_norm={norm!r}; accepted: {', '.join(CLOZE_NORMS)}")
-    if norm == "byte" and byte_lengths is not None and len(byte_lengths) != len(requests):
-        raise ValueError(f"{len(byte_lengths)} byte_lengths rows for {len(requests)} examples")
-    k = max(r.n_options for r in requests)
-    out = np.ones((len(requests), k), dtype=np.float64)
-    for i, req in enumerate(requests):
-        if norm == "token":
-            out[i, :req.n_options] = [len(c) for c in req.continuations]
-        elif norm == "byte":
-            lengths = list(req.continuation_bytes if byte_lengths is None else byte_lengths[i])
-            if len(lengths) != req.n_options or min(lengths) <= 0:
-                raise ValueError(f"cloze_norm=byte needs a positive byte length for each of the "
-                                 f"{req.n_options} options of example {i}; got {lengths}")
-            out[i, :req.n_options] = lengths
-    return out
-
-
 def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings: ProbeSettings,
-                 keep_layers: Sequence[int] = (),
-                 ) -> tuple[np.ndarray, dict[int, np.ndarray], int, int]:
+                 keep_layers: Sequence[int] = (), edit: tuple[Intervention, int] | None = None,
+                 desc: str = "cloze") -> tuple[np.ndarray, dict[int, np.ndarray], int, int]:
     """Summed log-likelihoods [N, L+1, K] float64 (-inf padded), kept context residuals and the
-    real / computed token counts."""
+    real / computed token counts; ``edit`` as in :func:`cloze_batch`."""
     lens, max_rows = cloze_lens(loaded.adapter)
     n, k = len(requests), max(r.n_options for r in requests)
     loglik = np.full((n, loaded.adapter.num_blocks + 1, k), -np.inf)
@@ -356,12 +285,13 @@ def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings
     # an example's longest sequence: sorts by context length, budgets like the letter probe
     lengths = np.array([len(r.context_ids) + max(map(len, r.continuations)) for r in requests])
     pending = plan_batches(lengths, settings)
-    with tqdm(total=n, desc=f"cloze {loaded.name}", unit="ex",
+    with tqdm(total=n, desc=f"{desc} {loaded.name}", unit="ex",
               disable=not settings.progress) as bar:
         while pending:
             idx = pending.pop(0)
             try:
-                out = cloze_batch(loaded, lens, [requests[i] for i in idx], settings, max_rows)
+                out = cloze_batch(loaded, lens, [requests[i] for i in idx], settings, max_rows,
+                                  edit)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
                 if not is_out_of_memory(err) or len(idx) == 1:
                     raise
@@ -385,7 +315,6 @@ def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings
 
 def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.ndarray,
               settings: ProbeSettings | None = None, norm: str = "none",
-              byte_lengths: Sequence[Sequence[int]] | None = None,
               keep_layers: Sequence[int] = ()) -> ProbeResult:
     """Read every option's (normalized) log-likelihood at every layer: a :class:`ProbeResult`.
 
@@ -398,12 +327,29 @@ def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.
     if not requests or len(labels) != len(requests):
         raise ValueError(f"{len(requests)} cloze requests and {len(labels)} labels; "
                          "need one label per request, at least one")
-    divisors = cloze_divisors(requests, norm, byte_lengths)  # validated before any compute
+    divisors = cloze_divisors(requests, norm)  # validated before any compute
     keep = tuple(keep_layers) or tuple(settings.keep_layers)
     loglik, kept, real, computed = cloze_loglik(loaded, requests, settings, keep)
     scores = loglik / divisors[:, None, :]
     return ProbeResult(scores, option_probabilities(scores), np.asarray(labels).copy(), None, kept,
                        real, computed)
+
+
+def run_cloze_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
+                      intervention: Intervention, settings: ProbeSettings | None = None,
+                      norm: str = "none") -> np.ndarray:
+    """Normalized option log-likelihoods [V, N, L+1, K] under each variant (eta) of ``intervention``.
+
+    The edit applies to the context pass (its last position, or every context position with
+    ``position: all``); every option's continuation then reads the edited context. Each variant
+    is one full cloze pass.
+    """
+    settings = settings or ProbeSettings()
+    divisors = cloze_divisors(requests, norm)
+    out = [cloze_loglik(loaded, requests, settings, (), (intervention, v),
+                        f"{type(intervention).__name__.lower()} {v + 1}/{intervention.n_variants}")[0]
+           for v in range(intervention.n_variants)]
+    return np.stack(out) / divisors[None, :, None, :]
 
 
 def loglik_reference(loaded: LoadedModel, request: ClozeRequest) -> np.ndarray:

@@ -20,6 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .assets import AssetError, cache_root, packaged_path
+from .continuations import CLOZE_NORMS
+from .prompts import ANSWER_FORMATS
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,6 @@ class DatasetError(ValueError):
 Row = Mapping[str, Any]
 Normalizer = Callable[[Row], MCRecord]
 
-ANSWER_FORMATS = ("letters", "verbalizer")
 TEMPLATE_FIELDS = ("subject", "question", "choices")
 REQUIRED_KEYS = ("name", "split", "limit", "shuffle", "seed", "answer_format", "template")
 SENTIMENT_OPTIONS = ("negative", "positive")
@@ -229,12 +230,12 @@ def _piqa(row: Row) -> MCRecord:
 
 
 def _sciq(row: Row) -> MCRecord:
-    """SciQ as lm-eval (support, then the question), correct answer first (shuffled later)."""
+    """SciQ as lm-eval ("{support}\nQuestion: {question}", the newline kept when there is no
+    support), correct answer first (shuffled later)."""
     support = str(row.get("support") or "").strip()
-    question = f"Question: {_text(row, 'question')}"
     options = (_text(row, "correct_answer"), _text(row, "distractor1"),
                _text(row, "distractor2"), _text(row, "distractor3"))
-    return MCRecord(f"{support}\n{question}" if support else question, options, 0)
+    return MCRecord(f"{support}\nQuestion: {_text(row, 'question')}", options, 0)
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,10 @@ def _check_answer_format(cfg: Mapping[str, Any], spec: DatasetSpec) -> None:
     if fmt not in ANSWER_FORMATS:
         raise DatasetError(f"answer_format {fmt!r} is invalid; accepted: "
                            f"{', '.join(ANSWER_FORMATS)}")
+    if fmt == "cloze":
+        norm = cfg.get("cloze_norm", "none")
+        if norm not in CLOZE_NORMS:
+            raise DatasetError(f"cloze_norm {norm!r} is invalid; accepted: {', '.join(CLOZE_NORMS)}")
     if fmt != "verbalizer":
         return
     words = cfg.get("verbalizer")
@@ -312,6 +317,11 @@ def _check_answer_format(cfg: Mapping[str, Any], spec: DatasetSpec) -> None:
 
 def _check_template(cfg: Mapping[str, Any]) -> None:
     template = cfg["template"]
+    if template is None:
+        known = sorted(cfg.get("templates") or {})
+        raise DatasetError(f"dataset {cfg['name']!r} has no template for answer_format "
+                           f"{cfg['answer_format']!r} (templates are given for {known}); "
+                           "set dataset.template")
     if not isinstance(template, str):
         raise DatasetError(f"template {template!r} is not a string")
     try:

@@ -24,7 +24,8 @@ from calibrate.direction import (Direction, DirectionError, check_compatible, ch
 from calibrate.models import LoadedModel
 from calibrate.probe import ProbeResult, ProbeSettings
 from calibrate.prompts import PromptSet, build_prompts
-from calibrate.steer import Steering, check_steering, residual_norms, run_steered, steering_table
+from calibrate.scoring import score_steered
+from calibrate.steer import Steering, check_steering, residual_norms, steering_table
 from calibrate.validate import parse_eta
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -53,12 +54,6 @@ def eta_list(cfg: Mapping[str, Any]) -> list[float]:
     """The etas to run, always with 0 first (the reference of every delta)."""
     etas = parse_eta(cfg["eta"])
     return [0.0] + [e for e in dict.fromkeys(etas) if e != 0.0]
-
-
-def subset(prompt_set: PromptSet, idx: np.ndarray) -> PromptSet:
-    """The prompts at ``idx``."""
-    return PromptSet([prompt_set.prompts[i] for i in idx], prompt_set.labels[idx],
-                     prompt_set.option_ids[idx], prompt_set.option_strings, prompt_set.adds_bos)
 
 
 def source_dataset_config(name: str, seed: int, limit: int | None) -> dict[str, Any]:
@@ -179,8 +174,8 @@ def run_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: Promp
     etas = eta_list(cfg)
     steering = Steering(direction.vector, tuple(job.steer_layers), tuple(etas),
                         job.icfg["position"], scale)
-    eval_set = subset(prompt_set, eval_idx)
-    logits = run_steered(loaded, eval_set, steering, settings, bool(job.icfg.get("use_cache", True)))
+    eval_set = prompt_set.subset(eval_idx)
+    logits = score_steered(loaded, eval_set, steering, settings, bool(job.icfg.get("use_cache", True)))
     mcfg = cfg["metrics"]
     table = steering_table(logits, eval_set.labels, etas, int(mcfg["n_bins"]), str(mcfg["binning"]), 0)
     direction.meta.update(intervention_layers=job.steer_layers, position=steering.position,

@@ -21,8 +21,9 @@ from calibrate.metrics import bootstrap_layer_ci, layer_table
 from calibrate.models import (LoadedModel, check_architecture, load_model, load_tokenizer,
                               resolve_source)
 from calibrate.phases import find_phases, phases_to_dict
-from calibrate.probe import ProbeResult, ProbeSettings, run_probe
+from calibrate.probe import ProbeResult, ProbeSettings
 from calibrate.prompts import PromptSet, build_prompts
+from calibrate.scoring import score
 from calibrate.track import Tracker, open_tracker
 from calibrate.validate import check_job
 
@@ -74,8 +75,8 @@ def probe_records(loaded: LoadedModel, records: Sequence[Any], dataset_cfg: Mapp
 
 def probe_prompts(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[str, Any],
                   metrics_cfg: Mapping[str, Any], keep_layers: Sequence[int] = ()) -> ProbeReport:
-    """Run the probe on ready prompts and measure every layer."""
-    result = run_probe(loaded, prompt_set, ProbeSettings.from_config(probe_cfg, keep_layers))
+    """Run the probe (or cloze scoring) on ready prompts and measure every layer."""
+    result = score(loaded, prompt_set, ProbeSettings.from_config(probe_cfg, keep_layers))
     return _report(result, prompt_set, metrics_cfg)
 
 
@@ -119,6 +120,7 @@ def _summary(cfg: Mapping[str, Any], report: ProbeReport, loaded: LoadedModel, p
         "model_type": loaded.adapter.model_type, "unembed_hash": loaded.unembed_hash,
         "dataset": ds["name"], "split": ds.get("split"), "n_examples": len(report.result.labels),
         "n_options": int(report.prompt_set.option_ids.shape[1]), "answer_format": ds["answer_format"],
+        **({"cloze_norm": report.prompt_set.cloze_norm} if report.prompt_set.is_cloze else {}),
         "num_layers": report.result.num_layers, **report.info, "final": report.final,
         **phases, "elapsed_s": round(elapsed, 3),
     }
@@ -140,7 +142,7 @@ def write_report(report: ProbeReport, job_dir: Path, summary: Mapping[str, Any],
 
 def cached_probe(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[str, Any],
                  keep_layers: Sequence[int] = (), cache_dir: str | Path | None = None) -> ProbeResult:
-    """:func:`run_probe` through the in-process and on-disk result cache."""
+    """:func:`calibrate.scoring.score` through the in-process and on-disk result cache."""
     settings = ProbeSettings.from_config(probe_cfg, keep_layers)
     if loaded.name not in _FINGERPRINTS:
         _FINGERPRINTS.clear()
@@ -148,7 +150,7 @@ def cached_probe(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[
     key = probe_cache.probe_key(_FINGERPRINTS[loaded.name], prompt_set, settings)
     result = probe_cache.load(key, cache_dir)
     if result is None:
-        result = run_probe(loaded, prompt_set, settings)
+        result = score(loaded, prompt_set, settings)
         probe_cache.store(key, result, cache_dir)
     return result
 

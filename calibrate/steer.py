@@ -95,7 +95,9 @@ def residual_norms(residuals: Mapping[int, np.ndarray], layers: Sequence[int]) -
             for layer in layers}
 
 
-def _editor(intervention: Intervention, row_variants: torch.Tensor, last_only: bool):
+def editor(intervention: Intervention, row_variants: torch.Tensor, last_only: bool):
+    """The residual edit of ``intervention``: every row r is variant ``row_variants[r]``; with
+    ``last_only`` only the last position changes (prompts are left-padded)."""
     def edit(layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if not last_only:
             return intervention.apply(layer, hidden, row_variants)
@@ -131,7 +133,7 @@ def steer_batch_cached(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask:
         cache = getattr(prefix, "cache", None) or prefix.past_key_values
         cache.batch_repeat_interleave(n_eta)  # row b*V + v holds example b, variant v
         row_variants = torch.arange(n_eta).repeat(ids.shape[0])
-        with edit_residual(loaded.adapter, list(steering.layers), _editor(steering, row_variants, True)), \
+        with edit_residual(loaded.adapter, list(steering.layers), editor(steering, row_variants, True)), \
                 capture_last_position(loaded.adapter) as store:
             backbone(input_ids=ids[:, -1:].repeat_interleave(n_eta, 0),
                      attention_mask=mask.repeat_interleave(n_eta, 0),
@@ -149,7 +151,7 @@ def steer_batch_full(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: t
     with torch.inference_mode():
         for variant in range(steering.n_variants):
             row_variants = torch.full((ids.shape[0],), variant, dtype=torch.long)
-            with edit_residual(loaded.adapter, list(steering.layers), _editor(steering, row_variants, last_only)), \
+            with edit_residual(loaded.adapter, list(steering.layers), editor(steering, row_variants, last_only)), \
                     capture_last_position(loaded.adapter) as store:
                 loaded.adapter.backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
                                         position_ids=position_ids(mask).to(device), use_cache=False)

@@ -36,6 +36,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     error_path = job_dir / results.ERROR_FILE
     if metrics is not None:
         row.update(status="complete", model=metrics.get("model"), dataset=metrics.get("dataset"),
+                   answer_format=metrics.get("answer_format"), cloze_norm=metrics.get("cloze_norm"),
                    n_examples=metrics.get("n_examples"))
         row.update({k: v for k, v in metrics.get("final", {}).items()})
         for key in ("plateau_layer", "peak_ece_layer", "peak_ece"):

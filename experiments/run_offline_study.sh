@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The offline study on CPU (SmolLM2-135M, Gemma-3-270M, real data), as committed under
 # experiments/offline_study/. Run from the repository root after `make setup`.
-# STEPS="1 2 3 4" selects parts (default: all).
+# STEPS="1 2 3 4 5" selects parts (default: all).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
-STEPS=${STEPS:-1 2 3 4}
+STEPS=${STEPS:-1 2 3 4 5}
 common="probe.progress=false tracker=none dataset.shuffle=true"
 steer="intervention=direction intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # 1. layer-wise probe: both models x SST-2, ARC-Easy, MMLU (200 each) and Rotten Tomatoes
 if step 1; then
-  $PY -m calibrate.run -m $common model=smollm2,gemma3_270m dataset=sst2,arc_easy,mmlu \
+  $PY -m calibrate.run -m $common model=smollm2,gemma3_270m dataset=sst2,mmlu \
       dataset.limit=200 hydra.sweep.dir=$OUT/layerwise
+  $PY -m calibrate.run -m $common model=smollm2,gemma3_270m dataset=arc_easy \
+      dataset.answer_format=letters dataset.limit=200 hydra.sweep.dir=$OUT/layerwise_arc_letters
   $PY -m calibrate.run -m $common model=smollm2,gemma3_270m dataset=rotten_tomatoes \
       dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=200 hydra.sweep.dir=$OUT/layerwise_rt
 fi
@@ -34,7 +36,15 @@ if step 3; then
       direction.source_limit=200 dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
       dataset.limit=200 hydra.sweep.dir=$OUT/transfer_rt
   $PY -m calibrate.run -m $common $steer model=smollm2,gemma3_270m direction.source=sst2 \
-      direction.source_limit=200 dataset=arc_easy dataset.limit=100 hydra.sweep.dir=$OUT/transfer_arc
+      direction.source_limit=200 dataset=arc_easy dataset.answer_format=letters dataset.limit=100 \
+      hydra.sweep.dir=$OUT/transfer_arc
+fi
+
+# 5. cloze scoring (lm-eval's log-likelihood of each option's text) read at every layer:
+#    ARC-Easy (300 of 570, shuffled), ARC-Challenge (all 299), COPA (all 100), HellaSwag (300 of 10042)
+if step 5; then
+  $PY -m calibrate.run -m $common model=smollm2,gemma3_270m \
+      dataset=arc_easy,arc_challenge,copa,hellaswag dataset.limit=300 hydra.sweep.dir=$OUT/cloze
 fi
 
 # 4. one comparison of everything

@@ -141,11 +141,11 @@ def test_uniform_head_gives_known_logliks_and_norms(word_tokenizer):
     valid = np.isfinite(per_token.option_logits)
     np.testing.assert_allclose(per_token.option_logits[valid], -math.log(len(word_tokenizer)), rtol=1e-6)
     np.testing.assert_allclose(per_token.probs[0, -1], [1 / 3, 1 / 3, 1 / 3, 0.0], atol=1e-12)
-    per_byte = run_cloze(lm, requests, LABELS, quiet(), norm="byte")
-    chars = [[len(" " + o) for o in opts] for opts in OPTIONS]
+    per_char = run_cloze(lm, requests, LABELS, quiet(), norm="char")
+    chars = [[len(o) for o in opts] for opts in OPTIONS]  # the option text, without the delimiter
     for i, request in enumerate(requests):
         k = request.n_options
-        np.testing.assert_allclose(per_byte.option_logits[i, -1, :k], expected[i, :k] / chars[i], rtol=1e-6)
+        np.testing.assert_allclose(per_char.option_logits[i, -1, :k], expected[i, :k] / chars[i], rtol=1e-6)
 
 
 def test_bigram_model_known_logprobs(word_tokenizer):
@@ -173,23 +173,22 @@ def test_bigram_model_known_logprobs(word_tokenizer):
 def test_norms_divide_the_log_likelihood(tiny):
     requests = build_requests(tiny, CONTEXTS, OPTIONS)
     raw = run_cloze(tiny, requests, LABELS, quiet())
-    tokens = run_cloze(tiny, requests, LABELS, quiet(), norm="token")
-    nbytes = run_cloze(tiny, requests, LABELS, quiet(), norm="byte")
-    custom = [[2] * len(o) for o in OPTIONS]
-    halved = run_cloze(tiny, requests, LABELS, quiet(), norm="byte", byte_lengths=custom)
+    scored = {norm: run_cloze(tiny, requests, LABELS, quiet(), norm=norm)
+              for norm in ("token", "char", "byte")}
     for i, request in enumerate(requests):
         k = request.n_options
-        n_tok = np.array([len(c) for c in request.continuations], dtype=np.float64)
-        n_byte = np.array([len((" " + o).encode()) for o in OPTIONS[i]], dtype=np.float64)
-        np.testing.assert_allclose(tokens.option_logits[i, :, :k], raw.option_logits[i, :, :k] / n_tok)
-        np.testing.assert_allclose(nbytes.option_logits[i, :, :k], raw.option_logits[i, :, :k] / n_byte)
-        np.testing.assert_allclose(halved.option_logits[i, :, :k], raw.option_logits[i, :, :k] / 2)
-        z = np.exp(tokens.option_logits[i, :, :k] - tokens.option_logits[i, :, :k].max(-1, keepdims=True))
-        np.testing.assert_allclose(tokens.probs[i, :, :k], z / z.sum(-1, keepdims=True), atol=1e-12)
+        divisors = {"token": [len(c) for c in request.continuations],
+                    "char": [len(o) for o in OPTIONS[i]],  # lm-eval's acc_norm: len(choice)
+                    "byte": [len(o.encode("utf-8")) for o in OPTIONS[i]]}
+        for norm, result in scored.items():
+            expected = raw.option_logits[i, :, :k] / np.array(divisors[norm], dtype=np.float64)
+            np.testing.assert_allclose(result.option_logits[i, :, :k], expected)
+        z = np.exp(scored["token"].option_logits[i, :, :k]
+                   - scored["token"].option_logits[i, :, :k].max(-1, keepdims=True))
+        np.testing.assert_allclose(scored["token"].probs[i, :, :k], z / z.sum(-1, keepdims=True),
+                                   atol=1e-12)
     with pytest.raises(ValueError, match="cloze_norm='chars'"):
         run_cloze(tiny, requests, LABELS, quiet(), norm="chars")
-    with pytest.raises(ValueError, match="byte length"):
-        run_cloze(tiny, requests, LABELS, quiet(), norm="byte", byte_lengths=[[1]] * 4)
 
 
 def test_empty_continuation_raises(tiny):
@@ -236,11 +235,10 @@ def test_tokenization_follows_lm_eval(word_tokenizer, bos):
     options = [["a whale", "the dog"], ["yes", "no"], ["maybe", "two spaces"], ["yes", "whale"]]
     requests = build_requests(lm, contexts, options)
     for context, opts, request in zip(contexts, options, requests):
-        for option, cont, nbytes in zip(opts, request.continuations, request.continuation_bytes):
+        assert request.option_texts == tuple(opts)
+        for option, cont in zip(opts, request.continuations):
             ctx_ids, cont_ids = _lm_eval_pair(lm.tokenizer, context, " " + option)
             assert cont == cont_ids
-            moved = context[len(context.rstrip()):]
-            assert nbytes == len((moved + " " + option).encode("utf-8"))
         if context:
             assert request.context_ids == ([1] if bos else []) + ctx_ids
         else:

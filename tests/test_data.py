@@ -61,6 +61,31 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 # ---------------------------------------------------------------- configs
 
+# lm-eval scores these by log-likelihood of each option's text; the rest keep one-token answers
+CLOZE_DEFAULT = {"arc_easy", "arc_challenge", "hellaswag", "piqa", "copa", "openbookqa", "sciq"}
+
+
+def test_default_answer_formats_follow_lm_eval() -> None:
+    formats = {name: dataset_cfg(name).answer_format for name in DATASETS}
+    assert {n for n, f in formats.items() if f == "cloze"} == CLOZE_DEFAULT
+    assert formats["mmlu"] == formats["truthfulqa"] == "letters"
+    assert {formats[n] for n in ("sst2", "rotten_tomatoes", "boolq")} == {"verbalizer"}
+    # lm-eval's contexts; `template` follows answer_format
+    assert dataset_cfg("arc_easy").template == "Question: {question}\nAnswer:"
+    assert dataset_cfg("piqa").template == "Question: {question}\nAnswer:"
+    assert dataset_cfg("sciq").template == "{question}\nAnswer:"
+    assert {dataset_cfg(n).template for n in ("hellaswag", "copa", "openbookqa")} == {"{question}"}
+    letters = dataset_cfg("arc_easy", answer_format="letters")
+    assert "{choices}" in letters.template
+    validate_dataset_config(letters)
+
+
+def test_cloze_norm_is_checked() -> None:
+    validate_dataset_config(dataset_cfg("copa", cloze_norm="token"))
+    with pytest.raises(DatasetError, match="cloze_norm 'chars' is invalid; accepted: none, token, char, byte"):
+        validate_dataset_config(dataset_cfg("copa", cloze_norm="chars"))
+
+
 def test_datasets_are_the_config_files() -> None:
     assert set(DATASETS) == {p.stem for p in CONF.glob("*.yaml")}
     assert len(DATASETS) == 12
@@ -70,7 +95,10 @@ def test_datasets_are_the_config_files() -> None:
 def test_every_config_has_the_sst2_schema_and_validates(name: str) -> None:
     base = set(OmegaConf.load(CONF / "sst2.yaml"))
     keys = set(OmegaConf.load(CONF / f"{name}.yaml"))
-    assert keys - base == ({"subjects", "category"} if name == "mmlu" else set())
+    extra = {"mmlu": {"subjects", "category"}}.get(name, set())
+    if name in CLOZE_DEFAULT:
+        extra = {"templates"}  # one template per answer format; `template` picks by answer_format
+    assert keys - base == extra
     assert base <= keys
     cfg = dataset_cfg(name, seed=5)
     assert cfg.seed == 5 and cfg.name == name
@@ -123,7 +151,8 @@ def test_boolq_and_sciq_questions(cache: Path) -> None:
     assert boolq.question.endswith("\nQuestion: does ethanol take more energy make that produces?")
     assert boolq.options == ("no", "yes") and boolq.label == 0
     sciq = load_records(dataset_cfg("sciq", limit=1), cache)[0]
-    assert sciq.question == "Question: Who proposed the theory of evolution by natural selection?"
+    # lm-eval's "{{support.lstrip()}}\nQuestion: ..." keeps the newline when there is no support
+    assert sciq.question == "\nQuestion: Who proposed the theory of evolution by natural selection?"
     assert sciq.options[sciq.label] == "darwin"
     assert sorted(sciq.options) == sorted(["darwin", "Scopes", "Linnaeus", "shaw"])
 
@@ -356,5 +385,9 @@ def test_truthfulqa_hub_form_and_saved_dataset_dict(tmp_path: Path) -> None:
 
 def test_verbalizer_must_match_each_record(cache: Path) -> None:
     cfg = dataset_cfg("arc_easy", answer_format="verbalizer", verbalizer=[" A", " B", " C", " D"])
+    with pytest.raises(DatasetError, match=r"no template for answer_format 'verbalizer' \(templates "
+                                           r"are given for \['cloze', 'letters'\]\); set dataset.template"):
+        validate_dataset_config(cfg)
+    cfg.template = "{question}\nAnswer:"
     with pytest.raises(DatasetError, match=r"has 5 options but verbalizer"):
         load_records(cfg, cache)

@@ -226,6 +226,24 @@ def test_loaded_direction_gives_the_same_steering(steered, tmp_path):
     assert summary["n_calibration"] + summary["n_evaluation"] == 16
 
 
+def test_steering_a_cloze_dataset(tmp_path):
+    """ARC-Easy in its default cloze format: c_hat from the last context position, steered there;
+    every option's continuation reads the steered context."""
+    job_dir, summary = run(tmp_path, "intervention=direction", "dataset=arc_easy", "eta=[0,8]",
+                           "intervention.layers=[20]")
+    assert summary["answer_format"] == "cloze" and summary["n_evaluation"] == 8
+    table = steering(job_dir)
+    zero, eight = eta_rows(table, 0.0), eta_rows(table, 8.0)
+    layers = pd.read_csv(job_dir / "layers.csv")  # the unsteered cloze scores of the evaluation part
+    np.testing.assert_array_equal(zero["accuracy"], layers["accuracy"])
+    np.testing.assert_allclose(zero["ece"], layers["ece"], rtol=0, atol=METRIC_TOL)
+    before = eight["layer"] < 20  # layers before the edit (layer 20 reads the edited state)
+    np.testing.assert_allclose(eight.loc[before, "ece"], zero.loc[before, "ece"], atol=METRIC_TOL)
+    assert (eight.loc[before, "changed"] == 0).all()
+    after = eight.loc[~before]
+    assert after["delta_ece"].abs().max() > 1e-4 or after["changed"].max() > 0
+
+
 def test_direction_of_another_width_is_refused(tmp_path):
     rng = np.random.default_rng(1)
     vector = rng.standard_normal(640)

@@ -150,6 +150,28 @@ def test_key_changes_with_every_input(word_tokenizer):
     assert probe_cache.probe_key("w", ps, same) == key
 
 
+def test_cloze_key_sees_continuations_and_norm(word_tokenizer):
+    from calibrate.data import MCRecord
+
+    records = [MCRecord(s, ("very good fun", "bad"), i % 2) for i, s in enumerate(SENTENCES)]
+    cloze = {"name": "toy", "answer_format": "cloze", "cloze_norm": "none",
+             "template": "{question} question : good or bad ? answer :"}
+    ps = build_prompts(records, cloze, word_tokenizer)
+    key = probe_cache.probe_key("w", ps, ProbeSettings())
+    assert probe_cache.probe_key("w", build_prompts(records, cloze, word_tokenizer),
+                                 ProbeSettings()) == key
+    other_text = [MCRecord(r.question, ("very good fun", "bad bad"), r.label) for r in records]
+    changed = {
+        # the first continuation tokens (option_ids) and prompts are the same in both
+        "option text": probe_cache.probe_key("w", build_prompts(other_text, cloze, word_tokenizer),
+                                             ProbeSettings()),
+        "norm": probe_cache.probe_key("w", replace(ps, cloze_norm="char"), ProbeSettings()),
+    }
+    assert build_prompts(other_text, cloze, word_tokenizer).option_ids.tolist() == ps.option_ids.tolist()
+    for what, other in changed.items():
+        assert other != key, what
+
+
 # ---------------------------------------------------------------- store / load
 
 

@@ -174,3 +174,38 @@ def test_variable_option_counts_pad_with_minus_one(real_tokenizer):
     assert ps.option_ids[2].tolist() == letter_ids[:4] + [-1]
     assert ps.option_strings == [" A", " B", " C", " D", " E"]
     assert ps.prompts[0] == "Question: q1\nA. x\nB. y\nC. z\nAnswer:"
+
+
+# ---------------------------------------------------------------- cloze
+
+CLOZE = {"name": "toy", "answer_format": "cloze", "cloze_norm": "char",
+         "template": "Question: {question}\nAnswer:"}
+
+
+def test_cloze_prompts_hold_each_options_continuation(real_tokenizer):
+    tok = real_tokenizer
+    records = [rec("Which is a mammal?", ("a whale", "a shark", "a trout"), 0),
+               rec("Which one flies?", ("the sparrow", "the penguin"), 0)]
+    ps = build_prompts(records, CLOZE, tok)
+    assert ps.is_cloze and ps.cloze_norm == "char" and ps.option_strings == []
+    assert ps.prompts == ["Question: Which is a mammal?\nAnswer:", "Question: Which one flies?\nAnswer:"]
+    for i, (record, request) in enumerate(zip(records, ps.requests)):
+        plain = ids(tok, ps.prompts[i])
+        assert request.context_ids == tok(ps.prompts[i])["input_ids"]  # the tokenizer's default BOS
+        for k, option in enumerate(record.options):
+            whole = ids(tok, ps.prompts[i] + " " + option)  # lm-eval: whole minus the context
+            assert request.continuations[k] == whole[len(plain):]
+            assert ps.option_ids[i, k] == request.continuations[k][0]
+        assert request.option_texts == record.options
+    assert ps.option_ids[1].tolist()[2] == -1
+    part = ps.subset([1])
+    assert part.requests == (ps.requests[1],) and part.cloze_norm == "char"
+    assert part.prompts == ps.prompts[1:] and part.labels.tolist() == [0]
+
+
+def test_cloze_needs_no_choices_and_names_an_empty_option(word_tokenizer):
+    records = [rec("the movie", ("was fun", "")), rec("a film", ("good", "bad"))]
+    with pytest.raises(PromptError, match="option '' of example 0 has no continuation tokens"):
+        build_prompts(records, {**CLOZE, "template": "{question}"}, word_tokenizer)
+    with pytest.raises(PromptError, match="cloze_norm='chars'; accepted: none, token, char, byte"):
+        build_prompts(records[1:], {**CLOZE, "cloze_norm": "chars"}, word_tokenizer)

@@ -135,7 +135,12 @@ CASES = [
          ("{tmp}/missing.jsonl", "does not exist"), cli=True),
     Case("verbalizer_multitoken", ('dataset.verbalizer=[" antidisestablishmentarianism"," positive"]',),
          ("' antidisestablishmentarianism'", "not a single token"), ("one token each",), cli=True),
-    Case("answer_format", ("dataset.answer_format=bogus",), ("'bogus'",), ("letters, verbalizer",)),
+    Case("answer_format", ("dataset.answer_format=bogus",), ("'bogus'",), ("letters, verbalizer, cloze",)),
+    Case("cloze_norm", ("dataset=arc_easy", "dataset.cloze_norm=chars"), ("cloze_norm 'chars'",),
+         ("none, token, char, byte",), cli=True),
+    Case("no_template", ("dataset=arc_easy", "dataset.answer_format=verbalizer",
+                         'dataset.verbalizer=[" A"," B"]'),
+         ("answer_format 'verbalizer'",), ("['cloze', 'letters']", "set dataset.template")),
     Case("dtype", ("model.dtype=float8",), ("model.dtype='float8'",), ("float32", "bfloat16"), cli=True),
     Case("device", ("model.device=tpu",), ("model.device='tpu'",), ("cpu", "cuda")),
     Case("n_bins", ("metrics.n_bins=0",), ("metrics.n_bins=0",), ("integer >= 1",)),
@@ -270,6 +275,48 @@ def test_python_api(lm, tmp_path, monkeypatch):
     assert report.result.probs.shape == (10, SMOL_LAYERS, 2)
     assert {"accuracy", "ece", "mce"} <= set(report.final)
     assert list(tmp_path.iterdir()) == [], "the API wrote files into the working directory"
+
+
+def lm_eval_acc_norm(lm, records) -> tuple[np.ndarray, np.ndarray]:
+    """lm-eval's ARC scoring written out: context "Question: {q}\nAnswer:", continuation
+    " " + option, tokens = encode(context + continuation)[len(encode(context)):], the model's own
+    log-softmax summed over them; acc_norm divides by len(option). Returns (ll / len, predictions)."""
+    tok, out = lm.tokenizer, []
+    for record in records:
+        context = f"Question: {record.question}\nAnswer:"
+        ctx = tok(context)["input_ids"]
+        plain = tok(context, add_special_tokens=False)["input_ids"]
+        row = []
+        for option in record.options:
+            cont = tok(context + " " + option, add_special_tokens=False)["input_ids"][len(plain):]
+            with torch.inference_mode():
+                logits = lm.model(input_ids=torch.tensor([ctx + cont])).logits[0].double()
+            logp = torch.log_softmax(logits[len(ctx) - 1:-1], -1)
+            row.append(float(logp.gather(1, torch.tensor(cont)[:, None]).sum()) / len(option))
+        out.append(row)
+    width = max(map(len, out))
+    scores = np.array([row + [-np.inf] * (width - len(row)) for row in out])
+    return scores, scores.argmax(1)
+
+
+def test_cloze_job_equals_lm_eval_scoring(lm, tmp_path):
+    """ARC-Easy's default (cloze, acc_norm) job on the real SmolLM2: its last layer is lm-eval's
+    log-likelihood scoring of the same prompts, example by example."""
+    cfg = OmegaConf.to_container(calibrate.compose(
+        ["dataset=arc_easy", "dataset.limit=6", "tracker=none", "probe.progress=false",
+         "output.plots=false", "metrics.bootstrap=0"]), resolve=True)
+    summary = job_mod.run_job(cfg, tmp_path)
+    assert (summary["answer_format"], summary["cloze_norm"]) == ("cloze", "char")
+    records = calibrate.load_dataset("arc_easy", limit=6)
+    expected, predicted = lm_eval_acc_norm(lm, records)
+    with np.load(tmp_path / "predictions.npz") as saved:
+        scores, probs = saved["option_logits"][:, -1], saved["probs"]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-4)
+    labels = np.array([r.label for r in records])
+    assert summary["final"]["accuracy"] == pytest.approx(float(np.mean(predicted == labels)))
+    table = pd.read_csv(tmp_path / "layers.csv")
+    assert list(table["layer"]) == list(range(SMOL_LAYERS))
+    np.testing.assert_allclose(table["accuracy"], (probs.argmax(-1) == labels[:, None]).mean(0))
 
 
 # ---------------------------------------------------------------- bad input through the CLI
