@@ -20,7 +20,7 @@ from calibrate.data import load_records
 from calibrate.metrics import bootstrap_layer_ci, layer_table
 from calibrate.models import (LoadedModel, check_architecture, load_model, load_tokenizer,
                               resolve_source)
-from calibrate.phases import find_phases, phases_to_dict
+from calibrate.phases import emergence_layer, find_phases, phases_to_dict
 from calibrate.probe import ProbeResult, ProbeSettings
 from calibrate.prompts import PromptSet, build_prompts
 from calibrate.scoring import score
@@ -93,6 +93,11 @@ def _prepare(cfg: Mapping[str, Any]) -> tuple[list[Any], PromptSet, LoadedModel]
     return records, prompt_set, loaded
 
 
+def chance_accuracy(prompt_set: PromptSet) -> float:
+    """Expected accuracy of a uniform guess: the mean over examples of 1 / (number of options)."""
+    return float(np.mean(1.0 / (prompt_set.option_ids >= 0).sum(axis=1)))
+
+
 def _plots(report: ProbeReport, job_dir: Path, title: str, metrics_cfg: Mapping[str, Any],
            phases: Any) -> dict[str, Path]:
     from calibrate.plots import plot_layer_curves, plot_reliability
@@ -100,7 +105,7 @@ def _plots(report: ProbeReport, job_dir: Path, title: str, metrics_cfg: Mapping[
     probs, labels = report.result.probs, report.result.labels
     n_bins, binning = int(metrics_cfg["n_bins"]), str(metrics_cfg["binning"])
     peak = int(report.table["ece"].idxmax())
-    chance = float(np.mean(1.0 / (report.prompt_set.option_ids >= 0).sum(axis=1)))
+    chance = chance_accuracy(report.prompt_set)
     return {
         "layer_curves": plot_layer_curves(report.table, job_dir / "layer_curves.png", title,
                                           phases=phases, chance=chance),
@@ -114,7 +119,7 @@ def _plots(report: ProbeReport, job_dir: Path, title: str, metrics_cfg: Mapping[
 
 def _summary(cfg: Mapping[str, Any], report: ProbeReport, loaded: LoadedModel, phases: dict,
              elapsed: float) -> dict[str, Any]:
-    ds = cfg["dataset"]
+    ds, chance = cfg["dataset"], chance_accuracy(report.prompt_set)
     return {
         "status": "complete", "model": loaded.name, "model_source": loaded.source,
         "model_type": loaded.adapter.model_type, "unembed_hash": loaded.unembed_hash,
@@ -122,7 +127,8 @@ def _summary(cfg: Mapping[str, Any], report: ProbeReport, loaded: LoadedModel, p
         "n_options": int(report.prompt_set.option_ids.shape[1]), "answer_format": ds["answer_format"],
         **({"cloze_norm": report.prompt_set.cloze_norm} if report.prompt_set.is_cloze else {}),
         "num_layers": report.result.num_layers, **report.info, "final": report.final,
-        **phases, "elapsed_s": round(elapsed, 3),
+        **phases, "chance_accuracy": chance,
+        "emergence_layer": emergence_layer(report.table, chance), "elapsed_s": round(elapsed, 3),
     }
 
 
@@ -254,7 +260,7 @@ def _ablation(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet
 
 def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
     flat = {f"final/{k}": v for k, v in summary["final"].items()}
-    for key in ("plateau_layer", "peak_ece_layer", "peak_ece", "n_examples"):
+    for key in ("plateau_layer", "peak_ece_layer", "peak_ece", "emergence_layer", "n_examples"):
         flat[key] = summary.get(key)  # the same keys in every run; None when there is no peak
     for eta, values in summary.get("steering", {}).items():
         for metric in ("delta_ece", "delta_mce", "delta_accuracy", "changed"):

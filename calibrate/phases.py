@@ -10,6 +10,9 @@ final row):
 * correction layers: the contiguous run peak+1, peak+2, ... over which ECE strictly decreases
   (each layer's ECE below its predecessor's), ending before the first layer where ECE does not
   fall. Because the peak is the latest maximum, the run is non-empty whenever peak < last.
+* emergence layer (:func:`emergence_layer`): the first layer from which the lower bound of
+  the accuracy's bootstrap interval stays above chance through the last layer; None when the
+  last layer's does not (accuracy never clearly above chance) or there are no intervals.
 * A correction phase is reported only when all hold: P < last (accuracy has plateaued; else the
   paper's COPA case), peak < last, ECE(peak) - ECE(last) > ``min_drop``, and, when a bootstrap
   ECE CI table is given, the peak's lower bound exceeds the last layer's upper bound. Otherwise
@@ -133,6 +136,19 @@ def detect_phases(
         f"({ece[peak]:.4f}) and falls over layers {run[0]}-{run[-1]} to {ece[run_idx[-1]]:.4f}"
     )
     return Phases(p_layer, int(layers[peak]), float(ece[peak]), run, note)
+
+
+def emergence_layer(table: pd.DataFrame, chance: float) -> int | None:
+    """First layer from which ``accuracy_lo`` stays above ``chance`` to the last layer (None when
+    the last layer's bound is not above chance, or the table has no ``accuracy_lo``)."""
+    if "accuracy_lo" not in table.columns or len(table) == 0:
+        return None
+    t = table.sort_values("layer")
+    above = t["accuracy_lo"].to_numpy(float) > chance
+    if not above[-1]:
+        return None
+    below = np.nonzero(~above)[0]
+    return int(t["layer"].iloc[0 if below.size == 0 else int(below[-1]) + 1])
 
 
 def phases_to_dict(p: Phases) -> dict:

@@ -39,7 +39,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
                    answer_format=metrics.get("answer_format"), cloze_norm=metrics.get("cloze_norm"),
                    n_examples=metrics.get("n_examples"))
         row.update({k: v for k, v in metrics.get("final", {}).items()})
-        for key in ("plateau_layer", "peak_ece_layer", "peak_ece"):
+        for key in ("plateau_layer", "peak_ece_layer", "peak_ece", "emergence_layer"):
             row[key] = metrics.get(key)
     elif error_path.is_file():
         error = json.loads(error_path.read_text())

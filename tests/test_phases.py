@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from calibrate.metrics import bootstrap_layer_ci, layer_table
-from calibrate.phases import Phases, detect_phases, phases_to_dict
+from calibrate.phases import Phases, detect_phases, emergence_layer, phases_to_dict
 
 # plateau from layer 6 (|acc - 0.6| <= 0.02), ECE peak at 9, falls over 10 and 11
 CLEAN_ACC = [0.25, 0.25, 0.26, 0.30, 0.40, 0.50, 0.60, 0.60, 0.61, 0.60, 0.60, 0.60]
@@ -114,3 +114,15 @@ def test_validation() -> None:
     bad_ci = pd.DataFrame({"layer": range(12), "lo": 0.0, "hi": 1.0})
     with pytest.raises(ValueError, match="bootstrap ECE table"):
         detect_phases(_table(CLEAN_ACC, CLEAN_ECE), ci=bad_ci)
+
+
+# ---------------------------------------------------------------- emergence
+
+def test_emergence_is_where_the_lower_bound_stays_above_chance():
+    lo = [0.20, 0.30, 0.24, 0.27, 0.31, 0.40]  # above 0.25 at 1, dips at 2, stays from 3
+    table = pd.DataFrame({"layer": range(6), "accuracy_lo": lo})
+    assert emergence_layer(table, 0.25) == 3
+    assert emergence_layer(table.iloc[::-1], 0.25) == 3  # rows in any order
+    assert emergence_layer(table, 0.19) == 0
+    assert emergence_layer(table, 0.40) is None  # the last layer's bound is not above chance
+    assert emergence_layer(table.drop(columns="accuracy_lo"), 0.25) is None  # no bootstrap

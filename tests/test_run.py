@@ -314,6 +314,9 @@ def test_cloze_job_equals_lm_eval_scoring(lm, tmp_path):
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-4)
     labels = np.array([r.label for r in records])
     assert summary["final"]["accuracy"] == pytest.approx(float(np.mean(predicted == labels)))
+    assert summary["chance_accuracy"] == pytest.approx(np.mean([1 / len(r.options) for r in records]))
+    assert "emergence_layer" in summary  # None without bootstrap intervals (metrics.bootstrap=0)
+    assert summary["emergence_layer"] is None
     table = pd.read_csv(tmp_path / "layers.csv")
     assert list(table["layer"]) == list(range(SMOL_LAYERS))
     np.testing.assert_allclose(table["accuracy"], (probs.argmax(-1) == labels[:, None]).mean(0))
