@@ -31,8 +31,8 @@ from calibrate.continuations import (CLOZE_NORMS, ClozeRequest, build_requests, 
 from calibrate.hooks import edit_residual
 from calibrate.lens import Lens, option_probabilities
 from calibrate.models import LoadedModel
-from calibrate.probe import (ProbeResult, ProbeSettings, halved_settings, is_out_of_memory, check_finite, left_pad,
-                             plan_batches, plan_batches_subset, position_ids)
+from calibrate.probe import (ProbeResult, ProbeSettings, check_finite, left_pad, plan_batches,
+                             position_ids, run_batches)
 from calibrate.steer import Intervention, cache_argument, editor
 
 LENS_ROWS = 2048  # (state, layer) rows per full-vocabulary lens step on an accelerator
@@ -284,21 +284,12 @@ def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings
     real = computed = 0
     # an example's longest sequence: sorts by context length, budgets like the letter probe
     lengths = np.array([len(r.context_ids) + max(map(len, r.continuations)) for r in requests])
-    pending = plan_batches(lengths, settings)
     with tqdm(total=n, desc=f"{desc} {loaded.name}", unit="ex",
               disable=not settings.progress) as bar:
-        while pending:
-            idx = pending.pop(0)
-            try:
-                out = cloze_batch(loaded, lens, [requests[i] for i in idx], settings, max_rows,
-                                  edit)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not is_out_of_memory(err) or len(idx) == 1:
-                    raise
-                settings = halved_settings(settings, len(idx))
-                pending = plan_batches_subset(lengths, np.concatenate([idx, *pending]), settings)
-                torch.cuda.empty_cache()
-                continue
+        def run(idx: np.ndarray, current: ProbeSettings) -> BatchOutput:
+            return cloze_batch(loaded, lens, [requests[i] for i in idx], current, max_rows, edit)
+
+        for idx, out in run_batches(lengths, settings, run):
             rows = out.loglik.numpy()
             at = 0
             for i in idx:

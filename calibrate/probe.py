@@ -7,8 +7,9 @@ ones. The batch size is found from a padded-token budget and halves on out-of-me
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,28 +202,40 @@ def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSetting
     lens = Lens(loaded.adapter)
     n, k = prompt_set.option_ids.shape
     acc = _Accumulator(n, loaded.adapter.num_blocks + 1, k, settings.option_mass, settings.keep_layers)
-    pending = plan_batches(lengths, settings)
     with tqdm(total=n, desc=f"probe {loaded.name}", unit="ex", disable=not settings.progress) as bar:
-        while pending:
-            idx = pending.pop(0)
+        def run(idx: np.ndarray, _settings: ProbeSettings):
             ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
-            try:
-                logits, mass, stacked = forward_batch(
-                    loaded, lens, ids, mask, torch.from_numpy(prompt_set.option_ids[idx]),
-                    settings.option_mass)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not is_out_of_memory(err) or len(idx) == 1:
-                    raise
-                settings = halved_settings(settings, len(idx))
-                pending = plan_batches_subset(lengths, np.concatenate([idx, *pending]), settings)
-                torch.cuda.empty_cache()
-                continue
+            out = forward_batch(loaded, lens, ids, mask, torch.from_numpy(prompt_set.option_ids[idx]),
+                                settings.option_mass)
+            return out, mask
+
+        for idx, ((logits, mass, stacked), mask) in run_batches(lengths, settings, run):
             acc.add(idx, logits, mass, stacked)
             acc.real += int(mask.sum())
             acc.computed += mask.numel()
             bar.update(len(idx))
     return ProbeResult(acc.logits, option_probabilities(acc.logits), prompt_set.labels.copy(),
                        acc.mass, dict(acc.keep), acc.real, acc.computed)
+
+
+def run_batches(lengths: np.ndarray, settings: ProbeSettings,
+                run: Callable[[np.ndarray, ProbeSettings], Any]) -> Iterator[tuple[np.ndarray, Any]]:
+    """Plan batches by length and yield ``(idx, run(idx, settings))`` for each; on out of
+    memory the batch size is halved and the failed batch and all pending ones are re-planned
+    (a single example that does not fit re-raises)."""
+    pending = plan_batches(lengths, settings)
+    while pending:
+        idx = pending.pop(0)
+        try:
+            out = run(idx, settings)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+            if not is_out_of_memory(err) or len(idx) == 1:
+                raise
+            settings = halved_settings(settings, len(idx))
+            pending = plan_batches_subset(lengths, np.concatenate([idx, *pending]), settings)
+            torch.cuda.empty_cache()
+            continue
+        yield idx, out
 
 
 def halved_settings(settings: ProbeSettings, failed: int) -> ProbeSettings:

@@ -558,10 +558,10 @@ def test_out_of_memory_halving_in_a_job(job_config, uncached, tmp_path, monkeypa
 def test_damaged_probe_cache_entry_is_rebuilt(job_config, tmp_path, monkeypatch, damage):
     cfg = job_config(5)
     keys, computed = [], []
-    real_load, real_probe = probe_cache.load, job_mod.run_probe
+    real_load, real_probe = probe_cache.load, job_mod.score
     monkeypatch.setattr(probe_cache, "load", lambda key, cache_dir: keys.append(key) or
                         real_load(key, cache_dir))
-    monkeypatch.setattr(job_mod, "run_probe",
+    monkeypatch.setattr(job_mod, "score",
                         lambda *a, **k: computed.append(1) or real_probe(*a, **k))
     probe_cache._MEMORY.clear()
     first = job_mod.run_job(cfg, tmp_path / "first")

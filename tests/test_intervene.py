@@ -182,7 +182,7 @@ def test_another_eta_reuses_the_probe_and_the_model(steered, tmp_path, monkeypat
     job_dir0, _, loaded = steered
 
     def no_probe(*_args, **_kwargs):
-        raise AssertionError("run_probe called: the unsteered probe was not reused")
+        raise AssertionError("score called: the unsteered probe was not reused")
 
     def no_load(*_args, **_kwargs):
         raise AssertionError("the model was loaded again")
@@ -194,7 +194,7 @@ def test_another_eta_reuses_the_probe_and_the_model(steered, tmp_path, monkeypat
         return handed[-1]
 
     original = job_mod.load_model
-    monkeypatch.setattr(job_mod, "run_probe", no_probe)
+    monkeypatch.setattr(job_mod, "score", no_probe)
     monkeypatch.setattr(models, "_load_model", no_load)
     monkeypatch.setattr(job_mod, "load_model", spy)
     job_dir, summary = run(tmp_path, "eta=4")

@@ -29,14 +29,6 @@ CLOZE = {"name": "toy", "answer_format": "cloze", "cloze_norm": "token",
 LETTERS = {"name": "toy", "answer_format": "letters", "template": "{question}\n{choices}\nanswer :"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quiet(**kwargs) -> ProbeSettings:
     return ProbeSettings(progress=False, **kwargs)
 
