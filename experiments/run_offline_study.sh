@@ -40,11 +40,11 @@ if step 3; then
       hydra.sweep.dir=$OUT/transfer_arc
 fi
 
-# 5. cloze scoring (lm-eval's log-likelihood of each option's text) read at every layer:
+# 5. cloze scoring (lm-eval's log-likelihood of each option's text) read at every layer (the
+#    committed results were run as `$common model=… dataset=… dataset.limit=300`, the same settings):
 #    ARC-Easy (300 of 570, shuffled), ARC-Challenge (all 299), COPA (all 100), HellaSwag (300 of 10042)
 if step 5; then
-  $PY -m calibrate.run -m $common model=smollm2,gemma3_270m \
-      dataset=arc_easy,arc_challenge,copa,hellaswag dataset.limit=300 hydra.sweep.dir=$OUT/cloze
+  $PY -m calibrate.run -m experiment=cloze_layerwise hydra.sweep.dir=$OUT/cloze
 fi
 
 # 4. one comparison of everything
