@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.cloze import (ClozeRequest, capture_positions, cloze_lens, lens_logprobs, run_cloze,
-                             token_plan)
+from calibrate.cloze import capture_positions, cloze_lens, lens_logprobs, run_cloze, token_plan
+from calibrate.continuations import ClozeRequest
 from calibrate.data import load_records
 from calibrate.models import LoadedModel
 from calibrate.probe import ProbeSettings, left_pad, position_ids

@@ -19,15 +19,13 @@ import copy
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from calibrate.adapters import Adapter, block_hidden
-from calibrate.continuations import (CLOZE_NORMS, ClozeRequest, build_requests,  # noqa: F401
-                                     cloze_divisors, split_context)
+from calibrate.continuations import ClozeRequest, cloze_divisors
 from calibrate.hooks import edit_residual
 from calibrate.lens import Lens, option_probabilities
 from calibrate.models import LoadedModel

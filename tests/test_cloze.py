@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from calibrate import cloze as cloze_mod
-from calibrate.cloze import (ClozeRequest, build_requests, cloze_divisors, loglik_reference,
-                             run_cloze, token_plan)
+from calibrate.cloze import loglik_reference, run_cloze, token_plan
+from calibrate.continuations import ClozeRequest, build_requests, cloze_divisors
 from calibrate.models import wrap_model
 from calibrate.probe import ProbeSettings
 from conftest import build_tiny

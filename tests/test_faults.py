@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +36,8 @@ from calibrate import job as job_mod
 from calibrate import probe as probe_mod
 from calibrate import probe_cache, results
 from calibrate.adapters import block_hidden, replace_block_hidden
-from calibrate.assets import cache_root
 from calibrate.summary import summarize_sweep
+from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
 
 REPO = Path(__file__).resolve().parents[1]
 LEAN = ("tracker=none", "probe.progress=false", "output.plots=false", "metrics.bootstrap=0")
@@ -52,71 +51,14 @@ KILL_LIMIT = 12  # examples of the killed job: its probe takes a few CPU seconds
 FAKE_KEY = "dummy" * 8  # 40 characters: W&B accepts its form and really tries the server
 # One math thread per process: on a loaded 2-core machine a second one mostly spins (a probe of
 # 6 prompts took 5-9 CPU s with 2 threads, 1.3 s with 1) and the results do not depend on it.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 # ---------------------------------------------------------------- helpers
-
-def isolated_cache(root: Path) -> Path:
-    """A cache root of its own for probe and null-space entries; the model, wheels and unpacked
-    data are the real cache's (links), so nothing large is prepared again."""
-    real = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("models", "wheels", "unpacked"):
-        (real / name).mkdir(parents=True, exist_ok=True)
-        (root / name).symlink_to(real / name, target_is_directory=True)
-    return root
-
-
-def cli_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
-    """The environment of a CLI subprocess: offline, quiet; ``None`` values are removed."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
-               **ONE_THREAD)
-    for key, value in (extra or {}).items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-@dataclass
-class Run:
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float  # wall clock
-    cpu_seconds: float  # user + system time of the child (and the children it waited for)
-    cwd: Path
-
-    def lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
 
 def cli(argv: list[str], cwd: Path, env: dict[str, str | None] | None = None,
         timeout: float = 600) -> Run:
     """``python -m <argv>`` in ``cwd``; stdout and stderr are captured beside ``cwd``."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    out_path, err_path = cwd.parent / f".{cwd.name}.stdout", cwd.parent / f".{cwd.name}.stderr"
-    start = time.perf_counter()
-    with out_path.open("w") as out, err_path.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=cwd, env=cli_env(env),
-                                stdout=out, stderr=err)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # the CPU time of this child alone
-        finally:
-            timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(proc.returncode, out_path.read_text(), err_path.read_text(),
-               time.perf_counter() - start, usage.ru_utime + usage.ru_stime, cwd)
-
-
-def explain(run: Run) -> str:
-    return (f"exit {run.rc} after {run.seconds:.1f}s ({run.cpu_seconds:.1f}s CPU)\n"
-            f"--- stderr ---\n{run.stderr[-4000:]}")
+    return run_process([sys.executable, "-m", *argv], cwd, cli_env({**ONE_THREAD, **(env or {})}),
+                       cwd.parent / f".{cwd.name}.stdout", cwd.parent / f".{cwd.name}.stderr",
+                       timeout)
 
 
 def check_no_truncated_files(job_dir: Path) -> list[str]:
@@ -438,7 +380,7 @@ def test_sigkill_leaves_nothing_that_looks_complete_and_resume_finishes(tmp_path
     out = tmp_path / "job"
     args = ["calibrate.run", f"dataset.limit={KILL_LIMIT}", "tracker=none", "metrics.bootstrap=0",
             f"hydra.run.dir={out}"]  # progress bar and plots on: both mark moments
-    env = cli_env({"CALIBRATE_CACHE": str(cache)})
+    env = cli_env({**ONE_THREAD, "CALIBRATE_CACHE": str(cache)})
     report = []
     for moment, ready in KILL_MOMENTS.items():
         err_path = tmp_path / f"kill-{len(report)}.stderr"

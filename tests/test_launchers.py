@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,57 +18,18 @@ import pytest
 import yaml
 
 from calibrate import results
-from calibrate.assets import cache_root
+from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
 
 LEAN = ("tracker=none", "probe.progress=false", "output.plots=false", "metrics.bootstrap=0")
 SMOL_LAYERS = 31
 
 
-def isolated_cache(root: Path) -> Path:
-    """Own probe / null-space entries; the real cache's model, wheels and data (links)."""
-    real = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("models", "wheels", "unpacked"):
-        (real / name).mkdir(parents=True, exist_ok=True)
-        (root / name).symlink_to(real / name, target_is_directory=True)
-    return root
-
-
-@dataclass
-class Run:
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float
-    cpu_seconds: float  # of the launching process and the children it waited for
-    cwd: Path
-
-
 def cli(argv: list[str], cwd: Path, cache: Path, timeout: float = 600) -> Run:
     """``python -m calibrate.run <argv>`` in ``cwd``, offline, with its own cache root."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
-               CALIBRATE_CACHE=str(cache), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # a 2nd
-    # math thread mostly spins on a loaded 2-core machine; results do not depend on it
-    out_path, err_path = cwd.parent / f".{cwd.name}.stdout", cwd.parent / f".{cwd.name}.stderr"
-    start = time.perf_counter()
-    with out_path.open("w") as out, err_path.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "calibrate.run", *argv], cwd=cwd, env=env,
-                                stdout=out, stderr=err)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-    return Run(os.waitstatus_to_exitcode(status), out_path.read_text(), err_path.read_text(),
-               time.perf_counter() - start, usage.ru_utime + usage.ru_stime, cwd)
-
-
-def explain(run: Run) -> str:
-    return (f"exit {run.rc} after {run.seconds:.1f}s ({run.cpu_seconds:.1f}s CPU)\n"
-            f"--- stdout ---\n{run.stdout[-2000:]}\n--- stderr ---\n{run.stderr[-4000:]}")
+    env = cli_env({**ONE_THREAD, "CALIBRATE_CACHE": str(cache)})
+    return run_process([sys.executable, "-m", "calibrate.run", *argv], cwd, env,
+                       cwd.parent / f".{cwd.name}.stdout", cwd.parent / f".{cwd.name}.stderr",
+                       timeout)
 
 
 def _sweep(root: Path, cache: Path, launcher: list[str], limits: str) -> tuple[Run, Path]:
@@ -135,9 +91,9 @@ def check_sweep(sweep: Path, limits: list[int]) -> pd.DataFrame:
 
 def test_joblib_sweep(background):
     run, sweep = background["joblib"].result()
-    assert run.rc == 0, explain(run)
-    assert "Joblib.Parallel(n_jobs=2" in run.stderr + run.stdout, explain(run)
-    assert "(2 complete, 0 not)" in run.stderr, explain(run)
+    assert run.rc == 0, explain(run, 2000)
+    assert "Joblib.Parallel(n_jobs=2" in run.stderr + run.stdout, explain(run, 2000)
+    assert "(2 complete, 0 not)" in run.stderr, explain(run, 2000)
     check_sweep(sweep, [4, 5])
     multirun = yaml.safe_load((sweep / "multirun.yaml").read_text())
     assert multirun["hydra"]["launcher"]["n_jobs"] == 2
@@ -147,8 +103,8 @@ def test_submitit_local_sweep(background):
     """The task is pickled and run by submitit in its own process (its log holds the job's
     output), then summarized like any sweep."""
     run, sweep = background["submitit"].result()
-    assert run.rc == 0, explain(run)
-    assert "(1 complete, 0 not)" in run.stderr, explain(run)
+    assert run.rc == 0, explain(run, 2000)
+    assert "(1 complete, 0 not)" in run.stderr, explain(run, 2000)
     check_sweep(sweep, [4])
     logs = list((sweep / ".submitit").glob("*/*_log.err"))
     assert len(logs) == 1, list((sweep / ".submitit").rglob("*"))
@@ -158,7 +114,7 @@ def test_submitit_local_sweep(background):
 def test_slurm_gpu_launcher_composes(background):
     """``hydra/launcher=slurm_gpu``: one GPU per job through submitit's Slurm launcher."""
     run, _ = background["slurm_cfg"].result()
-    assert run.rc == 0, explain(run)
+    assert run.rc == 0, explain(run, 2000)
     launcher = yaml.safe_load(run.stdout)["hydra"]["launcher"]
     assert launcher["_target_"] == ("hydra_plugins.hydra_submitit_launcher.submitit_launcher."
                                     "SlurmLauncher")

@@ -20,11 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import os
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +35,7 @@ from calibrate import job as job_mod
 from calibrate.api import dataset_config
 from calibrate.errors import USER_ERRORS
 from calibrate.metrics import ece, mce
+from cli_support import Run, cli_env, explain, run_process
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RESULT_NAMES = ("layers.csv", "metrics.json", "predictions.npz")
@@ -50,52 +47,20 @@ SMOL_LAYERS = 31  # SmolLM2-135M: embeddings + 30 blocks
 
 # ---------------------------------------------------------------- running the CLI
 
-@dataclass
-class Run:
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float  # wall clock
-    cpu_seconds: float  # user + system time of the process (and the children it waited for)
-    root: Path
-
-    def lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-
 def cli(args: list[str], root: Path, *, multirun: bool = False, timeout: float = 600) -> Run:
     """Run the CLI with ``root`` as cwd and output folder; offline, no HYDRA_FULL_ERROR."""
-    root.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     where = f"hydra.sweep.dir={root / 'sweep'}" if multirun else f"hydra.run.dir={root / 'out'}"
     cmd = [sys.executable, "-m", "calibrate.run", *(["-m"] if multirun else []), *args, where]
     out_path, err_path = root / ".cli.stdout", root / ".cli.stderr"
-    start = time.perf_counter()
-    with out_path.open("w") as out, err_path.open("w") as err:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=err)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            # wait4, not communicate: the CPU time of this one child, whatever else is running
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stdout, stderr = out_path.read_text(), err_path.read_text()
+    run = run_process(cmd, root, cli_env(), out_path, err_path, timeout)
     out_path.unlink()
     err_path.unlink()
-    return Run(proc.returncode, stdout, stderr, time.perf_counter() - start,
-               usage.ru_utime + usage.ru_stime, root)
+    return run
 
 
 def result_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.name in RESULT_NAMES or p.suffix == ".png")
 
-
-def explain(run: Run) -> str:
-    return (f"exit {run.rc} after {run.seconds:.1f}s ({run.cpu_seconds:.1f}s CPU)\n"
-            f"--- stderr ---\n{run.stderr[-4000:]}")
 
 
 # ---------------------------------------------------------------- bad input
@@ -236,6 +201,7 @@ def background(request, tmp_path_factory):
     Tests wait on their own run with ``background[key].result()``.
     """
     eta = eta_key()
+    tmp_path_factory.getbasetemp()  # created here: two threads creating it at once can collide
 
     def bad(case: Case):
         tmp = tmp_path_factory.mktemp(case.id)
@@ -330,7 +296,7 @@ def test_bad_input_cli(case, background):
     lines = run.lines()
     assert run.rc != 0, explain(run)
     assert "Traceback" not in run.stderr, explain(run)
-    assert not result_files(run.root), f"result files left: {result_files(run.root)}"
+    assert not result_files(run.cwd), f"result files left: {result_files(run.cwd)}"
     # CPU time, not wall time: the machine may be shared; loading and probing would take longer
     assert run.cpu_seconds < QUICK_S, explain(run)
     assert run.seconds < 3 * QUICK_S, explain(run)
@@ -354,7 +320,7 @@ def test_multirun_with_a_failing_job(background):
     assert run.rc == 0, explain(run)  # run.py: a failing job is recorded; the other jobs go on
     assert "error: limit 0 is invalid" in run.stderr, explain(run)
     assert "(2 complete, 1 not)" in run.stderr, explain(run)
-    sweep = run.root / "sweep"
+    sweep = run.cwd / "sweep"
     table = pd.read_csv(sweep / "summary.csv")
     assert list(table["job"]) == [0, 1, 2]
     assert list(table["status"]) == ["complete", "failed", "complete"]
@@ -384,7 +350,7 @@ def e2e(background) -> Run:
 
 
 def job_dir(run: Run) -> Path:
-    return run.root / "out"
+    return run.cwd / "out"
 
 
 def test_e2e_files(e2e):
@@ -394,7 +360,7 @@ def test_e2e_files(e2e):
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert WEIGHTS_MARKER in e2e.stderr  # the marker the bad-input cases look for is real
-    assert not (e2e.root / "outputs").exists(), "hydra.run.dir was not honored"
+    assert not (e2e.cwd / "outputs").exists(), "hydra.run.dir was not honored"
 
 
 def test_e2e_tables(e2e):
@@ -480,7 +446,7 @@ def test_shared_dataset_through_cli(name, background):
         pytest.skip(f"{SHARED / 'data'} is absent (only these machines carry it)")
     run = background[name].result()
     assert run.rc == 0, explain(run)
-    out = run.root / "out"
+    out = run.cwd / "out"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["dataset"] == name
     assert metrics["n_examples"] == 6
