@@ -24,7 +24,8 @@ import torch
 
 from calibrate import nullspace, results
 from calibrate.assets import cache_root
-from calibrate.intervene import intervention_config, obtain_direction
+from calibrate.intervene import obtain_direction
+from calibrate.spec import JobSpec
 from calibrate.models import LoadedModel
 from calibrate.probe import ProbeSettings
 from calibrate.prompts import PromptSet
@@ -110,11 +111,11 @@ def _bases(cfg: Mapping[str, Any], kind: str, loaded: LoadedModel, fit) -> tuple
     return report, (basis.numpy(), control), ("none", "nullspace", "random")
 
 
-def run_ablation(cfg: Mapping[str, Any], kind: str, loaded: LoadedModel, prompt_set: PromptSet,
+def run_ablation(spec: JobSpec, loaded: LoadedModel, prompt_set: PromptSet,
                  probe, measure, settings: ProbeSettings) -> dict[str, Any]:
     """Everything but writing for ``nullspace`` and ``direction_ablate`` jobs."""
-    fit = obtain_direction(cfg, loaded, prompt_set, probe, measure)
-    icfg = intervention_config(cfg)
+    cfg, kind, icfg = spec.config, spec.study, spec.intervention
+    fit = obtain_direction(spec, loaded, prompt_set, probe, measure)
     layers = tuple(fit.job.steer_layers)
     report, bases, names = _bases(cfg, kind, loaded, fit)
     ablation = SubspaceAblation(bases=tuple(b.astype(np.float32) for b in bases), layers=layers,
@@ -124,6 +125,7 @@ def run_ablation(cfg: Mapping[str, Any], kind: str, loaded: LoadedModel, prompt_
     eval_set = prompt_set.subset(fit.eval_idx)
     logits = score_steered(loaded, eval_set, ablation, settings, bool(icfg.get("use_cache", True)))
     table = _variant_table(cfg, logits, eval_set.labels, names)
+    report.update(direction_raw_norm=fit.direction.meta.get("raw_norm"))
     report.update(layers=list(layers), ablation=icfg.get("ablation", "zero"), position=ablation.position,
                   truncation=final_deltas(table, names[1]), random_control=final_deltas(table, names[2]))
     return {"fit": fit, "table": table, "report": report, "kind": kind, "eval_set": eval_set,

@@ -29,12 +29,17 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def _group(name: str, group: str, overrides: Sequence[str]) -> dict[str, Any]:
+def _group_choices(name: str, group: str) -> None:
+    """Refuse a config name that ``conf/<group>/`` does not hold."""
     choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
     if name not in choices:
         raise data.DatasetError(f"unknown {group} {name!r}; accepted: {', '.join(choices)}") \
             if group == "dataset" else models.ModelConfigError(
                 f"unknown {group} {name!r}; accepted: {', '.join(choices)}")
+
+
+def _group(name: str, group: str, overrides: Sequence[str]) -> dict[str, Any]:
+    _group_choices(name, group)
     cfg = compose([f"{group}={name}", *overrides])
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -56,9 +61,29 @@ def load_dataset(name: str, **values: Any) -> list[data.MCRecord]:
     return data.load_records(dataset_config(name, **values))
 
 
+def check_records_dataset(records: Sequence[data.MCRecord], dataset: str) -> None:
+    """Refuse records that a loader labelled with another dataset than ``dataset``: its template,
+    answer format and options would be applied to them. Hand-built records (``dataset == ""``)
+    pass."""
+    found = sorted({str(getattr(r, "dataset", "") or "") for r in records} - {""})
+    if not found or found == [dataset]:
+        return
+    counts = {name: sum(getattr(r, "dataset", "") == name for r in records) for name in found}
+    shown = ", ".join(f"{n} record(s) of {name!r}" for name, n in counts.items())
+    accepted = (f"records loaded for {dataset!r}, or dataset={found[0]!r}" if len(found) == 1
+                else f"records of one dataset, loaded for {dataset!r}")
+    raise data.DatasetError(f"probe_layers(dataset={dataset!r}) was given {shown}; "
+                            f"accepted: {accepted}")
+
+
 def probe_layers(lm: models.LoadedModel, records: Sequence[data.MCRecord], dataset: str = "sst2",
           overrides: Sequence[str] = (), **dataset_values: Any) -> job.ProbeReport:
-    """Probe every layer of ``lm`` on ``records`` with the dataset's template and answer format."""
+    """Probe every layer of ``lm`` on ``records`` with the dataset's template and answer format.
+
+    Records loaded for another dataset (``MCRecord.dataset``) are refused before any model work.
+    """
+    _group_choices(dataset, "dataset")
+    check_records_dataset(records, dataset)
     cfg = OmegaConf.to_container(compose([f"dataset={dataset}", *overrides]), resolve=True)
     cfg["dataset"].update(dataset_values)
     return job.probe_records(lm, records, cfg["dataset"], cfg["probe"], cfg["metrics"])

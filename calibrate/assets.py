@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from calibrate.results import share_dir
+
 COMPLETE_MARKER = ".complete"
 
 
@@ -88,7 +90,7 @@ def unpack_wheel(wheel: Path, prefix: str, root: Path) -> Path:
     if (target / COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    tmp = share_dir(Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-")))
     try:
         with zipfile.ZipFile(wheel) as archive:
             members = [m for m in archive.namelist() if m.startswith(prefix)]

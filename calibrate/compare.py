@@ -500,12 +500,37 @@ def _read_all(jobs: Sequence[tuple[str, Path]]) -> list[Run]:
             tqdm(jobs, desc="reading jobs", unit="job", disable=len(jobs) < PROGRESS_MIN_JOBS)]
 
 
+def _without_eta(label: str) -> str:
+    return " ".join(p for p in label.split() if _key(p) != "eta")
+
+
+def layer_curves(runs: Sequence[Run]) -> dict[str, pd.DataFrame]:
+    """Per-layer tables to overlay, by legend label. A steering job's layers.csv is its
+    *unsteered* evaluation split: it is labelled ``(unsteered)``, never with an η, and shown once
+    for all jobs that share it; its steered curves (steering.csv) are labelled with their η."""
+    tables: dict[str, pd.DataFrame] = {}
+    for run in runs:
+        if run.layers is None or "layer" not in run.layers:
+            continue
+        if not (run.metrics or {}).get("steering"):
+            tables[_legend(run.label)] = run.layers
+            continue
+        base = _without_eta(run.label) or _model_dataset(run.row) or run.job_dir.name
+        tables.setdefault(_legend(f"{base} (unsteered)"), run.layers)
+        path = run.job_dir / "steering.csv"
+        steering = pd.read_csv(path) if path.is_file() else None
+        for eta in [] if steering is None else sorted(steering["eta"].unique()):
+            if float(eta) != 0.0:
+                part = steering[steering["eta"] == eta].drop(columns="eta")
+                tables.setdefault(_legend(f"{base} eta={float(eta):g}"), part)
+    return tables
+
+
 def _layer_plots(runs: Sequence[Run], out: Path, metrics: Sequence[str],
                  relative_depth: bool) -> list[Path]:
     from calibrate.plots import plot_overlay
 
-    tables = {_legend(r.label): r.layers for r in runs
-              if r.layers is not None and "layer" in r.layers}
+    tables = layer_curves(runs)
     if not tables:
         return []
     depths = {int(t["layer"].max()) for t in tables.values()}

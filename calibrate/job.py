@@ -6,6 +6,7 @@ use :func:`probe_records` directly (see :mod:`calibrate.api`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,15 +18,17 @@ import pandas as pd
 
 from calibrate import ablate, intervene, probe_cache, results
 from calibrate.data import load_records
-from calibrate.metrics import bootstrap_layer_ci, layer_table
-from calibrate.models import (LoadedModel, check_architecture, load_model, load_tokenizer,
+from calibrate.metrics import ECE_MARGIN, bootstrap_layer_ci, layer_table
+from calibrate.models import (LoadedModel, check_device, load_model, load_tokenizer, model_shape,
                               resolve_source)
 from calibrate.phases import emergence_layer, find_phases, phases_to_dict
 from calibrate.probe import ProbeResult, ProbeSettings
 from calibrate.prompts import PromptSet, build_prompts
 from calibrate.scoring import score
+from calibrate.spec import JobSpec, build_spec, check_shape
 from calibrate.track import Tracker, open_tracker
-from calibrate.validate import check_job
+
+LOG = logging.getLogger("calibrate")
 
 RESULT_FILES = [results.LAYERS_FILE, results.PREDICTIONS_FILE, results.METRICS_FILE,
                 "layer_curves.png", "reliability_final.png", "reliability_peak_ece.png"]
@@ -48,7 +51,8 @@ class ProbeReport:
 
 def measure(result: ProbeResult, metrics_cfg: Mapping[str, Any]) -> pd.DataFrame:
     """The per-layer metrics table of a probe result (plus the mean option mass per layer and,
-    with ``metrics.bootstrap`` > 0, percentile-bootstrap intervals of accuracy and ECE)."""
+    with ``metrics.bootstrap`` > 0, bootstrap intervals of accuracy and of the true ECE, see
+    :func:`calibrate.metrics.bootstrap_layer_ci`)."""
     n_bins, binning = int(metrics_cfg["n_bins"]), str(metrics_cfg["binning"])
     table = layer_table(result.probs, result.labels, n_bins=n_bins, binning=binning,
                         extra_bins=tuple(metrics_cfg.get("extra_bins") or ()))
@@ -56,7 +60,8 @@ def measure(result: ProbeResult, metrics_cfg: Mapping[str, Any]) -> pd.DataFrame
     for metric in ("accuracy", "ece") if n_boot else ():
         ci = bootstrap_layer_ci(result.probs, result.labels, metric, n_boot=n_boot,
                                 alpha=float(metrics_cfg["alpha"]), seed=int(metrics_cfg["seed"]),
-                                n_bins=n_bins, binning=binning)
+                                n_bins=n_bins, binning=binning,
+                                ece_margin=float(metrics_cfg.get("ece_margin", ECE_MARGIN)))
         table[f"{metric}_lo"], table[f"{metric}_hi"] = ci["lo"].to_numpy(), ci["hi"].to_numpy()
     if result.option_mass is not None:
         mass = np.full(len(table), np.nan)
@@ -80,15 +85,17 @@ def probe_prompts(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping
     return _report(result, prompt_set, metrics_cfg)
 
 
-def _prepare(cfg: Mapping[str, Any]) -> tuple[list[Any], PromptSet, LoadedModel]:
+def _prepare(spec: JobSpec) -> tuple[list[Any], PromptSet, LoadedModel]:
     """Everything that can fail on bad input runs before the model weights are read."""
-    check_job(cfg)
+    cfg = spec.config
     cache = cfg.get("cache_dir")
+    check_device(str(cfg["model"].get("device", "auto")))
     records = load_records(cfg["dataset"], cache)
     source = resolve_source(cfg["model"], cache)
-    check_architecture(source, cfg["model"])  # before the tokenizer: its errors would mislead
+    shape = model_shape(source, cfg["model"])  # the config alone: no weights read yet
+    check_shape(spec, shape.num_blocks, shape.hidden_size)
     tokenizer = load_tokenizer(source, cfg["model"])
-    prompt_set = build_prompts(records, cfg["dataset"], tokenizer)
+    prompt_set = build_prompts(records, cfg["dataset"], tokenizer, max_length=shape.context_length)
     loaded = load_model(cfg["model"], cache, tokenizer=tokenizer)
     return records, prompt_set, loaded
 
@@ -150,18 +157,16 @@ def cached_probe(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[
                  keep_layers: Sequence[int] = (), cache_dir: str | Path | None = None) -> ProbeResult:
     """:func:`calibrate.scoring.score` through the in-process and on-disk result cache."""
     settings = ProbeSettings.from_config(probe_cfg, keep_layers)
-    if loaded.name not in _FINGERPRINTS:
-        _FINGERPRINTS.clear()
-        _FINGERPRINTS[loaded.name] = probe_cache.weights_fingerprint(loaded.model)
-    key = probe_cache.probe_key(_FINGERPRINTS[loaded.name], prompt_set, settings)
+    # Keyed by the weights as loaded (fingerprint, dtype, device), never by a config name.
+    ident = loaded.identity()
+    weights = f"{ident['fingerprint']}|{ident['dtype']}|{ident['device']}"
+    key = probe_cache.probe_key(weights, prompt_set, settings)
     result = probe_cache.load(key, cache_dir)
     if result is None:
         result = score(loaded, prompt_set, settings)
         probe_cache.store(key, result, cache_dir)
     return result
 
-
-_FINGERPRINTS: dict[str, str] = {}
 
 
 def _report(result: ProbeResult, prompt_set: PromptSet, metrics_cfg: Mapping[str, Any]) -> ProbeReport:
@@ -170,24 +175,24 @@ def _report(result: ProbeResult, prompt_set: PromptSet, metrics_cfg: Mapping[str
     return ProbeReport(measure(result, metrics_cfg), result, prompt_set, info)
 
 
-def run_job(cfg: Mapping[str, Any], job_dir: Path, name: str = "job", group: str | None = None,
-            config_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Run one job (probe, or probe and steering) into ``job_dir``; returns the metrics summary."""
+def run_job(spec: JobSpec | Mapping[str, Any], job_dir: Path, name: str = "job",
+            group: str | None = None, config_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run one job (its study: probe, steering or an ablation) into ``job_dir``; returns the
+    metrics summary. A config mapping is turned into a :class:`JobSpec` first."""
     start = time.perf_counter()
-    job_dir = Path(job_dir)
-    _, prompt_set, loaded = _prepare(cfg)
-    kind = intervene.intervention_kind(cfg)
+    spec = spec if isinstance(spec, JobSpec) else build_spec(spec)
+    cfg, job_dir = spec.config, Path(job_dir)
+    _, prompt_set, loaded = _prepare(spec)
     tracker: Tracker = Tracker()
     try:
-        tracker = open_tracker(cfg["tracker"], job_dir, name, group,
-                               kind,
-                               config_dict or {})
+        tracker = open_tracker(cfg["tracker"], job_dir, name, group, spec.study,
+                               config_dict or cfg)
         title = f"{loaded.name} on {cfg['dataset']['name']}"
         extra, plots, report = {}, {}, None
-        if kind == "direction":
-            report, extra, plots = _steering(cfg, loaded, prompt_set, job_dir, title, tracker)
-        elif kind != "none":
-            report, extra, plots = _ablation(cfg, loaded, prompt_set, job_dir, title, tracker)
+        if spec.study == "steering":
+            report, extra, plots = _steering(spec, loaded, prompt_set, job_dir, title, tracker)
+        elif spec.study != "probe":
+            report, extra, plots = _ablation(spec, loaded, prompt_set, job_dir, title, tracker)
         else:
             result = cached_probe(loaded, prompt_set, cfg["probe"], (), cfg.get("cache_dir"))
             report = _report(result, prompt_set, cfg["metrics"])
@@ -195,7 +200,7 @@ def run_job(cfg: Mapping[str, Any], job_dir: Path, name: str = "job", group: str
         if cfg["output"].get("plots"):
             plots.update(_plots(report, job_dir, title, cfg["metrics"], phases))
         summary = {**_summary(cfg, report, loaded, phases_to_dict(phases), time.perf_counter() - start),
-                   **extra}
+                   **extra, **_identity(spec, loaded)}
         write_report(report, job_dir, summary, cfg["output"], plots)
         tracker.log_layers(report.table)
         tracker.log_images(plots)
@@ -208,9 +213,17 @@ def run_job(cfg: Mapping[str, Any], job_dir: Path, name: str = "job", group: str
     return summary
 
 
-def _steering(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet, job_dir: Path,
+def _identity(spec: JobSpec, loaded: LoadedModel) -> dict[str, Any]:
+    """What produced the result: the study, the config hash and config, the model as loaded."""
+    return {"study": spec.study, "config_hash": spec.identity, "config": spec.relevant(),
+            "model_identity": loaded.identity()}
+
+
+def _steering(spec: JobSpec, loaded: LoadedModel, prompt_set: PromptSet, job_dir: Path,
               title: str, tracker: Tracker) -> tuple[ProbeReport, dict[str, Any], dict[str, Path]]:
     """Run the steering part; the report it returns covers the evaluation split, unsteered."""
+    cfg = spec.config
+
     def probe(ps: PromptSet, keep: Sequence[int]) -> ProbeResult:
         return cached_probe(loaded, ps, cfg["probe"], keep, cfg.get("cache_dir"))
 
@@ -218,12 +231,14 @@ def _steering(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet
         return measure(result, cfg["metrics"])
 
     settings = ProbeSettings.from_config(cfg["probe"])
-    out = intervene.run_direction(cfg, loaded, prompt_set, probe, measure_result, settings)
+    out = intervene.run_direction(spec, loaded, prompt_set, probe, measure_result, settings)
     report = _report(out["base_eval"], out["eval_set"], cfg["metrics"])
     intervene.write_steering_data(out, job_dir)
     plots = intervene.plot_steering(out, job_dir, title) if cfg["output"].get("plots") else {}
     meta = out["direction"].meta
     extra = {"intervention": "direction", "etas": out["etas"],
+             "intervention_layers": list(meta.get("intervention_layers") or []),
+             "eta_scale": meta.get("eta_scale"), "position": meta.get("position"),
              "n_calibration": int(len(out["cal_idx"])), "n_evaluation": int(len(out["eval_idx"])),
              "direction": {k: meta.get(k) for k in ("method", "layers", "raw_norm", "dataset",
                                                     "cross_model_transfer", "cosine_to_direction")},
@@ -237,24 +252,30 @@ def _steering(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet
     return report, extra, plots
 
 
-def _ablation(cfg: Mapping[str, Any], loaded: LoadedModel, prompt_set: PromptSet, job_dir: Path,
+def _ablation(spec: JobSpec, loaded: LoadedModel, prompt_set: PromptSet, job_dir: Path,
               title: str, tracker: Tracker) -> tuple[ProbeReport, dict[str, Any], dict[str, Path]]:
     """Null-space truncation or direction ablation; the report covers the evaluation split."""
-    kind = intervene.intervention_kind(cfg)
-    out = ablate.run_ablation(cfg, kind, loaded, prompt_set,
+    cfg = spec.config
+    out = ablate.run_ablation(spec, loaded, prompt_set,
                               lambda ps, keep: cached_probe(loaded, ps, cfg["probe"], keep,
                                                             cfg.get("cache_dir")),
                               lambda result: measure(result, cfg["metrics"]),
                               ProbeSettings.from_config(cfg["probe"]))
     report = _report(out["base_eval"], out["eval_set"], cfg["metrics"])
     plots = ablate.write_ablation(out, job_dir, title, bool(cfg["output"].get("plots")))
-    extra = {"intervention": kind, "n_calibration": int(len(out["fit"].cal_idx)),
+    extra = {"intervention": spec.study, "n_calibration": int(len(out["fit"].cal_idx)),
              "n_evaluation": int(len(out["fit"].eval_idx)), "ablation": out["report"]}
     table = out["table"]
     for variant in table["variant"].unique():
         tracker.log_layers(table[table["variant"] == variant].drop(columns="variant"),
                            prefix=f"ablation/{variant}/")
     tracker.log_table("ablation", table)
+    per_layer = out["fit"].per_layer
+    series = {"norm": {l: float(np.linalg.norm(v)) for l, v in per_layer.items()}}
+    if out["report"].get("rho_per_layer"):
+        series["rho"] = {int(l): float(v) for l, v in out["report"]["rho_per_layer"].items()}
+    if per_layer:
+        tracker.log_series("nullspace" if spec.study == "nullspace" else "direction", series)
     return report, extra, plots
 
 
@@ -267,6 +288,8 @@ def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
             flat[f"steering/eta={eta}/{metric}"] = values[metric]
     if summary.get("direction"):
         flat["direction/raw_norm"] = summary["direction"].get("raw_norm")
+    if (summary.get("ablation") or {}).get("direction_raw_norm") is not None:
+        flat["direction/raw_norm"] = summary["ablation"]["direction_raw_norm"]
     report = summary.get("ablation") or {}
     for key in ("rho", "rho_random_mean", "p_value", "max_cosine", "k"):
         if key in report:

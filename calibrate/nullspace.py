@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,12 +46,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from calibrate import results
+
 DEFAULT_CHUNK_ROWS = 8192
 DEFAULT_FRACTION = 0.01
 CACHE_SUBDIR = "nullspace"
 CACHE_FORMAT_VERSION = "1"
 _EIGVECS_KEY = "eigenvectors"
 _EIGVALS_KEY = "eigenvalues"
+_OS_ERROR = re.compile(r"os error (\d+)")
 
 
 # --- choosing k --------------------------------------------------------------------------------
@@ -338,13 +342,24 @@ def _load_entry(
 def _save_entry(
     path: Path, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, metadata: dict[str, str]
 ) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
+    """Write to a temporary file beside ``path`` and rename it into place (mode 0o666 & ~umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     os.close(fd)
     try:
         tensors = {_EIGVALS_KEY: eigenvalues.contiguous(), _EIGVECS_KEY: eigenvectors.contiguous()}
-        save_file(tensors, tmp_name, metadata=metadata)
+        try:
+            save_file(tensors, tmp_name, metadata=metadata)
+        except SafetensorError as err:  # an I/O error there carries only "(os error N)"
+            found = _OS_ERROR.search(str(err))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), tmp_name) from err
+        try:
+            os.chmod(tmp_name, results.file_mode())
+        except OSError:
+            pass  # best effort: some mounts refuse chmod
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
@@ -358,7 +373,9 @@ def cached_null_space(
 
     The entry stores the full eigendecomposition (hidden² float64: 128 MiB at hidden 4096), so
     one entry serves every k. An entry that is unreadable or whose metadata (hash, shape,
-    dtype) does not match is recomputed and atomically rewritten.
+    dtype) does not match is recomputed and atomically rewritten. A cache that cannot be written
+    (permission denied, read-only, disk full, quota) is logged once per process on the
+    ``calibrate`` logger and the result is returned uncached.
     """
     _check_weight(weight)
     hidden = weight.shape[1]
@@ -369,5 +386,10 @@ def cached_null_space(
     entry = _load_entry(path, metadata, hidden)
     if entry is None:
         entry = eigendecomposition(weight, chunk_rows)
-        _save_entry(path, *entry, metadata)
+        try:
+            _save_entry(path, *entry, metadata)
+        except OSError as err:
+            if not results.cache_unwritable(err):
+                raise
+            results.warn_cache_unwritable(path.parent, err)
     return _bottom_k(*entry, k)

@@ -7,8 +7,6 @@ temporary name in the target folder and renamed into place, so a reader never se
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from calibrate.results import atomic_write
 from calibrate.metrics import SUM_ATOL, _check_probs, bin_statistics, ece, mce
 from calibrate.phases import Phases
 
@@ -31,18 +30,8 @@ CURVE_PANELS: tuple[tuple[str, str], ...] = (
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
     """Render ``fig`` as PNG to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=dpi))
 
 
 def _mark_phases(ax: Axes, phases: Phases, metric: str) -> None:

@@ -4,7 +4,8 @@ A sweep over eta (or over direction settings) for one model and dataset must not
 unsteered probe in every job. Results are keyed by a fingerprint of the model weights, the exact
 prompts, option tokens and labels, and the probe outputs asked for; any change gives a new key.
 Entries are ``.npz`` files read with ``allow_pickle=False``; an entry whose stored key or
-checksum does not match (corrupted, truncated) is ignored and rebuilt.
+checksum does not match (corrupted, truncated) is ignored and rebuilt. A cache that cannot be
+written is reported once and never fails the job.
 """
 
 from __future__ import annotations
@@ -16,35 +17,16 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from calibrate import results
 from calibrate.assets import cache_root
 from calibrate.continuations import requests_digest
+from calibrate.models import weights_fingerprint  # noqa: F401 - the cache's key of the weights
 from calibrate.probe import ProbeResult, ProbeSettings
 from calibrate.prompts import PromptSet
 
 CACHE_VERSION = 1
-_SAMPLE_BYTES = 1 << 16
 _MEMORY: dict[str, ProbeResult] = {}
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter's name, shape, dtype and its first and last 64 KiB of bytes.
-
-    Cheap for a 7B model (no full pass over the weights) and changes with any fine-tune,
-    re-quantization or different checkpoint in practice.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        raw = (tensor.detach().reshape(-1).view(torch.uint8) if tensor.numel()
-               else tensor.new_empty(0, dtype=torch.uint8))  # bf16 has no numpy dtype
-        head, tail = raw[:_SAMPLE_BYTES].cpu().numpy(), raw[-_SAMPLE_BYTES:].cpu().numpy()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(head.tobytes())
-        digest.update(tail.tobytes())
-    return digest.hexdigest()
 
 
 def _array_hash(array: np.ndarray) -> str:
@@ -87,12 +69,22 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 def store(key: str, result: ProbeResult, cache_dir: str | Path | None) -> None:
-    """Keep a result in memory and on disk (atomically)."""
+    """Keep a result in memory and on disk (atomically).
+
+    A cache folder that cannot be written (permission denied, read-only, disk full, quota) is
+    logged once per process on the ``calibrate`` logger and skipped; the in-memory entry stays.
+    """
     _MEMORY.clear()  # one entry in memory: a sweep over models must not hold them all
     _MEMORY[key] = result
     arrays = _arrays(result)
     meta = np.frombuffer(json.dumps({"key": key, "checksum": _checksum(arrays)}).encode(), np.uint8)
-    results.write_npz(_path(key, cache_dir), meta=meta, **arrays)
+    path = _path(key, cache_dir)
+    try:
+        results.write_npz(path, meta=meta, **arrays)
+    except (OSError, results.OutputError) as err:
+        if not results.cache_unwritable(err):
+            raise
+        results.warn_cache_unwritable(path.parent, err)
 
 
 def load(key: str, cache_dir: str | Path | None) -> ProbeResult | None:

@@ -119,16 +119,53 @@ def build_cloze_prompts(records: Sequence[Any], contexts: list[str], dataset_cfg
     return PromptSet(contexts, labels, option_ids, [], _adds_bos(tokenizer), tuple(requests), norm)
 
 
-def build_prompts(records: Sequence[Any], dataset_cfg: Mapping[str, Any], tokenizer: Any) -> PromptSet:
+def _check_max_length(max_length: Any) -> int | None:
+    if max_length is None:
+        return None
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) \
+            or max_length < 1:
+        raise PromptError(f"max_length={max_length!r} is invalid; accepted: None or the model's "
+                          "context length as an integer >= 1")
+    return int(max_length)
+
+
+def _refuse_too_long(lengths: Sequence[int], max_length: int, what: str) -> None:
+    """PromptError naming the first example whose token length exceeds ``max_length``."""
+    for index, length in enumerate(lengths):
+        if length > max_length:
+            longest = max(lengths)
+            over = sum(n > max_length for n in lengths)
+            raise PromptError(f"example {index} is {length} tokens ({what}), more than the model's "
+                              f"context of max_length={max_length} tokens ({over} example(s) are, "
+                              f"the longest {longest}); accepted: prompts of at most {max_length} "
+                              "tokens (shorten the template or drop those examples)")
+
+
+def build_prompts(records: Sequence[Any], dataset_cfg: Mapping[str, Any], tokenizer: Any, *,
+                  max_length: int | None = None) -> PromptSet:
     """Render every record and resolve each option slot to a single token id (letters,
-    verbalizer) or to its continuation tokens (cloze)."""
+    verbalizer) or to its continuation tokens (cloze).
+
+    ``max_length`` (the model's context length in tokens) refuses, with a :class:`PromptError`
+    naming the example, any prompt longer than it: the prompt with the tokenizer's default
+    special tokens (letters, verbalizer), or the context plus its longest continuation (cloze).
+    """
+    max_length = _check_max_length(max_length)
     if not records:
         raise PromptError(f"dataset {dataset_cfg.get('name')!r} has no records")
     fmt = str(dataset_cfg.get("answer_format"))
     prompts = [render_prompt(str(dataset_cfg["template"]), r, str(dataset_cfg.get("subject") or ""))
                for r in records]
     if fmt == "cloze":
-        return build_cloze_prompts(records, prompts, dataset_cfg, tokenizer)
+        prompt_set = build_cloze_prompts(records, prompts, dataset_cfg, tokenizer)
+        if max_length is not None:
+            lengths = [len(r.context_ids) + max(len(c) for c in r.continuations)
+                       for r in prompt_set.requests]
+            _refuse_too_long(lengths, max_length, "context + longest continuation")
+        return prompt_set
+    if max_length is not None:
+        lengths = [len(i) for i in tokenizer(prompts)["input_ids"]]
+        _refuse_too_long(lengths, max_length, "prompt")
     width = max(len(r.options) for r in records)
     strings = option_strings(fmt, width, dataset_cfg.get("verbalizer"))
     # Merges at the boundary depend only on the prompt's end, shared by all prompts of a template.

@@ -1,14 +1,23 @@
 """Job outputs, written atomically: a job that dies leaves no file that looks complete.
 
-Every file is written to a temporary name in the same folder and renamed into place.
+Every file is written to a temporary name in the same folder and renamed into place; the file
+gets the mode a plain ``open`` would give it (``0o666 & ~umask``), not ``mkstemp``'s 0600, so a
+team sharing a cluster filesystem can read results and cache entries.
 ``metrics.json`` is written last and is the job's completion marker: a job directory without
 it (or whose ``metrics.json`` has ``status`` other than ``complete``) is not a finished result.
+
+A job folder that cannot be written, or a disk that fills up while writing, is an
+:class:`OutputError` (a ``ValueError``, one line naming the path and the reason), never a bare
+``OSError`` traceback. Caches use :func:`cache_unwritable` and :func:`warn_cache_unwritable`: a
+read-only or full cache is reported once per process and the job goes on without it.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -23,22 +32,129 @@ LAYERS_FILE = "layers.csv"
 PREDICTIONS_FILE = "predictions.npz"
 ERROR_FILE = "error.json"
 
+LOGGER = logging.getLogger("calibrate")
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# What a read-only, foreign or full cache raises; anything else is a real error.
+_CACHE_ERRNOS = _FULL | {errno.EACCES, errno.EPERM, errno.EROFS}
+_WARNED_CACHES: set[str] = set()
+
+
+class OutputError(ValueError):
+    """The job's results cannot be written (folder not writable, disk full)."""
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it straight back
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets from ``open``: ``0o666 & ~umask``."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode a newly created folder gets from ``mkdir``: ``0o777 & ~umask``."""
+    return 0o777 & ~_umask()
+
+
+def share_dir(path: Path) -> Path:
+    """Give a ``mkdtemp`` folder (0700) the umask's mode before it is renamed into place."""
+    try:
+        os.chmod(path, dir_mode())
+    except OSError:
+        pass
+    return path
+
+
+def _share(fd: int) -> None:
+    """Give an open temporary file the umask's mode (best effort: some mounts refuse chmod)."""
+    try:
+        os.fchmod(fd, file_mode())
+    except OSError:
+        pass
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+
+
+def check_writable(job_dir: Path) -> None:
+    """Fail early, in one line, when ``job_dir`` cannot be created or written.
+
+    Creates the folder if needed, then creates and removes a temporary file in it.
+
+    Raises:
+        OutputError: naming the folder and the reason (permission denied, read-only file
+            system, disk full, a file in the way ...).
+    """
+    job_dir = Path(job_dir)
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=job_dir, prefix=".write-check.", suffix=".tmp")
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(tmp)
+    except OSError as err:
+        raise OutputError(f"cannot write results to {job_dir}: {_reason(err)}") from err
+
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write ``path`` through ``write(handle)`` on a temporary file, then rename it into place."""
+    """Write ``path`` through ``write(handle)`` on a temporary file, then rename it into place.
+
+    The file ends with mode ``0o666 & ~umask``. On any failure no temporary file remains and an
+    existing ``path`` keeps its old content; a full disk or exhausted quota (ENOSPC, EDQUOT)
+    is raised as :class:`OutputError`, other errors as they are.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                _share(handle.fileno())
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        if err.errno in _FULL:
+            raise OutputError(f"disk full while writing {path} ({_reason(err)}); "
+                              f"free space or write elsewhere") from err
         raise
     return path
+
+
+def cache_unwritable(err: BaseException) -> bool:
+    """Whether ``err`` (or the OSError behind an :class:`OutputError`) means the cache cannot
+    be written: permission denied, read-only file system, disk full or quota exceeded."""
+    if isinstance(err, OutputError) and isinstance(err.__cause__, OSError):
+        err = err.__cause__
+    return isinstance(err, OSError) and err.errno in _CACHE_ERRNOS
+
+
+def warn_cache_unwritable(cache_dir: Path, err: BaseException) -> None:
+    """Log once per process and cache folder that ``cache_dir`` is not writable."""
+    key = str(cache_dir)
+    if key in _WARNED_CACHES:
+        return
+    _WARNED_CACHES.add(key)
+    cause = err.__cause__ if isinstance(err, OutputError) and err.__cause__ else err
+    reason = _reason(cause) if isinstance(cause, OSError) else str(cause)
+    LOGGER.warning("cache %s is not writable (%s); going on without caching", cache_dir, reason)
 
 
 def write_text(path: Path, text: str) -> Path:

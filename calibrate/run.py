@@ -1,74 +1,136 @@
 """Hydra entry point: ``python -m calibrate.run [-m] key=value ...``.
 
-A thin layer over :func:`calibrate.job.run_job`. Bad input ends in one line on stderr naming
-the value and what is accepted, exit status 2, and no result files. In a multirun a failing
-job is recorded (``error.json`` in its directory, a ``failed`` row in ``summary.csv``) and
-the other jobs go on.
+The command line is checked first (:mod:`calibrate.preflight`): every swept value is composed and
+its spec built, so bad input ends in one line on stderr naming the value and what is accepted,
+exit status 2, before any job starts (``HYDRA_FULL_ERROR=1`` brings tracebacks back). Each job
+then builds its spec, checks its folder (:mod:`calibrate.resume`), writes ``.hydra/`` and runs.
+In a multirun a failing job is recorded (``error.json`` in its directory, a ``failed`` row in
+``summary.csv``) and the other jobs go on; the command exits 1 when any job failed.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from calibrate import results
-from calibrate.errors import USER_ERRORS
+from calibrate import results, resume, summary
+from calibrate.errors import USER_ERRORS, one_line
 from calibrate.job import run_job
+from calibrate.spec import CONF_DIR, build_spec
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+LOG = logging.getLogger("calibrate")
 
 
 def _job_context() -> tuple[Path, str, str | None, bool]:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    group = Path(hc.sweep.dir).name if multirun else None
     name = f"{hc.runtime.choices.get('model')}-{hc.runtime.choices.get('dataset')}"
     if hc.overrides.task:
         name += "-" + ",".join(hc.overrides.task)
+    group = Path(hc.sweep.dir).name if multirun else name
     return job_dir, name, group, multirun
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _write_hydra_files(cfg: DictConfig, job_dir: Path) -> None:
+    """``.hydra/`` as Hydra writes it (config, hydra, overrides), only for a job that runs."""
+    hc = HydraConfig.get()
+    folder = job_dir / ".hydra"
+    results.write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    results.write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+    results.write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+
+
+def _headline(done: dict[str, Any], job_dir: Path) -> None:
+    final = done.get("final", {})
+
+    def interval(metric: str) -> str:
+        lo, hi = final.get(f"{metric}_lo"), final.get(f"{metric}_hi")
+        return f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+
+    LOG.info("%s on %s (%s, %d examples): final accuracy %.3f%s, ECE %.4f%s, MCE %.4f; %s",
+             done.get("model"), done.get("dataset"), done.get("study"), done.get("n_examples", 0),
+             final.get("accuracy", float("nan")), interval("accuracy"),
+             final.get("ece", float("nan")), interval("ece"), final.get("mce", float("nan")),
+             done.get("phase_note") or "")
+    for eta, values in (done.get("steering") or {}).items():
+        if float(eta) != 0.0:
+            LOG.info("  eta=%s: accuracy %.3f (%+.3f), ECE %.4f (%+.4f), MCE %.4f (%+.4f)", eta,
+                     values["accuracy"], values["delta_accuracy"], values["ece"],
+                     values["delta_ece"], values["mce"], values["delta_mce"])
+    LOG.info("results in %s", job_dir)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     """Run one job; see the module docstring for error handling."""
+    logging.captureWarnings(True)
     job_dir, name, group, multirun = _job_context()
     if cfg.tracker.get("group"):
         group = cfg.tracker.group
-    done = results.read_metrics(job_dir) if cfg.get("resume") is True else None  # else validated
-    if done is not None:
-        print(f"[calibrate] resume: {job_dir} is complete, skipped", file=sys.stderr)
-        return done
-    (job_dir / results.ERROR_FILE).unlink(missing_ok=True)  # a rerun replaces an earlier failure
     try:
-        container = OmegaConf.to_container(cfg, resolve=True)
-        summary = run_job(container, job_dir, name=name, group=group, config_dict=container)
+        spec = build_spec(cfg)
+        done = resume.decide(job_dir, spec, cfg.get("resume") is True)
+        if done is not None:
+            return done
+        results.check_writable(job_dir)
+        (job_dir / results.ERROR_FILE).unlink(missing_ok=True)  # a rerun replaces a failure
+        _write_hydra_files(cfg, job_dir)
+        done = run_job(spec, job_dir, name=name, group=group)
+    except resume.FolderInUse as err:
+        return _fail(job_dir, err, multirun, user_error=True, record=False)
     except USER_ERRORS as err:
         return _fail(job_dir, err, multirun, user_error=True)
     except Exception as err:  # noqa: BLE001 - recorded, then re-raised outside a multirun
-        if not multirun:
+        if not multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         return _fail(job_dir, err, multirun, user_error=False)
-    print(f"[calibrate] results in {job_dir}  (layers.csv, metrics.json, plots)", file=sys.stderr)
-    return summary
+    _headline(done, job_dir)
+    return done
 
 
-def _fail(job_dir: Path, err: BaseException, multirun: bool, user_error: bool) -> None:
-    print(f"error: {err}", file=sys.stderr)
+def _fail(job_dir: Path, err: BaseException, multirun: bool, user_error: bool,
+          record: bool = True) -> None:
+    if user_error and os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    LOG.error("error: %s", one_line(err))
     if not multirun:
         sys.exit(2 if user_error else 1)
-    # In a sweep the failure is recorded for summary.csv; it is not a result.
-    results.write_json(job_dir / results.ERROR_FILE, {
-        "status": "failed", "error_type": type(err).__name__, "error": str(err),
-        "traceback": "" if user_error else traceback.format_exc()})
+    if record:  # in a sweep the failure is recorded for summary.csv; it is not a result
+        results.write_json(job_dir / results.ERROR_FILE, {
+            "status": "failed", "error_type": type(err).__name__, "error": str(err),
+            "traceback": "" if user_error else traceback.format_exc()})
+    summary.FAILED_JOBS.append(str(job_dir))
     return None
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m calibrate.run``: preflight, Hydra, then the exit status of the sweep."""
+    from calibrate.preflight import PREFLIGHT_ERRORS, preflight
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = preflight(argv)
+    except PREFLIGHT_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *argv]
     main()
+    failed = summary.LAST_TALLY.get("failed", 0) + summary.LAST_TALLY.get("incomplete", 0)
+    if failed or summary.FAILED_JOBS:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

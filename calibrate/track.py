@@ -3,19 +3,32 @@
 A tracker failure never fails a job or loses local results: an unreachable W&B falls back to
 offline mode with a warning, and any logging error is reported and ignored. The run is always
 finished (the job calls :meth:`Tracker.finish` in ``finally``).
+
+The W&B run opens lazily: what the job logs is kept in memory and the run is created, filled
+and finished only by ``finish(exit_code=0)``. A job that fails or is interrupted before its
+results exist (``finish(exit_code != 0)``, or killed outright) leaves no run behind, so nothing
+empty or partial is synced later. Its group is the sweep (``tracker.group`` if set), or the
+job's name for a single run; its job type is the intervention.
+
+Offline runs live in ``<job dir>/wandb/offline-run-*`` (``<tracker.dir>/wandb/...`` when
+``tracker.dir`` is set). Sync them later with::
+
+    wandb sync outputs/<date>/<time>_<model>_<dataset>/wandb/offline-run-*    # one job
+    wandb sync multirun/<date>/<time>/*/wandb/offline-run-*                   # every job of a sweep
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 LAYER_PREFIX = "layer/"
+SYNC_GLOB = "*/wandb/offline-run-*"  # under a sweep folder: every job's offline run
 
 
 class Tracker:
@@ -23,6 +36,14 @@ class Tracker:
 
     def log_layers(self, table: pd.DataFrame, prefix: str = LAYER_PREFIX) -> None:
         """Log each per-layer column as a series over ``layer``, plus the table itself."""
+
+    def log_series(self, name: str, table: pd.DataFrame | Mapping[str, Mapping[Any, float]],
+                   x: str = "layer") -> None:
+        """Log each column as the series ``<name>/<column>`` over ``x``, plus ``<name>_table``.
+
+        ``table`` is a DataFrame with an ``x`` column, or ``{column: {x value: value}}``, e.g.
+        ``{"rho": {30: 0.01, 31: 0.02}, "norm": {30: 4.1, 31: 3.9}}``.
+        """
 
     def log_table(self, key: str, table: pd.DataFrame) -> None:
         """Log a table."""
@@ -40,12 +61,26 @@ class Tracker:
         """Close the run."""
 
 
-class WandbTracker(Tracker):
-    """A W&B run; every call is guarded so tracking never breaks a job."""
+def series_table(table: pd.DataFrame | Mapping[str, Mapping[Any, float]], x: str) -> pd.DataFrame:
+    """``table`` as a DataFrame with an ``x`` column, sorted by it."""
+    if not isinstance(table, pd.DataFrame):
+        table = pd.DataFrame({str(k): pd.Series(dict(v), dtype=float) for k, v in table.items()})
+        table = table.rename_axis(x).reset_index()
+    if x not in table.columns:
+        raise ValueError(f"series table has no {x!r} column: {list(table.columns)}")
+    return table.sort_values(x, kind="stable").reset_index(drop=True)
 
-    def __init__(self, run: Any) -> None:
-        self.run = run
-        self._layer_metrics_defined: set[str] = set()
+
+class WandbTracker(Tracker):
+    """A W&B run, opened by ``open_run()`` at ``finish(0)``; every call is guarded so tracking
+    never breaks a job."""
+
+    def __init__(self, open_run: Callable[[], Any]) -> None:
+        self._open_run = open_run
+        self.run: Any = None
+        self._pending: list[tuple[str, Callable[[], None]]] = []
+        self._defined: set[tuple[str, str]] = set()
+        self._finished = False
 
     def _guard(self, what: str, fn, *args) -> None:
         try:
@@ -53,51 +88,93 @@ class WandbTracker(Tracker):
         except Exception as err:  # noqa: BLE001 - tracking must never fail the job
             warnings.warn(f"W&B {what} failed ({err}); local results are unaffected", stacklevel=3)
 
-    def _define(self, prefix: str) -> None:
-        if prefix not in self._layer_metrics_defined:
-            self.run.define_metric("layer")
-            self.run.define_metric(f"{prefix}*", step_metric="layer")
-            self._layer_metrics_defined.add(prefix)
+    def _later(self, what: str, fn: Callable[[], None]) -> None:
+        if self._finished:
+            warnings.warn(f"W&B {what} after finish() is ignored", stacklevel=3)
+            return
+        self._pending.append((what, fn))
 
-    def _log_layers(self, table: pd.DataFrame, prefix: str) -> None:
+    def _define(self, name: str, x: str) -> None:
+        if ("x", x) not in self._defined:
+            self.run.define_metric(x)
+            self._defined.add(("x", x))
+        if ("series", name) not in self._defined:
+            self.run.define_metric(f"{name}/*", step_metric=x)
+            self._defined.add(("series", name))
+
+    def _log_series(self, name: str, table: pd.DataFrame, x: str) -> None:
         import wandb
 
-        self._define(prefix)
+        self._define(name, x)
         for row in table.to_dict("records"):
-            values = {f"{prefix}{k}": v for k, v in row.items() if k != "layer" and _is_number(v)}
-            self.run.log({"layer": int(row["layer"]), **values})
-        self.run.log({f"{prefix.rstrip('/')}_table": wandb.Table(dataframe=table)})
+            values = {f"{name}/{k}": v for k, v in row.items() if k != x and _is_number(v)}
+            self.run.log({x: row[x], **values})
+        self.run.log({f"{name}_table": wandb.Table(dataframe=table)})
+
+    def log_series(self, name: str, table: pd.DataFrame | Mapping[str, Mapping[Any, float]],
+                   x: str = "layer") -> None:
+        try:
+            frame = series_table(table, x).copy()
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"W&B series {name!r} not logged ({err})", stacklevel=2)
+            return
+        if frame.empty:
+            return
+        name = name.rstrip("/")
+        self._later(f"{name} logging", lambda: self._log_series(name, frame, x))
 
     def log_layers(self, table: pd.DataFrame, prefix: str = LAYER_PREFIX) -> None:
-        self._guard("per-layer logging", self._log_layers, table, prefix)
+        self.log_series(prefix, table, "layer")
 
     def log_table(self, key: str, table: pd.DataFrame) -> None:
         import wandb
 
-        self._guard("table logging", lambda: self.run.log({key: wandb.Table(dataframe=table)}))
+        frame = table.copy()
+        self._later("table logging", lambda: self.run.log({key: wandb.Table(dataframe=frame)}))
 
     def log_images(self, paths: Mapping[str, Path]) -> None:
         import wandb
 
-        self._guard("image logging",
+        paths = dict(paths)
+        self._later("image logging",
                     lambda: self.run.log({k: wandb.Image(str(p)) for k, p in paths.items()}))
 
     def log_summary(self, values: Mapping[str, Any]) -> None:
-        self._guard("summary", lambda: self.run.summary.update(dict(values)))
+        values = dict(values)
+        self._later("summary", lambda: self.run.summary.update(values))
 
     def log_artifact(self, name: str, kind: str, paths: list[Path], metadata: Mapping[str, Any]) -> None:
         import wandb
 
+        paths, metadata = list(paths), dict(metadata)
+
         def _log() -> None:
-            artifact = wandb.Artifact(name, type=kind, metadata=dict(metadata))
+            artifact = wandb.Artifact(name, type=kind, metadata=metadata)
             for path in paths:
                 artifact.add_file(str(path))
             self.run.log_artifact(artifact)
 
-        self._guard("artifact", _log)
+        self._later("artifact", _log)
 
     def finish(self, exit_code: int = 0) -> None:
-        self._guard("finish", lambda: self.run.finish(exit_code=exit_code))
+        """With exit code 0: open the run, log everything kept, finish it. Otherwise: drop it
+        all and create no run."""
+        if self._finished:
+            return
+        self._finished = True
+        pending, self._pending = self._pending, []
+        if exit_code != 0:
+            return
+        self.run = self._open_run()
+        if self.run is None:
+            return
+        try:
+            for what, fn in pending:
+                self._guard(what, fn)
+        except BaseException:  # interrupted while logging: still finish the run, then go on
+            self._guard("finish", lambda: self.run.finish(exit_code=1))
+            raise
+        self._guard("finish", lambda: self.run.finish(exit_code=0))
 
 
 def _auto_tags(config: Mapping[str, Any]) -> list[str]:
@@ -126,22 +203,31 @@ def _init_wandb(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | N
                                               init_timeout=float(cfg.get("init_timeout", 90))))
 
 
+def _start(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | None, job_type: str,
+           config: Mapping[str, Any], mode: str) -> Any:
+    """The W&B run, falling back from online to offline; None (with a warning) if neither starts."""
+    try:
+        return _init_wandb(cfg, job_dir, name, group, job_type, config, mode)
+    except Exception as err:  # noqa: BLE001
+        if mode == "offline":
+            warnings.warn(f"W&B could not start ({err}); continuing without tracking", stacklevel=3)
+            return None
+        warnings.warn(f"W&B {mode} could not start ({err}); falling back to offline", stacklevel=3)
+    try:
+        return _init_wandb(cfg, job_dir, name, group, job_type, config, "offline")
+    except Exception as err2:  # noqa: BLE001
+        warnings.warn(f"W&B offline could not start either ({err2}); no tracking", stacklevel=3)
+        return None
+
+
 def open_tracker(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | None,
                  job_type: str, config: Mapping[str, Any]) -> Tracker:
-    """Start the tracker named by the ``tracker`` config group."""
+    """The tracker named by the ``tracker`` config group. ``group`` None (a single run) means
+    the job's ``name``. The W&B run itself starts at ``finish(exit_code=0)``."""
     if cfg.get("name") != "wandb" or cfg.get("mode") == "disabled":
         return Tracker()
     mode = str(cfg.get("mode", "offline"))
     os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        return WandbTracker(_init_wandb(cfg, job_dir, name, group, job_type, config, mode))
-    except Exception as err:  # noqa: BLE001
-        if mode == "offline":
-            warnings.warn(f"W&B could not start ({err}); continuing without tracking", stacklevel=2)
-            return Tracker()
-        warnings.warn(f"W&B {mode} could not start ({err}); falling back to offline", stacklevel=2)
-        try:
-            return WandbTracker(_init_wandb(cfg, job_dir, name, group, job_type, config, "offline"))
-        except Exception as err2:  # noqa: BLE001
-            warnings.warn(f"W&B offline could not start either ({err2}); no tracking", stacklevel=2)
-            return Tracker()
+    group = group or name
+    config = dict(config)
+    return WandbTracker(lambda: _start(cfg, Path(job_dir), name, group, job_type, config, mode))

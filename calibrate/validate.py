@@ -69,6 +69,9 @@ def check_metrics(cfg: Mapping[str, Any]) -> None:
     alpha = cfg.get("alpha", 0.05)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise ConfigError(f"metrics.alpha={alpha!r}; accepted: a number strictly between 0 and 1")
+    margin = cfg.get("ece_margin", 3)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+        raise ConfigError(f"metrics.ece_margin={margin!r}; accepted: a number >= 0")
     if cfg.get("binning") not in BINNINGS:
         raise ConfigError(f"metrics.binning={cfg.get('binning')!r}; accepted: {', '.join(BINNINGS)}")
 
@@ -159,7 +162,7 @@ def check_job(cfg: Mapping[str, Any]) -> None:
     check_tracker(cfg["tracker"])
     if not isinstance(cfg.get("resume", False), bool):  # "maybe" would otherwise count as true
         raise ConfigError(f"resume={cfg.get('resume')!r}; accepted: true, false")
-    if "eta" in cfg:
+    if cfg.get("eta") is not None:  # null: no steering
         parse_eta(cfg["eta"])
     if "intervention" in cfg:
         check_intervention(cfg)

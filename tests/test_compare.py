@@ -137,8 +137,9 @@ def compared(runs, tmp_path_factory) -> SimpleNamespace:
 
 
 def test_inputs_are_real_jobs(runs):
-    steer = pd.read_csv(runs.steer / SUMMARY_FILE)
-    assert steer["status"].tolist() == ["complete", "complete", "failed"]
+    steer = pd.read_csv(runs.steer / SUMMARY_FILE)  # one row per job and eta
+    assert steer["status"].tolist() == ["complete"] * 4 + ["failed"]
+    assert steer["eta"].tolist()[:4] == [2.0, 4.0, 2.0, 4.0]
     assert (runs.steer / "0" / "steering.csv").is_file()
     assert not (runs.probe / "0" / "steering.csv").exists()
     assert (runs.single / results.METRICS_FILE).is_file()
@@ -181,6 +182,23 @@ def test_labels_are_the_differing_overrides(compared):
     same = [cmp.Run("s", Path(str(i)), [], {"model": "m", "dataset": "d"}, {}) for i in range(2)]
     cmp.assign_labels(same)
     assert [r.label for r in same] == ["m/d (s/0)", "m/d (s/1)"]
+
+
+def test_layer_curves_never_label_an_unsteered_curve_with_an_eta(runs):
+    """A steering job's layers.csv is unsteered: labelled so, without η, and shown once for the
+    jobs that share it; the steered curves come from steering.csv, each labelled with its η."""
+    found = cmp._read_all(cmp.resolve_inputs([runs.steer]))
+    cmp.assign_labels(found)
+    curves = cmp.layer_curves(found)
+    unsteered = [label for label in curves if "unsteered" in label]
+    assert unsteered and not any("eta" in label for label in unsteered)
+    steered = sorted(label for label in curves if "unsteered" not in label)
+    assert steered == ["direction.layers=[1,2] eta=2", "direction.layers=[1,2] eta=4",
+                       "direction.layers=[2,3] eta=2", "direction.layers=[2,3] eta=4"]
+    table = pd.read_csv(runs.steer / "0" / "steering.csv")
+    expected = table[table["eta"] == 4].drop(columns="eta").reset_index(drop=True)
+    pd.testing.assert_frame_equal(curves["direction.layers=[1,2] eta=4"].reset_index(drop=True),
+                                  expected)
 
 
 def test_markdown_table(compared):

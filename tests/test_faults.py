@@ -258,17 +258,20 @@ def test_bad_input_cli(case, background):
 
 
 def test_runtime_failure_in_a_sweep_is_recorded(background):
-    """A job whose weights cannot be read fails at run time; the next job still completes."""
+    """A job whose weights cannot be read fails at run time; the next job still completes, and
+    the sweep exits 1 with a one-line tally."""
     run, sweep = background["runtime"].result()
-    assert run.rc == 0, explain(run)
-    assert "(1 complete, 1 not)" in run.stderr, explain(run)
+    assert run.rc == 1, explain(run)
+    assert "sweep: 2 jobs: 1 complete, 1 failed" in run.lines()[-1], explain(run)
     table = sweep_summary(sweep)
     assert list(table["status"]) == ["failed", "complete"], table
     assert "damaged_model" in table.loc[0, "overrides"]
-    assert table.loc[0, "error"].startswith("SafetensorError: Error while deserializing header")
+    damaged = str(sweep.parent / "damaged_model" / "model.safetensors")
+    assert table.loc[0, "error"].startswith("ModelConfigError: weights file"), table.loc[0, "error"]
+    assert damaged in table.loc[0, "error"] and "corrupt" in table.loc[0, "error"]
     error = json.loads((sweep / "0" / "error.json").read_text())
-    assert error["status"] == "failed" and error["error_type"] == "SafetensorError"
-    assert "Traceback" in error["traceback"]  # a runtime failure keeps its traceback
+    assert error["status"] == "failed" and error["error_type"] == "ModelConfigError"
+    assert error["traceback"] == ""  # bad input: the message says it all
     assert not [p for p in (sweep / "0").iterdir() if p.name in RESULT_NAMES[:3]]
     assert_row_matches_metrics(table.loc[1], sweep / "1")
     assert pd.isna(table.loc[1, "error"])
@@ -346,7 +349,7 @@ def test_resume_skips_complete_and_redoes_incomplete(tmp_path):
 
     second = cli([*args, "resume=true"], tmp_path / "cwd", env=env)
     assert second.rc == 0, explain(second)
-    assert f"resume: {sweep / '0'} is complete, skipped" in second.stderr, explain(second)
+    assert f"resume: {sweep / '0'} holds this config's result" in second.stderr, explain(second)
     assert f"resume: {sweep / '1'}" not in second.stderr, explain(second)
     assert f"results in {sweep / '1'}" in second.stderr, explain(second)
     assert {n: (sweep / "0" / n).stat().st_mtime_ns for n in kept} == kept  # untouched
@@ -526,7 +529,7 @@ def test_damaged_probe_cache_entry_is_rebuilt(job_config, tmp_path, monkeypatch,
     probe_cache._MEMORY.clear()
 
 
-def test_non_finite_activations_are_recorded_in_a_sweep(inproc_cache, tmp_path, monkeypatch, capsys,
+def test_non_finite_activations_are_recorded_in_a_sweep(inproc_cache, tmp_path, monkeypatch, caplog,
                                                         uncached):
     """A block that outputs inf (as an fp16 overflow would): the job's ``error.json`` names the
     layer and the sweep summary shows the job as failed. The real ``calibrate.run.main`` runs,
@@ -540,7 +543,7 @@ def test_non_finite_activations_are_recorded_in_a_sweep(inproc_cache, tmp_path, 
     sweep = tmp_path / "sweep"
     job_dir = sweep / "0"
     overrides = ["dataset.limit=4", *LEAN, f"cache_dir={inproc_cache}"]
-    with initialize_config_dir(config_dir=run_mod.CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(run_mod.CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.mode = RunMode.MULTIRUN
@@ -572,7 +575,7 @@ def test_non_finite_activations_are_recorded_in_a_sweep(inproc_cache, tmp_path, 
         for handle in handles:
             handle.remove()
     assert returned is None and handles
-    assert "error: non-finite residual at layer 5" in capsys.readouterr().err
+    assert "error: non-finite residual at layer 5" in caplog.text  # the job's log (and run.log)
     error = json.loads((job_dir / "error.json").read_text())
     assert error["error_type"] == "NonFiniteActivations"
     assert error["error"].startswith("non-finite residual at layer 5 (of 31)")
@@ -582,3 +585,70 @@ def test_non_finite_activations_are_recorded_in_a_sweep(inproc_cache, tmp_path, 
     assert list(table["status"]) == ["failed"]
     assert table.loc[0, "error"].startswith("NonFiniteActivations: non-finite residual at layer 5")
     assert (sweep / "summary.csv").is_file()
+
+
+# ---------------------------------------------------------------- identity of a job folder
+
+def test_resume_compares_the_config_not_the_existence_of_a_result(tmp_path):
+    """resume=true reuses a folder's result only for the same config; another config reruns
+    (naming the keys), and without resume it is refused; a skip leaves ``.hydra/`` alone."""
+    cache = isolated_cache(tmp_path / "cache")
+    out = tmp_path / "job"
+    env = {"CALIBRATE_CACHE": str(cache)}
+    args = ["calibrate.run", *LEAN, f"hydra.run.dir={out}"]
+    first = cli([*args, "dataset.limit=2"], tmp_path / "cwd", env=env)
+    assert first.rc == 0, explain(first)
+    hydra_files = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
+
+    same = cli([*args, "dataset.limit=2", "resume=true"], tmp_path / "cwd", env=env)
+    assert same.rc == 0 and "holds this config's result" in same.stderr, explain(same)
+    assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == hydra_files
+
+    refused = cli([*args, "dataset.limit=3"], tmp_path / "cwd", env=env)
+    assert refused.rc == 2, explain(refused)
+    assert len(refused.lines()) == 1, explain(refused)
+    assert "already holds the result of another config (differs in dataset.limit: 2 -> 3)" \
+        in refused.lines()[0], explain(refused)
+    assert results.read_metrics(out)["n_examples"] == 2
+    assert not (out / "error.json").exists()
+    assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == hydra_files
+
+    changed = cli([*args, "dataset.limit=3", "resume=true"], tmp_path / "cwd", env=env)
+    assert changed.rc == 0, explain(changed)
+    assert "dataset.limit: 2 -> 3" in changed.stderr and "rerunning" in changed.stderr
+    assert results.read_metrics(out)["n_examples"] == 3
+    assert "dataset.limit=3" in (out / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_two_sweeps_started_together_get_their_own_folders(tmp_path):
+    """Started in the same second from the same folder, with the default sweep folder."""
+    cache = isolated_cache(tmp_path / "cache")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = cli_env({**ONE_THREAD, "CALIBRATE_CACHE": str(cache)})
+    cmd = [sys.executable, "-m", "calibrate.run", "-m", "dataset.limit=2", *LEAN]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    sweeps = sorted(p.parent for p in cwd.glob("multirun/*/*/summary.csv"))
+    assert len(sweeps) == 2, (sweeps, errs)
+    for sweep in sweeps:
+        table = sweep_summary(sweep)
+        assert list(table["status"]) == ["complete"]
+        assert_row_matches_metrics(table.loc[0], sweep / "0")
+
+
+def test_a_sweep_whose_jobs_all_fail_exits_non_zero(tmp_path):
+    bad = []
+    for name in ("bad_a", "bad_b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        bad.append(str(folder))
+    sweep = tmp_path / "sweep"
+    run = cli(["calibrate.run", "-m", f"model.path={','.join(bad)}", "dataset.limit=2", *LEAN,
+               f"hydra.sweep.dir={sweep}"], tmp_path / "cwd")
+    assert run.rc == 1, explain(run)
+    assert "sweep: 2 jobs: 2 failed" in run.lines()[-1], explain(run)
+    assert list(sweep_summary(sweep)["status"]) == ["failed", "failed"]

@@ -31,8 +31,8 @@ from omegaconf import OmegaConf
 from calibrate import job as job_mod
 from calibrate import models
 from calibrate.api import compose
+from calibrate.spec import build_spec
 from calibrate.direction import Direction, DirectionError, load_direction, save_direction
-from calibrate.steer import SteeringError
 from calibrate.validate import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -148,7 +148,7 @@ def test_direction_equals_hand_computed_layer_diff(steered):
     """c_hat from the cached residuals of the calibration split, the split redone by hand."""
     job_dir, _, loaded = steered
     cfg = config("intervention=direction", "eta=[0,2,8]")
-    _, prompt_set, _ = job_mod._prepare(cfg)
+    _, prompt_set, _ = job_mod._prepare(build_spec(cfg))
     probe = job_mod.cached_probe(loaded, prompt_set, cfg["probe"], [27, 28, 29, 30],
                                  cfg.get("cache_dir"))
     cal = np.sort(np.random.default_rng(0).permutation(16)[:8])  # seed 0, fraction 0.5
@@ -398,9 +398,9 @@ def test_direction_ablation_job(tmp_path):
 BAD = [
     (["intervention=direction", "intervention.position=middle"], ConfigError,
      r"intervention\.position='middle'"),
-    (["intervention=direction", "intervention.layers=[99]"], SteeringError,
-     r"intervention\.layers=\[99\].*0\.\.30"),
-    (["eta=4", "direction.layers=[0]"], DirectionError, r"direction\.layers=\[0\].*1\.\.30"),
+    (["intervention=direction", "intervention.layers=[99]"], ConfigError,
+     r"intervention\.layers=\[99\].*0\.\.30"),  # from the model's config, before its weights
+    (["eta=4", "direction.layers=[0]"], ConfigError, r"direction\.layers=\[0\].*1\.\.30"),
     (["eta=4", "direction.calibration_fraction=1.5"], ConfigError,
      r"direction\.calibration_fraction=1\.5"),
     (["eta=4", "direction.method=pca"], ConfigError, r"direction\.method='pca'"),
@@ -416,3 +416,42 @@ def test_bad_settings_fail_cleanly(overrides, error, message, tmp_path):
         job_mod.run_job(config(*overrides), job_dir)
     assert type(info.value) is error
     assert_no_results(job_dir)
+
+
+# ---------------------------------------------------------------- one semantics for eta sweeps
+
+def _as_sweep_job(job_dir: Path, overrides: list[str]) -> None:
+    (job_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(overrides), job_dir / ".hydra" / "overrides.yaml")
+
+
+def test_eta_sweep_jobs_equal_one_job_with_an_eta_list(steered, tmp_path):
+    """`-m eta=0,2` and `eta=[0,2]`: the same evaluation split, the same numbers, and a summary
+    whose steered columns are the steered values (not the unsteered reference)."""
+    from calibrate.summary import summarize_sweep
+
+    sweep = tmp_path / "sweep"
+    for index, eta in enumerate(("0", "2", "8")):
+        job_mod.run_job(config(f"eta={eta}"), sweep / str(index))
+        _as_sweep_job(sweep / str(index), [f"eta={eta}"])
+    one = steering(steered[0])
+    zero = read_json(sweep / "0" / "metrics.json")
+    # eta=0 evaluates the evaluation split, like every other job of the sweep
+    assert zero["study"] == "steering" and zero["n_examples"] == 8
+    for index, eta in ((1, 2.0), (2, 8.0)):
+        metrics = read_json(sweep / str(index) / "metrics.json")
+        assert metrics["n_examples"] == 8 and metrics["final"] == pytest.approx(zero["final"])
+        mine = eta_rows(steering(sweep / str(index)), eta)
+        np.testing.assert_allclose(mine[["accuracy", "ece", "mce"]].to_numpy(),
+                                   eta_rows(one, eta)[["accuracy", "ece", "mce"]].to_numpy(),
+                                   atol=METRIC_TOL)
+    table = summarize_sweep(sweep)
+    assert list(table["eta"]) == [0.0, 2.0, 8.0] and list(table["study"]) == ["steering"] * 3
+    assert table.loc[0, "steered_ece"] == pytest.approx(table.loc[0, "ece"], abs=METRIC_TOL)
+    assert table.loc[0, "delta_ece"] == pytest.approx(0.0, abs=METRIC_TOL)
+    final = one[one["layer"] == LAYERS - 1].set_index("eta")
+    for row in table.iloc[1:].itertuples():
+        assert row.steered_ece == pytest.approx(final.loc[row.eta, "ece"], abs=METRIC_TOL)
+        assert row.delta_ece == pytest.approx(final.loc[row.eta, "delta_ece"], abs=METRIC_TOL)
+        assert row.ece == pytest.approx(zero["final"]["ece"])  # the unsteered reference
+    assert table.loc[2, "steered_ece"] != pytest.approx(table.loc[2, "ece"], abs=1e-6)

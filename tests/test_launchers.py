@@ -93,7 +93,7 @@ def test_joblib_sweep(background):
     run, sweep = background["joblib"].result()
     assert run.rc == 0, explain(run, 2000)
     assert "Joblib.Parallel(n_jobs=2" in run.stderr + run.stdout, explain(run, 2000)
-    assert "(2 complete, 0 not)" in run.stderr, explain(run, 2000)
+    assert "sweep: 2 jobs: 2 complete;" in run.stderr, explain(run, 2000)
     check_sweep(sweep, [4, 5])
     multirun = yaml.safe_load((sweep / "multirun.yaml").read_text())
     assert multirun["hydra"]["launcher"]["n_jobs"] == 2
@@ -104,7 +104,7 @@ def test_submitit_local_sweep(background):
     output), then summarized like any sweep."""
     run, sweep = background["submitit"].result()
     assert run.rc == 0, explain(run, 2000)
-    assert "(1 complete, 0 not)" in run.stderr, explain(run, 2000)
+    assert "sweep: 1 jobs: 1 complete;" in run.stderr, explain(run, 2000)
     check_sweep(sweep, [4])
     logs = list((sweep / ".submitit").glob("*/*_log.err"))
     assert len(logs) == 1, list((sweep / ".submitit").rglob("*"))

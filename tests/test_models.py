@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import ARCHITECTURES, _config, build_tiny
 from omegaconf import OmegaConf
 
+from calibrate import models
 from calibrate.adapters import UnsupportedArchitecture
 from calibrate.models import (ModelConfigError, load_model, resolve_dtype, resolve_device,
                               resolve_source, tensor_hash)
@@ -160,3 +164,378 @@ def test_check_architecture_reads_only_the_config(tmp_path, smollm2):
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(ModelConfigError, match="cannot be loaded"):
         check_architecture(missing, {})
+
+
+# ---------------------------------------------------------------- identity, reuse, shape, failures
+
+def save_tiny(folder: Path, tokenizer, seed: int = 0, model_type: str = "llama") -> Path:
+    """A tiny random model saved as an ordinary safetensors folder with its tokenizer."""
+    model = build_tiny(model_type, len(tokenizer), seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file()
+    return folder
+
+
+def tiny_cfg(path: Any, **values: Any) -> dict[str, Any]:
+    return {"name": "tiny", "path": str(path), "device": "cpu", "dtype": "float32", **values}
+
+
+def assert_one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text and text.strip() == text, text
+    return text
+
+
+@pytest.fixture
+def fresh_reuse(monkeypatch):
+    """An empty in-process model cache and hub verdict for this test only."""
+    monkeypatch.setattr(models, "_LOADED", {})
+    monkeypatch.setattr(models, "_HUB_VERDICT", {})
+
+
+def test_identity_tells_seeds_and_dtypes_apart(word_tokenizer, monkeypatch):
+    from calibrate import probe_cache
+
+    vocab = len(word_tokenizer)
+    a = models.wrap_model(build_tiny("llama", vocab, seed=0), word_tokenizer, name="tiny")
+    b = models.wrap_model(build_tiny("llama", vocab, seed=1), word_tokenizer, name="tiny")
+    half = models.wrap_model(copy.deepcopy(a.model).to(torch.bfloat16), word_tokenizer, name="tiny")
+    # the same logic as the probe cache's key, so existing cache entries stay valid
+    assert a.fingerprint == models.weights_fingerprint(a.model) == probe_cache.weights_fingerprint(a.model)
+    assert len({a.fingerprint, b.fingerprint, half.fingerprint}) == 3
+    assert a.dtype is torch.float32 and half.dtype is torch.bfloat16
+    ida, idb, idh = a.identity(), b.identity(), half.identity()
+    assert {k for k in ida if ida[k] != idb[k]} == {"fingerprint", "unembed_hash"}
+    assert {k for k in ida if ida[k] != idh[k]} == {"fingerprint", "unembed_hash", "dtype", "param_dtypes"}
+    assert ida["dtype"] == "float32" and idh["dtype"] == "bfloat16" and idh["param_dtypes"] == ["bfloat16"]
+    assert ida["model_type"] == "llama" and ida["device"] == "cpu" and ida["num_blocks"] == 3
+    assert ida["source"] == "tiny" and ida["revision"] is None
+    for ident in (ida, idb, idh):
+        assert json.loads(json.dumps(ident)) == ident
+    # computed once at load: identity() does not hash the weights again
+    monkeypatch.setattr(models, "weights_fingerprint", lambda _m: pytest.fail("re-hashed"))
+    assert a.identity()["fingerprint"] == ida["fingerprint"]
+
+
+def test_loaded_identity_is_what_was_read(tmp_path, word_tokenizer, fresh_reuse, monkeypatch):
+    folder = save_tiny(tmp_path / "m", word_tokenizer, seed=3)
+    monkeypatch.chdir(tmp_path)
+    fp32 = models.load_model(tiny_cfg("m"))  # a relative path is recorded as the absolute folder
+    ident = fp32.identity()
+    assert ident["source"] == str(folder) and Path(ident["source"]).is_absolute()
+    assert (ident["dtype"], ident["device"], ident["model_type"]) == ("float32", "cpu", "llama")
+    assert ident["fingerprint"] == models.weights_fingerprint(fp32.model)
+    bf16 = models.load_model(tiny_cfg("m", dtype="bfloat16"))
+    assert bf16 is not fp32 and bf16.identity()["dtype"] == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    assert bf16.fingerprint != ident["fingerprint"]
+    assert json.loads(json.dumps(bf16.identity())) == bf16.identity()
+
+
+def test_reuse_is_keyed_by_what_is_loaded(tmp_path, word_tokenizer, fresh_reuse, monkeypatch):
+    """Same config name, other folder: never the first model back."""
+    one = save_tiny(tmp_path / "one", word_tokenizer, seed=0)
+    two = save_tiny(tmp_path / "two", word_tokenizer, seed=1)
+    a = models.load_model(tiny_cfg(one))
+    assert models.load_model(tiny_cfg(one)) is a  # the same thing again: reused
+    b = models.load_model(tiny_cfg(two))
+    assert b is not a and b.source == str(two) and b.fingerprint != a.fingerprint
+    assert b.fingerprint == models.weights_fingerprint(build_tiny("llama", len(word_tokenizer), seed=1))
+    # the same relative path from another working directory is another folder
+    for sub, seed in (("x", 4), ("y", 5)):
+        save_tiny(tmp_path / sub / "model", word_tokenizer, seed=seed)
+    monkeypatch.chdir(tmp_path / "x")
+    x = models.load_model(tiny_cfg("model"))
+    monkeypatch.chdir(tmp_path / "y")
+    y = models.load_model(tiny_cfg("model"))
+    assert y is not x and y.fingerprint != x.fingerprint and y.source == str(tmp_path / "y" / "model")
+    # a folder re-saved in place with other weights is reloaded
+    save_tiny(tmp_path / "y" / "model", word_tokenizer, seed=6)
+    z = models.load_model(tiny_cfg("model"))
+    assert z is not y and z.fingerprint != y.fingerprint
+
+
+def test_model_shape_of_every_tiny_config(tmp_path, word_tokenizer, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights read"))
+    vocab = len(word_tokenizer)
+    for model_type in ARCHITECTURES:
+        folder = tmp_path / model_type
+        _config(model_type, vocab).save_pretrained(folder)
+        adapter = models.get_adapter(build_tiny(model_type, vocab))
+        shape = models.model_shape(str(folder), {})
+        assert shape == models.ModelShape(model_type, adapter.num_blocks,
+                                          int(adapter.unembed_weight.shape[1]), 128, vocab), model_type
+    with pytest.raises(AttributeError):
+        shape.num_blocks = 4  # frozen
+
+
+def test_model_shape_reads_a_nested_text_config(tmp_path):
+    from transformers import AutoConfig
+
+    text = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 5,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12,
+            "max_position_embeddings": 256, "vocab_size": 77}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2}
+    AutoConfig.for_model("gemma3", text_config=text, vision_config=vision).save_pretrained(
+        tmp_path / "mm")
+    assert "text_config" in json.loads((tmp_path / "mm" / "config.json").read_text())
+    assert models.model_shape(str(tmp_path / "mm"), {}, check=False) == models.ModelShape(
+        "gemma3", 5, 48, 256, 77)
+    with pytest.raises(UnsupportedArchitecture, match="'gemma3' has no adapter"):
+        models.model_shape(str(tmp_path / "mm"), {})  # the multimodal wrapper has no adapter
+    with pytest.raises(UnsupportedArchitecture, match="'bert'"):
+        models.model_shape(str(write_config(tmp_path / "bert", "bert")), {})
+
+
+def test_model_shape_errors_are_one_line(tmp_path):
+    write_config(tmp_path / "zero", "llama", num_hidden_layers=0)
+    with pytest.raises(ModelConfigError, match="no num_blocks .*num_hidden_layers") as err:
+        models.model_shape(str(tmp_path / "zero"), {})
+    assert_one_line(err)
+    with pytest.raises(ModelConfigError, match="cannot be loaded") as err:
+        models.model_shape(str(tmp_path / "missing"), {})
+    assert_one_line(err)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ModelConfigError, match="cannot be loaded") as err:
+        models.model_shape(str(tmp_path / "broken"), {})
+    assert_one_line(err)
+
+
+def test_model_shape_of_the_real_smollm2(smollm2):
+    raw = json.loads((Path(smollm2.source) / "config.json").read_text())
+    assert (raw["num_hidden_layers"], raw["hidden_size"], raw["max_position_embeddings"]) == (30, 576, 8192)
+    shape = models.model_shape(smollm2.source, {})
+    assert shape == models.ModelShape("llama", 30, 576, 8192, raw["vocab_size"])
+    assert shape.num_blocks == smollm2.adapter.num_blocks
+    assert shape.hidden_size == smollm2.adapter.unembed_weight.shape[1]
+    assert smollm2.identity()["source"] == smollm2.source and smollm2.fingerprint
+
+
+# ---- the hub
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch, fresh_reuse):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    return cache
+
+
+def count_probes(monkeypatch, reachable: bool) -> list[tuple[str, float]]:
+    calls: list[tuple[str, float]] = []
+
+    def probe(endpoint: str, timeout: float) -> bool:
+        calls.append((endpoint, timeout))
+        return reachable
+
+    monkeypatch.setattr(models, "_probe_hub", probe)
+    return calls
+
+
+def test_unreachable_hub_is_probed_once_and_fails_in_one_line(empty_hf_cache, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: pytest.fail("transformers was asked to fetch"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid:8080/")
+    calls = count_probes(monkeypatch, reachable=False)
+    for name in ("nobody/not-cached", "nobody/also-not-cached"):
+        with pytest.raises(ModelConfigError) as err:
+            models.check_architecture(name, {})
+        text = assert_one_line(err)
+        assert f"model '{name}' is neither a local folder nor in the local Hugging Face cache" in text
+        assert "http://hub.invalid:8080) is unreachable" in text
+        assert "accepted: model.path=<a local model folder>" in text
+        assert f"hf download {name}" in text and "HF_HUB_OFFLINE=1" in text
+    with pytest.raises(ModelConfigError, match="unreachable"):
+        models.load_model({"name": "x", "path": "nobody/not-cached", "device": "cpu"})
+    assert calls == [("http://hub.invalid:8080", models.HUB_PROBE_TIMEOUT_S)]  # one probe in all
+    assert models.HUB_PROBE_TIMEOUT_S <= 5
+
+
+def test_offline_uncached_hub_id_fails_without_a_probe(empty_hf_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_probe_hub", lambda *_: pytest.fail("probed while offline"))
+    start = time.monotonic()
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model({"name": "phi2", "path": "microsoft/phi-2", "device": "cpu"})
+    assert time.monotonic() - start < 5  # a sanity bound: without the check this takes ~24 s
+    text = assert_one_line(err)
+    assert "'microsoft/phi-2'" in text and "HF_HUB_OFFLINE is set" in text
+    assert "model.path=" in text and "hf download microsoft/phi-2" in text
+
+
+def test_reachable_hub_lets_transformers_fetch(empty_hf_cache, monkeypatch):
+    import transformers
+
+    calls = count_probes(monkeypatch, reachable=True)
+    seen = []
+
+    def fake(source, **kwargs):
+        seen.append((source, kwargs))
+        raise OSError("nobody/x is not a local folder and is not a valid model identifier\nmore")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake)
+    with pytest.raises(ModelConfigError, match="'nobody/x' cannot be loaded .*not a valid model") as err:
+        models.check_architecture("nobody/x", {"revision": "v1"})
+    assert_one_line(err)
+    assert seen == [("nobody/x", {"revision": "v1", "trust_remote_code": False})] and len(calls) == 1
+
+
+def cache_hub_model(cache: Path, repo: str, tokenizer, seed: int) -> str:
+    """Lay a saved tiny model out as huggingface_hub's cache does; returns the commit."""
+    commit = f"{seed:040x}"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    save_tiny(root / "snapshots" / commit, tokenizer, seed=seed)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return commit
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_cached_hub_id_loads_without_network(empty_hf_cache, word_tokenizer, monkeypatch, offline):
+    import transformers
+
+    cache_hub_model(empty_hf_cache, "calib/tiny", word_tokenizer, seed=7)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = count_probes(monkeypatch, reachable=False)
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    kwargs_seen = []
+
+    def spy(cls, source, **kwargs):
+        kwargs_seen.append(kwargs)
+        return real(cls, source, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    lm = models.load_model({"name": "tiny", "path": "calib/tiny", "device": "cpu", "dtype": "float32"})
+    assert lm.source == "calib/tiny" and lm.identity()["source"] == "calib/tiny"
+    assert lm.fingerprint == models.weights_fingerprint(build_tiny("llama", len(word_tokenizer), seed=7))
+    assert len(calls) == (0 if offline else 1)
+    assert kwargs_seen[0]["local_files_only"] is True  # no retries against an unreachable hub
+
+
+def test_real_probe_is_bounded_and_honours_the_endpoint(monkeypatch):
+    import http.server
+    import socket
+    import threading
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:  # any HTTP answer (here 501 to HEAD) counts as reachable
+        assert models._probe_hub(f"http://127.0.0.1:{server.server_port}", 3.0) is True
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    start = time.monotonic()
+    assert models._probe_hub(f"http://127.0.0.1:{closed}", 3.0) is False
+    assert time.monotonic() - start < 5
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}/")
+    monkeypatch.setattr(models, "_HUB_VERDICT", {})
+    assert models.hub_endpoint() == f"http://127.0.0.1:{closed}"
+    assert models.hub_reachable() is False and models.hub_reachable() is False
+    assert models._HUB_VERDICT == {f"http://127.0.0.1:{closed}": False}
+
+
+# ---- damaged weights
+
+@pytest.mark.parametrize("damage, words", [
+    ("half", "truncated"), ("header-only", "truncated"), ("garbage", "corrupt"),
+    ("ff", "corrupt"), ("appended", "corrupt"), ("tiny", "truncated"),
+])
+def test_damaged_safetensors_fail_in_one_line_naming_the_file(tmp_path, word_tokenizer, fresh_reuse,
+                                                              monkeypatch, damage, words):
+    import transformers
+
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    damaged = {"half": data[:len(data) // 2], "header-only": data[:header_end + 3],
+               "garbage": bytes(range(256)) * 40, "ff": b"\xff" * 64, "appended": data + b"\0" * 9,
+               "tiny": data[:5]}[damage]
+    weights.write_bytes(damaged)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights read before they were checked"))
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model(tiny_cfg(folder))
+    text = assert_one_line(err)
+    assert f"weights file '{weights}' is" in text and words in text
+    assert "accepted: a complete safetensors file" in text
+    with pytest.raises(ModelConfigError, match=words):
+        models.check_weights(str(folder), {})
+
+
+def test_intact_and_sharded_weights_pass_the_check(tmp_path, word_tokenizer):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    models.check_weights(str(folder), {})
+    sharded = tmp_path / "sharded"
+    build_tiny("llama", len(word_tokenizer)).save_pretrained(sharded, max_shard_size="20KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    models.check_weights(str(sharded), {})
+    (sharded / shards[-1]).unlink()
+    with pytest.raises(ModelConfigError, match=f"'{sharded / shards[-1]}' named in .* is missing"):
+        models.check_weights(str(sharded), {})
+
+
+# ---- device
+
+def no_accelerators(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(models, "_mps_available", lambda: False)
+
+
+@pytest.mark.parametrize("device, reason", [
+    ("cuda", "not available"), ("cuda:0", "not available"), ("cuda:1", "not available"),
+    ("mps", "not available .*MPS"), ("tpu", "not a device name"), ("gpu0", "not a device name"),
+    ("meta", "not supported"), ("xpu", "not supported"),
+])
+def test_check_device_rejects_what_is_absent(monkeypatch, device, reason):
+    no_accelerators(monkeypatch)
+    with pytest.raises(ModelConfigError, match=f"^model.device='{device}' is {reason}") as err:
+        models.check_device(device)
+    assert assert_one_line(err).endswith("; accepted here: auto, cpu")
+
+
+def test_check_device_accepts_what_is_present(monkeypatch):
+    no_accelerators(monkeypatch)
+    assert models.check_device("auto") == "cpu" and models.check_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert models.check_device("auto") == "cuda"
+    assert [models.check_device(d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda", "cuda:0", "cuda:1"]
+    with pytest.raises(ModelConfigError, match=r"'cuda:2' is not available \(torch sees 2 CUDA "
+                                               r"device\(s\)\); accepted here: auto, cpu, cuda, cuda:0, cuda:1$"):
+        models.check_device("cuda:2")
+
+
+def test_absent_device_fails_before_anything_loads(monkeypatch):
+    import transformers
+
+    no_accelerators(monkeypatch)
+    for target in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(target, "from_pretrained", lambda *a, **k: pytest.fail("something loaded"))
+    monkeypatch.setattr(models, "prepare_model", lambda *a, **k: pytest.fail("offline copy prepared"))
+    cfg = {"name": "smollm2", "path": None, "offline": {"gguf_sha256": "0" * 64}, "device": "cuda:1"}
+    with pytest.raises(ModelConfigError, match="^model.device='cuda:1' is not available") as err:
+        models.load_model(cfg)
+    assert_one_line(err)

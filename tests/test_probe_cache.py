@@ -1,9 +1,15 @@
 """The probe result cache: what the weight fingerprint sees (and, documented, what it does not),
-which inputs change the key, a disk round trip, damaged entries ignored and rebuilt, no pickle."""
+which inputs change the key, a disk round trip, damaged entries ignored and rebuilt, no pickle;
+unwritable caches (probe and null space) warned about once, entry modes that follow the umask."""
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
+import os
+import stat
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,9 +17,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from calibrate import probe_cache
+from calibrate import nullspace as ns
+from calibrate import models, probe_cache, results
 from calibrate.lens import option_probabilities
 from calibrate.models import wrap_model
 from calibrate.probe import ProbeSettings, run_probe
@@ -25,7 +33,7 @@ DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negati
            "template": "{question} \n question : is this sentence positive or negative ? answer :"}
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
              "fun", "the the the movie was very very fun and good good"]
-SAMPLE = probe_cache._SAMPLE_BYTES
+SAMPLE = models._SAMPLE_BYTES
 
 
 @pytest.fixture(autouse=True)
@@ -290,3 +298,139 @@ def test_object_arrays_are_not_unpickled(tmp_path):
     UNPICKLED.clear()
     assert probe_cache.load(key, tmp_path) is None  # ... which load never runs
     assert UNPICKLED == []
+
+
+# ---------------------------------------------------------------- caches that cannot be written
+# The probe cache and the null-space cache: a read-only, foreign or full cache folder is logged
+# once per process on the "calibrate" logger and the job goes on; entries follow the umask.
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """No cache has been warned about yet in this process."""
+    monkeypatch.setattr(results, "_WARNED_CACHES", set(), raising=False)
+
+
+def _raise(err: BaseException):
+    def fail(*_a, **_k):
+        raise err
+    return fail
+
+
+def _cache_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "calibrate" and r.levelno == logging.WARNING]
+
+
+UNWRITABLE = {  # where the write fails, and how
+    "EACCES": ("mkstemp", PermissionError(errno.EACCES, "Permission denied")),
+    "EROFS": ("mkdir", OSError(errno.EROFS, "Read-only file system")),
+    "ENOSPC": ("fsync", OSError(errno.ENOSPC, "No space left on device")),
+    "EDQUOT": ("fsync", OSError(errno.EDQUOT, "Disk quota exceeded")),
+}
+
+
+def _break_writes(monkeypatch, where: str, err: OSError) -> None:
+    if where == "mkstemp":
+        monkeypatch.setattr(tempfile, "mkstemp", _raise(err))
+    elif where == "mkdir":
+        monkeypatch.setattr(Path, "mkdir", _raise(err))
+    else:
+        monkeypatch.setattr(results.os, "fsync", _raise(err))
+
+
+@pytest.mark.parametrize("case", sorted(UNWRITABLE))
+def test_unwritable_probe_cache_warns_once_and_goes_on(loaded, tmp_path, monkeypatch, caplog,
+                                                       fresh_warnings, case):
+    where, err = UNWRITABLE[case]
+    ps = prompts(loaded.tokenizer)
+    settings = ProbeSettings(progress=False)
+    result = run_probe(loaded, ps, settings)
+    key = probe_cache.probe_key(probe_cache.weights_fingerprint(loaded.model), ps, settings)
+    _break_writes(monkeypatch, where, err)
+    caplog.set_level(logging.WARNING, logger="calibrate")
+    probe_cache.store(key, result, tmp_path)  # no exception
+    (message,) = _cache_warnings(caplog)
+    assert message == (f"cache {tmp_path / 'probe'} is not writable ({err.strerror}); "
+                       "going on without caching")
+    assert probe_cache.load(key, tmp_path) is result  # the in-memory entry still serves the sweep
+    probe_cache.store("b" * 64, result, tmp_path)  # a second failure: no second warning
+    assert len(_cache_warnings(caplog)) == 1
+    monkeypatch.undo()
+    assert not (tmp_path / "probe").exists() or not list((tmp_path / "probe").iterdir())
+
+
+def test_probe_cache_other_errors_still_raise(loaded, tmp_path, monkeypatch, fresh_warnings):
+    ps = prompts(loaded.tokenizer)
+    result = run_probe(loaded, ps, ProbeSettings(progress=False))
+    monkeypatch.setattr(results.os, "fsync", _raise(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match="Input/output"):
+        probe_cache.store("c" * 64, result, tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(UNWRITABLE))
+def test_unwritable_nullspace_cache_warns_once_and_goes_on(tmp_path, monkeypatch, caplog,
+                                                           fresh_warnings, case):
+    where, err = UNWRITABLE[case]
+    weight = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    want = ns.null_space(weight, 2)
+    if where == "fsync":  # safetensors writes the file itself; it reports only "os error N"
+        monkeypatch.setattr(ns, "save_file", _raise(SafetensorError(
+            f"Error while serializing: I/O error: {err.strerror} (os error {err.errno})")))
+    else:
+        _break_writes(monkeypatch, where, err)
+    caplog.set_level(logging.WARNING, logger="calibrate")
+    got = ns.cached_null_space(weight, 2, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    (message,) = _cache_warnings(caplog)
+    assert message == (f"cache {tmp_path / ns.CACHE_SUBDIR} is not writable ({err.strerror}); "
+                       "going on without caching")
+    other = ns.cached_null_space(weight * 2, 2, tmp_path)  # fails again, silently
+    assert other[0].shape == (8, 2) and len(_cache_warnings(caplog)) == 1
+    monkeypatch.undo()
+    folder = tmp_path / ns.CACHE_SUBDIR
+    assert not folder.exists() or list(folder.iterdir()) == []  # no entry, no temp file
+
+
+def test_both_caches_follow_the_umask(loaded, tmp_path):
+    ps = prompts(loaded.tokenizer)
+    result = run_probe(loaded, ps, ProbeSettings(progress=False))
+    for mask in (0o022, 0o002):
+        old = os.umask(mask)
+        try:
+            cache = tmp_path / f"cache{mask:o}"
+            probe_cache.store("d" * 64, result, cache)
+            ns.cached_null_space(torch.randn(40, 8), 2, cache)
+            entries = [cache / "probe" / f"{'d' * 64}.npz", *(cache / ns.CACHE_SUBDIR).iterdir()]
+        finally:
+            os.umask(old)
+        assert len(entries) == 2
+        for entry in entries:
+            assert stat.S_IMODE(entry.stat().st_mode) == {0o022: 0o644, 0o002: 0o664}[mask], entry
+
+
+# ---------------------------------------------------------------- the job's cache is keyed by weights
+
+@pytest.mark.parametrize("same_memory", [True, False], ids=["memory", "disk"])
+def test_same_config_name_other_weights_is_a_miss(word_tokenizer, tmp_path, same_memory):
+    """A sweep over model.path=A,B (one config name): B must never get A's probabilities."""
+    from calibrate.job import cached_probe
+
+    a = wrap_model(build_tiny("llama", len(word_tokenizer), seed=1), word_tokenizer, name="smollm2")
+    b = wrap_model(build_tiny("llama", len(word_tokenizer), seed=2), word_tokenizer, name="smollm2")
+    ps = prompts(word_tokenizer)
+    probe_cfg = {"batch_size": "auto", "max_batch_size": 8, "max_tokens": 512, "min_fill": 0.0,
+                 "option_mass": "final", "progress": False}
+    first = cached_probe(a, ps, probe_cfg, (), tmp_path)
+    if not same_memory:
+        probe_cache._MEMORY.clear()
+    second = cached_probe(b, ps, probe_cfg, (), tmp_path)
+    own = run_probe(b, ps, ProbeSettings.from_config(probe_cfg))
+    np.testing.assert_allclose(second.probs, own.probs, atol=1e-6)
+    assert not np.allclose(first.probs, second.probs, atol=1e-4)
+    # the same weights in another dtype are another entry too
+    c = wrap_model(build_tiny("llama", len(word_tokenizer), seed=1).to(torch.bfloat16),
+                   word_tokenizer, name="smollm2")
+    assert c.identity()["fingerprint"] != a.identity()["fingerprint"]
+    third = cached_probe(c, ps, probe_cfg, (), tmp_path)
+    assert third is not first

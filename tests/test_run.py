@@ -3,10 +3,10 @@
 * Bad input: a non-zero exit, one clear line on stderr naming the bad value (and what is
   accepted), no result files, and no model weights read. Every case runs in-process through
   the job's own preparation (with weight loading replaced by a failure); the cases marked
-  ``cli`` also run through the real CLI. Hydra's own errors (unknown group option or key) keep
-  Hydra's several-line message, whose first line names the value.
-* One multirun, ``dataset.limit=6,0,8``: two complete jobs around one that fails validation;
-  ``summary.csv`` has one row per job and the sweep exits 0.
+  ``cli`` also run through the real CLI, where Hydra's own errors (unknown group option or key)
+  are folded into the same one line by the preflight.
+* One multirun, ``dataset.limit=6,0,8``: the preflight refuses the whole sweep in one line
+  before any job starts (the bad value is known before anything runs).
 * The default job on the real SmolLM2 with the W&B tracker offline, checked against the model.
 * rotten_tomatoes and TruthfulQA from ``../shared/data`` (skipped where it is absent).
 * The README's Python API.
@@ -33,7 +33,8 @@ from omegaconf import OmegaConf
 import calibrate
 from calibrate import job as job_mod
 from calibrate.api import dataset_config
-from calibrate.errors import USER_ERRORS
+from calibrate.errors import USER_ERRORS, one_line
+from calibrate.spec import build_spec
 from calibrate.metrics import ece, mce
 from cli_support import Run, cli_env, explain, run_process
 
@@ -71,7 +72,7 @@ class Case:
     args: tuple[str, ...]  # "{tmp}" is the case's folder, "{eta}" is eta or +eta
     names: tuple[str, ...]  # what the error line must name (the bad value)
     accepts: tuple[str, ...] = ()  # what it must offer instead
-    hydra: bool = False  # Hydra's own composition error (several lines, exit 1)
+    hydra: bool = False  # Hydra's own composition error (folded into one line by the preflight)
     cli: bool = False  # also run through the real CLI
     files: dict = field(default_factory=dict, hash=False, compare=False)  # name -> text, in {tmp}
 
@@ -119,6 +120,16 @@ CASES = [
          ("abstract_algebra",), cli=True),
     Case("mmlu_category", ("dataset=mmlu", "dataset.category=arts"), ("'arts'",),
          ("stem", "humanities")),
+    Case("experiment_unknown", ("experiment=nosuch",), ("experiment='nosuch'",),
+         ("debug", "eta_sweep"), hydra=True, cli=True),
+    Case("seed_abc", ("seed=abc",), ("seed='abc'",), ("an integer",), cli=True),
+    Case("intervention_layers", ("intervention=direction", "intervention.layers=[99]"),
+         ("intervention.layers=[99]", "[99] outside this model's 0..30"), ("0..30",), cli=True),
+    Case("direction_layers", ("intervention=direction", "direction.layers=[31]"),
+         ("direction.layers=[31]",), ("1..30",)),
+    Case("nullspace_k", ("intervention=nullspace", "nullspace.k=1000"), ("nullspace.k=1000",),
+         ("0..576",), cli=True),
+    Case("no_cuda", ("model.device=cuda",), ("model.device='cuda'",), ("cpu",), cli=True),
 ]
 CLI_CASES = [c for c in CASES if c.cli]
 assert len(CLI_CASES) >= 12
@@ -149,13 +160,15 @@ def test_bad_input_in_process(case, tmp_path, monkeypatch):
 
     monkeypatch.setattr(job_mod, "load_model", no_weights)
     if case.hydra:
-        with pytest.raises(Exception) as info:
-            calibrate.compose(args)
-        message = str(info.value)
+        from calibrate.preflight import PREFLIGHT_ERRORS, preflight
+
+        with pytest.raises(PREFLIGHT_ERRORS) as info:
+            preflight(args)
+        message = one_line(info.value)
     else:
         cfg = OmegaConf.to_container(calibrate.compose(args), resolve=True)
         with pytest.raises(USER_ERRORS) as info:
-            job_mod._prepare(cfg)
+            job_mod._prepare(build_spec(cfg))
         message = str(info.value)
         assert "\n" not in message, f"multi-line message: {message!r}"
     for text in (*names, *case.accepts):
@@ -182,7 +195,7 @@ def _wanted(session, module_file: str) -> list[str]:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if name.startswith("test_e2e_"):
             keys.append("e2e")
-        elif name == "test_multirun_with_a_failing_job":
+        elif name == "test_multirun_with_an_invalid_value_fails_before_any_job":
             keys.append("sweep")
         elif name == "test_shared_dataset_through_cli" and (SHARED / "data").is_dir():
             keys.append(params["name"])
@@ -301,43 +314,25 @@ def test_bad_input_cli(case, background):
     assert run.cpu_seconds < QUICK_S, explain(run)
     assert run.seconds < 3 * QUICK_S, explain(run)
     assert not any(WEIGHTS_MARKER in line for line in lines), explain(run)
-    if case.hydra:
-        # Hydra's own message: its first line names the value, the options follow.
-        assert run.rc == 1, explain(run)
-    else:
-        assert run.rc == 2, explain(run)
-        assert len(lines) == 1, f"expected one error line: {explain(run)}"
-        assert lines[0].startswith("error: "), explain(run)
+    assert run.rc == 2, explain(run)
+    assert len(lines) == 1, f"expected one error line: {explain(run)}"
+    assert "error: " in lines[0], explain(run)
     assert all(n in lines[0] for n in names), explain(run)
     assert all(a in run.stderr for a in case.accepts), explain(run)
 
 
 # ---------------------------------------------------------------- multirun
 
-def test_multirun_with_a_failing_job(background):
-    """limit 6, 0 (fails validation), 8: the sweep goes on, exits 0, and summarizes every job."""
+def test_multirun_with_an_invalid_value_fails_before_any_job(background):
+    """limit 6, 0 (invalid), 8: known before anything runs, so no job starts: one line, exit 2,
+    no sweep folder. (A job that fails at run time is recorded and the sweep goes on:
+    test_faults.py::test_runtime_failure_in_a_sweep_is_recorded.)"""
     run = background["sweep"].result()
-    assert run.rc == 0, explain(run)  # run.py: a failing job is recorded; the other jobs go on
-    assert "error: limit 0 is invalid" in run.stderr, explain(run)
-    assert "(2 complete, 1 not)" in run.stderr, explain(run)
-    sweep = run.cwd / "sweep"
-    table = pd.read_csv(sweep / "summary.csv")
-    assert list(table["job"]) == [0, 1, 2]
-    assert list(table["status"]) == ["complete", "failed", "complete"]
-    assert "dataset.limit=0" in table.loc[1, "overrides"]
-    assert table.loc[1, "error"].startswith("DatasetError: limit 0 is invalid")
-    assert not result_files(sweep / "1") and (sweep / "1" / "error.json").is_file()
-    for index, n in ((0, 6), (2, 8)):
-        row = table.loc[index]
-        assert f"dataset.limit={n}" in row["overrides"]
-        assert row["model"] == "smollm2" and row["dataset"] == "sst2" and row["n_examples"] == n
-        metrics = json.loads((sweep / str(index) / "metrics.json").read_text())
-        assert metrics["status"] == "complete" and metrics["n_examples"] == n
-        for key in ("accuracy", "ece", "mce"):
-            assert 0 <= row[key] <= 1
-            assert row[key] == pytest.approx(metrics["final"][key], rel=1e-12, abs=1e-15)
-        assert pd.isna(row["error"])
-        assert len(pd.read_csv(sweep / str(index) / "layers.csv")) == SMOL_LAYERS
+    assert run.rc == 2, explain(run)
+    assert run.lines() == [next(l for l in run.lines() if "error:" in l)], explain(run)
+    assert "limit 0 is invalid" in run.stderr, explain(run)
+    assert not (run.cwd / "sweep").exists()
+    assert run.cpu_seconds < QUICK_S, explain(run)
 
 
 # ---------------------------------------------------------------- the default job, end to end

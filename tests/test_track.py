@@ -1,9 +1,12 @@
-"""Tracking: an offline W&B run carries the per-layer series, tables and summary keys; W&B
-failures never fail a job."""
+"""Tracking: an offline W&B run carries the per-layer series, tables and summary keys; its group
+is the sweep or the job; a failed job leaves no run; a sweep's runs are found by the documented
+sync glob; W&B failures never fail a job."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import pandas as pd
@@ -19,6 +22,14 @@ CFG = {"name": "wandb", "project": "calibrate-test", "entity": None, "mode": "of
 CONFIG = {"model": {"name": "smollm2"}, "dataset": {"name": "sst2"}, "seed": 0}
 
 
+def records(job_dir) -> list[dict]:
+    """Every offline run under ``job_dir``, read from its run file (after W&B has flushed)."""
+    import wandb
+
+    wandb.teardown()  # finish() returns before the service has flushed the run file
+    return [read_run(f) for f in sorted(job_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+
+
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
     job_dir = tmp_path_factory.mktemp("job")
@@ -26,15 +37,14 @@ def offline_run(tmp_path_factory):
     assert isinstance(tracker, track.WandbTracker)
     tracker.log_layers(TABLE)
     tracker.log_layers(TABLE.assign(ece=TABLE.ece / 2), prefix="steered/eta=4/")
+    tracker.log_series("nullspace", {"rho": {31: 0.02, 30: 0.01}, "norm": {30: 4.5, 31: 3.5}})
     tracker.log_summary({"final/accuracy": 0.7, "final/ece": 0.1, "plateau_layer": 2,
                          "peak_ece_layer": None})
+    assert not (job_dir / "wandb").exists()  # nothing until the job has finished
     tracker.finish()
-    import wandb
-
-    wandb.teardown()  # finish() returns before the service has flushed the run file
-    files = list(job_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 1
-    return read_run(files[0])
+    assert len(list(job_dir.glob("wandb/offline-run-*"))) == 1
+    (run,) = records(job_dir)
+    return run
 
 
 def test_per_layer_series_use_layer_as_step(offline_run):
@@ -72,10 +82,11 @@ def test_unreachable_online_falls_back_to_offline(tmp_path, monkeypatch):
         return real(cfg, job_dir, name, group, job_type, config, mode)
 
     monkeypatch.setattr(track, "_init_wandb", fake)
-    with pytest.warns(UserWarning, match="falling back to offline"):
-        tracker = track.open_tracker({**CFG, "mode": "online"}, tmp_path, "x", None, "none", CONFIG)
+    tracker = track.open_tracker({**CFG, "mode": "online"}, tmp_path, "x", None, "none", CONFIG)
     assert isinstance(tracker, track.WandbTracker)
-    tracker.finish()
+    tracker.log_summary({"final/ece": 0.1})
+    with pytest.warns(UserWarning, match="falling back to offline"):  # the run opens at finish
+        tracker.finish()
     assert list(tmp_path.glob("wandb/offline-run-*"))
 
 
@@ -86,10 +97,89 @@ def test_logging_errors_warn_and_never_raise(tmp_path):
                 raise RuntimeError("W&B service died")
             return fail
 
-    tracker = track.WandbTracker(Broken())
+    tracker = track.WandbTracker(lambda: Broken())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tracker.log_layers(TABLE)
         tracker.log_summary({"a": 1})
         tracker.finish()
     assert len(caught) == 3 and all("local results are unaffected" in str(w.message) for w in caught)
+
+
+def test_series_over_layer_for_the_null_space(offline_run):
+    assert offline_run["metrics"]["nullspace/*"] == "layer"
+    rows = [r for r in offline_run["history"] if "nullspace/rho" in r]
+    assert [json.loads(r["layer"]) for r in rows] == [30, 31]  # sorted by layer
+    assert [json.loads(r["nullspace/rho"]) for r in rows] == [0.01, 0.02]
+    assert [json.loads(r["nullspace/norm"]) for r in rows] == [4.5, 3.5]
+    assert any("nullspace_table/_type" in r for r in offline_run["history"])
+
+
+def test_series_over_another_x(tmp_path):
+    tracker = track.open_tracker(CFG, tmp_path, "x", None, "direction", CONFIG)
+    table = pd.DataFrame({"eta": [0.0, 4.0], "ece": [0.2, 0.1]})
+    tracker.log_series("steering/final", table, x="eta")
+    tracker.log_series("empty", {})  # nothing to log: no error, no keys
+    tracker.finish()
+    (run,) = records(tmp_path)
+    assert run["metrics"]["steering/final/*"] == "eta"
+    rows = [r for r in run["history"] if "steering/final/ece" in r]
+    got = [(json.loads(r["eta"]), json.loads(r["steering/final/ece"])) for r in rows]
+    assert got == [(0.0, 0.2), (4.0, 0.1)]
+    assert not any(k.startswith("empty") for r in run["history"] for k in r)
+
+
+def test_single_run_group_is_the_job_name(tmp_path):
+    tracker = track.open_tracker(CFG, tmp_path, "smollm2-sst2-eta=4", None, "direction", CONFIG)
+    tracker.log_summary({"final/ece": 0.1})
+    tracker.finish()
+    (run,) = records(tmp_path)
+    assert run["run"]["group"] == run["run"]["name"] == "smollm2-sst2-eta=4"
+    assert run["run"]["job_type"] == "direction"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("probe failed"), KeyboardInterrupt()],
+                         ids=["exception", "interrupt"])
+def test_failed_job_leaves_no_offline_run(tmp_path, error):
+    """The job's pattern (calibrate.job.run_job): log, fail before results exist, finish(1)."""
+    tracker = track.open_tracker(CFG, tmp_path, "x", None, "none", CONFIG)
+    with pytest.raises(type(error)):
+        try:
+            tracker.log_layers(TABLE)
+            tracker.log_summary({"final/ece": 0.1})
+            raise error
+        except BaseException:
+            tracker.finish(exit_code=1)
+            raise
+    tracker.finish()  # a second finish changes nothing
+    assert not list(tmp_path.glob("wandb/offline-run-*")) and not (tmp_path / "wandb").exists()
+
+
+def test_sweep_runs_are_found_by_the_sync_glob(tmp_path):
+    """Two jobs of a sweep (``<sweep>/<job num>/``), one failed: the documented glob finds both
+    finished runs, each in the sweep's group, and nothing else."""
+    sweep = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
+    for num, ece in (("0", 0.3), ("1", 0.2)):
+        tracker = track.open_tracker(CFG, sweep / num, f"smollm2-sst2-eta={num}", sweep.name,
+                                     "none", CONFIG)
+        tracker.log_layers(TABLE.assign(ece=ece))
+        tracker.finish()
+    failed = track.open_tracker(CFG, sweep / "2", "smollm2-sst2-eta=2", sweep.name, "none", CONFIG)
+    failed.log_layers(TABLE)
+    failed.finish(exit_code=1)
+    found = sorted(sweep.glob(track.SYNC_GLOB))
+    assert track.SYNC_GLOB == "*/wandb/offline-run-*"
+    assert "wandb sync multirun/<date>/<time>/*/wandb/offline-run-*" in track.__doc__
+    assert [p.relative_to(sweep).parts[0] for p in found] == ["0", "1"]
+    assert all(p.is_dir() and p.name.startswith("offline-run-") for p in found)
+    runs = [run for num in ("0", "1") for run in records(sweep / num)]
+    assert [r["run"]["group"] for r in runs] == [sweep.name, sweep.name]
+    first_ece = [next(json.loads(h["layer/ece"]) for h in r["history"] if "layer/ece" in h)
+                 for r in runs]
+    assert first_ece == [0.3, 0.2]
+    # what `wandb sync` itself makes of the glob (dry run: no server, no upload)
+    cli = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run",
+                          *(str(p.relative_to(sweep)) for p in found)],
+                         cwd=sweep, capture_output=True, text=True, timeout=120)
+    out = cli.stdout + cli.stderr
+    assert cli.returncode == 0 and "Would sync 2 run(s)" in out, out

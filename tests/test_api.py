@@ -1,0 +1,59 @@
+"""The notebook API: records are checked against the dataset they are probed as."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import build_tiny
+
+from calibrate import api
+from calibrate.data import DatasetError, MCRecord
+
+
+class Untouchable:
+    """A stand-in model: any use of it fails the test (the check must come before model work)."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the model was used ({name!r}) before the records were checked")
+
+
+def mmlu_file(tmp_path: Path) -> Path:
+    rows = [{"question": f"q{i}", "subject": "anatomy", "choices": ["w", "x", "y", "z"],
+             "answer": i} for i in range(3)]
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_probe_layers_refuses_records_of_another_dataset(tmp_path: Path) -> None:
+    records = api.load_dataset("mmlu", local_path=str(mmlu_file(tmp_path)))
+    assert [r.dataset for r in records] == ["mmlu"] * 3
+    with pytest.raises(DatasetError) as err:
+        api.probe_layers(Untouchable(), records, dataset="sst2")
+    assert str(err.value) == ("probe_layers(dataset='sst2') was given 3 record(s) of 'mmlu'; "
+                              "accepted: records loaded for 'sst2', or dataset='mmlu'")
+
+
+def test_probe_layers_refuses_mixed_records_and_unknown_names(tmp_path: Path) -> None:
+    mmlu = api.load_dataset("mmlu", local_path=str(mmlu_file(tmp_path)))
+    sst2 = [MCRecord("fine", ("negative", "positive"), 1, dataset="sst2")]
+    with pytest.raises(DatasetError, match=r"given 3 record\(s\) of 'mmlu', 1 record\(s\) of "
+                                           r"'sst2'; accepted: records of one dataset, loaded "
+                                           r"for 'sst2'$"):
+        api.probe_layers(Untouchable(), mmlu + sst2, dataset="sst2")
+    with pytest.raises(DatasetError, match=r"unknown dataset 'sst3'; accepted: .*sst2"):
+        api.probe_layers(Untouchable(), sst2, dataset="sst3")
+
+
+def test_probe_layers_runs_records_of_its_dataset(word_tokenizer) -> None:
+    from calibrate.models import wrap_model
+
+    lm = wrap_model(build_tiny("llama", len(word_tokenizer)), word_tokenizer, name="tiny-llama")
+    loaded = [MCRecord("the movie was fun", ("negative", "positive"), 1, dataset="sst2"),
+              MCRecord("a boring film", ("negative", "positive"), 0, dataset="sst2")]
+    by_hand = [MCRecord("it was bad", ("negative", "positive"), 0)]  # no dataset: accepted
+    report = api.probe_layers(lm, loaded + by_hand, dataset="sst2", overrides=["probe.progress=false"])
+    assert report.result.probs.shape == (3, 4, 2)  # 3 examples, 3 blocks + embeddings, 2 options
+    assert report.result.labels.tolist() == [1, 0, 0]

@@ -1,0 +1,103 @@
+"""The command line is checked before Hydra runs anything: every swept value, one line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+
+from calibrate import preflight as pf
+from calibrate.data import DatasetError
+from calibrate.errors import one_line
+from calibrate.spec import CONF_DIR
+from calibrate.validate import ConfigError
+
+
+def check(*argv: str) -> list[str]:
+    return pf.preflight(list(argv))
+
+
+def test_a_good_line_passes_unchanged():
+    assert check("dataset.limit=4", "tracker=none") == ["dataset.limit=4", "tracker=none"]
+    assert check("-m", "model=smollm2,gemma3_270m", "eta=0,2") == \
+        ["-m", "model=smollm2,gemma3_270m", "eta=0,2"]
+
+
+def test_unknown_group_option_is_one_line_naming_it_and_the_options():
+    with pytest.raises(HydraException) as err:
+        check("model=nosuch")
+    line = one_line(err.value)
+    assert "\n" not in line and "model/nosuch" in line and "smollm2" in line
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(HydraException, match="nosuchkey"):
+        check("nosuchkey=1")
+
+
+def test_bad_override_syntax_is_an_error():
+    with pytest.raises(HydraException):
+        check("dataset.limit=[1,")
+
+
+def test_unknown_experiment_is_refused_not_ignored():
+    with pytest.raises(ConfigError) as err:
+        check("experiment=nosuch")
+    assert "experiment='nosuch' does not exist" in str(err.value)
+    assert "debug" in str(err.value) and "eta_sweep" in str(err.value)
+
+
+def test_every_swept_value_is_checked_before_any_job():
+    with pytest.raises(HydraException, match="model/nosuch"):
+        check("-m", "model=smollm2,nosuch")
+    with pytest.raises(ConfigError, match="eta='abc'"):
+        check("-m", "eta=0,abc")
+    with pytest.raises(DatasetError, match="limit 0"):
+        check("-m", "dataset.limit=6,0,8")
+    with pytest.raises(ConfigError, match="seed='x'"):
+        check("-m", "seed=1,x")
+
+
+def test_a_sweep_without_multirun_says_so():
+    with pytest.raises(ConfigError, match=r"model=smollm2,gemma3_270m is a sweep; add -m"):
+        check("model=smollm2,gemma3_270m")
+
+
+def test_hydra_modes_and_other_config_trees_are_left_to_hydra():
+    assert check("--cfg", "job") == ["--cfg", "job"]
+    assert check("--config-dir", "/elsewhere", "x=1") == ["--config-dir", "/elsewhere", "x=1"]
+
+
+def test_bundles_leave_the_users_tracker_choice_alone():
+    """Every bundle that turns tracking off does it as a default the command line overrides."""
+    from calibrate.api import compose
+
+    for path in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml")):
+        cfg = compose([f"experiment={path.stem}", "tracker=wandb"])
+        assert cfg.tracker.name == "wandb", path.stem
+
+
+@pytest.fixture
+def conf_copy(tmp_path, monkeypatch):
+    """A copy of conf/ with a bundle that sets a group's values directly (the old way)."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "experiment" / "sets_values.yaml").write_text(
+        "# @package _global_\ntracker:\n  name: none\ndataset:\n  limit: 5\n")
+    monkeypatch.setattr(pf, "CONF_DIR", conf)
+    return conf
+
+
+def test_an_experiment_never_silently_overrides_a_group_the_user_chose(conf_copy, capsys):
+    argv = check("experiment=sets_values", "tracker=wandb", "dataset=sst2")
+    assert argv[-1] == "tracker.name=wandb"  # the user's choice wins
+    err = capsys.readouterr().err
+    assert "experiment sets tracker.name='none'; your tracker=wandb wins" in err
+    assert "experiment sets dataset.limit=5 on your dataset=sst2" in err  # announced, kept
+
+
+def test_no_notice_without_a_conflict(conf_copy, capsys):
+    assert check("experiment=sets_values") == ["experiment=sets_values"]
+    assert capsys.readouterr().err == ""
