@@ -288,7 +288,11 @@ def test_unreachable_wandb_still_completes(background):
     assert metrics is not None and metrics["intervention"] == "nullspace"
     assert metrics["n_calibration"] + metrics["n_evaluation"] == 4  # n_examples: evaluation only
     assert len(pd.read_csv(out / "layers.csv")) == SMOL_LAYERS
-    assert list((out / "wandb").glob("offline-run-*")), list((out / "wandb").iterdir())
+    offline = list((out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, list((out / "wandb").iterdir())
+    data = b"".join(p.read_bytes() for p in offline[0].glob("run-*.wandb"))
+    assert b"nullspace/rho" in data and b"nullspace/norm" in data  # per-layer series
+    assert b"direction/raw_norm" in data
     assert run.seconds < 400, explain(run)
 
 

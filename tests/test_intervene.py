@@ -455,3 +455,18 @@ def test_eta_sweep_jobs_equal_one_job_with_an_eta_list(steered, tmp_path):
         assert row.delta_ece == pytest.approx(final.loc[row.eta, "delta_ece"], abs=METRIC_TOL)
         assert row.ece == pytest.approx(zero["final"]["ece"])  # the unsteered reference
     assert table.loc[2, "steered_ece"] != pytest.approx(table.loc[2, "ece"], abs=1e-6)
+
+
+def test_an_eta_that_swamps_the_residual_is_warned_with_the_ratio(steered, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="calibrate"):
+        run(tmp_path, "eta=[1e6]", "output.predictions=false")
+    warned = [r.getMessage() for r in caplog.records if "mean residual norm" in r.getMessage()]
+    assert len(warned) == 1 and "eta=1e+06 adds an edit" in warned[0], caplog.text
+    ratio = float(warned[0].split("an edit ")[1].split(" times")[0])
+    assert 100 < ratio < 1e6  # SmolLM2's last-layer residual norm is ~1e3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calibrate"):
+        run(tmp_path / "small", "eta=[2]", "output.predictions=false")
+    assert "mean residual norm" not in caplog.text

@@ -358,6 +358,23 @@ def test_e2e_files(e2e):
     assert not (e2e.cwd / "outputs").exists(), "hydra.run.dir was not honored"
 
 
+def test_e2e_log_and_headline(e2e):
+    """run.log holds the job's log; the console ends with the headline and the results folder;
+    progress bars stay on the terminal."""
+    out = job_dir(e2e)
+    metrics = json.loads((out / "metrics.json").read_text())
+    final = metrics["final"]
+    lines = e2e.lines()
+    assert lines[-1] == f"[calibrate] results in {out}", explain(e2e)
+    headline = lines[-2]
+    assert f"final accuracy {final['accuracy']:.3f} [{final['accuracy_lo']:.3f}, " in headline
+    assert f"ECE {final['ece']:.4f} [{final['ece_lo']:.3f}, {final['ece_hi']:.3f}]" in headline
+    assert f"MCE {final['mce']:.4f}" in headline and metrics["phase_note"] in headline
+    log = (out / "run.log").read_text()
+    assert f"results in {out}" in log and f"final accuracy {final['accuracy']:.3f}" in log
+    assert WEIGHTS_MARKER not in log and "it/s" not in log
+
+
 def test_e2e_tables(e2e):
     out = job_dir(e2e)
     table = pd.read_csv(out / "layers.csv")
@@ -431,6 +448,7 @@ def test_e2e_wandb_offline_run(e2e):
     # the job config and the per-layer series are in the run (config.yaml only appears on sync)
     assert (config_yaml.is_file() and "n_bins" in config_yaml.read_text()) or b"n_bins" in data
     assert b"sst2" in data and b"layer/ece" in data
+    assert b"smollm2-sst2-dataset.limit=24,tracker=wandb" in data  # a single run's group: its name
 
 
 # ---------------------------------------------------------------- the other offline datasets
