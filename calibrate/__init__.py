@@ -7,7 +7,7 @@ __all__ = ["compose", "load_dataset", "load_model", "probe_layers"]
 
 
 def __getattr__(name: str):
-    # Lazy: `python -m calibrate.assets` must not import torch or transformers.
+    # Lazy: `python -m calibrate.model.assets` must not import torch or transformers.
     if name in __all__:
         from calibrate import api
 

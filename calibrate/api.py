@@ -10,14 +10,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from calibrate import data, job, models
+from calibrate import job
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from calibrate.tasks import data
+
+from calibrate.model import load as models
+
+from calibrate.config import CONF_DIR  # noqa: E402 - the Hydra config tree
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

@@ -1,9 +1,9 @@
 """Hydra entry point: ``python -m calibrate.run [-m] key=value ...``.
 
-The command line is checked first (:mod:`calibrate.preflight`): every swept value is composed and
+The command line is checked first (:mod:`calibrate.config.preflight`): every swept value is composed and
 its spec built, so bad input ends in one line on stderr naming the value and what is accepted,
 exit status 2, before any job starts (``HYDRA_FULL_ERROR=1`` brings tracebacks back). Each job
-then builds its spec, checks its folder (:mod:`calibrate.resume`), writes ``.hydra/`` and runs.
+then builds its spec, checks its folder (:mod:`calibrate.config.resume`), writes ``.hydra/`` and runs.
 In a multirun a failing job is recorded (``error.json`` in its directory, a ``failed`` row in
 ``summary.csv``) and the other jobs go on; the command exits 1 when any job failed.
 """
@@ -22,10 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from calibrate import results, resume, summary
+from calibrate.io import results
+
+from calibrate.config import resume
+
+from calibrate.io import summary
 from calibrate.errors import USER_ERRORS, one_line
 from calibrate.job import run_job
-from calibrate.spec import CONF_DIR, build_spec
+from calibrate.config.spec import CONF_DIR, build_spec
 
 LOG = logging.getLogger("calibrate")
 
@@ -115,7 +119,7 @@ def _fail(job_dir: Path, err: BaseException, multirun: bool, user_error: bool,
 
 def cli(argv: list[str] | None = None) -> None:
     """``python -m calibrate.run``: preflight, Hydra, then the exit status of the sweep."""
-    from calibrate.preflight import PREFLIGHT_ERRORS, preflight
+    from calibrate.config.preflight import PREFLIGHT_ERRORS, preflight
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -49,6 +49,6 @@ fi
 
 # 4. one comparison of everything
 if step 4; then
-  $PY -m calibrate.compare $OUT/layerwise $OUT/layerwise_rt $OUT/study $OUT/steer_rt \
+  $PY -m calibrate.io.compare $OUT/layerwise $OUT/layerwise_rt $OUT/study $OUT/steer_rt \
       $OUT/transfer_rt $OUT/transfer_arc --out $OUT/compare --relative-depth
 fi

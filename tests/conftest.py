@@ -79,7 +79,7 @@ def build_tiny(model_type: str, vocab: int, seed: int = 0):
 @pytest.fixture(params=ARCHITECTURES)
 def tiny(request, word_tokenizer):
     """A wrapped tiny model for each supported architecture."""
-    from calibrate.models import wrap_model
+    from calibrate.model.load import wrap_model
 
     model = build_tiny(request.param, len(word_tokenizer))
     return wrap_model(model, word_tokenizer, name=f"tiny-{request.param}")
@@ -88,6 +88,6 @@ def tiny(request, word_tokenizer):
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """The real user cache (assets are large: never re-downloaded per test)."""
-    from calibrate.assets import cache_root
+    from calibrate.model.assets import cache_root
 
     return cache_root()

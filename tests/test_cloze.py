@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate import cloze as cloze_mod
-from calibrate.cloze import loglik_reference, run_cloze, token_plan
-from calibrate.continuations import ClozeRequest, build_requests, cloze_divisors
-from calibrate.models import wrap_model
-from calibrate.probe import ProbeSettings
+from calibrate.engine import cloze as cloze_mod
+from calibrate.engine.cloze import loglik_reference, run_cloze, token_plan
+from calibrate.tasks.continuations import ClozeRequest, build_requests, cloze_divisors
+from calibrate.model.load import wrap_model
+from calibrate.engine.probe import ProbeSettings
 from conftest import build_tiny
 
 # multi-token options of different lengths (some sharing leading tokens); 2, 3 and 4 options

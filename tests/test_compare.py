@@ -1,4 +1,4 @@
-"""calibrate.compare on real job directories: jobs run in-process through ``run_job`` on tiny
+"""calibrate.io.compare on real job directories: jobs run in-process through ``run_job`` on tiny
 random models (only the model loading is replaced), failures recorded as a multirun records them."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate import compare as cmp
+from calibrate.io import compare as cmp
 from calibrate import job as job_mod
-from calibrate import results
-from calibrate.summary import SUMMARY_FILE, summarize_sweep
+from calibrate.studies.context import JobContext
+from calibrate.io import results
+from calibrate.io.summary import SUMMARY_FILE, summarize_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
@@ -38,7 +39,7 @@ def tiny_model(tokenizer, blocks: int, name: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import torch
-    from calibrate.models import wrap_model
+    from calibrate.model.load import wrap_model
     from conftest import TINY_SIZES
 
     torch.manual_seed(blocks)
@@ -53,7 +54,7 @@ def run_one(job_dir: Path, overrides: list[str], loaded, cache: Path) -> None:
     """One job as the Hydra entry point runs it: .hydra/ files, run_job, error.json on failure.
 
     Only the model loading is replaced (the tiny model); everything else is the real job."""
-    from calibrate.prompts import build_prompts
+    from calibrate.tasks.prompts import build_prompts
     from calibrate.run import _fail
 
     overrides = [f"model.name={loaded.name}", "tracker=none", *overrides, f"cache_dir={cache}",
@@ -68,7 +69,7 @@ def run_one(job_dir: Path, overrides: list[str], loaded, cache: Path) -> None:
                for i, s in enumerate(SENTENCES)]
     prompt_set = build_prompts(records, cfg["dataset"], loaded.tokenizer)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(job_mod, "_prepare", lambda _cfg: (records, prompt_set, loaded))
+        mp.setattr(job_mod, "prepare", lambda spec: JobContext(spec, loaded, prompt_set))
         try:
             job_mod.run_job(cfg, job_dir, name=job_dir.name)
         except Exception as err:  # noqa: BLE001 - a failing job in a sweep is recorded
@@ -324,7 +325,7 @@ def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, capsys, kind):
 def test_cli_subprocess_bad_dir(tmp_path):
     bad = tmp_path / "not_a_sweep"
     bad.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "calibrate.compare", str(bad), "--out",
+    proc = subprocess.run([sys.executable, "-m", "calibrate.io.compare", str(bad), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (

@@ -10,8 +10,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from calibrate.api import compose
-from calibrate.data import DATASETS
-from calibrate.validate import check_job
+from calibrate.tasks.data import DATASETS
+from calibrate.config.validate import check_job
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -124,7 +124,7 @@ def test_model_yaml(model):
 def test_dataset_yaml(dataset):
     cfg = load_yaml("dataset", dataset)
     assert cfg["name"] == dataset, f"conf/dataset/{dataset}.yaml: name {cfg['name']!r} != file stem"
-    assert dataset in DATASETS, f"{dataset} has no loader in calibrate.data"
+    assert dataset in DATASETS, f"{dataset} has no loader in calibrate.tasks.data"
     hub = cfg.get("hub") or {}
     assert hub.get("path") and HUB_ID.match(hub["path"]), \
         f"{dataset}: hub.path {hub.get('path')!r} is not a hub id owner/name"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from calibrate.continuations import (ClozeRequest, build_requests, cloze_divisors, requests_digest,
+from calibrate.tasks.continuations import (ClozeRequest, build_requests, cloze_divisors, requests_digest,
                                      split_context)
 
 

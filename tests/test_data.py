@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from calibrate.assets import AssetError, cache_root, packaged_path
-from calibrate.data import (
+from calibrate.model.assets import AssetError, cache_root, packaged_path
+from calibrate.tasks.data import (
     DATASETS,
     MMLU_CATEGORIES,
     DatasetError,

@@ -33,10 +33,11 @@ from omegaconf import OmegaConf, open_dict
 
 import calibrate
 from calibrate import job as job_mod
-from calibrate import probe as probe_mod
-from calibrate import probe_cache, results
-from calibrate.adapters import block_hidden, replace_block_hidden
-from calibrate.summary import summarize_sweep
+from calibrate.engine import probe as probe_mod
+from calibrate.engine import cache as probe_cache
+from calibrate.io import results
+from calibrate.model.adapters import block_hidden, replace_block_hidden
+from calibrate.io.summary import summarize_sweep
 from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,12 +130,12 @@ class Bad:
 RUN = ("calibrate.run", "dataset.limit=4", *LEAN, "hydra.run.dir={tmp}/out")
 PREVIOUS = json.dumps({"status": "complete", "marker": "an earlier complete result"})
 BAD = [
-    Bad("compare_missing_dir", ("calibrate.compare", "{tmp}/nonexistent"), 2,
+    Bad("compare_missing_dir", ("calibrate.io.compare", "{tmp}/nonexistent"), 2,
         ("{tmp}/nonexistent", "no such directory"), ("sweep directory",)),
-    Bad("bench_n_zero", ("calibrate.bench", "--n", "0"), 2, ("--n must be >= 1, got 0",), lines=None),
-    Bad("bench_rounds_negative", ("calibrate.bench", "--rounds", "-1"), 2,
+    Bad("bench_n_zero", ("calibrate.bench.probe", "--n", "0"), 2, ("--n must be >= 1, got 0",), lines=None),
+    Bad("bench_rounds_negative", ("calibrate.bench.probe", "--rounds", "-1"), 2,
         ("--rounds must be >= 1, got -1",), lines=None),
-    Bad("assets_unknown", ("calibrate.assets", "prepare", "nosuchmodel"), 1,
+    Bad("assets_unknown", ("calibrate.model.assets", "prepare", "nosuchmodel"), 1,
         ("'nosuchmodel'",), ("'data'", "smollm2", "gemma3_270m")),
     Bad("direction_method", (*RUN, "intervention=direction", "direction.method=pca"), 2,
         ("direction.method='pca'",), ("layer_diff", "mean_diff", "random")),
@@ -168,7 +169,7 @@ def _runtime_failure_sweep(root: Path, cache: Path) -> tuple[Run, Path]:
     """A sweep of a model folder whose weights file is damaged (a valid config and tokenizer:
     every check passes and reading the weights fails) and of the good model."""
     cfg = OmegaConf.to_container(calibrate.compose([]), resolve=True)
-    from calibrate.models import resolve_source
+    from calibrate.model.load import resolve_source
 
     good = Path(resolve_source(cfg["model"], cache))
     bad = root / "damaged_model"
@@ -507,10 +508,12 @@ def test_out_of_memory_halving_in_a_job(job_config, uncached, tmp_path, monkeypa
 def test_damaged_probe_cache_entry_is_rebuilt(job_config, tmp_path, monkeypatch, damage):
     cfg = job_config(5)
     keys, computed = [], []
-    real_load, real_probe = probe_cache.load, job_mod.score
+    from calibrate.engine.scoring import SingleToken
+
+    real_load, real_probe = probe_cache.load, SingleToken.score
     monkeypatch.setattr(probe_cache, "load", lambda key, cache_dir: keys.append(key) or
                         real_load(key, cache_dir))
-    monkeypatch.setattr(job_mod, "score",
+    monkeypatch.setattr(SingleToken, "score",
                         lambda *a, **k: computed.append(1) or real_probe(*a, **k))
     probe_cache._MEMORY.clear()
     first = job_mod.run_job(cfg, tmp_path / "first")

@@ -29,11 +29,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from calibrate import job as job_mod
-from calibrate import models
+from calibrate.model import load as models
 from calibrate.api import compose
-from calibrate.spec import build_spec
-from calibrate.direction import Direction, DirectionError, load_direction, save_direction
-from calibrate.validate import ConfigError
+from calibrate.config.spec import build_spec
+from calibrate.core.direction import Direction, DirectionError, load_direction, save_direction
+from calibrate.config.validate import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +148,7 @@ def test_direction_equals_hand_computed_layer_diff(steered):
     """c_hat from the cached residuals of the calibration split, the split redone by hand."""
     job_dir, _, loaded = steered
     cfg = config("intervention=direction", "eta=[0,2,8]")
-    _, prompt_set, _ = job_mod._prepare(build_spec(cfg))
+    prompt_set = job_mod.prepare(build_spec(cfg)).prompt_set
     probe = job_mod.cached_probe(loaded, prompt_set, cfg["probe"], [27, 28, 29, 30],
                                  cfg.get("cache_dir"))
     cal = np.sort(np.random.default_rng(0).permutation(16)[:8])  # seed 0, fraction 0.5
@@ -194,7 +194,9 @@ def test_another_eta_reuses_the_probe_and_the_model(steered, tmp_path, monkeypat
         return handed[-1]
 
     original = job_mod.load_model
-    monkeypatch.setattr(job_mod, "score", no_probe)
+    from calibrate.engine.scoring import SingleToken
+
+    monkeypatch.setattr(SingleToken, "score", no_probe)
     monkeypatch.setattr(models, "_load_model", no_load)
     monkeypatch.setattr(job_mod, "load_model", spy)
     job_dir, summary = run(tmp_path, "eta=4")
@@ -428,7 +430,7 @@ def _as_sweep_job(job_dir: Path, overrides: list[str]) -> None:
 def test_eta_sweep_jobs_equal_one_job_with_an_eta_list(steered, tmp_path):
     """`-m eta=0,2` and `eta=[0,2]`: the same evaluation split, the same numbers, and a summary
     whose steered columns are the steered values (not the unsteered reference)."""
-    from calibrate.summary import summarize_sweep
+    from calibrate.io.summary import summarize_sweep
 
     sweep = tmp_path / "sweep"
     for index, eta in enumerate(("0", "2", "8")):

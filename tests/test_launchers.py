@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from calibrate import results
+from calibrate.io import results
 from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
 
 LEAN = ("tracker=none", "probe.progress=false", "output.plots=false", "metrics.bootstrap=0")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.adapters import get_adapter
-from calibrate.hooks import capture_last_position
-from calibrate.lens import Lens, option_mass, option_probabilities
-from calibrate.models import wrap_model
+from calibrate.model.adapters import get_adapter
+from calibrate.engine.hooks import capture_last_position
+from calibrate.engine.lens import Lens, option_mass, option_probabilities
+from calibrate.model.load import wrap_model
 from conftest import build_tiny
 
 VOCAB = 40

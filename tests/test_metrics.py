@@ -1,4 +1,4 @@
-"""Tests of calibrate.metrics against torchmetrics, hand computations and known truths."""
+"""Tests of calibrate.core.metrics against torchmetrics, hand computations and known truths."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 from torchmetrics.functional.classification.calibration_error import _ce_compute
 
-import calibrate.metrics as M
-from calibrate.metrics import (
+import calibrate.core.metrics as M
+from calibrate.core.metrics import (
     bin_statistics,
     bootstrap_layer_ci,
     ece,

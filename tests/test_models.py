@@ -13,9 +13,9 @@ import torch
 from conftest import ARCHITECTURES, _config, build_tiny
 from omegaconf import OmegaConf
 
-from calibrate import models
-from calibrate.adapters import UnsupportedArchitecture
-from calibrate.models import (ModelConfigError, load_model, resolve_dtype, resolve_device,
+from calibrate.model import load as models
+from calibrate.model.adapters import UnsupportedArchitecture
+from calibrate.model.load import (ModelConfigError, load_model, resolve_dtype, resolve_device,
                               resolve_source, tensor_hash)
 
 
@@ -28,7 +28,7 @@ def model_cfg(name: str) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def smollm2(cache_dir: Path):
     """The real SmolLM2-135M, loaded once (prepared into the cache on first use)."""
-    from calibrate.assets import AssetError
+    from calibrate.model.assets import AssetError
 
     try:
         return load_model(model_cfg("smollm2"), cache_dir)
@@ -111,8 +111,8 @@ def test_smollm2_loads_as_expected(smollm2, cache_dir):
 
 def test_smollm2_last_layer_lens_equals_model_logits(smollm2):
     """Trap 1 on the real model: the lens at the last layer is the model's own output."""
-    from calibrate.hooks import capture_last_position
-    from calibrate.lens import Lens
+    from calibrate.engine.hooks import capture_last_position
+    from calibrate.engine.lens import Lens
 
     enc = smollm2.tokenizer(["Review: a gripping film\nSentiment:", "Answer:"], padding=True,
                             return_tensors="pt")
@@ -156,7 +156,7 @@ def test_resolve_source_prefers_path_and_needs_one(tmp_path):
 
 
 def test_check_architecture_reads_only_the_config(tmp_path, smollm2):
-    from calibrate.models import check_architecture
+    from calibrate.model.load import check_architecture
 
     assert check_architecture(smollm2.source, {}) == "llama"
     with pytest.raises(UnsupportedArchitecture, match="'bert'"):
@@ -195,7 +195,7 @@ def fresh_reuse(monkeypatch):
 
 
 def test_identity_tells_seeds_and_dtypes_apart(word_tokenizer, monkeypatch):
-    from calibrate import probe_cache
+    from calibrate.engine import cache as probe_cache
 
     vocab = len(word_tokenizer)
     a = models.wrap_model(build_tiny("llama", vocab, seed=0), word_tokenizer, name="tiny")

@@ -1,4 +1,4 @@
-"""Tests for calibrate.nullspace: the Gram route against a reference SVD, projection maths,
+"""Tests for calibrate.core.nullspace: the Gram route against a reference SVD, projection maths,
 random baselines and the on-disk cache."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibrate import nullspace as ns
+from calibrate.core import nullspace as ns
 
 VOCAB, HIDDEN, K = 300, 24, 4
 SMALL_SIGMA = 1e-3

@@ -1,4 +1,4 @@
-"""Tests of calibrate.phases on synthetic per-layer curves."""
+"""Tests of calibrate.core.phases on synthetic per-layer curves."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.metrics import bootstrap_layer_ci, layer_table
-from calibrate.phases import (
+from calibrate.core.metrics import bootstrap_layer_ci, layer_table
+from calibrate.core.phases import (
     KINDS,
     Phases,
     detect_phases,

@@ -1,4 +1,4 @@
-"""Tests of calibrate.plots: valid PNGs written atomically."""
+"""Tests of calibrate.io.plots: valid PNGs written atomically."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from calibrate.metrics import layer_table, softmax64
-from calibrate.phases import detect_phases
-from calibrate.plots import plot_layer_curves, plot_overlay, plot_reliability
+from calibrate.core.metrics import layer_table, softmax64
+from calibrate.core.phases import detect_phases
+from calibrate.io.plots import plot_layer_curves, plot_overlay, plot_reliability
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

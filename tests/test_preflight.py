@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from hydra.errors import HydraException
 
-from calibrate import preflight as pf
-from calibrate.data import DatasetError
+from calibrate.config import preflight as pf
+from calibrate.tasks.data import DatasetError
 from calibrate.errors import one_line
-from calibrate.spec import CONF_DIR
-from calibrate.validate import ConfigError
+from calibrate.config.spec import CONF_DIR
+from calibrate.config.validate import ConfigError
 
 
 def check(*argv: str) -> list[str]:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate import probe as probe_mod
-from calibrate.probe import (NonFiniteActivations, ProbeSettings, left_pad, plan_batches,
+from calibrate.engine import probe as probe_mod
+from calibrate.engine.probe import (NonFiniteActivations, ProbeSettings, left_pad, plan_batches,
                              run_probe, tokenize)
-from calibrate.prompts import build_prompts
+from calibrate.tasks.prompts import build_prompts
 
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
              "fun", "the the the movie was very very fun and good good", "bad"]

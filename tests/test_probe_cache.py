@@ -20,12 +20,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from calibrate import nullspace as ns
-from calibrate import models, probe_cache, results
-from calibrate.lens import option_probabilities
-from calibrate.models import wrap_model
-from calibrate.probe import ProbeSettings, run_probe
-from calibrate.prompts import PromptSet, build_prompts
+from calibrate.core import nullspace as ns
+from calibrate.model import load as models
+from calibrate.engine import cache as probe_cache
+from calibrate.io import results
+from calibrate.engine.lens import option_probabilities
+from calibrate.model.load import wrap_model
+from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.tasks.prompts import PromptSet, build_prompts
 
 from conftest import build_tiny
 
@@ -159,7 +161,7 @@ def test_key_changes_with_every_input(word_tokenizer):
 
 
 def test_cloze_key_sees_continuations_and_norm(word_tokenizer):
-    from calibrate.data import MCRecord
+    from calibrate.tasks.data import MCRecord
 
     records = [MCRecord(s, ("very good fun", "bad"), i % 2) for i, s in enumerate(SENTENCES)]
     cloze = {"name": "toy", "answer_format": "cloze", "cloze_norm": "none",

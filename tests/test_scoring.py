@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.cloze import loglik_reference, run_cloze
-from calibrate.continuations import cloze_divisors
-from calibrate.data import MCRecord
-from calibrate.hooks import edit_residual
-from calibrate.probe import ProbeSettings, run_probe
-from calibrate.prompts import build_prompts
-from calibrate.scoring import score, score_steered
-from calibrate.steer import Steering
+from calibrate.engine.cloze import loglik_reference, run_cloze
+from calibrate.tasks.continuations import cloze_divisors
+from calibrate.tasks.data import MCRecord
+from calibrate.engine.hooks import edit_residual
+from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.tasks.prompts import build_prompts
+from calibrate.engine.scoring import score, score_steered
+from calibrate.engine.steer import Steering
 
 RECORDS = [MCRecord("the movie was great ?", ("very good fun", "bad", "not very good ."), 0),
            MCRecord("is this a film ?", ("yes", "no no"), 1),

@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate.spec import (build_spec, check_shape, config_diff, config_hash, eta_edit_ratio,
+from calibrate.config.spec import (build_spec, check_shape, config_diff, config_hash, eta_edit_ratio,
                             process_uid, result_config)
-from calibrate.validate import ConfigError
+from calibrate.config import CONF_DIR
+from calibrate.config.validate import ConfigError
 
 
 def composed(*overrides: str) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def test_study_and_etas_are_decided_once(overrides, study, etas):
 def test_eta_alone_uses_the_direction_defaults_from_the_intervention_config():
     spec = build_spec(composed("eta=2"))
     direction = OmegaConf.to_container(OmegaConf.load(
-        __import__("calibrate.spec").spec.CONF_DIR / "intervention" / "direction.yaml"))
+        CONF_DIR / "intervention" / "direction.yaml"))
     assert dict(spec.intervention) == direction
 
 
@@ -112,7 +113,7 @@ def test_edit_ratio():
 
 def test_folder_names_carry_a_per_process_token():
     cfg = OmegaConf.to_container(OmegaConf.load(
-        __import__("calibrate.spec").spec.CONF_DIR / "config.yaml"), resolve=False)
+        CONF_DIR / "config.yaml"), resolve=False)
     assert "${calibrate_uid:}" in cfg["hydra"]["run"]["dir"]
     assert "${calibrate_uid:}" in cfg["hydra"]["sweep"]["dir"]
     assert process_uid() == process_uid() and len(process_uid()) == 6

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.hooks import edit_residual
-from calibrate.probe import ProbeSettings, run_probe
-from calibrate.prompts import build_prompts
-from calibrate.steer import (Steering, SteeringError, check_steering, residual_norms, run_steered,
+from calibrate.engine.hooks import edit_residual
+from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.tasks.prompts import build_prompts
+from calibrate.engine.steer import (Steering, SteeringError, check_steering, residual_norms, run_steered,
                              steering_table)
 
 DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate.validate import (ConfigError, check_job, check_metrics, check_model, check_probe,
+from calibrate.config.validate import (ConfigError, check_job, check_metrics, check_model, check_probe,
                                 check_tracker, parse_eta)
 
 

@@ -1,0 +1,1 @@
+"""The maths: calibration metrics, phases, calibration directions, the unembedding's null space."""

@@ -1,0 +1,1 @@
+"""The engine: hooks, the logit lens, the probe, cloze scoring, steering passes, the result cache."""

@@ -1,0 +1,252 @@
+"""The layer-wise probe: one forward pass per batch, every layer read through the lens.
+
+Prompts are tokenized once, sorted by length (longest first, so an out-of-memory shows up on
+the first batch) and left-padded with explicit position ids; batched results equal unbatched
+ones. The batch size is found from a padded-token budget and halves on out-of-memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from calibrate.engine.hooks import capture_last_position
+from calibrate.engine.lens import Lens, option_mass, option_probabilities
+from calibrate.model.load import LoadedModel
+from calibrate.tasks.prompts import PromptSet
+
+OPTION_MASS_MODES = ("final", "all", "none")
+
+
+class NonFiniteActivations(FloatingPointError):
+    """A residual became NaN or inf (e.g. fp16 overflow); names the first bad layer."""
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the probe batches and what it keeps (the ``probe`` config group)."""
+
+    batch_size: int | None = None  # None: automatic from max_tokens
+    max_batch_size: int = 64
+    max_tokens: int = 8192
+    min_fill: float = 0.9  # least share of real (non-padding) tokens in a batch
+    option_mass: str = "final"
+    progress: bool = True
+    keep_layers: tuple[int, ...] = ()  # layers whose last-position residuals are returned
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, keep_layers: Sequence[int] = ()) -> ProbeSettings:
+        """Build from the ``probe`` config group (``batch_size: auto`` means automatic)."""
+        size = cfg.get("batch_size", "auto")
+        return cls(batch_size=None if size in (None, "auto") else int(size),
+                   max_batch_size=int(cfg.get("max_batch_size", 64)),
+                   max_tokens=int(cfg.get("max_tokens", 8192)),
+                   min_fill=float(cfg.get("min_fill", 0.9)),
+                   option_mass=str(cfg.get("option_mass", "final")),
+                   progress=bool(cfg.get("progress", True)), keep_layers=tuple(keep_layers))
+
+
+@dataclass
+class ProbeResult:
+    """Per-example, per-layer outputs of the probe, in the original example order."""
+
+    option_logits: np.ndarray  # [N, L+1, K] float32, -inf where an example has no option K
+    probs: np.ndarray  # [N, L+1, K] float64 softmax over the options
+    labels: np.ndarray  # [N]
+    option_mass: np.ndarray | None  # [N, L+1] (all) or [N, 1] (final) full-vocabulary mass
+    residuals: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [N, hidden] float32
+    real_tokens: int = 0
+    computed_tokens: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        """L + 1: the embedding output plus one layer per block."""
+        return self.option_logits.shape[1]
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Share of computed token positions that are real rather than padding."""
+        return self.real_tokens / max(self.computed_tokens, 1)
+
+    def take(self, idx: np.ndarray) -> ProbeResult:
+        """The examples at ``idx`` (token counts are those of the whole run)."""
+        mass = None if self.option_mass is None else self.option_mass[idx]
+        return ProbeResult(self.option_logits[idx], self.probs[idx], self.labels[idx], mass,
+                           {layer: v[idx] for layer, v in self.residuals.items()},
+                           self.real_tokens, self.computed_tokens)
+
+
+def plan_batches(lengths: np.ndarray, settings: ProbeSettings) -> list[np.ndarray]:
+    """Group example indices into batches, longest first.
+
+    A batch closes when it reaches the batch size; with the automatic batch size also when its
+    padded size would pass ``max_tokens`` or when adding the next (shorter) prompt would drop its
+    share of real tokens below ``min_fill``. An explicit ``batch_size`` is taken as given.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    cap = settings.batch_size or settings.max_batch_size
+    for idx in order:
+        length = int(lengths[idx])
+        if current:
+            width, count = int(lengths[current[0]]), len(current) + 1
+            full = len(current) >= cap
+            auto = settings.batch_size is None
+            over_budget = auto and width * count > settings.max_tokens
+            underfilled = auto and (real + length) / (width * count) < settings.min_fill
+            if full or over_budget or underfilled:
+                batches.append(current)
+                current, real = [], 0
+        current.append(int(idx))
+        real += length
+    if current:
+        batches.append(current)
+    return [np.array(b) for b in batches]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists: (input_ids, attention_mask), both [B, T] int64."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (0 on padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def check_finite(stacked: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteActivations` naming the first layer with a NaN or inf residual."""
+    bad = ~torch.isfinite(stacked).all(dim=-1).all(dim=0)  # [L+1]
+    if bool(bad.any()):
+        layer = int(bad.nonzero()[0])
+        raise NonFiniteActivations(f"non-finite residual at layer {layer} (of {stacked.shape[1]}); "
+                                   "fp16 overflow? try model.dtype=bfloat16 or float32")
+
+
+class _Accumulator:
+    """Collects batch outputs back into the original example order."""
+
+    def __init__(self, n: int, layers: int, k: int, mass: str, keep: Sequence[int]) -> None:
+        self.logits = np.empty((n, layers, k), dtype=np.float32)
+        mass_width = {"all": layers, "final": 1}.get(mass)
+        self.mass = None if mass_width is None else np.empty((n, mass_width), dtype=np.float64)
+        self.keep = {layer: None for layer in keep}
+        self.real = 0
+        self.computed = 0
+
+    def add(self, idx: np.ndarray, logits, mass, stacked: torch.Tensor) -> None:
+        self.logits[idx] = logits.cpu().numpy()
+        if self.mass is not None:
+            self.mass[idx] = mass.cpu().numpy()
+        for layer in self.keep:
+            rows = stacked[:, layer].float().cpu().numpy()
+            if self.keep[layer] is None:
+                self.keep[layer] = np.empty((self.logits.shape[0], rows.shape[1]), np.float32)
+            self.keep[layer][idx] = rows
+
+
+def _lens_batch(lens: Lens, stacked: torch.Tensor, option_ids: torch.Tensor, mass_mode: str):
+    normed = lens.normalize(stacked)  # [B, L+1, H]
+    logits = lens.option_logits(normed, option_ids)
+    mass = None
+    if mass_mode == "all":
+        mass = option_mass(logits, lens.vocab_logsumexp(normed))
+    elif mass_mode == "final":
+        mass = option_mass(logits[:, -1:], lens.vocab_logsumexp(normed[:, -1:]))
+    return logits, mass
+
+
+def forward_batch(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
+                  option_ids: torch.Tensor, mass_mode: str):
+    """One forward pass of the backbone; returns (option logits, mass, stacked residuals)."""
+    device = loaded.device
+    with torch.inference_mode(), capture_last_position(loaded.adapter) as store:
+        loaded.adapter.backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=position_ids(mask).to(device), use_cache=False)
+        stacked = torch.stack([t.to(lens.device) for t in store], dim=1)  # [B, L+1, H]
+        check_finite(stacked)
+        logits, mass = _lens_batch(lens, stacked, option_ids, mass_mode)
+    return logits, mass, stacked
+
+
+def tokenize(loaded: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt with the tokenizer's own special-token default (BOS or not)."""
+    return loaded.tokenizer(list(prompts))["input_ids"]
+
+
+def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSettings | None = None) -> ProbeResult:
+    """Read every layer of ``loaded`` at the last prompt position for every prompt."""
+    settings = settings or ProbeSettings()
+    if settings.option_mass not in OPTION_MASS_MODES:
+        raise ValueError(f"probe.option_mass={settings.option_mass!r}; accepted: {OPTION_MASS_MODES}")
+    token_ids = tokenize(loaded, prompt_set.prompts)
+    lengths = np.array([len(t) for t in token_ids])
+    lens = Lens(loaded.adapter)
+    n, k = prompt_set.option_ids.shape
+    acc = _Accumulator(n, loaded.adapter.num_blocks + 1, k, settings.option_mass, settings.keep_layers)
+    with tqdm(total=n, desc=f"probe {loaded.name}", unit="ex", disable=not settings.progress) as bar:
+        def run(idx: np.ndarray, _settings: ProbeSettings):
+            ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
+            out = forward_batch(loaded, lens, ids, mask, torch.from_numpy(prompt_set.option_ids[idx]),
+                                settings.option_mass)
+            return out, mask
+
+        for idx, ((logits, mass, stacked), mask) in run_batches(lengths, settings, run):
+            acc.add(idx, logits, mass, stacked)
+            acc.real += int(mask.sum())
+            acc.computed += mask.numel()
+            bar.update(len(idx))
+    return ProbeResult(acc.logits, option_probabilities(acc.logits), prompt_set.labels.copy(),
+                       acc.mass, dict(acc.keep), acc.real, acc.computed)
+
+
+def run_batches(lengths: np.ndarray, settings: ProbeSettings,
+                run: Callable[[np.ndarray, ProbeSettings], Any]) -> Iterator[tuple[np.ndarray, Any]]:
+    """Plan batches by length and yield ``(idx, run(idx, settings))`` for each; on out of
+    memory the batch size is halved and the failed batch and all pending ones are re-planned
+    (a single example that does not fit re-raises)."""
+    pending = plan_batches(lengths, settings)
+    while pending:
+        idx = pending.pop(0)
+        try:
+            out = run(idx, settings)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+            if not is_out_of_memory(err) or len(idx) == 1:
+                raise
+            settings = halved_settings(settings, len(idx))
+            pending = plan_batches_subset(lengths, np.concatenate([idx, *pending]), settings)
+            torch.cuda.empty_cache()
+            continue
+        yield idx, out
+
+
+def halved_settings(settings: ProbeSettings, failed: int) -> ProbeSettings:
+    from dataclasses import replace
+
+    half = max(failed // 2, 1)
+    tqdm.write(f"[calibrate] out of memory with {failed} prompts per batch; retrying with {half}")
+    return replace(settings, batch_size=None, max_batch_size=half,
+                   max_tokens=max(settings.max_tokens // 2, 1))
+
+
+def plan_batches_subset(lengths: np.ndarray, subset: np.ndarray, settings: ProbeSettings) -> list[np.ndarray]:
+    """:func:`plan_batches` over a subset of example indices."""
+    return [subset[b] for b in plan_batches(lengths[subset], settings)]

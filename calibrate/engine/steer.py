@@ -1,0 +1,199 @@
+"""Steering: add eta * c_hat to the residual and read every layer again.
+
+With a causal model, steering the last position at layer l changes nothing at earlier
+positions, so the prompt without its last token is computed once (key/value cache), the cache
+is repeated once per eta, and all etas run as one batch of single tokens. Steering at all
+positions needs a full forward pass per eta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from calibrate.engine.hooks import capture_last_position, edit_residual
+from calibrate.engine.lens import Lens, option_probabilities
+from calibrate.core.metrics import layer_table
+from calibrate.model.load import LoadedModel
+from calibrate.engine.probe import ProbeSettings, check_finite, left_pad, plan_batches, position_ids, tokenize
+from calibrate.tasks.prompts import PromptSet
+
+POSITIONS = ("last", "all")
+ETA_SCALES = ("absolute", "residual_norm")
+
+
+class SteeringError(ValueError):
+    """An intervention setting is invalid."""
+
+
+class Intervention:
+    """Edits the residual at some layers in ``n_variants`` ways, one per batch row.
+
+    Subclasses implement :meth:`apply`; variant 0 is the reference (no change) of every delta.
+    """
+
+    layers: tuple[int, ...] = ()
+    position: str = "last"
+
+    @property
+    def n_variants(self) -> int:
+        """How many versions of each example are run."""
+        raise NotImplementedError
+
+    def apply(self, layer: int, hidden: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        """Edited ``hidden`` [R, T, H]; ``variant`` [R] says which version each row is."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Steering(Intervention):
+    """Add eta * vector at ``layers``; one variant per eta."""
+
+    vector: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [hidden] unit direction
+    layers: tuple[int, ...] = ()  # residual layers to edit (0 = input of block 0, l = output of block l)
+    etas: tuple[float, ...] = (0.0,)
+    position: str = "last"
+    layer_scale: Mapping[int, float] | None = None  # eta multiplier per layer (residual_norm mode)
+
+    @property
+    def n_variants(self) -> int:
+        return len(self.etas)
+
+    def scale(self, layer: int) -> float:
+        """Multiplier of eta at ``layer`` (1 for absolute units)."""
+        return 1.0 if not self.layer_scale else float(self.layer_scale[layer])
+
+    def apply(self, layer: int, hidden: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        vec = torch.as_tensor(self.vector, dtype=hidden.dtype, device=hidden.device)
+        etas = torch.as_tensor(self.etas, dtype=torch.float64)[variant.cpu()]
+        shift = (etas * self.scale(layer)).to(hidden.device, hidden.dtype)[:, None] * vec
+        return hidden + shift[:, None, :]
+
+
+def check_steering(layers: Sequence[int], num_layers: int, position: str, eta_scale: str) -> list[int]:
+    """Validate intervention settings against a model with ``num_layers`` layers."""
+    layers = [int(x) for x in layers]
+    bad = [x for x in layers if not 0 <= x <= num_layers - 1]
+    if not layers or bad:
+        raise SteeringError(f"intervention.layers={layers}: each must be in 0..{num_layers - 1}")
+    if position not in POSITIONS:
+        raise SteeringError(f"intervention.position={position!r}; accepted: {', '.join(POSITIONS)}")
+    if eta_scale not in ETA_SCALES:
+        raise SteeringError(f"intervention.eta_scale={eta_scale!r}; accepted: {', '.join(ETA_SCALES)}")
+    return layers
+
+
+def residual_norms(residuals: Mapping[int, np.ndarray], layers: Sequence[int]) -> dict[int, float]:
+    """Mean L2 norm of the residual at each layer (the unit of eta with ``residual_norm``)."""
+    return {layer: float(np.linalg.norm(residuals[layer].astype(np.float64), axis=1).mean())
+            for layer in layers}
+
+
+def editor(intervention: Intervention, row_variants: torch.Tensor, last_only: bool):
+    """The residual edit of ``intervention``: every row r is variant ``row_variants[r]``; with
+    ``last_only`` only the last position changes (prompts are left-padded)."""
+    def edit(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        if not last_only:
+            return intervention.apply(layer, hidden, row_variants)
+        hidden = hidden.clone()
+        hidden[:, -1:] = intervention.apply(layer, hidden[:, -1:], row_variants)
+        return hidden
+    return edit
+
+
+def _read(lens: Lens, store: list[torch.Tensor], option_ids: torch.Tensor) -> torch.Tensor:
+    stacked = torch.stack([t.to(lens.device) for t in store], dim=1)
+    check_finite(stacked)
+    return lens.option_logits(lens.normalize(stacked), option_ids)
+
+
+def cache_argument(backbone: torch.nn.Module) -> str:
+    """Name of the key/value cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def steer_batch_cached(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
+                       option_ids: torch.Tensor, steering: Intervention) -> torch.Tensor:
+    """All variants for one batch via the key/value cache: [B, V, L+1, K] option logits."""
+    device, n_eta = loaded.device, steering.n_variants
+    ids, mask, pos = ids.to(device), mask.to(device), position_ids(mask).to(device)
+    backbone = loaded.adapter.backbone
+    with torch.inference_mode():
+        prefix = backbone(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                          position_ids=pos[:, :-1], use_cache=True)
+        cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        cache.batch_repeat_interleave(n_eta)  # row b*V + v holds example b, variant v
+        row_variants = torch.arange(n_eta).repeat(ids.shape[0])
+        with edit_residual(loaded.adapter, list(steering.layers), editor(steering, row_variants, True)), \
+                capture_last_position(loaded.adapter) as store:
+            backbone(input_ids=ids[:, -1:].repeat_interleave(n_eta, 0),
+                     attention_mask=mask.repeat_interleave(n_eta, 0),
+                     position_ids=pos[:, -1:].repeat_interleave(n_eta, 0),
+                     use_cache=True, **{cache_argument(backbone): cache})
+        logits = _read(lens, store, option_ids.repeat_interleave(n_eta, 0))
+    return logits.reshape(ids.shape[0], n_eta, *logits.shape[1:])
+
+
+def steer_batch_full(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
+                     option_ids: torch.Tensor, steering: Intervention) -> torch.Tensor:
+    """All variants for one batch with a full forward pass per variant: [B, V, L+1, K]."""
+    device, out = loaded.device, []
+    last_only = steering.position == "last"
+    with torch.inference_mode():
+        for variant in range(steering.n_variants):
+            row_variants = torch.full((ids.shape[0],), variant, dtype=torch.long)
+            with edit_residual(loaded.adapter, list(steering.layers), editor(steering, row_variants, last_only)), \
+                    capture_last_position(loaded.adapter) as store:
+                loaded.adapter.backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                        position_ids=position_ids(mask).to(device), use_cache=False)
+            out.append(_read(lens, store, option_ids))
+    return torch.stack(out, dim=1)
+
+
+def run_steered(loaded: LoadedModel, prompt_set: PromptSet, steering: Intervention,
+                settings: ProbeSettings | None = None, use_cache: bool = True) -> np.ndarray:
+    """Option logits [V, N, L+1, K] of every variant (eta), every example, every layer."""
+    settings = settings or ProbeSettings()
+    token_ids = tokenize(loaded, prompt_set.prompts)
+    lengths = np.array([len(t) for t in token_ids])
+    lens = Lens(loaded.adapter)
+    n, k = prompt_set.option_ids.shape
+    out = np.empty((steering.n_variants, n, loaded.adapter.num_blocks + 1, k), dtype=np.float32)
+    cached = use_cache and steering.position == "last"
+    with tqdm(total=n, desc=f"{type(steering).__name__.lower()} {loaded.name} x{steering.n_variants}", unit="ex",
+              disable=not settings.progress) as bar:
+        for idx in plan_batches(lengths, settings):
+            ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
+            option_ids = torch.from_numpy(prompt_set.option_ids[idx])
+            step = steer_batch_cached if cached and ids.shape[1] > 1 else steer_batch_full
+            logits = step(loaded, lens, ids, mask, option_ids, steering)
+            out[:, idx] = logits.transpose(0, 1).cpu().numpy()
+            bar.update(len(idx))
+    return out
+
+
+def steering_table(logits: np.ndarray, labels: np.ndarray, etas: Sequence[Any], n_bins: int,
+                   binning: str, reference: int, column: str = "eta") -> pd.DataFrame:
+    """Per variant (eta) and layer: metrics, deltas against the variant at index ``reference``
+    (eta 0), and the share of examples whose predicted answer changed."""
+    probs = option_probabilities(logits)  # [E, N, L+1, K]
+    tables = [layer_table(p, labels, n_bins=n_bins, binning=binning) for p in probs]
+    base, base_pred = tables[reference], probs[reference].argmax(-1)
+    rows = []
+    for eta, table, p in zip(etas, tables, probs):
+        table = table.copy()
+        for metric in ("accuracy", "ece", "mce"):
+            table[f"delta_{metric}"] = table[metric] - base[metric]
+        table["changed"] = (p.argmax(-1) != base_pred).mean(axis=0)
+        table.insert(0, column, eta)
+        rows.append(table)
+    return pd.concat(rows, ignore_index=True)

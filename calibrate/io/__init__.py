@@ -1,0 +1,1 @@
+"""Outputs: result files, tracking, plots, sweep summaries, comparisons across sweeps."""

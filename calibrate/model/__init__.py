@@ -1,0 +1,1 @@
+"""Models: offline assets, loading with identity, architecture adapters."""

@@ -1,0 +1,187 @@
+"""Subspace ablations: null-space truncation and removal of the calibration direction.
+
+``intervention=nullspace`` projects the residual at the chosen layers onto the complement of
+U_k, the bottom-k left singular vectors of the model's own unembedding (zero ablation; mean
+ablation keeps the calibration split's mean component instead), next to a random k-dimensional
+subspace of the same size at the same layers (the control). ``intervention=direction_ablate``
+removes the component along c_hat, next to a random direction. Both also report how aligned
+c_hat (and each per-layer c_l) is with U_k against random unit vectors.
+
+Outputs: ``ablation.csv`` (one row per variant and layer, deltas against no ablation) and, for
+the null space, ``nullspace.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from calibrate.core import nullspace
+from calibrate.engine.steer import Intervention, steering_table
+from calibrate.io import results
+from calibrate.io.track import Tracker
+from calibrate.model.assets import cache_root
+from calibrate.model.load import LoadedModel
+from calibrate.studies.base import Study, StudyResult, register
+from calibrate.studies.context import JobContext
+from calibrate.studies.directions import obtain_direction
+
+ABLATIONS = ("zero", "mean")
+ABLATION_FILE = "ablation.csv"
+NULLSPACE_FILE = "nullspace.json"
+FILES = [ABLATION_FILE, NULLSPACE_FILE, "ablation.png"]
+
+
+@dataclass(frozen=True)
+class SubspaceAblation(Intervention):
+    """Variant 0: unchanged; variant v >= 1: remove span(bases[v-1]) (or replace it by the mean)."""
+
+    bases: tuple[np.ndarray, ...] = ()  # each [hidden, k], orthonormal columns
+    layers: tuple[int, ...] = ()
+    position: str = "last"
+    means: Mapping[int, np.ndarray] | None = None  # layer -> mean residual (mean ablation)
+    names: tuple[str, ...] = field(default=())
+
+    @property
+    def n_variants(self) -> int:
+        return 1 + len(self.bases)
+
+    def apply(self, layer: int, hidden: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        out = hidden.clone()
+        mean = None
+        if self.means is not None:
+            mean = torch.as_tensor(self.means[layer], device=hidden.device)
+        for v, basis in enumerate(self.bases, start=1):
+            rows = (variant == v).to(hidden.device)
+            if bool(rows.any()):
+                u = torch.as_tensor(basis, device=hidden.device)
+                out[rows] = nullspace.truncate(hidden[rows], u, mean)
+        return out
+
+
+def _variant_table(cfg: Mapping[str, Any], logits: np.ndarray, labels: np.ndarray,
+                   names: tuple[str, ...]) -> pd.DataFrame:
+    mcfg = cfg["metrics"]
+    return steering_table(logits, labels, list(names), int(mcfg["n_bins"]), str(mcfg["binning"]),
+                          0, column="variant")
+
+
+def final_deltas(table: pd.DataFrame, variant: str) -> dict[str, float]:
+    """Final-layer deltas of one variant against no ablation."""
+    rows = table[(table["variant"] == variant) & (table["layer"] == table["layer"].max())]
+    row = rows.iloc[0]
+    return {k: float(row[k]) for k in ("delta_accuracy", "delta_ece", "delta_mce", "changed",
+                                       "accuracy", "ece", "mce")}
+
+
+def _means(fit, layers: tuple[int, ...], ablation: str) -> dict[int, np.ndarray] | None:
+    if ablation not in ABLATIONS:
+        from calibrate.engine.steer import SteeringError
+
+        raise SteeringError(f"intervention.ablation={ablation!r}; accepted: {', '.join(ABLATIONS)}")
+    if ablation == "zero":
+        return None
+    return {l: fit.base.residuals[l][fit.cal_idx].astype(np.float64).mean(axis=0) for l in layers}
+
+
+def _bases(cfg: Mapping[str, Any], kind: str, loaded: LoadedModel, fit) -> tuple[dict, tuple, tuple]:
+    """(report, bases, names) for the null space or the direction ablation."""
+    hidden = loaded.adapter.unembed_weight.shape[1]
+    ncfg = cfg["nullspace"]
+    seed = int(ncfg["seed"])
+    if kind == "direction_ablate":
+        rand = nullspace.random_unit_vectors(1, hidden, seed)[0].numpy()
+        return {}, (fit.direction.vector[:, None], rand[:, None]), ("none", "direction", "random")
+    k = nullspace.resolve_k(hidden, ncfg.get("k"), ncfg.get("fraction"))
+    weight = loaded.adapter.unembed_weight.detach().cpu()
+    basis, sv = nullspace.cached_null_space(weight, k, cache_root(cfg.get("cache_dir")))
+    per_layer = {l: torch.as_tensor(v) for l, v in fit.per_layer.items()}
+    report = nullspace.alignment_report(torch.as_tensor(fit.direction.vector), basis, per_layer or None,
+                                        int(ncfg["n_random"]), seed)
+    report.update(fraction=ncfg.get("fraction"), singular_values=sv.tolist(),
+                  ones_alignment=nullspace.ones_direction_alignment(basis),
+                  unembed_hash=loaded.unembed_hash)
+    control = nullspace.random_subspace(hidden, k, seed).numpy()
+    return report, (basis.numpy(), control), ("none", "nullspace", "random")
+
+
+@dataclass
+class AblationResult(StudyResult):
+    """The variant table (none, the ablation, its random control; one row per variant and
+    layer, on the evaluation split) and the null-space report."""
+
+    kind: str = "nullspace"
+    table: pd.DataFrame | None = None
+    ablation_report: dict[str, Any] = field(default_factory=dict)
+    per_layer: dict[int, np.ndarray] = field(default_factory=dict)
+    files: ClassVar[tuple[str, ...]] = tuple(FILES)
+
+    def write(self, job_dir: Path) -> None:
+        results.write_csv(Path(job_dir) / ABLATION_FILE, self.table)
+        if self.kind == "nullspace":
+            results.write_json(Path(job_dir) / NULLSPACE_FILE, self.ablation_report)
+
+    def plot(self, job_dir: Path, title: str) -> dict[str, Path]:
+        from calibrate.io.plots import plot_overlay
+
+        table = self.table
+        per_variant = {v: table[table["variant"] == v] for v in table["variant"].unique()}
+        return {"ablation": plot_overlay(per_variant, "ece", Path(job_dir) / "ablation.png",
+                                         f"{title}: ECE per layer, {self.kind} ablation vs control")}
+
+    def log(self, tracker: Tracker, job_dir: Path) -> None:
+        for variant in self.table["variant"].unique():
+            rows = self.table[self.table["variant"] == variant].drop(columns="variant")
+            tracker.log_layers(rows, prefix=f"ablation/{variant}/")
+        tracker.log_table("ablation", self.table)
+        if self.per_layer:  # the per-layer c_l: their norms and (null space) alignment ρ
+            series = {"norm": {l: float(np.linalg.norm(v)) for l, v in self.per_layer.items()}}
+            rho = self.ablation_report.get("rho_per_layer")
+            if rho:
+                series["rho"] = {int(l): float(v) for l, v in rho.items()}
+            tracker.log_series("nullspace" if self.kind == "nullspace" else "direction", series)
+
+
+class _Ablation(Study):
+    """Remove a subspace at ``intervention.layers`` next to a random one of the same size."""
+
+    def run(self, ctx: JobContext) -> AblationResult:
+        cfg, kind, icfg = ctx.config, self.name, ctx.spec.intervention
+        fit = obtain_direction(ctx)
+        layers = tuple(fit.steer_layers)
+        report, bases, names = _bases(cfg, kind, ctx.loaded, fit)
+        ablation = SubspaceAblation(bases=tuple(b.astype(np.float32) for b in bases), layers=layers,
+                                    position=icfg["position"],
+                                    means=_means(fit, layers, str(icfg.get("ablation", "zero"))),
+                                    names=names)
+        eval_set = ctx.prompt_set.subset(fit.eval_idx)
+        table = _variant_table(cfg, ctx.steered(eval_set, ablation), eval_set.labels, names)
+        report.update(direction_raw_norm=fit.direction.meta.get("raw_norm"), layers=list(layers),
+                      ablation=icfg.get("ablation", "zero"), position=ablation.position,
+                      truncation=final_deltas(table, names[1]),
+                      random_control=final_deltas(table, names[2]))
+        summary = {"intervention": kind, "n_calibration": int(len(fit.cal_idx)),
+                   "n_evaluation": int(len(fit.eval_idx)), "ablation": report}
+        return AblationResult(ctx.report(fit.base.take(fit.eval_idx), eval_set), summary,
+                              kind=kind, table=table, ablation_report=report,
+                              per_layer=fit.per_layer)
+
+
+@register
+class NullspaceStudy(_Ablation):
+    """Truncate U_k, the unembedding's bottom-k left singular vectors (and report ĉ's ρ)."""
+
+    name = "nullspace"
+
+
+@register
+class DirectionAblateStudy(_Ablation):
+    """Remove the component along ĉ."""
+
+    name = "direction_ablate"

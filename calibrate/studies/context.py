@@ -1,0 +1,139 @@
+"""What every study is given: the job context (spec, model, prompts) and its shared services.
+
+A study asks the context for what it needs — scored passes through the result cache, the
+per-layer metrics of a result, the seeded calibration/evaluation split, steered passes — and
+never calls back into the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from calibrate.config.spec import JobSpec
+from calibrate.core.direction import split_indices
+from calibrate.core.metrics import ECE_MARGIN, bootstrap_layer_ci, layer_table
+from calibrate.engine import cache as probe_cache
+from calibrate.engine.probe import ProbeResult, ProbeSettings
+from calibrate.engine.steer import Intervention
+from calibrate.model.load import LoadedModel
+from calibrate.tasks.prompts import PromptSet
+
+
+@dataclass
+class ProbeReport:
+    """What a probe of one model on one set of prompts produced: the per-layer table, the raw
+    result and the prompts it covers."""
+
+    table: pd.DataFrame  # one row per layer
+    result: ProbeResult
+    prompt_set: PromptSet
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        """Metrics of the last layer (the model's own prediction)."""
+        return {k: float(v) for k, v in self.table.iloc[-1].items() if k != "layer"}
+
+
+def measure(result: ProbeResult, metrics_cfg: Mapping[str, Any]) -> pd.DataFrame:
+    """The per-layer metrics table of a probe result (plus the mean option mass per layer and,
+    with ``metrics.bootstrap`` > 0, bootstrap intervals of accuracy and of the true ECE, see
+    :func:`calibrate.core.metrics.bootstrap_layer_ci`)."""
+    n_bins, binning = int(metrics_cfg["n_bins"]), str(metrics_cfg["binning"])
+    table = layer_table(result.probs, result.labels, n_bins=n_bins, binning=binning,
+                        extra_bins=tuple(metrics_cfg.get("extra_bins") or ()))
+    n_boot = int(metrics_cfg.get("bootstrap") or 0)
+    for metric in ("accuracy", "ece") if n_boot else ():
+        ci = bootstrap_layer_ci(result.probs, result.labels, metric, n_boot=n_boot,
+                                alpha=float(metrics_cfg["alpha"]), seed=int(metrics_cfg["seed"]),
+                                n_bins=n_bins, binning=binning,
+                                ece_margin=float(metrics_cfg.get("ece_margin", ECE_MARGIN)))
+        table[f"{metric}_lo"], table[f"{metric}_hi"] = ci["lo"].to_numpy(), ci["hi"].to_numpy()
+    if result.option_mass is not None:
+        mass = np.full(len(table), np.nan)
+        mass[-result.option_mass.shape[1]:] = result.option_mass.mean(axis=0)
+        table["option_mass"] = mass
+    return table
+
+
+def make_report(result: ProbeResult, prompt_set: PromptSet,
+                metrics_cfg: Mapping[str, Any]) -> ProbeReport:
+    """Measure a result and keep what the job records beside it."""
+    info = {"adds_bos": prompt_set.adds_bos, "option_strings": prompt_set.option_strings,
+            "padding_efficiency": result.padding_efficiency}
+    return ProbeReport(measure(result, metrics_cfg), result, prompt_set, info)
+
+
+def weights_key(loaded: LoadedModel) -> str:
+    """The weights as loaded, for cache keys: fingerprint, dtype and device (never a name)."""
+    ident = loaded.identity()
+    return f"{ident['fingerprint']}|{ident['dtype']}|{ident['device']}"
+
+
+def cached_probe(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[str, Any],
+                 keep_layers: Sequence[int] = (), cache_dir: str | Path | None = None) -> ProbeResult:
+    """The prompt set's scoring through the in-process and on-disk result cache."""
+    settings = ProbeSettings.from_config(probe_cfg, keep_layers)
+    key = probe_cache.probe_key(weights_key(loaded), prompt_set, settings)
+    result = probe_cache.load(key, cache_dir)
+    if result is None:
+        result = prompt_set.scoring.score(loaded, prompt_set, settings)
+        probe_cache.store(key, result, cache_dir)
+    return result
+
+
+@dataclass
+class JobContext:
+    """One job's spec, model and prompts, and the services every study shares."""
+
+    spec: JobSpec
+    loaded: LoadedModel
+    prompt_set: PromptSet
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The resolved config (read by studies through the spec, never a raw dict elsewhere)."""
+        return self.spec.config
+
+    @property
+    def num_layers(self) -> int:
+        """Layers read by the lens: the embeddings and every block's output."""
+        return self.loaded.adapter.num_blocks + 1
+
+    @cached_property
+    def settings(self) -> ProbeSettings:
+        """Batching and outputs of a scoring pass (no residuals kept)."""
+        return ProbeSettings.from_config(self.config["probe"])
+
+    def probe(self, prompt_set: PromptSet | None = None, keep: Sequence[int] = ()) -> ProbeResult:
+        """Unsteered scores of ``prompt_set`` (default: the job's), with the residuals of the
+        ``keep`` layers, through the result cache."""
+        return cached_probe(self.loaded, prompt_set or self.prompt_set, self.config["probe"],
+                            keep, self.config.get("cache_dir"))
+
+    def measure(self, result: ProbeResult) -> pd.DataFrame:
+        """The per-layer metrics table of a result, with the job's metric settings."""
+        return measure(result, self.config["metrics"])
+
+    def report(self, result: ProbeResult, prompt_set: PromptSet | None = None) -> ProbeReport:
+        """A measured report of ``result`` over ``prompt_set`` (default: the job's)."""
+        return make_report(result, prompt_set or self.prompt_set, self.config["metrics"])
+
+    def split(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The seeded calibration and evaluation indices (one split for every arm of a study)."""
+        dcfg = self.config["direction"]
+        size = len(self.prompt_set.prompts) if n is None else n
+        return split_indices(size, float(dcfg["calibration_fraction"]), int(dcfg["seed"]))
+
+    def steered(self, prompt_set: PromptSet, intervention: Intervention) -> np.ndarray:
+        """Option scores [V, N, L+1, K] of ``prompt_set`` under each variant of ``intervention``."""
+        use_cache = bool(self.spec.intervention.get("use_cache", True))
+        return prompt_set.scoring.score_steered(self.loaded, prompt_set, intervention,
+                                                self.settings, use_cache)

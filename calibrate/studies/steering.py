@@ -1,0 +1,128 @@
+"""The steering study: fit ĉ on the calibration split, add η·ĉ, measure the evaluation split.
+
+Outputs (besides the probe job's files, computed on the evaluation part): ``steering.csv`` (one
+row per η and layer), ``direction.safetensors`` + ``direction.json``, ``eta_curves.png`` and
+``steered_ece.png``. The unsteered probe comes from :mod:`calibrate.engine.cache`, so a sweep over
+η neither reloads the model (same process) nor redoes the probe (any process).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from calibrate.config.spec import JobSpec, eta_edit_ratio
+from calibrate.core.direction import Direction, save_direction
+from calibrate.engine.probe import ProbeResult
+from calibrate.engine.steer import Steering, residual_norms, steering_table
+from calibrate.io import results
+from calibrate.io.track import Tracker
+from calibrate.studies.base import Study, StudyResult, register
+from calibrate.studies.context import JobContext
+from calibrate.studies.directions import obtain_direction
+
+LOG = logging.getLogger("calibrate")
+STEERING_FILE = "steering.csv"
+FILES = (STEERING_FILE, "direction.safetensors", "direction.json", "eta_curves.png",
+         "steered_ece.png")
+
+
+@dataclass
+class SteeringResult(StudyResult):
+    """ĉ, the steering table (one row per η and layer, on the evaluation split) and the
+    unsteered evaluation report."""
+
+    direction: Direction | None = None
+    table: pd.DataFrame | None = None
+    etas: tuple[float, ...] = ()
+    files: ClassVar[tuple[str, ...]] = FILES
+
+    def write(self, job_dir: Path) -> None:
+        results.write_csv(job_dir / STEERING_FILE, self.table)
+        save_direction(self.direction, job_dir)
+
+    def plot(self, job_dir: Path, title: str) -> dict[str, Path]:
+        from calibrate.io.plots import plot_eta_curves, plot_overlay
+
+        per_eta = {f"eta={eta:g}": self.table[self.table["eta"] == eta] for eta in self.etas}
+        return {
+            "eta_curves": plot_eta_curves(self.table, job_dir / "eta_curves.png",
+                                          f"{title}: steering"),
+            "steered_ece": plot_overlay(per_eta, "ece", job_dir / "steered_ece.png",
+                                        f"{title}: ECE per layer for each eta"),
+        }
+
+    def log(self, tracker: Tracker, job_dir: Path) -> None:
+        for eta in self.etas:
+            rows = self.table[self.table["eta"] == eta].drop(columns="eta")
+            tracker.log_layers(rows, prefix=f"steered/eta={eta:g}/")
+        tracker.log_table("steering", self.table)
+        meta = self.direction.meta
+        tracker.log_artifact(f"direction-{meta.get('model')}-{meta.get('dataset')}", "direction",
+                             [job_dir / "direction.safetensors", job_dir / "direction.json"], meta)
+
+
+@register
+class SteeringStudy(Study):
+    """η·ĉ added at ``intervention.layers``; every η of the job on one evaluation split."""
+
+    name = "steering"
+
+    def run(self, ctx: JobContext) -> SteeringResult:
+        spec = ctx.spec
+        fit = obtain_direction(ctx)
+        layers, base, cal = fit.steer_layers, fit.base, fit.cal_idx
+        scale = None
+        if spec.intervention["eta_scale"] == "residual_norm":
+            scale = residual_norms({l: base.residuals[l][cal] for l in layers}, layers)
+        _warn_edit_ratio(spec, base, cal, layers, scale)
+        steering = Steering(fit.direction.vector, tuple(layers), spec.etas,
+                            spec.intervention["position"], scale)
+        eval_set = ctx.prompt_set.subset(fit.eval_idx)
+        logits = ctx.steered(eval_set, steering)
+        mcfg = ctx.config["metrics"]
+        table = steering_table(logits, eval_set.labels, list(spec.etas), int(mcfg["n_bins"]),
+                               str(mcfg["binning"]), 0)
+        meta = fit.direction.meta
+        meta.update(intervention_layers=layers, position=steering.position,
+                    eta_scale=spec.intervention["eta_scale"], layer_scale=scale)
+        summary = {"intervention": "direction", "etas": list(spec.etas),
+                   "intervention_layers": list(layers), "eta_scale": meta["eta_scale"],
+                   "position": steering.position, "n_calibration": int(len(cal)),
+                   "n_evaluation": int(len(fit.eval_idx)),
+                   "direction": {k: meta.get(k) for k in ("method", "layers", "raw_norm", "dataset",
+                                                          "cross_model_transfer",
+                                                          "cosine_to_direction")},
+                   "steering": steering_summary(table)}
+        return SteeringResult(ctx.report(base.take(fit.eval_idx), eval_set), summary,
+                              direction=fit.direction, table=table, etas=spec.etas)
+
+
+def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
+                     layers: Sequence[int], scale: Mapping[int, float] | None) -> None:
+    """Warn when the largest edit ‖η·ĉ‖ dwarfs the residual it is added to."""
+    limit = float((spec.config.get("checks") or {}).get("edit_ratio_warn") or 0)
+    if not limit:
+        return
+    for layer in layers:
+        norm = float(np.linalg.norm(base.residuals[layer][cal_idx], axis=-1).mean())
+        ratio = eta_edit_ratio(spec.etas, (scale or {}).get(layer), norm)
+        if ratio > limit:
+            LOG.warning("eta=%g adds an edit %.3g times the mean residual norm (%.4g) at layer %d "
+                        "(checks.edit_ratio_warn=%g): the model's output is swamped; consider "
+                        "intervention.eta_scale=residual_norm or a smaller eta",
+                        max(abs(e) for e in spec.etas), ratio, norm, layer, limit)
+
+
+def steering_summary(table: pd.DataFrame) -> dict[str, Any]:
+    """Final-layer figures per eta, for metrics.json and the tracker summary."""
+    last = table[table["layer"] == table["layer"].max()]
+    cols = ["accuracy", "ece", "mce", "delta_accuracy", "delta_ece", "delta_mce", "changed"]
+    return {f"{eta:g}": {c: float(row[c]) for c in cols}
+            for eta, row in zip(last["eta"], last.to_dict("records"))}

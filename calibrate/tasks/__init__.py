@@ -1,0 +1,1 @@
+"""Tasks: benchmark records, prompt rendering, answer options and continuations."""
