@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["compose", "load_dataset", "load_model", "probe_layers"]
+__all__ = ["compose", "fit_direction", "load_dataset", "load_model", "null_space", "probe_layers",
+           "run_study", "steer"]
 
 
 def __getattr__(name: str):

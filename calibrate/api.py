@@ -1,15 +1,25 @@
 """The notebook API: the same names as the configs, no Hydra run and no files unless asked.
 
+The nouns: :func:`load_model`, :func:`load_dataset`, :func:`probe_layers`, :func:`fit_direction`
+(any registered method), :func:`steer` (a context manager), :func:`null_space` and
+:func:`run_study` (any study from config overrides). The examples below run in the tests.
+
     >>> import calibrate
     >>> lm = calibrate.load_model("smollm2")
-    >>> records = calibrate.load_dataset("sst2", limit=200)
+    >>> records = calibrate.load_dataset("sst2", limit=8)
     >>> report = calibrate.probe_layers(lm, records, dataset="sst2")
-    >>> report.table[["layer", "accuracy", "ece", "mce"]]
+    >>> report.table[["layer", "accuracy", "ece", "mce"]].shape   # one row per layer
+    (31, 4)
+    >>> report.result.probs.shape                                 # example x layer x option
+    (8, 31, 2)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -98,3 +108,150 @@ def _literal(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_literal(v) for v in value) + "]"
     return str(value)
+
+
+# ---------------------------------------------------------------- directions, steering, studies
+
+def _context(lm: models.LoadedModel, records: Sequence[data.MCRecord], dataset: str,
+             overrides: Sequence[str]):
+    """A job context for ``lm`` on ``records`` (no files), as a study receives it."""
+    from calibrate.config.spec import build_spec
+    from calibrate.studies.context import JobContext
+    from calibrate.tasks.prompts import build_prompts
+
+    _group_choices(dataset, "dataset")
+    check_records_dataset(records, dataset)
+    cfg = OmegaConf.to_container(compose([f"dataset={dataset}", *overrides]), resolve=True)
+    spec = build_spec(cfg)
+    return JobContext(spec, lm, build_prompts(records, cfg["dataset"], lm.tokenizer))
+
+
+def fit_direction(lm: models.LoadedModel, records: Sequence[data.MCRecord], dataset: str = "sst2",
+                  method: str = "layer_diff", layers: Sequence[int] | None = None,
+                  overrides: Sequence[str] = ()):
+    """Fit a calibration direction ĉ on the calibration split of ``records`` with any registered
+    method (:data:`calibrate.studies.directions.DIRECTION_METHODS`); ``layers`` default to the
+    model config's ``direction_layers``.
+
+    >>> import calibrate
+    >>> lm = calibrate.load_model("smollm2")
+    >>> records = calibrate.load_dataset("sst2", limit=8)
+    >>> c_hat = calibrate.fit_direction(lm, records, dataset="sst2", layers=[29, 30])
+    >>> c_hat.hidden, round(float((c_hat.vector ** 2).sum()), 6), c_hat.meta["layers"]
+    (576, 1.0, [29, 30])
+    """
+    from calibrate.studies.directions import obtain_direction
+
+    extra = ["intervention=direction", f"direction.method={method}"]
+    if layers is not None:
+        extra.append(f"direction.layers={_literal(list(layers))}")
+    ctx = _context(lm, records, dataset, [*extra, *overrides])
+    return obtain_direction(ctx).direction
+
+
+@contextmanager
+def steer(lm: models.LoadedModel, direction: Any, eta: float,
+          layers: Sequence[int] | None = None, position: str = "last"):
+    """Add ``eta * direction`` to the residual after ``layers`` (default: the last layer) for
+    every forward pass inside the block; the hooks are removed in ``finally``. ``position``:
+    ``last`` edits each pass's last position (prompts are left-padded), ``all`` every position.
+    While a steer block is active, cached probe results are bypassed.
+
+    >>> import calibrate
+    >>> lm = calibrate.load_model("smollm2")
+    >>> records = calibrate.load_dataset("sst2", limit=8)
+    >>> c_hat = calibrate.fit_direction(lm, records, dataset="sst2")
+    >>> plain = calibrate.probe_layers(lm, records, dataset="sst2").table["ece"].iloc[-1]
+    >>> with calibrate.steer(lm, c_hat, eta=40.0) as edit:
+    ...     steered = calibrate.probe_layers(lm, records, dataset="sst2").table["ece"].iloc[-1]
+    >>> edit.layers, bool(steered != plain), lm.edits
+    ([30], True, [])
+    """
+    import numpy as np
+    import torch
+
+    from calibrate.engine.hooks import edit_residual
+    from calibrate.engine.steer import check_steering
+
+    num_layers = lm.adapter.num_blocks + 1
+    chosen = check_steering(list(layers) if layers else [num_layers - 1], num_layers, position,
+                            "absolute")
+    vector = np.asarray(getattr(direction, "vector", direction), dtype=np.float64)
+    if vector.shape != (lm.adapter.unembed_weight.shape[1],):
+        from calibrate.core.direction import DirectionError
+
+        raise DirectionError(f"a direction of shape {vector.shape} cannot steer a model of "
+                             f"hidden size {lm.adapter.unembed_weight.shape[1]}")
+
+    def edit(_layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        shift = (float(eta) * torch.as_tensor(vector)).to(hidden.device, hidden.dtype)
+        if position == "all":
+            return hidden + shift
+        out = hidden.clone()
+        out[:, -1] = out[:, -1] + shift
+        return out
+
+    handle = SteerHandle(chosen, float(eta), position)
+    edits = lm.__dict__.setdefault("edits", [])  # active edits: result caches step aside
+    edits.append(handle)
+    try:
+        with edit_residual(lm.adapter, chosen, edit):
+            yield handle
+    finally:
+        edits.remove(handle)
+
+
+@dataclass
+class SteerHandle:
+    """What an active :func:`steer` block edits."""
+
+    layers: list[int]
+    eta: float
+    position: str
+
+
+def null_space(lm: models.LoadedModel, k: int | None = None, fraction: float = 0.01):
+    """U_k: the bottom-k left singular vectors of the model's own unembedding (hidden × k), and
+    the singular values; k = round(fraction × hidden) unless given.
+
+    >>> import calibrate
+    >>> lm = calibrate.load_model("smollm2")
+    >>> basis, values = calibrate.null_space(lm, k=6)       # the 6 smallest, ascending
+    >>> tuple(basis.shape), bool((values[:-1] <= values[1:]).all())
+    ((576, 6), True)
+    """
+    from calibrate.core import nullspace
+
+    hidden = lm.adapter.unembed_weight.shape[1]
+    k = nullspace.resolve_k(hidden, k, None if k is not None else fraction)
+    return nullspace.null_space(lm.adapter.unembed_weight.detach().cpu(), k)
+
+
+def run_study(overrides: Sequence[str] = (), job_dir: str | Path | None = None,
+              lm: models.LoadedModel | None = None):
+    """Run any study from config overrides, as the CLI would (``study`` decided by the spec).
+    With ``job_dir`` the job writes its files and returns its metrics summary; without, the
+    typed :class:`~calibrate.studies.base.StudyResult` is returned and nothing is written.
+
+    >>> import calibrate
+    >>> result = calibrate.run_study(["dataset.limit=8", "eta=[0,4]", "tracker=none"])
+    >>> type(result).__name__, sorted(result.table["eta"].unique().tolist())
+    ('SteeringResult', [0.0, 4.0])
+    """
+    from calibrate import job
+    from calibrate.config.spec import build_spec
+    from calibrate.studies import get_study
+    from calibrate.studies.context import JobContext
+
+    spec = build_spec(OmegaConf.to_container(compose(list(overrides)), resolve=True))
+    if job_dir is not None:
+        return job.run_job(spec, Path(job_dir))
+    if lm is None:
+        ctx = job.prepare(spec)
+    else:
+        from calibrate.tasks.prompts import build_prompts
+
+        dcfg = spec.config["dataset"]
+        records = data.load_records(dcfg, spec.config.get("cache_dir"))
+        ctx = JobContext(spec, lm, build_prompts(records, dcfg, lm.tokenizer))
+    return get_study(spec.study).run(ctx)

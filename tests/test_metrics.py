@@ -12,9 +12,9 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from torchmetrics.functional.classification.calibration_error import _ce_compute
 
 import calibrate.core.metrics as M
+from calibrate.core.bootstrap import bootstrap_layer_ci
 from calibrate.core.metrics import (
     bin_statistics,
-    bootstrap_layer_ci,
     ece,
     layer_table,
     mce,

@@ -13,7 +13,9 @@ import torch
 from conftest import ARCHITECTURES, _config, build_tiny
 from omegaconf import OmegaConf
 
+from calibrate.model import devices, identity
 from calibrate.model import load as models
+from calibrate.model import source as model_source
 from calibrate.model.adapters import UnsupportedArchitecture
 from calibrate.model.load import (ModelConfigError, load_model, resolve_dtype, resolve_device,
                               resolve_source, tensor_hash)
@@ -191,7 +193,7 @@ def assert_one_line(err: pytest.ExceptionInfo) -> str:
 def fresh_reuse(monkeypatch):
     """An empty in-process model cache and hub verdict for this test only."""
     monkeypatch.setattr(models, "_LOADED", {})
-    monkeypatch.setattr(models, "_HUB_VERDICT", {})
+    monkeypatch.setattr(model_source, "_HUB_VERDICT", {})
 
 
 def test_identity_tells_seeds_and_dtypes_apart(word_tokenizer, monkeypatch):
@@ -214,7 +216,7 @@ def test_identity_tells_seeds_and_dtypes_apart(word_tokenizer, monkeypatch):
     for ident in (ida, idb, idh):
         assert json.loads(json.dumps(ident)) == ident
     # computed once at load: identity() does not hash the weights again
-    monkeypatch.setattr(models, "weights_fingerprint", lambda _m: pytest.fail("re-hashed"))
+    monkeypatch.setattr(identity, "weights_fingerprint", lambda _m: pytest.fail("re-hashed"))
     assert a.identity()["fingerprint"] == ida["fingerprint"]
 
 
@@ -338,7 +340,7 @@ def count_probes(monkeypatch, reachable: bool) -> list[tuple[str, float]]:
         calls.append((endpoint, timeout))
         return reachable
 
-    monkeypatch.setattr(models, "_probe_hub", probe)
+    monkeypatch.setattr(model_source, "_probe_hub", probe)
     return calls
 
 
@@ -365,7 +367,7 @@ def test_unreachable_hub_is_probed_once_and_fails_in_one_line(empty_hf_cache, mo
 
 def test_offline_uncached_hub_id_fails_without_a_probe(empty_hf_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_probe_hub", lambda *_: pytest.fail("probed while offline"))
+    monkeypatch.setattr(model_source, "_probe_hub", lambda *_: pytest.fail("probed while offline"))
     start = time.monotonic()
     with pytest.raises(ModelConfigError) as err:
         models.load_model({"name": "phi2", "path": "microsoft/phi-2", "device": "cpu"})
@@ -436,7 +438,7 @@ def test_real_probe_is_bounded_and_honours_the_endpoint(monkeypatch):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:  # any HTTP answer (here 501 to HEAD) counts as reachable
-        assert models._probe_hub(f"http://127.0.0.1:{server.server_port}", 3.0) is True
+        assert model_source._probe_hub(f"http://127.0.0.1:{server.server_port}", 3.0) is True
     finally:
         server.shutdown()
         server.server_close()
@@ -444,13 +446,13 @@ def test_real_probe_is_bounded_and_honours_the_endpoint(monkeypatch):
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
     start = time.monotonic()
-    assert models._probe_hub(f"http://127.0.0.1:{closed}", 3.0) is False
+    assert model_source._probe_hub(f"http://127.0.0.1:{closed}", 3.0) is False
     assert time.monotonic() - start < 5
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}/")
-    monkeypatch.setattr(models, "_HUB_VERDICT", {})
+    monkeypatch.setattr(model_source, "_HUB_VERDICT", {})
     assert models.hub_endpoint() == f"http://127.0.0.1:{closed}"
     assert models.hub_reachable() is False and models.hub_reachable() is False
-    assert models._HUB_VERDICT == {f"http://127.0.0.1:{closed}": False}
+    assert model_source._HUB_VERDICT == {f"http://127.0.0.1:{closed}": False}
 
 
 # ---- damaged weights
@@ -501,7 +503,7 @@ def test_intact_and_sharded_weights_pass_the_check(tmp_path, word_tokenizer):
 def no_accelerators(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(models, "_mps_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
 
 
 @pytest.mark.parametrize("device, reason", [
@@ -534,8 +536,60 @@ def test_absent_device_fails_before_anything_loads(monkeypatch):
     no_accelerators(monkeypatch)
     for target in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         monkeypatch.setattr(target, "from_pretrained", lambda *a, **k: pytest.fail("something loaded"))
-    monkeypatch.setattr(models, "prepare_model", lambda *a, **k: pytest.fail("offline copy prepared"))
+    monkeypatch.setattr(model_source, "prepare_model", lambda *a, **k: pytest.fail("offline copy prepared"))
     cfg = {"name": "smollm2", "path": None, "offline": {"gguf_sha256": "0" * 64}, "device": "cuda:1"}
     with pytest.raises(ModelConfigError, match="^model.device='cuda:1' is not available") as err:
         models.load_model(cfg)
     assert_one_line(err)
+
+
+# ---------------------------------------------------------------- the typed model config
+
+def test_model_config_from_mapping_is_typed_and_frozen():
+    from calibrate.model.config import ModelConfig
+
+    raw = {**model_cfg("smollm2"), "revision": 7, "trust_remote_code": None}
+    config = ModelConfig.from_mapping(raw)
+    assert (config.name, config.path, config.dtype, config.device) == ("smollm2", None, "auto", "auto")
+    assert config.offline == raw["offline"] and config.revision == "7"
+    assert config.trust_remote_code is False and config.device_map is None
+    assert ModelConfig.of(config) is config and ModelConfig.from_mapping({}) == ModelConfig()
+    with pytest.raises(AttributeError):
+        config.dtype = "float16"  # frozen
+    assert config.check() is config
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("dtype", "float8", "model.dtype='float8'; accepted: auto, float32, bfloat16, float16"),
+    ("device", "tpu", "model.device='tpu'; accepted: auto, cpu, cuda, cuda:N"),
+    ("offline", None, ("model 'smollm2' has no model.path and no offline copy; set model.path "
+                       "to a hub id or a local folder")),
+])
+def test_model_config_checks_are_those_of_check_model(key, value, message):
+    from calibrate.config.validate import ConfigError, check_model
+    from calibrate.model.config import ModelConfig, ModelConfigError
+
+    raw = {**model_cfg("smollm2"), key: value}
+    with pytest.raises(ConfigError) as want:
+        check_model(raw)
+    assert str(want.value) == message
+    for error in (ModelConfigError, ConfigError):
+        with pytest.raises(error) as got:
+            ModelConfig.from_mapping(raw, error).check(error)
+        assert str(got.value) == message
+    with pytest.raises(ModelConfigError, match="accepted: a mapping"):
+        ModelConfig.from_mapping(["smollm2"])
+
+
+def test_entry_points_take_a_model_config(tmp_path, word_tokenizer, fresh_reuse):
+    from calibrate.model.config import ModelConfig
+
+    folder = save_tiny(tmp_path / "m", word_tokenizer, seed=2)
+    config = ModelConfig.from_mapping(tiny_cfg(folder))
+    assert models.resolve_source(config) == str(folder)
+    assert models.model_shape(str(folder), config) == models.model_shape(str(folder), tiny_cfg(folder))
+    assert models.load_tokenizer(str(folder), config).padding_side == "left"
+    lm = models.load_model(config)
+    assert models.load_model(tiny_cfg(folder)) is lm  # the same thing: one reuse key
+    with pytest.raises(ModelConfigError, match="model.dtype='int8'; accepted: auto, float32"):
+        models.load_model(tiny_cfg(folder, dtype="int8"))

@@ -1,5 +1,5 @@
-"""Tests for calibrate.core.nullspace: the Gram route against a reference SVD, projection maths,
-random baselines and the on-disk cache."""
+"""Tests for calibrate.core.nullspace (and the calibrate.core.subspace maths it re-exports): the
+Gram route against a reference SVD, projection maths, random baselines and the on-disk cache."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from calibrate.core import nullspace as ns
+from calibrate.core import subspace
 
 VOCAB, HIDDEN, K = 300, 24, 4
 SMALL_SIGMA = 1e-3
@@ -238,6 +239,15 @@ def test_truncate_preserves_dtype(planted, dtype):
 
 
 # --- resolve_k --------------------------------------------------------------------------------
+
+
+def test_subspace_maths_is_reexported():
+    """ρ, projection and the random baselines live in calibrate.core.subspace; the null-space
+    module re-exports them, so ``nullspace.<name>`` (studies, bench) keeps working."""
+    for name in ("resolve_k", "DEFAULT_FRACTION", "projector_complement", "truncate", "alignment",
+                 "max_cosine", "ones_direction_alignment", "random_unit_vectors",
+                 "random_subspace", "alignment_report"):
+        assert getattr(ns, name) is getattr(subspace, name)
 
 
 def test_resolve_k():

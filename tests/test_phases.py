@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.core.metrics import bootstrap_layer_ci, layer_table
+from calibrate.core.bootstrap import bootstrap_layer_ci
+from calibrate.core.metrics import layer_table
 from calibrate.core.phases import (
     KINDS,
     Phases,

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from calibrate.core import nullspace as ns
-from calibrate.model import load as models
+from calibrate.model import identity as models
 from calibrate.engine import cache as probe_cache
 from calibrate.io import results
 from calibrate.engine.lens import option_probabilities

@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from calibrate.tasks.data import MCRecord
-from calibrate.tasks.prompts import (PromptError, build_prompts, option_strings, render_prompt,
-                               single_token_id)
+from calibrate.tasks.prompts import (PromptConfig, PromptError, build_prompts, option_strings,
+                                     render_prompt, single_token_id)
 
 REAL = ("smollm2", "gemma3_270m")
 SST2 = {"name": "sst2", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
@@ -209,6 +209,36 @@ def test_cloze_needs_no_choices_and_names_an_empty_option(word_tokenizer):
         build_prompts(records, {**CLOZE, "template": "{question}"}, word_tokenizer)
     with pytest.raises(PromptError, match="cloze_norm='chars'; accepted: none, token, char, byte"):
         build_prompts(records[1:], {**CLOZE, "cloze_norm": "chars"}, word_tokenizer)
+
+
+# ---------------------------------------------------------------- typed prompt config
+
+def test_prompt_config_reads_a_partial_mapping_as_given():
+    config = PromptConfig.from_mapping(SST2)
+    assert config == PromptConfig("sst2", "verbalizer", "Review: {question}\nSentiment:",
+                                  "movie reviews", (" negative", " positive"), "none")
+    bare = PromptConfig.from_mapping({"template": "{question}"})  # unchecked: build_prompts checks
+    assert (bare.name, bare.answer_format, bare.subject, bare.verbalizer, bare.cloze_norm) == \
+        (None, "None", "", None, "none")
+    node = OmegaConf.create({**SST2, "cloze_norm": None})
+    assert PromptConfig.from_mapping(node) == config  # an OmegaConf node: the same typed values
+    with pytest.raises(KeyError):
+        PromptConfig.from_mapping({"name": "toy"})
+
+
+def test_build_prompts_takes_either_typed_config(word_tokenizer):
+    from calibrate.tasks.dataset_config import DatasetConfig
+
+    records = [rec("the movie was fun", ("bad", "good"), 1), rec("a film", ("bad", "good"), 0)]
+    cfg = composed("dataset=copa")["dataset"]
+    by_mapping = build_prompts(records, cfg, word_tokenizer)
+    for typed in (DatasetConfig.from_mapping(cfg), PromptConfig.from_mapping(cfg)):
+        ps = build_prompts(records, typed, word_tokenizer)
+        assert (ps.prompts, ps.requests, ps.cloze_norm, ps.option_ids.tolist()) == \
+            (by_mapping.prompts, by_mapping.requests, by_mapping.cloze_norm,
+             by_mapping.option_ids.tolist())
+    verbal = build_prompts(records, PromptConfig.from_mapping(SST2), word_tokenizer)
+    assert verbal.option_strings == build_prompts(records, SST2, word_tokenizer).option_strings
 
 
 # ---------------------------------------------------------------- context length

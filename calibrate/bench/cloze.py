@@ -20,7 +20,7 @@ It runs on one CPU thread unless ``--threads`` says otherwise, checks that the t
 (cloze's last layer against lm-eval, every layer against scratch), prints ``cloze_over_lmeval``
 (target <= 1.2) and ``cloze_over_from_scratch`` and merges them into ``bench.json`` in the
 current directory. lm-eval's own float32 log-softmax is off the float64 score by up to ~2e-4 on
-SmolLM2; cloze's float32 lens with a float64 normalizer is closer (see ``loglik_reference``).
+SmolLM2; cloze's float32 lens with a float64 normalizer is closer (tests/references.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.engine.cloze import capture_positions, cloze_lens, lens_logprobs, run_cloze, token_plan
+from calibrate.engine.cloze import capture_positions, cloze_lens, lens_logprobs, run_cloze
+from calibrate.engine.cloze_plan import token_plan
 from calibrate.tasks.continuations import ClozeRequest
 from calibrate.tasks.data import load_records
 from calibrate.model.load import LoadedModel

@@ -11,9 +11,6 @@ from calibrate.engine.probe import OPTION_MASS_MODES
 
 TRACKERS = ("wandb", "none")
 TRACKER_MODES = ("offline", "online", "disabled")
-DEVICES_HINT = "auto, cpu, cuda, cuda:N"
-
-
 class ConfigError(ValueError):
     """A config value is invalid; the message names it and what is accepted."""
 
@@ -77,17 +74,11 @@ def check_metrics(cfg: Mapping[str, Any]) -> None:
 
 
 def check_model(cfg: Mapping[str, Any]) -> None:
-    """The ``model`` group (values only; the architecture is checked from the model's config)."""
-    from calibrate.model.load import _DTYPES
+    """The ``model`` group (values only; the architecture is checked from the model's config).
+    The rules are the model package's own (:class:`calibrate.model.config.ModelConfig`)."""
+    from calibrate.model.config import ModelConfig
 
-    if cfg.get("dtype", "auto") not in ("auto", *_DTYPES):
-        raise ConfigError(f"model.dtype={cfg.get('dtype')!r}; accepted: auto, {', '.join(_DTYPES)}")
-    device = str(cfg.get("device", "auto"))
-    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
-        raise ConfigError(f"model.device={device!r}; accepted: {DEVICES_HINT}")
-    if not cfg.get("path") and not cfg.get("offline"):
-        raise ConfigError(f"model {cfg.get('name')!r} has no model.path and no offline copy; "
-                          "set model.path to a hub id or a local folder")
+    ModelConfig.from_mapping(cfg, ConfigError).check(ConfigError)
 
 
 def check_tracker(cfg: Mapping[str, Any]) -> None:

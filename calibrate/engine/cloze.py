@@ -10,7 +10,8 @@ Cost: the context runs once per example; its key/value cache is selected once pe
 the continuation tokens (all but the last, which predicts nothing) run again, right-padded, in
 groups of similar length. The lens's full-vocabulary normalizer is computed once per distinct
 predicting state: every option shares the context's last position, and options that begin with
-the same tokens share those positions too.
+the same tokens share those positions too. Which tokens run where, and which state predicts
+each continuation token, is planned in :mod:`calibrate.engine.cloze_plan`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,13 +30,13 @@ from calibrate.tasks.continuations import ClozeRequest, cloze_divisors
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.lens import Lens, option_probabilities
 from calibrate.model.load import LoadedModel
-from calibrate.engine.probe import (ProbeResult, ProbeSettings, check_finite, left_pad, plan_batches,
-                             position_ids, run_batches)
+from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
+from calibrate.engine.probe import (ProbeResult, ProbeSettings, check_finite, left_pad,
+                                    position_ids, run_batches)
 from calibrate.engine.steer import Intervention, cache_argument, editor
 
 LENS_ROWS = 2048  # (state, layer) rows per full-vocabulary lens step on an accelerator
 LENS_ROWS_CPU, LENS_VOCAB_CPU = 256, 4096  # on CPU: rows per step, vocabulary rows per chunk
-CONTINUATION_MIN_FILL = 0.5  # least share of real positions in one continuation pass
 
 
 @contextmanager
@@ -60,56 +61,6 @@ def capture_positions(adapter: Adapter, positions: int | slice) -> Iterator[list
     finally:
         for handle in handles:
             handle.remove()
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int,
-              width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists to ``width``: (input_ids, attention_mask), both [R, width] int64."""
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, :len(seq)] = 1
-    return ids, mask
-
-
-@dataclass(frozen=True)
-class TokenPlan:
-    """Which residual predicts each continuation token.
-
-    Residual sources are the B context-last states followed by the continuation passes' states;
-    ``row_base[r]`` is where row r's position 0 lies among them. Each distinct prefix (example,
-    continuation tokens so far) is one state, read through the lens once.
-    """
-
-    state_src: torch.Tensor  # [S] index into the sources
-    token_state: torch.Tensor  # [M] state predicting each continuation token
-    token_target: torch.Tensor  # [M] the token
-    token_row: torch.Tensor  # [M] its (example, option) row
-
-
-def token_plan(continuations: Sequence[Sequence[int]], row_example: Sequence[int],
-               row_base: Sequence[int]) -> TokenPlan:
-    """Map every continuation token to the state before it, sharing states across options.
-
-    Token 0 of row r is predicted by its example's last context position (source
-    ``row_example[r]``), token p >= 1 by the row's continuation position p - 1
-    (source ``row_base[r] + p - 1``).
-    """
-    states: dict[tuple, int] = {}  # ("context", example) or (state before, token) -> state
-    src, tok_state, targets, rows = [], [], [], []
-    for r, (cont, b) in enumerate(zip(continuations, row_example)):
-        key: tuple = ("context", int(b))
-        for p, target in enumerate(cont):
-            if key not in states:
-                states[key] = len(src)
-                src.append(int(b) if p == 0 else int(row_base[r]) + p - 1)
-            tok_state.append(states[key])
-            targets.append(int(target))
-            rows.append(r)
-            key = (states[key], int(target))
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return TokenPlan(as_long(src), as_long(tok_state), as_long(targets), as_long(rows))
 
 
 def cloze_lens(adapter: Adapter) -> tuple[Lens, int]:
@@ -196,35 +147,6 @@ def _continuation_pass(loaded: LoadedModel, cache, mask: torch.Tensor, row_examp
     return torch.stack([t.to(out_device) for t in store], dim=2), int(cont_mask.sum())
 
 
-def continuation_groups(widths: Sequence[int], settings: ProbeSettings) -> list[np.ndarray]:
-    """Rows with tokens to run (width > 0), longest first, grouped like :func:`plan_batches`
-    (token budget, least fill ``CONTINUATION_MIN_FILL``) so short rows are not padded to long ones.
-
-    The fill is lower than the contexts': a pass over a few tokens per row costs mostly the
-    reading of the weights, so fewer passes beat less padding.
-    """
-    rows = np.array([r for r, w in enumerate(widths) if w > 0], dtype=np.int64)
-    if not len(rows):
-        return []
-    unbounded = replace(settings, batch_size=None, max_batch_size=len(rows),
-                        min_fill=min(settings.min_fill, CONTINUATION_MIN_FILL))
-    return [rows[g] for g in plan_batches(np.asarray(widths)[rows], unbounded)]
-
-
-def _layout(widths: Sequence[int], groups: Sequence[np.ndarray],
-            n_examples: int) -> tuple[list[int], list[int]]:
-    """Where each row's continuation position 0 lies among the sources (B context states, then
-    each group's [rows x width] states), and where each group's states start."""
-    row_base, starts, offset = [0] * len(widths), [], n_examples
-    for rows in groups:
-        width = max(widths[r] for r in rows)
-        for j, r in enumerate(rows):
-            row_base[r] = offset + j * width
-        starts.append(offset)
-        offset += len(rows) * width
-    return row_base, starts
-
-
 def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
                 settings: ProbeSettings, max_rows: int = 256,
                 edit: tuple[Intervention, int] | None = None) -> BatchOutput:
@@ -241,7 +163,7 @@ def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
     row_example = torch.repeat_interleave(torch.arange(len(batch)), counts)  # row -> its example
     widths = [len(c) - 1 for c in conts]  # the last token of a continuation predicts nothing
     groups = continuation_groups(widths, settings)
-    row_base, starts = _layout(widths, groups, len(batch))
+    row_base, starts = source_layout(widths, groups, len(batch))
     plan = token_plan(conts, row_example.tolist(), row_base)
     src = plan.state_src.to(lens.device)
     real, computed = int(mask.sum()), mask.numel()
@@ -339,20 +261,3 @@ def run_cloze_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
                         f"{type(intervention).__name__.lower()} {v + 1}/{intervention.n_variants}")[0]
            for v in range(intervention.n_variants)]
     return np.stack(out) / divisors[None, :, None, :]
-
-
-def loglik_reference(loaded: LoadedModel, request: ClozeRequest) -> np.ndarray:
-    """[K] the model's own summed log-probabilities of each continuation (lm-eval's score).
-
-    Each context + continuation runs alone, from scratch, through the full model (``model(...)``,
-    its own final norm and head); log-softmax over the vocabulary, gathered at the continuation.
-    """
-    n = len(request.context_ids)
-    out = []
-    with torch.inference_mode():
-        for cont in request.continuations:
-            ids = torch.tensor([request.context_ids + cont], device=loaded.device)
-            logits = loaded.model(input_ids=ids).logits[0, n - 1:-1].double()
-            target = torch.tensor(cont, device=logits.device)[:, None]
-            out.append(float(torch.log_softmax(logits, -1).gather(1, target).sum()))
-    return np.array(out)

@@ -18,7 +18,8 @@ import pandas as pd
 
 from calibrate.config.spec import JobSpec
 from calibrate.core.direction import split_indices
-from calibrate.core.metrics import ECE_MARGIN, bootstrap_layer_ci, layer_table
+from calibrate.core.bootstrap import ECE_MARGIN, bootstrap_layer_ci
+from calibrate.core.metrics import layer_table
 from calibrate.engine import cache as probe_cache
 from calibrate.engine.probe import ProbeResult, ProbeSettings
 from calibrate.engine.steer import Intervention
@@ -45,7 +46,7 @@ class ProbeReport:
 def measure(result: ProbeResult, metrics_cfg: Mapping[str, Any]) -> pd.DataFrame:
     """The per-layer metrics table of a probe result (plus the mean option mass per layer and,
     with ``metrics.bootstrap`` > 0, bootstrap intervals of accuracy and of the true ECE, see
-    :func:`calibrate.core.metrics.bootstrap_layer_ci`)."""
+    :func:`calibrate.core.bootstrap.bootstrap_layer_ci`)."""
     n_bins, binning = int(metrics_cfg["n_bins"]), str(metrics_cfg["binning"])
     table = layer_table(result.probs, result.labels, n_bins=n_bins, binning=binning,
                         extra_bins=tuple(metrics_cfg.get("extra_bins") or ()))
@@ -81,6 +82,8 @@ def cached_probe(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[
                  keep_layers: Sequence[int] = (), cache_dir: str | Path | None = None) -> ProbeResult:
     """The prompt set's scoring through the in-process and on-disk result cache."""
     settings = ProbeSettings.from_config(probe_cfg, keep_layers)
+    if getattr(loaded, "edits", None):  # hooks edit the function the weights compute: no cache
+        return prompt_set.scoring.score(loaded, prompt_set, settings)
     key = probe_cache.probe_key(weights_key(loaded), prompt_set, settings)
     result = probe_cache.load(key, cache_dir)
     if result is None:

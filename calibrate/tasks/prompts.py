@@ -5,18 +5,60 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibrate.tasks.continuations import CLOZE_NORMS, ClozeRequest, build_requests
 
+if TYPE_CHECKING:
+    from calibrate.tasks.dataset_config import DatasetConfig
+
 ANSWER_FORMATS = ("letters", "verbalizer", "cloze")
+TEMPLATE_FIELDS = ("subject", "question", "choices")  # the placeholders render_prompt fills
 LETTERS = string.ascii_uppercase
 
 
 class PromptError(ValueError):
     """A template or an answer option cannot be used with this tokenizer."""
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """What rendering and answer tokens need of a dataset config, typed.
+
+    :class:`~calibrate.tasks.dataset_config.DatasetConfig` gives one (``.prompt``) after its
+    checks; :meth:`from_mapping` reads these keys of a plain or partial mapping as given (no
+    dataset checks: :func:`build_prompts` raises :class:`PromptError` on bad values itself).
+    """
+
+    name: Any                                 # for messages only
+    answer_format: str                        # one of ANSWER_FORMATS (checked on use)
+    template: str
+    subject: str = ""                         # the {subject} of records without one
+    verbalizer: Sequence[str] | None = None   # verbalizer only: one word per option slot
+    cloze_norm: str = "none"                  # cloze only: one of CLOZE_NORMS (checked on use)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> PromptConfig:
+        """The prompt keys of a dataset config mapping (a dict or an OmegaConf node)."""
+        words = cfg.get("verbalizer")
+        if isinstance(words, Sequence) and not isinstance(words, str):
+            words = tuple(words)
+        return cls(name=cfg.get("name"), answer_format=str(cfg.get("answer_format")),
+                   template=str(cfg["template"]), subject=str(cfg.get("subject") or ""),
+                   verbalizer=words, cloze_norm=str(cfg.get("cloze_norm") or "none"))
+
+
+def as_prompt_config(cfg: PromptConfig | DatasetConfig | Mapping[str, Any]) -> PromptConfig:
+    """A :class:`PromptConfig` from either typed config, or from a mapping (read once)."""
+    from calibrate.tasks.dataset_config import DatasetConfig
+
+    if isinstance(cfg, PromptConfig):
+        return cfg
+    if isinstance(cfg, DatasetConfig):
+        return cfg.prompt
+    return PromptConfig.from_mapping(cfg)
 
 
 @dataclass(frozen=True)
@@ -108,11 +150,12 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(tokenizer.bos_token_id is not None and probe_ids[0] == tokenizer.bos_token_id)
 
 
-def build_cloze_prompts(records: Sequence[Any], contexts: list[str], dataset_cfg: Mapping[str, Any],
+def build_cloze_prompts(records: Sequence[Any], contexts: list[str],
+                        dataset_cfg: PromptConfig | DatasetConfig | Mapping[str, Any],
                         tokenizer: Any) -> PromptSet:
     """Cloze prompts: each option's text is a continuation of the rendered context (lm-eval's
     split: the context's trailing whitespace joins the continuation, which starts with a space)."""
-    norm = str(dataset_cfg.get("cloze_norm") or "none")
+    norm = as_prompt_config(dataset_cfg).cloze_norm
     if norm not in CLOZE_NORMS:
         raise PromptError(f"cloze_norm={norm!r}; accepted: {', '.join(CLOZE_NORMS)}")
     try:
@@ -149,23 +192,26 @@ def _refuse_too_long(lengths: Sequence[int], max_length: int, what: str) -> None
                               "tokens (shorten the template or drop those examples)")
 
 
-def build_prompts(records: Sequence[Any], dataset_cfg: Mapping[str, Any], tokenizer: Any, *,
-                  max_length: int | None = None) -> PromptSet:
+def build_prompts(records: Sequence[Any],
+                  dataset_cfg: PromptConfig | DatasetConfig | Mapping[str, Any], tokenizer: Any,
+                  *, max_length: int | None = None) -> PromptSet:
     """Render every record and resolve each option slot to a single token id (letters,
     verbalizer) or to its continuation tokens (cloze).
 
     ``max_length`` (the model's context length in tokens) refuses, with a :class:`PromptError`
     naming the example, any prompt longer than it: the prompt with the tokenizer's default
     special tokens (letters, verbalizer), or the context plus its longest continuation (cloze).
+    ``dataset_cfg`` is a :class:`PromptConfig`, a checked
+    :class:`~calibrate.tasks.dataset_config.DatasetConfig` or a mapping of their keys.
     """
     max_length = _check_max_length(max_length)
+    config = as_prompt_config(dataset_cfg)
     if not records:
-        raise PromptError(f"dataset {dataset_cfg.get('name')!r} has no records")
-    fmt = str(dataset_cfg.get("answer_format"))
-    prompts = [render_prompt(str(dataset_cfg["template"]), r, str(dataset_cfg.get("subject") or ""))
-               for r in records]
+        raise PromptError(f"dataset {config.name!r} has no records")
+    fmt = config.answer_format
+    prompts = [render_prompt(config.template, r, config.subject) for r in records]
     if fmt == "cloze":
-        prompt_set = build_cloze_prompts(records, prompts, dataset_cfg, tokenizer)
+        prompt_set = build_cloze_prompts(records, prompts, config, tokenizer)
         if max_length is not None:
             lengths = [len(r.context_ids) + max(len(c) for c in r.continuations)
                        for r in prompt_set.requests]
@@ -175,7 +221,7 @@ def build_prompts(records: Sequence[Any], dataset_cfg: Mapping[str, Any], tokeni
         lengths = [len(i) for i in tokenizer(prompts)["input_ids"]]
         _refuse_too_long(lengths, max_length, "prompt")
     width = max(len(r.options) for r in records)
-    strings = option_strings(fmt, width, dataset_cfg.get("verbalizer"))
+    strings = option_strings(fmt, width, config.verbalizer)
     # Merges at the boundary depend only on the prompt's end, shared by all prompts of a template.
     endings = sorted({p.rsplit("\n", 1)[-1] for p in prompts})
     ids = [single_token_id(tokenizer, s, endings) for s in strings]

@@ -1,0 +1,54 @@
+"""Compare finished runs: one table of all jobs, overlaid layer curves, steering and ablations.
+
+``python -m calibrate.io.compare DIR [DIR ...] [--out OUTDIR] [--metric ece ...] [--relative-depth]``
+
+Each DIR is a sweep directory (a multirun folder whose job sub-folders hold ``.hydra/``) or a
+single job directory (``.hydra/``, ``metrics.json`` or ``error.json`` in it). Anything else
+ends in one line on stderr naming the path and what is accepted, exit status 2, and nothing
+written. Everything runs offline; ``--wandb-group ENTITY/PROJECT/GROUP`` adds the summaries of
+an online W&B group to the table and fails with a clear message when W&B cannot be reached.
+
+Outputs in ``--out`` (default ``./compare``), each written atomically:
+
+* ``runs.csv`` / ``runs.md``: one row per job (sweep, job, label, overrides, status, model,
+  dataset, n_examples, final-layer metrics, plateau/peak layers, steering settings, path);
+* ``layers_<metric>.png``: every complete run's per-layer curve of the metric on one axis;
+* with steering jobs: ``steering.csv`` (each job's final-layer row per eta, with its overrides)
+  and ``eta_<metric>.png`` (final-layer metric against eta, one line per model / dataset /
+  direction method, plus any other non-eta override that differs between the steering jobs);
+* when steering jobs differ in ``direction.layers``: ``ablation_<metric>.png``, heat maps of the
+  final-layer metric with one row per layer range and one column per eta;
+* with ``nullspace.json`` files: ``nullspace.csv`` and ``nullspace_truncation.png`` (truncation
+  ΔECE/ΔMCE next to the random-subspace control).
+
+Runs are labelled by the overrides that differ between them (``.hydra/overrides.yaml``), or by
+model/dataset when nothing differs; a label that still repeats gets its sweep and job appended.
+
+Modules: :mod:`~calibrate.io.compare.runs` (the inputs, each job read, the labels),
+:mod:`~calibrate.io.compare.tables` (runs table, markdown, steering rows),
+:mod:`~calibrate.io.compare.nullspace_json` (the null-space controls),
+:mod:`~calibrate.io.compare.wandb_group` (an online W&B group),
+:mod:`~calibrate.io.compare.figures` (the plots) and :mod:`~calibrate.io.compare.cli`
+(:func:`compare` and the command line ``main``). Their names are re-exported here.
+"""
+
+from __future__ import annotations
+
+from calibrate.io.compare.cli import (DEFAULT_METRICS, DEFAULT_OUT, PROGRESS_MIN_JOBS,
+                                      _read_all, compare, main)  # noqa: F401 - _read_all: tests
+from calibrate.io.compare.figures import layer_curves
+from calibrate.io.compare.nullspace_json import nullspace_fields, nullspace_rows
+from calibrate.io.compare.runs import (ACCEPTED, IDENTITY_KEYS, NULLSPACE_FILE, STEERING_FILE,
+                                       CompareError, Run, assign_labels, layer_range,
+                                       read_overrides, read_run, resolve_inputs)
+from calibrate.io.compare.tables import (FRONT_COLUMNS, INT_COLUMNS, final_steering_rows,
+                                         markdown_table, runs_table)
+from calibrate.io.compare.wandb_group import wandb_rows
+
+__all__ = [
+    "ACCEPTED", "DEFAULT_METRICS", "DEFAULT_OUT", "FRONT_COLUMNS", "IDENTITY_KEYS", "INT_COLUMNS",
+    "NULLSPACE_FILE", "PROGRESS_MIN_JOBS", "STEERING_FILE", "CompareError", "Run",
+    "assign_labels", "compare", "final_steering_rows", "layer_curves", "layer_range", "main",
+    "markdown_table", "nullspace_fields", "nullspace_rows", "read_overrides", "read_run",
+    "resolve_inputs", "runs_table", "wandb_rows",
+]

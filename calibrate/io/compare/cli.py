@@ -1,0 +1,109 @@
+"""The comparison itself and its command line (``python -m calibrate.io.compare``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from calibrate.io import results
+from calibrate.io.compare.figures import _layer_plots, _nullspace_outputs, _steering_outputs
+from calibrate.io.compare.runs import CompareError, Run, assign_labels, read_run, resolve_inputs
+from calibrate.io.compare.tables import markdown_table, runs_table
+from calibrate.io.compare.wandb_group import wandb_rows
+
+DEFAULT_OUT = "compare"
+DEFAULT_METRICS = ("accuracy", "ece", "mce")
+PROGRESS_MIN_JOBS = 10  # a progress bar from this many jobs on
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out}: exists and is not a directory")
+
+
+def _read_all(jobs: Sequence[tuple[str, Path]]) -> list[Run]:
+    from tqdm.auto import tqdm
+
+    return [read_run(sweep, job) for sweep, job in
+            tqdm(jobs, desc="reading jobs", unit="job", disable=len(jobs) < PROGRESS_MIN_JOBS)]
+
+
+def compare(
+    dirs: Sequence[str | Path],
+    out: str | Path = DEFAULT_OUT,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    relative_depth: bool = False,
+    wandb_group: str | None = None,
+) -> pd.DataFrame:
+    """Compare the jobs under ``dirs`` and write the tables and plots to ``out``.
+
+    Args:
+        dirs: sweep directories and/or single job directories.
+        out: output folder (created).
+        metrics: per-layer metrics to overlay (and, for steering jobs, to plot against eta).
+        relative_depth: x axis layer / last layer, for models of different depth.
+        wandb_group: ``ENTITY/PROJECT/GROUP`` of an online W&B group to add to the table.
+
+    Returns:
+        The runs table (as in ``runs.csv``); ``.attrs["outputs"]`` lists the written files.
+
+    Raises:
+        CompareError: a path is neither a sweep nor a job directory, ``out`` is a file, or the
+            W&B group cannot be fetched. Nothing is written then.
+    """
+    out = Path(out)
+    metrics = list(dict.fromkeys(metrics)) or list(DEFAULT_METRICS)
+    jobs = resolve_inputs(dirs)
+    _check_out(out)
+    extra_rows = wandb_rows(wandb_group) if wandb_group else []
+    runs = _read_all(jobs)
+    assign_labels(runs)
+    table = runs_table([r.row for r in runs] + extra_rows)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [results.write_csv(out / "runs.csv", table)]
+    n_done = int((table["status"] == "complete").sum()) if len(table) else 0
+    md = (f"# calibrate comparison\n\n{len(table)} runs ({n_done} complete) from "
+          f"{', '.join(str(d) for d in dirs)}"
+          f"{' and W&B group ' + wandb_group if wandb_group else ''}.\n\n" + markdown_table(table))
+    written.append(results.write_text(out / "runs.md", md))
+    written += _layer_plots(runs, out, metrics, relative_depth)
+    written += _steering_outputs(runs, out, metrics)
+    written += _nullspace_outputs(runs, out)
+    table.attrs["outputs"] = [str(p) for p in written]
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 on bad input)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m calibrate.io.compare",
+        description="Compare calibrate runs: one table of all jobs, overlaid per-layer curves, "
+                    "steering curves, layer-range ablations and null-space controls.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="sweep directory (multirun) or single job directory")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: ./compare)")
+    parser.add_argument("--metric", nargs="+", action="extend", dest="metrics", default=None,
+                        metavar="METRIC",
+                        help="per-layer metrics to plot (default: accuracy ece mce)")
+    parser.add_argument("--relative-depth", action="store_true",
+                        help="x axis layer / last layer, for models of different depth")
+    parser.add_argument("--wandb-group", default=None, metavar="ENTITY/PROJECT/GROUP",
+                        help="also add the summaries of an online W&B group (needs network)")
+    args = parser.parse_args(argv)
+    try:
+        table = compare(args.dirs, args.out, args.metrics or DEFAULT_METRICS, args.relative_depth,
+                        args.wandb_group)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    outputs = table.attrs.get("outputs", [])
+    n_done = int((table["status"] == "complete").sum()) if len(table) else 0
+    print(f"[calibrate] compared {len(table)} runs ({n_done} complete); outputs in "
+          f"{Path(args.out).resolve()}:")
+    for path in outputs:
+        print(f"  {path}")
+    return 0

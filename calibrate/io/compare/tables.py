@@ -1,0 +1,110 @@
+"""The combined tables: one row per job (``runs.csv``, ``runs.md``) and each steering job's
+final-layer rows per eta."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from calibrate.io.compare.runs import IDENTITY_KEYS, STEERING_FILE, Run, _key, _varying, _warn
+
+FRONT_COLUMNS = ("sweep", "job", "label", "overrides", "status", "model", "dataset", "split",
+                 "n_examples")
+INT_COLUMNS = ("n_examples", "plateau_layer", "peak_ece_layer", "num_layers")
+
+
+def runs_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The combined table, the identifying columns first and ``path`` last; counts and layers
+    stay integers where failed jobs leave them empty."""
+    table = pd.DataFrame(list(rows))
+    for column in INT_COLUMNS:
+        if column in table.columns:
+            values = pd.to_numeric(table[column], errors="coerce")
+            if values.dropna().eq(values.dropna().round()).all():
+                table[column] = values.round().astype("Int64")
+    front = [c for c in FRONT_COLUMNS if c in table.columns]
+    back = [c for c in ("error", "path") if c in table.columns]
+    middle = [c for c in table.columns if c not in front and c not in back]
+    return table[front + middle + back]
+
+
+def _cell(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A pipe table: pandas ``to_markdown`` when ``tabulate`` is installed, else hand-written."""
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        header = "| " + " | ".join(_cell(c) for c in table.columns) + " |"
+        rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+        lines = ["| " + " | ".join(_cell(v) for v in row) + " |"
+                 for row in table.itertuples(index=False, name=None)]
+        return "\n".join([header, rule, *lines]) + "\n"
+    rows = [[_md_value(v) for v in row] for row in table.itertuples(index=False, name=None)]
+    cells = pd.DataFrame(rows, columns=list(table.columns), dtype=object)
+    return cells.to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
+
+
+def _md_value(value: Any) -> Any:
+    """A cell for tabulate: missing -> None (blank), text with its pipes escaped."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value.replace("|", "\\|").replace("\n", " ")
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _run_info(run: Run) -> dict[str, Any]:
+    return {"sweep": run.sweep, "job": run.job_dir.name, "label": run.label,
+            "overrides": " ".join(run.overrides), "model": run.row.get("model"),
+            "dataset": run.row.get("dataset"), "direction_method": run.row.get("direction_method"),
+            "direction_layers": run.row.get("direction_layers")}
+
+
+def final_steering_rows(run: Run) -> pd.DataFrame | None:
+    """The job's final-layer steering rows (one per eta), from steering.csv or metrics.json."""
+    if not run.complete:
+        return None
+    path = run.job_dir / STEERING_FILE
+    table = None
+    if path.is_file():
+        try:
+            full = pd.read_csv(path)
+            table = full[full["layer"] == full["layer"].max()].copy()
+        except (OSError, ValueError, KeyError) as err:
+            _warn(f"{path}: cannot read the steering table ({err}); using metrics.json")
+    if table is None and isinstance(run.metrics.get("steering"), Mapping):
+        rows = [{"eta": float(eta), **values} for eta, values in run.metrics["steering"].items()]
+        table = pd.DataFrame(rows)
+        if run.metrics.get("num_layers"):
+            table.insert(1, "layer", int(run.metrics["num_layers"]) - 1)
+    if table is None or table.empty:
+        return None
+    info = _run_info(run)
+    for k, (key, value) in enumerate(info.items()):
+        table.insert(k, key, value)
+    return table.sort_values("eta").reset_index(drop=True)
+
+
+def _group_names(runs: Sequence[Run], drop: Sequence[str] = ()) -> dict[Path, str]:
+    """Per run: model/dataset/method plus the other overrides (not eta, not the ``drop`` keys)
+    that differ between the runs."""
+    fixed = {"eta", *IDENTITY_KEYS, "direction.method", *drop}
+    varying = _varying([[o for o in r.overrides if _key(o) not in fixed] for r in runs])
+    names = {}
+    for run, extra in zip(runs, varying):
+        base = "/".join(str(x) for x in (run.row.get("model"), run.row.get("dataset"),
+                                         run.row.get("direction_method")) if x)
+        names[run.job_dir] = " ".join([base, *extra]).strip()
+    return names

@@ -1,0 +1,85 @@
+"""The dataset registry: what the loader knows about each benchmark besides its config.
+
+Each config name (``conf/dataset/<name>.yaml``) maps to a :class:`DatasetSpec`: the row
+normalizer of :mod:`calibrate.tasks.records`, the splits that exist, the option count and whether
+the rows list the correct option first. MMLU's subjects and lm-eval's grouping of them into
+categories are defined here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from calibrate.tasks.records import (
+    Normalizer,
+    normalize_arc,
+    normalize_boolq,
+    normalize_copa,
+    normalize_hellaswag,
+    normalize_mmlu,
+    normalize_openbookqa,
+    normalize_piqa,
+    normalize_sciq,
+    normalize_truthfulqa,
+    sentiment_normalizer,
+)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the loader knows about one dataset besides its config."""
+
+    normalize: Normalizer
+    splits: tuple[str, ...]          # the splits that exist (on the hub)
+    n_options: int | None = None     # a fixed number of options; None when it varies by row
+    shuffle_options: bool = False    # rows list the correct option first: shuffle with the seed
+
+
+TRAIN_VAL_TEST = ("train", "validation", "test")
+MMLU_SPLITS = ("dev", "validation", "test")
+DATASET_SPECS: dict[str, DatasetSpec] = {
+    "mmlu": DatasetSpec(normalize_mmlu, MMLU_SPLITS, 4),
+    "arc_easy": DatasetSpec(normalize_arc, TRAIN_VAL_TEST),
+    "arc_challenge": DatasetSpec(normalize_arc, TRAIN_VAL_TEST),
+    "truthfulqa": DatasetSpec(normalize_truthfulqa, ("validation",), shuffle_options=True),
+    "rotten_tomatoes": DatasetSpec(sentiment_normalizer("text"), TRAIN_VAL_TEST, 2),
+    "sst2": DatasetSpec(sentiment_normalizer("sentence"), TRAIN_VAL_TEST, 2),
+    "copa": DatasetSpec(normalize_copa, TRAIN_VAL_TEST, 2),
+    "boolq": DatasetSpec(normalize_boolq, ("train", "validation"), 2),
+    "hellaswag": DatasetSpec(normalize_hellaswag, TRAIN_VAL_TEST, 4),
+    "openbookqa": DatasetSpec(normalize_openbookqa, TRAIN_VAL_TEST, 4),
+    "piqa": DatasetSpec(normalize_piqa, TRAIN_VAL_TEST, 2),
+    "sciq": DatasetSpec(normalize_sciq, TRAIN_VAL_TEST, 4, shuffle_options=True),
+}
+DATASETS: tuple[str, ...] = tuple(sorted(DATASET_SPECS))
+
+
+# lm-eval's grouping of the 57 MMLU subjects (lm_eval/tasks/mmlu/_generate_configs.py).
+MMLU_CATEGORIES: dict[str, str] = {
+    "abstract_algebra": "stem", "anatomy": "stem", "astronomy": "stem",
+    "business_ethics": "other", "clinical_knowledge": "other", "college_biology": "stem",
+    "college_chemistry": "stem", "college_computer_science": "stem",
+    "college_mathematics": "stem", "college_medicine": "other", "college_physics": "stem",
+    "computer_security": "stem", "conceptual_physics": "stem", "econometrics": "social_sciences",
+    "electrical_engineering": "stem", "elementary_mathematics": "stem",
+    "formal_logic": "humanities", "global_facts": "other", "high_school_biology": "stem",
+    "high_school_chemistry": "stem", "high_school_computer_science": "stem",
+    "high_school_european_history": "humanities", "high_school_geography": "social_sciences",
+    "high_school_government_and_politics": "social_sciences",
+    "high_school_macroeconomics": "social_sciences", "high_school_mathematics": "stem",
+    "high_school_microeconomics": "social_sciences", "high_school_physics": "stem",
+    "high_school_psychology": "social_sciences", "high_school_statistics": "stem",
+    "high_school_us_history": "humanities", "high_school_world_history": "humanities",
+    "human_aging": "other", "human_sexuality": "social_sciences",
+    "international_law": "humanities", "jurisprudence": "humanities",
+    "logical_fallacies": "humanities", "machine_learning": "stem", "management": "other",
+    "marketing": "other", "medical_genetics": "other", "miscellaneous": "other",
+    "moral_disputes": "humanities", "moral_scenarios": "humanities", "nutrition": "other",
+    "philosophy": "humanities", "prehistory": "humanities", "professional_accounting": "other",
+    "professional_law": "humanities", "professional_medicine": "other",
+    "professional_psychology": "social_sciences", "public_relations": "social_sciences",
+    "security_studies": "social_sciences", "sociology": "social_sciences",
+    "us_foreign_policy": "social_sciences", "virology": "other", "world_religions": "humanities",
+}
+MMLU_SUBJECTS: tuple[str, ...] = tuple(MMLU_CATEGORIES)
+MMLU_CATEGORY_NAMES: tuple[str, ...] = ("stem", "humanities", "social_sciences", "other")

@@ -1,0 +1,141 @@
+"""Studies run directly on a tiny random model, against references computed here."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from calibrate.api import compose
+from calibrate.config.spec import build_spec
+from calibrate.core.direction import Direction, fit_direction, split_indices
+from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.model.load import wrap_model
+from calibrate.studies import STUDIES, Study, StudyResult, get_study, register
+from calibrate.studies.context import JobContext
+from calibrate.studies.directions import DIRECTION_METHODS, FitRequest, direction_method
+from calibrate.tasks.prompts import build_prompts
+from conftest import build_tiny
+
+DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
+           "template": "{question} \n question : is this sentence positive or negative ? answer :"}
+WORDS = "the movie was great a very boring film this is not good it bad fun".split()
+LAYERS = 4  # 3 blocks + embeddings
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(word_tokenizer):
+    torch.manual_seed(0)
+    return wrap_model(build_tiny("llama", len(word_tokenizer), seed=3), word_tokenizer, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def prompt_set(tiny_lm):
+    rng = np.random.default_rng(0)
+    records = [SimpleNamespace(question=" ".join(rng.choice(WORDS, size=int(rng.integers(3, 9)))),
+                               options=("bad", "good"), label=i % 2, subject="", dataset="")
+               for i in range(24)]
+    return build_prompts(records, DATASET, tiny_lm.tokenizer)
+
+
+def context(lm, prompt_set, tmp_path, *overrides: str) -> JobContext:
+    base = ["tracker=none", "probe.progress=false", "metrics.bootstrap=0", f"cache_dir={tmp_path}",
+            "direction.layers=[2,3]", "nullspace.n_random=20"]
+    cfg = OmegaConf.to_container(compose([*base, *overrides]), resolve=True)
+    return JobContext(build_spec(cfg), lm, prompt_set)
+
+
+def test_probe_study_equals_the_probe(tiny_lm, prompt_set, tmp_path):
+    ctx = context(tiny_lm, prompt_set, tmp_path)
+    result = get_study("probe").run(ctx)
+    direct = run_probe(tiny_lm, prompt_set, ProbeSettings(progress=False))
+    np.testing.assert_allclose(result.report.result.probs, direct.probs, atol=1e-6)
+    assert len(result.report.table) == LAYERS and result.summary == {}
+
+
+def test_steering_study_on_its_split(tiny_lm, prompt_set, tmp_path):
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "intervention=direction",
+                  "intervention.layers=[2]")
+    result = get_study("steering").run(ctx)
+    cal, evaluation = split_indices(24, 0.5, 0)
+    # ĉ by hand from the calibration rows' residuals
+    probe = run_probe(tiny_lm, prompt_set, ProbeSettings(keep_layers=(1, 2, 3), progress=False))
+    expected = fit_direction({l: probe.residuals[l][cal] for l in (1, 2, 3)}, [2, 3], "layer_diff")
+    np.testing.assert_allclose(result.direction.vector, expected.vector, atol=1e-6)
+    table = result.table
+    zero, three = (table[table["eta"] == e].reset_index(drop=True) for e in (0.0, 3.0))
+    # eta 0 is the unsteered evaluation split, the report the job writes as layers.csv
+    assert result.summary["n_evaluation"] == len(evaluation) == len(result.report.result.labels)
+    np.testing.assert_allclose(zero["ece"], result.report.table["ece"], atol=1e-6)
+    # layers before the edit are unchanged; after it they move
+    np.testing.assert_allclose(three.loc[:1, "ece"], zero.loc[:1, "ece"], atol=1e-9)
+    assert not np.allclose(three.loc[2:, "ece"], zero.loc[2:, "ece"], atol=1e-6)
+    assert result.summary["steering"]["3"]["delta_ece"] == pytest.approx(
+        three["ece"].iloc[-1] - zero["ece"].iloc[-1])
+
+
+@pytest.mark.parametrize("name, variants", [("nullspace", ["none", "nullspace", "random"]),
+                                            ("direction_ablate", ["none", "direction", "random"])])
+def test_ablation_studies(tiny_lm, prompt_set, tmp_path, name, variants):
+    ctx = context(tiny_lm, prompt_set, tmp_path, f"intervention={name}", "nullspace.k=4")
+    result = get_study(name).run(ctx)
+    assert list(result.table["variant"].unique()) == variants
+    none = result.table[result.table["variant"] == "none"].reset_index(drop=True)
+    np.testing.assert_allclose(none["ece"], result.report.table["ece"], atol=1e-6)
+    assert result.summary["intervention"] == name
+    if name == "nullspace":
+        report = result.ablation_report
+        assert report["k"] == 4 and 0 <= report["rho"] <= 1 and 0 <= report["p_value"] <= 1
+
+
+def test_the_registry_finds_and_refuses(tiny_lm, prompt_set, tmp_path):
+    assert {"probe", "steering", "nullspace", "direction_ablate"} <= set(STUDIES)
+    with pytest.raises(KeyError, match=r"study 'nope'; accepted: direction_ablate, nullspace"):
+        get_study("nope")
+
+
+def test_a_new_study_is_one_class(tiny_lm, prompt_set, tmp_path):
+    """A study registered by a test runs on the same context services."""
+    @register
+    class FinalOnly(Study):
+        name = "final_only_for_test"
+
+        def run(self, ctx):
+            result = ctx.probe()
+            return StudyResult(ctx.report(result.take(ctx.split()[1]),
+                                          ctx.prompt_set.subset(ctx.split()[1])),
+                               {"final_accuracy": float(ctx.measure(result)["accuracy"].iloc[-1])})
+
+    try:
+        result = get_study("final_only_for_test").run(context(tiny_lm, prompt_set, tmp_path))
+        assert len(result.report.result.labels) == 12
+        assert 0.0 <= result.summary["final_accuracy"] <= 1.0
+    finally:
+        STUDIES.pop("final_only_for_test")
+
+
+def test_a_direction_method_receives_the_context_and_may_run_the_model(tiny_lm, prompt_set,
+                                                                         tmp_path):
+    seen = {}
+
+    @direction_method("first_axis_for_test")
+    def first_axis(request: FitRequest) -> Direction:
+        seen["residuals"] = request.residuals()
+        seen["ran"] = request.ctx.probe(request.prompt_set).probs.shape
+        vector = np.zeros(request.ctx.loaded.adapter.unembed_weight.shape[1])
+        vector[0] = 1.0
+        return Direction(vector, {"method": "first_axis_for_test", "layers": request.layers})
+
+    try:
+        ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,2]",
+                      "direction.method=first_axis_for_test")
+        result = get_study("steering").run(ctx)
+        assert result.direction.vector[0] == 1.0
+        assert sorted(seen["residuals"]) == [1, 2, 3]
+        assert all(v.shape[0] == 12 for v in seen["residuals"].values())
+        assert seen["ran"] == (24, LAYERS, 2)
+    finally:
+        DIRECTION_METHODS.pop("first_axis_for_test")
