@@ -251,7 +251,6 @@ def run_study(overrides: Sequence[str] = (), job_dir: str | Path | None = None,
     else:
         from calibrate.tasks.prompts import build_prompts
 
-        dcfg = spec.config["dataset"]
-        records = data.load_records(dcfg, spec.config.get("cache_dir"))
-        ctx = JobContext(spec, lm, build_prompts(records, dcfg, lm.tokenizer))
+        records = data.load_records(spec.dataset, spec.cache_dir)
+        ctx = JobContext(spec, lm, build_prompts(records, spec.dataset, lm.tokenizer))
     return get_study(spec.study).run(ctx)

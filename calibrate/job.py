@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from calibrate.config.settings import MetricSettings, OutputSettings
 from calibrate.config.spec import JobSpec, build_spec, check_shape
 from calibrate.core.phases import emergence_layer, find_phases, phases_to_dict
 from calibrate.io import results
@@ -57,16 +58,15 @@ def probe_prompts(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping
 
 def prepare(spec: JobSpec) -> JobContext:
     """Records, the model's shape (checked against the spec), prompts, then the weights."""
-    cfg = spec.config
-    cache = cfg.get("cache_dir")
-    check_device(str(cfg["model"].get("device", "auto")))
-    records = load_records(cfg["dataset"], cache)
-    source = resolve_source(cfg["model"], cache)
-    shape = model_shape(source, cfg["model"])  # the config alone: no weights read yet
+    cache = spec.cache_dir
+    check_device(spec.model.device)
+    records = load_records(spec.dataset, cache)
+    source = resolve_source(spec.model, cache)
+    shape = model_shape(source, spec.model)  # the config alone: no weights read yet
     check_shape(spec, shape.num_blocks, shape.hidden_size)
-    tokenizer = load_tokenizer(source, cfg["model"])
-    prompt_set = build_prompts(records, cfg["dataset"], tokenizer, max_length=shape.context_length)
-    return JobContext(spec, load_model(cfg["model"], cache, tokenizer=tokenizer), prompt_set)
+    tokenizer = load_tokenizer(source, spec.model)
+    prompt_set = build_prompts(records, spec.dataset, tokenizer, max_length=shape.context_length)
+    return JobContext(spec, load_model(spec.model, cache, tokenizer=tokenizer), prompt_set)
 
 
 def chance_accuracy(prompt_set: PromptSet) -> float:
@@ -74,12 +74,12 @@ def chance_accuracy(prompt_set: PromptSet) -> float:
     return float(np.mean(1.0 / (prompt_set.option_ids >= 0).sum(axis=1)))
 
 
-def _plots(report: ProbeReport, job_dir: Path, title: str, metrics_cfg: Mapping[str, Any],
+def _plots(report: ProbeReport, job_dir: Path, title: str, metrics: MetricSettings,
            phases: Any) -> dict[str, Path]:
     from calibrate.io.plots import plot_layer_curves, plot_reliability
 
     probs, labels = report.result.probs, report.result.labels
-    n_bins, binning = int(metrics_cfg["n_bins"]), str(metrics_cfg["binning"])
+    n_bins, binning = metrics.n_bins, metrics.binning
     peak = int(report.table["ece"].idxmax())
     return {
         "layer_curves": plot_layer_curves(report.table, job_dir / "layer_curves.png", title,
@@ -94,13 +94,12 @@ def _plots(report: ProbeReport, job_dir: Path, title: str, metrics_cfg: Mapping[
 
 
 def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float) -> dict[str, Any]:
-    ds, loaded, chance = ctx.config["dataset"], ctx.loaded, chance_accuracy(report.prompt_set)
+    ds, loaded, chance = ctx.spec.dataset, ctx.loaded, chance_accuracy(report.prompt_set)
     return {
         "status": "complete", "model": loaded.name, "model_source": loaded.source,
         "model_type": loaded.adapter.model_type, "unembed_hash": loaded.unembed_hash,
-        "dataset": ds["name"], "split": ds.get("split"), "n_examples": len(report.result.labels),
-        "n_options": int(report.prompt_set.option_ids.shape[1]),
-        "answer_format": ds["answer_format"],
+        "dataset": ds.name, "split": ds.split, "n_examples": len(report.result.labels),
+        "n_options": int(report.prompt_set.option_ids.shape[1]), "answer_format": ds.answer_format,
         **report.prompt_set.scoring.summary_fields(report.prompt_set),
         "num_layers": report.result.num_layers, **report.info, "final": report.final,
         **phases, "chance_accuracy": chance,
@@ -111,10 +110,10 @@ def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float)
 
 
 def write_report(report: ProbeReport, job_dir: Path, summary: Mapping[str, Any],
-                 output_cfg: Mapping[str, Any], plots: dict[str, Path]) -> None:
+                 output: OutputSettings, plots: dict[str, Path]) -> None:
     """Write the common files; metrics.json last, as the completion marker."""
     results.write_csv(job_dir / results.LAYERS_FILE, report.table)
-    if output_cfg.get("predictions", True):
+    if output.predictions:
         res = report.result
         arrays = {"labels": res.labels, "probs": res.probs, "option_logits": res.option_logits,
                   "option_ids": report.prompt_set.option_ids}
@@ -137,17 +136,17 @@ def _all_files() -> list[str]:
 def finish(ctx: JobContext, result: StudyResult, job_dir: Path, tracker: Tracker,
            start: float) -> dict[str, Any]:
     """Write, plot and log a study's result; returns the metrics summary."""
-    cfg = ctx.config
-    title = f"{ctx.loaded.name} on {cfg['dataset']['name']}"
-    phases = find_phases(result.report.table, cfg["phases"])
+    spec = ctx.spec
+    title = f"{ctx.loaded.name} on {spec.dataset.name}"
+    phases = find_phases(result.report.table, spec.phases)
     result.write(job_dir)
     plots: dict[str, Path] = {}
-    if cfg["output"].get("plots"):
+    if spec.output.plots:
         plots.update(result.plot(job_dir, title))
-        plots.update(_plots(result.report, job_dir, title, cfg["metrics"], phases))
+        plots.update(_plots(result.report, job_dir, title, spec.metrics, phases))
     summary = {**_summary(ctx, result.report, phases_to_dict(phases), time.perf_counter() - start),
                **result.summary}
-    write_report(result.report, job_dir, summary, cfg["output"], plots)
+    write_report(result.report, job_dir, summary, spec.output, plots)
     tracker.log_layers(result.report.table)
     result.log(tracker, job_dir)
     tracker.log_images(plots)
@@ -166,7 +165,7 @@ def run_job(spec: JobSpec | Mapping[str, Any], job_dir: Path, name: str = "job",
     ctx = prepare(spec)
     tracker: Tracker = Tracker()
     try:
-        tracker = open_tracker(spec.config["tracker"], job_dir, name, group, spec.study,
+        tracker = open_tracker(spec.tracker, job_dir, name, group, spec.study,
                                config_dict or spec.config)
         summary = finish(ctx, study.run(ctx), job_dir, tracker, start)
     except BaseException:

@@ -79,11 +79,10 @@ def main(cfg: DictConfig) -> dict | None:
     """Run one job; see the module docstring for error handling."""
     logging.captureWarnings(True)
     job_dir, name, group, multirun = _job_context()
-    if cfg.tracker.get("group"):
-        group = cfg.tracker.group
     try:
         spec = build_spec(cfg)
-        done = resume.decide(job_dir, spec, cfg.get("resume") is True)
+        group = spec.tracker.group or group
+        done = resume.decide(job_dir, spec, spec.config.get("resume") is True)
         if done is not None:
             return done
         results.check_writable(job_dir)

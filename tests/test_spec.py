@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from calibrate.config.spec import (build_spec, check_shape, config_diff, config_hash, eta_edit_ratio,
                             process_uid, result_config)
 from calibrate.config import CONF_DIR
+from calibrate.config.settings import InterventionSettings
 from calibrate.config.validate import ConfigError
 
 
@@ -39,7 +40,8 @@ def test_eta_alone_uses_the_direction_defaults_from_the_intervention_config():
     spec = build_spec(composed("eta=2"))
     direction = OmegaConf.to_container(OmegaConf.load(
         CONF_DIR / "intervention" / "direction.yaml"))
-    assert dict(spec.intervention) == direction
+    assert spec.intervention == InterventionSettings.from_mapping(direction)
+    assert (spec.intervention.name, spec.intervention.position) == ("direction", "last")
 
 
 def test_every_job_of_an_eta_sweep_is_a_steering_job_on_the_same_split():

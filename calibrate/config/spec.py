@@ -23,6 +23,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from calibrate.config.settings import (DirectionSettings, InterventionSettings, MetricSettings,
+                                       NullspaceSettings, OutputSettings, PhaseSettings)
 from calibrate.config.validate import ConfigError, check_job, parse_eta
 
 from calibrate.config import CONF_DIR  # noqa: E402 - the Hydra config tree
@@ -45,14 +47,24 @@ if not OmegaConf.has_resolver("calibrate_uid"):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job, decided: the study, its η values, its intervention settings and its identity."""
+    """One job, decided: the study, its η values, every group typed, and its identity."""
 
-    config: Mapping[str, Any]          # the resolved config (plain containers)
-    study: str                         # one of STUDIES
+    config: Mapping[str, Any]          # the resolved config (plain containers), as recorded
+    study: str                         # one of the registered studies
     etas: tuple[float, ...]            # steering: 0 first, then the others in order; else ()
-    intervention: Mapping[str, Any]    # the intervention group as the study uses it
+    intervention: InterventionSettings  # for η alone with intervention=none: the direction's
     seed: int
     identity: str                      # config_hash(config)
+    model: Any = None                  # calibrate.model.config.ModelConfig
+    dataset: Any = None                # calibrate.tasks.dataset_config.DatasetConfig
+    probe: Any = None                  # calibrate.engine.probe.ProbeSettings
+    metrics: MetricSettings = MetricSettings()
+    phases: PhaseSettings = PhaseSettings()
+    direction: DirectionSettings = DirectionSettings()
+    nullspace: NullspaceSettings = NullspaceSettings()
+    output: OutputSettings = OutputSettings()
+    tracker: Any = None                # calibrate.io.track.TrackerSettings
+    cache_dir: str | None = None
 
     @property
     def steers(self) -> bool:
@@ -139,21 +151,37 @@ def steering_etas(value: Any) -> tuple[float, ...]:
     return (0.0, *[e for e in dict.fromkeys(etas) if e != 0.0])
 
 
-def _intervention(cfg: Mapping[str, Any], study: str) -> dict[str, Any]:
+def _intervention(cfg: Mapping[str, Any], study: str) -> InterventionSettings:
     icfg = dict(cfg["intervention"])
     if study == "steering" and icfg["name"] == "none":  # eta given alone: the direction defaults
         icfg = _plain(OmegaConf.load(CONF_DIR / "intervention" / "direction.yaml"))
-    return icfg
+    return InterventionSettings.from_mapping(icfg)
 
 
 def build_spec(cfg: Mapping[str, Any]) -> JobSpec:
-    """Check a composed config (cheap checks only, nothing loaded) and decide the job."""
+    """Check a composed config (cheap checks only, nothing loaded) and decide the job: every
+    group is read here, once, into its typed settings."""
+    from calibrate.engine.probe import ProbeSettings
+    from calibrate.io.track import TrackerSettings
+    from calibrate.model.config import ModelConfig
+    from calibrate.tasks.dataset_config import DatasetConfig
+
     cfg = _plain(cfg)
     seed = _seed(cfg.get("seed", 0))
     check_job(cfg)
     study = decide_study(cfg)
     etas = steering_etas(cfg.get("eta")) if study == "steering" else ()
-    return JobSpec(cfg, study, etas, _intervention(cfg, study), seed, config_hash(cfg))
+    return JobSpec(
+        cfg, study, etas, _intervention(cfg, study), seed, config_hash(cfg),
+        model=ModelConfig.from_mapping(cfg["model"]), dataset=DatasetConfig.from_mapping(cfg["dataset"]),
+        probe=ProbeSettings.from_config(cfg["probe"]),
+        metrics=MetricSettings.from_mapping(cfg["metrics"]),
+        phases=PhaseSettings.from_mapping(cfg.get("phases") or {}),
+        direction=DirectionSettings.from_mapping(cfg["direction"]),
+        nullspace=NullspaceSettings.from_mapping(cfg["nullspace"]),
+        output=OutputSettings.from_mapping(cfg.get("output") or {}, cfg.get("checks") or {}),
+        tracker=TrackerSettings.from_mapping(cfg["tracker"], ConfigError),
+        cache_dir=cfg.get("cache_dir"))
 
 
 def _layers_in(name: str, layers: Any, low: int, high: int) -> None:
@@ -170,17 +198,15 @@ def check_shape(spec: JobSpec, num_blocks: int, hidden_size: int) -> None:
     if spec.study == "probe":
         return
     last = num_blocks  # layers are 0 (embeddings) .. num_blocks (the last block's output)
-    _layers_in("intervention.layers", spec.intervention.get("layers"), 0, last)
-    dcfg = spec.config.get("direction") or {}
-    if not dcfg.get("path"):
-        _layers_in("direction.layers", dcfg.get("layers"), 1, last)
+    _layers_in("intervention.layers", spec.intervention.layers, 0, last)
+    if not spec.direction.path:
+        _layers_in("direction.layers", spec.direction.layers, 1, last)
     if spec.study == "nullspace":
-        ncfg = spec.config.get("nullspace") or {}
-        k = ncfg.get("k")
+        k, fraction = spec.nullspace.k, spec.nullspace.fraction
         if k is None:
-            k = round(float(ncfg["fraction"]) * hidden_size)
+            k = round(fraction * hidden_size)
         if not 0 <= int(k) <= hidden_size:
-            raise ConfigError(f"nullspace.k={k} (fraction {ncfg.get('fraction')} of hidden "
+            raise ConfigError(f"nullspace.k={k} (fraction {fraction} of hidden "
                               f"{hidden_size}); accepted: 0..{hidden_size}")
 
 

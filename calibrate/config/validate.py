@@ -6,11 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from calibrate.core.metrics import BINNINGS
 from calibrate.engine.probe import OPTION_MASS_MODES
 
-TRACKERS = ("wandb", "none")
-TRACKER_MODES = ("offline", "online", "disabled")
 class ConfigError(ValueError):
     """A config value is invalid; the message names it and what is accepted."""
 
@@ -56,21 +53,10 @@ def check_probe(cfg: Mapping[str, Any]) -> None:
 
 
 def check_metrics(cfg: Mapping[str, Any]) -> None:
-    """The ``metrics`` group."""
-    _positive_int("metrics.n_bins", cfg.get("n_bins"))
-    for extra in cfg.get("extra_bins") or []:
-        _positive_int("metrics.extra_bins[]", extra)
-    boot = cfg.get("bootstrap", 0)
-    if isinstance(boot, bool) or not isinstance(boot, int) or boot < 0:
-        raise ConfigError(f"metrics.bootstrap={boot!r}; accepted: an integer >= 0")
-    alpha = cfg.get("alpha", 0.05)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise ConfigError(f"metrics.alpha={alpha!r}; accepted: a number strictly between 0 and 1")
-    margin = cfg.get("ece_margin", 3)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-        raise ConfigError(f"metrics.ece_margin={margin!r}; accepted: a number >= 0")
-    if cfg.get("binning") not in BINNINGS:
-        raise ConfigError(f"metrics.binning={cfg.get('binning')!r}; accepted: {', '.join(BINNINGS)}")
+    """The ``metrics`` group (:class:`calibrate.config.settings.MetricSettings`)."""
+    from calibrate.config.settings import MetricSettings
+
+    MetricSettings.from_mapping(cfg)
 
 
 def check_model(cfg: Mapping[str, Any]) -> None:
@@ -82,11 +68,10 @@ def check_model(cfg: Mapping[str, Any]) -> None:
 
 
 def check_tracker(cfg: Mapping[str, Any]) -> None:
-    """The ``tracker`` group."""
-    if cfg.get("name") not in TRACKERS:
-        raise ConfigError(f"tracker={cfg.get('name')!r}; accepted: {', '.join(TRACKERS)}")
-    if cfg.get("name") == "wandb" and cfg.get("mode") not in TRACKER_MODES:
-        raise ConfigError(f"tracker.mode={cfg.get('mode')!r}; accepted: {', '.join(TRACKER_MODES)}")
+    """The ``tracker`` group (:class:`calibrate.io.track.TrackerSettings`)."""
+    from calibrate.io.track import TrackerSettings
+
+    TrackerSettings.from_mapping(cfg, ConfigError)
 
 
 def interventions() -> list[str]:
@@ -96,55 +81,17 @@ def interventions() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "intervention").glob("*.yaml"))
 
 
-def _choice(name: str, value: Any, accepted: Sequence[str]) -> None:
-    if value not in accepted:
-        raise ConfigError(f"{name}={value!r}; accepted: {', '.join(accepted)}")
-
-
-def _layer_list(name: str, value: Any, allow: Sequence[Any] = ()) -> None:
-    if value in allow:
-        return
-    if not isinstance(value, Sequence) or isinstance(value, str) or not value or any(
-            isinstance(v, bool) or not isinstance(v, int) for v in value):
-        accepted = " or ".join([*(repr(a) for a in allow), "a non-empty list of layer numbers"])
-        raise ConfigError(f"{name}={value!r}; accepted: {accepted}")
-
-
 def check_intervention(cfg: Mapping[str, Any]) -> None:
     """The ``intervention``, ``direction`` and ``nullspace`` groups (values; layer ranges are
     checked against the model once its depth is known)."""
-    # accepted values come from the modules that implement them (imported here: they import us)
-    from calibrate.engine.steer import ETA_SCALES, POSITIONS
-    from calibrate.studies.ablation import ABLATIONS
-    from calibrate.studies.directions import DIRECTION_METHODS
+    from calibrate.config.settings import (DirectionSettings, InterventionSettings,
+                                           NullspaceSettings)
 
-    icfg = cfg["intervention"]
-    _choice("intervention", icfg.get("name"), interventions())
-    if icfg["name"] != "none":
-        _choice("intervention.position", icfg.get("position"), POSITIONS)
-        _layer_list("intervention.layers", icfg.get("layers"), allow=(None,))
-    if icfg["name"] == "direction":
-        _choice("intervention.eta_scale", icfg.get("eta_scale"), ETA_SCALES)
-    if icfg["name"] in ("nullspace", "direction_ablate"):
-        _choice("intervention.ablation", icfg.get("ablation"), ABLATIONS)
-    dcfg = cfg.get("direction") or {}
-    if dcfg:
-        _choice("direction.method", dcfg.get("method"), list(DIRECTION_METHODS))
-        _layer_list("direction.layers", dcfg.get("layers"), allow=("auto",))
-        fraction = dcfg.get("calibration_fraction")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise ConfigError(f"direction.calibration_fraction={fraction!r}; accepted: a number "
-                              "strictly between 0 and 1")
-    ncfg = cfg.get("nullspace") or {}
-    if ncfg.get("k") is not None:
-        k = ncfg["k"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ConfigError(f"nullspace.k={k!r}; accepted: null or an integer >= 0")
-    if ncfg:
-        fraction = ncfg.get("fraction")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ConfigError(f"nullspace.fraction={fraction!r}; accepted: a number in (0, 1]")
-        _positive_int("nullspace.n_random", ncfg.get("n_random"))
+    InterventionSettings.from_mapping(cfg["intervention"])
+    if cfg.get("direction"):
+        DirectionSettings.from_mapping(cfg["direction"])
+    if cfg.get("nullspace"):
+        NullspaceSettings.from_mapping(cfg["nullspace"])
 
 
 def check_job(cfg: Mapping[str, Any]) -> None:

@@ -227,12 +227,15 @@ def phases_to_dict(p: Phases) -> dict:
     }
 
 
-def find_phases(table: pd.DataFrame, phases_cfg: Mapping[str, Any]) -> Phases:
+def find_phases(table: pd.DataFrame, phases_cfg: Any) -> Phases:
     """:func:`detect_phases` with the ``phases`` config; when the table carries bootstrap
     intervals (``ece_lo``/``ece_hi``), a peak inside the noise is not called a peak."""
     ci = None
     if "ece_lo" in table.columns:
         ci = pd.DataFrame({"layer": table["layer"], "ece": table["ece"], "lo": table["ece_lo"],
                            "hi": table["ece_hi"]})
-    return detect_phases(table, tolerance=float(phases_cfg["tolerance"]),
-                         min_drop=float(phases_cfg["min_drop"]), ci=ci)
+    if isinstance(phases_cfg, Mapping):  # a raw ``phases`` group (notebooks, tests)
+        tolerance, min_drop = phases_cfg["tolerance"], phases_cfg["min_drop"]
+    else:  # calibrate.config.settings.PhaseSettings
+        tolerance, min_drop = phases_cfg.tolerance, phases_cfg.min_drop
+    return detect_phases(table, tolerance=float(tolerance), min_drop=float(min_drop), ci=ci)

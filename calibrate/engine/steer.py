@@ -26,6 +26,7 @@ from calibrate.tasks.prompts import PromptSet
 
 POSITIONS = ("last", "all")
 ETA_SCALES = ("absolute", "residual_norm")
+ABLATIONS = ("zero", "mean")  # subspace ablations: project out, or replace by the mean
 
 
 class SteeringError(ValueError):

@@ -22,10 +22,41 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+TRACKERS = ("wandb", "none")
+TRACKER_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    """The ``tracker`` group."""
+
+    name: str = "none"
+    project: str | None = "calibrate"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+    dir: str | None = None
+    init_timeout: float = 90.0
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any], error: type[Exception] = ValueError
+                     ) -> TrackerSettings:
+        """Check and convert the ``tracker`` group; ``error`` is raised with one line."""
+        if cfg.get("name") not in TRACKERS:
+            raise error(f"tracker={cfg.get('name')!r}; accepted: {', '.join(TRACKERS)}")
+        mode = cfg.get("mode", "offline")
+        if cfg.get("name") == "wandb" and mode not in TRACKER_MODES:
+            raise error(f"tracker.mode={mode!r}; accepted: {', '.join(TRACKER_MODES)}")
+        return cls(str(cfg["name"]), cfg.get("project"), cfg.get("entity"), str(mode),
+                   cfg.get("group"), tuple(cfg.get("tags") or ()), cfg.get("dir"),
+                   float(cfg.get("init_timeout", 90)))
 
 LAYER_PREFIX = "layer/"
 SYNC_GLOB = "*/wandb/offline-run-*"  # under a sweep folder: every job's offline run
@@ -191,19 +222,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _init_wandb(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | None,
+def _init_wandb(cfg: TrackerSettings, job_dir: Path, name: str, group: str | None,
                 job_type: str, config: Mapping[str, Any], mode: str) -> Any:
     import wandb
 
-    tags = list(dict.fromkeys([*(cfg.get("tags") or []), *_auto_tags(config)]))
-    return wandb.init(project=cfg.get("project"), entity=cfg.get("entity"), mode=mode,
-                      dir=str(cfg.get("dir") or job_dir), name=name, group=group, job_type=job_type,
+    tags = list(dict.fromkeys([*cfg.tags, *_auto_tags(config)]))
+    return wandb.init(project=cfg.project, entity=cfg.entity, mode=mode,
+                      dir=str(cfg.dir or job_dir), name=name, group=group, job_type=job_type,
                       tags=tags, config=dict(config), reinit="finish_previous",
                       settings=wandb.Settings(silent=True, x_disable_stats=True,
-                                              init_timeout=float(cfg.get("init_timeout", 90))))
+                                              init_timeout=cfg.init_timeout))
 
 
-def _start(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | None, job_type: str,
+def _start(cfg: TrackerSettings, job_dir: Path, name: str, group: str | None, job_type: str,
            config: Mapping[str, Any], mode: str) -> Any:
     """The W&B run, falling back from online to offline; None (with a warning) if neither starts."""
     try:
@@ -220,13 +251,15 @@ def _start(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | None, 
         return None
 
 
-def open_tracker(cfg: Mapping[str, Any], job_dir: Path, name: str, group: str | None,
-                 job_type: str, config: Mapping[str, Any]) -> Tracker:
+def open_tracker(cfg: TrackerSettings | Mapping[str, Any], job_dir: Path, name: str,
+                 group: str | None, job_type: str, config: Mapping[str, Any]) -> Tracker:
     """The tracker named by the ``tracker`` config group. ``group`` None (a single run) means
     the job's ``name``. The W&B run itself starts at ``finish(exit_code=0)``."""
-    if cfg.get("name") != "wandb" or cfg.get("mode") == "disabled":
+    if not isinstance(cfg, TrackerSettings):
+        cfg = TrackerSettings.from_mapping(cfg)
+    if cfg.name != "wandb" or cfg.mode == "disabled":
         return Tracker()
-    mode = str(cfg.get("mode", "offline"))
+    mode = cfg.mode
     os.environ.setdefault("WANDB_SILENT", "true")
     group = group or name
     config = dict(config)

@@ -22,8 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from calibrate.config.settings import MetricSettings
+from calibrate.config.spec import JobSpec
 from calibrate.core import nullspace
-from calibrate.engine.steer import Intervention, steering_table
+from calibrate.engine.steer import ABLATIONS, Intervention, steering_table
 from calibrate.io import results
 from calibrate.io.track import Tracker
 from calibrate.model.assets import cache_root
@@ -32,7 +34,6 @@ from calibrate.studies.base import Study, StudyResult, register
 from calibrate.studies.context import JobContext
 from calibrate.studies.directions import obtain_direction
 
-ABLATIONS = ("zero", "mean")
 ABLATION_FILE = "ablation.csv"
 NULLSPACE_FILE = "nullspace.json"
 FILES = [ABLATION_FILE, NULLSPACE_FILE, "ablation.png"]
@@ -65,10 +66,9 @@ class SubspaceAblation(Intervention):
         return out
 
 
-def _variant_table(cfg: Mapping[str, Any], logits: np.ndarray, labels: np.ndarray,
+def _variant_table(metrics: MetricSettings, logits: np.ndarray, labels: np.ndarray,
                    names: tuple[str, ...]) -> pd.DataFrame:
-    mcfg = cfg["metrics"]
-    return steering_table(logits, labels, list(names), int(mcfg["n_bins"]), str(mcfg["binning"]),
+    return steering_table(logits, labels, list(names), metrics.n_bins, metrics.binning,
                           0, column="variant")
 
 
@@ -90,21 +90,21 @@ def _means(fit, layers: tuple[int, ...], ablation: str) -> dict[int, np.ndarray]
     return {l: fit.base.residuals[l][fit.cal_idx].astype(np.float64).mean(axis=0) for l in layers}
 
 
-def _bases(cfg: Mapping[str, Any], kind: str, loaded: LoadedModel, fit) -> tuple[dict, tuple, tuple]:
+def _bases(spec: JobSpec, kind: str, loaded: LoadedModel, fit) -> tuple[dict, tuple, tuple]:
     """(report, bases, names) for the null space or the direction ablation."""
     hidden = loaded.adapter.unembed_weight.shape[1]
-    ncfg = cfg["nullspace"]
-    seed = int(ncfg["seed"])
+    ncfg = spec.nullspace
+    seed = ncfg.seed
     if kind == "direction_ablate":
         rand = nullspace.random_unit_vectors(1, hidden, seed)[0].numpy()
         return {}, (fit.direction.vector[:, None], rand[:, None]), ("none", "direction", "random")
-    k = nullspace.resolve_k(hidden, ncfg.get("k"), ncfg.get("fraction"))
+    k = nullspace.resolve_k(hidden, ncfg.k, ncfg.fraction)
     weight = loaded.adapter.unembed_weight.detach().cpu()
-    basis, sv = nullspace.cached_null_space(weight, k, cache_root(cfg.get("cache_dir")))
+    basis, sv = nullspace.cached_null_space(weight, k, cache_root(spec.cache_dir))
     per_layer = {l: torch.as_tensor(v) for l, v in fit.per_layer.items()}
     report = nullspace.alignment_report(torch.as_tensor(fit.direction.vector), basis, per_layer or None,
-                                        int(ncfg["n_random"]), seed)
-    report.update(fraction=ncfg.get("fraction"), singular_values=sv.tolist(),
+                                        ncfg.n_random, seed)
+    report.update(fraction=ncfg.fraction, singular_values=sv.tolist(),
                   ones_alignment=nullspace.ones_direction_alignment(basis),
                   unembed_hash=loaded.unembed_hash)
     control = nullspace.random_subspace(hidden, k, seed).numpy()
@@ -152,18 +152,19 @@ class _Ablation(Study):
     """Remove a subspace at ``intervention.layers`` next to a random one of the same size."""
 
     def run(self, ctx: JobContext) -> AblationResult:
-        cfg, kind, icfg = ctx.config, self.name, ctx.spec.intervention
+        spec, kind, icfg = ctx.spec, self.name, ctx.spec.intervention
         fit = obtain_direction(ctx)
         layers = tuple(fit.steer_layers)
-        report, bases, names = _bases(cfg, kind, ctx.loaded, fit)
+        report, bases, names = _bases(spec, kind, ctx.loaded, fit)
         ablation = SubspaceAblation(bases=tuple(b.astype(np.float32) for b in bases), layers=layers,
-                                    position=icfg["position"],
-                                    means=_means(fit, layers, str(icfg.get("ablation", "zero"))),
+                                    position=icfg.position,
+                                    means=_means(fit, layers, icfg.ablation),
                                     names=names)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
-        table = _variant_table(cfg, ctx.steered(eval_set, ablation), eval_set.labels, names)
+        table = _variant_table(spec.metrics, ctx.steered(eval_set, ablation), eval_set.labels,
+                               names)
         report.update(direction_raw_norm=fit.direction.meta.get("raw_norm"), layers=list(layers),
-                      ablation=icfg.get("ablation", "zero"), position=ablation.position,
+                      ablation=icfg.ablation, position=ablation.position,
                       truncation=final_deltas(table, names[1]),
                       random_control=final_deltas(table, names[2]))
         summary = {"intervention": kind, "n_calibration": int(len(fit.cal_idx)),

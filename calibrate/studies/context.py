@@ -8,17 +8,17 @@ never calls back into the job.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from calibrate.config.settings import MetricSettings
 from calibrate.config.spec import JobSpec
 from calibrate.core.direction import split_indices
-from calibrate.core.bootstrap import ECE_MARGIN, bootstrap_layer_ci
+from calibrate.core.bootstrap import bootstrap_layer_ci
 from calibrate.core.metrics import layer_table
 from calibrate.engine import cache as probe_cache
 from calibrate.engine.probe import ProbeResult, ProbeSettings
@@ -43,19 +43,21 @@ class ProbeReport:
         return {k: float(v) for k, v in self.table.iloc[-1].items() if k != "layer"}
 
 
-def measure(result: ProbeResult, metrics_cfg: Mapping[str, Any]) -> pd.DataFrame:
+def _metrics(metrics: MetricSettings | Mapping[str, Any]) -> MetricSettings:
+    return metrics if isinstance(metrics, MetricSettings) else MetricSettings.from_mapping(metrics)
+
+
+def measure(result: ProbeResult, metrics: MetricSettings | Mapping[str, Any]) -> pd.DataFrame:
     """The per-layer metrics table of a probe result (plus the mean option mass per layer and,
     with ``metrics.bootstrap`` > 0, bootstrap intervals of accuracy and of the true ECE, see
     :func:`calibrate.core.bootstrap.bootstrap_layer_ci`)."""
-    n_bins, binning = int(metrics_cfg["n_bins"]), str(metrics_cfg["binning"])
-    table = layer_table(result.probs, result.labels, n_bins=n_bins, binning=binning,
-                        extra_bins=tuple(metrics_cfg.get("extra_bins") or ()))
-    n_boot = int(metrics_cfg.get("bootstrap") or 0)
-    for metric in ("accuracy", "ece") if n_boot else ():
-        ci = bootstrap_layer_ci(result.probs, result.labels, metric, n_boot=n_boot,
-                                alpha=float(metrics_cfg["alpha"]), seed=int(metrics_cfg["seed"]),
-                                n_bins=n_bins, binning=binning,
-                                ece_margin=float(metrics_cfg.get("ece_margin", ECE_MARGIN)))
+    m = _metrics(metrics)
+    table = layer_table(result.probs, result.labels, n_bins=m.n_bins, binning=m.binning,
+                        extra_bins=m.extra_bins)
+    for metric in ("accuracy", "ece") if m.bootstrap else ():
+        ci = bootstrap_layer_ci(result.probs, result.labels, metric, n_boot=m.bootstrap,
+                                alpha=m.alpha, seed=m.seed, n_bins=m.n_bins, binning=m.binning,
+                                ece_margin=m.ece_margin)
         table[f"{metric}_lo"], table[f"{metric}_hi"] = ci["lo"].to_numpy(), ci["hi"].to_numpy()
     if result.option_mass is not None:
         mass = np.full(len(table), np.nan)
@@ -65,11 +67,11 @@ def measure(result: ProbeResult, metrics_cfg: Mapping[str, Any]) -> pd.DataFrame
 
 
 def make_report(result: ProbeResult, prompt_set: PromptSet,
-                metrics_cfg: Mapping[str, Any]) -> ProbeReport:
+                metrics: MetricSettings | Mapping[str, Any]) -> ProbeReport:
     """Measure a result and keep what the job records beside it."""
     info = {"adds_bos": prompt_set.adds_bos, "option_strings": prompt_set.option_strings,
             "padding_efficiency": result.padding_efficiency}
-    return ProbeReport(measure(result, metrics_cfg), result, prompt_set, info)
+    return ProbeReport(measure(result, metrics), result, prompt_set, info)
 
 
 def weights_key(loaded: LoadedModel) -> str:
@@ -78,10 +80,12 @@ def weights_key(loaded: LoadedModel) -> str:
     return f"{ident['fingerprint']}|{ident['dtype']}|{ident['device']}"
 
 
-def cached_probe(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[str, Any],
-                 keep_layers: Sequence[int] = (), cache_dir: str | Path | None = None) -> ProbeResult:
+def cached_probe(loaded: LoadedModel, prompt_set: PromptSet,
+                 probe: ProbeSettings | Mapping[str, Any], keep_layers: Sequence[int] = (),
+                 cache_dir: str | Path | None = None) -> ProbeResult:
     """The prompt set's scoring through the in-process and on-disk result cache."""
-    settings = ProbeSettings.from_config(probe_cfg, keep_layers)
+    base = probe if isinstance(probe, ProbeSettings) else ProbeSettings.from_config(probe)
+    settings = replace(base, keep_layers=tuple(keep_layers))
     if getattr(loaded, "edits", None):  # hooks edit the function the weights compute: no cache
         return prompt_set.scoring.score(loaded, prompt_set, settings)
     key = probe_cache.probe_key(weights_key(loaded), prompt_set, settings)
@@ -102,7 +106,7 @@ class JobContext:
 
     @property
     def config(self) -> Mapping[str, Any]:
-        """The resolved config (read by studies through the spec, never a raw dict elsewhere)."""
+        """The resolved config as recorded (studies read the spec's typed settings)."""
         return self.spec.config
 
     @property
@@ -110,33 +114,32 @@ class JobContext:
         """Layers read by the lens: the embeddings and every block's output."""
         return self.loaded.adapter.num_blocks + 1
 
-    @cached_property
+    @property
     def settings(self) -> ProbeSettings:
         """Batching and outputs of a scoring pass (no residuals kept)."""
-        return ProbeSettings.from_config(self.config["probe"])
+        return self.spec.probe
 
     def probe(self, prompt_set: PromptSet | None = None, keep: Sequence[int] = ()) -> ProbeResult:
         """Unsteered scores of ``prompt_set`` (default: the job's), with the residuals of the
         ``keep`` layers, through the result cache."""
-        return cached_probe(self.loaded, prompt_set or self.prompt_set, self.config["probe"],
-                            keep, self.config.get("cache_dir"))
+        return cached_probe(self.loaded, prompt_set or self.prompt_set, self.spec.probe, keep,
+                            self.spec.cache_dir)
 
     def measure(self, result: ProbeResult) -> pd.DataFrame:
         """The per-layer metrics table of a result, with the job's metric settings."""
-        return measure(result, self.config["metrics"])
+        return measure(result, self.spec.metrics)
 
     def report(self, result: ProbeResult, prompt_set: PromptSet | None = None) -> ProbeReport:
         """A measured report of ``result`` over ``prompt_set`` (default: the job's)."""
-        return make_report(result, prompt_set or self.prompt_set, self.config["metrics"])
+        return make_report(result, prompt_set or self.prompt_set, self.spec.metrics)
 
     def split(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The seeded calibration and evaluation indices (one split for every arm of a study)."""
-        dcfg = self.config["direction"]
         size = len(self.prompt_set.prompts) if n is None else n
-        return split_indices(size, float(dcfg["calibration_fraction"]), int(dcfg["seed"]))
+        return split_indices(size, self.spec.direction.calibration_fraction,
+                             self.spec.direction.seed)
 
     def steered(self, prompt_set: PromptSet, intervention: Intervention) -> np.ndarray:
         """Option scores [V, N, L+1, K] of ``prompt_set`` under each variant of ``intervention``."""
-        use_cache = bool(self.spec.intervention.get("use_cache", True))
         return prompt_set.scoring.score_steered(self.loaded, prompt_set, intervention,
-                                                self.settings, use_cache)
+                                                self.settings, self.spec.intervention.use_cache)

@@ -81,8 +81,8 @@ def random(request: FitRequest) -> Direction:
 def steer_layers(ctx: JobContext) -> list[int]:
     """``intervention.layers`` resolved (default: the last layer) and checked."""
     icfg = ctx.spec.intervention
-    layers = icfg.get("layers") or [ctx.num_layers - 1]
-    return check_steering(layers, ctx.num_layers, icfg["position"], icfg.get("eta_scale", "absolute"))
+    layers = list(icfg.layers or [ctx.num_layers - 1])
+    return check_steering(layers, ctx.num_layers, icfg.position, icfg.eta_scale)
 
 
 def source_dataset_config(name: str, seed: int, limit: int | None) -> dict[str, Any]:
@@ -111,58 +111,59 @@ class Fitted:
 
 
 def _direction_layers(ctx: JobContext, fit_set: PromptSet, fit_cal: np.ndarray) -> list[int]:
-    layers = ctx.config["direction"]["layers"]
+    layers = ctx.spec.direction.layers
     if layers == "auto":  # the correction phase detected on the calibration rows
         from calibrate.core.phases import find_phases
 
-        phases = find_phases(ctx.measure(ctx.probe(fit_set).take(fit_cal)), ctx.config["phases"])
+        phases = find_phases(ctx.measure(ctx.probe(fit_set).take(fit_cal)), ctx.spec.phases)
         if not phases.correction_layers:
             raise DirectionError(f"direction.layers=auto: {phases.note}; set direction.layers")
         layers = phases.correction_layers
     return check_layers(layers, ctx.num_layers)
 
 
-def _fit_source(ctx: JobContext) -> tuple[PromptSet, np.ndarray, dict[str, Any]]:
+def _fit_source(ctx: JobContext) -> tuple[PromptSet, np.ndarray, Any]:
     """The prompts, calibration rows and dataset config ĉ is fit on."""
-    cfg, dcfg = ctx.config, ctx.config["direction"]
-    if not dcfg.get("source"):
-        return ctx.prompt_set, ctx.split()[0], cfg["dataset"]
+    spec, dset = ctx.spec, ctx.spec.direction
+    if not dset.source:
+        return ctx.prompt_set, ctx.split()[0], spec.dataset
     from calibrate.tasks.data import load_records
+    from calibrate.tasks.dataset_config import DatasetConfig
 
-    source = source_dataset_config(dcfg["source"], int(cfg["seed"]), dcfg.get("source_limit"))
-    fit_set = build_prompts(load_records(source, cfg.get("cache_dir")), source,
-                            ctx.loaded.tokenizer)
+    source = DatasetConfig.from_mapping(source_dataset_config(dset.source, spec.seed,
+                                                              dset.source_limit))
+    fit_set = build_prompts(load_records(source, spec.cache_dir), source, ctx.loaded.tokenizer)
     return fit_set, ctx.split(len(fit_set.prompts))[0], source
 
 
 def _loaded_direction(ctx: JobContext) -> Direction:
-    dcfg, loaded = ctx.config["direction"], ctx.loaded
-    return check_compatible(load_direction(dcfg["path"]), loaded.adapter.unembed_weight.shape[1],
-                            loaded.unembed_hash, loaded.name, bool(dcfg.get("allow_cross_model")))
+    dset, loaded = ctx.spec.direction, ctx.loaded
+    return check_compatible(load_direction(dset.path), loaded.adapter.unembed_weight.shape[1],
+                            loaded.unembed_hash, loaded.name, dset.allow_cross_model)
 
 
 def obtain_direction(ctx: JobContext) -> Fitted:
     """Fit ĉ with ``direction.method`` on the calibration split, or load ``direction.path``."""
-    dcfg = ctx.config["direction"]
+    dset = ctx.spec.direction
     cal_idx, eval_idx = ctx.split()
     steer = steer_layers(ctx)
-    if dcfg.get("path"):
+    if dset.path:
         return Fitted(_loaded_direction(ctx), ctx.probe(keep=steer), cal_idx, eval_idx, {}, steer)
     fit_set, fit_cal, fit_cfg = _fit_source(ctx)
     layers = _direction_layers(ctx, fit_set, fit_cal)
     keep = sorted(set(residual_layers_for(layers)) | set(steer))
     # One probe pass serves the metrics and the fit when both use the job's prompts.
     base = ctx.probe(keep=keep if fit_set is ctx.prompt_set else steer)
-    method = DIRECTION_METHODS.get(dcfg["method"])
+    method = DIRECTION_METHODS.get(dset.method)
     if method is None:
-        raise DirectionError(f"direction.method={dcfg['method']!r}; accepted: "
+        raise DirectionError(f"direction.method={dset.method!r}; accepted: "
                              f"{', '.join(DIRECTION_METHODS)}")
-    request = FitRequest(ctx, fit_set, fit_cal, layers, int(dcfg["seed"]), keep)
+    request = FitRequest(ctx, fit_set, fit_cal, layers, dset.seed, keep)
     direction = method(request)
     direction.meta.update(model=ctx.loaded.name, unembed_hash=ctx.loaded.unembed_hash,
                           split="calibration", n_examples=int(len(fit_cal)),
-                          dataset=fit_cfg["name"], dataset_split=fit_cfg.get("split"))
+                          dataset=fit_cfg.name, dataset_split=fit_cfg.split)
     per_layer = {}
-    if dcfg["method"] in ("layer_diff", "mean_diff"):  # the per-layer c_l behind ĉ
-        per_layer = per_layer_directions(request.residuals(), layers, dcfg["method"])
+    if dset.method in ("layer_diff", "mean_diff"):  # the per-layer c_l behind ĉ
+        per_layer = per_layer_directions(request.residuals(), layers, dset.method)
     return Fitted(direction, base, cal_idx, eval_idx, per_layer, steer)

@@ -79,19 +79,18 @@ class SteeringStudy(Study):
         fit = obtain_direction(ctx)
         layers, base, cal = fit.steer_layers, fit.base, fit.cal_idx
         scale = None
-        if spec.intervention["eta_scale"] == "residual_norm":
+        if spec.intervention.eta_scale == "residual_norm":
             scale = residual_norms({l: base.residuals[l][cal] for l in layers}, layers)
         _warn_edit_ratio(spec, base, cal, layers, scale)
         steering = Steering(fit.direction.vector, tuple(layers), spec.etas,
-                            spec.intervention["position"], scale)
+                            spec.intervention.position, scale)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
         logits = ctx.steered(eval_set, steering)
-        mcfg = ctx.config["metrics"]
-        table = steering_table(logits, eval_set.labels, list(spec.etas), int(mcfg["n_bins"]),
-                               str(mcfg["binning"]), 0)
+        table = steering_table(logits, eval_set.labels, list(spec.etas), spec.metrics.n_bins,
+                               spec.metrics.binning, 0)
         meta = fit.direction.meta
         meta.update(intervention_layers=layers, position=steering.position,
-                    eta_scale=spec.intervention["eta_scale"], layer_scale=scale)
+                    eta_scale=spec.intervention.eta_scale, layer_scale=scale)
         summary = {"intervention": "direction", "etas": list(spec.etas),
                    "intervention_layers": list(layers), "eta_scale": meta["eta_scale"],
                    "position": steering.position, "n_calibration": int(len(cal)),
@@ -107,7 +106,7 @@ class SteeringStudy(Study):
 def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
                      layers: Sequence[int], scale: Mapping[int, float] | None) -> None:
     """Warn when the largest edit ‖η·ĉ‖ dwarfs the residual it is added to."""
-    limit = float((spec.config.get("checks") or {}).get("edit_ratio_warn") or 0)
+    limit = spec.output.edit_ratio_warn
     if not limit:
         return
     for layer in layers:
