@@ -93,7 +93,7 @@ def test_ablation_studies(tiny_lm, prompt_set, tmp_path, name, variants):
 
 def test_the_registry_finds_and_refuses(tiny_lm, prompt_set, tmp_path):
     assert {"probe", "steering", "nullspace", "direction_ablate"} <= set(STUDIES)
-    with pytest.raises(KeyError, match=r"study 'nope'; accepted: direction_ablate, nullspace"):
+    with pytest.raises(KeyError, match=r"study 'nope'; accepted: baselines, direction_ablate, nullspace"):
         get_study("nope")
 
 
@@ -139,3 +139,35 @@ def test_a_direction_method_receives_the_context_and_may_run_the_model(tiny_lm, 
         assert seen["ran"] == (24, LAYERS, 2)
     finally:
         DIRECTION_METHODS.pop("first_axis_for_test")
+
+
+def test_baselines_study_fits_on_calibration_and_scores_evaluation(tiny_lm, prompt_set, tmp_path):
+    from calibrate.core.metrics import layer_table
+    from calibrate.core.posthoc import apply_temperature, fit_temperature
+
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=baselines")
+    result = get_study("baselines").run(ctx)
+    table = result.table
+    assert sorted(table["method"].unique()) == ["histogram", "temperature"]
+    assert len(table) == 2 * LAYERS
+    cal, evaluation = split_indices(24, 0.5, 0)
+    logits = run_probe(tiny_lm, prompt_set, ProbeSettings(progress=False)).option_logits
+    t = fit_temperature(logits[cal, -1], prompt_set.labels[cal])
+    scaled = apply_temperature(logits[evaluation, -1], t)[:, None, :]
+    expected = layer_table(scaled, prompt_set.labels[evaluation], n_bins=15, extra_bins=())
+    final = table[(table["method"] == "temperature") & (table["layer"] == LAYERS - 1)].iloc[0]
+    assert final["parameter"] == pytest.approx(t, rel=1e-4)
+    assert final["ece"] == pytest.approx(expected["ece"].iloc[0], abs=1e-6)
+    assert final["accuracy"] == final["accuracy_before"]  # temperature keeps every prediction
+    assert final["ece_before"] == pytest.approx(result.report.table["ece"].iloc[-1], abs=1e-9)
+    assert result.summary["baselines"]["temperature"]["ece"] == pytest.approx(final["ece"])
+
+
+def test_baselines_settings_are_checked_when_the_spec_is_built():
+    from calibrate.config.validate import ConfigError
+
+    cfg = OmegaConf.to_container(compose(["intervention=baselines",
+                                          "intervention.methods=[platt]"]), resolve=True)
+    with pytest.raises(ConfigError, match=r"intervention.methods=\['platt'\]; accepted: "
+                                          r"temperature, histogram"):
+        build_spec(cfg)

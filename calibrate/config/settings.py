@@ -112,7 +112,7 @@ class InterventionSettings:
         if name == "none":
             return cls()
         return cls(name, _layer_list("intervention.layers", cfg.get("layers"), allow=(None,)),
-                   _choice("intervention.position", cfg.get("position"), POSITIONS),
+                   _choice("intervention.position", cfg.get("position", "last"), POSITIONS),
                    _choice("intervention.eta_scale", cfg.get("eta_scale", "absolute"), ETA_SCALES)
                    if name == "direction" else "absolute",
                    _choice("intervention.ablation", cfg.get("ablation", "zero"), ABLATIONS)

@@ -64,6 +64,7 @@ class JobSpec:
     nullspace: NullspaceSettings = NullspaceSettings()
     output: OutputSettings = OutputSettings()
     tracker: Any = None                # calibrate.io.track.TrackerSettings
+    study_settings: Any = None         # the study's own (Study.settings), e.g. the baselines'
     cache_dir: str | None = None
 
     @property
@@ -158,6 +159,15 @@ def _intervention(cfg: Mapping[str, Any], study: str) -> InterventionSettings:
     return InterventionSettings.from_mapping(icfg)
 
 
+def _study_class(study: str) -> Any:
+    from calibrate.studies import STUDIES
+
+    if study not in STUDIES:
+        raise ConfigError(f"intervention={study!r} names no study; accepted: "
+                          f"{', '.join(sorted(STUDIES))}")
+    return STUDIES[study]
+
+
 def build_spec(cfg: Mapping[str, Any]) -> JobSpec:
     """Check a composed config (cheap checks only, nothing loaded) and decide the job: every
     group is read here, once, into its typed settings."""
@@ -181,6 +191,7 @@ def build_spec(cfg: Mapping[str, Any]) -> JobSpec:
         nullspace=NullspaceSettings.from_mapping(cfg["nullspace"]),
         output=OutputSettings.from_mapping(cfg.get("output") or {}, cfg.get("checks") or {}),
         tracker=TrackerSettings.from_mapping(cfg["tracker"], ConfigError),
+        study_settings=_study_class(study).settings(cfg["intervention"]),
         cache_dir=cfg.get("cache_dir"))
 
 

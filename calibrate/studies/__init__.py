@@ -3,7 +3,7 @@
 Importing the package registers the built-in studies; :func:`get_study` finds one by name.
 """
 
-from calibrate.studies import ablation, probe, steering  # noqa: F401 - register the studies
+from calibrate.studies import ablation, baselines, probe, steering  # noqa: F401 - register them
 from calibrate.studies.base import STUDIES, Study, StudyResult, get_study, register
 
 __all__ = ["STUDIES", "Study", "StudyResult", "get_study", "register"]

@@ -16,6 +16,7 @@ plots and logs any result the same way. A new study is one module::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,6 +51,12 @@ class Study(ABC):
     """A kind of job: what runs between a loaded model with its prompts and the files."""
 
     name: ClassVar[str]
+
+    @classmethod
+    def settings(cls, intervention: Mapping[str, Any]) -> Any:
+        """The study's own typed settings from its ``intervention`` config group (checked when
+        the spec is built, before anything loads); None when it has none."""
+        return None
 
     @abstractmethod
     def run(self, ctx: JobContext) -> StudyResult:

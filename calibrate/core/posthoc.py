@@ -1,0 +1,90 @@
+"""Post-hoc recalibration of option scores: the baselines a calibration direction must beat.
+
+Pure functions on option logits ``[N, K]`` (``-inf`` where an example has fewer options) and
+labels ``[N]``; fit on one split, apply to another.
+
+* Temperature scaling (Guo et al. 2017): one T > 0 minimising the NLL of ``softmax(logits / T)``,
+  a bounded scalar search in log T.
+* Histogram binning (Zadrozny & Elkan 2001), top-label: the top-label confidence is replaced by
+  the calibration split's accuracy in its equal-width bin (bins the split leaves empty keep the
+  confidence); the other options share the rest of the mass in their original proportions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+from calibrate.core.metrics import bin_index
+
+METHODS = ("temperature", "histogram")
+
+
+def _check(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],) or logits.shape[0] == 0:
+        raise ValueError(f"need logits [N, K] and labels [N] with N >= 1, got {logits.shape} "
+                         f"and {labels.shape}")
+    return logits, labels
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the labels under ``softmax(logits / temperature)``."""
+    logits, labels = _check(logits, labels)
+    logp = log_softmax(logits / temperature, axis=1)
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray,
+                    log_bounds: tuple[float, float] = (-5.0, 5.0)) -> float:
+    """The T in ``[exp(lo), exp(hi)]`` minimising the NLL (bounded search in log T)."""
+    logits, labels = _check(logits, labels)
+    found = minimize_scalar(lambda lt: nll(logits, labels, float(np.exp(lt))), bounds=log_bounds,
+                            method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(found.x))
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Option probabilities ``softmax(logits / T)``, float64 (0 where there is no option)."""
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+def fit_histogram(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15,
+                  binning: str = "guo") -> np.ndarray:
+    """Per-bin accuracy of the top label on the calibration split [n_bins + slack]; NaN where
+    a bin is empty (those keep their confidence when applied)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    slot = bin_index(conf, n_bins, binning)
+    size = n_bins + (binning == "torchmetrics")
+    count = np.bincount(slot, minlength=size).astype(float)
+    hits = np.bincount(slot, weights=(pred == np.asarray(labels)).astype(float), minlength=size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, hits / np.maximum(count, 1), np.nan)
+
+
+def apply_histogram(probs: np.ndarray, accuracy: np.ndarray, n_bins: int = 15,
+                    binning: str = "guo", valid: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities whose top label gets its bin's calibration accuracy; the other options
+    keep their proportions of the remaining mass (shared evenly among the ``valid`` options
+    when the top label held all of it)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    rows = np.arange(len(probs))
+    top = probs.argmax(axis=1)
+    conf = probs[rows, top]
+    new = accuracy[bin_index(conf, n_bins, binning)]
+    new = np.where(np.isnan(new), conf, new)
+    rest = 1.0 - conf
+    scale = np.where(rest > 0, (1.0 - new) / np.where(rest > 0, rest, 1.0), 0.0)
+    out = probs * scale[:, None]
+    out[rows, top] = new
+    lone = rest <= 0  # every mass on one option: spread the rest evenly over the others
+    if lone.any():
+        ok = np.ones_like(probs, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        others = ok[lone] & (np.arange(probs.shape[1]) != top[lone, None])
+        share = (1.0 - new[lone]) / np.maximum(others.sum(axis=1), 1)
+        out[lone] = np.where(others, share[:, None], 0.0)
+        out[rows[lone], top[lone]] = new[lone]
+    return np.clip(out, 0.0, 1.0)  # rescaling may round a probability a few ulp past 1
