@@ -139,7 +139,9 @@ def test_brier_nll_entropy_by_hand() -> None:
     assert got["entropy"] == pytest.approx((h1 + h2) / 2, abs=1e-12)
     assert got["accuracy"] == 0.5
     assert got["confidence"] == pytest.approx(0.65, abs=1e-12)
-    assert list(got) == ["accuracy", "confidence", "ece", "mce", "rmsce", "brier", "nll", "entropy"]
+    assert list(got) == ["accuracy", "confidence", "ece", "mce", "rmsce", "brier", "nll", "entropy",
+                         "ece_adaptive", "ece_debiased", "smece"]
+    assert list(option_metrics(probs, labels, extra_calibration=False)) == list(got)[:8]
 
 
 def test_nll_finite_at_zero_probability_and_entropy_of_one_hot() -> None:
@@ -175,9 +177,9 @@ def test_layer_table_shape_and_columns() -> None:
     assert isinstance(table, pd.DataFrame)
     assert list(table.columns) == [
         "layer", "accuracy", "confidence", "ece", "mce", "rmsce", "brier", "nll", "entropy",
-        "ece_10", "mce_10",
+        "ece_10", "mce_10", "ece_adaptive", "ece_debiased", "smece",
     ]
-    assert table.shape == (6, 11)
+    assert table.shape == (6, 14)
     assert table["layer"].tolist() == list(range(6))
     row = option_metrics(probs[:, 4], labels, extra_bins=(10,))
     for key, value in row.items():

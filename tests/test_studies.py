@@ -171,3 +171,46 @@ def test_baselines_settings_are_checked_when_the_spec_is_built():
     with pytest.raises(ConfigError, match=r"intervention.methods=\['platt'\]; accepted: "
                                           r"temperature, histogram"):
         build_spec(cfg)
+
+
+def test_steering_deltas_carry_paired_intervals(tiny_lm, prompt_set, tmp_path):
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "metrics.bootstrap=60")
+    result = get_study("steering").run(ctx)
+    table = result.table
+    zero = table[table["eta"] == 0.0]
+    assert (zero[["delta_ece_lo", "delta_ece_hi"]].to_numpy() == 0).all()
+    three = table[table["eta"] == 3.0].reset_index(drop=True)
+    assert (three["delta_ece_lo"] <= three["delta_ece_hi"]).all()
+    comparisons = result.summary["comparisons"]
+    assert comparisons["cells_tested"] == LAYERS and comparisons["bonferroni_alpha"] == \
+        pytest.approx(0.05 / LAYERS)
+    assert comparisons["flagged_ece"] == int(three["significant_ece"].sum())
+    final = result.summary["steering"]["3"]
+    assert final["delta_ece_lo"] == pytest.approx(three["delta_ece_lo"].iloc[-1])
+    assert isinstance(final["significant_ece"], bool)
+
+
+def test_random_direction_null_without_forward_passes_matches_the_steered_pass(
+        tiny_lm, prompt_set, tmp_path):
+    """At the last layer the null reads the edited residual through the lens; for ĉ itself that
+    must equal the real steered forward pass (steering.csv's final layer)."""
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3,-3]", "direction.n_random=8")
+    result = get_study("steering").run(ctx)
+    null = result.null
+    assert list(null["eta"]) == [3.0, -3.0] and (null["n_random"] == 8).all()
+    final = result.table[result.table["layer"] == LAYERS - 1].set_index("eta")
+    for row in null.itertuples():
+        assert row.c_hat_delta_ece == pytest.approx(final.loc[row.eta, "delta_ece"], abs=1e-6)
+        assert row.c_hat_delta_accuracy == pytest.approx(final.loc[row.eta, "delta_accuracy"])
+        assert row.null_delta_ece_p05 <= row.null_delta_ece_median <= row.null_delta_ece_p95
+        assert 1 / 9 <= row.p_value_ece <= 1.0
+    assert result.summary["null"]["n_random"] == 8
+
+
+def test_random_direction_null_is_skipped_with_a_reason_off_the_last_layer(
+        tiny_lm, prompt_set, tmp_path):
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=direction", "eta=[0,3]",
+                  "intervention.layers=[2]")
+    result = get_study("steering").run(ctx)
+    assert result.null is None
+    assert "not only at the last layer 3" in result.summary["null"]["skipped"]

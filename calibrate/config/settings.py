@@ -132,6 +132,7 @@ class DirectionSettings:
     path: str | None = None
     allow_cross_model: bool = False
     source_limit: int | None = None
+    n_random: int = 32  # random directions of the null distribution (0: none)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> DirectionSettings:
@@ -145,9 +146,12 @@ class DirectionSettings:
         limit = cfg.get("source_limit")
         if limit is not None:
             _positive_int("direction.source_limit", limit)
+        n_random = cfg.get("n_random", 32)
+        if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
+            raise ConfigError(f"direction.n_random={n_random!r}; accepted: an integer >= 0")
         return cls(method, layers, fraction, int(cfg.get("seed", 0)), cfg.get("source"),
                    None if cfg.get("path") is None else str(cfg["path"]),
-                   bool(cfg.get("allow_cross_model")), limit)
+                   bool(cfg.get("allow_cross_model")), limit, n_random)
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,8 @@ def bootstrap_layer_ci(
     _check_binning(n_bins, binning)
     p, y = _check_probs(probs, labels, 3, sum_atol)
     ex = _per_example(p, y, nll_floor)
-    table = layer_table(p, y, n_bins, binning, nll_floor=nll_floor, sum_atol=sum_atol)
+    table = layer_table(p, y, n_bins, binning, nll_floor=nll_floor, sum_atol=sum_atol,
+                        extra_calibration=False)  # only this metric's point values are needed
     point = table[metric].to_numpy()
     if method == "percentile" or (method == "auto" and metric != "ece"):
         reps = _bootstrap_replicates(ex, metric, n_boot, seed, n_bins, binning, batch_size)

@@ -30,7 +30,8 @@ def _overrides(job_dir: Path) -> str:
 
 
 STEERED = ("accuracy", "ece", "mce")
-DELTAS = ("delta_accuracy", "delta_ece", "delta_mce", "changed")
+DELTAS = ("delta_accuracy", "delta_ece", "delta_mce", "changed", "delta_ece_lo", "delta_ece_hi",
+          "significant_ece")
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:

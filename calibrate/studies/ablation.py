@@ -33,6 +33,7 @@ from calibrate.model.load import LoadedModel
 from calibrate.studies.base import Study, StudyResult, register
 from calibrate.studies.context import JobContext
 from calibrate.studies.directions import obtain_direction
+from calibrate.studies.steering import paired
 
 ABLATION_FILE = "ablation.csv"
 NULLSPACE_FILE = "nullspace.json"
@@ -76,8 +77,12 @@ def final_deltas(table: pd.DataFrame, variant: str) -> dict[str, float]:
     """Final-layer deltas of one variant against no ablation."""
     rows = table[(table["variant"] == variant) & (table["layer"] == table["layer"].max())]
     row = rows.iloc[0]
-    return {k: float(row[k]) for k in ("delta_accuracy", "delta_ece", "delta_mce", "changed",
-                                       "accuracy", "ece", "mce")}
+    keys = ("delta_accuracy", "delta_ece", "delta_mce", "changed", "accuracy", "ece", "mce",
+            "delta_ece_lo", "delta_ece_hi", "delta_mce_lo", "delta_mce_hi")
+    out = {k: float(row[k]) for k in keys if k in row}
+    if "significant_ece" in row:
+        out["significant_ece"] = bool(row["significant_ece"])
+    return out
 
 
 def _means(fit, layers: tuple[int, ...], ablation: str) -> dict[int, np.ndarray] | None:
@@ -161,14 +166,15 @@ class _Ablation(Study):
                                     means=_means(fit, layers, icfg.ablation),
                                     names=names)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
-        table = _variant_table(spec.metrics, ctx.steered(eval_set, ablation), eval_set.labels,
-                               names)
+        logits = ctx.steered(eval_set, ablation)
+        table = _variant_table(spec.metrics, logits, eval_set.labels, names)
+        table, comparisons = paired(table, logits, eval_set.labels, "variant", spec)
         report.update(direction_raw_norm=fit.direction.meta.get("raw_norm"), layers=list(layers),
                       ablation=icfg.ablation, position=ablation.position,
                       truncation=final_deltas(table, names[1]),
                       random_control=final_deltas(table, names[2]))
         summary = {"intervention": kind, "n_calibration": int(len(fit.cal_idx)),
-                   "n_evaluation": int(len(fit.eval_idx)), "ablation": report}
+                   "n_evaluation": int(len(fit.eval_idx)), "ablation": report, **comparisons}
         return AblationResult(ctx.report(fit.base.take(fit.eval_idx), eval_set), summary,
                               kind=kind, table=table, ablation_report=report,
                               per_layer=fit.per_layer)

@@ -19,6 +19,8 @@ import pandas as pd
 
 from calibrate.config.spec import JobSpec, eta_edit_ratio
 from calibrate.core.direction import Direction, save_direction
+from calibrate.core.paired import add_paired_columns, multiple_comparisons
+from calibrate.engine.lens import option_probabilities
 from calibrate.engine.probe import ProbeResult
 from calibrate.engine.steer import Steering, residual_norms, steering_table
 from calibrate.io import results
@@ -26,6 +28,7 @@ from calibrate.io.track import Tracker
 from calibrate.studies.base import Study, StudyResult, register
 from calibrate.studies.context import JobContext
 from calibrate.studies.directions import obtain_direction
+from calibrate.studies.null import NULL_FILE, null_skip_reason, null_table
 
 LOG = logging.getLogger("calibrate")
 STEERING_FILE = "steering.csv"
@@ -41,11 +44,14 @@ class SteeringResult(StudyResult):
     direction: Direction | None = None
     table: pd.DataFrame | None = None
     etas: tuple[float, ...] = ()
-    files: ClassVar[tuple[str, ...]] = FILES
+    null: pd.DataFrame | None = None  # the random-direction null, one row per η ≠ 0
+    files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE)
 
     def write(self, job_dir: Path) -> None:
         results.write_csv(job_dir / STEERING_FILE, self.table)
         save_direction(self.direction, job_dir)
+        if self.null is not None and len(self.null):
+            results.write_csv(job_dir / NULL_FILE, self.null)
 
     def plot(self, job_dir: Path, title: str) -> dict[str, Path]:
         from calibrate.io.plots import plot_eta_curves, plot_overlay
@@ -88,6 +94,8 @@ class SteeringStudy(Study):
         logits = ctx.steered(eval_set, steering)
         table = steering_table(logits, eval_set.labels, list(spec.etas), spec.metrics.n_bins,
                                spec.metrics.binning, 0)
+        table, comparisons = paired(table, logits, eval_set.labels, "eta", spec)
+        null, null_note = _null(ctx, fit, eval_set, layers, scale)
         meta = fit.direction.meta
         meta.update(intervention_layers=layers, position=steering.position,
                     eta_scale=spec.intervention.eta_scale, layer_scale=scale)
@@ -98,9 +106,9 @@ class SteeringStudy(Study):
                    "direction": {k: meta.get(k) for k in ("method", "layers", "raw_norm", "dataset",
                                                           "cross_model_transfer",
                                                           "cosine_to_direction")},
-                   "steering": steering_summary(table)}
+                   "steering": steering_summary(table), **comparisons, "null": null_note}
         return SteeringResult(ctx.report(base.take(fit.eval_idx), eval_set), summary,
-                              direction=fit.direction, table=table, etas=spec.etas)
+                              direction=fit.direction, table=table, etas=spec.etas, null=null)
 
 
 def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
@@ -119,9 +127,44 @@ def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
                         max(abs(e) for e in spec.etas), ratio, norm, layer, limit)
 
 
+def _null(ctx: JobContext, fit: Any, eval_set: Any, layers: list[int],
+          scale: Mapping[int, float] | None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """ĉ against ``direction.n_random`` random directions steered the same way."""
+    spec, n_random = ctx.spec, ctx.spec.direction.n_random
+    if not n_random or len(spec.etas) < 2:
+        return None, {"n_random": 0}
+    last = ctx.num_layers - 1
+    reason = null_skip_reason(list(layers), last, spec.intervention.position,
+                              eval_set.is_cloze)
+    if reason:
+        LOG.info("random-direction null skipped: %s", reason)
+        return None, {"n_random": n_random, "skipped": reason}
+    residual = fit.base.residuals[last][fit.eval_idx]
+    table = null_table(ctx.loaded, residual, eval_set.option_ids, eval_set.labels,
+                       fit.direction.vector, spec.etas, (scale or {}).get(last, 1.0), n_random,
+                       spec.direction.seed + 1, spec.metrics.n_bins, spec.metrics.binning)
+    return table, {"n_random": n_random, "per_eta": table.to_dict("records")}
+
+
+def paired(table: pd.DataFrame, logits: np.ndarray, labels: np.ndarray, column: str,
+           spec: JobSpec) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Paired bootstrap intervals of every arm's deltas against the first (η = 0, or no
+    ablation), with ``metrics.bootstrap`` replicates; the multiple-comparisons note."""
+    m = spec.metrics
+    if not m.bootstrap:
+        return table, {}
+    table = add_paired_columns(table, option_probabilities(logits), labels, column, 0,
+                               m.bootstrap, m.alpha, m.seed, m.n_bins, m.binning)
+    return table, {"comparisons": multiple_comparisons(table, column, table[column].iloc[0],
+                                                       m.alpha)}
+
+
 def steering_summary(table: pd.DataFrame) -> dict[str, Any]:
     """Final-layer figures per eta, for metrics.json and the tracker summary."""
     last = table[table["layer"] == table["layer"].max()]
-    cols = ["accuracy", "ece", "mce", "delta_accuracy", "delta_ece", "delta_mce", "changed"]
-    return {f"{eta:g}": {c: float(row[c]) for c in cols}
+    cols = ["accuracy", "ece", "mce", "delta_accuracy", "delta_ece", "delta_mce", "changed",
+            "delta_ece_lo", "delta_ece_hi", "significant_ece", "delta_accuracy_lo",
+            "delta_accuracy_hi"]
+    return {f"{eta:g}": {c: (bool(row[c]) if c.startswith("significant") else float(row[c]))
+                         for c in cols if c in row}
             for eta, row in zip(last["eta"], last.to_dict("records"))}

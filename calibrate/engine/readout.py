@@ -1,0 +1,33 @@
+"""Edits of the last layer's residual need no forward pass: only the lens read changes.
+
+Adding η·v to the residual after the last block, at the last prompt position, changes nothing
+any block computes; the steered option logits are the lens (final norm, option rows of the
+unembedding, bias, soft-capping) of the edited residual. Many directions × many η cost a few
+small matrix products instead of forward passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from calibrate.engine.lens import Lens
+from calibrate.model.load import LoadedModel
+
+
+def last_layer_logits(loaded: LoadedModel, residual: np.ndarray, option_ids: np.ndarray,
+                      vectors: np.ndarray, etas: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Option logits [D, E, N, K] of the last layer with ``eta * scale * vectors[d]`` added to
+    ``residual`` [N, H] (the last layer's residual at the last position)."""
+    lens = Lens(loaded.adapter)
+    base = torch.as_tensor(np.asarray(residual), dtype=torch.float32, device=lens.device)
+    ids = torch.as_tensor(np.asarray(option_ids), dtype=torch.long)
+    vec = torch.as_tensor(np.asarray(vectors), dtype=torch.float32, device=lens.device)
+    out = np.empty((len(vectors), len(etas), *option_ids.shape), dtype=np.float32)
+    with torch.inference_mode():
+        for e, eta in enumerate(np.asarray(etas, dtype=np.float64)):
+            edited = base[None] + float(eta * scale) * vec[:, None, :]  # [D, N, H]
+            for d in range(len(vectors)):
+                normed = lens.normalize(edited[d])[:, None, :]
+                out[d, e] = lens.option_logits(normed, ids)[:, 0].cpu().numpy()
+    return out
