@@ -25,12 +25,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from calibrate import job
-
-from calibrate.tasks import data
-
+from calibrate.config import CONF_DIR
 from calibrate.model import load as models
-
-from calibrate.config import CONF_DIR  # noqa: E402 - the Hydra config tree
+from calibrate.tasks import data
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from calibrate.config.validate import ConfigError
+from calibrate.core.direction import DirectionError
+from calibrate.engine.steer import SteeringError
+from calibrate.io.results import OutputError
 from calibrate.model.adapters import UnsupportedArchitecture
 from calibrate.model.assets import AssetError
-from calibrate.tasks.data import DatasetError
-from calibrate.core.direction import DirectionError
 from calibrate.model.load import ModelConfigError
+from calibrate.tasks.data import DatasetError
 from calibrate.tasks.prompts import PromptError
-from calibrate.io.results import OutputError
-from calibrate.engine.steer import SteeringError
-from calibrate.config.validate import ConfigError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DatasetError, PromptError, ModelConfigError, UnsupportedArchitecture, AssetError,

@@ -22,12 +22,17 @@ from calibrate.config.spec import JobSpec, build_spec, check_shape
 from calibrate.core.phases import emergence_layer, find_phases, phases_to_dict
 from calibrate.io import results
 from calibrate.io.track import Tracker, open_tracker
-from calibrate.model.load import (LoadedModel, check_device, load_model, load_tokenizer,
-                                  model_shape, resolve_source)
+from calibrate.model.load import (
+    LoadedModel,
+    check_device,
+    load_model,
+    load_tokenizer,
+    model_shape,
+    resolve_source,
+)
 from calibrate.studies import get_study
 from calibrate.studies.base import StudyResult
-from calibrate.studies.context import (JobContext, ProbeReport, cached_probe, make_report,
-                                       measure)
+from calibrate.studies.context import JobContext, ProbeReport, cached_probe, make_report, measure
 from calibrate.tasks.data import load_records
 from calibrate.tasks.prompts import PromptSet, build_prompts
 

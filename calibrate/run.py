@@ -22,14 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from calibrate.io import results
-
 from calibrate.config import resume
-
-from calibrate.io import summary
-from calibrate.errors import USER_ERRORS, one_line
-from calibrate.job import run_job
 from calibrate.config.spec import CONF_DIR, build_spec
+from calibrate.errors import USER_ERRORS, one_line
+from calibrate.io import results, summary
+from calibrate.job import run_job
 
 LOG = logging.getLogger("calibrate")
 

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from calibrate.studies.ablation import SubspaceAblation, _means, final_deltas
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.tasks.prompts import build_prompts
 from calibrate.engine.steer import SteeringError, run_steered
+from calibrate.studies.ablation import SubspaceAblation, _means, final_deltas
+from calibrate.tasks.prompts import build_prompts
 
 QUIET = ProbeSettings(progress=False)
 DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],

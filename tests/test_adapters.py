@@ -6,11 +6,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ARCHITECTURES, build_tiny
 from torch import nn
 
-from calibrate.model.adapters import (SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, block_hidden,
-                                check_supported, get_adapter, replace_block_hidden)
-from conftest import ARCHITECTURES, build_tiny
+from calibrate.model.adapters import (
+    SUPPORTED_ARCHITECTURES,
+    UnsupportedArchitecture,
+    block_hidden,
+    check_supported,
+    get_adapter,
+    replace_block_hidden,
+)
 
 
 def expected_modules(model: nn.Module, model_type: str) -> tuple[nn.Module, ...]:

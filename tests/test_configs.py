@@ -10,8 +10,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from calibrate.api import compose
-from calibrate.tasks.data import DATASETS
 from calibrate.config.validate import check_job
+from calibrate.tasks.data import DATASETS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

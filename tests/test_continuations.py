@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from calibrate.tasks.continuations import (ClozeRequest, build_requests, cloze_divisors, requests_digest,
-                                     split_context)
+from calibrate.tasks.continuations import (
+    ClozeRequest,
+    build_requests,
+    cloze_divisors,
+    requests_digest,
+    split_context,
+)
 
 
 def test_trailing_whitespace_moves_into_the_continuation():

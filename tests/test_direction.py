@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibrate.core.direction import (Direction, DirectionError, check_compatible, check_layers,
-                                 fit_direction, load_direction, residual_layers_for, save_direction,
-                                 split_indices)
+from calibrate.core.direction import (
+    Direction,
+    DirectionError,
+    check_compatible,
+    check_layers,
+    fit_direction,
+    load_direction,
+    residual_layers_for,
+    save_direction,
+    split_indices,
+)
 
 
 def hand_residuals():

@@ -29,16 +29,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
 from omegaconf import OmegaConf, open_dict
 
 import calibrate
 from calibrate import job as job_mod
-from calibrate.engine import probe as probe_mod
 from calibrate.engine import cache as probe_cache
+from calibrate.engine import probe as probe_mod
 from calibrate.io import results
-from calibrate.model.adapters import block_hidden, replace_block_hidden
 from calibrate.io.summary import summarize_sweep
-from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
+from calibrate.model.adapters import block_hidden, replace_block_hidden
 
 REPO = Path(__file__).resolve().parents[1]
 LEAN = ("tracker=none", "probe.progress=false", "output.plots=false", "metrics.bootstrap=0")

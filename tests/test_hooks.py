@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from calibrate.model.adapters import Adapter
 from calibrate.engine.hooks import capture_last_position, edit_residual
+from calibrate.model.adapters import Adapter
 
 HIDDEN, VOCAB = 6, 11
 

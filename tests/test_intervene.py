@@ -29,11 +29,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from calibrate import job as job_mod
-from calibrate.model import load as models
 from calibrate.api import compose
 from calibrate.config.spec import build_spec
-from calibrate.core.direction import Direction, DirectionError, load_direction, save_direction
 from calibrate.config.validate import ConfigError
+from calibrate.core.direction import Direction, DirectionError, load_direction, save_direction
+from calibrate.model import load as models
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
 
 from calibrate.io import results
-from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
 
 LEAN = ("tracker=none", "probe.progress=false", "output.plots=false", "metrics.bootstrap=0")
 SMOL_LAYERS = 31

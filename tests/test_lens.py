@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny
 
-from calibrate.model.adapters import get_adapter
 from calibrate.engine.hooks import capture_last_position
 from calibrate.engine.lens import Lens, option_mass, option_probabilities
+from calibrate.model.adapters import get_adapter
 from calibrate.model.load import wrap_model
-from conftest import build_tiny
 
 VOCAB = 40
 IDS = torch.tensor([[4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]])

@@ -17,8 +17,14 @@ from calibrate.model import devices, identity
 from calibrate.model import load as models
 from calibrate.model import source as model_source
 from calibrate.model.adapters import UnsupportedArchitecture
-from calibrate.model.load import (ModelConfigError, load_model, resolve_dtype, resolve_device,
-                              resolve_source, tensor_hash)
+from calibrate.model.load import (
+    ModelConfigError,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+    tensor_hash,
+)
 
 
 def model_cfg(name: str) -> dict[str, Any]:

@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 
 from calibrate.core.metrics import ece, mce
-from calibrate.core.paired import (add_paired_columns, binned_errors, multiple_comparisons,
-                                   paired_intervals)
+from calibrate.core.paired import (
+    add_paired_columns,
+    binned_errors,
+    multiple_comparisons,
+    paired_intervals,
+)
 
 
 def arms(n: int = 300, seed: int = 0):

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from calibrate.core.posthoc import (apply_histogram, apply_temperature, fit_histogram,
-                                    fit_temperature, nll)
+from calibrate.core.posthoc import (
+    apply_histogram,
+    apply_temperature,
+    fit_histogram,
+    fit_temperature,
+    nll,
+)
 
 
 def synthetic(n: int = 400, scale: float = 3.0, seed: int = 0):

@@ -9,10 +9,10 @@ import pytest
 from hydra.errors import HydraException
 
 from calibrate.config import preflight as pf
-from calibrate.tasks.data import DatasetError
-from calibrate.errors import one_line
 from calibrate.config.spec import CONF_DIR
 from calibrate.config.validate import ConfigError
+from calibrate.errors import one_line
+from calibrate.tasks.data import DatasetError
 
 
 def check(*argv: str) -> list[str]:

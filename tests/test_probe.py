@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from calibrate.engine import probe as probe_mod
-from calibrate.engine.probe import (NonFiniteActivations, ProbeSettings, left_pad, plan_batches,
-                             run_probe, tokenize)
+from calibrate.engine.probe import (
+    NonFiniteActivations,
+    ProbeSettings,
+    left_pad,
+    plan_batches,
+    run_probe,
+    tokenize,
+)
 from calibrate.tasks.prompts import build_prompts
 
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",

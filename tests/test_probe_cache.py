@@ -17,19 +17,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny
 from safetensors import SafetensorError
 from torch import nn
 
 from calibrate.core import nullspace as ns
-from calibrate.model import identity as models
 from calibrate.engine import cache as probe_cache
-from calibrate.io import results
 from calibrate.engine.lens import option_probabilities
-from calibrate.model.load import wrap_model
 from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.io import results
+from calibrate.model import identity as models
+from calibrate.model.load import wrap_model
 from calibrate.tasks.prompts import PromptSet, build_prompts
-
-from conftest import build_tiny
 
 DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
            "template": "{question} \n question : is this sentence positive or negative ? answer :"}

@@ -10,8 +10,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from calibrate.tasks.data import MCRecord
-from calibrate.tasks.prompts import (PromptConfig, PromptError, build_prompts, option_strings,
-                                     render_prompt, single_token_id)
+from calibrate.tasks.prompts import (
+    PromptConfig,
+    PromptError,
+    build_prompts,
+    option_strings,
+    render_prompt,
+    single_token_id,
+)
 
 REAL = ("smollm2", "gemma3_270m")
 SST2 = {"name": "sst2", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],

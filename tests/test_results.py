@@ -16,8 +16,15 @@ import pandas as pd
 import pytest
 
 from calibrate.io import results
-from calibrate.io.results import (atomic_write, read_metrics, remove_outputs, write_csv, write_json,
-                               write_npz, write_text)
+from calibrate.io.results import (
+    atomic_write,
+    read_metrics,
+    remove_outputs,
+    write_csv,
+    write_json,
+    write_npz,
+    write_text,
+)
 
 
 def leftovers(folder: Path) -> list[str]:

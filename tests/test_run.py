@@ -28,15 +28,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_support import Run, cli_env, explain, run_process
 from omegaconf import OmegaConf
 
 import calibrate
 from calibrate import job as job_mod
 from calibrate.api import dataset_config
-from calibrate.errors import USER_ERRORS, one_line
 from calibrate.config.spec import build_spec
 from calibrate.core.metrics import ece, mce
-from cli_support import Run, cli_env, explain, run_process
+from calibrate.errors import USER_ERRORS, one_line
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RESULT_NAMES = ("layers.csv", "metrics.json", "predictions.npz")

@@ -11,16 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from references import loglik_reference
 
 from calibrate.engine.cloze import run_cloze
-from calibrate.tasks.continuations import cloze_divisors
-from calibrate.tasks.data import MCRecord
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.tasks.prompts import build_prompts
 from calibrate.engine.scoring import score, score_steered
 from calibrate.engine.steer import Steering
-from references import loglik_reference
+from calibrate.tasks.continuations import cloze_divisors
+from calibrate.tasks.data import MCRecord
+from calibrate.tasks.prompts import build_prompts
 
 RECORDS = [MCRecord("the movie was great ?", ("very good fun", "bad", "not very good ."), 0),
            MCRecord("is this a film ?", ("yes", "no no"), 1),

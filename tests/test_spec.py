@@ -7,10 +7,17 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate.config.spec import (build_spec, check_shape, config_diff, config_hash, eta_edit_ratio,
-                            process_uid, result_config)
 from calibrate.config import CONF_DIR
 from calibrate.config.settings import InterventionSettings
+from calibrate.config.spec import (
+    build_spec,
+    check_shape,
+    config_diff,
+    config_hash,
+    eta_edit_ratio,
+    process_uid,
+    result_config,
+)
 from calibrate.config.validate import ConfigError
 
 

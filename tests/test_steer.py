@@ -11,9 +11,15 @@ import torch
 
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.engine.steer import (
+    Steering,
+    SteeringError,
+    check_steering,
+    residual_norms,
+    run_steered,
+    steering_table,
+)
 from calibrate.tasks.prompts import build_prompts
-from calibrate.engine.steer import (Steering, SteeringError, check_steering, residual_norms, run_steered,
-                             steering_table)
 
 DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
            "template": "{question} \n question : is this sentence positive or negative ? answer :"}

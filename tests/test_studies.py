@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny
 from omegaconf import OmegaConf
 
 from calibrate.api import compose
@@ -18,7 +19,6 @@ from calibrate.studies import STUDIES, Study, StudyResult, get_study, register
 from calibrate.studies.context import JobContext
 from calibrate.studies.directions import DIRECTION_METHODS, FitRequest, direction_method
 from calibrate.tasks.prompts import build_prompts
-from conftest import build_tiny
 
 DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
            "template": "{question} \n question : is this sentence positive or negative ? answer :"}

@@ -11,9 +11,9 @@ import warnings
 
 import pandas as pd
 import pytest
+from wandb_records import read_run
 
 from calibrate.io import track
-from wandb_records import read_run
 
 TABLE = pd.DataFrame({"layer": [0, 1, 2], "accuracy": [0.5, 0.6, 0.7], "ece": [0.3, 0.2, 0.1],
                       "mce": [0.5, 0.4, 0.3]})

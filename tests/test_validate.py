@@ -9,8 +9,15 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from calibrate.config.validate import (ConfigError, check_job, check_metrics, check_model, check_probe,
-                                check_tracker, parse_eta)
+from calibrate.config.validate import (
+    ConfigError,
+    check_job,
+    check_metrics,
+    check_model,
+    check_probe,
+    check_tracker,
+    parse_eta,
+)
 
 
 def composed(*overrides: str) -> dict[str, Any]:

@@ -37,12 +37,12 @@ import torch
 
 from calibrate.engine.cloze import capture_positions, cloze_lens, lens_logprobs, run_cloze
 from calibrate.engine.cloze_plan import token_plan
+from calibrate.engine.probe import ProbeSettings, left_pad, position_ids
+from calibrate.io.results import merge_json
+from calibrate.model.load import LoadedModel
 from calibrate.tasks.continuations import ClozeRequest
 from calibrate.tasks.data import load_records
-from calibrate.model.load import LoadedModel
-from calibrate.engine.probe import ProbeSettings, left_pad, position_ids
 from calibrate.tasks.prompts import build_prompts
-from calibrate.io.results import merge_json
 
 BENCH_FILE = "bench.json"
 

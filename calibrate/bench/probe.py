@@ -33,9 +33,16 @@ import numpy as np
 import torch
 
 from calibrate.engine.lens import Lens
-from calibrate.engine.probe import ProbeSettings, left_pad, plan_batches, position_ids, run_probe, tokenize
-from calibrate.io.results import merge_json
+from calibrate.engine.probe import (
+    ProbeSettings,
+    left_pad,
+    plan_batches,
+    position_ids,
+    run_probe,
+    tokenize,
+)
 from calibrate.engine.steer import Steering, run_steered
+from calibrate.io.results import merge_json
 
 BENCH_FILE = "bench.json"
 
@@ -223,10 +230,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def setup(model: str, dataset: str, n: int, threads: int):
     """Model, prompts, probe settings and the timed variants, as the benchmark uses them."""
+    from omegaconf import OmegaConf
+
     import calibrate
     from calibrate.api import compose
     from calibrate.tasks.prompts import build_prompts
-    from omegaconf import OmegaConf
 
     if threads > 0:
         torch.set_num_threads(threads)

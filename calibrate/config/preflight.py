@@ -20,9 +20,9 @@ from typing import Any
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from calibrate.errors import USER_ERRORS
 from calibrate.config.spec import CONF_DIR, build_spec, flatten
 from calibrate.config.validate import ConfigError
+from calibrate.errors import USER_ERRORS
 
 PREFLIGHT_ERRORS = (*USER_ERRORS, HydraException, OmegaConfBaseException)
 

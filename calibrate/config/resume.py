@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from calibrate.io import results
 from calibrate.config.spec import JobSpec, config_diff
 from calibrate.config.validate import ConfigError
+from calibrate.io import results
 
 LOG = logging.getLogger("calibrate")
 

@@ -10,15 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from calibrate.config.validate import ConfigError
-
-
-def _positive_int(name: str, value: Any, allow: Sequence[Any] = ()) -> None:
-    if value in allow:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        accepted = " or ".join([*(repr(a) for a in allow), "an integer >= 1"])
-        raise ConfigError(f"{name}={value!r}; accepted: {accepted}")
+from calibrate.config.validate import ConfigError, _positive_int
 
 
 def _number(name: str, value: Any, ok, accepted: str) -> float:

@@ -23,12 +23,17 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from calibrate.config.settings import (DirectionSettings, InterventionSettings, MetricSettings,
-                                       NullspaceSettings, OutputSettings, PhaseSettings)
+from calibrate.config import CONF_DIR
+from calibrate.config.settings import (
+    DirectionSettings,
+    InterventionSettings,
+    MetricSettings,
+    NullspaceSettings,
+    OutputSettings,
+    PhaseSettings,
+)
 from calibrate.config.validate import ConfigError, check_job, parse_eta
 
-from calibrate.config import CONF_DIR  # noqa: E402 - the Hydra config tree
-STUDIES = ("probe", "steering", "nullspace", "direction_ablate")
 # Keys (dotted prefixes) that cannot change a reported number; left out of the identity.
 NON_RESULT_KEYS = ("tracker", "resume", "cache_dir", "hydra", "checks", "probe.progress",
                    "probe.batch_size", "probe.max_batch_size", "probe.max_tokens", "probe.min_fill",

@@ -8,6 +8,7 @@ from typing import Any
 
 from calibrate.engine.probe import OPTION_MASS_MODES
 
+
 class ConfigError(ValueError):
     """A config value is invalid; the message names it and what is accepted."""
 
@@ -84,8 +85,7 @@ def interventions() -> list[str]:
 def check_intervention(cfg: Mapping[str, Any]) -> None:
     """The ``intervention``, ``direction`` and ``nullspace`` groups (values; layer ranges are
     checked against the model once its depth is known)."""
-    from calibrate.config.settings import (DirectionSettings, InterventionSettings,
-                                           NullspaceSettings)
+    from calibrate.config.settings import DirectionSettings, InterventionSettings, NullspaceSettings
 
     InterventionSettings.from_mapping(cfg["intervention"])
     if cfg.get("direction"):

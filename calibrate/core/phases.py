@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
 KINDS: tuple[str, ...] = ("rising", "falling", "correction", "plateau_no_correction")
 _EPS = 1e-12  # float slack so that a difference of exactly ``tolerance`` counts as within it
 

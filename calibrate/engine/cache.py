@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from calibrate.engine.probe import ProbeResult, ProbeSettings
 from calibrate.io import results
 from calibrate.model.assets import cache_root
 from calibrate.model.identity import weights_fingerprint  # noqa: F401 - the cache's key of the weights
-from calibrate.engine.probe import ProbeResult, ProbeSettings
 from calibrate.tasks.prompts import PromptSet
 
 CACHE_VERSION = 1

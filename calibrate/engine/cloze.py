@@ -25,15 +25,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from calibrate.model.adapters import Adapter, block_hidden
-from calibrate.tasks.continuations import ClozeRequest, cloze_divisors
+from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.lens import Lens, option_probabilities
-from calibrate.model.load import LoadedModel
-from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
-from calibrate.engine.probe import (ProbeResult, ProbeSettings, check_finite, left_pad,
-                                    position_ids, run_batches)
+from calibrate.engine.probe import (
+    ProbeResult,
+    ProbeSettings,
+    check_finite,
+    left_pad,
+    position_ids,
+    run_batches,
+)
 from calibrate.engine.steer import Intervention, cache_argument, editor
+from calibrate.model.adapters import Adapter, block_hidden
+from calibrate.model.load import LoadedModel
+from calibrate.tasks.continuations import ClozeRequest, cloze_divisors
 
 LENS_ROWS = 2048  # (state, layer) rows per full-vocabulary lens step on an accelerator
 LENS_ROWS_CPU, LENS_VOCAB_CPU = 256, 4096  # on CPU: rows per step, vocabulary rows per chunk

@@ -17,11 +17,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from calibrate.core.metrics import layer_table
 from calibrate.engine.hooks import capture_last_position, edit_residual
 from calibrate.engine.lens import Lens, option_probabilities
-from calibrate.core.metrics import layer_table
+from calibrate.engine.probe import (
+    ProbeSettings,
+    check_finite,
+    left_pad,
+    plan_batches,
+    position_ids,
+    tokenize,
+)
 from calibrate.model.load import LoadedModel
-from calibrate.engine.probe import ProbeSettings, check_finite, left_pad, plan_batches, position_ids, tokenize
 from calibrate.tasks.prompts import PromptSet
 
 POSITIONS = ("last", "all")

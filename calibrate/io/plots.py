@@ -16,9 +16,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from calibrate.io.results import atomic_write
 from calibrate.core.metrics import SUM_ATOL, _check_probs, bin_statistics, ece, mce
 from calibrate.core.phases import Phases
+from calibrate.io.results import atomic_write
 
 CURVE_PANELS: tuple[tuple[str, str], ...] = (
     ("accuracy", "accuracy"),

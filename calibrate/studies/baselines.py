@@ -17,8 +17,13 @@ import pandas as pd
 
 from calibrate.config.validate import ConfigError
 from calibrate.core.metrics import layer_table
-from calibrate.core.posthoc import (METHODS, apply_histogram, apply_temperature, fit_histogram,
-                                    fit_temperature)
+from calibrate.core.posthoc import (
+    METHODS,
+    apply_histogram,
+    apply_temperature,
+    fit_histogram,
+    fit_temperature,
+)
 from calibrate.engine.lens import option_probabilities
 from calibrate.io import results
 from calibrate.io.track import Tracker

@@ -17,8 +17,8 @@ import pandas as pd
 
 from calibrate.config.settings import MetricSettings
 from calibrate.config.spec import JobSpec
-from calibrate.core.direction import split_indices
 from calibrate.core.bootstrap import bootstrap_layer_ci
+from calibrate.core.direction import split_indices
 from calibrate.core.metrics import layer_table
 from calibrate.engine import cache as probe_cache
 from calibrate.engine.probe import ProbeResult, ProbeSettings

@@ -22,9 +22,17 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from calibrate.config import CONF_DIR
-from calibrate.core.direction import (Direction, DirectionError, check_compatible, check_layers,
-                                      fit_direction, load_direction, per_layer_directions,
-                                      random_direction, residual_layers_for)
+from calibrate.core.direction import (
+    Direction,
+    DirectionError,
+    check_compatible,
+    check_layers,
+    fit_direction,
+    load_direction,
+    per_layer_directions,
+    random_direction,
+    residual_layers_for,
+)
 from calibrate.engine.probe import ProbeResult
 from calibrate.engine.steer import check_steering
 from calibrate.studies.context import JobContext

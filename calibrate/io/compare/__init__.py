@@ -34,15 +34,36 @@ Modules: :mod:`~calibrate.io.compare.runs` (the inputs, each job read, the label
 
 from __future__ import annotations
 
-from calibrate.io.compare.cli import (DEFAULT_METRICS, DEFAULT_OUT, PROGRESS_MIN_JOBS,
-                                      _read_all, compare, main)  # noqa: F401 - _read_all: tests
+from calibrate.io.compare.cli import (
+                                      DEFAULT_METRICS,
+                                      DEFAULT_OUT,
+                                      PROGRESS_MIN_JOBS,
+                                      _read_all,  # noqa: F401 - _read_all: tests
+                                      compare,
+                                      main,
+)
 from calibrate.io.compare.figures import layer_curves
 from calibrate.io.compare.nullspace_json import nullspace_fields, nullspace_rows
-from calibrate.io.compare.runs import (ACCEPTED, IDENTITY_KEYS, NULLSPACE_FILE, STEERING_FILE,
-                                       CompareError, Run, assign_labels, layer_range,
-                                       read_overrides, read_run, resolve_inputs)
-from calibrate.io.compare.tables import (FRONT_COLUMNS, INT_COLUMNS, final_steering_rows,
-                                         markdown_table, runs_table)
+from calibrate.io.compare.runs import (
+                                      ACCEPTED,
+                                      IDENTITY_KEYS,
+                                      NULLSPACE_FILE,
+                                      STEERING_FILE,
+                                      CompareError,
+                                      Run,
+                                      assign_labels,
+                                      layer_range,
+                                      read_overrides,
+                                      read_run,
+                                      resolve_inputs,
+)
+from calibrate.io.compare.tables import (
+                                      FRONT_COLUMNS,
+                                      INT_COLUMNS,
+                                      final_steering_rows,
+                                      markdown_table,
+                                      runs_table,
+)
 from calibrate.io.compare.wandb_group import wandb_rows
 
 __all__ = [

@@ -11,9 +11,9 @@ import pandas as pd
 
 from calibrate.io import results
 from calibrate.io.compare.nullspace_json import nullspace_rows
-from calibrate.io.compare.runs import (STEERING_FILE, Run, _key, _model_dataset, _range_key,
-                                       _warn)
+from calibrate.io.compare.runs import STEERING_FILE, Run, _key, _model_dataset, _range_key, _warn
 from calibrate.io.compare.tables import _group_names, final_steering_rows
+
 
 def _legend(label: str, width: int = 60, limit: int = 180) -> str:
     """A label fit for a legend: wrapped, and shortened past ``limit`` characters."""

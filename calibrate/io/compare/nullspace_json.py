@@ -11,6 +11,7 @@ import numpy as np
 from calibrate.io.compare.runs import NULLSPACE_FILE, Run, _warn
 from calibrate.io.compare.tables import _run_info
 
+
 def _number(value: Any) -> tuple[float, float | None] | None:
     """A number, or the mean and standard deviation of a list of numbers (None otherwise)."""
     if isinstance(value, bool):

@@ -8,6 +8,7 @@ from typing import Any
 
 from calibrate.io.compare.runs import CompareError
 
+
 def wandb_rows(group_path: str) -> list[dict[str, Any]]:
     """Summary rows of the runs of an online W&B group ``ENTITY/PROJECT/GROUP``."""
     parts = group_path.split("/")
