@@ -457,6 +457,13 @@ def test_eta_sweep_jobs_equal_one_job_with_an_eta_list(steered, tmp_path):
         assert row.delta_ece == pytest.approx(final.loc[row.eta, "delta_ece"], abs=METRIC_TOL)
         assert row.ece == pytest.approx(zero["final"]["ece"])  # the unsteered reference
     assert table.loc[2, "steered_ece"] != pytest.approx(table.loc[2, "ece"], abs=1e-6)
+    # beside every eta: the temperature-scaled ECE at the steered layer and the random null
+    baselines = pd.read_csv(sweep / "1" / "baselines.csv")
+    ts = baselines[(baselines["method"] == "temperature") & (baselines["layer"] == LAYERS - 1)]
+    np.testing.assert_allclose(table["temperature_ece"], float(ts["ece"].iloc[0]), rtol=1e-12)
+    null = pd.read_csv(sweep / "1" / "null.csv")
+    assert table.loc[1, "p_value_ece"] == pytest.approx(float(null["p_value_ece"].iloc[0]))
+    assert pd.isna(table.loc[0, "p_value_ece"])  # eta = 0 is the reference, not tested
 
 
 def test_an_eta_that_swamps_the_residual_is_warned_with_the_ratio(steered, tmp_path, caplog):

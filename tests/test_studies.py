@@ -167,9 +167,9 @@ def test_baselines_settings_are_checked_when_the_spec_is_built():
     from calibrate.config.validate import ConfigError
 
     cfg = OmegaConf.to_container(compose(["intervention=baselines",
-                                          "intervention.methods=[platt]"]), resolve=True)
-    with pytest.raises(ConfigError, match=r"intervention.methods=\['platt'\]; accepted: "
-                                          r"temperature, histogram"):
+                                          "baselines.methods=[platt]"]), resolve=True)
+    with pytest.raises(ConfigError, match=r"baselines.methods=\['platt'\]; accepted: a "
+                                          r"non-empty list of temperature, histogram"):
         build_spec(cfg)
 
 
@@ -214,3 +214,14 @@ def test_random_direction_null_is_skipped_with_a_reason_off_the_last_layer(
     result = get_study("steering").run(ctx)
     assert result.null is None
     assert "not only at the last layer 3" in result.summary["null"]["skipped"]
+
+
+def test_steering_shows_the_baselines_beside_every_eta(tiny_lm, prompt_set, tmp_path):
+    steer = get_study("steering").run(context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]"))
+    alone = get_study("baselines").run(context(tiny_lm, prompt_set, tmp_path,
+                                               "intervention=baselines"))
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(steer.baselines, alone.table)  # same split, same fits
+    assert steer.summary["baselines_layer"] == LAYERS - 1
+    assert steer.summary["baselines"]["temperature"]["ece"] == pytest.approx(
+        alone.summary["baselines"]["temperature"]["ece"])

@@ -196,7 +196,7 @@ def build_spec(cfg: Mapping[str, Any]) -> JobSpec:
         nullspace=NullspaceSettings.from_mapping(cfg["nullspace"]),
         output=OutputSettings.from_mapping(cfg.get("output") or {}, cfg.get("checks") or {}),
         tracker=TrackerSettings.from_mapping(cfg["tracker"], ConfigError),
-        study_settings=_study_class(study).settings(cfg["intervention"]),
+        study_settings=_study_class(study).settings(cfg),
         cache_dir=cfg.get("cache_dir"))
 
 

@@ -70,11 +70,17 @@ def job_rows(job_dir: Path) -> list[dict[str, Any]]:
             "direction_layers": str((metrics.get("direction") or {}).get("layers"))}
     etas = [float(e) for e in metrics.get("etas") or steering]
     asked = [e for e in etas if e != 0.0] or [0.0]  # eta=0 alone is the reference itself
+    baselines = metrics.get("baselines") or {}
+    head.update({f"{method}_ece": values.get("ece") for method, values in baselines.items()})
+    null = {float(r["eta"]): r for r in (metrics.get("null") or {}).get("per_eta") or []}
     out = []
     for eta in asked:
         values = steering.get(f"{eta:g}", {})
+        row = null.get(eta, {})
         out.append({**head, "eta": eta, **{f"steered_{m}": values.get(m) for m in STEERED},
-                    **{d: values.get(d) for d in DELTAS}})
+                    **{d: values.get(d) for d in DELTAS},
+                    "null_delta_ece_median": row.get("null_delta_ece_median"),
+                    "p_value_ece": row.get("p_value_ece")})
     return out
 
 

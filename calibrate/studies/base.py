@@ -53,9 +53,9 @@ class Study(ABC):
     name: ClassVar[str]
 
     @classmethod
-    def settings(cls, intervention: Mapping[str, Any]) -> Any:
-        """The study's own typed settings from its ``intervention`` config group (checked when
-        the spec is built, before anything loads); None when it has none."""
+    def settings(cls, config: Mapping[str, Any]) -> Any:
+        """The study's own typed settings from the resolved config (checked when the spec is
+        built, before anything loads); None when it has none."""
         return None
 
     @abstractmethod

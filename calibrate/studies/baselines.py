@@ -43,15 +43,17 @@ class BaselineSettings:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> BaselineSettings:
-        """Check and convert the group; methods from :data:`calibrate.core.posthoc.METHODS`."""
-        methods = tuple(cfg.get("methods") or METHODS)
+        """Check and convert the ``baselines`` group; methods from
+        :data:`calibrate.core.posthoc.METHODS`."""
+        methods = tuple(cfg.get("methods") or ())
         bad = [m for m in methods if m not in METHODS]
-        if bad:
-            raise ConfigError(f"intervention.methods={list(methods)}; accepted: {', '.join(METHODS)}")
-        lo, hi = (float(x) for x in cfg.get("log_t_bounds") or (-5.0, 5.0))
-        if not lo < hi:
-            raise ConfigError(f"intervention.log_t_bounds={[lo, hi]}; accepted: [low, high], low < high")
-        return cls(methods, (lo, hi))
+        if bad or not methods:
+            raise ConfigError(f"baselines.methods={list(methods)}; accepted: a non-empty list of "
+                              f"{', '.join(METHODS)}")
+        bounds = [float(x) for x in cfg.get("log_t_bounds") or ()]
+        if len(bounds) != 2 or not bounds[0] < bounds[1]:
+            raise ConfigError(f"baselines.log_t_bounds={bounds}; accepted: [low, high], low < high")
+        return cls(methods, (bounds[0], bounds[1]))
 
 
 def baseline_table(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, evaluation: np.ndarray,
@@ -85,6 +87,13 @@ def baseline_table(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, eval
     return pd.DataFrame(rows)
 
 
+def baselines_at(table: pd.DataFrame, layer: int) -> dict[str, dict[str, float]]:
+    """Each method's parameter and metrics (before and after) at one layer."""
+    rows = table[table["layer"] == layer]
+    keep = ("parameter", *COLUMNS, *(f"{c}_before" for c in COLUMNS))
+    return {row["method"]: {k: float(row[k]) for k in keep} for row in rows.to_dict("records")}
+
+
 @dataclass
 class BaselinesResult(StudyResult):
     """The baselines table and the unsteered evaluation report."""
@@ -110,8 +119,8 @@ class BaselinesStudy(Study):
     name = "baselines"
 
     @classmethod
-    def settings(cls, intervention: Mapping[str, Any]) -> BaselineSettings:
-        return BaselineSettings.from_mapping(intervention)
+    def settings(cls, config: Mapping[str, Any]) -> BaselineSettings:
+        return BaselineSettings.from_mapping(config["baselines"])
 
     def run(self, ctx: JobContext) -> BaselinesResult:
         base = ctx.probe()
@@ -119,10 +128,7 @@ class BaselinesStudy(Study):
         metrics = ctx.spec.metrics
         table = baseline_table(base.option_logits, base.labels, cal, evaluation,
                                ctx.spec.study_settings, metrics.n_bins, metrics.binning)
-        last = table[table["layer"] == table["layer"].max()]
         summary = {"n_calibration": int(len(cal)), "n_evaluation": int(len(evaluation)),
-                   "baselines": {row["method"]: {"parameter": row["parameter"],
-                                                 **{c: row[c] for c in COLUMNS}}
-                                 for row in last.to_dict("records")}}
+                   "baselines": baselines_at(table, int(table["layer"].max()))}
         return BaselinesResult(ctx.report(base.take(evaluation), ctx.prompt_set.subset(evaluation)),
                                summary, table=table)

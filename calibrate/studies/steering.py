@@ -26,6 +26,12 @@ from calibrate.engine.steer import Steering, residual_norms, steering_table
 from calibrate.io import results
 from calibrate.io.track import Tracker
 from calibrate.studies.base import Study, StudyResult, register
+from calibrate.studies.baselines import (
+    BASELINES_FILE,
+    BaselineSettings,
+    baseline_table,
+    baselines_at,
+)
 from calibrate.studies.context import JobContext
 from calibrate.studies.directions import obtain_direction
 from calibrate.studies.null import NULL_FILE, null_skip_reason, null_table
@@ -45,13 +51,16 @@ class SteeringResult(StudyResult):
     table: pd.DataFrame | None = None
     etas: tuple[float, ...] = ()
     null: pd.DataFrame | None = None  # the random-direction null, one row per η ≠ 0
-    files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE)
+    baselines: pd.DataFrame | None = None  # post-hoc baselines per layer, same split
+    files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE, BASELINES_FILE)
 
     def write(self, job_dir: Path) -> None:
         results.write_csv(job_dir / STEERING_FILE, self.table)
         save_direction(self.direction, job_dir)
         if self.null is not None and len(self.null):
             results.write_csv(job_dir / NULL_FILE, self.null)
+        if self.baselines is not None:
+            results.write_csv(job_dir / BASELINES_FILE, self.baselines)
 
     def plot(self, job_dir: Path, title: str) -> dict[str, Path]:
         from calibrate.io.plots import plot_eta_curves, plot_overlay
@@ -80,6 +89,11 @@ class SteeringStudy(Study):
 
     name = "steering"
 
+    @classmethod
+    def settings(cls, config: Mapping[str, Any]) -> BaselineSettings:
+        """The post-hoc baselines shown beside every η (the ``baselines`` group)."""
+        return BaselineSettings.from_mapping(config["baselines"])
+
     def run(self, ctx: JobContext) -> SteeringResult:
         spec = ctx.spec
         fit = obtain_direction(ctx)
@@ -96,6 +110,8 @@ class SteeringStudy(Study):
                                spec.metrics.binning, 0)
         table, comparisons = paired(table, logits, eval_set.labels, "eta", spec)
         null, null_note = _null(ctx, fit, eval_set, layers, scale)
+        baselines = baseline_table(base.option_logits, base.labels, cal, fit.eval_idx,
+                                   spec.study_settings, spec.metrics.n_bins, spec.metrics.binning)
         meta = fit.direction.meta
         meta.update(intervention_layers=layers, position=steering.position,
                     eta_scale=spec.intervention.eta_scale, layer_scale=scale)
@@ -106,9 +122,11 @@ class SteeringStudy(Study):
                    "direction": {k: meta.get(k) for k in ("method", "layers", "raw_norm", "dataset",
                                                           "cross_model_transfer",
                                                           "cosine_to_direction")},
-                   "steering": steering_summary(table), **comparisons, "null": null_note}
+                   "steering": steering_summary(table), **comparisons, "null": null_note,
+                   "baselines": baselines_at(baselines, max(layers)), "baselines_layer": max(layers)}
         return SteeringResult(ctx.report(base.take(fit.eval_idx), eval_set), summary,
-                              direction=fit.direction, table=table, etas=spec.etas, null=null)
+                              direction=fit.direction, table=table, etas=spec.etas, null=null,
+                              baselines=baselines)
 
 
 def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
