@@ -225,3 +225,30 @@ def test_steering_shows_the_baselines_beside_every_eta(tiny_lm, prompt_set, tmp_
     assert steer.summary["baselines_layer"] == LAYERS - 1
     assert steer.summary["baselines"]["temperature"]["ece"] == pytest.approx(
         alone.summary["baselines"]["temperature"]["ece"])
+
+
+def test_nullspace_truncation_against_many_random_subspaces(tiny_lm, prompt_set, tmp_path):
+    """The fast last-layer truncation equals the real ablated pass; the control null has its
+    band and p-value."""
+    from calibrate.core import nullspace as ns
+    from calibrate.engine.readout import last_layer_truncated_logits
+    from calibrate.studies.null import _final_metrics
+
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=nullspace", "nullspace.k=4",
+                  "nullspace.n_control=12")
+    result = get_study("nullspace").run(ctx)
+    null = result.ablation_report["control_null"]
+    assert null["n_control"] == 12 and 1 / 13 <= null["p_value_ece"] <= 1.0
+    assert null["control_delta_ece_p05"] <= null["control_delta_ece_median"] <= \
+        null["control_delta_ece_p95"]
+    # the fast path on U_k itself reproduces the ablated pass at the last layer
+    _, evaluation = split_indices(24, 0.5, 0)
+    probe = run_probe(tiny_lm, prompt_set, ProbeSettings(keep_layers=(LAYERS - 1,), progress=False))
+    basis, _ = ns.null_space(tiny_lm.adapter.unembed_weight.detach().cpu(), 4)
+    eval_set = prompt_set.subset(evaluation)
+    fast = last_layer_truncated_logits(tiny_lm, probe.residuals[LAYERS - 1][evaluation],
+                                       eval_set.option_ids, [basis.numpy()])
+    ece = _final_metrics(fast, eval_set.labels, 15, "guo")["ece"][0]
+    table = result.table
+    real = table[(table["variant"] == "nullspace") & (table["layer"] == LAYERS - 1)]["ece"].iloc[0]
+    assert ece == pytest.approx(real, abs=1e-6)

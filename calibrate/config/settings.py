@@ -154,6 +154,7 @@ class NullspaceSettings:
     fraction: float = 0.01
     n_random: int = 1000
     seed: int = 0
+    n_control: int = 32  # random subspaces the truncation is compared with (0: none)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> NullspaceSettings:
@@ -164,7 +165,10 @@ class NullspaceSettings:
         fraction = _number("nullspace.fraction", cfg.get("fraction"), lambda f: 0 < f <= 1,
                            "a number in (0, 1]")
         _positive_int("nullspace.n_random", cfg.get("n_random"))
-        return cls(k, fraction, int(cfg["n_random"]), int(cfg.get("seed", 0)))
+        n_control = cfg.get("n_control", 32)
+        if isinstance(n_control, bool) or not isinstance(n_control, int) or n_control < 0:
+            raise ConfigError(f"nullspace.n_control={n_control!r}; accepted: an integer >= 0")
+        return cls(k, fraction, int(cfg["n_random"]), int(cfg.get("seed", 0)), n_control)
 
 
 @dataclass(frozen=True)

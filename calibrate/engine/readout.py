@@ -31,3 +31,22 @@ def last_layer_logits(loaded: LoadedModel, residual: np.ndarray, option_ids: np.
                 normed = lens.normalize(edited[d])[:, None, :]
                 out[d, e] = lens.option_logits(normed, ids)[:, 0].cpu().numpy()
     return out
+
+
+def last_layer_truncated_logits(loaded: LoadedModel, residual: np.ndarray, option_ids: np.ndarray,
+                                bases: list[np.ndarray],
+                                means: np.ndarray | None = None) -> np.ndarray:
+    """Option logits [S, N, K] of the last layer with span(bases[s]) removed from ``residual``
+    [N, H] (or replaced by that of ``means`` [H]: mean ablation)."""
+    from calibrate.core.subspace import truncate
+
+    lens = Lens(loaded.adapter)
+    base = torch.as_tensor(np.asarray(residual), dtype=torch.float32, device=lens.device)
+    ids = torch.as_tensor(np.asarray(option_ids), dtype=torch.long)
+    mean = None if means is None else torch.as_tensor(means, device=lens.device)
+    out = np.empty((len(bases), *option_ids.shape), dtype=np.float32)
+    with torch.inference_mode():
+        for s, basis in enumerate(bases):
+            edited = truncate(base, torch.as_tensor(basis, device=lens.device), mean)
+            out[s] = lens.option_logits(lens.normalize(edited)[:, None, :], ids)[:, 0].cpu().numpy()
+    return out

@@ -33,6 +33,7 @@ from calibrate.model.load import LoadedModel
 from calibrate.studies.base import Study, StudyResult, register
 from calibrate.studies.context import JobContext
 from calibrate.studies.directions import obtain_direction
+from calibrate.studies.null import null_skip_reason, subspace_null
 from calibrate.studies.steering import paired
 
 ABLATION_FILE = "ablation.csv"
@@ -173,11 +174,31 @@ class _Ablation(Study):
                       ablation=icfg.ablation, position=ablation.position,
                       truncation=final_deltas(table, names[1]),
                       random_control=final_deltas(table, names[2]))
+        if kind == "nullspace":
+            report["control_null"] = _control_null(ctx, fit, eval_set, layers, bases[0],
+                                                   report["truncation"]["delta_ece"])
         summary = {"intervention": kind, "n_calibration": int(len(fit.cal_idx)),
                    "n_evaluation": int(len(fit.eval_idx)), "ablation": report, **comparisons}
         return AblationResult(ctx.report(fit.base.take(fit.eval_idx), eval_set), summary,
                               kind=kind, table=table, ablation_report=report,
                               per_layer=fit.per_layer)
+
+
+def _control_null(ctx: JobContext, fit: Any, eval_set: Any, layers: tuple[int, ...],
+                  basis: np.ndarray, truncated_delta_ece: float) -> dict[str, Any]:
+    """The truncation against ``nullspace.n_control`` random subspaces of the same size."""
+    spec, n_control = ctx.spec, ctx.spec.nullspace.n_control
+    if not n_control:
+        return {"n_control": 0}
+    last = ctx.num_layers - 1
+    reason = null_skip_reason(list(layers), last, spec.intervention.position, eval_set.is_cloze)
+    if reason:
+        return {"n_control": n_control, "skipped": reason}
+    means = _means(fit, (last,), spec.intervention.ablation)
+    return subspace_null(ctx.loaded, fit.base.residuals[last][fit.eval_idx], eval_set.option_ids,
+                         eval_set.labels, truncated_delta_ece, basis.shape[0], basis.shape[1],
+                         n_control, spec.nullspace.seed + 1, spec.metrics.n_bins,
+                         spec.metrics.binning, None if means is None else means[last])
 
 
 @register

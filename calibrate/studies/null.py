@@ -19,7 +19,7 @@ import pandas as pd
 from calibrate.core.nullspace import random_unit_vectors
 from calibrate.core.paired import binned_errors
 from calibrate.engine.lens import option_probabilities
-from calibrate.engine.readout import last_layer_logits
+from calibrate.engine.readout import last_layer_logits, last_layer_truncated_logits
 
 NULL_FILE = "null.csv"
 
@@ -71,3 +71,24 @@ def null_skip_reason(layers: list[int], last: int, position: str, cloze: bool) -
     if cloze:
         return "cloze scoring (continuations read the edited state)"
     return None
+
+
+def subspace_null(loaded: Any, residual: np.ndarray, option_ids: np.ndarray, labels: np.ndarray,
+                  truncated_delta_ece: float, hidden: int, k: int, n_control: int, seed: int,
+                  n_bins: int, binning: str, means: np.ndarray | None = None) -> dict[str, Any]:
+    """The null-space truncation against ``n_control`` random k-dimensional subspaces removed
+    the same way at the last layer: their ΔECE median and 5–95 % band, and the truncation's
+    p-value ``(1 + #{random ΔECE <= truncation's}) / (1 + n_control)``."""
+    from calibrate.core.subspace import random_subspace
+
+    bases = [random_subspace(hidden, k, seed + s).numpy() for s in range(n_control)]
+    logits = last_layer_truncated_logits(loaded, residual, option_ids, bases, means)
+    plain = last_layer_logits(loaded, residual, option_ids, np.zeros((1, hidden)), np.zeros(1))
+    ece = _final_metrics(logits, labels, n_bins, binning)["ece"]
+    ece0 = float(_final_metrics(plain[0], labels, n_bins, binning)["ece"][0])
+    delta = ece - ece0
+    lo, median, hi = np.quantile(delta, [0.05, 0.5, 0.95])
+    below = int(np.sum(delta <= truncated_delta_ece))
+    return {"n_control": n_control, "truncation_delta_ece": truncated_delta_ece,
+            "control_delta_ece_median": float(median), "control_delta_ece_p05": float(lo),
+            "control_delta_ece_p95": float(hi), "p_value_ece": (1 + below) / (1 + n_control)}
