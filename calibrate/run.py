@@ -109,7 +109,6 @@ def _fail(job_dir: Path, err: BaseException, multirun: bool, user_error: bool,
         results.write_json(job_dir / results.ERROR_FILE, {
             "status": "failed", "error_type": type(err).__name__, "error": str(err),
             "traceback": "" if user_error else traceback.format_exc()})
-    summary.FAILED_JOBS.append(str(job_dir))
     return None
 
 
@@ -127,8 +126,7 @@ def cli(argv: list[str] | None = None) -> None:
         sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
     main()
-    failed = summary.LAST_TALLY.get("failed", 0) + summary.LAST_TALLY.get("incomplete", 0)
-    if failed or summary.FAILED_JOBS:
+    if summary.LAST_TALLY.get("failed", 0) + summary.LAST_TALLY.get("incomplete", 0):
         sys.exit(1)
 
 

@@ -91,3 +91,12 @@ def cache_dir() -> Path:
     from calibrate.model.assets import cache_root
 
     return cache_root()
+
+
+def composed(*overrides: str) -> dict:
+    """The resolved job config the CLI would compose from ``overrides`` (plain containers)."""
+    from omegaconf import OmegaConf
+
+    from calibrate.api import compose
+
+    return OmegaConf.to_container(compose(list(overrides)), resolve=True)

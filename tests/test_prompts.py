@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from conftest import composed
 from omegaconf import OmegaConf
 
 from calibrate.tasks.data import MCRecord
@@ -25,11 +25,6 @@ SST2 = {"name": "sst2", "answer_format": "verbalizer", "verbalizer": [" negative
 LETTERS = {"name": "toy", "answer_format": "letters", "verbalizer": None,
            "template": "Question: {question}\n{choices}\nAnswer:"}
 
-
-def composed(*overrides: str) -> dict[str, Any]:
-    from calibrate.api import compose
-
-    return OmegaConf.to_container(compose(list(overrides)), resolve=True)
 
 
 @pytest.fixture(scope="session", params=REAL)

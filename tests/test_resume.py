@@ -6,16 +6,14 @@ import json
 import logging
 
 import pytest
-from omegaconf import OmegaConf
+from conftest import composed
 
 from calibrate.config import resume
 from calibrate.config.spec import build_spec
 
 
 def spec_of(*overrides: str):
-    from calibrate.api import compose
-
-    return build_spec(OmegaConf.to_container(compose(list(overrides)), resolve=True))
+    return build_spec(composed(*overrides))
 
 
 def finished(job_dir, spec, **extra):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+from conftest import composed
 from omegaconf import OmegaConf
 
 from calibrate.config import CONF_DIR
@@ -19,12 +18,6 @@ from calibrate.config.spec import (
     result_config,
 )
 from calibrate.config.validate import ConfigError
-
-
-def composed(*overrides: str) -> dict[str, Any]:
-    from calibrate.api import compose
-
-    return OmegaConf.to_container(compose(list(overrides)), resolve=True)
 
 
 @pytest.mark.parametrize("overrides, study, etas", [

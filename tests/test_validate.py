@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+from conftest import composed
 from omegaconf import OmegaConf
 
 from calibrate.config.validate import (
@@ -18,12 +19,6 @@ from calibrate.config.validate import (
     check_tracker,
     parse_eta,
 )
-
-
-def composed(*overrides: str) -> dict[str, Any]:
-    from calibrate.api import compose
-
-    return OmegaConf.to_container(compose(list(overrides)), resolve=True)
 
 
 @pytest.fixture(scope="module")

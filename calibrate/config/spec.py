@@ -32,7 +32,7 @@ from calibrate.config.settings import (
     OutputSettings,
     PhaseSettings,
 )
-from calibrate.config.validate import ConfigError, check_job, parse_eta
+from calibrate.config.validate import ConfigError, check_probe, check_resume, parse_eta
 
 # Keys (dotted prefixes) that cannot change a reported number; left out of the identity.
 NON_RESULT_KEYS = ("tracker", "resume", "cache_dir", "hydra", "checks", "probe.progress",
@@ -71,11 +71,6 @@ class JobSpec:
     tracker: Any = None                # calibrate.io.track.TrackerSettings
     study_settings: Any = None         # the study's own (Study.settings), e.g. the baselines'
     cache_dir: str | None = None
-
-    @property
-    def steers(self) -> bool:
-        """True for a steering study (η·ĉ added to the residual)."""
-        return self.study == "steering"
 
     @property
     def uses_split(self) -> bool:
@@ -183,20 +178,26 @@ def build_spec(cfg: Mapping[str, Any]) -> JobSpec:
 
     cfg = _plain(cfg)
     seed = _seed(cfg.get("seed", 0))
-    check_job(cfg)
+    # Each group is checked by building its settings, in check_job's order (same first error).
+    model = ModelConfig.from_mapping(cfg["model"], ConfigError).check(ConfigError)
+    dataset = DatasetConfig.from_mapping(cfg["dataset"])
+    check_probe(cfg["probe"])
+    metrics = MetricSettings.from_mapping(cfg["metrics"])
+    tracker = TrackerSettings.from_mapping(cfg["tracker"], ConfigError)
+    check_resume(cfg.get("resume", False))
+    etas = steering_etas(cfg.get("eta"))  # η parsed once; kept for steering studies only
+    InterventionSettings.from_mapping(cfg["intervention"])
+    direction = DirectionSettings.from_mapping(cfg["direction"])
+    nullspace = NullspaceSettings.from_mapping(cfg["nullspace"])
     study = decide_study(cfg)
-    etas = steering_etas(cfg.get("eta")) if study == "steering" else ()
     return JobSpec(
-        cfg, study, etas, _intervention(cfg, study), seed, config_hash(cfg),
-        model=ModelConfig.from_mapping(cfg["model"]), dataset=DatasetConfig.from_mapping(cfg["dataset"]),
-        probe=ProbeSettings.from_config(cfg["probe"]),
-        metrics=MetricSettings.from_mapping(cfg["metrics"]),
+        cfg, study, etas if study == "steering" else (), _intervention(cfg, study), seed,
+        config_hash(cfg), model=model, dataset=dataset,
+        probe=ProbeSettings.from_config(cfg["probe"]), metrics=metrics,
         phases=PhaseSettings.from_mapping(cfg.get("phases") or {}),
-        direction=DirectionSettings.from_mapping(cfg["direction"]),
-        nullspace=NullspaceSettings.from_mapping(cfg["nullspace"]),
+        direction=direction, nullspace=nullspace,
         output=OutputSettings.from_mapping(cfg.get("output") or {}, cfg.get("checks") or {}),
-        tracker=TrackerSettings.from_mapping(cfg["tracker"], ConfigError),
-        study_settings=_study_class(study).settings(cfg),
+        tracker=tracker, study_settings=_study_class(study).settings(cfg),
         cache_dir=cfg.get("cache_dir"))
 
 

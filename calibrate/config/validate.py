@@ -94,18 +94,15 @@ def check_intervention(cfg: Mapping[str, Any]) -> None:
         NullspaceSettings.from_mapping(cfg["nullspace"])
 
 
-def check_job(cfg: Mapping[str, Any]) -> None:
-    """Every cheap check of a job config; raises :class:`ConfigError` or a dataset error."""
-    from calibrate.tasks.data import validate_dataset_config
+def check_resume(value: Any) -> None:
+    """``resume`` must be a real boolean: "maybe" would otherwise count as true."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"resume={value!r}; accepted: true, false")
 
-    check_model(cfg["model"])
-    validate_dataset_config(cfg["dataset"])
-    check_probe(cfg["probe"])
-    check_metrics(cfg["metrics"])
-    check_tracker(cfg["tracker"])
-    if not isinstance(cfg.get("resume", False), bool):  # "maybe" would otherwise count as true
-        raise ConfigError(f"resume={cfg.get('resume')!r}; accepted: true, false")
-    if cfg.get("eta") is not None:  # null: no steering
-        parse_eta(cfg["eta"])
-    if "intervention" in cfg:
-        check_intervention(cfg)
+
+def check_job(cfg: Mapping[str, Any]) -> None:
+    """Every cheap check of a job config (the spec's own, :func:`calibrate.config.spec.build_spec`);
+    raises :class:`ConfigError` or a dataset error."""
+    from calibrate.config.spec import build_spec
+
+    build_spec(cfg)

@@ -127,7 +127,6 @@ def tally(table: pd.DataFrame) -> dict[str, int]:
 
 
 LAST_TALLY: dict[str, int] = {}  # the last sweep's tally in this process (the CLI's exit status)
-FAILED_JOBS: list[str] = []      # jobs of this process that failed (the CLI's exit status)
 
 
 class SweepSummary(Callback):
