@@ -207,13 +207,60 @@ def test_random_direction_null_without_forward_passes_matches_the_steered_pass(
     assert result.summary["null"]["n_random"] == 8
 
 
-def test_random_direction_null_is_skipped_with_a_reason_off_the_last_layer(
+def test_random_direction_null_off_the_last_layer_equals_full_steered_passes(
+        tiny_lm, prompt_set, tmp_path):
+    """At an earlier layer every random direction runs only the blocks above the edit; its band
+    equals the one from full forward passes of each direction, and ĉ's row equals steering.csv."""
+    from calibrate.engine.steer import Steering, run_steered
+    from calibrate.studies.null import _final_metrics, null_vectors
+
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=direction", "eta=[0,3]",
+                  "intervention.layers=[2]", "direction.n_random=6")
+    result = get_study("steering").run(ctx)
+    row = result.null.iloc[0]
+    final = result.table[result.table["layer"] == LAYERS - 1].set_index("eta")
+    assert row.c_hat_delta_ece == pytest.approx(final.loc[3.0, "delta_ece"], abs=1e-6)
+    _, evaluation = split_indices(24, 0.5, 0)
+    eval_set = prompt_set.subset(evaluation)
+    deltas = []
+    for vec in null_vectors(result.direction.vector, 6, ctx.spec.direction.seed + 1)[1:]:
+        full = run_steered(tiny_lm, eval_set, Steering(vec, (2,), (0.0, 3.0)),
+                           ProbeSettings(progress=False), use_cache=False)[:, :, -1]
+        ece = _final_metrics(full, eval_set.labels, 15, "guo")["ece"]
+        deltas.append(ece[1] - ece[0])
+    lo, median, hi = np.quantile(deltas, [0.05, 0.5, 0.95])
+    assert (row.null_delta_ece_p05, row.null_delta_ece_median, row.null_delta_ece_p95) == \
+        pytest.approx((lo, median, hi), abs=1e-6)
+    assert result.summary["null"]["layers"] == [2]
+
+
+def test_random_direction_null_is_skipped_with_a_reason_at_every_position(
         tiny_lm, prompt_set, tmp_path):
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=direction", "eta=[0,3]",
-                  "intervention.layers=[2]")
+                  "intervention.layers=[2]", "intervention.position=all")
     result = get_study("steering").run(ctx)
     assert result.null is None
-    assert "not only at the last layer 3" in result.summary["null"]["skipped"]
+    assert "intervention.position=all" in result.summary["null"]["skipped"]
+
+
+def test_subspace_control_off_the_last_layer_equals_full_ablated_passes(
+        tiny_lm, prompt_set, tmp_path):
+    from calibrate.engine.steer import run_steered
+    from calibrate.studies.ablation import SubspaceAblation
+    from calibrate.studies.null import _final_metrics, random_bases
+
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=nullspace", "nullspace.k=4",
+                  "nullspace.n_control=5", "intervention.layers=[2]")
+    result = get_study("nullspace").run(ctx)
+    null = result.ablation_report["control_null"]
+    _, evaluation = split_indices(24, 0.5, 0)
+    eval_set = prompt_set.subset(evaluation)
+    bases = random_bases(tiny_lm.adapter.unembed_weight.shape[1], 4, 5, ctx.spec.nullspace.seed + 1)
+    full = run_steered(tiny_lm, eval_set, SubspaceAblation(tuple(bases), (2,)),
+                       ProbeSettings(progress=False), use_cache=False)[:, :, -1]
+    ece = _final_metrics(full, eval_set.labels, 15, "guo")["ece"]
+    assert null["control_delta_ece_median"] == pytest.approx(np.median(ece[1:] - ece[0]), abs=1e-6)
+    assert null["n_control"] == 5 and null["layers"] == [2]
 
 
 def test_steering_shows_the_baselines_beside_every_eta(tiny_lm, prompt_set, tmp_path):

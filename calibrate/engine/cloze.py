@@ -36,7 +36,8 @@ from calibrate.engine.probe import (
     position_ids,
     run_batches,
 )
-from calibrate.engine.steer import Intervention, cache_argument, editor
+from calibrate.engine.steer import Intervention, editor
+from calibrate.engine.upper import cache_argument
 from calibrate.model.adapters import Adapter, block_hidden
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.continuations import ClozeRequest, cloze_divisors

@@ -1,8 +1,9 @@
 """Steering: add eta * c_hat to the residual and read every layer again.
 
 With a causal model, steering the last position at layer l changes nothing at earlier
-positions, so the prompt without its last token is computed once (key/value cache), the cache
-is repeated once per eta, and all etas run as one batch of single tokens. Steering at all
+positions and nothing below layer l, so each prompt runs once and every eta runs only the
+last position through the blocks above l, on the prompt's key/value cache
+(:mod:`calibrate.engine.upper`); at the last layer no block runs at all. Steering at all
 positions needs a full forward pass per eta.
 """
 
@@ -27,6 +28,11 @@ from calibrate.engine.probe import (
     plan_batches,
     position_ids,
     tokenize,
+)
+from calibrate.engine.upper import (
+    cache_argument,  # noqa: F401 (re-exported)
+    prefix_states,
+    upper_forward,
 )
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.prompts import PromptSet
@@ -84,6 +90,30 @@ class Steering(Intervention):
         return hidden + shift[:, None, :]
 
 
+@dataclass(frozen=True)
+class DirectionSweep(Intervention):
+    """Every one of several unit directions at every eta: variant ``d * len(etas) + e`` adds
+    ``etas[e] * vectors[d]`` at ``layers`` (the random-direction null beside c_hat)."""
+
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [D, hidden]
+    layers: tuple[int, ...] = ()
+    etas: tuple[float, ...] = (0.0,)
+    position: str = "last"
+    layer_scale: Mapping[int, float] | None = None
+
+    @property
+    def n_variants(self) -> int:
+        return len(self.vectors) * len(self.etas)
+
+    def apply(self, layer: int, hidden: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 if not self.layer_scale else float(self.layer_scale[layer])
+        vecs = torch.as_tensor(self.vectors, dtype=hidden.dtype, device=hidden.device)
+        variant = variant.cpu()
+        etas = torch.as_tensor(self.etas, dtype=torch.float64)[variant % len(self.etas)] * scale
+        shift = etas.to(hidden.device, hidden.dtype)[:, None] * vecs[variant // len(self.etas)]
+        return hidden + shift[:, None, :]
+
+
 def check_steering(layers: Sequence[int], num_layers: int, position: str, eta_scale: str) -> list[int]:
     """Validate intervention settings against a model with ``num_layers`` layers."""
     layers = [int(x) for x in layers]
@@ -121,34 +151,46 @@ def _read(lens: Lens, store: list[torch.Tensor], option_ids: torch.Tensor) -> to
     return lens.option_logits(lens.normalize(stacked), option_ids)
 
 
-def cache_argument(backbone: torch.nn.Module) -> str:
-    """Name of the key/value cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    import inspect
-
-    params = inspect.signature(backbone.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def variants_per_pass(n_examples: int, width: int, n_upper: int, token_budget: int) -> int:
+    """How many variants of each example one upper pass runs: each row holds a copy of its
+    prompt's cache for ``n_upper`` blocks, kept within ``token_budget`` cached (token x block)
+    entries."""
+    return max(1, token_budget // max(n_examples * width * max(n_upper, 1), 1))
 
 
 def steer_batch_cached(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
-                       option_ids: torch.Tensor, steering: Intervention) -> torch.Tensor:
-    """All variants for one batch via the key/value cache: [B, V, L+1, K] option logits."""
-    device, n_eta = loaded.device, steering.n_variants
-    ids, mask, pos = ids.to(device), mask.to(device), position_ids(mask).to(device)
-    backbone = loaded.adapter.backbone
+                       option_ids: torch.Tensor, steering: Intervention,
+                       token_budget: int = 8192 * 32) -> torch.Tensor:
+    """All variants for one batch: [B, V, L+1, K] option logits.
+
+    The prompts run once, unedited (:func:`calibrate.engine.upper.prefix_states`); each variant
+    of the last position then runs only the blocks from the lowest edited layer on, on the
+    prompts' key/value cache. The layers below it are the same for every variant.
+    """
+    n_var, n_ex, n_layers = steering.n_variants, ids.shape[0], loaded.adapter.num_blocks + 1
+    start = min(steering.layers)
+    later = [layer for layer in steering.layers if layer > start]
     with torch.inference_mode():
-        prefix = backbone(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                          position_ids=pos[:, :-1], use_cache=True)
-        cache = getattr(prefix, "cache", None) or prefix.past_key_values
-        cache.batch_repeat_interleave(n_eta)  # row b*V + v holds example b, variant v
-        row_variants = torch.arange(n_eta).repeat(ids.shape[0])
-        with edit_residual(loaded.adapter, list(steering.layers), editor(steering, row_variants, True)), \
-                capture_last_position(loaded.adapter) as store:
-            backbone(input_ids=ids[:, -1:].repeat_interleave(n_eta, 0),
-                     attention_mask=mask.repeat_interleave(n_eta, 0),
-                     position_ids=pos[:, -1:].repeat_interleave(n_eta, 0),
-                     use_cache=True, **{cache_argument(backbone): cache})
-        logits = _read(lens, store, option_ids.repeat_interleave(n_eta, 0))
-    return logits.reshape(ids.shape[0], n_eta, *logits.shape[1:])
+        state = prefix_states(loaded, ids, mask)
+        check_finite(state.residuals)
+        below = _read(lens, list(state.residuals[:, :start].unbind(1)), option_ids) if start else None
+        step = variants_per_pass(n_ex, ids.shape[1], n_layers - 1 - start, token_budget)
+        parts = []
+        for lo in range(0, n_var, step):
+            variants = torch.arange(lo, min(lo + step, n_var))
+            rows = torch.arange(n_ex).repeat_interleave(len(variants))  # row: example, variant
+            row_variants = variants.repeat(n_ex)
+            hidden = state.residuals[rows.to(state.residuals.device), start]
+            if start in steering.layers:
+                hidden = steering.apply(start, hidden[:, None], row_variants)[:, 0]
+            with edit_residual(loaded.adapter, later, editor(steering, row_variants, True)):
+                upper = upper_forward(loaded, state, start, hidden, rows)
+            logits = _read(lens, list(upper.unbind(1)), option_ids[rows])
+            parts.append(logits.reshape(n_ex, len(variants), *logits.shape[1:]))
+        out = torch.cat(parts, dim=1)  # [B, V, L+1-start, K]
+    if below is None:
+        return out
+    return torch.cat([below[:, None].expand(-1, n_var, -1, -1), out], dim=2)
 
 
 def steer_batch_full(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
@@ -182,8 +224,11 @@ def run_steered(loaded: LoadedModel, prompt_set: PromptSet, steering: Interventi
         for idx in plan_batches(lengths, settings):
             ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
             option_ids = torch.from_numpy(prompt_set.option_ids[idx])
-            step = steer_batch_cached if cached and ids.shape[1] > 1 else steer_batch_full
-            logits = step(loaded, lens, ids, mask, option_ids, steering)
+            if cached and ids.shape[1] > 1:
+                logits = steer_batch_cached(loaded, lens, ids, mask, option_ids, steering,
+                                            settings.max_tokens * loaded.adapter.num_blocks)
+            else:
+                logits = steer_batch_full(loaded, lens, ids, mask, option_ids, steering)
             out[:, idx] = logits.transpose(0, 1).cpu().numpy()
             bar.update(len(idx))
     return out

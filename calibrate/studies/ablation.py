@@ -25,6 +25,7 @@ import torch
 from calibrate.config.settings import MetricSettings
 from calibrate.config.spec import JobSpec
 from calibrate.core import nullspace
+from calibrate.engine.readout import last_layer_logits, last_layer_truncated_logits
 from calibrate.engine.steer import ABLATIONS, Intervention, steering_table
 from calibrate.io import results
 from calibrate.io.track import Tracker
@@ -33,7 +34,7 @@ from calibrate.model.load import LoadedModel
 from calibrate.studies.base import Study, StudyResult, register
 from calibrate.studies.context import JobContext
 from calibrate.studies.directions import obtain_direction
-from calibrate.studies.null import null_skip_reason, subspace_null
+from calibrate.studies.null import null_skip_reason, random_bases, subspace_null
 from calibrate.studies.steering import paired
 
 ABLATION_FILE = "ablation.csv"
@@ -186,19 +187,32 @@ class _Ablation(Study):
 
 def _control_null(ctx: JobContext, fit: Any, eval_set: Any, layers: tuple[int, ...],
                   basis: np.ndarray, truncated_delta_ece: float) -> dict[str, Any]:
-    """The truncation against ``nullspace.n_control`` random subspaces of the same size."""
+    """The truncation against ``nullspace.n_control`` random subspaces of the same size,
+    removed at the same layers: read from the last layer's residual when the removal is there,
+    else through the blocks above it."""
     spec, n_control = ctx.spec, ctx.spec.nullspace.n_control
     if not n_control:
         return {"n_control": 0}
-    last = ctx.num_layers - 1
-    reason = null_skip_reason(list(layers), last, spec.intervention.position, eval_set.is_cloze)
+    reason = null_skip_reason(spec.intervention.position, eval_set.is_cloze)
     if reason:
         return {"n_control": n_control, "skipped": reason}
-    means = _means(fit, (last,), spec.intervention.ablation)
-    return subspace_null(ctx.loaded, fit.base.residuals[last][fit.eval_idx], eval_set.option_ids,
-                         eval_set.labels, truncated_delta_ece, basis.shape[0], basis.shape[1],
-                         n_control, spec.nullspace.seed + 1, spec.metrics.n_bins,
-                         spec.metrics.binning, None if means is None else means[last])
+    last = ctx.num_layers - 1
+    bases = random_bases(basis.shape[0], basis.shape[1], n_control, spec.nullspace.seed + 1)
+    means = _means(fit, layers, spec.intervention.ablation)
+    if list(layers) == [last]:
+        residual = fit.base.residuals[last][fit.eval_idx]
+        logits = last_layer_truncated_logits(ctx.loaded, residual, eval_set.option_ids, bases,
+                                             None if means is None else means[last])
+        plain = last_layer_logits(ctx.loaded, residual, eval_set.option_ids,
+                                  np.zeros((1, basis.shape[0])), np.zeros(1))[0, 0]
+    else:
+        controls = SubspaceAblation(bases=tuple(b.astype(np.float32) for b in bases),
+                                    layers=layers, position="last", means=means)
+        final = ctx.steered(eval_set, controls)[:, :, -1]  # [1 + n_control, N, K]
+        logits, plain = final[1:], final[0]
+    out = subspace_null(logits, plain, eval_set.labels, truncated_delta_ece,
+                        spec.metrics.n_bins, spec.metrics.binning)
+    return {**out, "layers": list(layers)}
 
 
 @register

@@ -4,9 +4,10 @@
 position, η and norm convention) on the same evaluation examples. Per η: ĉ's final-layer ΔECE,
 ΔMCE and Δaccuracy against η = 0, the null's median and 5–95 % band, and ĉ's empirical p-value
 ``(1 + #{random ΔECE <= ĉ's ΔECE}) / (1 + n_random)`` (small: ĉ lowers ECE more than random
-directions do). Computed without forward passes where the edit is at the last layer, at the last
-position, with one token per option (:mod:`calibrate.engine.readout`); elsewhere it is skipped
-and metrics.json says why.
+directions do). At the last layer it needs no forward pass (:mod:`calibrate.engine.readout`); at
+earlier layers every direction and η runs only the blocks above the edit, for the last position
+(:mod:`calibrate.engine.upper`). With ``position=all`` or cloze scoring it is skipped and
+metrics.json says why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 from calibrate.core.nullspace import random_unit_vectors
 from calibrate.core.paired import binned_errors
 from calibrate.engine.lens import option_probabilities
-from calibrate.engine.readout import last_layer_logits, last_layer_truncated_logits
+from calibrate.engine.readout import last_layer_logits
 
 NULL_FILE = "null.csv"
 
@@ -35,14 +36,17 @@ def _final_metrics(logits: np.ndarray, labels: np.ndarray, n_bins: int,
             "mce": mce.reshape(lead)}
 
 
-def null_table(loaded: Any, residual: np.ndarray, option_ids: np.ndarray, labels: np.ndarray,
-               direction: np.ndarray, etas: tuple[float, ...], scale: float, n_random: int,
-               seed: int, n_bins: int, binning: str) -> pd.DataFrame:
-    """One row per η ≠ 0: ĉ's deltas, the null's median and 5–95 % band, the p-value."""
-    hidden = residual.shape[1]
-    randoms = random_unit_vectors(n_random, hidden, seed).numpy().astype(np.float64)
-    vectors = np.vstack([direction[None], randoms])
-    logits = last_layer_logits(loaded, residual, option_ids, vectors, np.asarray(etas), scale)
+def null_vectors(direction: np.ndarray, n_random: int, seed: int) -> np.ndarray:
+    """ĉ followed by ``n_random`` seeded random unit directions: [1 + n_random, hidden]."""
+    randoms = random_unit_vectors(n_random, direction.shape[-1], seed).numpy()
+    return np.vstack([np.asarray(direction, dtype=np.float64)[None], randoms.astype(np.float64)])
+
+
+def direction_null(logits: np.ndarray, labels: np.ndarray, etas: tuple[float, ...],
+                   n_bins: int, binning: str) -> pd.DataFrame:
+    """One row per η ≠ 0 from final-layer option logits [1 + n_random, E, N, K] (ĉ first):
+    ĉ's deltas against η = 0, the null's median and 5–95 % band, the p-value."""
+    n_random = logits.shape[0] - 1
     metrics = _final_metrics(logits, labels, n_bins, binning)  # each [D, E]
     rows = []
     for e, eta in enumerate(etas):
@@ -62,33 +66,44 @@ def null_table(loaded: Any, residual: np.ndarray, option_ids: np.ndarray, labels
     return pd.DataFrame(rows)
 
 
-def null_skip_reason(layers: list[int], last: int, position: str, cloze: bool) -> str | None:
-    """Why the fast null cannot run here, or None when it can."""
-    if layers != [last]:
-        return f"the edit is at layers {layers}, not only at the last layer {last}"
+def null_table(loaded: Any, residual: np.ndarray, option_ids: np.ndarray, labels: np.ndarray,
+               direction: np.ndarray, etas: tuple[float, ...], scale: float, n_random: int,
+               seed: int, n_bins: int, binning: str) -> pd.DataFrame:
+    """:func:`direction_null` of an edit at the last layer, read without forward passes from
+    the last layer's residual [N, H]."""
+    vectors = null_vectors(direction, n_random, seed)
+    logits = last_layer_logits(loaded, residual, option_ids, vectors, np.asarray(etas), scale)
+    return direction_null(logits, labels, etas, n_bins, binning)
+
+
+def null_skip_reason(position: str, cloze: bool) -> str | None:
+    """Why the null is not run here (one pass per random direction and η would be needed), or
+    None when it runs."""
     if position != "last":
-        return "intervention.position=all"
+        return "intervention.position=all (a full forward pass per random direction and eta)"
     if cloze:
-        return "cloze scoring (continuations read the edited state)"
+        return "cloze scoring (every random direction and eta reruns the continuations)"
     return None
 
 
-def subspace_null(loaded: Any, residual: np.ndarray, option_ids: np.ndarray, labels: np.ndarray,
-                  truncated_delta_ece: float, hidden: int, k: int, n_control: int, seed: int,
-                  n_bins: int, binning: str, means: np.ndarray | None = None) -> dict[str, Any]:
-    """The null-space truncation against ``n_control`` random k-dimensional subspaces removed
-    the same way at the last layer: their ΔECE median and 5–95 % band, and the truncation's
-    p-value ``(1 + #{random ΔECE <= truncation's}) / (1 + n_control)``."""
-    from calibrate.core.subspace import random_subspace
-
-    bases = [random_subspace(hidden, k, seed + s).numpy() for s in range(n_control)]
-    logits = last_layer_truncated_logits(loaded, residual, option_ids, bases, means)
-    plain = last_layer_logits(loaded, residual, option_ids, np.zeros((1, hidden)), np.zeros(1))
+def subspace_null(logits: np.ndarray, plain: np.ndarray, labels: np.ndarray,
+                  truncated_delta_ece: float, n_bins: int, binning: str) -> dict[str, Any]:
+    """The null-space truncation against random k-dimensional subspaces removed the same way:
+    final-layer option logits [n_control, N, K] of the removals and [N, K] of no removal. Their
+    ΔECE median and 5–95 % band, and the truncation's p-value
+    ``(1 + #{random ΔECE <= truncation's}) / (1 + n_control)``."""
     ece = _final_metrics(logits, labels, n_bins, binning)["ece"]
-    ece0 = float(_final_metrics(plain[0], labels, n_bins, binning)["ece"][0])
+    ece0 = float(_final_metrics(plain[None], labels, n_bins, binning)["ece"][0])
     delta = ece - ece0
     lo, median, hi = np.quantile(delta, [0.05, 0.5, 0.95])
     below = int(np.sum(delta <= truncated_delta_ece))
-    return {"n_control": n_control, "truncation_delta_ece": truncated_delta_ece,
+    return {"n_control": len(logits), "truncation_delta_ece": truncated_delta_ece,
             "control_delta_ece_median": float(median), "control_delta_ece_p05": float(lo),
-            "control_delta_ece_p95": float(hi), "p_value_ece": (1 + below) / (1 + n_control)}
+            "control_delta_ece_p95": float(hi), "p_value_ece": (1 + below) / (1 + len(logits))}
+
+
+def random_bases(hidden: int, k: int, n_control: int, seed: int) -> list[np.ndarray]:
+    """``n_control`` seeded random k-dimensional orthonormal bases [hidden, k]."""
+    from calibrate.core.subspace import random_subspace
+
+    return [random_subspace(hidden, k, seed + s).numpy() for s in range(n_control)]

@@ -22,7 +22,8 @@ from calibrate.core.direction import Direction, save_direction
 from calibrate.core.paired import add_paired_columns, multiple_comparisons
 from calibrate.engine.lens import option_probabilities
 from calibrate.engine.probe import ProbeResult
-from calibrate.engine.steer import Steering, residual_norms, steering_table
+from calibrate.engine.readout import last_layer_logits
+from calibrate.engine.steer import DirectionSweep, Steering, residual_norms, steering_table
 from calibrate.io import results
 from calibrate.io.track import Tracker
 from calibrate.studies.base import Study, StudyResult, register
@@ -34,7 +35,7 @@ from calibrate.studies.baselines import (
 )
 from calibrate.studies.context import JobContext
 from calibrate.studies.directions import obtain_direction
-from calibrate.studies.null import NULL_FILE, null_skip_reason, null_table
+from calibrate.studies.null import NULL_FILE, direction_null, null_skip_reason, null_vectors
 
 LOG = logging.getLogger("calibrate")
 STEERING_FILE = "steering.csv"
@@ -147,21 +148,29 @@ def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
 
 def _null(ctx: JobContext, fit: Any, eval_set: Any, layers: list[int],
           scale: Mapping[int, float] | None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
-    """ĉ against ``direction.n_random`` random directions steered the same way."""
+    """ĉ against ``direction.n_random`` random directions steered the same way: read from the
+    last layer's residual when the edit is there, else through the blocks above the edit."""
     spec, n_random = ctx.spec, ctx.spec.direction.n_random
     if not n_random or len(spec.etas) < 2:
         return None, {"n_random": 0}
-    last = ctx.num_layers - 1
-    reason = null_skip_reason(list(layers), last, spec.intervention.position,
-                              eval_set.is_cloze)
+    reason = null_skip_reason(spec.intervention.position, eval_set.is_cloze)
     if reason:
         LOG.info("random-direction null skipped: %s", reason)
         return None, {"n_random": n_random, "skipped": reason}
-    residual = fit.base.residuals[last][fit.eval_idx]
-    table = null_table(ctx.loaded, residual, eval_set.option_ids, eval_set.labels,
-                       fit.direction.vector, spec.etas, (scale or {}).get(last, 1.0), n_random,
-                       spec.direction.seed + 1, spec.metrics.n_bins, spec.metrics.binning)
-    return table, {"n_random": n_random, "per_eta": table.to_dict("records")}
+    vectors = null_vectors(fit.direction.vector, n_random, spec.direction.seed + 1)
+    last, etas = ctx.num_layers - 1, spec.etas
+    if list(layers) == [last]:
+        logits = last_layer_logits(ctx.loaded, fit.base.residuals[last][fit.eval_idx],
+                                   eval_set.option_ids, vectors, np.asarray(etas),
+                                   (scale or {}).get(last, 1.0))
+    else:
+        sweep = DirectionSweep(vectors, tuple(layers), etas, "last", scale)
+        final = ctx.steered(eval_set, sweep)[:, :, -1]  # [D * E, N, K]
+        logits = final.reshape(len(vectors), len(etas), *final.shape[1:])
+    table = direction_null(logits, eval_set.labels, etas, spec.metrics.n_bins,
+                           spec.metrics.binning)
+    return table, {"n_random": n_random, "layers": list(layers),
+                   "per_eta": table.to_dict("records")}
 
 
 def paired(table: pd.DataFrame, logits: np.ndarray, labels: np.ndarray, column: str,
