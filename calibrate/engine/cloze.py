@@ -255,15 +255,22 @@ def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.
 
 def run_cloze_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
                       intervention: Intervention, settings: ProbeSettings | None = None,
-                      norm: str = "none") -> np.ndarray:
+                      norm: str = "none", use_cache: bool = True) -> np.ndarray:
     """Normalized option log-likelihoods [V, N, L+1, K] under each variant (eta) of ``intervention``.
 
-    The edit applies to the context pass (its last position, or every context position with
-    ``position: all``); every option's continuation then reads the edited context. Each variant
-    is one full cloze pass.
+    The edit applies to the context (its last position, or every context position with
+    ``position: all``); every option's continuation then reads the edited context. An edit of
+    the last position runs the context once and each variant only above the edit
+    (:mod:`calibrate.engine.cloze_steer`); otherwise (or ``use_cache=False``) each variant is
+    one full cloze pass.
     """
     settings = settings or ProbeSettings()
     divisors = cloze_divisors(requests, norm)
+    if use_cache and intervention.position == "last":
+        from calibrate.engine.cloze_steer import cloze_loglik_steered
+
+        loglik = cloze_loglik_steered(loaded, requests, intervention, settings)
+        return loglik / divisors[None, :, None, :]
     out = [cloze_loglik(loaded, requests, settings, (), (intervention, v),
                         f"{type(intervention).__name__.lower()} {v + 1}/{intervention.n_variants}")[0]
            for v in range(intervention.n_variants)]

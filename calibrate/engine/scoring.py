@@ -57,7 +57,7 @@ class Cloze(SingleToken):
         from calibrate.engine.cloze import run_cloze_steered
 
         return run_cloze_steered(loaded, list(prompt_set.requests), intervention, settings,
-                                 prompt_set.cloze_norm or "none")
+                                 prompt_set.cloze_norm or "none", use_cache)
 
     def key_fields(self, prompt_set: Any) -> dict[str, Any]:
         from calibrate.tasks.continuations import requests_digest

@@ -1,0 +1,174 @@
+"""Cloze scoring under an edit of the context's last position, every variant on one context pass.
+
+An edit at layer ``l`` of the last context position changes nothing before that position and
+nothing below layer ``l``. So per batch: the context without its last token runs once (its
+key/value cache kept); each option's *tail* — the last context token followed by the
+continuation without its last token — runs once unedited through every block (the layers below
+``l``, the same for every variant); then every variant runs the tails through the blocks from
+``l`` on only, with the edit at tail position 0. At the last layer no block runs, and only the
+states at the context's last position are read again.
+
+Every continuation token's log-probability is read through the lens (full-vocabulary
+log-softmax) at the state before it, each distinct state once
+(:func:`calibrate.engine.cloze_plan.token_plan`), and summed into the option's log-likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from calibrate.engine.cloze import capture_positions, cloze_lens, lens_logprobs
+from calibrate.engine.cloze_plan import right_pad, token_plan
+from calibrate.engine.hooks import edit_residual
+from calibrate.engine.probe import ProbeSettings, check_finite, left_pad, position_ids, run_batches
+from calibrate.engine.steer import Intervention, variants_per_pass
+from calibrate.engine.upper import (
+    cache_argument,
+    capture_upper,
+    only_blocks_from,
+    rows_cache,
+)
+from calibrate.model.load import LoadedModel
+from calibrate.tasks.continuations import ClozeRequest
+
+
+def _edit_first(intervention: Intervention, row_variants: torch.Tensor):
+    """The residual edit at tail position 0 (the context's last token) of every row."""
+    def edit(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.clone()
+        hidden[:, :1] = intervention.apply(layer, hidden[:, :1], row_variants)
+        return hidden
+    return edit
+
+
+class _Tails:
+    """One batch's context cache and option tails, run once unedited."""
+
+    def __init__(self, loaded: LoadedModel, batch: Sequence[ClozeRequest]) -> None:
+        device, backbone = loaded.device, loaded.adapter.backbone
+        pad = loaded.tokenizer.pad_token_id
+        ids, mask = left_pad([r.context_ids for r in batch], pad)
+        counts = torch.tensor([r.n_options for r in batch])
+        self.row_example = torch.repeat_interleave(torch.arange(len(batch)), counts)
+        self.conts = [c for r in batch for c in r.continuations]
+        tails = [[int(ids[b, -1])] + list(c[:-1]) for b, c in zip(self.row_example.tolist(), self.conts)]
+        self.width = max(map(len, tails))
+        tail_ids, tail_mask = right_pad(tails, pad, self.width)
+        ctx_mask = mask[:, :-1][self.row_example]
+        self.ids = tail_ids.to(device)
+        self.mask = torch.cat([ctx_mask, tail_mask], dim=1).to(device)
+        self.pos = ((mask.sum(1) - 1)[self.row_example][:, None] + torch.arange(self.width)).to(device)
+        self.first_rows = torch.cumsum(counts, 0) - counts  # each example's first row
+        self.n_examples = len(batch)
+        self.real = int(mask.sum()) + int(tail_mask.sum()) - len(self.conts)
+        with torch.no_grad():
+            if ids.shape[1] > 1:
+                out = backbone(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
+                               position_ids=position_ids(mask)[:, :-1].to(device), use_cache=True)
+                self.cache = getattr(out, "cache", None) or out.past_key_values
+            else:
+                self.cache = None
+            kwargs = {} if self.cache is None else {
+                cache_argument(backbone): rows_cache(self.cache, self.row_example, 0)}
+            with capture_positions(loaded.adapter, slice(None)) as store:
+                backbone(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
+                         use_cache=self.cache is not None, **kwargs)
+        self.states = torch.stack(store, dim=2)  # [R, W, L+1, H] unedited
+        check_finite(self.states)
+        self.plan = token_plan(self.conts, self.row_example.tolist(),
+                               [self.n_examples + r * (self.width - 1) for r in range(len(self.conts))])
+
+    def sources(self, tails: torch.Tensor) -> torch.Tensor:
+        """The plan's sources from tail states [R, W, n, H]: each example's context state, then
+        every row's continuation positions."""
+        return torch.cat([tails[self.first_rows, 0], tails[:, 1:].flatten(0, 1)], dim=0)
+
+    def upper(self, loaded: LoadedModel, intervention: Intervention, start: int,
+              variants: torch.Tensor) -> torch.Tensor:
+        """Tail states [R * v, W, L+1-start, H] of ``variants`` (row r * v + i: row r, variant i)."""
+        n_rows, backbone = len(self.conts), loaded.adapter.backbone
+        rows = torch.arange(n_rows).repeat_interleave(len(variants))
+        row_variants = variants.repeat(n_rows)
+        hidden = self.states[rows.to(self.states.device), :, start]
+        if start in intervention.layers:
+            hidden = _edit_first(intervention, row_variants)(start, hidden)
+        if start == loaded.adapter.num_blocks:
+            return hidden[:, :, None]
+        later = [layer for layer in intervention.layers if layer > start]
+        example_rows = self.row_example[rows]
+        kwargs = {} if self.cache is None else {
+            cache_argument(backbone): rows_cache(self.cache, example_rows, start)}
+        hidden = hidden.to(loaded.device)
+        with only_blocks_from(loaded.adapter, start, hidden), \
+                edit_residual(loaded.adapter, later, _edit_first(intervention, row_variants)), \
+                capture_upper(loaded.adapter, start, slice(None)) as store:
+            backbone(input_ids=self.ids[rows], attention_mask=self.mask[rows],
+                     position_ids=self.pos[rows], use_cache=self.cache is not None, **kwargs)
+        return torch.stack([hidden, *store], dim=2)
+
+
+def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
+                        intervention: Intervention, token_budget: int) -> tuple[torch.Tensor, int]:
+    """Per-option log-likelihoods [V, R, L+1] float64 of one batch (rows in (example, option)
+    order) under every variant, and the real tokens run."""
+    lens, max_rows = cloze_lens(loaded.adapter)
+    n_layers = loaded.adapter.num_blocks + 1
+    start = min(intervention.layers)
+    with torch.inference_mode():
+        tails = _Tails(loaded, batch)
+        plan = tails.plan
+        src = plan.state_src.to(tails.states.device)
+        token_row = plan.token_row.to(lens.device)
+        base = lens_logprobs(lens, tails.sources(tails.states)[src], plan.token_state,
+                             plan.token_target, max_rows)  # [M, L+1] unedited
+        # at the last layer only the context's last state changes; elsewhere every state does
+        changed = src < tails.n_examples if start == n_layers - 1 else torch.ones_like(src, dtype=torch.bool)
+        changed_states = changed.nonzero().squeeze(1)
+        remap = torch.full((len(src),), -1, dtype=torch.long)
+        remap[changed_states.cpu()] = torch.arange(len(changed_states))
+        tok_sel = (remap[plan.token_state] >= 0).nonzero().squeeze(1)
+        n_rows, n_var = len(tails.conts), intervention.n_variants
+        out = torch.empty((n_var, n_rows, n_layers), dtype=torch.float64)
+        step = variants_per_pass(n_rows, tails.mask.shape[1], n_layers - 1 - start, token_budget)
+        for lo in range(0, n_var, step):
+            variants = torch.arange(lo, min(lo + step, n_var))
+            upper = tails.upper(loaded, intervention, start, variants)
+            check_finite(upper.flatten(0, 1))
+            for i, variant in enumerate(variants.tolist()):
+                states = tails.sources(upper[i::len(variants)])[src[changed_states]]
+                lp = base.clone()
+                lp[tok_sel, start:] = lens_logprobs(lens, states, remap[plan.token_state[tok_sel]],
+                                                    plan.token_target[tok_sel], max_rows)
+                loglik = torch.zeros((n_rows, n_layers), dtype=torch.float64, device=lens.device)
+                loglik.index_add_(0, token_row, lp)
+                out[variant] = loglik.cpu()
+    return out, tails.real
+
+
+def cloze_loglik_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
+                         intervention: Intervention, settings: ProbeSettings,
+                         desc: str = "cloze steered") -> np.ndarray:
+    """Summed log-likelihoods [V, N, L+1, K] float64 (-inf padded) under every variant of an
+    edit of the context's last position."""
+    n, k = len(requests), max(r.n_options for r in requests)
+    n_var, n_layers = intervention.n_variants, loaded.adapter.num_blocks + 1
+    loglik = np.full((n_var, n, n_layers, k), -np.inf)
+    lengths = np.array([len(r.context_ids) + max(map(len, r.continuations)) for r in requests])
+    budget = settings.max_tokens * loaded.adapter.num_blocks
+    with tqdm(total=n, desc=f"{desc} {loaded.name} x{n_var}", unit="ex",
+              disable=not settings.progress) as bar:
+        def run(idx: np.ndarray, _current: ProbeSettings):
+            return cloze_steered_batch(loaded, [requests[i] for i in idx], intervention, budget)
+
+        for idx, (rows, _real) in run_batches(lengths, settings, run):
+            rows, at = rows.numpy(), 0
+            for i in idx:
+                kk = requests[i].n_options
+                loglik[:, i, :, :kk] = rows[:, at:at + kk].transpose(0, 2, 1)
+                at += kk
+            bar.update(len(idx))
+    return loglik
