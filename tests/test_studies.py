@@ -243,6 +243,37 @@ def test_random_direction_null_is_skipped_with_a_reason_at_every_position(
     assert "intervention.position=all" in result.summary["null"]["skipped"]
 
 
+def test_cloze_null_at_the_last_layer_equals_full_cloze_passes(tiny_lm, tmp_path):
+    """Cloze steered at the last layer: the null rereads only the context's last state; its band
+    equals full cloze passes of each random direction, ĉ's row equals steering.csv."""
+    from calibrate.engine.cloze import run_cloze_steered
+    from calibrate.engine.steer import Steering
+    from calibrate.studies.null import _final_metrics, null_vectors
+    from calibrate.tasks.data import MCRecord
+
+    rng = np.random.default_rng(1)
+    records = [MCRecord(" ".join(rng.choice(WORDS, size=4)), ("very good fun", "bad", "not it"),
+                        i % 3) for i in range(16)]
+    cloze = {"name": "toy", "answer_format": "cloze", "cloze_norm": "none",
+             "template": "{question} question : good or bad ? answer :"}
+    prompts = build_prompts(records, cloze, tiny_lm.tokenizer)
+    ctx = context(tiny_lm, prompts, tmp_path, "eta=[0,4]", "direction.n_random=5",
+                  "direction.layers=[2,3]")
+    result = get_study("steering").run(ctx)
+    row = result.null.iloc[0]
+    final = result.table[result.table["layer"] == LAYERS - 1].set_index("eta")
+    assert row.c_hat_delta_ece == pytest.approx(final.loc[4.0, "delta_ece"], abs=1e-6)
+    _, evaluation = split_indices(16, 0.5, 0)
+    eval_set = prompts.subset(evaluation)
+    deltas = []
+    for vec in null_vectors(result.direction.vector, 5, ctx.spec.direction.seed + 1)[1:]:
+        full = run_cloze_steered(tiny_lm, list(eval_set.requests), Steering(vec, (3,), (0.0, 4.0)),
+                                 ProbeSettings(progress=False), use_cache=False)[:, :, -1]
+        ece = _final_metrics(full, eval_set.labels, 15, "guo")["ece"]
+        deltas.append(ece[1] - ece[0])
+    assert row.null_delta_ece_median == pytest.approx(np.median(deltas), abs=1e-6)
+
+
 def test_subspace_control_off_the_last_layer_equals_full_ablated_passes(
         tiny_lm, prompt_set, tmp_path):
     from calibrate.engine.steer import run_steered

@@ -12,13 +12,16 @@ continuations), its prompts built as a job builds them, it times, interleaved ro
 * ``lmeval``: lm-eval's own scoring (``HFLM._loglikelihood_tokens``): every context + continuation
   (without its last token) from scratch through ``model(...)``, longest first, right-padded
   batches, identical inputs run once, full log-softmax, gather; the last layer only;
+* ``steer8`` / ``steer8_before_last`` / ``steer8_full``: 8 etas of steering at the last context
+  position, at the last layer / at the block before last (one context pass, each eta above the
+  edit only: :mod:`calibrate.engine.cloze_steer`) / a full cloze pass per eta;
 * ``scratch``: every layer through the lens without sharing anything: each option's context +
   continuation from scratch (the options of one example as one batch), the full-vocabulary lens at
   every continuation position of every layer.
 
 It runs on one CPU thread unless ``--threads`` says otherwise, checks that the three agree
 (cloze's last layer against lm-eval, every layer against scratch), prints ``cloze_over_lmeval``
-(target <= 1.2) and ``cloze_over_from_scratch`` and merges them into ``bench.json`` in the
+(target <= 1.2), ``cloze_steer8_over_cloze`` (target <= 2) and ``cloze_over_from_scratch`` and merges them into ``bench.json`` in the
 current directory. lm-eval's own float32 log-softmax is off the float64 score by up to ~2e-4 on
 SmolLM2; cloze's float32 lens with a float64 normalizer is closer (tests/references.py).
 """
@@ -35,9 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.engine.cloze import capture_positions, cloze_lens, lens_logprobs, run_cloze
+from calibrate.engine.cloze import (
+    capture_positions,
+    cloze_lens,
+    lens_logprobs,
+    run_cloze,
+    run_cloze_steered,
+)
 from calibrate.engine.cloze_plan import token_plan
 from calibrate.engine.probe import ProbeSettings, left_pad, position_ids
+from calibrate.engine.steer import Steering
 from calibrate.io.results import merge_json
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.continuations import ClozeRequest
@@ -141,13 +151,25 @@ def model_shape(loaded: LoadedModel) -> dict[str, int]:
     return {"body": body, "vocab": vocab, "hidden": hidden, "layers": loaded.adapter.num_blocks + 1}
 
 
+def eight_etas(loaded: LoadedModel, layer: int) -> Steering:
+    """A seeded unit direction at 8 etas, at the last context position of ``layer``."""
+    vec = np.random.default_rng(0).standard_normal(loaded.adapter.unembed_weight.shape[1])
+    return Steering(vec / np.linalg.norm(vec), (layer,), tuple(float(e) for e in range(8)), "last")
+
+
 def measure(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.ndarray,
             settings: ProbeSettings, rounds: int, lmeval_batch: int) -> dict[str, Any]:
     """Interleave the three variants ``rounds`` times; medians of the times."""
+    last = loaded.adapter.num_blocks
     variants: dict[str, Callable[[], Any]] = {
         "cloze": lambda: run_cloze(loaded, requests, labels, settings).option_logits,
         "lmeval": lambda: lmeval_loglik(loaded, requests, lmeval_batch),
         "scratch": lambda: scratch_lens_loglik(loaded, requests),
+        "steer8": lambda: run_cloze_steered(loaded, requests, eight_etas(loaded, last), settings),
+        "steer8_before_last": lambda: run_cloze_steered(loaded, requests,
+                                                        eight_etas(loaded, last - 1), settings),
+        "steer8_full": lambda: run_cloze_steered(loaded, requests, eight_etas(loaded, last),
+                                                 settings, use_cache=False),
     }
     few = requests[:2]  # warm-up (allocator, kernels) on two records
     run_cloze(loaded, few, labels[:2], settings)
@@ -163,6 +185,9 @@ def measure(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.nd
     med = {k: statistics.median(v) for k, v in times.items()}
     n_tokens = [len(c) for r in requests for c in r.continuations]
     return {
+        "cloze_steer8_over_cloze": med["steer8"] / med["cloze"],
+        "cloze_steer8_before_last_over_cloze": med["steer8_before_last"] / med["cloze"],
+        "cloze_steer8_full_over_cloze": med["steer8_full"] / med["cloze"],
         "cloze_over_lmeval": med["cloze"] / med["lmeval"],
         "cloze_over_from_scratch": med["cloze"] / med["scratch"],
         "cloze_s": med["cloze"], "cloze_lmeval_s": med["lmeval"], "cloze_scratch_s": med["scratch"],
@@ -218,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     merge_json(args.output, figures)
     print(f"cloze / lm-eval        = {figures['cloze_over_lmeval']:.3f}   (target <= 1.2)")
     print(f"cloze / from scratch   = {figures['cloze_over_from_scratch']:.3f}")
+    print(f"8 etas of cloze steering / cloze = {figures['cloze_steer8_over_cloze']:.3f} at the last "
+          f"layer (target <= 2), {figures['cloze_steer8_before_last_over_cloze']:.3f} at the block "
+          f"before last; a full cloze pass per eta: {figures['cloze_steer8_full_over_cloze']:.2f}")
     print(f"multiply-adds alone: cloze / lm-eval = {figures['cloze_over_lmeval_matmul']:.3f}, "
           f"of which the lens's full-vocabulary reads are "
           f"{100 * figures['cloze_lens_share_matmul']:.0f}% of cloze's")

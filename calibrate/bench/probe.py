@@ -10,12 +10,15 @@ are noisy, so only ratios measured together count):
 * ``probe``: the layer-wise probe (hooks at every block, lens on the option rows only);
 * ``eta8_cached`` / ``eta8_full``: a sweep of 8 etas steering the last position at the last
   layer, with the key/value cache reused across etas / with a full forward pass per eta;
+* ``null_before_last``: what a steering job with the random-direction null runs at the block
+  before last: c_hat at 8 etas, then c_hat and 32 random directions x 8 etas;
 * ``peer``: the common peer approach (TransformerLens / tuned-lens style): ``output_hidden_states``
   and a full-vocabulary logit lens at every position of every layer, one layer at a time.
 
 It prints the ratios and merges them into ``bench.json`` in the current directory:
 ``probe_over_forward`` (target <= 1.05), ``peer_over_probe`` (target >= 5),
-``padding_efficiency`` (target >= 0.9), ``eta8_over_probe`` (target <= 1.3) and the peak
+``padding_efficiency`` (target >= 0.9), ``eta8_over_probe`` (target <= 1.3),
+``null_before_last_over_probe`` (target <= 4) and the peak
 memory of each variant in MiB.
 """
 
@@ -128,7 +131,20 @@ def variants_for(loaded, prompt_set, settings: ProbeSettings) -> dict[str, Calla
     variants["eta8_cached"] = lambda: run_steered(loaded, prompt_set, steering, settings, use_cache=True)
     variants["eta8_full"] = lambda: run_steered(loaded, prompt_set, steering, settings, use_cache=False)
     variants["truncation"] = lambda: run_steered(loaded, prompt_set, _truncation(loaded), settings)
+    variants["null_before_last"] = lambda: _null_before_last(loaded, prompt_set, settings, vec)
     return variants
+
+
+def _null_before_last(loaded, prompt_set, settings: ProbeSettings, vec: np.ndarray) -> None:
+    """What a steering job with the null does at the block before last: c_hat at 8 etas (every
+    layer read), then c_hat and 32 random directions x 8 etas (:mod:`calibrate.studies.null`)."""
+    from calibrate.engine.steer import DirectionSweep
+    from calibrate.studies.null import null_vectors
+
+    layer, etas = (loaded.adapter.num_blocks - 1,), tuple(float(e) for e in range(8))
+    unit = vec / np.linalg.norm(vec)
+    run_steered(loaded, prompt_set, Steering(unit, layer, etas, "last"), settings)
+    run_steered(loaded, prompt_set, DirectionSweep(null_vectors(unit, 32, 1), layer, etas), settings)
 
 
 def _truncation(loaded):
@@ -170,6 +186,7 @@ def measure(loaded, prompt_set, settings: ProbeSettings, rounds: int,
         "eta8_over_probe": med["eta8_cached"] / med["probe"],
         "eta8_full_over_probe": med["eta8_full"] / med["probe"],
         "truncation_over_probe": med["truncation"] / med["probe"],
+        "null_before_last_over_probe": med["null_before_last"] / med["probe"],
         "peer_over_probe": med["peer"] / med["probe"],
         "padding_efficiency": efficiency,
         "forward_s": med["forward"], "forward_last_s": med["forward_last"], "probe_s": med["probe"],
@@ -279,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"8-eta sweep / probe = {figures['eta8_over_probe']:.3f}   (target <= 1.3; "
           f"8 full steered passes: {figures['eta8_full_over_probe']:.2f})")
     print(f"null-space truncation (+ random control) / probe = {figures['truncation_over_probe']:.3f}")
+    print(f"c_hat + 32 random directions x 8 etas at the block before last / probe = "
+          f"{figures['null_before_last_over_probe']:.3f}   (target <= 4)")
     print(f"peak memory MiB     : forward {figures['forward_peak_mib']:.1f}, probe "
           f"{figures['probe_peak_mib']:.1f}, peer {figures['peer_peak_mib']:.1f}, 8-eta sweep "
           f"{figures['eta8_cached_peak_mib']:.1f}")

@@ -193,13 +193,13 @@ def _control_null(ctx: JobContext, fit: Any, eval_set: Any, layers: tuple[int, .
     spec, n_control = ctx.spec, ctx.spec.nullspace.n_control
     if not n_control:
         return {"n_control": 0}
-    reason = null_skip_reason(spec.intervention.position, eval_set.is_cloze)
+    last = ctx.num_layers - 1
+    reason = null_skip_reason(spec.intervention.position, eval_set.is_cloze, list(layers) == [last])
     if reason:
         return {"n_control": n_control, "skipped": reason}
-    last = ctx.num_layers - 1
     bases = random_bases(basis.shape[0], basis.shape[1], n_control, spec.nullspace.seed + 1)
     means = _means(fit, layers, spec.intervention.ablation)
-    if list(layers) == [last]:
+    if list(layers) == [last] and not eval_set.is_cloze:
         residual = fit.base.residuals[last][fit.eval_idx]
         logits = last_layer_truncated_logits(ctx.loaded, residual, eval_set.option_ids, bases,
                                              None if means is None else means[last])

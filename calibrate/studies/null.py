@@ -6,8 +6,9 @@ position, η and norm convention) on the same evaluation examples. Per η: ĉ's 
 ``(1 + #{random ΔECE <= ĉ's ΔECE}) / (1 + n_random)`` (small: ĉ lowers ECE more than random
 directions do). At the last layer it needs no forward pass (:mod:`calibrate.engine.readout`); at
 earlier layers every direction and η runs only the blocks above the edit, for the last position
-(:mod:`calibrate.engine.upper`). With ``position=all`` or cloze scoring it is skipped and
-metrics.json says why.
+(:mod:`calibrate.engine.upper`). Cloze scoring edited at the last layer rereads only the
+context's last state (:mod:`calibrate.engine.cloze_steer`). With ``position=all``, or cloze
+scoring edited below the last layer, it is skipped and metrics.json says why.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ def null_table(loaded: Any, residual: np.ndarray, option_ids: np.ndarray, labels
     return direction_null(logits, labels, etas, n_bins, binning)
 
 
-def null_skip_reason(position: str, cloze: bool) -> str | None:
+def null_skip_reason(position: str, cloze: bool, last_layer_only: bool) -> str | None:
     """Why the null is not run here (one pass per random direction and η would be needed), or
     None when it runs."""
     if position != "last":
         return "intervention.position=all (a full forward pass per random direction and eta)"
-    if cloze:
-        return "cloze scoring (every random direction and eta reruns the continuations)"
+    if cloze and not last_layer_only:
+        return ("cloze scoring with an edit below the last layer (every random direction and "
+                "eta reruns the continuations)")
     return None
 
 

@@ -153,13 +153,13 @@ def _null(ctx: JobContext, fit: Any, eval_set: Any, layers: list[int],
     spec, n_random = ctx.spec, ctx.spec.direction.n_random
     if not n_random or len(spec.etas) < 2:
         return None, {"n_random": 0}
-    reason = null_skip_reason(spec.intervention.position, eval_set.is_cloze)
+    last, etas = ctx.num_layers - 1, spec.etas
+    reason = null_skip_reason(spec.intervention.position, eval_set.is_cloze, list(layers) == [last])
     if reason:
         LOG.info("random-direction null skipped: %s", reason)
         return None, {"n_random": n_random, "skipped": reason}
     vectors = null_vectors(fit.direction.vector, n_random, spec.direction.seed + 1)
-    last, etas = ctx.num_layers - 1, spec.etas
-    if list(layers) == [last]:
+    if list(layers) == [last] and not eval_set.is_cloze:
         logits = last_layer_logits(ctx.loaded, fit.base.residuals[last][fit.eval_idx],
                                    eval_set.option_ids, vectors, np.asarray(etas),
                                    (scale or {}).get(last, 1.0))
