@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
-STEPS=${STEPS:-1 2 3 4 5}
+STEPS=${STEPS:-1 2 3 4 5 6}
 common="probe.progress=false tracker=none dataset.shuffle=true"
 steer="intervention=direction intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -45,6 +45,21 @@ fi
 #    ARC-Easy (300 of 570, shuffled), ARC-Challenge (all 299), COPA (all 100), HellaSwag (300 of 10042)
 if step 5; then
   $PY -m calibrate.run -m experiment=cloze_layerwise hydra.sweep.dir=$OUT/cloze
+fi
+
+# 6. does c_hat beat the obvious? c_hat (paper's layer_diff, last three blocks, steered at the last
+#    layer) against 32 random directions, the post-hoc baselines and paired intervals, on full splits:
+#    all 872 SST-2, all 10662 Rotten Tomatoes (5331 evaluated), all 570 ARC-Easy and 500 HellaSwag
+#    (cloze scoring)
+if step 6; then
+  adj="$common intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
+       direction.n_random=32 output.predictions=false model=smollm2,gemma3_270m"
+  $PY -m calibrate.run -m $adj dataset=sst2 hydra.sweep.dir=$OUT/adjudicate/sst2
+  $PY -m calibrate.run -m $adj dataset=arc_easy hydra.sweep.dir=$OUT/adjudicate/arc_easy_cloze
+  $PY -m calibrate.run -m $adj dataset=hellaswag dataset.limit=500 \
+      hydra.sweep.dir=$OUT/adjudicate/hellaswag_cloze
+  $PY -m calibrate.run -m $adj dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
+      hydra.sweep.dir=$OUT/adjudicate/rotten_tomatoes
 fi
 
 # 4. one comparison of everything
