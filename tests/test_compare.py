@@ -185,31 +185,30 @@ def test_labels_are_the_differing_overrides(compared):
     assert [r.label for r in same] == ["m/d (s/0)", "m/d (s/1)"]
 
 
-def test_layer_curves_never_label_an_unsteered_curve_with_an_eta(runs):
-    """A steering job's layers.csv is unsteered: labelled so, without η, and shown once for the
-    jobs that share it; the steered curves come from steering.csv, each labelled with its η."""
-    found = cmp._read_all(cmp.resolve_inputs([runs.steer]))
-    cmp.assign_labels(found)
-    curves = cmp.layer_curves(found)
-    unsteered = [label for label in curves if "unsteered" in label]
-    assert unsteered and not any("eta" in label for label in unsteered)
-    steered = sorted(label for label in curves if "unsteered" not in label)
-    assert steered == ["direction.layers=[1,2] eta=2", "direction.layers=[1,2] eta=4",
-                       "direction.layers=[2,3] eta=2", "direction.layers=[2,3] eta=4"]
-    table = pd.read_csv(runs.steer / "0" / "steering.csv")
-    expected = table[table["eta"] == 4].drop(columns="eta").reset_index(drop=True)
-    pd.testing.assert_frame_equal(curves["direction.layers=[1,2] eta=4"].reset_index(drop=True),
-                                  expected)
+def test_layer_lines_never_label_an_unsteered_curve_with_an_eta(runs):
+    """A steering job's layers.csv is unsteered: labelled so, without η or its steering
+    overrides, and drawn once for the jobs that share it (one model × dataset panel)."""
+    found = cmp.load_runs([runs.steer])
+    panels = cmp.layer_lines(found, "ece")
+    ((panel, curves),) = panels.items()
+    assert panel.startswith("tiny3 / ")
+    assert len(curves) == 1 and curves[0].label == "unsteered"
+    table = pd.read_csv(runs.steer / "0" / "layers.csv")
+    np.testing.assert_allclose(curves[0].y, table["ece"])
 
 
-def test_markdown_table(compared):
+def test_markdown_is_a_headline_then_details_within_120_columns(compared):
     text = (compared.out / "runs.md").read_text()
+    assert all(len(line) <= 120 for line in text.splitlines())
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Headline" and "## Runs" in headings and "## Failed runs" in headings
+    head = text.split("## Headline")[1].split("## ")[0]
     rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-            for line in text.splitlines() if line.startswith("|")]
-    assert rows[0][:5] == ["sweep", "job", "label", "overrides", "status"]
-    assert all(set(c) <= set("-:") for c in rows[1])
-    assert len(rows) == 2 + 6 and all(len(r) == len(rows[0]) for r in rows)
-    assert sorted(r[4] for r in rows[2:]) == ["complete"] * 5 + ["failed"]
+            for line in head.splitlines() if line.startswith("|")]
+    assert rows[0][:2] == ["#", "run"] and len(rows[0]) <= 10
+    assert len(rows) == 2 + 5  # the complete runs; the failed one is in its own table
+    failed = text.split("## Failed runs")[1]
+    assert "direction.layers=[9]" in failed and "DirectionError" in failed
 
 
 def test_markdown_fallback_without_tabulate(monkeypatch):
@@ -292,7 +291,8 @@ def test_probe_only_sweep_has_no_steering_outputs(runs, tmp_path, capsys):
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert names == {"runs.csv", "runs.md", "layers_ece.png", "nullspace.csv",
                      "nullspace_truncation.png"}
-    assert "different depths" in capsys.readouterr().err  # 4 and 6 layers, no --relative-depth
+    # tiny3 and tiny5 are different models: separate panels, each in its own layer numbering
+    assert "different depths" not in capsys.readouterr().err
     assert table.attrs["outputs"]
 
 

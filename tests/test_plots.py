@@ -80,3 +80,54 @@ def test_failed_save_leaves_nothing(tmp_path: Path, run, monkeypatch: pytest.Mon
     with pytest.raises(RuntimeError, match="disk full"):
         plot_layer_curves(run[2], tmp_path / "curves.png", "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def _bands(fig: Figure) -> int:
+    from matplotlib.collections import PolyCollection
+
+    return sum(isinstance(c, PolyCollection) for ax in fig.axes for c in ax.collections)
+
+
+def test_layer_curves_draw_intervals_baseline_and_a_minimum_span(run) -> None:
+    from calibrate.io.plots import layer_curves_figure
+
+    table = run[2].assign(accuracy=0.5 + 0.001 * np.arange(8))
+    table = table.assign(accuracy_lo=table.accuracy - 0.02, accuracy_hi=table.accuracy + 0.02,
+                         ece_lo=table.ece * 0.9, ece_hi=table.ece * 1.1)
+    baselines = pd.DataFrame({"layer": range(8), "method": "temperature", "accuracy": 0.5,
+                              "confidence": 0.5, "ece": 0.01, "mce": 0.02})
+    fig = layer_curves_figure(table, "t", chance=0.25, baselines=baselines)
+    assert _bands(fig) == 2  # accuracy and ECE have intervals, confidence and MCE do not
+    accuracy = fig.axes[0]
+    lo, hi = accuracy.get_ylim()
+    assert hi - lo >= 0.05  # a 0.007 change does not fill the panel
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"temperature scaling", "chance", "95 % interval"} <= set(labels)
+
+
+def test_eta_curves_show_the_null_and_the_baseline(tmp_path: Path) -> None:
+    from calibrate.io.plots import eta_curves_figure
+
+    steering = pd.DataFrame({"eta": [0.0, 2.0, 4.0], "layer": 3, "accuracy": [0.6, 0.6, 0.59],
+                             "ece": [0.2, 0.15, 0.1], "mce": [0.3, 0.2, 0.2],
+                             "delta_ece_lo": [0.0, -0.07, -0.12],
+                             "delta_ece_hi": [0.0, -0.03, -0.08]})
+    null = pd.DataFrame({"eta": [2.0, 4.0], "null_delta_ece_p05": [-0.01, -0.02],
+                         "null_delta_ece_p95": [0.01, 0.02]})
+    baselines = pd.DataFrame({"layer": [3], "method": ["temperature"], "accuracy": [0.6],
+                              "ece": [0.05], "mce": [0.1]})
+    fig = eta_curves_figure(steering, "t", null=null, baselines=baselines, unit="absolute")
+    ece_ax = fig.axes[1]
+    assert ece_ax.get_xlabel() == "η (absolute)"
+    assert sum(1 for _ in ece_ax.collections) == 2  # the paired interval and the null band
+    assert any(np.allclose(line.get_ydata(), 0.05) for line in ece_ax.get_lines())
+
+
+def test_reliability_has_a_count_histogram(run) -> None:
+    from calibrate.io.plots import reliability_figure
+
+    probs, labels, _ = run
+    fig = reliability_figure(probs[:, -1], labels, "t", n_bins=10)
+    top, bottom = fig.axes
+    assert bottom.get_ylabel() == "count" and bottom.get_xlabel() == "confidence"
+    assert sum(p.get_height() for p in bottom.patches) == len(labels)

@@ -183,3 +183,22 @@ def test_sweep_runs_are_found_by_the_sync_glob(tmp_path):
                          cwd=sweep, capture_output=True, text=True, timeout=120)
     out = cli.stdout + cli.stderr
     assert cli.returncode == 0 and "Would sync 2 run(s)" in out, out
+
+
+def test_steering_table_gives_eta_curves_over_eta(tmp_path):
+    """A table over eta and layer (the steering table) is also logged as its last layer's
+    metrics over ``eta``, so a group's runs overlay against η without panel setup."""
+    steering = pd.DataFrame({"eta": [0.0, 0.0, 4.0, 4.0], "layer": [0, 1, 0, 1],
+                             "ece": [0.3, 0.2, 0.3, 0.1], "significant_ece": [False] * 4})
+    assert track.eta_curves(TABLE) is None
+    assert track.eta_curves(steering)["ece"].tolist() == [0.2, 0.1]
+    tracker = track.open_tracker(CFG, tmp_path, "x", "g", "steering", CONFIG)
+    tracker.log_layers(TABLE)
+    tracker.log_table("steering", steering)
+    tracker.finish()
+    (run,) = records(tmp_path)
+    assert run["metrics"]["eta/*"] == "eta" and run["metrics"]["layer/*"] == "layer"
+    rows = [r for r in run["history"] if "eta/ece" in r]
+    assert [(json.loads(r["eta"]), json.loads(r["eta/ece"])) for r in rows] == [(0.0, 0.2),
+                                                                               (4.0, 0.1)]
+    assert not any("eta/significant_ece" in r for r in run["history"])  # flags are no series

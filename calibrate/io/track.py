@@ -1,5 +1,12 @@
 """Experiment tracking: Weights & Biases or nothing.
 
+What a W&B workspace shows without setting up a panel: every per-layer series is logged with
+``layer`` as its step metric (``define_metric("layer/*", step_metric="layer")``, likewise
+``steered/eta=<η>/*``, ``baselines/<method>/*``, ``ablation/<variant>/*``), so W&B draws each
+metric against the layer and overlays the runs of a group in one chart; a steering table also
+gives ``eta/<metric>`` over ``eta`` (its last layer); the direction is an artifact with its
+metadata.
+
 A tracker failure never fails a job or loses local results: an unreachable W&B falls back to
 offline mode with a warning, and any logging error is reported and ignored. The run is always
 finished (the job calls :meth:`Tracker.finish` in ``finally``).
@@ -59,6 +66,7 @@ class TrackerSettings:
                    float(cfg.get("init_timeout", 90)))
 
 LAYER_PREFIX = "layer/"
+ETA_PREFIX = "eta/"  # final-layer metrics over eta, from a table over eta and layer
 SYNC_GLOB = "*/wandb/offline-run-*"  # under a sweep folder: every job's offline run
 
 
@@ -77,7 +85,8 @@ class Tracker:
         """
 
     def log_table(self, key: str, table: pd.DataFrame) -> None:
-        """Log a table."""
+        """Log a table. A table over ``eta`` and ``layer`` (the steering table) also gives its
+        last layer's metrics as the series ``eta/<metric>`` over ``eta``."""
 
     def log_images(self, paths: Mapping[str, Path]) -> None:
         """Log PNG files under their keys."""
@@ -90,6 +99,15 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run."""
+
+
+def eta_curves(table: pd.DataFrame) -> pd.DataFrame | None:
+    """The last layer's rows of a table over ``eta`` and ``layer``, one per η, without the
+    ``layer`` column; None for any other table."""
+    if not {"eta", "layer"} <= set(table.columns) or table.empty:
+        return None
+    final = table[table["layer"] == table["layer"].max()].drop(columns="layer")
+    return final.drop_duplicates("eta").sort_values("eta").reset_index(drop=True)
 
 
 def series_table(table: pd.DataFrame | Mapping[str, Mapping[Any, float]], x: str) -> pd.DataFrame:
@@ -162,6 +180,9 @@ class WandbTracker(Tracker):
 
         frame = table.copy()
         self._later("table logging", lambda: self.run.log({key: wandb.Table(dataframe=frame)}))
+        curves = eta_curves(frame)
+        if curves is not None:
+            self.log_series(ETA_PREFIX, curves, x="eta")
 
     def log_images(self, paths: Mapping[str, Path]) -> None:
         import wandb

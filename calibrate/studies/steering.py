@@ -51,6 +51,7 @@ class SteeringResult(StudyResult):
     direction: Direction | None = None
     table: pd.DataFrame | None = None
     etas: tuple[float, ...] = ()
+    eta_scale: str | None = None  # the unit of eta: absolute | residual_norm
     null: pd.DataFrame | None = None  # the random-direction null, one row per η ≠ 0
     baselines: pd.DataFrame | None = None  # post-hoc baselines per layer, same split
     files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE, BASELINES_FILE)
@@ -69,7 +70,8 @@ class SteeringResult(StudyResult):
         per_eta = {f"eta={eta:g}": self.table[self.table["eta"] == eta] for eta in self.etas}
         return {
             "eta_curves": plot_eta_curves(self.table, job_dir / "eta_curves.png",
-                                          f"{title}: steering"),
+                                          f"{title}: steering", null=self.null,
+                                          baselines=self.baselines, unit=self.eta_scale),
             "steered_ece": plot_overlay(per_eta, "ece", job_dir / "steered_ece.png",
                                         f"{title}: ECE per layer for each eta"),
         }
@@ -126,7 +128,8 @@ class SteeringStudy(Study):
                    "steering": steering_summary(table), **comparisons, "null": null_note,
                    "baselines": baselines_at(baselines, max(layers)), "baselines_layer": max(layers)}
         return SteeringResult(ctx.report(base.take(fit.eval_idx), eval_set), summary,
-                              direction=fit.direction, table=table, etas=spec.etas, null=null,
+                              direction=fit.direction, table=table, etas=spec.etas,
+                              eta_scale=spec.intervention.eta_scale, null=null,
                               baselines=baselines)
 
 

@@ -10,16 +10,22 @@ an online W&B group to the table and fails with a clear message when W&B cannot 
 
 Outputs in ``--out`` (default ``./compare``), each written atomically:
 
-* ``runs.csv`` / ``runs.md``: one row per job (sweep, job, label, overrides, status, model,
-  dataset, n_examples, final-layer metrics, plateau/peak layers, steering settings, path);
-* ``layers_<metric>.png``: every complete run's per-layer curve of the metric on one axis;
+* ``runs.csv``: one row per job (sweep, job, label, overrides, status, model, dataset,
+  n_examples, final-layer metrics, plateau/peak layers, steering settings, path); ``runs.md``:
+  a headline table (at most ten columns, 120 characters a line), then detail tables;
+* ``layers_<metric>.png``: per-layer curves, one panel per model × dataset, bootstrap bands and
+  the temperature-scaling baseline;
 * with steering jobs: ``steering.csv`` (each job's final-layer row per eta, with its overrides)
-  and ``eta_<metric>.png`` (final-layer metric against eta, one line per model / dataset /
-  direction method, plus any other non-eta override that differs between the steering jobs);
+  and ``eta_<metric>.png`` (final-layer Δmetric against eta, one panel per model × dataset × η
+  unit, paired intervals, the random-direction null band and the temperature baseline);
 * when steering jobs differ in ``direction.layers``: ``ablation_<metric>.png``, heat maps of the
-  final-layer metric with one row per layer range and one column per eta;
+  final-layer Δmetric, layer range × eta, ``*`` where the paired interval excludes 0;
 * with ``nullspace.json`` files: ``nullspace.csv`` and ``nullspace_truncation.png`` (truncation
   ΔECE/ΔMCE next to the random-subspace control).
+
+The figures follow :mod:`calibrate.io.plotstyle`; panels and colours come from
+:mod:`~calibrate.io.compare.facets`. ``python -m calibrate.report`` builds a self-contained
+HTML page on the same runs (:mod:`calibrate.io.report`).
 
 Runs are labelled by the overrides that differ between them (``.hydra/overrides.yaml``), or by
 model/dataset when nothing differs; a label that still repeats gets its sweep and job appended.
@@ -28,7 +34,8 @@ Modules: :mod:`~calibrate.io.compare.runs` (the inputs, each job read, the label
 :mod:`~calibrate.io.compare.tables` (runs table, markdown, steering rows),
 :mod:`~calibrate.io.compare.nullspace_json` (the null-space controls),
 :mod:`~calibrate.io.compare.wandb_group` (an online W&B group),
-:mod:`~calibrate.io.compare.figures` (the plots) and :mod:`~calibrate.io.compare.cli`
+:mod:`~calibrate.io.compare.figures` (the plots), :mod:`~calibrate.io.compare.headline` (the
+headline and detail tables) and :mod:`~calibrate.io.compare.cli`
 (:func:`compare` and the command line ``main``). Their names are re-exported here.
 """
 
@@ -40,9 +47,13 @@ from calibrate.io.compare.cli import (
                                       PROGRESS_MIN_JOBS,
                                       _read_all,  # noqa: F401 - _read_all: tests
                                       compare,
+                                      comparison_tables,
+                                      load_runs,
                                       main,
+                                      tables_markdown,
 )
-from calibrate.io.compare.figures import layer_curves
+from calibrate.io.compare.figures import comparison_figures, layer_lines
+from calibrate.io.compare.headline import detail_tables, fit_markdown, headline_table
 from calibrate.io.compare.nullspace_json import nullspace_fields, nullspace_rows
 from calibrate.io.compare.runs import (
                                       ACCEPTED,
@@ -69,7 +80,8 @@ from calibrate.io.compare.wandb_group import wandb_rows
 __all__ = [
     "ACCEPTED", "DEFAULT_METRICS", "DEFAULT_OUT", "FRONT_COLUMNS", "IDENTITY_KEYS", "INT_COLUMNS",
     "NULLSPACE_FILE", "PROGRESS_MIN_JOBS", "STEERING_FILE", "CompareError", "Run",
-    "assign_labels", "compare", "final_steering_rows", "layer_curves", "layer_range", "main",
-    "markdown_table", "nullspace_fields", "nullspace_rows", "read_overrides", "read_run",
-    "resolve_inputs", "runs_table", "wandb_rows",
+    "assign_labels", "compare", "comparison_figures", "comparison_tables", "detail_tables",
+    "final_steering_rows", "fit_markdown", "headline_table", "layer_lines", "layer_range",
+    "load_runs", "main", "markdown_table", "nullspace_fields", "nullspace_rows", "read_overrides",
+    "read_run", "resolve_inputs", "runs_table", "tables_markdown", "wandb_rows",
 ]

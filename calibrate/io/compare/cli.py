@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from calibrate.io import results
-from calibrate.io.compare.figures import _layer_plots, _nullspace_outputs, _steering_outputs
-from calibrate.io.compare.runs import CompareError, Run, assign_labels, read_run, resolve_inputs
-from calibrate.io.compare.tables import markdown_table, runs_table
+from calibrate.io.compare.figures import comparison_figures, save_all
+from calibrate.io.compare.headline import detail_tables, headline_table, markdown_sections
+from calibrate.io.compare.nullspace_json import nullspace_rows
+from calibrate.io.compare.runs import (
+    STEERING_FILE,
+    CompareError,
+    Run,
+    _warn,
+    assign_labels,
+    read_run,
+    resolve_inputs,
+)
+from calibrate.io.compare.tables import final_steering_rows, runs_table
 from calibrate.io.compare.wandb_group import wandb_rows
 
 DEFAULT_OUT = "compare"
@@ -32,6 +43,37 @@ def _read_all(jobs: Sequence[tuple[str, Path]]) -> list[Run]:
             tqdm(jobs, desc="reading jobs", unit="job", disable=len(jobs) < PROGRESS_MIN_JOBS)]
 
 
+def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
+    """Every job under ``dirs``, read and labelled; CompareError on a path that is neither a
+    sweep nor a job directory."""
+    runs = _read_all(resolve_inputs(dirs))
+    assign_labels(runs)
+    return runs
+
+
+def comparison_tables(runs: Sequence[Run]) -> dict[str, pd.DataFrame]:
+    """The CSV tables beside the figures: ``steering.csv`` (each steering job's final-layer rows
+    per η) and ``nullspace.csv`` (the null-space controls), when the runs have them."""
+    tables = {}
+    steered = [t for r in runs if (t := final_steering_rows(r)) is not None]
+    if steered:
+        tables[STEERING_FILE] = pd.concat(steered, ignore_index=True)
+    rows = [row for r in runs for row in nullspace_rows(r)]
+    if rows:
+        tables["nullspace.csv"] = pd.DataFrame(rows)
+        if not any(k.startswith("delta_") for k in tables["nullspace.csv"].columns):
+            _warn("nullspace.json files hold no truncation deltas; nullspace.csv only")
+    return tables
+
+
+def tables_markdown(runs: Sequence[Run], heading: str) -> str:
+    """The headline table, then the detail tables, as markdown of at most 120 columns."""
+    heading = "\n".join(textwrap.fill(part, 120, break_long_words=False, break_on_hyphens=False)
+                        if not part.startswith("#") else part for part in heading.split("\n"))
+    return (f"{heading}\n\n" + markdown_sections({"Headline": headline_table(runs)})
+            + "\n" + markdown_sections(detail_tables(runs)))
+
+
 def compare(
     dirs: Sequence[str | Path],
     out: str | Path = DEFAULT_OUT,
@@ -44,7 +86,7 @@ def compare(
     Args:
         dirs: sweep directories and/or single job directories.
         out: output folder (created).
-        metrics: per-layer metrics to overlay (and, for steering jobs, to plot against eta).
+        metrics: per-layer metrics to draw (and, for steering jobs, against eta).
         relative_depth: x axis layer / last layer, for models of different depth.
         wandb_group: ``ENTITY/PROJECT/GROUP`` of an online W&B group to add to the table.
 
@@ -57,22 +99,22 @@ def compare(
     """
     out = Path(out)
     metrics = list(dict.fromkeys(metrics)) or list(DEFAULT_METRICS)
-    jobs = resolve_inputs(dirs)
+    resolve_inputs(dirs)
     _check_out(out)
     extra_rows = wandb_rows(wandb_group) if wandb_group else []
-    runs = _read_all(jobs)
-    assign_labels(runs)
+    runs = load_runs(dirs)
     table = runs_table([r.row for r in runs] + extra_rows)
+    tables = comparison_tables(runs)
+    figures = comparison_figures(runs, metrics, relative_depth, tables.get("nullspace.csv"))
     out.mkdir(parents=True, exist_ok=True)
     written = [results.write_csv(out / "runs.csv", table)]
     n_done = int((table["status"] == "complete").sum()) if len(table) else 0
-    md = (f"# calibrate comparison\n\n{len(table)} runs ({n_done} complete) from "
-          f"{', '.join(str(d) for d in dirs)}"
-          f"{' and W&B group ' + wandb_group if wandb_group else ''}.\n\n" + markdown_table(table))
-    written.append(results.write_text(out / "runs.md", md))
-    written += _layer_plots(runs, out, metrics, relative_depth)
-    written += _steering_outputs(runs, out, metrics)
-    written += _nullspace_outputs(runs, out)
+    heading = (f"# calibrate comparison\n\n{len(table)} runs ({n_done} complete) from "
+               f"{', '.join(str(d) for d in dirs)}"
+               f"{' and W&B group ' + wandb_group if wandb_group else ''}.")
+    written.append(results.write_text(out / "runs.md", tables_markdown(runs, heading)))
+    written += [results.write_csv(out / name, t) for name, t in tables.items()]
+    written += save_all(figures, out)
     table.attrs["outputs"] = [str(p) for p in written]
     return table
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,32 @@ class Run:
     metrics: dict[str, Any] | None
     label: str = ""
     layers: pd.DataFrame | None = None
+    _tables: dict[str, pd.DataFrame | None] = field(default_factory=dict, repr=False)
 
     @property
     def complete(self) -> bool:
         return self.metrics is not None
+
+    @property
+    def steering(self) -> bool:
+        """Whether the job steered (its layers.csv is then the unsteered evaluation split)."""
+        return bool((self.metrics or {}).get("steering"))
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """A CSV of the complete job (``steering.csv``, ``null.csv``, ``baselines.csv`` …), read
+        once; None when missing or unreadable (with a warning)."""
+        if not self.complete:
+            return None
+        if name not in self._tables:
+            path = self.job_dir / name
+            found = None
+            if path.is_file():
+                try:
+                    found = pd.read_csv(path)
+                except (OSError, ValueError) as err:
+                    _warn(f"{path}: cannot read ({err}); left out")
+            self._tables[name] = found
+        return self._tables[name]
 
 
 def _warn(message: str) -> None:

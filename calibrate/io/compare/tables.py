@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from calibrate.io.compare.runs import IDENTITY_KEYS, STEERING_FILE, Run, _key, _varying, _warn
+from calibrate.io.compare.runs import STEERING_FILE, Run, _warn
 
 FRONT_COLUMNS = ("sweep", "job", "label", "overrides", "status", "model", "dataset", "split",
                  "n_examples")
@@ -73,17 +72,25 @@ def _run_info(run: Run) -> dict[str, Any]:
 
 
 def final_steering_rows(run: Run) -> pd.DataFrame | None:
-    """The job's final-layer steering rows (one per eta), from steering.csv or metrics.json."""
+    """The job's final-layer steering rows (one per eta), from steering.csv or metrics.json
+    (computed once per run; a copy is returned)."""
     if not run.complete:
         return None
-    path = run.job_dir / STEERING_FILE
+    if "final steering" not in run._tables:
+        run._tables["final steering"] = _final_steering_rows(run)
+    found = run._tables["final steering"]
+    return None if found is None else found.copy()
+
+
+def _final_steering_rows(run: Run) -> pd.DataFrame | None:
     table = None
-    if path.is_file():
-        try:
-            full = pd.read_csv(path)
+    if (run.job_dir / STEERING_FILE).is_file():
+        full = run.table(STEERING_FILE)
+        if full is not None and {"layer", "eta"} <= set(full.columns):
             table = full[full["layer"] == full["layer"].max()].copy()
-        except (OSError, ValueError, KeyError) as err:
-            _warn(f"{path}: cannot read the steering table ({err}); using metrics.json")
+        else:
+            _warn(f"{run.job_dir / STEERING_FILE}: cannot read the steering table; using "
+                  "metrics.json")
     if table is None and isinstance(run.metrics.get("steering"), Mapping):
         rows = [{"eta": float(eta), **values} for eta, values in run.metrics["steering"].items()]
         table = pd.DataFrame(rows)
@@ -95,16 +102,3 @@ def final_steering_rows(run: Run) -> pd.DataFrame | None:
     for k, (key, value) in enumerate(info.items()):
         table.insert(k, key, value)
     return table.sort_values("eta").reset_index(drop=True)
-
-
-def _group_names(runs: Sequence[Run], drop: Sequence[str] = ()) -> dict[Path, str]:
-    """Per run: model/dataset/method plus the other overrides (not eta, not the ``drop`` keys)
-    that differ between the runs."""
-    fixed = {"eta", *IDENTITY_KEYS, "direction.method", *drop}
-    varying = _varying([[o for o in r.overrides if _key(o) not in fixed] for r in runs])
-    names = {}
-    for run, extra in zip(runs, varying):
-        base = "/".join(str(x) for x in (run.row.get("model"), run.row.get("dataset"),
-                                         run.row.get("direction_method")) if x)
-        names[run.job_dir] = " ".join([base, *extra]).strip()
-    return names

@@ -1,0 +1,217 @@
+"""The tables a reader sees first: a headline that fits a screen (one row per complete run, at
+most ten columns, markdown lines of at most 120 characters), then detail tables (final-layer
+metrics with intervals, phases, steering per η, null-space controls, the runs themselves and
+the failures), every table keyed by the run number ``#``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from calibrate.io.compare.facets import eta_unit, facet_labels
+from calibrate.io.compare.nullspace_json import nullspace_rows
+from calibrate.io.compare.runs import Run
+from calibrate.io.compare.tables import final_steering_rows
+
+MAX_WIDTH = 120
+MIN_TEXT = 8  # a text column is never cut below this many characters
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _f(value: Any, digits: int = 3, sign: bool = False) -> str:
+    x = _num(value)
+    return "" if x is None else f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _interval(lo: Any, hi: Any, sign: bool = False) -> str:
+    a, b = _f(lo, sign=sign), _f(hi, sign=sign)
+    return f"[{a}, {b}]" if a and b else ""
+
+
+def _best_eta(run: Run) -> tuple[float, float, bool] | None:
+    """(ΔECE, η, significant) of the η with the lowest final-layer ΔECE, η ≠ 0."""
+    best = None
+    for eta, values in ((run.metrics or {}).get("steering") or {}).items():
+        delta = _num((values or {}).get("delta_ece"))
+        if _num(eta) in (None, 0.0) or delta is None:
+            continue
+        if best is None or delta < best[0]:
+            best = (delta, float(eta), bool(values.get("significant_ece")))
+    return best
+
+
+def headline_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per complete run: #, what sets it apart (the overrides that differ, without model
+    and dataset), model, dataset, N, final accuracy and ECE, the
+    ECE peak and its layer and, for steering runs, the best final-layer ΔECE with its η
+    (``*``: the paired interval excludes 0)."""
+    labels = facet_labels([r for r in runs if r.complete])
+    rows = []
+    for number, run in enumerate(runs, 1):
+        if not run.complete:
+            continue
+        m, final = run.metrics, run.metrics.get("final") or {}
+        peak = _f(m.get("peak_ece"))
+        best = _best_eta(run)
+        rows.append({"#": number, "run": labels[run.job_dir], "model": m.get("model"),
+                     "dataset": m.get("dataset"), "N": m.get("n_examples"),
+                     "acc": _num(final.get("accuracy")), "ECE": _num(final.get("ece")),
+                     "peak ECE (layer)": f"{peak} (L{m.get('peak_ece_layer')})" if peak else "",
+                     "best ΔECE (η)": "" if best is None else
+                     f"{best[0]:+.3f}{'*' if best[2] else ''} (η={best[1]:g})"})
+    return pd.DataFrame(rows)
+
+
+def _final_table(runs: Sequence[Run]) -> pd.DataFrame:
+    rows = []
+    for number, run in enumerate(runs, 1):
+        if run.complete:
+            f = run.metrics.get("final") or {}
+            rows.append({"#": number, "acc": _num(f.get("accuracy")),
+                         "acc 95 %": _interval(f.get("accuracy_lo"), f.get("accuracy_hi")),
+                         "ECE": _num(f.get("ece")),
+                         "ECE interval": _interval(f.get("ece_lo"), f.get("ece_hi")),
+                         "MCE": _num(f.get("mce")), "NLL": _num(f.get("nll")),
+                         "Brier": _num(f.get("brier")), "smECE": _num(f.get("smece"))})
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+def _phase_table(runs: Sequence[Run]) -> pd.DataFrame:
+    keys = ("num_layers", "plateau_layer", "peak_ece_layer", "peak_ece", "emergence_layer",
+            "phase_kind")
+    rows = [{"#": n, **{k: r.metrics.get(k) for k in keys}} for n, r in enumerate(runs, 1)
+            if r.complete]
+    return pd.DataFrame(rows)
+
+
+def _steering_table(runs: Sequence[Run]) -> pd.DataFrame:
+    rows = []
+    for number, run in enumerate(runs, 1):
+        table = final_steering_rows(run) if run.steering else None
+        if table is None:
+            continue
+        null = run.table("null.csv")
+        nulls = {} if null is None or "eta" not in null else \
+            {float(r["eta"]): r for r in null.to_dict("records")}
+        temperature = ((run.metrics.get("baselines") or {}).get("temperature") or {}).get("ece")
+        for rec in table.to_dict("records"):
+            eta = float(rec["eta"])
+            if eta == 0.0:
+                continue
+            mark = "*" if rec.get("significant_ece") is True else ""
+            rows.append({"#": number, "η": f"{eta:g}", "unit": eta_unit(run),
+                         "ΔECE": _num(rec.get("delta_ece")),
+                         "ΔECE interval": _interval(rec.get("delta_ece_lo"),
+                                                    rec.get("delta_ece_hi"), True) + mark,
+                         "Δacc": _num(rec.get("delta_accuracy")),
+                         "ΔMCE": _num(rec.get("delta_mce")),
+                         "null ΔECE": _num(nulls.get(eta, {}).get("null_delta_ece_median")),
+                         "p": _num(nulls.get(eta, {}).get("p_value_ece")),
+                         "ECE": _num(rec.get("ece")), "temp. ECE": _num(temperature)})
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+def _nullspace_table(runs: Sequence[Run]) -> pd.DataFrame:
+    keep = ("k", "rho", "p_value", "delta_ece", "random_delta_ece", "delta_mce",
+            "random_delta_mce")
+    rows = [{"#": n, **{k: row.get(k) for k in keep}}
+            for n, run in enumerate(runs, 1) for row in nullspace_rows(run)]
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+def _runs_table(runs: Sequence[Run]) -> pd.DataFrame:
+    return pd.DataFrame([{"#": n, "sweep": r.sweep, "job": r.job_dir.name,
+                          "status": r.row.get("status"), "overrides": " ".join(r.overrides),
+                          "config_hash": r.row.get("config_hash"), "path": str(r.job_dir)}
+                         for n, r in enumerate(runs, 1)])
+
+
+def _failed_table(runs: Sequence[Run]) -> pd.DataFrame:
+    return pd.DataFrame([{"#": n, "job": r.job_dir.name, "status": r.row.get("status"),
+                          "overrides": " ".join(r.overrides), "error": r.row.get("error")}
+                         for n, r in enumerate(runs, 1) if not r.complete])
+
+
+def detail_tables(runs: Sequence[Run]) -> dict[str, pd.DataFrame]:
+    """The detail tables by title (empty ones left out), keyed by the headline's ``#``."""
+    tables = {"Final layer": _final_table(runs), "Phases": _phase_table(runs),
+              "Steering: final layer per η (* paired interval excludes 0)": _steering_table(runs),
+              "Null-space truncation": _nullspace_table(runs), "Runs": _runs_table(runs),
+              "Failed runs": _failed_table(runs)}
+    return {title: table for title, table in tables.items() if len(table)}
+
+
+# --- markdown that fits ------------------------------------------------------------------------------
+
+
+def cell_text(value: Any) -> str:
+    """A table cell as text: blank when missing, floats with 4 significant decimals."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4f}"
+    return str(value.item() if isinstance(value, np.generic) else value).replace("\n", " ")
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def fit_markdown(table: pd.DataFrame, width: int = MAX_WIDTH) -> str:
+    """``table`` as a pipe table whose lines are at most ``width`` characters: the widest text
+    column is cut (with …) until it fits; columns that still do not fit go into a continuation
+    table keyed by the first column."""
+    cells = [[cell_text(v).replace("|", "\\|") for v in row]
+             for row in table.itertuples(index=False, name=None)]
+    header = [str(c) for c in table.columns]
+    widths = [max([len(h), *(len(r[j]) for r in cells)]) for j, h in enumerate(header)]
+    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
+    while sum(widths) + 3 * len(widths) + 1 > width:
+        text = [j for j in range(len(widths)) if not numeric[j] and widths[j] > MIN_TEXT
+                and widths[j] > len(header[j])]
+        if not text:
+            break
+        j = max(text, key=lambda k: widths[k])
+        widths[j] = max(MIN_TEXT, len(header[j]), widths[j] - 1)
+    used, first = 0, len(widths)
+    for j, w in enumerate(widths):
+        used += w + 3
+        if used + 1 > width and j > 1:
+            first = j
+            break
+    lines = _pipe(header[:first], [r[:first] for r in cells], widths[:first], numeric[:first])
+    if first < len(widths):
+        rest = table.iloc[:, [0, *range(first, len(widths))]]
+        lines += "\n" + fit_markdown(rest, width)
+    return lines
+
+
+def _pipe(header: Sequence[str], rows: Sequence[Sequence[str]], widths: Sequence[int],
+          numeric: Sequence[bool]) -> str:
+    def line(values: Sequence[str]) -> str:
+        parts = [(_cut(v, w).rjust(w) if num else _cut(v, w).ljust(w))
+                 for v, w, num in zip(values, widths, numeric)]
+        return "| " + " | ".join(parts) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else "-" * (w + 2)
+                          for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)]) + "\n"
+
+
+def markdown_sections(tables: Mapping[str, pd.DataFrame], width: int = MAX_WIDTH) -> str:
+    """``## title`` and its fitted pipe table for each table, in order."""
+    return "\n".join(f"## {title}\n\n{fit_markdown(table, width)}"
+                     for title, table in tables.items())
