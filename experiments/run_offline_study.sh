@@ -49,17 +49,17 @@ fi
 
 # 6. does c_hat beat the obvious? c_hat (paper's layer_diff, last three blocks, steered at the last
 #    layer) against 32 random directions, the post-hoc baselines and paired intervals, on full splits:
-#    all 872 SST-2, all 10662 Rotten Tomatoes (5331 evaluated), all 570 ARC-Easy and 500 HellaSwag
-#    (cloze scoring)
+#    all 872 SST-2, all 570 ARC-Easy (cloze), all 10662 Rotten Tomatoes (5331 evaluated) and 200
+#    shuffled HellaSwag (cloze; its long continuations cost ~15 s per example on this CPU)
 if step 6; then
   adj="$common intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
        direction.n_random=32 output.predictions=false model=smollm2,gemma3_270m"
   $PY -m calibrate.run -m $adj dataset=sst2 hydra.sweep.dir=$OUT/adjudicate/sst2
   $PY -m calibrate.run -m $adj dataset=arc_easy hydra.sweep.dir=$OUT/adjudicate/arc_easy_cloze
-  $PY -m calibrate.run -m $adj dataset=hellaswag dataset.limit=500 \
-      hydra.sweep.dir=$OUT/adjudicate/hellaswag_cloze
   $PY -m calibrate.run -m $adj dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
       hydra.sweep.dir=$OUT/adjudicate/rotten_tomatoes
+  $PY -m calibrate.run -m $adj dataset=hellaswag dataset.limit=200 \
+      hydra.sweep.dir=$OUT/adjudicate/hellaswag_cloze
 fi
 
 # 4. one comparison of everything
