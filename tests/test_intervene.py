@@ -405,7 +405,7 @@ BAD = [
     (["eta=4", "direction.layers=[0]"], ConfigError, r"direction\.layers=\[0\].*1\.\.30"),
     (["eta=4", "direction.calibration_fraction=1.5"], ConfigError,
      r"direction\.calibration_fraction=1\.5"),
-    (["eta=4", "direction.method=pca"], ConfigError, r"direction\.method='pca'"),
+    (["eta=4", "direction.method=ica"], ConfigError, r"direction\.method='ica'"),
     (["intervention=nullspace", "intervention.ablation=median"], ConfigError,
      r"intervention\.ablation='median'"),
 ]

@@ -10,6 +10,11 @@ Methods:
   over examples and layers, then scaled to unit norm;
 * ``mean_diff``: the differences averaged over examples and layers first, then normalized;
 * ``random``: a seeded random unit vector, the control every steering claim needs.
+
+The representation-engineering family (``pca``, ``probe``) is in
+:mod:`calibrate.core.direction_methods`, the gradient-fitted vector in
+:mod:`calibrate.core.gradient_fit`; ``direction.path`` also accepts a repeng control-vector
+GGUF (:mod:`calibrate.io.gguf`).
 """
 
 from __future__ import annotations
@@ -119,12 +124,20 @@ def fit_direction(residuals: Mapping[int, np.ndarray], layers: Sequence[int], me
     })
 
 
-def save_direction(direction: Direction, folder: Path, stem: str = "direction") -> tuple[Path, Path]:
-    """Write ``<stem>.safetensors`` (the vector) and ``<stem>.json`` (its metadata), atomically."""
+def save_direction(direction: Direction, folder: Path, stem: str = "direction",
+                   plots: bool = True) -> tuple[Path, Path]:
+    """Write ``<stem>.safetensors`` (the vector) and ``<stem>.json`` (its metadata), atomically.
+
+    A direction fit by ``gradient`` also leaves its loss curve: ``gradient_fit.csv`` (and with
+    ``plots``, ``gradient_fit.png``) beside them (:func:`calibrate.core.gradient_fit.write_fit_curve`).
+    """
+    from calibrate.core.gradient_fit import write_fit_curve
+
     folder = Path(folder)
     tensors = results.atomic_write(folder / f"{stem}.safetensors", lambda h: h.write(
         _safetensors_bytes(direction)))
     meta = results.write_json(folder / f"{stem}.json", direction.meta)
+    write_fit_curve(direction, folder, plots)
     return tensors, meta
 
 
