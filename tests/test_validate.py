@@ -157,3 +157,20 @@ def test_check_job_accepts_other_compositions(overrides):
 def test_check_job_rejects_composed_overrides(override, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         check_job(composed(override))
+
+
+@pytest.mark.parametrize("block, key, value, named, accepted", [
+    ("gradient", "lr", -1, "lr=-1", "> 0"),
+    ("gradient", "objective", "hinge", "objective='hinge'", "nll, brier, soft_ece"),
+    ("gradient", "holdout_fraction", 1.0, "holdout_fraction=1.0", "in [0, 1)"),
+    ("gradient", "max_norm", 0, "max_norm=0", "null or > 0"),
+    ("gradient", "steps", 5, "unknown keys ['steps']", "objective"),
+    ("probe", "c", 0, "direction.probe.c=0", "a number > 0"),
+    ("probe", "layer", -2, "direction.probe.layer=-2", "null or a layer index >= 0"),
+])
+def test_direction_method_blocks_are_checked_before_any_work(default_cfg, block, key, value,
+                                                             named, accepted):
+    direction = {**default_cfg["direction"]}
+    direction[block] = {**direction[block], key: value}
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*" + re.escape(accepted)):
+        check_job({**default_cfg, "direction": direction})

@@ -141,9 +141,30 @@ class DirectionSettings:
         n_random = cfg.get("n_random", 32)
         if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
             raise ConfigError(f"direction.n_random={n_random!r}; accepted: an integer >= 0")
+        _method_blocks(cfg)
         return cls(method, layers, fraction, int(cfg.get("seed", 0)), cfg.get("source"),
                    None if cfg.get("path") is None else str(cfg["path"]),
                    bool(cfg.get("allow_cross_model")), limit, n_random)
+
+
+def _method_blocks(cfg: Mapping[str, Any]) -> None:
+    """Check the ``direction.gradient`` and ``direction.probe`` blocks before any work (the
+    methods read them again when they fit; layers against the model are checked there)."""
+    from calibrate.core.direction import DirectionError
+    from calibrate.core.gradient_fit import GradientSettings
+
+    try:
+        GradientSettings.from_mapping(cfg.get("gradient"))
+    except (DirectionError, TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    probe = dict(cfg.get("probe") or {})
+    unknown = sorted(set(probe) - {"layer", "c"})
+    if unknown:
+        raise ConfigError(f"direction.probe has unknown keys {unknown}; accepted: layer, c")
+    _number("direction.probe.c", probe.get("c", 1.0), lambda c: c > 0, "a number > 0")
+    layer = probe.get("layer")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        raise ConfigError(f"direction.probe.layer={layer!r}; accepted: null or a layer index >= 0")
 
 
 @dataclass(frozen=True)

@@ -76,18 +76,23 @@ class GradientSettings:
         if out.objective not in OBJECTIVES:
             raise DirectionError(f"direction.gradient.objective={out.objective!r}; accepted: "
                                  f"{', '.join(OBJECTIVES)}")
-        checks = {
-            "lr": out.lr > 0, "max_steps": int(out.max_steps) >= 1 and out.max_steps == int(out.max_steps),
-            "patience": int(out.patience) >= 1, "norm_penalty": out.norm_penalty >= 0,
-            "accuracy_penalty": out.accuracy_penalty >= 0,
-            "holdout_fraction": 0 <= out.holdout_fraction < 1,
-            "soft_ece_bins": int(out.soft_ece_bins) >= 1, "soft_ece_temperature": out.soft_ece_temperature > 0,
-            "max_norm": out.max_norm is None or out.max_norm > 0,
-            "layer": out.layer is None or int(out.layer) >= 0,
+        checks = {  # key: (valid, what is accepted)
+            "lr": (out.lr > 0, "> 0"),
+            "max_steps": (int(out.max_steps) >= 1 and out.max_steps == int(out.max_steps),
+                          "an integer >= 1"),
+            "patience": (int(out.patience) >= 1, "an integer >= 1"),
+            "norm_penalty": (out.norm_penalty >= 0, ">= 0"),
+            "accuracy_penalty": (out.accuracy_penalty >= 0, ">= 0"),
+            "holdout_fraction": (0 <= out.holdout_fraction < 1, "in [0, 1)"),
+            "soft_ece_bins": (int(out.soft_ece_bins) >= 1, "an integer >= 1"),
+            "soft_ece_temperature": (out.soft_ece_temperature > 0, "> 0"),
+            "max_norm": (out.max_norm is None or out.max_norm > 0, "null or > 0"),
+            "layer": (out.layer is None or int(out.layer) >= 0, "null or a layer index >= 0"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"{k}={getattr(out, k)!r} (accepted: {accepted})"
+               for k, (ok, accepted) in checks.items() if not ok]
         if bad:
-            raise DirectionError(f"direction.gradient: invalid {', '.join(f'{k}={getattr(out, k)!r}' for k in bad)}")
+            raise DirectionError(f"direction.gradient: {'; '.join(bad)}")
         return out
 
 

@@ -65,9 +65,12 @@ def job_rows(job_dir: Path) -> list[dict[str, Any]]:
     steering = (metrics or {}).get("steering") or {}
     if not steering:
         return [row]
+    direction = metrics.get("direction") or {}
     head = {**row, "intervention_layers": str(metrics.get("intervention_layers")),
-            "eta_scale": metrics.get("eta_scale"),
-            "direction_layers": str((metrics.get("direction") or {}).get("layers"))}
+            "eta_scale": metrics.get("eta_scale"), "direction_method": direction.get("method"),
+            "direction_layers": str(direction.get("layers")),
+            "cosine_layer_diff": direction.get("cosine_layer_diff"),
+            "null_space_rho": direction.get("null_space_rho")}
     etas = [float(e) for e in metrics.get("etas") or steering]
     asked = [e for e in etas if e != 0.0] or [0.0]  # eta=0 alone is the reference itself
     baselines = metrics.get("baselines") or {}

@@ -40,7 +40,9 @@ from calibrate.studies.null import NULL_FILE, direction_null, null_skip_reason, 
 LOG = logging.getLogger("calibrate")
 STEERING_FILE = "steering.csv"
 FILES = (STEERING_FILE, "direction.safetensors", "direction.json", "eta_curves.png",
-         "steered_ece.png")
+         "steered_ece.png", "gradient_fit.csv", "gradient_fit.png")
+DIRECTION_SUMMARY = ("method", "layers", "raw_norm", "dataset", "cross_model_transfer",
+                     "cosine_to_direction", "cosine_layer_diff", "null_space_rho", "eta_fit")
 
 
 @dataclass
@@ -52,13 +54,14 @@ class SteeringResult(StudyResult):
     table: pd.DataFrame | None = None
     etas: tuple[float, ...] = ()
     eta_scale: str | None = None  # the unit of eta: absolute | residual_norm
+    plots_on: bool = True  # output.plots: also the gradient fit's loss-curve figure
     null: pd.DataFrame | None = None  # the random-direction null, one row per η ≠ 0
     baselines: pd.DataFrame | None = None  # post-hoc baselines per layer, same split
     files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE, BASELINES_FILE)
 
     def write(self, job_dir: Path) -> None:
         results.write_csv(job_dir / STEERING_FILE, self.table)
-        save_direction(self.direction, job_dir)
+        save_direction(self.direction, job_dir, plots=self.plots_on)
         if self.null is not None and len(self.null):
             results.write_csv(job_dir / NULL_FILE, self.null)
         if self.baselines is not None:
@@ -122,15 +125,13 @@ class SteeringStudy(Study):
                    "intervention_layers": list(layers), "eta_scale": meta["eta_scale"],
                    "position": steering.position, "n_calibration": int(len(cal)),
                    "n_evaluation": int(len(fit.eval_idx)),
-                   "direction": {k: meta.get(k) for k in ("method", "layers", "raw_norm", "dataset",
-                                                          "cross_model_transfer",
-                                                          "cosine_to_direction")},
+                   "direction": {k: meta.get(k) for k in DIRECTION_SUMMARY},
                    "steering": steering_summary(table), **comparisons, "null": null_note,
                    "baselines": baselines_at(baselines, max(layers)), "baselines_layer": max(layers)}
         return SteeringResult(ctx.report(base.take(fit.eval_idx), eval_set), summary,
                               direction=fit.direction, table=table, etas=spec.etas,
                               eta_scale=spec.intervention.eta_scale, null=null,
-                              baselines=baselines)
+                              baselines=baselines, plots_on=spec.output.plots)
 
 
 def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
