@@ -50,3 +50,25 @@ def last_layer_truncated_logits(loaded: LoadedModel, residual: np.ndarray, optio
             edited = truncate(base, torch.as_tensor(basis, device=lens.device), mean)
             out[s] = lens.option_logits(lens.normalize(edited)[:, None, :], ids)[:, 0].cpu().numpy()
     return out
+
+
+def last_layer_steered(loaded: LoadedModel, option_logits: np.ndarray, residual: np.ndarray,
+                       option_ids: np.ndarray, intervention) -> np.ndarray:
+    """Option logits [V, N, L+1, K] of every variant of an edit of the last layer's residual at
+    the last position, from the unsteered result: ``option_logits`` [N, L+1, K] (unchanged below
+    the last layer) and the last layer's residual [N, H]; ``intervention`` is any
+    :class:`calibrate.engine.steer.Intervention` whose only layer is the last."""
+    lens = Lens(loaded.adapter)
+    last = option_logits.shape[1] - 1
+    if tuple(intervention.layers) != (last,):
+        raise ValueError(f"the edit is at layers {list(intervention.layers)}, not only at the last "
+                         f"layer {last}")
+    n = len(residual)
+    base = torch.as_tensor(np.asarray(residual), dtype=torch.float32, device=lens.device)[:, None]
+    ids = torch.as_tensor(np.asarray(option_ids), dtype=torch.long)
+    out = np.repeat(np.asarray(option_logits, dtype=np.float32)[None], intervention.n_variants, 0)
+    with torch.inference_mode():
+        for v in range(intervention.n_variants):
+            edited = intervention.apply(last, base, torch.full((n,), v, dtype=torch.long))[:, 0]
+            out[v, :, -1] = lens.option_logits(lens.normalize(edited)[:, None, :], ids)[:, 0].cpu().numpy()
+    return out

@@ -168,7 +168,7 @@ class _Ablation(Study):
                                     means=_means(fit, layers, icfg.ablation),
                                     names=names)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
-        logits = ctx.steered(eval_set, ablation)
+        logits = ctx.steered(eval_set, ablation, fit.base.take(fit.eval_idx))
         table = _variant_table(spec.metrics, logits, eval_set.labels, names)
         table, comparisons = paired(table, logits, eval_set.labels, "variant", spec)
         report.update(direction_raw_norm=fit.direction.meta.get("raw_norm"), layers=list(layers),

@@ -139,7 +139,20 @@ class JobContext:
         return split_indices(size, self.spec.direction.calibration_fraction,
                              self.spec.direction.seed)
 
-    def steered(self, prompt_set: PromptSet, intervention: Intervention) -> np.ndarray:
-        """Option scores [V, N, L+1, K] of ``prompt_set`` under each variant of ``intervention``."""
+    def steered(self, prompt_set: PromptSet, intervention: Intervention,
+                base: ProbeResult | None = None) -> np.ndarray:
+        """Option scores [V, N, L+1, K] of ``prompt_set`` under each variant of ``intervention``.
+
+        With ``base``, the unsteered result of these prompts keeping the last layer's residual, an
+        edit of the last position at the last layer with one token per option needs no forward
+        pass: only the lens read of that residual changes.
+        """
+        last = self.num_layers - 1
+        if (base is not None and not prompt_set.is_cloze and intervention.position == "last"
+                and tuple(intervention.layers) == (last,) and last in base.residuals):
+            from calibrate.engine.readout import last_layer_steered
+
+            return last_layer_steered(self.loaded, base.option_logits, base.residuals[last],
+                                      prompt_set.option_ids, intervention)
         return prompt_set.scoring.score_steered(self.loaded, prompt_set, intervention,
                                                 self.settings, self.spec.intervention.use_cache)

@@ -111,7 +111,7 @@ class SteeringStudy(Study):
         steering = Steering(fit.direction.vector, tuple(layers), spec.etas,
                             spec.intervention.position, scale)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
-        logits = ctx.steered(eval_set, steering)
+        logits = ctx.steered(eval_set, steering, base.take(fit.eval_idx))
         table = steering_table(logits, eval_set.labels, list(spec.etas), spec.metrics.n_bins,
                                spec.metrics.binning, 0)
         table, comparisons = paired(table, logits, eval_set.labels, "eta", spec)

@@ -1,0 +1,61 @@
+"""Last-layer edits read without forward passes against full steered forward passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.engine.readout import last_layer_logits, last_layer_steered
+from calibrate.engine.steer import DirectionSweep, Steering, run_steered
+from calibrate.tasks.prompts import build_prompts
+
+QUIET = ProbeSettings(progress=False)
+DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" bad", " good"],
+           "template": "{question} question : good or bad ? answer :"}
+SENTENCES = ["the movie was great", "a very boring film", "fun", "this film is not good , it was bad"]
+
+
+def prompts(tokenizer):
+    from types import SimpleNamespace
+
+    recs = [SimpleNamespace(question=s, options=("bad", "good"), label=i % 2, subject="")
+            for i, s in enumerate(SENTENCES)]
+    return build_prompts(recs, DATASET, tokenizer)
+
+
+def unit(hidden, seed=0):
+    v = np.random.default_rng(seed).standard_normal(hidden)
+    return v / np.linalg.norm(v)
+
+
+def test_last_layer_steered_equals_full_steered_passes(tiny):
+    ps = prompts(tiny.tokenizer)
+    last = tiny.adapter.num_blocks
+    base = run_probe(tiny, ps, ProbeSettings(progress=False, keep_layers=(last,)))
+    hidden = tiny.adapter.unembed_weight.shape[1]
+    for edit in (Steering(unit(hidden), (last,), (0.0, 2.0, -5.0)),
+                 DirectionSweep(np.stack([unit(hidden, s) for s in range(3)]), (last,), (0.0, 3.0))):
+        fast = last_layer_steered(tiny, base.option_logits, base.residuals[last], ps.option_ids, edit)
+        full = run_steered(tiny, ps, edit, QUIET, use_cache=False)
+        np.testing.assert_allclose(fast, full, rtol=1e-4, atol=1e-4)
+        assert not np.allclose(fast[-1, :, -1], fast[0, :, -1], atol=1e-3)
+
+
+def test_last_layer_steered_agrees_with_the_direction_readout(tiny):
+    ps = prompts(tiny.tokenizer)
+    last = tiny.adapter.num_blocks
+    base = run_probe(tiny, ps, ProbeSettings(progress=False, keep_layers=(last,)))
+    vec = unit(tiny.adapter.unembed_weight.shape[1])
+    fast = last_layer_steered(tiny, base.option_logits, base.residuals[last], ps.option_ids,
+                              Steering(vec, (last,), (0.0, 4.0)))
+    other = last_layer_logits(tiny, base.residuals[last], ps.option_ids, vec[None], np.array([0.0, 4.0]))
+    np.testing.assert_allclose(fast[:, :, -1], other[0], rtol=1e-6, atol=1e-6)
+
+
+def test_an_edit_below_the_last_layer_is_refused(tiny):
+    ps = prompts(tiny.tokenizer)
+    base = run_probe(tiny, ps, ProbeSettings(progress=False, keep_layers=(3,)))
+    with pytest.raises(ValueError, match="not only at the last layer 3"):
+        last_layer_steered(tiny, base.option_logits, base.residuals[3], ps.option_ids,
+                           Steering(unit(32), (2,), (0.0, 1.0)))
