@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
-STEPS=${STEPS:-1 2 3 4 5 6}
+STEPS=${STEPS:-1 2 3 4 5 6 7}
 common="probe.progress=false tracker=none dataset.shuffle=true"
 steer="intervention=direction intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -60,6 +60,19 @@ if step 6; then
       hydra.sweep.dir=$OUT/adjudicate/rotten_tomatoes
   $PY -m calibrate.run -m $adj dataset=hellaswag dataset.limit=200 \
       hydra.sweep.dir=$OUT/adjudicate/hellaswag_cloze
+fi
+
+# 7. which direction? every direction method, fit on the calibration split, steered at the last
+#    layer and judged like step 6 (null, baselines, paired intervals): SST-2, Rotten Tomatoes and
+#    cloze ARC-Easy (all rows)
+if step 7; then
+  methods="$common intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
+       direction.n_random=32 output.predictions=false model=smollm2,gemma3_270m
+       direction.method=layer_diff,mean_diff,pca,probe,gradient"
+  $PY -m calibrate.run -m $methods dataset=sst2 hydra.sweep.dir=$OUT/methods/sst2
+  $PY -m calibrate.run -m $methods dataset=arc_easy hydra.sweep.dir=$OUT/methods/arc_easy_cloze
+  $PY -m calibrate.run -m $methods dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
+      hydra.sweep.dir=$OUT/methods/rotten_tomatoes
 fi
 
 # 4. one comparison of everything
