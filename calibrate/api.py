@@ -247,7 +247,9 @@ def run_study(overrides: Sequence[str] = (), job_dir: str | Path | None = None,
         ctx = job.prepare(spec)
     else:
         from calibrate.tasks.prompts import build_prompts
+        from calibrate.tasks.shots import load_with_exemplars
 
-        records = data.load_records(spec.dataset, spec.cache_dir)
-        ctx = JobContext(spec, lm, build_prompts(records, spec.dataset, lm.tokenizer))
+        records, exemplars = load_with_exemplars(spec.dataset, spec.prompt, spec.cache_dir)
+        ctx = JobContext(spec, lm, build_prompts(records, spec.dataset, lm.tokenizer,
+                                                 style=spec.prompt, exemplars=exemplars))
     return get_study(spec.study).run(ctx)

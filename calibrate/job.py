@@ -30,11 +30,12 @@ from calibrate.model.load import (
     model_shape,
     resolve_source,
 )
+from calibrate.io.provenance import code_identity
 from calibrate.studies import get_study
 from calibrate.studies.base import StudyResult
 from calibrate.studies.context import JobContext, ProbeReport, cached_probe, make_report, measure
-from calibrate.tasks.data import load_records
 from calibrate.tasks.prompts import PromptSet, build_prompts
+from calibrate.tasks.shots import PromptStyle, load_with_exemplars
 
 LOG = logging.getLogger("calibrate")
 RESULT_FILES = [results.LAYERS_FILE, results.PREDICTIONS_FILE, results.METRICS_FILE,
@@ -65,12 +66,14 @@ def prepare(spec: JobSpec) -> JobContext:
     """Records, the model's shape (checked against the spec), prompts, then the weights."""
     cache = spec.cache_dir
     check_device(spec.model.device)
-    records = load_records(spec.dataset, cache)
+    style = spec.prompt or PromptStyle()
+    records, exemplars = load_with_exemplars(spec.dataset, style, cache)
     source = resolve_source(spec.model, cache)
     shape = model_shape(source, spec.model)  # the config alone: no weights read yet
     check_shape(spec, shape.num_blocks, shape.hidden_size)
     tokenizer = load_tokenizer(source, spec.model)
-    prompt_set = build_prompts(records, spec.dataset, tokenizer, max_length=shape.context_length)
+    prompt_set = build_prompts(records, spec.dataset, tokenizer, max_length=shape.context_length,
+                               style=style, exemplars=exemplars)
     return JobContext(spec, load_model(spec.model, cache, tokenizer=tokenizer), prompt_set)
 
 
@@ -106,11 +109,12 @@ def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float)
         "dataset": ds.name, "split": ds.split, "n_examples": len(report.result.labels),
         "n_options": int(report.prompt_set.option_ids.shape[1]), "answer_format": ds.answer_format,
         **report.prompt_set.scoring.summary_fields(report.prompt_set),
+        "prompt": dict(report.prompt_set.style or {}),
         "num_layers": report.result.num_layers, **report.info, "final": report.final,
         **phases, "chance_accuracy": chance,
         "emergence_layer": emergence_layer(report.table, chance), "elapsed_s": round(elapsed, 3),
         "study": ctx.spec.study, "config_hash": ctx.spec.identity, "config": ctx.spec.relevant(),
-        "model_identity": loaded.identity(),
+        "model_identity": loaded.identity(), "code": code_identity(),
     }
 
 

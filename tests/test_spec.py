@@ -59,13 +59,14 @@ def test_identity_ignores_what_cannot_change_a_result():
     base = config_hash(composed())
     for override in ("tracker=none", "resume=true", "cache_dir=/elsewhere", "probe.progress=false",
                      "probe.batch_size=3", "probe.max_tokens=100", "output.plots=false",
-                     "checks.edit_ratio_warn=5"):
+                     "checks.edit_ratio_warn=5", "probe.prefix_reuse=false"):
         assert config_hash(composed(override)) == base, override
 
 
 @pytest.mark.parametrize("override", [
     "dataset.limit=10", "model.path=/some/other/weights", "model.dtype=bfloat16", "seed=1",
     "metrics.n_bins=10", "dataset=mmlu", "model=gemma3_270m", "eta=2", "direction.method=random",
+    "prompt.shots=1", "prompt.chat_template=true", "prompt.seed=5",
 ])
 def test_identity_changes_with_what_shapes_a_result(override):
     assert config_hash(composed(override)) != config_hash(composed())
@@ -96,6 +97,10 @@ def test_seed_is_checked_before_anything_runs():
     (("intervention=direction", "direction.layers=[0,1]"),
      r"direction.layers=\[0, 1\]: layer\(s\) \[0\] outside this model's 1..30"),
     (("intervention=nullspace", "nullspace.k=577"), r"nullspace.k=577 .*accepted: 0..576"),
+    (("eta=[0,1]", "direction.method=gradient", "direction.gradient.layer=31"),
+     r"direction.gradient.layer=\[31\]: layer\(s\) \[31\] outside this model's 0..30"),
+    (("eta=[0,1]", "direction.method=probe", "direction.probe.layer=40"),
+     r"direction.probe.layer=\[40\]: layer\(s\) \[40\] outside this model's 0..30"),
 ])
 def test_checks_against_the_models_shape(overrides, message):
     spec = build_spec(composed(*overrides))
@@ -121,3 +126,20 @@ def test_folder_names_carry_a_per_process_token():
     assert process_uid() == process_uid() and len(process_uid()) == 6
     resolved = OmegaConf.create({"a": "${calibrate_uid:}"})
     assert resolved.a == process_uid()
+
+
+def test_the_spec_carries_the_prompt_style_checked_before_anything_runs():
+    from calibrate.tasks.shots import PromptStyle
+
+    assert build_spec(composed()).prompt == PromptStyle(0, False, 0)
+    spec = build_spec(composed("dataset=mmlu", "prompt.shots=5", "prompt.chat_template=true"))
+    assert spec.prompt == PromptStyle(5, True, 0) and spec.relevant()["prompt"]["shots"] == 5
+    for overrides, message in [
+            (("prompt.shots=-1",), r"prompt.shots=-1; accepted: an integer >= 0"),
+            (("dataset=mmlu", "prompt.shots=6"), r"prompt.shots=6 for mmlu.*accepted: 0..5"),
+            (("dataset=mmlu", "dataset.split=dev", "prompt.shots=5"),
+             r"accepted: dataset.split=validation or test"),
+            (("prompt.chat_template=maybe",), r"prompt.chat_template='maybe'; accepted: true, false"),
+            (("probe.prefix_reuse=2",), r"probe.prefix_reuse=2; accepted: true, false")]:
+        with pytest.raises(ConfigError, match=message):
+            build_spec(composed(*overrides))

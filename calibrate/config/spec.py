@@ -37,7 +37,7 @@ from calibrate.config.validate import ConfigError, check_probe, check_resume, pa
 # Keys (dotted prefixes) that cannot change a reported number; left out of the identity.
 NON_RESULT_KEYS = ("tracker", "resume", "cache_dir", "hydra", "checks", "probe.progress",
                    "probe.batch_size", "probe.max_batch_size", "probe.max_tokens", "probe.min_fill",
-                   "output.plots")
+                   "probe.prefix_reuse", "output.plots")
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,6 +71,7 @@ class JobSpec:
     tracker: Any = None                # calibrate.io.track.TrackerSettings
     study_settings: Any = None         # the study's own (Study.settings), e.g. the baselines'
     cache_dir: str | None = None
+    prompt: Any = None                 # calibrate.tasks.shots.PromptStyle (shots, chat template)
 
     @property
     def uses_split(self) -> bool:
@@ -175,12 +176,15 @@ def build_spec(cfg: Mapping[str, Any]) -> JobSpec:
     from calibrate.io.track import TrackerSettings
     from calibrate.model.config import ModelConfig
     from calibrate.tasks.dataset_config import DatasetConfig
+    from calibrate.tasks.shots import PromptStyle, check_style
 
     cfg = _plain(cfg)
     seed = _seed(cfg.get("seed", 0))
     # Each group is checked by building its settings, in check_job's order (same first error).
     model = ModelConfig.from_mapping(cfg["model"], ConfigError).check(ConfigError)
     dataset = DatasetConfig.from_mapping(cfg["dataset"])
+    prompt = PromptStyle.from_mapping(cfg.get("prompt"), ConfigError)
+    check_style(prompt, dataset, ConfigError)
     check_probe(cfg["probe"])
     metrics = MetricSettings.from_mapping(cfg["metrics"])
     tracker = TrackerSettings.from_mapping(cfg["tracker"], ConfigError)
@@ -198,7 +202,7 @@ def build_spec(cfg: Mapping[str, Any]) -> JobSpec:
         direction=direction, nullspace=nullspace,
         output=OutputSettings.from_mapping(cfg.get("output") or {}, cfg.get("checks") or {}),
         tracker=tracker, study_settings=_study_class(study).settings(cfg),
-        cache_dir=cfg.get("cache_dir"))
+        cache_dir=cfg.get("cache_dir"), prompt=prompt)
 
 
 def _layers_in(name: str, layers: Any, low: int, high: int) -> None:
@@ -218,6 +222,11 @@ def check_shape(spec: JobSpec, num_blocks: int, hidden_size: int) -> None:
     _layers_in("intervention.layers", spec.intervention.layers, 0, last)
     if not spec.direction.path:
         _layers_in("direction.layers", spec.direction.layers, 1, last)
+    method = spec.direction.method
+    if method in ("gradient", "probe"):  # the layer the method fits at, when set
+        layer = ((spec.config.get("direction") or {}).get(method) or {}).get("layer")
+        if layer is not None:
+            _layers_in(f"direction.{method}.layer", [layer], 0, last)
     if spec.study == "nullspace":
         k, fraction = spec.nullspace.k, spec.nullspace.fraction
         if k is None:

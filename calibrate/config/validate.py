@@ -48,6 +48,8 @@ def check_probe(cfg: Mapping[str, Any]) -> None:
     fill = cfg.get("min_fill")
     if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not 0 <= fill <= 1:
         raise ConfigError(f"probe.min_fill={fill!r}; accepted: a number in [0, 1]")
+    if not isinstance(cfg.get("prefix_reuse", True), bool):
+        raise ConfigError(f"probe.prefix_reuse={cfg.get('prefix_reuse')!r}; accepted: true, false")
     if cfg.get("option_mass") not in OPTION_MASS_MODES:
         raise ConfigError(f"probe.option_mass={cfg.get('option_mass')!r}; "
                           f"accepted: {', '.join(OPTION_MASS_MODES)}")

@@ -45,13 +45,15 @@ def _prefix_token(tokenizer: Any) -> int:
 
 
 def build_requests(tokenizer: Any, contexts: Sequence[str], options: Sequence[Sequence[str]],
-                   delimiter: str = " ") -> list[ClozeRequest]:
+                   delimiter: str = " ", move_whitespace: bool = True) -> list[ClozeRequest]:
     """Tokenize like lm-eval: continuation = encode(context + cont)[len(encode(context)):].
 
     ``tokenizer`` is a tokenizer or anything with a ``tokenizer`` attribute (a loaded model).
     The split is computed without special tokens; the context itself keeps the tokenizer's
     default special tokens (BOS or not), as the letter probe does. An empty context becomes the
     BOS (else EOS) token. A continuation with no tokens raises ``ValueError``.
+    ``move_whitespace=False`` keeps the context whole (a chat template's assistant turn ends in
+    a newline that belongs to the turn, not to the answer).
     """
     if len(contexts) != len(options):
         raise ValueError(f"{len(contexts)} contexts but {len(options)} option lists")
@@ -59,7 +61,8 @@ def build_requests(tokenizer: Any, contexts: Sequence[str], options: Sequence[Se
     for context, opts in zip(contexts, options):
         if not opts:
             raise ValueError(f"context {context[-60:]!r} has no options")
-    split = [[split_context(c, delimiter + o) for o in opts] for c, opts in zip(contexts, options)]
+    split = [[split_context(c, delimiter + o) if move_whitespace else (c, delimiter + o)
+              for o in opts] for c, opts in zip(contexts, options)]
     bare = [pairs[0][0] for pairs in split]
     plain = tok(bare, add_special_tokens=False)["input_ids"]
     default = tok(bare)["input_ids"]

@@ -31,7 +31,8 @@ from calibrate.tasks.sources import raw_rows
 
 __all__ = [
     "DATASETS", "MMLU_CATEGORIES", "MMLU_CATEGORY_NAMES", "MMLU_SUBJECTS", "DatasetConfig",
-    "DatasetError", "DatasetSpec", "MCRecord", "load_records", "validate_dataset_config",
+    "DatasetError", "DatasetSpec", "MCRecord", "evaluated_indices", "load_records", "load_split",
+    "validate_dataset_config",
 ]
 
 LOG = logging.getLogger("calibrate")
@@ -115,11 +116,13 @@ def _check_verbalizer_width(records: list[MCRecord], config: DatasetConfig) -> N
                                f"{words} has {len(words)} words")
 
 
-def load_records(cfg: DatasetConfig | Mapping[str, Any],
-                 cache_dir: str | Path | None = None) -> list[MCRecord]:
-    """Load a dataset config: a :class:`DatasetConfig`, or a plain dict or OmegaConf DictConfig
-    with the sst2.yaml schema (checked and typed first)."""
+def load_split(cfg: DatasetConfig | Mapping[str, Any], cache_dir: str | Path | None = None,
+               split: str | None = None) -> list[MCRecord]:
+    """Every record of the config's split (or of ``split``, e.g. MMLU's ``dev``), in source
+    order: MMLU rows of the selected subjects only, before any shuffle or limit."""
     config = DatasetConfig.from_mapping(cfg)
+    if split is not None and split != config.split:
+        config = dataclasses.replace(config, split=split)
     rows, source = raw_rows(config, cache_root(cache_dir))
     records = _to_records(rows, config, source)
     if config.name == "mmlu":
@@ -128,12 +131,29 @@ def load_records(cfg: DatasetConfig | Mapping[str, Any],
         if not records:
             raise DatasetError(f"{source} has no rows of the MMLU subjects {sorted(keep)}")
     _check_verbalizer_width(records, config)
+    return records
+
+
+def evaluated_indices(n: int, cfg: DatasetConfig | Mapping[str, Any]) -> list[int]:
+    """Positions (in :func:`load_split` order) of the records a job evaluates: the seeded
+    shuffle (when ``shuffle``) cut to ``limit``, exactly as :func:`load_records` selects them."""
+    config = DatasetConfig.from_mapping(cfg)
+    order = list(range(n))
     if config.shuffle:
-        random.Random(config.seed).shuffle(records)
+        random.Random(config.seed).shuffle(order)  # the same permutation as shuffling n records
+    return order if config.limit is None else order[:config.limit]
+
+
+def load_records(cfg: DatasetConfig | Mapping[str, Any],
+                 cache_dir: str | Path | None = None) -> list[MCRecord]:
+    """Load a dataset config: a :class:`DatasetConfig`, or a plain dict or OmegaConf DictConfig
+    with the sst2.yaml schema (checked and typed first)."""
+    config = DatasetConfig.from_mapping(cfg)
+    records = load_split(config, cache_dir)
     limit = config.limit
     if limit is not None and limit > len(records):
-        what = (f"{config.name} from {source}" if config.local_path
+        what = (f"{config.name} from {config.local_path}" if config.local_path
                 else f"{config.name} {config.split}")
         LOG.warning("dataset.limit=%d exceeds the %d rows of %s; using %d",
                     limit, len(records), what, len(records))
-    return records if limit is None else records[:limit]
+    return [records[i] for i in evaluated_indices(len(records), config)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,6 +78,10 @@ class PromptSet:
     adds_bos: bool  # whether the tokenizer's default adds a BOS token (recorded, not forced)
     requests: tuple[ClozeRequest, ...] | None = None  # cloze only: one per prompt
     cloze_norm: str | None = None  # cloze only: one of CLOZE_NORMS
+    # With in-context exemplars: prompts of one group share their exemplars, so a token prefix
+    # (calibrate.engine.prefix runs it once per group). None: no shared prefix is claimed.
+    groups: tuple[str, ...] | None = None
+    style: Mapping[str, Any] | None = None  # the prompt style and exemplar ids (metrics.json)
 
     @property
     def is_cloze(self) -> bool:
@@ -96,8 +100,10 @@ class PromptSet:
         """The prompts at ``idx``, in that order."""
         idx = np.asarray(idx, dtype=np.int64)
         requests = None if self.requests is None else tuple(self.requests[i] for i in idx)
+        groups = None if self.groups is None else tuple(self.groups[i] for i in idx)
         return PromptSet([self.prompts[i] for i in idx], self.labels[idx], self.option_ids[idx],
-                         self.option_strings, self.adds_bos, requests, self.cloze_norm)
+                         self.option_strings, self.adds_bos, requests, self.cloze_norm, groups,
+                         self.style)
 
 
 def render_choices(options: Sequence[str]) -> str:
@@ -115,6 +121,90 @@ def render_prompt(template: str, record: Any, default_subject: str = "") -> str:
     except (KeyError, IndexError) as err:
         raise PromptError(f"template {template!r} uses unknown placeholder {err}; "
                           "accepted: {subject}, {question}, {choices}") from err
+
+
+SHOT_DELIMITER = "\n\n"  # lm-eval's fewshot_delimiter: after every exemplar's answer
+TARGET_DELIMITER = " "    # lm-eval's target_delimiter: between an exemplar and its answer (cloze)
+
+
+def split_description(template: str) -> tuple[str, str]:
+    """(description, question part) of a template: the description is the text before
+    ``{question}`` up to its last blank line (lm-eval's ``description``, said once before the
+    exemplars: MMLU's "The following are multiple choice questions ...\n\n"); "" when none."""
+    head, found, _ = template.partition("{question}")
+    cut = head.rfind(SHOT_DELIMITER) if found else -1
+    if cut < 0:
+        return "", template
+    return template[:cut + len(SHOT_DELIMITER)], template[cut + len(SHOT_DELIMITER):]
+
+
+def shot_answer(config: PromptConfig, record: Any) -> str:
+    """The answer written after an exemplar: its option's continuation (" A", " positive", or
+    the target delimiter and the option's text in the cloze format)."""
+    if config.answer_format == "cloze":
+        return TARGET_DELIMITER + record.options[record.label]
+    return option_strings(config.answer_format, len(record.options), config.verbalizer)[record.label]
+
+
+def render_with_shots(config: PromptConfig, record: Any, shots: Sequence[Any] = ()) -> tuple[str, str]:
+    """(description, body) of a record's prompt: the body holds the exemplars, each followed by
+    its answer and a blank line, then the question; description + body is lm-eval's k-shot
+    rendering, and with no exemplars the template's own rendering."""
+    description, question = split_description(config.template)
+    shown = "".join(render_prompt(question, s, config.subject) + shot_answer(config, s)
+                    + SHOT_DELIMITER for s in shots)
+    return (render_prompt(description, record, config.subject),
+            shown + render_prompt(question, record, config.subject))
+
+
+def check_chat_template(tokenizer: Any) -> None:
+    """A :class:`PromptError` when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise PromptError(f"prompt.chat_template=true but the tokenizer {name!r} has no chat "
+                          "template; accepted: prompt.chat_template=false for this model, or an "
+                          "instruct model whose tokenizer defines one (e.g. model=smollm2)")
+
+
+def render_chat(tokenizer: Any, description: str, body: str) -> str:
+    """The chat template around the prompt as lm-eval applies it (exemplars collapsed into one
+    user turn, the description as the system turn, dropped where the template refuses a system
+    role), ending at the assistant turn's first position. A BOS the template writes is dropped
+    from the text when the tokenizer adds it itself, so the prompt's tokens are the template's."""
+    import jinja2
+
+    messages = ([{"role": "system", "content": description}] if description else []) + \
+        [{"role": "user", "content": body}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.exceptions.TemplateError:
+        text = tokenizer.apply_chat_template(messages[-1:], tokenize=False,
+                                             add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and _adds_bos(tokenizer) and text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
+def render_all(records: Sequence[Any], config: PromptConfig, tokenizer: Any, style: Any = None,
+               exemplars: Any = None) -> list[str]:
+    """Every record's prompt in the prompt style (``style``: a
+    :class:`~calibrate.tasks.shots.PromptStyle`; None: zero-shot, no chat template)."""
+    shots = getattr(style, "shots", 0)
+    chat = bool(getattr(style, "chat_template", False))
+    if shots and (exemplars is None or exemplars.shots != shots):
+        raise PromptError(f"prompt.shots={shots} needs {shots} exemplars per group "
+                          f"(calibrate.tasks.shots.load_with_exemplars), got "
+                          f"{None if exemplars is None else exemplars.shots}")
+    if chat:
+        check_chat_template(tokenizer)
+    if not shots and not chat:
+        return [render_prompt(config.template, r, config.subject) for r in records]
+    out = []
+    for record in records:
+        description, body = render_with_shots(config, record, exemplars.of(record) if shots else ())
+        out.append(render_chat(tokenizer, description, body) if chat else description + body)
+    return out
 
 
 def option_strings(answer_format: str, n_options: int, verbalizer: Sequence[str] | None) -> list[str]:
@@ -152,14 +242,17 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 def build_cloze_prompts(records: Sequence[Any], contexts: list[str],
                         dataset_cfg: PromptConfig | DatasetConfig | Mapping[str, Any],
-                        tokenizer: Any) -> PromptSet:
+                        tokenizer: Any, chat: bool = False) -> PromptSet:
     """Cloze prompts: each option's text is a continuation of the rendered context (lm-eval's
-    split: the context's trailing whitespace joins the continuation, which starts with a space)."""
+    split: the context's trailing whitespace joins the continuation, which starts with a space).
+    ``chat``: contexts end at the assistant turn's first position, where the option's text
+    itself starts (no delimiter, nothing moved)."""
     norm = as_prompt_config(dataset_cfg).cloze_norm
     if norm not in CLOZE_NORMS:
         raise PromptError(f"cloze_norm={norm!r}; accepted: {', '.join(CLOZE_NORMS)}")
     try:
-        requests = build_requests(tokenizer, contexts, [r.options for r in records])
+        requests = build_requests(tokenizer, contexts, [r.options for r in records],
+                                  **({"delimiter": "", "move_whitespace": False} if chat else {}))
     except ValueError as err:
         raise PromptError(str(err)) from err
     width = max(r.n_options for r in requests)
@@ -192,9 +285,30 @@ def _refuse_too_long(lengths: Sequence[int], max_length: int, what: str) -> None
                               "tokens (shorten the template or drop those examples)")
 
 
+def _ending(prompt: str) -> str:
+    """The end of a prompt an option token could merge with: its last line (its last characters
+    when that line is empty, as at a chat template's assistant turn)."""
+    last = prompt.rsplit("\n", 1)[-1]
+    return last if last.strip() else prompt[-16:]
+
+
+def _styled(prompt_set: PromptSet, records: Sequence[Any], style: Any,
+            exemplars: Any) -> PromptSet:
+    """The prompt set with its style recorded and, with exemplars, its prefix groups."""
+    if style is None:
+        return prompt_set
+    info: dict[str, Any] = {"shots": int(style.shots), "chat_template": bool(style.chat_template)}
+    groups = None
+    if style.shots:
+        info.update(exemplars.summary())
+        groups = tuple(exemplars.group(r) for r in records)
+    return replace(prompt_set, groups=groups, style=info)
+
+
 def build_prompts(records: Sequence[Any],
                   dataset_cfg: PromptConfig | DatasetConfig | Mapping[str, Any], tokenizer: Any,
-                  *, max_length: int | None = None) -> PromptSet:
+                  *, max_length: int | None = None, style: Any = None,
+                  exemplars: Any = None) -> PromptSet:
     """Render every record and resolve each option slot to a single token id (letters,
     verbalizer) or to its continuation tokens (cloze).
 
@@ -203,27 +317,34 @@ def build_prompts(records: Sequence[Any],
     special tokens (letters, verbalizer), or the context plus its longest continuation (cloze).
     ``dataset_cfg`` is a :class:`PromptConfig`, a checked
     :class:`~calibrate.tasks.dataset_config.DatasetConfig` or a mapping of their keys.
+    ``style`` (a :class:`~calibrate.tasks.shots.PromptStyle`) adds in-context ``exemplars``
+    (:class:`~calibrate.tasks.shots.Exemplars`) and the tokenizer's chat template; with the chat
+    template the answer is read at the assistant turn's first position, options without their
+    leading space ("A", not " A").
     """
     max_length = _check_max_length(max_length)
     config = as_prompt_config(dataset_cfg)
     if not records:
         raise PromptError(f"dataset {config.name!r} has no records")
     fmt = config.answer_format
-    prompts = [render_prompt(config.template, r, config.subject) for r in records]
+    chat = bool(getattr(style, "chat_template", False))
+    prompts = render_all(records, config, tokenizer, style, exemplars)
     if fmt == "cloze":
-        prompt_set = build_cloze_prompts(records, prompts, config, tokenizer)
+        prompt_set = build_cloze_prompts(records, prompts, config, tokenizer, chat)
         if max_length is not None:
             lengths = [len(r.context_ids) + max(len(c) for c in r.continuations)
                        for r in prompt_set.requests]
             _refuse_too_long(lengths, max_length, "context + longest continuation")
-        return prompt_set
+        return _styled(prompt_set, records, style, exemplars)
     if max_length is not None:
         lengths = [len(i) for i in tokenizer(prompts)["input_ids"]]
         _refuse_too_long(lengths, max_length, "prompt")
     width = max(len(r.options) for r in records)
     strings = option_strings(fmt, width, config.verbalizer)
+    if chat:  # the assistant turn's first token: "A", not " A"
+        strings = [s.lstrip() for s in strings]
     # Merges at the boundary depend only on the prompt's end, shared by all prompts of a template.
-    endings = sorted({p.rsplit("\n", 1)[-1] for p in prompts})
+    endings = sorted({_ending(p) for p in prompts})
     ids = [single_token_id(tokenizer, s, endings) for s in strings]
     if len(set(ids)) != len(ids):
         raise PromptError(f"answer options {strings} map to repeated token ids {ids}")
@@ -231,4 +352,5 @@ def build_prompts(records: Sequence[Any],
     for i, record in enumerate(records):
         option_ids[i, : len(record.options)] = ids[: len(record.options)]
     labels = np.array([r.label for r in records], dtype=np.int64)
-    return PromptSet(prompts, labels, option_ids, strings, _adds_bos(tokenizer))
+    return _styled(PromptSet(prompts, labels, option_ids, strings, _adds_bos(tokenizer)), records,
+                   style, exemplars)
