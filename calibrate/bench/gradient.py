@@ -49,22 +49,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def setup(model: str, dataset: str, n: int):
     """Model, prompts (the first n after a seeded shuffle) and the probe settings."""
-    from omegaconf import OmegaConf
+    from calibrate.bench.probe import load_inputs
 
-    import calibrate
-    from calibrate.api import compose
-    from calibrate.engine.probe import ProbeSettings
-    from calibrate.tasks.prompts import build_prompts
-
-    cfg = OmegaConf.to_container(compose([f"model={model}", f"dataset={dataset}",
-                                          f"dataset.limit={n}", "dataset.shuffle=true"]),
-                                 resolve=True)
-    loaded = calibrate.load_model(model)
-    records = calibrate.load_dataset(dataset, limit=n, shuffle=True)
-    prompt_set = build_prompts(records, cfg["dataset"], loaded.tokenizer)
-    settings = ProbeSettings.from_config({**cfg["probe"], "progress": False})
-    gradient = cfg["direction"]["gradient"]
-    return loaded, prompt_set, settings, gradient
+    loaded, prompt_set, settings, cfg = load_inputs(model, dataset, n)
+    return loaded, prompt_set, settings, cfg["direction"]["gradient"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -245,16 +245,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def setup(model: str, dataset: str, n: int, threads: int):
-    """Model, prompts, probe settings and the timed variants, as the benchmark uses them."""
+def load_inputs(model: str, dataset: str, n: int):
+    """Model, prompts (the first ``n`` after a seeded shuffle), probe settings and the resolved
+    config, as every benchmark uses them."""
     from omegaconf import OmegaConf
 
     import calibrate
     from calibrate.api import compose
     from calibrate.tasks.prompts import build_prompts
 
-    if threads > 0:
-        torch.set_num_threads(threads)
     cfg = OmegaConf.to_container(compose([f"model={model}", f"dataset={dataset}",
                                           f"dataset.limit={n}", "dataset.shuffle=true"]),
                                  resolve=True)
@@ -262,6 +261,14 @@ def setup(model: str, dataset: str, n: int, threads: int):
     records = calibrate.load_dataset(dataset, limit=n, shuffle=True)
     prompt_set = build_prompts(records, cfg["dataset"], loaded.tokenizer)
     settings = ProbeSettings.from_config({**cfg["probe"], "progress": False})
+    return loaded, prompt_set, settings, cfg
+
+
+def setup(model: str, dataset: str, n: int, threads: int):
+    """Model, prompts, probe settings and the timed variants, as the benchmark uses them."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    loaded, prompt_set, settings, _ = load_inputs(model, dataset, n)
     return loaded, prompt_set, settings, variants_for(loaded, prompt_set, settings)
 
 

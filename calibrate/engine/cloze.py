@@ -17,8 +17,8 @@ each continuation token, is planned in :mod:`calibrate.engine.cloze_plan`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
-from calibrate.engine.hooks import edit_residual
+from calibrate.engine.hooks import capture_layers, edit_residual
 from calibrate.engine.lens import Lens, option_probabilities
 from calibrate.engine.probe import (
     ProbeResult,
@@ -38,7 +38,7 @@ from calibrate.engine.probe import (
 )
 from calibrate.engine.steer import Intervention, editor
 from calibrate.engine.upper import cache_argument
-from calibrate.model.adapters import Adapter, block_hidden
+from calibrate.model.adapters import Adapter
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.continuations import ClozeRequest, cloze_divisors
 
@@ -46,28 +46,9 @@ LENS_ROWS = 2048  # (state, layer) rows per full-vocabulary lens step on an acce
 LENS_ROWS_CPU, LENS_VOCAB_CPU = 256, 4096  # on CPU: rows per step, vocabulary rows per chunk
 
 
-@contextmanager
-def capture_positions(adapter: Adapter, positions: int | slice) -> Iterator[list[torch.Tensor]]:
+def capture_positions(adapter: Adapter, positions: int | slice):
     """Collect ``hidden[:, positions]`` of every layer (L + 1 tensors, detached copies)."""
-    store: list[torch.Tensor] = []
-
-    def keep(hidden: torch.Tensor) -> None:
-        store.append(hidden[:, positions].detach().clone())  # a view would pin the whole layer
-
-    def pre(_module, args, kwargs):
-        keep(args[0] if args else kwargs["hidden_states"])
-
-    def post(_module, _args, output):
-        keep(block_hidden(output))
-
-    handles = []
-    try:
-        handles.append(adapter.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
-        handles += [block.register_forward_hook(post) for block in adapter.blocks]
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
+    return capture_layers(adapter, lambda hidden: hidden[:, positions])
 
 
 def cloze_lens(adapter: Adapter) -> tuple[Lens, int]:

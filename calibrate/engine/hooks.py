@@ -26,20 +26,23 @@ def _pre_hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 @contextmanager
-def capture_last_position(adapter: Adapter) -> Iterator[list[torch.Tensor]]:
-    """Collect the residual at the last position of every layer, in layer order.
+def capture_layers(adapter: Adapter,
+                   select: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Collect ``select(hidden)`` of every layer's [batch, seq, hidden] residual, in layer order.
 
-    The yielded list is filled by one forward pass with L + 1 tensors of shape [batch, hidden]
-    (detached, in the model's dtype). Prompts must be left-padded so the last position is real.
+    The yielded list is filled by one forward pass with L + 1 detached copies (in the model's
+    dtype): the input of block 0, then each block's output.
     """
     store: list[torch.Tensor] = []
 
-    # clone: a view would keep every layer's whole [batch, seq, hidden] output alive
+    def keep(hidden: torch.Tensor) -> None:
+        store.append(select(hidden).detach().clone())  # a view would pin the whole layer
+
     def pre(_module, args, kwargs):
-        store.append(_pre_hidden(args, kwargs)[:, -1].detach().clone())
+        keep(_pre_hidden(args, kwargs))
 
     def post(_module, _args, output):
-        store.append(block_hidden(output)[:, -1].detach().clone())
+        keep(block_hidden(output))
 
     handles = [adapter.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
     try:
@@ -48,6 +51,12 @@ def capture_last_position(adapter: Adapter) -> Iterator[list[torch.Tensor]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def capture_last_position(adapter: Adapter):
+    """:func:`capture_layers` of the last position: L + 1 tensors [batch, hidden]. Prompts
+    must be left-padded so the last position is real."""
+    return capture_layers(adapter, lambda hidden: hidden[:, -1])
 
 
 @contextmanager

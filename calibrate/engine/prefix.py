@@ -16,14 +16,14 @@ tolerance at every layer (tests/test_prefix.py).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from calibrate.engine.hooks import capture_layers
 from calibrate.engine.lens import Lens
-from calibrate.model.adapters import Adapter, block_hidden
+from calibrate.model.adapters import Adapter
 from calibrate.model.load import LoadedModel
 
 
@@ -55,29 +55,12 @@ def plan_prefixes(token_ids: Sequence[Sequence[int]],
     return plan
 
 
-@contextmanager
-def capture_rows(adapter: Adapter, last: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+def capture_rows(adapter: Adapter, last: torch.Tensor):
     """Collect every layer's residual at position ``last[r]`` of each row r ([B] indices)."""
-    store: list[torch.Tensor] = []
-
-    def keep(hidden: torch.Tensor) -> None:
+    def select(hidden: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        store.append(hidden[rows, last.to(hidden.device)].detach().clone())
-
-    def pre(_module, args, kwargs):
-        keep(args[0] if args else kwargs["hidden_states"])
-
-    def post(_module, _args, output):
-        keep(block_hidden(output))
-
-    handles = []
-    try:
-        handles.append(adapter.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
-        handles += [block.register_forward_hook(post) for block in adapter.blocks]
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
+        return hidden[rows, last.to(hidden.device)]
+    return capture_layers(adapter, select)
 
 
 def prefix_cache(loaded: LoadedModel, prefix: Sequence[int]):
