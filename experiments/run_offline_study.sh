@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
-STEPS=${STEPS:-1 2 3 4 5 6 7}
+STEPS=${STEPS:-1 2 3 4 5 6 7 8}
 common="probe.progress=false tracker=none dataset.shuffle=true"
 steer="intervention=direction intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -73,6 +73,21 @@ if step 7; then
   $PY -m calibrate.run -m $methods dataset=arc_easy hydra.sweep.dir=$OUT/methods/arc_easy_cloze
   $PY -m calibrate.run -m $methods dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
       hydra.sweep.dir=$OUT/methods/rotten_tomatoes
+fi
+
+# 8. prompt styles: the layer-wise probe at 0, 1 and 5 shots (exemplars as lm-eval draws them),
+#    and SmolLM2-Instruct with its chat template (Gemma-3-270M's tokenizer has none): two MMLU
+#    subjects (letters), all of SST-2, 100 shuffled ARC-Easy (cloze)
+if step 8; then
+  styles="$common output.predictions=false"
+  for data in "dataset=mmlu dataset.subjects=[high_school_geography,marketing]" "dataset=sst2" \
+              "dataset=arc_easy dataset.limit=100"; do
+    name=$(echo "$data" | sed 's/dataset=\([a-z0-9_]*\).*/\1/')
+    $PY -m calibrate.run -m $styles $data model=smollm2,gemma3_270m prompt.shots=0,1,5 \
+        hydra.sweep.dir=$OUT/prompt_styles/$name
+    $PY -m calibrate.run -m $styles $data model=smollm2 prompt.chat_template=true prompt.shots=0,5 \
+        hydra.sweep.dir=$OUT/prompt_styles/${name}_chat
+  done
 fi
 
 # 4. one comparison of everything
