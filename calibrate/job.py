@@ -21,6 +21,7 @@ from calibrate.config.settings import MetricSettings, OutputSettings
 from calibrate.config.spec import JobSpec, build_spec, check_shape
 from calibrate.core.phases import emergence_layer, find_phases, phases_to_dict
 from calibrate.io import results
+from calibrate.io.provenance import code_identity
 from calibrate.io.track import Tracker, open_tracker
 from calibrate.model.load import (
     LoadedModel,
@@ -30,7 +31,6 @@ from calibrate.model.load import (
     model_shape,
     resolve_source,
 )
-from calibrate.io.provenance import code_identity
 from calibrate.studies import get_study
 from calibrate.studies.base import StudyResult
 from calibrate.studies.context import JobContext, ProbeReport, cached_probe, make_report, measure

@@ -124,3 +124,32 @@ def test_gguf_control_vector_as_direction_path(tmp_path):
     theirs = pd.read_csv(loaded_dir / "steering.csv")
     np.testing.assert_allclose(theirs["ece"], ours["ece"], atol=1e-5)
     assert (theirs["accuracy"] == ours["accuracy"]).all()
+
+
+def test_a_direction_fit_in_another_prompt_style_uses_the_jobs_own_calibration_records():
+    """ĉ fit 2-shot and applied zero-shot equals the ĉ of a 2-shot job on the same records (the
+    exemplars come from rows neither evaluates), while the evaluation stays zero-shot."""
+    import calibrate
+
+    common = [*BASE, "dataset.shuffle=true", "dataset.limit=24"]
+    two_shot = calibrate.run_study([*common, "prompt.shots=2"])
+    transfer = calibrate.run_study([*common, "direction.source_prompt={shots:2}"])
+    zero_shot = calibrate.run_study(common)
+    np.testing.assert_allclose(transfer.direction.vector, two_shot.direction.vector, atol=1e-6)
+    assert not np.allclose(transfer.direction.vector, zero_shot.direction.vector, atol=1e-3)
+    assert transfer.direction.meta["fit_prompt"] == {"shots": 2, "chat_template": False}
+    assert transfer.direction.meta["prompt_transfer"] is True
+    assert two_shot.direction.meta["prompt_transfer"] is False
+    assert transfer.report.final == pytest.approx(zero_shot.report.final)
+    assert transfer.summary["direction"]["prompt_transfer"] is True
+
+
+def test_a_prompt_style_fit_that_could_read_evaluation_rows_is_refused():
+    """Without rows left over, 2-shot exemplars come out of the evaluated rows: the records of
+    the two styles differ and the fit is refused before any forward pass."""
+    import calibrate
+    from calibrate.core.direction import DirectionError
+
+    with pytest.raises(DirectionError, match=r"direction.source_prompt=\{'shots': 2\}.*"
+                                             r"set dataset.limit below the split's size"):
+        calibrate.run_study([*BASE, "dataset.limit=null", "direction.source_prompt={shots:2}"])

@@ -174,3 +174,14 @@ def test_direction_method_blocks_are_checked_before_any_work(default_cfg, block,
     direction[block] = {**direction[block], key: value}
     with pytest.raises(ConfigError, match=re.escape(named) + ".*" + re.escape(accepted)):
         check_job({**default_cfg, "direction": direction})
+
+
+@pytest.mark.parametrize("value, named, accepted", [
+    ({"shots": -1}, "direction.source_prompt.shots=-1", "an integer >= 0"),
+    ({"shot": 1}, "direction.source_prompt.shot is not a prompt key", "prompt.shots"),
+    ("five", "direction.source_prompt='five'", "null or a mapping"),
+])
+def test_source_prompt_is_checked_before_any_work(default_cfg, value, named, accepted):
+    direction = {**default_cfg["direction"], "source_prompt": value}
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*" + re.escape(accepted)):
+        check_job({**default_cfg, "direction": direction})

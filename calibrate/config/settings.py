@@ -125,6 +125,7 @@ class DirectionSettings:
     allow_cross_model: bool = False
     source_limit: int | None = None
     n_random: int = 32  # random directions of the null distribution (0: none)
+    source_prompt: Mapping[str, Any] | None = None  # the prompt style c_hat is fit in (None: the job's)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> DirectionSettings:
@@ -142,9 +143,21 @@ class DirectionSettings:
         if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
             raise ConfigError(f"direction.n_random={n_random!r}; accepted: an integer >= 0")
         _method_blocks(cfg)
+        source_prompt = cfg.get("source_prompt")
+        if source_prompt is not None:
+            from calibrate.tasks.shots import PromptStyle
+
+            if not isinstance(source_prompt, Mapping):
+                raise ConfigError(f"direction.source_prompt={source_prompt!r}; accepted: null or "
+                                  "a mapping such as {shots: 5, chat_template: false}")
+            try:
+                PromptStyle.from_mapping(source_prompt, ConfigError)
+            except ConfigError as err:
+                raise ConfigError(f"direction.source_{err}") from None
+            source_prompt = dict(source_prompt)
         return cls(method, layers, fraction, int(cfg.get("seed", 0)), cfg.get("source"),
                    None if cfg.get("path") is None else str(cfg["path"]),
-                   bool(cfg.get("allow_cross_model")), limit, n_random)
+                   bool(cfg.get("allow_cross_model")), limit, n_random, source_prompt)
 
 
 def _method_blocks(cfg: Mapping[str, Any]) -> None:

@@ -244,18 +244,59 @@ def _direction_layers(ctx: JobContext, fit_set: PromptSet, fit_cal: np.ndarray) 
     return check_layers(layers, ctx.num_layers)
 
 
-def _fit_source(ctx: JobContext) -> tuple[PromptSet, np.ndarray, Any]:
-    """The prompts, calibration rows and dataset config ĉ is fit on."""
-    spec, dset = ctx.spec, ctx.spec.direction
-    if not dset.source:
-        return ctx.prompt_set, ctx.split()[0], spec.dataset
-    from calibrate.tasks.data import load_records
-    from calibrate.tasks.dataset_config import DatasetConfig
+def _own_style(ctx: JobContext) -> Any:
+    """The job's prompt style (zero-shot when the spec has none)."""
+    from calibrate.tasks.shots import PromptStyle
 
-    source = DatasetConfig.from_mapping(source_dataset_config(dset.source, spec.seed,
-                                                              dset.source_limit))
-    fit_set = build_prompts(load_records(source, spec.cache_dir), source, ctx.loaded.tokenizer)
-    return fit_set, ctx.split(len(fit_set.prompts))[0], source
+    return ctx.spec.prompt or PromptStyle()
+
+
+def _fit_style(ctx: JobContext) -> Any:
+    """The prompt style ĉ is fit in: ``direction.source_prompt`` over the job's ``prompt``."""
+    from calibrate.tasks.shots import PromptStyle
+
+    own = _own_style(ctx)
+    raw = ctx.spec.direction.source_prompt
+    if raw is None:
+        return own
+    return PromptStyle.from_mapping({"shots": own.shots, "chat_template": own.chat_template,
+                                     "seed": own.seed, **raw}, DirectionError)
+
+
+def _fit_source(ctx: JobContext) -> tuple[PromptSet, np.ndarray, Any, Any]:
+    """The prompts, calibration rows, dataset config and prompt style ĉ is fit on.
+
+    Another dataset (``direction.source``) is fit on its own calibration split. The job's
+    dataset in another prompt style (``direction.source_prompt``) is fit on the job's own
+    calibration records, which must then be the same records in both styles.
+    """
+    from calibrate.tasks.data import DatasetError
+    from calibrate.tasks.dataset_config import DatasetConfig
+    from calibrate.tasks.shots import load_with_exemplars
+
+    spec, dset = ctx.spec, ctx.spec.direction
+    own, style = _own_style(ctx), _fit_style(ctx)
+    if not dset.source and style == own:
+        return ctx.prompt_set, ctx.split()[0], spec.dataset, own
+    source = spec.dataset if not dset.source else DatasetConfig.from_mapping(
+        source_dataset_config(dset.source, spec.seed, dset.source_limit))
+    try:
+        records, exemplars = load_with_exemplars(source, style, spec.cache_dir)
+    except DatasetError as err:
+        raise DirectionError(f"direction.source_prompt: {err}") from err
+    fit_set = build_prompts(records, source, ctx.loaded.tokenizer, style=style,
+                            exemplars=exemplars)
+    if dset.source:
+        return fit_set, ctx.split(len(fit_set.prompts))[0], source, style
+    evaluated, _ = load_with_exemplars(spec.dataset, own, spec.cache_dir)
+    if list(evaluated) != list(records):
+        raise DirectionError(
+            f"direction.source_prompt={dict(dset.source_prompt)}: the job ({own.shots} shots) and "
+            f"the fit ({style.shots} shots) would not see the same {spec.dataset.name} records "
+            "(exemplars were taken out of the evaluated rows), so the fit could read evaluation "
+            "rows; set dataset.limit below the split's size so exemplars come from rows neither "
+            "evaluates")
+    return fit_set, ctx.split()[0], spec.dataset, style
 
 
 def gguf_direction(path: str, steer: list[int], model_type: str, allow_cross_model: bool) -> Direction:
@@ -309,7 +350,7 @@ def obtain_direction(ctx: JobContext) -> Fitted:
     if dset.path:
         return Fitted(_loaded_direction(ctx, steer), ctx.probe(keep=steer), cal_idx, eval_idx, {},
                       steer)
-    fit_set, fit_cal, fit_cfg = _fit_source(ctx)
+    fit_set, fit_cal, fit_cfg, fit_style = _fit_source(ctx)
     layers = _direction_layers(ctx, fit_set, fit_cal)
     method = DIRECTION_METHODS.get(dset.method)
     if method is None:
@@ -323,7 +364,10 @@ def obtain_direction(ctx: JobContext) -> Fitted:
     direction = method(request)
     direction.meta.update(model=ctx.loaded.name, unembed_hash=ctx.loaded.unembed_hash,
                           split="calibration", n_examples=int(len(fit_cal)),
-                          dataset=fit_cfg.name, dataset_split=fit_cfg.split)
+                          dataset=fit_cfg.name, dataset_split=fit_cfg.split,
+                          fit_prompt={"shots": fit_style.shots,
+                                      "chat_template": fit_style.chat_template},
+                          prompt_transfer=fit_style != _own_style(ctx))
     direction.meta.update(comparison_meta(ctx, direction, request.residuals(), layers))
     per_layer = {}
     if dset.method in ("layer_diff", "mean_diff"):  # the per-layer c_l behind ĉ

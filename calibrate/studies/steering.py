@@ -42,7 +42,8 @@ STEERING_FILE = "steering.csv"
 FILES = (STEERING_FILE, "direction.safetensors", "direction.json", "eta_curves.png",
          "steered_ece.png", "gradient_fit.csv", "gradient_fit.png")
 DIRECTION_SUMMARY = ("method", "layers", "raw_norm", "dataset", "cross_model_transfer",
-                     "cosine_to_direction", "cosine_layer_diff", "null_space_rho", "eta_fit")
+                     "cosine_to_direction", "cosine_layer_diff", "null_space_rho", "eta_fit",
+                     "fit_prompt", "prompt_transfer")
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""The markdown tables of experiments/README.md, read from the committed job folders.
+
+    python experiments/tables.py adjudicate experiments/offline_study/adjudicate/*
+    python experiments/tables.py methods experiments/offline_study/methods/*
+    python experiments/tables.py styles experiments/offline_study/prompt_styles/*
+
+Every number comes from a job's metrics.json, steering.csv, null.csv or baselines.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def jobs(sweeps: list[str]) -> list[Path]:
+    """Complete job folders of the sweeps, in sweep and job order."""
+    out = []
+    for sweep in sweeps:
+        for job in sorted(Path(sweep).iterdir(), key=lambda p: (len(p.name), p.name)):
+            if (job / "metrics.json").is_file():
+                out.append(job)
+    return out
+
+
+def metrics(job: Path) -> dict:
+    return json.loads((job / "metrics.json").read_text())
+
+
+def final_steering(job: Path) -> pd.DataFrame:
+    table = pd.read_csv(job / "steering.csv")
+    return table[table["layer"] == table["layer"].max()].set_index("eta")
+
+
+def fmt(x: float, digits: int = 4, sign: bool = True) -> str:
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def interval(lo: float, hi: float) -> str:
+    return f"[{lo:+.3f}, {hi:+.3f}]"
+
+
+def steering_cells(job: Path, eta: float) -> dict[str, str]:
+    """ĉ's final-layer deltas at ``eta`` with the paired interval and the random-direction null."""
+    row = final_steering(job).loc[eta]
+    null_path = job / "null.csv"
+    cells = {"ΔECE [paired 95 %]": f"{fmt(row['delta_ece'])} {interval(row['delta_ece_lo'], row['delta_ece_hi'])}"
+             + (" *" if bool(row.get("significant_ece")) else ""),
+             "Δacc": fmt(row["delta_accuracy"], 3)}
+    if null_path.is_file():
+        null = pd.read_csv(null_path).set_index("eta").loc[eta]
+        cells["null ΔECE median [5–95 %]"] = (f"{fmt(null['null_delta_ece_median'])} "
+                                             f"{interval(null['null_delta_ece_p05'], null['null_delta_ece_p95'])}")
+        cells["p"] = f"{null['p_value_ece']:.2f}"
+    else:
+        cells["null ΔECE median [5–95 %]"] = metrics(job).get("null", {}).get("skipped", "—")
+        cells["p"] = "—"
+    return cells
+
+
+def baseline_cells(job: Path) -> dict[str, str]:
+    m = metrics(job)
+    layer = m.get("baselines_layer")
+    table = pd.read_csv(job / "baselines.csv")
+    rows = table[table["layer"] == layer].set_index("method")
+    out = {}
+    if "temperature" in rows.index:
+        t = rows.loc["temperature"]
+        out["temperature-scaled ECE (T)"] = f"{t['ece']:.4f} ({t['parameter']:.3g})"
+    if "histogram" in rows.index:
+        out["histogram-binned ECE"] = f"{rows.loc['histogram', 'ece']:.4f}"
+    return out
+
+
+def adjudicate(sweeps: list[str]) -> pd.DataFrame:
+    rows = []
+    for job in jobs(sweeps):
+        m = metrics(job)
+        etas = [e for e in m["etas"] if e != 0]
+        head = {"model": m["model"], "dataset": m["dataset"] + (" (cloze)" if m["answer_format"] == "cloze" else ""),
+                "n eval": m["n_evaluation"], "ECE": f"{m['final']['ece']:.4f}", **baseline_cells(job)}
+        for eta in etas:
+            rows.append({**head, "η (× residual norm)": eta, **steering_cells(job, eta)})
+    return pd.DataFrame(rows)
+
+
+def methods(sweeps: list[str]) -> pd.DataFrame:
+    rows = []
+    for job in jobs(sweeps):
+        m = metrics(job)
+        d = m["direction"]
+        meta = json.loads((job / "direction.json").read_text())
+        scale = (meta.get("layer_scale") or {}).get(str(max(m["intervention_layers"])))
+        fit = f"{meta['eta_fit'] / scale:.3f}" if meta.get("eta_fit") and scale else "—"
+        for eta in [e for e in m["etas"] if e != 0]:
+            rows.append({"model": m["model"],
+                         "dataset": m["dataset"] + (" (cloze)" if m["answer_format"] == "cloze" else ""),
+                         "method": d["method"], "cos(ĉ, layer_diff)": f"{d['cosine_layer_diff']:+.2f}",
+                         "ρ null space": f"{d['null_space_rho']:.3f}", "η fit": fit, "η": eta,
+                         **steering_cells(job, eta)})
+    return pd.DataFrame(rows)
+
+
+def styles(sweeps: list[str]) -> pd.DataFrame:
+    rows = []
+    for job in jobs(sweeps):
+        m = metrics(job)
+        layers = pd.read_csv(job / "layers.csv")
+        best = layers.loc[layers["accuracy"].idxmax()]
+        worst = layers.loc[layers["ece"].idxmax()]
+        prompt = m.get("prompt") or {}
+        rows.append({"model": m["model"],
+                     "dataset": m["dataset"] + (" (cloze)" if m["answer_format"] == "cloze" else ""),
+                     "shots": prompt.get("shots", 0), "chat": bool(prompt.get("chat_template")),
+                     "n": m["n_examples"], "final acc": f"{m['final']['accuracy']:.3f}",
+                     "final ECE": f"{m['final']['ece']:.3f}",
+                     "best acc (layer)": f"{best['accuracy']:.3f} ({int(best['layer'])})",
+                     "max ECE (layer)": f"{worst['ece']:.3f} ({int(worst['layer'])})",
+                     "emergence": m.get("emergence_layer"), "phase": m.get("phase_kind"),
+                     "correction layers": ", ".join(map(str, m.get("correction_layers") or [])) or "—"})
+    return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":
+    kind, *dirs = sys.argv[1:]
+    table = {"adjudicate": adjudicate, "methods": methods, "styles": styles}[kind](dirs)
+    print(table.to_markdown(index=False))
