@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
-STEPS=${STEPS:-1 2 3 4 5 6 7 8}
+STEPS=${STEPS:-1 2 3 4 5 6 7 8 9}
 common="probe.progress=false tracker=none dataset.shuffle=true"
 steer="intervention=direction intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -88,6 +88,19 @@ if step 8; then
     $PY -m calibrate.run -m $styles $data model=smollm2 prompt.chat_template=true prompt.shots=0,5 \
         hydra.sweep.dir=$OUT/prompt_styles/${name}_chat
   done
+fi
+
+# 9. c_hat across prompt styles: SST-2 with 800 evaluated rows (5-shot exemplars from the 72 left
+#    over), each style's own c_hat, then zero-shot c_hat on 5-shot prompts and the reverse
+if step 9; then
+  tr="$common intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
+      direction.n_random=32 output.predictions=false model=smollm2,gemma3_270m dataset=sst2
+      dataset.limit=800"
+  $PY -m calibrate.run -m $tr prompt.shots=0,5 hydra.sweep.dir=$OUT/prompt_styles/transfer_own
+  $PY -m calibrate.run -m $tr prompt.shots=5 'direction.source_prompt={shots:0}' \
+      hydra.sweep.dir=$OUT/prompt_styles/transfer_zero_to_five
+  $PY -m calibrate.run -m $tr prompt.shots=0 'direction.source_prompt={shots:5}' \
+      hydra.sweep.dir=$OUT/prompt_styles/transfer_five_to_zero
 fi
 
 # 4. one comparison of everything
