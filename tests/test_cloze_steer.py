@@ -81,3 +81,15 @@ def test_blocks_and_hooks_restored_after_an_error(tiny, monkeypatch):
         torch.as_tensor(run_cloze(tiny, reqs, np.zeros(5, dtype=int), QUIET).option_logits),
         torch.as_tensor(run_cloze_steered(tiny, reqs, Steering(vector(tiny), (1,), (0.0,)),
                                           QUIET, use_cache=False)[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_tails_run_in_groups_of_similar_width(tiny):
+    """Short and long options run in separate groups (the equality tests above cover them)."""
+    from calibrate.engine.cloze_steer import _Tails
+
+    tails = _Tails(tiny, requests(tiny.tokenizer), QUIET)
+    assert len(tails.groups) > 1
+    assert sorted(torch.cat(tails.groups).tolist()) == list(range(len(tails.conts)))
+    for group in tails.groups:  # no group pads a one-token tail to the longest
+        widths = [tails.widths[r] for r in group.tolist()]
+        assert max(widths) - min(widths) < tails.width - 1

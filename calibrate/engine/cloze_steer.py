@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrate.engine.cloze import capture_positions, cloze_lens, lens_logprobs
-from calibrate.engine.cloze_plan import right_pad, token_plan
+from calibrate.engine.cloze_plan import continuation_groups, right_pad, token_plan
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.probe import ProbeSettings, check_finite, left_pad, position_ids, run_batches
 from calibrate.engine.steer import Intervention, variants_per_pass
@@ -46,9 +46,14 @@ def _edit_first(intervention: Intervention, row_variants: torch.Tensor):
 
 
 class _Tails:
-    """One batch's context cache and option tails, run once unedited."""
+    """One batch's context cache and option tails, run once unedited.
 
-    def __init__(self, loaded: LoadedModel, batch: Sequence[ClozeRequest]) -> None:
+    Tails run in groups of similar width (:func:`calibrate.engine.cloze_plan.continuation_groups`)
+    so a short option is not padded to the longest; states are kept at the batch's full width.
+    """
+
+    def __init__(self, loaded: LoadedModel, batch: Sequence[ClozeRequest],
+                 settings: ProbeSettings) -> None:
         device, backbone = loaded.device, loaded.adapter.backbone
         pad = loaded.tokenizer.pad_token_id
         ids, mask = left_pad([r.context_ids for r in batch], pad)
@@ -56,31 +61,45 @@ class _Tails:
         self.row_example = torch.repeat_interleave(torch.arange(len(batch)), counts)
         self.conts = [c for r in batch for c in r.continuations]
         tails = [[int(ids[b, -1])] + list(c[:-1]) for b, c in zip(self.row_example.tolist(), self.conts)]
-        self.width = max(map(len, tails))
+        self.widths = [len(t) for t in tails]
+        self.width = max(self.widths)
+        self.groups = [torch.as_tensor(g) for g in continuation_groups(self.widths, settings)]
         tail_ids, tail_mask = right_pad(tails, pad, self.width)
-        ctx_mask = mask[:, :-1][self.row_example]
-        self.ids = tail_ids.to(device)
-        self.mask = torch.cat([ctx_mask, tail_mask], dim=1).to(device)
+        self.ids, self.tail_mask = tail_ids.to(device), tail_mask.to(device)
+        self.ctx_mask = mask[:, :-1][self.row_example].to(device)
         self.pos = ((mask.sum(1) - 1)[self.row_example][:, None] + torch.arange(self.width)).to(device)
         self.first_rows = torch.cumsum(counts, 0) - counts  # each example's first row
         self.n_examples = len(batch)
-        self.real = int(mask.sum()) + int(tail_mask.sum()) - len(self.conts)
+        self.cache = None
         with torch.no_grad():
             if ids.shape[1] > 1:
                 out = backbone(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
                                position_ids=position_ids(mask)[:, :-1].to(device), use_cache=True)
                 self.cache = getattr(out, "cache", None) or out.past_key_values
-            else:
-                self.cache = None
-            kwargs = {} if self.cache is None else {
-                cache_argument(backbone): rows_cache(self.cache, self.row_example, 0)}
-            with capture_positions(loaded.adapter, slice(None)) as store:
-                backbone(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
-                         use_cache=self.cache is not None, **kwargs)
-        self.states = torch.stack(store, dim=2)  # [R, W, L+1, H] unedited
+            states = None
+            for rows in self.groups:
+                width = max(self.widths[r] for r in rows.tolist())
+                with capture_positions(loaded.adapter, slice(None)) as store:
+                    self._run(loaded, rows, self.ids[rows, :width], 0)
+                group = torch.stack(store, dim=2)  # [rows, width, L+1, H]
+                if states is None:
+                    states = group.new_zeros((len(self.conts), self.width, *group.shape[2:]))
+                states[rows.to(states.device), :width] = group
+        self.states = states  # [R, W, L+1, H] unedited (zeros past each tail's end)
         check_finite(self.states)
         self.plan = token_plan(self.conts, self.row_example.tolist(),
                                [self.n_examples + r * (self.width - 1) for r in range(len(self.conts))])
+
+    def _run(self, loaded: LoadedModel, rows: torch.Tensor, ids: torch.Tensor, start: int) -> None:
+        """Run tails ``rows`` (token ids ``ids`` [r, w]) on the context cache, from block ``start``."""
+        backbone, width = loaded.adapter.backbone, ids.shape[1]
+        example_rows = self.row_example[rows]
+        kwargs = {} if self.cache is None else {
+            cache_argument(backbone): rows_cache(self.cache, example_rows, start)}
+        rows = rows.to(self.ids.device)
+        backbone(input_ids=ids, attention_mask=torch.cat([self.ctx_mask[rows],
+                                                          self.tail_mask[rows, :width]], dim=1),
+                 position_ids=self.pos[rows, :width], use_cache=self.cache is not None, **kwargs)
 
     def sources(self, tails: torch.Tensor) -> torch.Tensor:
         """The plan's sources from tail states [R, W, n, H]: each example's context state, then
@@ -90,36 +109,39 @@ class _Tails:
     def upper(self, loaded: LoadedModel, intervention: Intervention, start: int,
               variants: torch.Tensor) -> torch.Tensor:
         """Tail states [R * v, W, L+1-start, H] of ``variants`` (row r * v + i: row r, variant i)."""
-        n_rows, backbone = len(self.conts), loaded.adapter.backbone
-        rows = torch.arange(n_rows).repeat_interleave(len(variants))
-        row_variants = variants.repeat(n_rows)
+        n_var = len(variants)
+        rows = torch.arange(len(self.conts)).repeat_interleave(n_var)
         hidden = self.states[rows.to(self.states.device), :, start]
         if start in intervention.layers:
-            hidden = _edit_first(intervention, row_variants)(start, hidden)
+            hidden = _edit_first(intervention, variants.repeat(len(self.conts)))(start, hidden)
         if start == loaded.adapter.num_blocks:
             return hidden[:, :, None]
         later = [layer for layer in intervention.layers if layer > start]
-        example_rows = self.row_example[rows]
-        kwargs = {} if self.cache is None else {
-            cache_argument(backbone): rows_cache(self.cache, example_rows, start)}
-        hidden = hidden.to(loaded.device)
-        with only_blocks_from(loaded.adapter, start, hidden), \
-                edit_residual(loaded.adapter, later, _edit_first(intervention, row_variants)), \
-                capture_upper(loaded.adapter, start, slice(None)) as store:
-            backbone(input_ids=self.ids[rows], attention_mask=self.mask[rows],
-                     position_ids=self.pos[rows], use_cache=self.cache is not None, **kwargs)
-        return torch.stack([hidden, *store], dim=2)
+        out = hidden.new_zeros((len(rows), self.width, loaded.adapter.num_blocks + 1 - start,
+                                hidden.shape[-1]))
+        for group in self.groups:
+            width = max(self.widths[r] for r in group.tolist())
+            at = (group[:, None] * n_var + torch.arange(n_var)).flatten()  # rows of the r*v layout
+            injected = hidden[at.to(hidden.device), :width].to(loaded.device)
+            group_variants = variants.repeat(len(group))
+            with only_blocks_from(loaded.adapter, start, injected), \
+                    edit_residual(loaded.adapter, later, _edit_first(intervention, group_variants)), \
+                    capture_upper(loaded.adapter, start, slice(None)) as store:
+                self._run(loaded, rows[at], self.ids[rows[at].to(self.ids.device), :width], start)
+            out[at.to(out.device), :width] = torch.stack([injected, *store], dim=2).to(out.device)
+        return out
 
 
 def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
-                        intervention: Intervention, token_budget: int) -> tuple[torch.Tensor, int]:
+                        intervention: Intervention, settings: ProbeSettings,
+                        token_budget: int) -> torch.Tensor:
     """Per-option log-likelihoods [V, R, L+1] float64 of one batch (rows in (example, option)
-    order) under every variant, and the real tokens run."""
+    order) under every variant."""
     lens, max_rows = cloze_lens(loaded.adapter)
     n_layers = loaded.adapter.num_blocks + 1
     start = min(intervention.layers)
     with torch.inference_mode():
-        tails = _Tails(loaded, batch)
+        tails = _Tails(loaded, batch, settings)
         plan = tails.plan
         src = plan.state_src.to(tails.states.device)
         token_row = plan.token_row.to(lens.device)
@@ -133,7 +155,8 @@ def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
         tok_sel = (remap[plan.token_state] >= 0).nonzero().squeeze(1)
         n_rows, n_var = len(tails.conts), intervention.n_variants
         out = torch.empty((n_var, n_rows, n_layers), dtype=torch.float64)
-        step = variants_per_pass(n_rows, tails.mask.shape[1], n_layers - 1 - start, token_budget)
+        step = variants_per_pass(n_rows, tails.ctx_mask.shape[1] + tails.width, n_layers - 1 - start,
+                                 token_budget)
         for lo in range(0, n_var, step):
             variants = torch.arange(lo, min(lo + step, n_var))
             upper = tails.upper(loaded, intervention, start, variants)
@@ -146,7 +169,7 @@ def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
                 loglik = torch.zeros((n_rows, n_layers), dtype=torch.float64, device=lens.device)
                 loglik.index_add_(0, token_row, lp)
                 out[variant] = loglik.cpu()
-    return out, tails.real
+    return out
 
 
 def cloze_loglik_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
@@ -161,10 +184,11 @@ def cloze_loglik_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
     budget = settings.max_tokens * loaded.adapter.num_blocks
     with tqdm(total=n, desc=f"{desc} {loaded.name} x{n_var}", unit="ex",
               disable=not settings.progress) as bar:
-        def run(idx: np.ndarray, _current: ProbeSettings):
-            return cloze_steered_batch(loaded, [requests[i] for i in idx], intervention, budget)
+        def run(idx: np.ndarray, current: ProbeSettings):
+            return cloze_steered_batch(loaded, [requests[i] for i in idx], intervention, current,
+                                       budget)
 
-        for idx, (rows, _real) in run_batches(lengths, settings, run):
+        for idx, rows in run_batches(lengths, settings, run):
             rows, at = rows.numpy(), 0
             for i in idx:
                 kk = requests[i].n_options
