@@ -232,6 +232,13 @@ def test_random_direction_null_off_the_last_layer_equals_full_steered_passes(
     assert (row.null_delta_ece_p05, row.null_delta_ece_median, row.null_delta_ece_p95) == \
         pytest.approx((lo, median, hi), abs=1e-6)
     assert result.summary["null"]["layers"] == [2]
+    # ĉ's rows come from the same sweep: they equal ĉ steered alone in full forward passes
+    alone = run_steered(tiny_lm, eval_set, Steering(result.direction.vector, (2,), (0.0, 3.0)),
+                        ProbeSettings(progress=False), use_cache=False)
+    from calibrate.engine.steer import steering_table
+    reference = steering_table(alone, eval_set.labels, [0.0, 3.0], 15, "guo", 0)
+    np.testing.assert_allclose(result.table["ece"], reference["ece"], atol=1e-6)
+    np.testing.assert_allclose(result.table["accuracy"], reference["accuracy"], atol=1e-9)
 
 
 def test_random_direction_null_is_skipped_with_a_reason_at_every_position(

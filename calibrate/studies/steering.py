@@ -112,11 +112,10 @@ class SteeringStudy(Study):
         steering = Steering(fit.direction.vector, tuple(layers), spec.etas,
                             spec.intervention.position, scale)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
-        logits = ctx.steered(eval_set, steering, base.take(fit.eval_idx))
+        logits, null, null_note = _steer_with_null(ctx, fit, eval_set, steering)
         table = steering_table(logits, eval_set.labels, list(spec.etas), spec.metrics.n_bins,
                                spec.metrics.binning, 0)
         table, comparisons = paired(table, logits, eval_set.labels, "eta", spec)
-        null, null_note = _null(ctx, fit, eval_set, layers, scale)
         baselines = baseline_table(base.option_logits, base.labels, cal, fit.eval_idx,
                                    spec.study_settings, spec.metrics.n_bins, spec.metrics.binning)
         meta = fit.direction.meta
@@ -151,31 +150,39 @@ def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
                         max(abs(e) for e in spec.etas), ratio, norm, layer, limit)
 
 
-def _null(ctx: JobContext, fit: Any, eval_set: Any, layers: list[int],
-          scale: Mapping[int, float] | None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
-    """ĉ against ``direction.n_random`` random directions steered the same way: read from the
-    last layer's residual when the edit is there, else through the blocks above the edit."""
-    spec, n_random = ctx.spec, ctx.spec.direction.n_random
-    if not n_random or len(spec.etas) < 2:
-        return None, {"n_random": 0}
-    last, etas = ctx.num_layers - 1, spec.etas
-    reason = null_skip_reason(spec.intervention.position, eval_set.is_cloze, list(layers) == [last])
+def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steering
+                     ) -> tuple[np.ndarray, pd.DataFrame | None, dict[str, Any]]:
+    """ĉ's steered scores [E, N, L+1, K] and the null of ``direction.n_random`` random
+    directions steered the same way.
+
+    At the last layer with one token per option both are read from the probe's last residual
+    (no forward pass). Elsewhere ĉ is the first direction of one sweep that also runs the
+    random ones, so the prompts run once for both.
+    """
+    spec, n_random, etas = ctx.spec, ctx.spec.direction.n_random, ctx.spec.etas
+    layers, last = list(steering.layers), ctx.num_layers - 1
+    base = fit.base.take(fit.eval_idx)
+    if not n_random or len(etas) < 2:
+        return ctx.steered(eval_set, steering, base), None, {"n_random": 0}
+    reason = null_skip_reason(steering.position, eval_set.is_cloze, layers == [last])
     if reason:
         LOG.info("random-direction null skipped: %s", reason)
-        return None, {"n_random": n_random, "skipped": reason}
+        return ctx.steered(eval_set, steering, base), None, {"n_random": n_random,
+                                                            "skipped": reason}
     vectors = null_vectors(fit.direction.vector, n_random, spec.direction.seed + 1)
-    if list(layers) == [last] and not eval_set.is_cloze:
-        logits = last_layer_logits(ctx.loaded, fit.base.residuals[last][fit.eval_idx],
-                                   eval_set.option_ids, vectors, np.asarray(etas),
-                                   (scale or {}).get(last, 1.0))
+    if layers == [last] and not eval_set.is_cloze:
+        logits = ctx.steered(eval_set, steering, base)
+        swept = last_layer_logits(ctx.loaded, base.residuals[last], eval_set.option_ids, vectors,
+                                  np.asarray(etas), (steering.layer_scale or {}).get(last, 1.0))
     else:
-        sweep = DirectionSweep(vectors, tuple(layers), etas, "last", scale)
-        final = ctx.steered(eval_set, sweep)[:, :, -1]  # [D * E, N, K]
-        logits = final.reshape(len(vectors), len(etas), *final.shape[1:])
-    table = direction_null(logits, eval_set.labels, etas, spec.metrics.n_bins,
+        every = ctx.steered(eval_set, DirectionSweep(vectors, tuple(layers), etas, "last",
+                                                     steering.layer_scale))
+        logits, final = every[:len(etas)], every[:, :, -1]  # ĉ's etas come first
+        swept = final.reshape(len(vectors), len(etas), *final.shape[1:])
+    table = direction_null(swept, eval_set.labels, etas, spec.metrics.n_bins,
                            spec.metrics.binning)
-    return table, {"n_random": n_random, "layers": list(layers),
-                   "per_eta": table.to_dict("records")}
+    return logits, table, {"n_random": n_random, "layers": layers,
+                           "per_eta": table.to_dict("records")}
 
 
 def paired(table: pd.DataFrame, logits: np.ndarray, labels: np.ndarray, column: str,
