@@ -48,38 +48,43 @@ if step 5; then
 fi
 
 # 6. does c_hat beat the obvious? c_hat (paper's layer_diff, last three blocks, steered at the last
-#    layer) against 32 random directions, the post-hoc baselines and paired intervals, on full splits:
-#    all 872 SST-2, all 570 ARC-Easy (cloze), all 10662 Rotten Tomatoes (5331 evaluated) and 200
-#    shuffled HellaSwag (cloze; its long continuations cost ~15 s per example on this CPU)
+#    layer) against 32 random directions, the post-hoc baselines and paired intervals: all 872
+#    SST-2, 2000 shuffled Rotten Tomatoes (1000 evaluated), 200 shuffled ARC-Easy (cloze) and, for
+#    SmolLM2 only, 100 HellaSwag (cloze; its long continuations cost seconds per example on CPU).
+#    resume=true: a rerun skips the jobs already complete with the same config.
+adj="$common resume=true intervention=direction intervention.eta_scale=residual_norm
+     eta=[0,0.02,0.05,0.1] direction.n_random=32 output.predictions=false"
 if step 6; then
-  adj="$common intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
-       direction.n_random=32 output.predictions=false model=smollm2,gemma3_270m"
-  $PY -m calibrate.run -m $adj dataset=sst2 hydra.sweep.dir=$OUT/adjudicate/sst2
-  $PY -m calibrate.run -m $adj dataset=arc_easy hydra.sweep.dir=$OUT/adjudicate/arc_easy_cloze
-  $PY -m calibrate.run -m $adj dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
+  $PY -m calibrate.run -m $adj model=smollm2,gemma3_270m dataset=sst2 \
+      hydra.sweep.dir=$OUT/adjudicate/sst2
+  $PY -m calibrate.run -m $adj model=smollm2,gemma3_270m dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=2000 \
       hydra.sweep.dir=$OUT/adjudicate/rotten_tomatoes
-  $PY -m calibrate.run -m $adj dataset=hellaswag dataset.limit=200 \
-      hydra.sweep.dir=$OUT/adjudicate/hellaswag_cloze
+  $PY -m calibrate.run -m $adj model=smollm2,gemma3_270m dataset=arc_easy dataset.limit=200 \
+      hydra.sweep.dir=$OUT/adjudicate/arc_easy_cloze
 fi
 
 # 7. which direction? every direction method, fit on the calibration split, steered at the last
-#    layer and judged like step 6 (null, baselines, paired intervals): SST-2, Rotten Tomatoes and
-#    cloze ARC-Easy (all rows)
+#    layer and judged like step 6 (null, baselines, paired intervals), on the same rows
+methods="model=smollm2,gemma3_270m direction.method=layer_diff,mean_diff,pca,probe,gradient"
 if step 7; then
-  methods="$common intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
-       direction.n_random=32 output.predictions=false model=smollm2,gemma3_270m
-       direction.method=layer_diff,mean_diff,pca,probe,gradient"
-  $PY -m calibrate.run -m $methods dataset=sst2 hydra.sweep.dir=$OUT/methods/sst2
-  $PY -m calibrate.run -m $methods dataset=arc_easy hydra.sweep.dir=$OUT/methods/arc_easy_cloze
-  $PY -m calibrate.run -m $methods dataset=rotten_tomatoes dataset.local_path=$SHARED/rotten_tomatoes \
+  $PY -m calibrate.run -m $adj $methods dataset=sst2 hydra.sweep.dir=$OUT/methods/sst2
+  $PY -m calibrate.run -m $adj $methods dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=2000 \
       hydra.sweep.dir=$OUT/methods/rotten_tomatoes
+  $PY -m calibrate.run -m $adj $methods dataset=arc_easy dataset.limit=200 \
+      hydra.sweep.dir=$OUT/methods/arc_easy_cloze
+fi
+if step 6; then
+  $PY -m calibrate.run -m $adj model=smollm2 dataset=hellaswag dataset.limit=100 \
+      hydra.sweep.dir=$OUT/adjudicate/hellaswag_cloze
 fi
 
 # 8. prompt styles: the layer-wise probe at 0, 1 and 5 shots (exemplars as lm-eval draws them),
 #    and SmolLM2-Instruct with its chat template (Gemma-3-270M's tokenizer has none): two MMLU
 #    subjects (letters), all of SST-2, 100 shuffled ARC-Easy (cloze)
 if step 8; then
-  styles="$common output.predictions=false"
+  styles="$common resume=true output.predictions=false"
   for data in "dataset=mmlu dataset.subjects=[high_school_geography,marketing]" "dataset=sst2" \
               "dataset=arc_easy dataset.limit=100"; do
     name=$(echo "$data" | sed 's/dataset=\([a-z0-9_]*\).*/\1/')
@@ -93,7 +98,7 @@ fi
 # 9. c_hat across prompt styles: SST-2 with 800 evaluated rows (5-shot exemplars from the 72 left
 #    over), each style's own c_hat, then zero-shot c_hat on 5-shot prompts and the reverse
 if step 9; then
-  tr="$common intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
+  tr="$common resume=true intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
       direction.n_random=32 output.predictions=false model=smollm2,gemma3_270m dataset=sst2
       dataset.limit=800"
   $PY -m calibrate.run -m $tr prompt.shots=0,5 hydra.sweep.dir=$OUT/prompt_styles/transfer_own
