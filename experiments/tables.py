@@ -2,7 +2,8 @@
 
     python experiments/tables.py adjudicate experiments/offline_study/adjudicate/*
     python experiments/tables.py methods experiments/offline_study/methods/*
-    python experiments/tables.py styles experiments/offline_study/prompt_styles/*
+    python experiments/tables.py styles experiments/offline_study/prompt_styles/{mmlu,sst2,arc_easy}*
+    python experiments/tables.py transfer experiments/offline_study/prompt_styles/transfer_*
 
 Every number comes from a job's metrics.json, steering.csv, null.csv or baselines.csv.
 """
@@ -124,7 +125,20 @@ def styles(sweeps: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def transfer(sweeps: list[str]) -> pd.DataFrame:
+    rows = []
+    for job in jobs(sweeps):
+        m = metrics(job)
+        fit = (m["direction"].get("fit_prompt") or {}).get("shots")
+        for eta in [e for e in m["etas"] if e != 0]:
+            rows.append({"model": m["model"], "evaluated at (shots)": (m.get("prompt") or {}).get("shots", 0),
+                         "ĉ fit at (shots)": fit, "n eval": m["n_evaluation"],
+                         "ECE": f"{m['final']['ece']:.4f}", "η": eta, **steering_cells(job, eta)})
+    return pd.DataFrame(rows)
+
+
 if __name__ == "__main__":
     kind, *dirs = sys.argv[1:]
-    table = {"adjudicate": adjudicate, "methods": methods, "styles": styles}[kind](dirs)
+    table = {"adjudicate": adjudicate, "methods": methods, "styles": styles,
+             "transfer": transfer}[kind](dirs)
     print(table.to_markdown(index=False))
