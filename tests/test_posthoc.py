@@ -68,3 +68,18 @@ def test_histogram_keeps_proportions_of_the_rest_and_sums_to_one():
     lone = apply_histogram(np.array([[1.0, 0.0, 0.0]]), np.array([np.nan, 0.5, np.nan, 0.7]),
                            n_bins=4, valid=np.array([[True, True, False]]))
     np.testing.assert_allclose(lone, [[0.7, 0.3, 0.0]])
+
+
+def test_histogram_near_certain_top_label_still_sums_to_one():
+    """A real cloze row (ARC-Easy, SmolLM2's embeddings layer): the top label holds all but
+    2.5e-14 of the mass, where 1 - conf loses its digits to cancellation; the others keep their
+    proportions of 1 - new, computed from their own sum."""
+    probs = np.array([[2.469762648185335e-14, 1.852324767270281e-18, 9.999999999999754e-01,
+                       1.109722826582377e-16, 0.0]])
+    acc = np.full(15, np.nan)
+    acc[-1] = 0.3225806451612903
+    out = apply_histogram(probs, acc, n_bins=15, valid=np.array([[True] * 4 + [False]]))
+    assert out.sum() == pytest.approx(1.0, abs=1e-12)
+    others = probs[0, [0, 1, 3]]
+    np.testing.assert_allclose(out[0, [0, 1, 3]], (1 - acc[-1]) * others / others.sum(), rtol=1e-12)
+    assert out[0, 2] == acc[-1] and out[0, 4] == 0.0

@@ -76,7 +76,9 @@ def apply_histogram(probs: np.ndarray, accuracy: np.ndarray, n_bins: int = 15,
     conf = probs[rows, top]
     new = accuracy[bin_index(conf, n_bins, binning)]
     new = np.where(np.isnan(new), conf, new)
-    rest = 1.0 - conf
+    # the others' mass summed, not 1 - conf: near conf = 1 that difference cancels to a few ulp
+    # and would rescale the others by the wrong factor (rows then miss summing to 1)
+    rest = np.where(np.arange(probs.shape[1]) == top[:, None], 0.0, probs).sum(axis=1)
     scale = np.where(rest > 0, (1.0 - new) / np.where(rest > 0, rest, 1.0), 0.0)
     out = probs * scale[:, None]
     out[rows, top] = new
