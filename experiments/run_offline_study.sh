@@ -108,8 +108,15 @@ if step 9; then
       hydra.sweep.dir=$OUT/prompt_styles/transfer_five_to_zero
 fi
 
-# 4. one comparison of everything
+# 4. one report of everything: report.html (self-contained) and report.md, figures, tables
 if step 4; then
-  $PY -m calibrate.io.compare $OUT/layerwise $OUT/layerwise_rt $OUT/study $OUT/steer_rt \
-      $OUT/transfer_rt $OUT/transfer_arc --out $OUT/compare --relative-depth
+  sweeps=""
+  for s in layerwise layerwise_rt study steer_rt transfer_rt transfer_arc cloze adjudicate/sst2 \
+           adjudicate/rotten_tomatoes adjudicate/arc_easy_cloze methods/sst2 methods/rotten_tomatoes \
+           methods/arc_easy_cloze prompt_styles/mmlu prompt_styles/sst2 prompt_styles/arc_easy \
+           prompt_styles/transfer_own prompt_styles/transfer_zero_to_five \
+           prompt_styles/transfer_five_to_zero; do
+    [[ -d $OUT/$s ]] && sweeps="$sweeps $OUT/$s"
+  done
+  $PY -m calibrate.report $sweeps --out $OUT/compare --dpi 60
 fi
