@@ -95,7 +95,7 @@ def suffix_batch(loaded: LoadedModel, lens: Lens, cache, prefix_length: int,
     """One batch of suffixes after a cached prefix: (option logits, mass, stacked residuals,
     suffix attention mask [B, S])."""
     from calibrate.engine.probe import _lens_batch, check_finite
-    from calibrate.engine.steer import cache_argument
+    from calibrate.engine.upper import cache_argument
 
     device, backbone = loaded.device, loaded.adapter.backbone
     ids, mask, positions, last = right_pad_suffixes(suffixes, loaded.tokenizer.pad_token_id,

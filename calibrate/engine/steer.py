@@ -29,11 +29,7 @@ from calibrate.engine.probe import (
     position_ids,
     tokenize,
 )
-from calibrate.engine.upper import (
-    cache_argument,  # noqa: F401 (re-exported)
-    prefix_states,
-    upper_forward,
-)
+from calibrate.engine.upper import prefix_states, upper_forward
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.prompts import PromptSet
 
@@ -81,13 +77,11 @@ class Steering(Intervention):
 
     def scale(self, layer: int) -> float:
         """Multiplier of eta at ``layer`` (1 for absolute units)."""
-        return 1.0 if not self.layer_scale else float(self.layer_scale[layer])
+        return layer_multiplier(self.layer_scale, layer)
 
     def apply(self, layer: int, hidden: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
-        vec = torch.as_tensor(self.vector, dtype=hidden.dtype, device=hidden.device)
-        etas = torch.as_tensor(self.etas, dtype=torch.float64)[variant.cpu()]
-        shift = (etas * self.scale(layer)).to(hidden.device, hidden.dtype)[:, None] * vec
-        return hidden + shift[:, None, :]
+        return add_scaled(hidden, np.asarray(self.vector)[None], self.etas, self.scale(layer),
+                          torch.zeros_like(variant), variant)
 
 
 @dataclass(frozen=True)
@@ -106,12 +100,23 @@ class DirectionSweep(Intervention):
         return len(self.vectors) * len(self.etas)
 
     def apply(self, layer: int, hidden: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
-        scale = 1.0 if not self.layer_scale else float(self.layer_scale[layer])
-        vecs = torch.as_tensor(self.vectors, dtype=hidden.dtype, device=hidden.device)
-        variant = variant.cpu()
-        etas = torch.as_tensor(self.etas, dtype=torch.float64)[variant % len(self.etas)] * scale
-        shift = etas.to(hidden.device, hidden.dtype)[:, None] * vecs[variant // len(self.etas)]
-        return hidden + shift[:, None, :]
+        n_etas = len(self.etas)
+        return add_scaled(hidden, self.vectors, self.etas, layer_multiplier(self.layer_scale, layer),
+                          variant // n_etas, variant % n_etas)
+
+
+def layer_multiplier(layer_scale: Mapping[int, float] | None, layer: int) -> float:
+    """Multiplier of eta at ``layer``: the layer's residual norm, or 1 in absolute units."""
+    return 1.0 if not layer_scale else float(layer_scale[layer])
+
+
+def add_scaled(hidden: torch.Tensor, vectors: np.ndarray, etas: Sequence[float], scale: float,
+               which_vector: torch.Tensor, which_eta: torch.Tensor) -> torch.Tensor:
+    """``hidden`` [R, T, H] plus, in row r, ``etas[which_eta[r]] * scale * vectors[which_vector[r]]``."""
+    vecs = torch.as_tensor(vectors, dtype=hidden.dtype, device=hidden.device)
+    eta = torch.as_tensor(etas, dtype=torch.float64)[which_eta.cpu()] * scale
+    shift = eta.to(hidden.device, hidden.dtype)[:, None] * vecs[which_vector.to(hidden.device)]
+    return hidden + shift[:, None, :]
 
 
 def check_steering(layers: Sequence[int], num_layers: int, position: str, eta_scale: str) -> list[int]:

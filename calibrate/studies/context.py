@@ -139,6 +139,12 @@ class JobContext:
         return split_indices(size, self.spec.direction.calibration_fraction,
                              self.spec.direction.seed)
 
+    def reads_last_layer(self, prompt_set: PromptSet, intervention: Intervention) -> bool:
+        """Whether ``intervention`` only changes the lens read of the last layer's residual: an
+        edit of the last position at the last layer, one token per option."""
+        return (not prompt_set.is_cloze and intervention.position == "last"
+                and tuple(intervention.layers) == (self.num_layers - 1,))
+
     def steered(self, prompt_set: PromptSet, intervention: Intervention,
                 base: ProbeResult | None = None) -> np.ndarray:
         """Option scores [V, N, L+1, K] of ``prompt_set`` under each variant of ``intervention``.
@@ -148,8 +154,8 @@ class JobContext:
         pass: only the lens read of that residual changes.
         """
         last = self.num_layers - 1
-        if (base is not None and not prompt_set.is_cloze and intervention.position == "last"
-                and tuple(intervention.layers) == (last,) and last in base.residuals):
+        if base is not None and self.reads_last_layer(prompt_set, intervention) \
+                and last in base.residuals:
             from calibrate.engine.readout import last_layer_steered
 
             return last_layer_steered(self.loaded, base.option_logits, base.residuals[last],

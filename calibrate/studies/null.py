@@ -21,7 +21,6 @@ import pandas as pd
 from calibrate.core.nullspace import random_unit_vectors
 from calibrate.core.paired import binned_errors
 from calibrate.engine.lens import option_probabilities
-from calibrate.engine.readout import last_layer_logits
 
 NULL_FILE = "null.csv"
 
@@ -65,16 +64,6 @@ def direction_null(logits: np.ndarray, labels: np.ndarray, etas: tuple[float, ..
         row["p_value_ece"] = (1 + below) / (1 + n_random)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def null_table(loaded: Any, residual: np.ndarray, option_ids: np.ndarray, labels: np.ndarray,
-               direction: np.ndarray, etas: tuple[float, ...], scale: float, n_random: int,
-               seed: int, n_bins: int, binning: str) -> pd.DataFrame:
-    """:func:`direction_null` of an edit at the last layer, read without forward passes from
-    the last layer's residual [N, H]."""
-    vectors = null_vectors(direction, n_random, seed)
-    logits = last_layer_logits(loaded, residual, option_ids, vectors, np.asarray(etas), scale)
-    return direction_null(logits, labels, etas, n_bins, binning)
 
 
 def null_skip_reason(position: str, cloze: bool, last_layer_only: bool) -> str | None:

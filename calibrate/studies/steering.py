@@ -170,7 +170,7 @@ def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steerin
         return ctx.steered(eval_set, steering, base), None, {"n_random": n_random,
                                                             "skipped": reason}
     vectors = null_vectors(fit.direction.vector, n_random, spec.direction.seed + 1)
-    if layers == [last] and not eval_set.is_cloze:
+    if ctx.reads_last_layer(eval_set, steering):
         logits = ctx.steered(eval_set, steering, base)
         swept = last_layer_logits(ctx.loaded, base.residuals[last], eval_set.option_ids, vectors,
                                   np.asarray(etas), (steering.layer_scale or {}).get(last, 1.0))
