@@ -498,10 +498,16 @@ def test_out_of_memory_halving_in_a_job(job_config, uncached, tmp_path, monkeypa
     assert sum(s for s in sizes if s <= 2) == 6, sizes  # every example once, in small batches
     assert "out of memory with 6 prompts per batch; retrying with 3" in capsys.readouterr().out
     assert faulty["n_examples"] == clean["n_examples"] == 6
+    # batches of 2 and of 6 round differently (~1e-7 in a probability); smooth ECE's kernel
+    # bandwidth search turns that into ~1e-6, so it alone is compared at 1e-5
+    loose = {"smece": 1e-5}
     for key, value in clean["final"].items():
-        assert faulty["final"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert faulty["final"][key] == pytest.approx(value, rel=1e-5,
+                                                     abs=loose.get(key, 1e-6)), key
     a, b = (pd.read_csv(tmp_path / d / "layers.csv") for d in ("clean", "faulty"))
-    pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(a.drop(columns=list(loose)), b.drop(columns=list(loose)),
+                                  rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["smece"], b["smece"], rtol=0, atol=loose["smece"])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])

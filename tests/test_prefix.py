@@ -8,11 +8,23 @@ atol 1e-4 at every layer; measured on SmolLM2 5-shot MMLU: 2.3e-5 (logits) and 3
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import build_tiny, composed
 
-from calibrate.engine.prefix import common_prefix_length, plan_prefixes, right_pad_suffixes
+from calibrate.engine.cloze import run_cloze, run_cloze_steered
+from calibrate.engine.lens import option_probabilities
+from calibrate.engine.prefix import (
+    SharedPrefix,
+    common_prefix_length,
+    gaps_reach_window,
+    plan_prefixes,
+    right_pad_suffixes,
+    sliding_window,
+)
 from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.engine.steer import DirectionSweep, Steering, run_steered
+from calibrate.tasks.continuations import build_requests
 from calibrate.tasks.prompts import build_prompts
 from calibrate.tasks.records import MCRecord
 from calibrate.tasks.shots import Exemplars, PromptStyle
@@ -79,25 +91,156 @@ def test_reuse_equals_from_scratch_on_every_architecture(tiny):
     assert shared.computed_tokens < sum(lengths) <= scratch.computed_tokens
 
 
-def test_reuse_equals_from_scratch_past_a_sliding_window(word_tokenizer):
-    """Gemma-3 with a 4-token sliding window: prompts far longer than the window, so the cached
-    sliding layers must hold exactly the keys a from-scratch pass sees (right padding keeps
-    cache index == position)."""
+def _sliding_gemma(word_tokenizer, window: int):
+    """A tiny Gemma-3 whose sliding layers attend to ``window`` tokens."""
     from transformers import AutoModelForCausalLM
 
     from calibrate.model.load import wrap_model
 
-    tiny = build_tiny("gemma3_text", len(word_tokenizer))
-    config = tiny.config
-    config.sliding_window = 4
+    config = build_tiny("gemma3_text", len(word_tokenizer)).config
+    config.sliding_window = window
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     assert "sliding_attention" in config.layer_types
-    loaded = wrap_model(model, word_tokenizer, name="tiny-gemma3-sliding")
+    return wrap_model(model, word_tokenizer, name=f"tiny-gemma3-sliding{window}")
+
+
+def test_reuse_equals_from_scratch_past_a_sliding_window(word_tokenizer):
+    """Gemma-3 with a 4-token sliding window: prompts far longer than the window, so the cached
+    sliding layers must hold exactly the keys a from-scratch pass sees (right padding keeps
+    cache index == position)."""
+    loaded = _sliding_gemma(word_tokenizer, 4)
     ps = _toy_prompts(word_tokenizer)
-    assert min(len(t) for t in word_tokenizer(ps.prompts)["input_ids"]) > 8 * config.sliding_window
+    assert min(len(t) for t in word_tokenizer(ps.prompts)["input_ids"]) > 8 * 4
     _assert_equal_at_every_layer(run_probe(loaded, ps, _settings(True, batch_size=4)),
                                  run_probe(loaded, ps, _settings(False)))
+
+
+def test_gaps_reach_only_a_sliding_window(tiny, word_tokenizer):
+    assert sliding_window(tiny) is None or tiny.adapter.model_type in ("mistral", "gemma3_text")
+    small = _sliding_gemma(word_tokenizer, 4)
+    assert sliding_window(small) == 4
+    assert gaps_reach_window(small, 3, 2) and not gaps_reach_window(small, 2, 2)
+    if sliding_window(tiny) is None:
+        assert not gaps_reach_window(tiny, 10 ** 6, 10 ** 6)
+
+
+def _spy_prefixes(monkeypatch) -> list[int]:
+    """Record the length of every shared prefix run."""
+    runs: list[int] = []
+    original = SharedPrefix.run.__func__
+
+    def run(cls, loaded, tokens):
+        runs.append(len(tokens))
+        return original(cls, loaded, tokens)
+
+    monkeypatch.setattr(SharedPrefix, "run", classmethod(run))
+    return runs
+
+
+def _steerings(loaded):
+    hidden = loaded.adapter.unembed_weight.shape[1]
+    vecs = np.random.default_rng(1).standard_normal((2, hidden))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    last = loaded.adapter.num_blocks
+    return [Steering(vecs[0], (1,), (0.0, 2.0, -3.0)), Steering(vecs[0], (0, 2), (0.0, 1.5)),
+            Steering(vecs[1], (last,), (0.0, 4.0)), DirectionSweep(vecs, (2,), (0.0, 2.5))]
+
+
+def _assert_steered_equal(loaded, ps, monkeypatch, batch_size=3) -> None:
+    """Steered scores with the prefix reused equal whole prompts on their cache and full passes
+    with the edit hooked in, at every layer; the prefix ran once per group."""
+    runs = _spy_prefixes(monkeypatch)
+    for steering in _steerings(loaded):
+        runs.clear()
+        shared = run_steered(loaded, ps, steering, _settings(True, batch_size=batch_size))
+        assert len(runs) == len(set(ps.groups))
+        whole = run_steered(loaded, ps, steering, _settings(False))
+        full = run_steered(loaded, ps, steering, _settings(False), use_cache=False)
+        np.testing.assert_allclose(shared, whole, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+        np.testing.assert_allclose(shared, full, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+        np.testing.assert_allclose(option_probabilities(shared), option_probabilities(full),
+                                   atol=PROB_ATOL, rtol=0)
+        assert not np.allclose(shared[-1, :, -1], shared[0, :, -1], atol=1e-3)  # it steered
+
+
+def test_steered_reuse_equals_from_scratch_on_every_architecture(tiny, monkeypatch):
+    """Suffixes of different lengths in one batch: each row's edited last token runs after its
+    own suffix, across the masked gap to the batch's widest one."""
+    ps = _toy_prompts(tiny.tokenizer)
+    lengths = [len(t) for t in tiny.tokenizer(ps.prompts)["input_ids"]]
+    assert len(set(lengths)) > 2
+    _assert_steered_equal(tiny, ps, monkeypatch)
+
+
+@pytest.mark.parametrize("window", [4, 96])
+def test_steered_reuse_equals_from_scratch_with_a_sliding_window(word_tokenizer, monkeypatch,
+                                                                 window):
+    """Window 4: the gap could reach the window, so suffixes of one length run together;
+    window 96: every prompt fits, gapped batches run as on full attention."""
+    loaded = _sliding_gemma(word_tokenizer, window)
+    ps = _toy_prompts(word_tokenizer, n=9)
+    longest = max(len(t) for t in word_tokenizer(ps.prompts)["input_ids"])
+    assert gaps_reach_window(loaded, 0, longest) == (window == 4)
+    _assert_steered_equal(loaded, ps, monkeypatch, batch_size=4)
+
+
+SHOTS = {"a": "question : the movie was great ? answer : good . question : fun ? answer : yes .",
+         "b": "a very boring film . question : good or bad ? answer : bad ."}
+CLOZE = [("a", " question : the movie ? answer :", ["very good fun", "bad", "not very good ."]),
+         ("b", " question : is this a film ? answer :", ["yes", "no no"]),
+         ("a", " the", ["was fun", "film", "is not very very good , it was bad", "the"]),
+         ("b", " question : good or bad ? it was very", ["good", "very bad", "very good fun"]),
+         ("a", " fun", ["yes", "no"]),
+         ("b", " not", ["good", "bad"])]
+
+
+def _cloze_requests(tokenizer):
+    contexts = [SHOTS[g] + text for g, text, _ in CLOZE]
+    return (build_requests(tokenizer, contexts, [opts for _, _, opts in CLOZE]),
+            tuple(g for g, _, _ in CLOZE))
+
+
+def _assert_cloze_equal(loaded, monkeypatch, batch_size=3) -> None:
+    runs = _spy_prefixes(monkeypatch)
+    reqs, groups = _cloze_requests(loaded.tokenizer)
+    labels = np.zeros(len(reqs), dtype=int)
+    shared = run_cloze(loaded, reqs, labels, _settings(True, batch_size=batch_size), "token",
+                       keep_layers=(1, 3), groups=groups)
+    assert len(runs) == 2
+    scratch = run_cloze(loaded, reqs, labels, _settings(False), "token", keep_layers=(1, 3),
+                        groups=groups)
+    np.testing.assert_allclose(shared.option_logits, scratch.option_logits, atol=LOGIT_ATOL,
+                               rtol=LOGIT_RTOL)
+    np.testing.assert_allclose(shared.probs, scratch.probs, atol=PROB_ATOL, rtol=0)
+    for layer in (1, 3):
+        np.testing.assert_allclose(shared.residuals[layer], scratch.residuals[layer], atol=1e-4,
+                                   rtol=1e-4)
+    assert shared.computed_tokens < scratch.computed_tokens
+    for steering in _steerings(loaded)[::2]:
+        runs.clear()
+        fast = run_cloze_steered(loaded, reqs, steering, _settings(True, batch_size=batch_size),
+                                 "token", groups=groups)
+        assert len(runs) == 2
+        full = run_cloze_steered(loaded, reqs, steering, _settings(False), "token",
+                                 use_cache=False, groups=groups)
+        np.testing.assert_allclose(fast, full, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+        np.testing.assert_allclose(fast[0], shared.option_logits, atol=LOGIT_ATOL,
+                                   rtol=LOGIT_RTOL)
+        assert not np.allclose(fast[-1, :, -1], fast[0, :, -1], atol=1e-3)
+
+
+def test_cloze_reuse_equals_from_scratch_on_every_architecture(tiny, monkeypatch):
+    """Shared exemplars before cloze contexts: every option's log-likelihood at every layer,
+    unsteered and steered, equals whole contexts; the continuations run across the masked gap
+    after a shorter context."""
+    _assert_cloze_equal(tiny, monkeypatch)
+
+
+@pytest.mark.parametrize("window", [4, 96])
+def test_cloze_reuse_equals_from_scratch_with_a_sliding_window(word_tokenizer, monkeypatch,
+                                                               window):
+    _assert_cloze_equal(_sliding_gemma(word_tokenizer, window), monkeypatch, batch_size=4)
 
 
 def test_zero_shot_prompts_take_the_full_pass(tiny):
@@ -124,3 +267,30 @@ def test_five_shot_mmlu_on_smollm2_equals_from_scratch(cache_dir):
     scratch = run_probe(lm, ps, _settings(False))
     _assert_equal_at_every_layer(shared, scratch)
     assert (shared.probs[:, -1].argmax(-1) == scratch.probs[:, -1].argmax(-1)).all()
+
+
+def test_five_shot_mmlu_steered_on_gemma3_past_its_sliding_window(cache_dir, monkeypatch):
+    """The real Gemma-3-270M (512-token sliding window) on 5-shot MMLU prompts longer than the
+    window: steered scores with the prefix reused (suffixes of one length per batch) equal whole
+    prompts with the edit hooked into a full pass, at every layer."""
+    import calibrate
+    from calibrate.tasks.shots import load_with_exemplars
+
+    cfg = composed("dataset=mmlu", "dataset.subjects=[astronomy]",
+                   "dataset.limit=3")["dataset"]
+    records, exemplars = load_with_exemplars(cfg, PromptStyle(5), cache_dir)
+    lm = calibrate.load_model("gemma3_270m")
+    ps = build_prompts(records, cfg, lm.tokenizer, style=PromptStyle(5), exemplars=exemplars)
+    window = sliding_window(lm)
+    assert window == 512
+    assert min(len(t) for t in lm.tokenizer(ps.prompts)["input_ids"]) > window
+    runs = _spy_prefixes(monkeypatch)
+    hidden = lm.adapter.unembed_weight.shape[1]
+    vec = np.random.default_rng(0).standard_normal(hidden)
+    steering = Steering(vec / np.linalg.norm(vec), (lm.adapter.num_blocks - 3,), (0.0, 40.0))
+    shared = run_steered(lm, ps, steering, _settings(True))
+    assert len(runs) == 1
+    full = run_steered(lm, ps, steering, _settings(False), use_cache=False)
+    np.testing.assert_allclose(option_probabilities(shared), option_probabilities(full),
+                               atol=PROB_ATOL, rtol=0)
+    assert not np.allclose(shared[1, :, -1], shared[0, :, -1], atol=1e-3)

@@ -123,3 +123,33 @@ def test_start_outside_the_model_is_refused(tiny):
     state = prefix_states(tiny, ids, mask)
     with pytest.raises(ValueError, match="start layer 9 outside 0..3"):
         upper_forward(tiny, state, 9, state.residuals[:, 0], torch.arange(3))
+
+
+@pytest.mark.parametrize("window", [4, 64])
+@pytest.mark.parametrize("start", [0, 1, 2, 3])
+def test_mixed_layer_types_keep_their_own_mask_and_rotary(word_tokenizer, start, window):
+    """Gemma-3 picks each block's mask and rotary base by its index in the block list
+    (``config.layer_types[i]``): the upper slice must still give block l the type of layer l
+    (sliding with base 1e4, full with base 1e6). Window 4 is below the prompt length (the masks
+    differ too); window 64 is above it (only the rotary base differs: a silent wrong number)."""
+    from conftest import build_tiny
+    from transformers import AutoModelForCausalLM
+
+    from calibrate.model.load import wrap_model
+
+    config = build_tiny("gemma3_text", len(word_tokenizer)).config
+    config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    config.sliding_window = window
+    torch.manual_seed(0)
+    loaded = wrap_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(),
+                        word_tokenizer, name="tiny-gemma3-mixed")
+    ids, mask = batch(word_tokenizer)
+    state = prefix_states(loaded, ids, mask)
+    vec = torch.randn(len(SENTENCES), state.residuals.shape[-1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = upper_forward(loaded, state, start, state.residuals[:, start] + vec,
+                            torch.arange(len(SENTENCES)))
+    torch.testing.assert_close(out, full_pass(loaded, ids, mask, start, vec)[:, start:],
+                               rtol=1e-4, atol=1e-4)
+    assert loaded.model.config.layer_types == ["full_attention", "sliding_attention",
+                                               "full_attention"]

@@ -1,20 +1,25 @@
 """Shared-prefix reuse, timed side by side in one run (not a test).
 
-``python -m calibrate.bench prefix [--model smollm2] [--subjects a b] [--n 0] [--shots 5]``
+``python -m calibrate.bench prefix [--model smollm2] [--subjects a b] [--n 0] [--shots 5]
+[--kinds probe steer cloze] [--cloze-n 60]``
 
-On the same MMLU test questions (the first ``n`` of each subject; 0: all of them, as a job
-runs a subject: the shared prefix is paid once per subject, so few questions per subject
-cannot amortize it) it times, interleaved round by
+Three kinds of work, each on the same questions zero-shot and k-shot, timed interleaved round by
 round (only ratios measured together count on a noisy machine):
 
-* ``zero_shot``: the layer-wise probe of the zero-shot prompts;
-* ``shots_reuse``: the k-shot prompts, each subject's exemplar prefix run once and its key/value
-  cache expanded across the batch of questions (:mod:`calibrate.engine.prefix`);
-* ``shots_recompute``: the same k-shot prompts run whole (``probe.prefix_reuse=false``).
+* ``probe``: the layer-wise letter probe of MMLU test questions (the first ``n`` of each subject;
+  0: all of them, as a job runs a subject: the shared prefix is paid once per subject, so few
+  questions per subject cannot amortize it);
+* ``steer``: 8 etas of a unit direction added at the block before last on the same questions
+  (the upper blocks run per eta after each question's cache);
+* ``cloze``: ARC-Easy scored as continuations at every layer (``cloze_n`` questions; exemplars
+  sampled from the rows not evaluated, one prefix for all).
 
-It prints ``shots_reuse_over_zero_shot`` (target <= 1.3), ``shots_recompute_over_zero_shot``
-(the cost reuse avoids), the largest probability difference between the two k-shot runs, and
-merges them into ``bench.json`` under ``prefix_*`` keys.
+Each kind has three variants: ``zero_shot``; ``shots_reuse``: the k-shot prompts, the exemplar
+prefix run once per group and its key/value cache expanded across each batch
+(:mod:`calibrate.engine.prefix`); ``shots_recompute``: the same k-shot prompts run whole
+(``probe.prefix_reuse=false``). It prints per kind ``reuse / zero-shot`` (the probe's target:
+<= 1.3), ``recompute / zero-shot`` (the cost reuse avoids) and the largest difference between
+the two k-shot runs, and merges them into ``bench.json`` under ``prefix_<kind>_*`` keys.
 """
 
 from __future__ import annotations
@@ -22,17 +27,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.engine.probe import ProbeSettings
 
 BENCH_FILE = "bench.json"
 DEFAULT_SUBJECTS = ("high_school_geography",)
+KINDS = ("probe", "steer", "cloze")
+VARIANTS = ("zero_shot", "shots_reuse", "shots_recompute")
+N_ETAS = 8
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -44,73 +53,125 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=0,
                         help="questions per subject (0: all; the prefix is paid once per subject)")
     parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--cloze-n", type=int, default=60, help="ARC-Easy questions (cloze)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--output", type=Path, default=Path(BENCH_FILE))
     args = parser.parse_args(argv)
     if args.n < 0:
         parser.error(f"--n must be >= 0, got {args.n}")
-    for name in ("rounds", "shots"):
+    for name in ("rounds", "shots", "cloze_n"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
-def setup(model: str, subjects: Sequence[str], n: int, shots: int):
-    """The model and the zero-shot and k-shot prompt sets of the same questions."""
+def _prompt_sets(loaded, dataset_cfg: dict, shots: int, pick: Callable[[list], list]):
+    """The zero-shot and k-shot prompt sets of the same records."""
+    from calibrate.tasks.prompts import build_prompts
+    from calibrate.tasks.shots import PromptStyle, load_with_exemplars
+
+    records, exemplars = load_with_exemplars(dataset_cfg, PromptStyle(shots))
+    records = pick(records)
+    zero = build_prompts(records, dataset_cfg, loaded.tokenizer, style=PromptStyle(0))
+    many = build_prompts(records, dataset_cfg, loaded.tokenizer, style=PromptStyle(shots),
+                         exemplars=exemplars)
+    return zero, many
+
+
+def setup(args: argparse.Namespace):
+    """The model, the probe settings and, per kind, its three variants as callables."""
     from omegaconf import OmegaConf
 
     import calibrate
     from calibrate.api import compose
-    from calibrate.tasks.prompts import build_prompts
-    from calibrate.tasks.shots import PromptStyle, load_with_exemplars
+    from calibrate.engine.scoring import score, score_steered
+    from calibrate.engine.steer import Steering
 
-    cfg = OmegaConf.to_container(compose([f"model={model}", "dataset=mmlu",
-                                          f"dataset.subjects=[{','.join(subjects)}]"]),
-                                 resolve=True)
-    loaded = calibrate.load_model(model)
-    records, exemplars = load_with_exemplars(cfg["dataset"], PromptStyle(shots))
-    by_subject: dict[str, list[Any]] = {}
-    for record in records:
-        by_subject.setdefault(record.subject, []).append(record)
-    records = [r for rows in by_subject.values() for r in (rows[:n] if n else rows)]
-    zero = build_prompts(records, cfg["dataset"], loaded.tokenizer, style=PromptStyle(0))
-    many = build_prompts(records, cfg["dataset"], loaded.tokenizer, style=PromptStyle(shots),
-                         exemplars=exemplars)
-    settings = ProbeSettings.from_config({**cfg["probe"], "progress": False})
-    return loaded, zero, many, settings
+    def config(*overrides: str) -> dict:
+        return OmegaConf.to_container(compose([f"model={args.model}", *overrides]), resolve=True)
+
+    mmlu = config("dataset=mmlu", f"dataset.subjects=[{','.join(args.subjects)}]")
+    loaded = calibrate.load_model(args.model)
+    settings = ProbeSettings.from_config({**mmlu["probe"], "progress": False})
+    reuse, recompute = replace(settings, prefix_reuse=True), replace(settings, prefix_reuse=False)
+
+    def per_subject(records: list) -> list:
+        by_subject: dict[str, list[Any]] = {}
+        for record in records:
+            by_subject.setdefault(record.subject, []).append(record)
+        return [r for rows in by_subject.values() for r in (rows[:args.n] if args.n else rows)]
+
+    cases: dict[str, dict[str, Callable[[], np.ndarray]]] = {}
+    sizes: dict[str, Any] = {}
+    if "probe" in args.kinds or "steer" in args.kinds:
+        zero, many = _prompt_sets(loaded, mmlu["dataset"], args.shots, per_subject)
+        sizes["mmlu"] = _sizes(loaded, zero, many)
+        if "probe" in args.kinds:
+            cases["probe"] = {
+                "zero_shot": lambda: score(loaded, zero, settings).probs,
+                "shots_reuse": lambda: score(loaded, many, reuse).probs,
+                "shots_recompute": lambda: score(loaded, many, recompute).probs}
+        if "steer" in args.kinds:
+            hidden = loaded.adapter.unembed_weight.shape[1]
+            unit = np.random.default_rng(0).standard_normal(hidden)
+            steering = Steering(unit / np.linalg.norm(unit), (loaded.adapter.num_blocks - 1,),
+                                tuple(np.linspace(0.0, 8.0, N_ETAS)))
+            cases["steer"] = {
+                "zero_shot": lambda: score_steered(loaded, zero, steering, settings),
+                "shots_reuse": lambda: score_steered(loaded, many, steering, reuse),
+                "shots_recompute": lambda: score_steered(loaded, many, steering, recompute)}
+    if "cloze" in args.kinds:
+        arc = config("dataset=arc_easy", f"dataset.limit={args.cloze_n}", "dataset.shuffle=true")
+        czero, cmany = _prompt_sets(loaded, arc["dataset"], args.shots, lambda r: r)
+        sizes["arc_easy"] = _sizes(loaded, czero, cmany)
+        cases["cloze"] = {
+            "zero_shot": lambda: score(loaded, czero, settings).option_logits,
+            "shots_reuse": lambda: score(loaded, cmany, reuse).option_logits,
+            "shots_recompute": lambda: score(loaded, cmany, recompute).option_logits}
+    return loaded, cases, sizes
 
 
-def measure(loaded, zero, many, settings: ProbeSettings, rounds: int) -> dict[str, Any]:
-    """Median seconds of each variant over interleaved rounds, and the ratios."""
-    from dataclasses import replace
+def _sizes(loaded, zero, many) -> dict[str, float]:
+    tokens = {name: loaded.tokenizer(ps.prompts)["input_ids"] for name, ps in
+              (("zero_shot", zero), ("shots", many))}
+    return {"questions": len(zero.prompts),
+            **{f"mean_tokens_{name}": float(np.mean([len(t) for t in ids]))
+               for name, ids in tokens.items()}}
 
-    variants = {"zero_shot": (zero, settings),
-                "shots_reuse": (many, replace(settings, prefix_reuse=True)),
-                "shots_recompute": (many, replace(settings, prefix_reuse=False))}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    results: dict[str, Any] = {}
-    run_probe(loaded, zero, settings)  # warm-up (allocator, kernels)
+
+def measure(cases: dict[str, dict[str, Callable[[], np.ndarray]]], rounds: int) -> dict[str, Any]:
+    """Median seconds of each kind's variants over interleaved rounds, the ratios and the largest
+    difference between the k-shot runs with and without reuse."""
+    times = {(kind, v): [] for kind, variants in cases.items() for v in variants}
+    results: dict[tuple[str, str], np.ndarray] = {}
+    for variants in cases.values():
+        variants["zero_shot"]()  # warm-up (allocator, kernels)
     for _ in range(rounds):
-        for name, (prompt_set, chosen) in variants.items():
-            start = time.perf_counter()
-            results[name] = run_probe(loaded, prompt_set, chosen)
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    tokens = loaded.tokenizer(many.prompts)["input_ids"]
-    return {
-        "prefix_zero_shot_s": med["zero_shot"], "prefix_shots_reuse_s": med["shots_reuse"],
-        "prefix_shots_recompute_s": med["shots_recompute"],
-        "prefix_shots_reuse_over_zero_shot": med["shots_reuse"] / med["zero_shot"],
-        "prefix_shots_recompute_over_zero_shot": med["shots_recompute"] / med["zero_shot"],
-        "prefix_recompute_over_reuse": med["shots_recompute"] / med["shots_reuse"],
-        "prefix_max_prob_diff": float(np.abs(results["shots_reuse"].probs
-                                             - results["shots_recompute"].probs).max()),
-        "prefix_mean_prompt_tokens": {
-            "zero_shot": float(np.mean([len(t) for t in
-                                        loaded.tokenizer(zero.prompts)["input_ids"]])),
-            "shots": float(np.mean([len(t) for t in tokens]))},
-    }
+        for kind, variants in cases.items():
+            for name, call in variants.items():
+                start = time.perf_counter()
+                results[kind, name] = call()
+                times[kind, name].append(time.perf_counter() - start)
+    figures: dict[str, Any] = {}
+    for kind in cases:
+        med = {v: statistics.median(times[kind, v]) for v in VARIANTS}
+        a, b = results[kind, "shots_reuse"], results[kind, "shots_recompute"]
+        if not (np.isfinite(a) == np.isfinite(b)).all():
+            raise RuntimeError(f"{kind}: reuse and recompute disagree on which options exist")
+        finite = np.isfinite(a)
+        figures.update({
+            **{f"prefix_{kind}_{v}_s": med[v] for v in VARIANTS},
+            f"prefix_{kind}_reuse_over_zero_shot": med["shots_reuse"] / med["zero_shot"],
+            f"prefix_{kind}_recompute_over_zero_shot": med["shots_recompute"] / med["zero_shot"],
+            f"prefix_{kind}_recompute_over_reuse": med["shots_recompute"] / med["shots_reuse"],
+            f"prefix_{kind}_max_abs_diff": float(np.abs(a[finite] - b[finite]).max()),
+        })
+    return figures
+
+
+WHAT = {"probe": "probabilities", "steer": "option logits", "cloze": "log-likelihoods"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -120,25 +181,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    loaded, zero, many, settings = setup(args.model, args.subjects, args.n, args.shots)
-    print(f"prefix bench: {args.model}, {len(zero.prompts)} MMLU questions "
-          f"({', '.join(args.subjects)}), {args.shots} shots, {args.rounds} rounds, "
-          f"{torch.get_num_threads()} threads, device {loaded.device}")
-    figures = measure(loaded, zero, many, settings, args.rounds)
+    loaded, cases, sizes = setup(args)
+    print(f"prefix bench: {args.model}, {args.shots} shots, {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads, device {loaded.device}; kinds {', '.join(cases)}")
+    for name, size in sizes.items():
+        print(f"  {name}: {size['questions']} questions, mean prompt tokens zero-shot "
+              f"{size['mean_tokens_zero_shot']:.0f}, {args.shots}-shot {size['mean_tokens_shots']:.0f}")
+    figures = measure(cases, args.rounds)
     figures["prefix_bench"] = {"model": args.model, "subjects": list(args.subjects), "n": args.n,
-                               "shots": args.shots, "rounds": args.rounds,
-                               "threads": torch.get_num_threads(),
-                               "device": str(loaded.device)}
+                               "cloze_n": args.cloze_n, "shots": args.shots,
+                               "rounds": args.rounds, "threads": torch.get_num_threads(),
+                               "device": str(loaded.device), "sizes": sizes,
+                               "steer_etas": N_ETAS}
     merge_json(args.output, figures)
-    tokens = figures["prefix_mean_prompt_tokens"]
-    print(f"mean prompt tokens: zero-shot {tokens['zero_shot']:.0f}, {args.shots}-shot "
-          f"{tokens['shots']:.0f}")
-    print(f"{args.shots}-shot with reuse / zero-shot   = "
-          f"{figures['prefix_shots_reuse_over_zero_shot']:.3f}   (target <= 1.3)")
-    print(f"{args.shots}-shot recomputed / zero-shot   = "
-          f"{figures['prefix_shots_recompute_over_zero_shot']:.3f}")
-    print(f"recomputed / reuse                = {figures['prefix_recompute_over_reuse']:.2f}")
-    print(f"max |probability difference|      = {figures['prefix_max_prob_diff']:.2e}")
+    for kind in cases:
+        target = "   (target <= 1.3)" if kind == "probe" else ""
+        print(f"{kind:>5}: {args.shots}-shot reuse / zero-shot = "
+              f"{figures[f'prefix_{kind}_reuse_over_zero_shot']:.3f}{target}; recomputed / "
+              f"zero-shot = {figures[f'prefix_{kind}_recompute_over_zero_shot']:.3f}; "
+              f"recomputed / reuse = {figures[f'prefix_{kind}_recompute_over_reuse']:.2f}; "
+              f"max |{WHAT[kind]} difference| = {figures[f'prefix_{kind}_max_abs_diff']:.2e}")
     print(f"written to {args.output}")
     return figures
 

@@ -11,7 +11,9 @@ the continuation tokens (all but the last, which predicts nothing) run again, ri
 groups of similar length. The lens's full-vocabulary normalizer is computed once per distinct
 predicting state: every option shares the context's last position, and options that begin with
 the same tokens share those positions too. Which tokens run where, and which state predicts
-each continuation token, is planned in :mod:`calibrate.engine.cloze_plan`.
+each continuation token, is planned in :mod:`calibrate.engine.cloze_plan`. Contexts that share
+an exemplar prefix (``prompt.shots``) run it once per group; only each context's own suffix runs
+after its cache (:mod:`calibrate.engine.prefix`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from tqdm.auto import tqdm
 from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
 from calibrate.engine.hooks import capture_layers, edit_residual
 from calibrate.engine.lens import Lens, option_probabilities
+from calibrate.engine.prefix import SharedPrefix, capture_rows, grouped_batches, run_suffixes
 from calibrate.engine.probe import (
     ProbeResult,
     ProbeSettings,
     check_finite,
     left_pad,
     position_ids,
-    run_batches,
 )
 from calibrate.engine.steer import Intervention, editor
 from calibrate.engine.upper import cache_argument
@@ -135,17 +137,27 @@ def _continuation_pass(loaded: LoadedModel, cache, mask: torch.Tensor, row_examp
     return torch.stack([t.to(out_device) for t in store], dim=2), int(cont_mask.sum())
 
 
+def _suffix_context_pass(loaded: LoadedModel, prefix: SharedPrefix,
+                         suffixes: Sequence[Sequence[int]], out_device: torch.device):
+    """Contexts ``prefix + suffix``: the suffixes right-padded after the prefix's cache, each
+    row's last real position read ([B, L+1, H]); returns it, the cache and the mask [B, P+S]."""
+    cache, mask, store = run_suffixes(loaded, prefix, suffixes,
+                                      lambda last: capture_rows(loaded.adapter, last))
+    return torch.stack([t.to(out_device) for t in store], dim=1), cache, mask
+
+
 def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
                 settings: ProbeSettings, max_rows: int = 256,
-                edit: tuple[Intervention, int] | None = None) -> BatchOutput:
+                edit: tuple[Intervention, int] | None = None,
+                prefix: SharedPrefix | None = None) -> BatchOutput:
     """Every option's log-likelihood at every layer for a batch of examples.
 
-    The contexts run once (left-padded, key/value cache kept); the continuations (each without
-    its last token, which predicts nothing) run on a copy of that cache selected per option,
-    in groups of similar length. Only the states the lens reads are kept from each pass.
-    ``edit`` (intervention, variant) edits the context pass only.
+    The contexts run once (left-padded, key/value cache kept; or, given a ``prefix`` every
+    context starts with, only their suffixes after its cache, right-padded); the continuations
+    (each without its last token, which predicts nothing) run on a copy of that cache selected
+    per option, in groups of similar length. Only the states the lens reads are kept from each
+    pass. ``edit`` (intervention, variant) edits the context pass only (whole contexts).
     """
-    ids, mask = left_pad([r.context_ids for r in batch], loaded.tokenizer.pad_token_id)
     conts = [c for r in batch for c in r.continuations]
     counts = torch.tensor([r.n_options for r in batch])
     row_example = torch.repeat_interleave(torch.arange(len(batch)), counts)  # row -> its example
@@ -154,9 +166,17 @@ def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
     row_base, starts = source_layout(widths, groups, len(batch))
     plan = token_plan(conts, row_example.tolist(), row_base)
     src = plan.state_src.to(lens.device)
-    real, computed = int(mask.sum()), mask.numel()
     with torch.inference_mode():
-        context_last, cache = _context_pass(loaded, ids, mask, bool(groups), lens.device, edit)
+        if prefix is None:
+            ids, mask = left_pad([r.context_ids for r in batch], loaded.tokenizer.pad_token_id)
+            context_last, cache = _context_pass(loaded, ids, mask, bool(groups), lens.device, edit)
+            real, computed = int(mask.sum()), mask.numel()
+        else:
+            if edit is not None:
+                raise ValueError("an edited context pass cannot start from a shared prefix cache")
+            context_last, cache, mask = _suffix_context_pass(
+                loaded, prefix, [r.context_ids[prefix.length:] for r in batch], lens.device)
+            real, computed = int(mask[:, prefix.length:].sum()), mask[:, prefix.length:].numel()
         states = context_last.new_empty((len(src), *context_last.shape[1:]))  # [S, L+1, H]
         _take(states, src, context_last, 0)
         for g, rows in enumerate(groups):
@@ -182,22 +202,33 @@ def _take(states: torch.Tensor, src: torch.Tensor, piece: torch.Tensor, start: i
 
 def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings: ProbeSettings,
                  keep_layers: Sequence[int] = (), edit: tuple[Intervention, int] | None = None,
-                 desc: str = "cloze") -> tuple[np.ndarray, dict[int, np.ndarray], int, int]:
+                 desc: str = "cloze", groups: Sequence[str] | None = None,
+                 ) -> tuple[np.ndarray, dict[int, np.ndarray], int, int]:
     """Summed log-likelihoods [N, L+1, K] float64 (-inf padded), kept context residuals and the
-    real / computed token counts; ``edit`` as in :func:`cloze_batch`."""
+    real / computed token counts; ``edit`` as in :func:`cloze_batch`. Contexts of one of
+    ``groups`` share their exemplar prefix: it runs once per group with
+    ``settings.prefix_reuse`` (never under an ``edit``, which changes it)."""
     lens, max_rows = cloze_lens(loaded.adapter)
     n, k = len(requests), max(r.n_options for r in requests)
     loglik = np.full((n, loaded.adapter.num_blocks + 1, k), -np.inf)
     kept: dict[int, np.ndarray] = {}
-    real = computed = 0
+    tokens = [0, 0]  # real, computed
+
+    def count_prefix(prefix: SharedPrefix) -> None:
+        tokens[0] += prefix.length
+        tokens[1] += prefix.length
+
     # an example's longest sequence: sorts by context length, budgets like the letter probe
-    lengths = np.array([len(r.context_ids) + max(map(len, r.continuations)) for r in requests])
+    widest = [max(map(len, r.continuations)) for r in requests]
     with tqdm(total=n, desc=f"{desc} {loaded.name}", unit="ex",
               disable=not settings.progress) as bar:
-        def run(idx: np.ndarray, current: ProbeSettings) -> BatchOutput:
-            return cloze_batch(loaded, lens, [requests[i] for i in idx], current, max_rows, edit)
+        def run(idx: np.ndarray, current: ProbeSettings, prefix) -> BatchOutput:
+            return cloze_batch(loaded, lens, [requests[i] for i in idx], current, max_rows, edit,
+                               prefix)
 
-        for idx, out in run_batches(lengths, settings, run):
+        for idx, out in grouped_batches(loaded, [r.context_ids for r in requests],
+                                        None if edit is not None else groups, settings, run,
+                                        extra=widest, gapped=True, on_prefix=count_prefix):
             rows = out.loglik.numpy()
             at = 0
             for i in idx:
@@ -207,20 +238,22 @@ def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings
             for layer in keep_layers:
                 kept.setdefault(layer, np.empty((n, out.context_last.shape[-1]), np.float32))
                 kept[layer][idx] = out.context_last[:, layer].float().cpu().numpy()
-            real, computed = real + out.real_tokens, computed + out.computed_tokens
+            tokens[0] += out.real_tokens
+            tokens[1] += out.computed_tokens
             bar.update(len(idx))
-    return loglik, kept, real, computed
+    return loglik, kept, tokens[0], tokens[1]
 
 
 def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.ndarray,
               settings: ProbeSettings | None = None, norm: str = "none",
-              keep_layers: Sequence[int] = ()) -> ProbeResult:
+              keep_layers: Sequence[int] = (), groups: Sequence[str] | None = None) -> ProbeResult:
     """Read every option's (normalized) log-likelihood at every layer: a :class:`ProbeResult`.
 
     ``option_logits`` [N, L+1, K] float64 holds the normalized log-likelihoods (-inf where an
     example has fewer options), ``probs`` their float64 softmax over the options; ``residuals``
     are the last context position's (shared by all options) at ``keep_layers`` (default:
-    ``settings.keep_layers``).
+    ``settings.keep_layers``). Contexts of one of ``groups`` (``prompt_set.groups``) share their
+    exemplar prefix, run once per group with ``settings.prefix_reuse``.
     """
     settings = settings or ProbeSettings()
     if not requests or len(labels) != len(requests):
@@ -228,7 +261,7 @@ def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.
                          "need one label per request, at least one")
     divisors = cloze_divisors(requests, norm)  # validated before any compute
     keep = tuple(keep_layers) or tuple(settings.keep_layers)
-    loglik, kept, real, computed = cloze_loglik(loaded, requests, settings, keep)
+    loglik, kept, real, computed = cloze_loglik(loaded, requests, settings, keep, groups=groups)
     scores = loglik / divisors[:, None, :]
     return ProbeResult(scores, option_probabilities(scores), np.asarray(labels).copy(), None, kept,
                        real, computed)
@@ -236,21 +269,23 @@ def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.
 
 def run_cloze_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
                       intervention: Intervention, settings: ProbeSettings | None = None,
-                      norm: str = "none", use_cache: bool = True) -> np.ndarray:
+                      norm: str = "none", use_cache: bool = True,
+                      groups: Sequence[str] | None = None) -> np.ndarray:
     """Normalized option log-likelihoods [V, N, L+1, K] under each variant (eta) of ``intervention``.
 
     The edit applies to the context (its last position, or every context position with
     ``position: all``); every option's continuation then reads the edited context. An edit of
     the last position runs the context once and each variant only above the edit
     (:mod:`calibrate.engine.cloze_steer`); otherwise (or ``use_cache=False``) each variant is
-    one full cloze pass.
+    one full cloze pass. ``groups`` as in :func:`run_cloze` (the cached path only: an edit of
+    every position changes the shared prefix too).
     """
     settings = settings or ProbeSettings()
     divisors = cloze_divisors(requests, norm)
     if use_cache and intervention.position == "last":
         from calibrate.engine.cloze_steer import cloze_loglik_steered
 
-        loglik = cloze_loglik_steered(loaded, requests, intervention, settings)
+        loglik = cloze_loglik_steered(loaded, requests, intervention, settings, groups=groups)
         return loglik / divisors[None, :, None, :]
     out = [cloze_loglik(loaded, requests, settings, (), (intervention, v),
                         f"{type(intervention).__name__.lower()} {v + 1}/{intervention.n_variants}")[0]

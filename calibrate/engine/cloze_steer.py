@@ -6,7 +6,9 @@ key/value cache kept); each option's *tail* — the last context token followed 
 continuation without its last token — runs once unedited through every block (the layers below
 ``l``, the same for every variant); then every variant runs the tails through the blocks from
 ``l`` on only, with the edit at tail position 0. At the last layer no block runs, and only the
-states at the context's last position are read again.
+states at the context's last position are read again. Contexts that share an exemplar prefix
+(``prompt.shots``) start from its cache, run once per group; only each context's own suffix
+runs before the tails (:mod:`calibrate.engine.context`).
 
 Every continuation token's log-probability is read through the lens (full-vocabulary
 log-softmax) at the state before it, each distinct state once
@@ -23,8 +25,10 @@ from tqdm.auto import tqdm
 
 from calibrate.engine.cloze import capture_positions, cloze_lens, lens_logprobs
 from calibrate.engine.cloze_plan import continuation_groups, right_pad, token_plan
+from calibrate.engine.context import suffix_contexts, whole_contexts
 from calibrate.engine.hooks import edit_residual
-from calibrate.engine.probe import ProbeSettings, check_finite, left_pad, position_ids, run_batches
+from calibrate.engine.prefix import SharedPrefix, grouped_batches
+from calibrate.engine.probe import ProbeSettings, check_finite, left_pad
 from calibrate.engine.steer import Intervention, variants_per_pass
 from calibrate.engine.upper import (
     cache_argument,
@@ -53,29 +57,33 @@ class _Tails:
     """
 
     def __init__(self, loaded: LoadedModel, batch: Sequence[ClozeRequest],
-                 settings: ProbeSettings) -> None:
-        device, backbone = loaded.device, loaded.adapter.backbone
+                 settings: ProbeSettings, prefix: SharedPrefix | None = None) -> None:
+        device = loaded.device
         pad = loaded.tokenizer.pad_token_id
-        ids, mask = left_pad([r.context_ids for r in batch], pad)
+        if prefix is None:
+            ids, mask = left_pad([r.context_ids for r in batch], pad)
+            context = whole_contexts(loaded, ids, mask)
+        else:
+            context = suffix_contexts(loaded, prefix,
+                                      [r.context_ids[prefix.length:] for r in batch])
         counts = torch.tensor([r.n_options for r in batch])
         self.row_example = torch.repeat_interleave(torch.arange(len(batch)), counts)
         self.conts = [c for r in batch for c in r.continuations]
-        tails = [[int(ids[b, -1])] + list(c[:-1]) for b, c in zip(self.row_example.tolist(), self.conts)]
+        last_ids = context.last_ids.tolist()
+        tails = [[last_ids[b]] + list(c[:-1]) for b, c in zip(self.row_example.tolist(), self.conts)]
         self.widths = [len(t) for t in tails]
         self.width = max(self.widths)
         self.groups = [torch.as_tensor(g) for g in continuation_groups(self.widths, settings)]
         tail_ids, tail_mask = right_pad(tails, pad, self.width)
         self.ids, self.tail_mask = tail_ids.to(device), tail_mask.to(device)
-        self.ctx_mask = mask[:, :-1][self.row_example].to(device)
-        self.pos = ((mask.sum(1) - 1)[self.row_example][:, None] + torch.arange(self.width)).to(device)
+        rows = self.row_example.to(context.mask.device)
+        self.ctx_mask = context.mask[rows].to(device)
+        self.pos = (context.last_positions[rows][:, None].to(device)
+                    + torch.arange(self.width, device=device))
         self.first_rows = torch.cumsum(counts, 0) - counts  # each example's first row
         self.n_examples = len(batch)
-        self.cache = None
+        self.cache = context.cache
         with torch.no_grad():
-            if ids.shape[1] > 1:
-                out = backbone(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
-                               position_ids=position_ids(mask)[:, :-1].to(device), use_cache=True)
-                self.cache = getattr(out, "cache", None) or out.past_key_values
             states = None
             for rows in self.groups:
                 width = max(self.widths[r] for r in rows.tolist())
@@ -134,14 +142,14 @@ class _Tails:
 
 def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
                         intervention: Intervention, settings: ProbeSettings,
-                        token_budget: int) -> torch.Tensor:
+                        token_budget: int, prefix: SharedPrefix | None = None) -> torch.Tensor:
     """Per-option log-likelihoods [V, R, L+1] float64 of one batch (rows in (example, option)
-    order) under every variant."""
+    order) under every variant; ``prefix``: every context starts with it (its cache is reused)."""
     lens, max_rows = cloze_lens(loaded.adapter)
     n_layers = loaded.adapter.num_blocks + 1
     start = min(intervention.layers)
     with torch.inference_mode():
-        tails = _Tails(loaded, batch, settings)
+        tails = _Tails(loaded, batch, settings, prefix)
         plan = tails.plan
         src = plan.state_src.to(tails.states.device)
         token_row = plan.token_row.to(lens.device)
@@ -174,21 +182,24 @@ def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
 
 def cloze_loglik_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
                          intervention: Intervention, settings: ProbeSettings,
-                         desc: str = "cloze steered") -> np.ndarray:
+                         desc: str = "cloze steered",
+                         groups: Sequence[str] | None = None) -> np.ndarray:
     """Summed log-likelihoods [V, N, L+1, K] float64 (-inf padded) under every variant of an
-    edit of the context's last position."""
+    edit of the context's last position. Contexts of one of ``groups`` share their exemplar
+    prefix: it runs once per group with ``settings.prefix_reuse``."""
     n, k = len(requests), max(r.n_options for r in requests)
     n_var, n_layers = intervention.n_variants, loaded.adapter.num_blocks + 1
     loglik = np.full((n_var, n, n_layers, k), -np.inf)
-    lengths = np.array([len(r.context_ids) + max(map(len, r.continuations)) for r in requests])
+    widest = [max(map(len, r.continuations)) for r in requests]
     budget = settings.max_tokens * loaded.adapter.num_blocks
     with tqdm(total=n, desc=f"{desc} {loaded.name} x{n_var}", unit="ex",
               disable=not settings.progress) as bar:
-        def run(idx: np.ndarray, current: ProbeSettings):
+        def run(idx: np.ndarray, current: ProbeSettings, prefix: SharedPrefix | None):
             return cloze_steered_batch(loaded, [requests[i] for i in idx], intervention, current,
-                                       budget)
+                                       budget, prefix)
 
-        for idx, rows in run_batches(lengths, settings, run):
+        for idx, rows in grouped_batches(loaded, [r.context_ids for r in requests], groups,
+                                         settings, run, extra=widest, gapped=True):
             rows, at = rows.numpy(), 0
             for i in idx:
                 kk = requests[i].n_options

@@ -11,12 +11,21 @@ suffixes. Suffixes are RIGHT-padded: every real token sits at cache index == pos
 each row's last real token is gathered per row (not ``[:, -1]``). The lens reads it exactly as
 :func:`calibrate.engine.probe.run_probe` does. Equal to from-scratch prompts within float
 tolerance at every layer (tests/test_prefix.py).
+
+Whatever runs *after* a batch of suffixes (a steered last token, cloze continuations) starts at
+the batch's widest suffix, so a shorter row has a gap of masked cache slots before it. Full
+attention never sees a gap (masked keys, explicit position ids); a sliding window counts cache
+slots, so it would reach back further than in a from-scratch run once a sequence is longer than
+the window. :func:`grouped_batches` therefore runs suffixes of one length together wherever a
+gapped batch could reach a sliding window (:func:`gaps_reach_window`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,15 +72,34 @@ def capture_rows(adapter: Adapter, last: torch.Tensor):
     return capture_layers(adapter, select)
 
 
-def prefix_cache(loaded: LoadedModel, prefix: Sequence[int]):
-    """The key/value cache of one prefix (batch 1, positions 0..P-1)."""
-    device, backbone = loaded.device, loaded.adapter.backbone
-    ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
-    with torch.inference_mode():
-        out = backbone(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       position_ids=torch.arange(ids.shape[1], device=device)[None],
-                       use_cache=True)
-    return getattr(out, "cache", None) or out.past_key_values
+@dataclass
+class SharedPrefix:
+    """One group's prefix tokens and their key/value cache (batch 1, positions 0..P-1)."""
+
+    tokens: tuple[int, ...]
+    cache: Any
+
+    @property
+    def length(self) -> int:
+        """P, the number of prefix tokens."""
+        return len(self.tokens)
+
+    @classmethod
+    def run(cls, loaded: LoadedModel, tokens: Sequence[int]) -> SharedPrefix:
+        """Run the prefix once and keep its cache."""
+        device, backbone = loaded.device, loaded.adapter.backbone
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        with torch.no_grad():
+            out = backbone(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           position_ids=torch.arange(ids.shape[1], device=device)[None],
+                           use_cache=True)
+        return cls(tuple(tokens), getattr(out, "cache", None) or out.past_key_values)
+
+    def expanded(self, rows: int) -> Any:
+        """A copy of the cache repeated for ``rows`` rows (the shared one is never changed)."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
 
 
 def right_pad_suffixes(suffixes: Sequence[Sequence[int]], pad_id: int,
@@ -90,23 +118,113 @@ def right_pad_suffixes(suffixes: Sequence[Sequence[int]], pad_id: int,
     return ids, mask, positions, last
 
 
-def suffix_batch(loaded: LoadedModel, lens: Lens, cache, prefix_length: int,
-                 suffixes: Sequence[Sequence[int]], option_ids: torch.Tensor, mass_mode: str):
-    """One batch of suffixes after a cached prefix: (option logits, mass, stacked residuals,
-    suffix attention mask [B, S])."""
-    from calibrate.engine.probe import _lens_batch, check_finite
+def run_suffixes(loaded: LoadedModel, prefix: SharedPrefix, suffixes: Sequence[Sequence[int]],
+                 capture: Callable[[torch.Tensor], Any] | None = None):
+    """Run right-padded ``suffixes`` after the prefix on an expanded copy of its cache:
+    (cache of prefix + suffixes, attention mask [B, P+S], capture store or None).
+
+    ``capture(last)`` is a capture context given each row's last real index [B]."""
     from calibrate.engine.upper import cache_argument
 
     device, backbone = loaded.device, loaded.adapter.backbone
     ids, mask, positions, last = right_pad_suffixes(suffixes, loaded.tokenizer.pad_token_id,
-                                                    prefix_length)
-    expanded = copy.deepcopy(cache)
-    expanded.batch_repeat_interleave(len(suffixes))
-    with torch.inference_mode(), capture_rows(loaded.adapter, last) as store:
-        backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
-                 position_ids=positions.to(device), use_cache=True,
-                 **{cache_argument(backbone): expanded})
+                                                    prefix.length)
+    cache = prefix.expanded(len(suffixes))
+    store = None
+    with torch.no_grad():
+        if capture is None:
+            backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                     position_ids=positions.to(device), use_cache=True,
+                     **{cache_argument(backbone): cache})
+        else:
+            with capture(last) as store:
+                backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), use_cache=True,
+                         **{cache_argument(backbone): cache})
+    return cache, mask, store
+
+
+def suffix_batch(loaded: LoadedModel, lens: Lens, prefix: SharedPrefix,
+                 suffixes: Sequence[Sequence[int]], option_ids: torch.Tensor, mass_mode: str):
+    """One batch of suffixes after a cached prefix: (option logits, mass, stacked residuals,
+    suffix attention mask [B, S])."""
+    from calibrate.engine.probe import _lens_batch, check_finite
+
+    with torch.inference_mode():
+        _, mask, store = run_suffixes(loaded, prefix, suffixes,
+                                      lambda last: capture_rows(loaded.adapter, last))
         stacked = torch.stack([t.to(lens.device) for t in store], dim=1)  # [B, L+1, H]
         check_finite(stacked)
         logits, mass = _lens_batch(lens, stacked, option_ids, mass_mode)
-    return logits, mass, stacked, mask[:, prefix_length:]
+    return logits, mass, stacked, mask[:, prefix.length:]
+
+
+def sliding_window(loaded: LoadedModel) -> int | None:
+    """The model's sliding attention window in tokens, None where every layer attends fully."""
+    config = getattr(loaded.model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def gaps_reach_window(loaded: LoadedModel, prefix_length: int, widest: int) -> bool:
+    """Whether a batch whose rows run up to ``prefix_length + widest`` cache slots could see a
+    padding gap differently from a from-scratch run (a sliding window shorter than that)."""
+    window = sliding_window(loaded)
+    return window is not None and prefix_length + widest > window
+
+
+def grouped_batches(loaded: LoadedModel, token_ids: Sequence[Sequence[int]],
+                    groups: Sequence[str] | None, settings: Any,
+                    run: Callable[[np.ndarray, Any, SharedPrefix | None], Any],
+                    extra: Sequence[int] | None = None, gapped: bool = False,
+                    on_prefix: Callable[[SharedPrefix], None] | None = None,
+                    ) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yield ``(indices, run(indices, settings, prefix))`` over every prompt.
+
+    With ``settings.prefix_reuse`` and ``groups``, each group's shared prefix runs once
+    (``on_prefix`` is told) and its members run as suffixes after it (``prefix`` given); prompts
+    of groups that share nothing, or all prompts without reuse, run whole (``prefix`` None).
+    Batches are planned by length (plus ``extra[i]``, e.g. a continuation's width) with the
+    probe's budget and out-of-memory halving. ``gapped``: whatever ``run`` appends after the
+    suffixes starts at the widest one, so suffixes of one length run together where the gap
+    could reach a sliding window.
+    """
+    from calibrate.engine.probe import run_batches
+
+    n = len(token_ids)
+    extra_arr = np.zeros(n, dtype=np.int64) if extra is None else np.asarray(extra, dtype=np.int64)
+    whole = np.arange(n)
+    if settings.prefix_reuse and groups is not None:
+        rest: list[int] = []
+        for tokens, members in plan_prefixes(token_ids, groups):
+            if not tokens:
+                rest.extend(members.tolist())
+                continue
+            prefix = SharedPrefix.run(loaded, tokens)
+            if on_prefix is not None:
+                on_prefix(prefix)
+            own = np.array([len(token_ids[i]) - len(tokens) for i in members])
+            lengths = own + extra_arr[members]
+            buckets = [np.arange(len(members))]
+            if gapped and gaps_reach_window(loaded, len(tokens), int(lengths.max())):
+                buckets = [np.flatnonzero(own == value) for value in np.unique(own)[::-1]]
+            for bucket in buckets:
+                chosen = members[bucket]
+
+                def call(local: np.ndarray, current: Any, chosen=chosen, prefix=prefix):
+                    return run(chosen[local], current, prefix)
+
+                for local, out in run_batches(lengths[bucket], settings, call):
+                    yield chosen[local], out
+        whole = np.array(rest, dtype=np.int64)
+    if len(whole):
+        lengths = np.array([len(token_ids[i]) for i in whole]) + extra_arr[whole]
+
+        def call_whole(local: np.ndarray, current: Any):
+            return run(whole[local], current, None)
+
+        for local, out in run_batches(lengths, settings, call_whole):
+            yield whole[local], out

@@ -201,6 +201,8 @@ def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSetting
     once per group with ``settings.prefix_reuse`` (:mod:`calibrate.engine.prefix`); the others
     run in full.
     """
+    from calibrate.engine.prefix import grouped_batches, suffix_batch
+
     settings = settings or ProbeSettings()
     if settings.option_mass not in OPTION_MASS_MODES:
         raise ValueError(f"probe.option_mass={settings.option_mass!r}; accepted: {OPTION_MASS_MODES}")
@@ -208,66 +210,28 @@ def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSetting
     lens = Lens(loaded.adapter)
     n, k = prompt_set.option_ids.shape
     acc = _Accumulator(n, loaded.adapter.num_blocks + 1, k, settings.option_mass, settings.keep_layers)
-    full = np.arange(n)
     with tqdm(total=n, desc=f"probe {loaded.name}", unit="ex", disable=not settings.progress) as bar:
-        if settings.prefix_reuse and prompt_set.groups is not None:
-            full = _run_shared(loaded, lens, prompt_set, settings, token_ids, acc, bar)
-        if len(full):
-            _run_full(loaded, lens, prompt_set, settings, token_ids, full, acc, bar)
-    return ProbeResult(acc.logits, option_probabilities(acc.logits), prompt_set.labels.copy(),
-                       acc.mass, dict(acc.keep), acc.real, acc.computed)
+        def count_prefix(prefix) -> None:
+            acc.real += prefix.length
+            acc.computed += prefix.length
 
+        def run(idx: np.ndarray, _settings: ProbeSettings, prefix):
+            option_ids = torch.from_numpy(prompt_set.option_ids[idx])
+            if prefix is not None:
+                return suffix_batch(loaded, lens, prefix,
+                                    [token_ids[i][prefix.length:] for i in idx], option_ids,
+                                    settings.option_mass)
+            ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
+            return (*forward_batch(loaded, lens, ids, mask, option_ids, settings.option_mass), mask)
 
-def _run_full(loaded: LoadedModel, lens: Lens, prompt_set: PromptSet, settings: ProbeSettings,
-              token_ids: Sequence[Sequence[int]], subset: np.ndarray, acc: _Accumulator,
-              bar) -> None:
-    """Whole prompts ``subset``, left-padded batches."""
-    lengths = np.array([len(token_ids[i]) for i in subset])
-
-    def run(local: np.ndarray, _settings: ProbeSettings):
-        idx = subset[local]
-        ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
-        out = forward_batch(loaded, lens, ids, mask, torch.from_numpy(prompt_set.option_ids[idx]),
-                            settings.option_mass)
-        return out, mask
-
-    for local, ((logits, mass, stacked), mask) in run_batches(lengths, settings, run):
-        acc.add(subset[local], logits, mass, stacked)
-        acc.real += int(mask.sum())
-        acc.computed += mask.numel()
-        bar.update(len(local))
-
-
-def _run_shared(loaded: LoadedModel, lens: Lens, prompt_set: PromptSet, settings: ProbeSettings,
-                token_ids: Sequence[Sequence[int]], acc: _Accumulator, bar) -> np.ndarray:
-    """Each group's shared prefix once, then its suffixes in batches; returns the indices of
-    prompts whose group shares no prefix (to run in full)."""
-    from calibrate.engine.prefix import plan_prefixes, prefix_cache, suffix_batch
-
-    rest = []
-    for prefix, members in plan_prefixes(token_ids, prompt_set.groups):
-        if not prefix:
-            rest.extend(members.tolist())
-            continue
-        cache = prefix_cache(loaded, prefix)
-        acc.real += len(prefix)
-        acc.computed += len(prefix)
-        size = len(prefix)
-        suffixes = [token_ids[i][size:] for i in members]
-        lengths = np.array([len(s) for s in suffixes])
-
-        def run(local: np.ndarray, _settings: ProbeSettings, members=members, suffixes=suffixes,
-                cache=cache, size=size):
-            return suffix_batch(loaded, lens, cache, size, [suffixes[j] for j in local],
-                                torch.from_numpy(prompt_set.option_ids[members[local]]),
-                                settings.option_mass)
-
-        for local, (logits, mass, stacked, mask) in run_batches(lengths, settings, run):
-            acc.add(members[local], logits, mass, stacked)
+        for idx, (logits, mass, stacked, mask) in grouped_batches(
+                loaded, token_ids, prompt_set.groups, settings, run, on_prefix=count_prefix):
+            acc.add(idx, logits, mass, stacked)
             acc.real += int(mask.sum())
             acc.computed += mask.numel()
-            bar.update(len(local))
-    return np.array(rest, dtype=np.int64)
+            bar.update(len(idx))
+    return ProbeResult(acc.logits, option_probabilities(acc.logits), prompt_set.labels.copy(),
+                       acc.mass, dict(acc.keep), acc.real, acc.computed)
 
 
 def run_batches(lengths: np.ndarray, settings: ProbeSettings,

@@ -50,14 +50,14 @@ class Cloze(SingleToken):
         from calibrate.engine.cloze import run_cloze
 
         return run_cloze(loaded, list(prompt_set.requests), prompt_set.labels, settings,
-                         prompt_set.cloze_norm or "none")
+                         prompt_set.cloze_norm or "none", groups=prompt_set.groups)
 
     def score_steered(self, loaded: LoadedModel, prompt_set: Any, intervention: Intervention,
                       settings: ProbeSettings, use_cache: bool = True) -> np.ndarray:
         from calibrate.engine.cloze import run_cloze_steered
 
         return run_cloze_steered(loaded, list(prompt_set.requests), intervention, settings,
-                                 prompt_set.cloze_norm or "none", use_cache)
+                                 prompt_set.cloze_norm or "none", use_cache, prompt_set.groups)
 
     def key_fields(self, prompt_set: Any) -> dict[str, Any]:
         from calibrate.tasks.continuations import requests_digest

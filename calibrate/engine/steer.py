@@ -3,7 +3,8 @@
 With a causal model, steering the last position at layer l changes nothing at earlier
 positions and nothing below layer l, so each prompt runs once and every eta runs only the
 last position through the blocks above l, on the prompt's key/value cache
-(:mod:`calibrate.engine.upper`); at the last layer no block runs at all. Steering at all
+(:mod:`calibrate.engine.upper`); at the last layer no block runs at all. Prompts that share an
+exemplar prefix run it once per group (:mod:`calibrate.engine.prefix`). Steering at all
 positions needs a full forward pass per eta.
 """
 
@@ -25,11 +26,10 @@ from calibrate.engine.probe import (
     ProbeSettings,
     check_finite,
     left_pad,
-    plan_batches,
     position_ids,
     tokenize,
 )
-from calibrate.engine.upper import prefix_states, upper_forward
+from calibrate.engine.upper import PrefixState, prefix_states, upper_forward
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.prompts import PromptSet
 
@@ -163,23 +163,23 @@ def variants_per_pass(n_examples: int, width: int, n_upper: int, token_budget: i
     return max(1, token_budget // max(n_examples * width * max(n_upper, 1), 1))
 
 
-def steer_batch_cached(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
+def steer_batch_cached(loaded: LoadedModel, lens: Lens, state: PrefixState,
                        option_ids: torch.Tensor, steering: Intervention,
                        token_budget: int = 8192 * 32) -> torch.Tensor:
     """All variants for one batch: [B, V, L+1, K] option logits.
 
-    The prompts run once, unedited (:func:`calibrate.engine.upper.prefix_states`); each variant
-    of the last position then runs only the blocks from the lowest edited layer on, on the
-    prompts' key/value cache. The layers below it are the same for every variant.
+    ``state`` holds the prompts run once, unedited (:func:`calibrate.engine.upper.prefix_states`,
+    or :func:`~calibrate.engine.upper.last_states` after a shared prefix); each variant of the
+    last position then runs only the blocks from the lowest edited layer on, on the prompts'
+    key/value cache. The layers below it are the same for every variant.
     """
-    n_var, n_ex, n_layers = steering.n_variants, ids.shape[0], loaded.adapter.num_blocks + 1
+    n_var, n_ex, n_layers = steering.n_variants, len(state.last_ids), loaded.adapter.num_blocks + 1
     start = min(steering.layers)
     later = [layer for layer in steering.layers if layer > start]
     with torch.inference_mode():
-        state = prefix_states(loaded, ids, mask)
         check_finite(state.residuals)
         below = _read(lens, list(state.residuals[:, :start].unbind(1)), option_ids) if start else None
-        step = variants_per_pass(n_ex, ids.shape[1], n_layers - 1 - start, token_budget)
+        step = variants_per_pass(n_ex, state.mask.shape[1], n_layers - 1 - start, token_budget)
         parts = []
         for lo in range(0, n_var, step):
             variants = torch.arange(lo, min(lo + step, n_var))
@@ -216,24 +216,44 @@ def steer_batch_full(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: t
 
 def run_steered(loaded: LoadedModel, prompt_set: PromptSet, steering: Intervention,
                 settings: ProbeSettings | None = None, use_cache: bool = True) -> np.ndarray:
-    """Option logits [V, N, L+1, K] of every variant (eta), every example, every layer."""
+    """Option logits [V, N, L+1, K] of every variant (eta), every example, every layer.
+
+    An edit of the last position runs each prompt once and each variant above the edit only;
+    prompts sharing an exemplar prefix (``prompt_set.groups``, ``settings.prefix_reuse``) run it
+    once per group. An edit of every position, or ``use_cache=False``, is one full pass per
+    variant of every whole prompt.
+    """
+    from calibrate.engine.context import suffix_contexts
+    from calibrate.engine.prefix import grouped_batches
+    from calibrate.engine.upper import last_states
+
     settings = settings or ProbeSettings()
     token_ids = tokenize(loaded, prompt_set.prompts)
-    lengths = np.array([len(t) for t in token_ids])
     lens = Lens(loaded.adapter)
     n, k = prompt_set.option_ids.shape
     out = np.empty((steering.n_variants, n, loaded.adapter.num_blocks + 1, k), dtype=np.float32)
     cached = use_cache and steering.position == "last"
+    budget = settings.max_tokens * loaded.adapter.num_blocks
+
+    def run(idx: np.ndarray, _settings: ProbeSettings, prefix) -> torch.Tensor:
+        option_ids = torch.from_numpy(prompt_set.option_ids[idx])
+        if prefix is not None:
+            with torch.inference_mode():
+                state = last_states(loaded, suffix_contexts(
+                    loaded, prefix, [token_ids[i][prefix.length:] for i in idx]))
+            return steer_batch_cached(loaded, lens, state, option_ids, steering, budget)
+        ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
+        if cached and ids.shape[1] > 1:
+            with torch.inference_mode():
+                state = prefix_states(loaded, ids, mask)
+            return steer_batch_cached(loaded, lens, state, option_ids, steering, budget)
+        return steer_batch_full(loaded, lens, ids, mask, option_ids, steering)
+
     with tqdm(total=n, desc=f"{type(steering).__name__.lower()} {loaded.name} x{steering.n_variants}", unit="ex",
               disable=not settings.progress) as bar:
-        for idx in plan_batches(lengths, settings):
-            ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
-            option_ids = torch.from_numpy(prompt_set.option_ids[idx])
-            if cached and ids.shape[1] > 1:
-                logits = steer_batch_cached(loaded, lens, ids, mask, option_ids, steering,
-                                            settings.max_tokens * loaded.adapter.num_blocks)
-            else:
-                logits = steer_batch_full(loaded, lens, ids, mask, option_ids, steering)
+        # an edit of every position would change the shared prefix too: those run whole
+        groups = prompt_set.groups if cached else None
+        for idx, logits in grouped_batches(loaded, token_ids, groups, settings, run, gapped=True):
             out[:, idx] = logits.transpose(0, 1).cpu().numpy()
             bar.update(len(idx))
     return out

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from calibrate.engine.context import ContextState, whole_contexts
 from calibrate.engine.hooks import capture_last_position
-from calibrate.engine.probe import position_ids
 from calibrate.model.adapters import Adapter, block_hidden
 from calibrate.model.load import LoadedModel
 
@@ -54,17 +54,23 @@ def prefix_states(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) ->
     cache of the other positions. Prompts need at least two tokens (the width, not each row)."""
     if ids.shape[1] < 2:
         raise ValueError("prefix_states needs prompts of at least two tokens")
-    device, backbone = loaded.device, loaded.adapter.backbone
-    ids, mask = ids.to(device), mask.to(device)
-    pos = position_ids(mask)
-    with torch.no_grad():
-        out = backbone(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                       position_ids=pos[:, :-1], use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        with capture_last_position(loaded.adapter) as store:  # the last token, on a copy
-            backbone(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
-                     use_cache=True, **{cache_argument(backbone): rows_cache(cache, None, 0)})
-    return PrefixState(cache, mask, ids[:, -1], pos[:, -1], torch.stack(store, dim=1))
+    return last_states(loaded, whole_contexts(loaded, ids, mask))
+
+
+def last_states(loaded: LoadedModel, context: ContextState) -> PrefixState:
+    """Run each context's last token after its cache (on a shallow copy, no gradient) and keep
+    its residual at every layer."""
+    if context.cache is None:
+        raise ValueError("last_states needs a cached context (prompts of at least two tokens)")
+    backbone = loaded.adapter.backbone
+    ones = torch.ones((len(context.last_ids), 1), dtype=context.mask.dtype)
+    mask = context.mask_with(ones)
+    with torch.no_grad(), capture_last_position(loaded.adapter) as store:
+        backbone(input_ids=context.last_ids[:, None], attention_mask=mask,
+                 position_ids=context.last_positions[:, None], use_cache=True,
+                 **{cache_argument(backbone): rows_cache(context.cache, None, 0)})
+    return PrefixState(context.cache, mask, context.last_ids, context.last_positions,
+                       torch.stack(store, dim=1))
 
 
 def _owner(backbone: nn.Module, blocks: nn.ModuleList) -> tuple[nn.Module, str]:
@@ -79,7 +85,8 @@ def _owner(backbone: nn.Module, blocks: nn.ModuleList) -> tuple[nn.Module, str]:
 @contextmanager
 def only_blocks_from(adapter: Adapter, start: int, hidden: torch.Tensor) -> Iterator[None]:
     """Within the context the backbone runs blocks ``start..L-1`` only, with the input of block
-    ``start`` replaced by ``hidden`` [R, T', H]; blocks and hooks are restored in ``finally``."""
+    ``start`` replaced by ``hidden`` [R, T', H]; blocks, per-layer types and hooks are restored
+    in ``finally``."""
     blocks = adapter.blocks
     owner, name = _owner(adapter.backbone, blocks)
 
@@ -88,12 +95,21 @@ def only_blocks_from(adapter: Adapter, start: int, hidden: torch.Tensor) -> Iter
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
+    # Gemma-3 and Qwen2 pick block i's mask and rotary base by config.layer_types[i], i counted
+    # in the block list: the slice must see the types of its own blocks
+    config = getattr(adapter.backbone, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    sliced = isinstance(layer_types, list) and len(layer_types) == len(blocks)
     handle = blocks[start].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
     try:
         setattr(owner, name, nn.ModuleList(list(blocks)[start:]))
+        if sliced:
+            config.layer_types = layer_types[start:]
         yield
     finally:
         setattr(owner, name, blocks)
+        if sliced:
+            config.layer_types = layer_types
         handle.remove()
 
 
