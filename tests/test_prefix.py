@@ -1,5 +1,7 @@
 """Shared-prefix reuse (calibrate/engine/prefix.py): equal to from-scratch k-shot prompts at
-every layer, on every tiny architecture, on a sliding-window model and on the real SmolLM2.
+every layer, on every tiny architecture, on sliding-window models and on the real SmolLM2 and
+Gemma-3-270M: the letter probe, steering at the last position (the edited last token after a
+masked gap) and cloze scoring, unsteered and steered.
 
 Tolerance (float32 weights): option logits within atol 2e-3 + rtol 1e-4, probabilities within
 atol 1e-4 at every layer; measured on SmolLM2 5-shot MMLU: 2.3e-5 (logits) and 3.2e-6 (probs).
@@ -294,3 +296,23 @@ def test_five_shot_mmlu_steered_on_gemma3_past_its_sliding_window(cache_dir, mon
     np.testing.assert_allclose(option_probabilities(shared), option_probabilities(full),
                                atol=PROB_ATOL, rtol=0)
     assert not np.allclose(shared[1, :, -1], shared[0, :, -1], atol=1e-3)
+
+
+def test_five_shot_arc_easy_cloze_on_smollm2_equals_from_scratch(cache_dir):
+    """The real SmolLM2 on 5-shot ARC-Easy cloze rows: every option's log-likelihood at every
+    layer with the exemplar prefix reused equals whole contexts."""
+    import calibrate
+    from calibrate.engine.scoring import score
+    from calibrate.tasks.shots import load_with_exemplars
+
+    cfg = composed("dataset=arc_easy", "dataset.limit=5", "dataset.shuffle=true")["dataset"]
+    records, exemplars = load_with_exemplars(cfg, PromptStyle(5), cache_dir)
+    lm = calibrate.load_model("smollm2")
+    ps = build_prompts(records, cfg, lm.tokenizer, style=PromptStyle(5), exemplars=exemplars)
+    assert ps.is_cloze and len(set(ps.groups)) == 1
+    shared = score(lm, ps, _settings(True))
+    scratch = score(lm, ps, _settings(False))
+    np.testing.assert_allclose(shared.option_logits, scratch.option_logits, atol=LOGIT_ATOL,
+                               rtol=LOGIT_RTOL)
+    np.testing.assert_allclose(shared.probs, scratch.probs, atol=PROB_ATOL, rtol=0)
+    assert shared.computed_tokens < scratch.computed_tokens
