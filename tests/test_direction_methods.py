@@ -217,6 +217,42 @@ def test_upper_readout_equals_a_hooked_forward_pass(arch, word_tokenizer):
     np.testing.assert_allclose(got, steered[1, rows.numpy(), -1], atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "phi"])
+def test_upper_readout_with_a_shared_prefix_equals_whole_prompts(arch, word_tokenizer):
+    """Prompts behind two groups' exemplars: the readout on the prefix caches gives the same
+    scores and the same gradient in v as on whole prompts."""
+    from dataclasses import replace
+
+    from calibrate.studies.gradient import OptionHead, UpperReadout
+
+    loaded = _tiny64(arch, word_tokenizer)
+    base = _prompt_set(word_tokenizer)
+    shots = {"a": "the movie was fun . it is positive . ", "b": "not good , bad film : negative . "}
+    groups = tuple("ab"[i % 2] for i in range(len(PROMPTS)))
+    ps = replace(base, prompts=[shots[g] + p for g, p in zip(groups, PROMPTS)], groups=groups)
+    head = OptionHead(loaded, torch.float64)
+    shared = UpperReadout(loaded, head, ps.prompts, ps.option_ids, start=1, batch_size=2,
+                          groups=ps.groups)
+    whole = UpperReadout(loaded, head, ps.prompts, ps.option_ids, start=1, batch_size=2)
+    assert len(whole.batches) == 3  # 6 prompts, 2 per batch
+    # per group (3 prompts): batches of 2 and 1, each after its own group's prefix
+    assert len(shared.batches) == 4
+    assert all(len({groups[i] for i in idx}) == 1 for _, idx in shared.batches)
+    rows = torch.tensor([5, 0, 3, 1, 2, 4])
+    v0 = np.random.default_rng(2).standard_normal(32)
+    grads = []
+    for readout in (shared, whole):
+        v = torch.tensor(v0, requires_grad=True)
+        with torch.enable_grad():
+            out = readout(v, rows)
+            weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+            (grad,) = torch.autograd.grad((torch.where(torch.isfinite(out), out, 0) * weight).sum(), v)
+        grads.append((out.detach().numpy(), grad.numpy()))
+    np.testing.assert_allclose(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-4)
+    assert np.abs(grads[0][1]).sum() > 0
+
+
 def _finite_difference_check(readout, labels, settings, hidden, seed=0, eps=1e-6, rel=1e-5):
     """Autograd's directional derivative of the penalised loss against central differences.
 

@@ -162,7 +162,8 @@ def gradient(request: FitRequest) -> Direction:
         residual = result.residuals[last][request.cal_idx]
         scores = result.option_logits[request.cal_idx, -1]
     return fit_gradient(ctx.loaded, request.prompt_set, request.cal_idx, layer, residual,
-                        settings, request.seed, scores).direction
+                        settings, request.seed, scores,
+                        prefix_reuse=ctx.settings.prefix_reuse).direction
 
 
 def method_layers(ctx: JobContext, method: str) -> list[int]:

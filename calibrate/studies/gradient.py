@@ -109,26 +109,38 @@ class LastLayerReadout:
 class UpperReadout:
     """Option scores when v is added at layer ``start`` < L: the upper blocks run for the last
     position on each batch's detached prefix cache (:func:`calibrate.engine.upper.upper_forward`),
-    then the head reads the last layer."""
+    then the head reads the last layer. Prompts of one of ``groups`` (in-context exemplars) share
+    their prefix: it runs once per group and each batch caches only the questions' suffixes."""
 
     def __init__(self, loaded: LoadedModel, head: OptionHead, prompts: Sequence[str],
-                 option_ids: np.ndarray, start: int, batch_size: int = 64) -> None:
-        from calibrate.engine.probe import left_pad, tokenize
-        from calibrate.engine.upper import prefix_states
+                 option_ids: np.ndarray, start: int, batch_size: int = 64,
+                 groups: Sequence[str] | None = None) -> None:
+        from calibrate.engine.context import suffix_contexts
+        from calibrate.engine.prefix import grouped_batches
+        from calibrate.engine.probe import ProbeSettings, left_pad, tokenize
+        from calibrate.engine.upper import last_states, prefix_states
 
         self.loaded, self.head, self.start = loaded, head, start
         token_ids = tokenize(loaded, list(prompts))
         if min(len(t) for t in token_ids) < 2:
             raise DirectionError("direction.method=gradient below the last layer needs prompts of "
                                  "at least two tokens")
-        order = np.argsort([len(t) for t in token_ids], kind="stable")
+
+        def run(idx: np.ndarray, _settings: ProbeSettings, prefix):
+            # no_grad, not inference mode: upper_forward differentiates through these caches
+            if prefix is not None:
+                return last_states(loaded, suffix_contexts(
+                    loaded, prefix, [token_ids[i][prefix.length:] for i in idx]))
+            ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
+            return prefix_states(loaded, ids, mask)
+
+        settings = ProbeSettings(batch_size=batch_size, progress=False,
+                                 prefix_reuse=groups is not None)
         self.batches = []  # (state, example indices in the batch's row order)
         self.where = np.empty((len(token_ids), 2), dtype=np.int64)  # example -> (batch, row)
         bases = [None] * len(token_ids)
-        for b, at in enumerate(range(0, len(order), batch_size)):
-            idx = order[at:at + batch_size]
-            ids, mask = left_pad([token_ids[i] for i in idx], loaded.tokenizer.pad_token_id)
-            state = prefix_states(loaded, ids, mask)
+        for b, (idx, state) in enumerate(grouped_batches(loaded, token_ids, groups, settings, run,
+                                                         gapped=True)):
             self.batches.append((state, idx))
             self.where[idx] = np.stack([np.full(len(idx), b), np.arange(len(idx))], axis=1)
             for r, i in enumerate(idx):
@@ -166,12 +178,13 @@ def gradient_settings(direction_cfg: Mapping[str, Any]) -> GradientSettings:
 
 def fit_gradient(loaded: LoadedModel, prompt_set: Any, cal_idx: np.ndarray, layer: int,
                  residual: np.ndarray | None, settings: GradientSettings, seed: int,
-                 probe_scores: np.ndarray | None = None, dtype: torch.dtype = torch.float32
-                 ) -> GradientFit:
+                 probe_scores: np.ndarray | None = None, dtype: torch.dtype = torch.float32,
+                 prefix_reuse: bool = True) -> GradientFit:
     """Fit the vector at ``layer`` on the calibration rows ``cal_idx`` of ``prompt_set``.
 
     ``residual`` [n_cal, H]: the last-position residual at the last layer (needed there);
-    ``probe_scores`` [n_cal, K]: the probe's last-layer scores (cloze only).
+    ``probe_scores`` [n_cal, K]: the probe's last-layer scores (cloze only); ``prefix_reuse``
+    (``probe.prefix_reuse``): below the last layer, run a shared exemplar prefix once per group.
     """
     num_blocks = loaded.adapter.num_blocks
     if not 0 <= layer <= num_blocks:
@@ -198,8 +211,11 @@ def fit_gradient(loaded: LoadedModel, prompt_set: Any, cal_idx: np.ndarray, laye
                 "the continuations would read the edited context through its cache, which the "
                 "fit does not model; fit at the last layer (direction.gradient.layer="
                 f"{num_blocks}) or use a single-token answer format")
+        groups = None
+        if prefix_reuse and prompt_set.groups is not None:
+            groups = [prompt_set.groups[i] for i in cal_idx]
         readout = UpperReadout(loaded, head, [prompt_set.prompts[i] for i in cal_idx], option_ids,
-                               layer)
+                               layer, groups=groups)
         base = readout.base
     scale = float(base.double().norm(dim=-1).mean())
     with torch.enable_grad():
