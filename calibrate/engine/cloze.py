@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
 from calibrate.engine.hooks import capture_layers, edit_residual
 from calibrate.engine.lens import Lens, option_probabilities
-from calibrate.engine.prefix import SharedPrefix, capture_rows, grouped_batches, run_suffixes
+from calibrate.engine.prefix import SharedPrefix, grouped_batches, run_suffixes
 from calibrate.engine.probe import (
     ProbeResult,
     ProbeSettings,
@@ -137,15 +137,6 @@ def _continuation_pass(loaded: LoadedModel, cache, mask: torch.Tensor, row_examp
     return torch.stack([t.to(out_device) for t in store], dim=2), int(cont_mask.sum())
 
 
-def _suffix_context_pass(loaded: LoadedModel, prefix: SharedPrefix,
-                         suffixes: Sequence[Sequence[int]], out_device: torch.device):
-    """Contexts ``prefix + suffix``: the suffixes right-padded after the prefix's cache, each
-    row's last real position read ([B, L+1, H]); returns it, the cache and the mask [B, P+S]."""
-    cache, mask, store = run_suffixes(loaded, prefix, suffixes,
-                                      lambda last: capture_rows(loaded.adapter, last))
-    return torch.stack([t.to(out_device) for t in store], dim=1), cache, mask
-
-
 def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
                 settings: ProbeSettings, max_rows: int = 256,
                 edit: tuple[Intervention, int] | None = None,
@@ -174,8 +165,9 @@ def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
         else:
             if edit is not None:
                 raise ValueError("an edited context pass cannot start from a shared prefix cache")
-            context_last, cache, mask = _suffix_context_pass(
-                loaded, prefix, [r.context_ids[prefix.length:] for r in batch], lens.device)
+            cache, mask, context_last = run_suffixes(
+                loaded, prefix, [r.context_ids[prefix.length:] for r in batch], read_last=True)
+            context_last = context_last.to(lens.device)
             real, computed = int(mask[:, prefix.length:].sum()), mask[:, prefix.length:].numel()
         states = context_last.new_empty((len(src), *context_last.shape[1:]))  # [S, L+1, H]
         _take(states, src, context_last, 0)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from calibrate.engine.prefix import SharedPrefix, right_pad_suffixes
+from calibrate.engine.prefix import SharedPrefix, run_suffixes
 from calibrate.model.load import LoadedModel
 
 
@@ -61,22 +61,10 @@ def suffix_contexts(loaded: LoadedModel, prefix: SharedPrefix,
                     suffixes: Sequence[Sequence[int]]) -> ContextState:
     """Contexts ``prefix + suffix`` (each suffix at least one token): the prefix's cache, then
     every suffix but its last token, right-padded (no gradient)."""
-    from calibrate.engine.upper import cache_argument
-
     if any(len(s) < 1 for s in suffixes):
         raise ValueError("every suffix needs at least one token after the shared prefix")
-    device, backbone = loaded.device, loaded.adapter.backbone
-    heads = [list(s[:-1]) for s in suffixes]
-    cache = prefix.expanded(len(suffixes))
-    if max(len(h) for h in heads):
-        ids, mask, positions, _ = right_pad_suffixes(heads, loaded.tokenizer.pad_token_id,
-                                                     prefix.length)
-        with torch.no_grad():
-            backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
-                     position_ids=positions.to(device), use_cache=True,
-                     **{cache_argument(backbone): cache})
-    else:
-        mask = torch.ones((len(suffixes), prefix.length), dtype=torch.long)
+    device = loaded.device
+    cache, mask, _ = run_suffixes(loaded, prefix, [list(s[:-1]) for s in suffixes])
     last_ids = torch.tensor([s[-1] for s in suffixes], dtype=torch.long, device=device)
     last_positions = torch.tensor([prefix.length + len(s) - 1 for s in suffixes],
                                   dtype=torch.long, device=device)

@@ -119,29 +119,26 @@ def right_pad_suffixes(suffixes: Sequence[Sequence[int]], pad_id: int,
 
 
 def run_suffixes(loaded: LoadedModel, prefix: SharedPrefix, suffixes: Sequence[Sequence[int]],
-                 capture: Callable[[torch.Tensor], Any] | None = None):
-    """Run right-padded ``suffixes`` after the prefix on an expanded copy of its cache:
-    (cache of prefix + suffixes, attention mask [B, P+S], capture store or None).
+                 read_last: bool = False):
+    """Run right-padded ``suffixes`` (a row may be empty) after the prefix on an expanded copy
+    of its cache, no gradient: (cache of prefix + suffixes, attention mask [B, P+S], and with
+    ``read_last`` every layer's residual at each row's last real token [B, L+1, H], else None)."""
+    from contextlib import nullcontext
 
-    ``capture(last)`` is a capture context given each row's last real index [B]."""
     from calibrate.engine.upper import cache_argument
 
     device, backbone = loaded.device, loaded.adapter.backbone
     ids, mask, positions, last = right_pad_suffixes(suffixes, loaded.tokenizer.pad_token_id,
                                                     prefix.length)
     cache = prefix.expanded(len(suffixes))
-    store = None
-    with torch.no_grad():
-        if capture is None:
-            backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
-                     position_ids=positions.to(device), use_cache=True,
-                     **{cache_argument(backbone): cache})
-        else:
-            with capture(last) as store:
-                backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         position_ids=positions.to(device), use_cache=True,
-                         **{cache_argument(backbone): cache})
-    return cache, mask, store
+    if not ids.shape[1]:  # every row empty: the prefix's cache is all there is
+        return cache, mask, None
+    capture = capture_rows(loaded.adapter, last) if read_last else nullcontext()
+    with torch.no_grad(), capture as store:
+        backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                 position_ids=positions.to(device), use_cache=True,
+                 **{cache_argument(backbone): cache})
+    return cache, mask, torch.stack(store, dim=1) if read_last else None
 
 
 def suffix_batch(loaded: LoadedModel, lens: Lens, prefix: SharedPrefix,
@@ -151,9 +148,8 @@ def suffix_batch(loaded: LoadedModel, lens: Lens, prefix: SharedPrefix,
     from calibrate.engine.probe import _lens_batch, check_finite
 
     with torch.inference_mode():
-        _, mask, store = run_suffixes(loaded, prefix, suffixes,
-                                      lambda last: capture_rows(loaded.adapter, last))
-        stacked = torch.stack([t.to(lens.device) for t in store], dim=1)  # [B, L+1, H]
+        _, mask, stacked = run_suffixes(loaded, prefix, suffixes, read_last=True)
+        stacked = stacked.to(lens.device)  # [B, L+1, H]
         check_finite(stacked)
         logits, mass = _lens_batch(lens, stacked, option_ids, mass_mode)
     return logits, mass, stacked, mask[:, prefix.length:]
