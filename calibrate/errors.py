@@ -1,25 +1,26 @@
-"""The errors that mean bad input (a clear message, exit status 2), gathered in one place."""
+"""The errors that mean bad input, and how they are shown: one line, exit status 2.
+
+Every package raises its own subclass of :class:`UserError` (``DatasetError``, ``ModelConfigError``,
+``DirectionError`` ...), so the entry points catch bad input with one ``except UserError``. This
+module imports nothing of calibrate: every package may use it.
+"""
 
 from __future__ import annotations
 
-from calibrate.config.validate import ConfigError
-from calibrate.core.direction import DirectionError
-from calibrate.engine.steer import SteeringError
-from calibrate.io.results import OutputError
-from calibrate.model.adapters import UnsupportedArchitecture
-from calibrate.model.assets import AssetError
-from calibrate.model.load import ModelConfigError
-from calibrate.tasks.data import DatasetError
-from calibrate.tasks.prompts import PromptError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DatasetError, PromptError, ModelConfigError, UnsupportedArchitecture, AssetError,
-    DirectionError, SteeringError, OutputError,
-)
+class UserError(ValueError):
+    """Bad input: the message names the value and what would be accepted."""
 
 
-def one_line(err: BaseException) -> str:
+class ConfigError(UserError):
+    """A config value is invalid; the message names it and what is accepted."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+
+
+def one_line(err: BaseException | str) -> str:
     """An error's message on one line (Hydra's lists of options folded in)."""
-    text = str(err) or type(err).__name__
+    text = err if isinstance(err, str) else (str(err) or type(err).__name__)
     parts = [p.strip() for p in text.splitlines() if p.strip()]
     return " ".join(parts)

@@ -181,7 +181,7 @@ def _prompt_set(tok):
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "phi"])  # plain, soft-capped, biased
 def test_last_layer_readout_equals_the_lens_read(arch, word_tokenizer):
     from calibrate.engine.probe import ProbeSettings, run_probe
-    from calibrate.engine.readout import last_layer_logits
+    from calibrate.engine.last_layer import last_layer_logits
     from calibrate.studies.gradient import LastLayerReadout, OptionHead
 
     loaded = _tiny64(arch, word_tokenizer)
@@ -345,7 +345,7 @@ def test_cloze_last_layer_readout_equals_the_cloze_engine(word_tokenizer):
 
 def test_fit_lowers_the_objective_and_is_deterministic(word_tokenizer):
     from calibrate.engine.probe import ProbeSettings, run_probe
-    from calibrate.engine.readout import last_layer_logits
+    from calibrate.engine.last_layer import last_layer_logits
     from calibrate.studies.gradient import LastLayerReadout, OptionHead
 
     loaded = _tiny64("llama", word_tokenizer)

@@ -139,7 +139,7 @@ def test_lmeval_steered_model_equals_a_position_all_job(tmp_path):
     assert lm_acc == pytest.approx(last["accuracy"], abs=1e-12)
     # per example: the steered last-layer probabilities of the job, recomputed through the engine
     from calibrate.core.direction import load_direction
-    from calibrate.engine.lens import option_probabilities
+    from calibrate.core.option_scores import option_probabilities
     from calibrate.engine.steer import Steering
 
     direction = load_direction(job_dir / "direction.safetensors")

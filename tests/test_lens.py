@@ -11,7 +11,8 @@ import torch
 from conftest import build_tiny
 
 from calibrate.engine.hooks import capture_last_position
-from calibrate.engine.lens import Lens, option_mass, option_probabilities
+from calibrate.core.option_scores import option_mass, option_probabilities
+from calibrate.engine.lens import LogitLens
 from calibrate.model.adapters import get_adapter
 from calibrate.model.load import wrap_model
 
@@ -67,7 +68,7 @@ def per_layer_norm_is_correct(model_type: str, norm, stacked: torch.Tensor, norm
 @pytest.mark.parametrize("model_type", ["llama", "phi"])
 def test_final_norm_is_recomputed_per_layer(model_type):
     loaded = randomized(model_type)
-    lens = Lens(loaded.adapter)
+    lens = LogitLens(loaded.adapter)
     stacked, _ = residuals(loaded)
     # real residuals, plus the same residuals at very different scales per layer
     scales = torch.logspace(-2, 2, stacked.shape[1]).view(1, -1, 1)
@@ -93,7 +94,7 @@ def test_final_norm_is_recomputed_per_layer(model_type):
 
 def test_lens_norm_is_a_detached_float32_copy():
     loaded = randomized("llama")
-    lens = Lens(loaded.adapter)
+    lens = LogitLens(loaded.adapter)
     assert lens.norm is not loaded.adapter.final_norm
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in lens.norm.parameters())
     torch.testing.assert_close(lens.norm.weight, loaded.adapter.final_norm.weight)
@@ -103,7 +104,7 @@ def test_lens_norm_is_a_detached_float32_copy():
 def test_option_logits_equal_hand_einsum(model_type):
     loaded = randomized(model_type)
     adapter = loaded.adapter
-    lens = Lens(adapter)
+    lens = LogitLens(adapter)
     stacked, model_logits = residuals(loaded)
     normed = lens.normalize(stacked)
     got = lens.option_logits(normed, OPTIONS)
@@ -137,7 +138,7 @@ def test_option_logits_equal_hand_einsum(model_type):
 @pytest.mark.parametrize("model_type", ["llama", "phi", "gemma3_text"])
 def test_option_mass_is_full_vocab_softmax(model_type):
     loaded = randomized(model_type)
-    lens = Lens(loaded.adapter)
+    lens = LogitLens(loaded.adapter)
     stacked, model_logits = residuals(loaded)
     normed = lens.normalize(stacked)
     ids = torch.tensor([[30, 31, 32], [33, 34, 35]])
@@ -163,7 +164,7 @@ def test_option_mass_is_full_vocab_softmax(model_type):
 
 def test_vocab_logsumexp_chunks_agree(monkeypatch):
     loaded = randomized("phi")
-    lens = Lens(loaded.adapter)
+    lens = LogitLens(loaded.adapter)
     normed = lens.normalize(residuals(loaded)[0])
     whole = lens.vocab_logsumexp(normed)
     monkeypatch.setattr(lens, "vocab_chunk", 7)  # 40 rows: chunks of 7, the last one short
@@ -208,7 +209,7 @@ def test_lens_on_bf16_model_outputs_float32():
     assert adapter.unembed_weight.dtype == torch.bfloat16
     with torch.no_grad():  # realistic logit magnitudes (~10), where bf16 rounding shows
         adapter.unembed_weight.mul_(20)
-    lens = Lens(adapter)
+    lens = LogitLens(adapter)
     stacked, model_logits = residuals(loaded)
     assert stacked.dtype == torch.bfloat16
     normed = lens.normalize(stacked)

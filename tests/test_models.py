@@ -120,14 +120,14 @@ def test_smollm2_loads_as_expected(smollm2, cache_dir):
 def test_smollm2_last_layer_lens_equals_model_logits(smollm2):
     """Trap 1 on the real model: the lens at the last layer is the model's own output."""
     from calibrate.engine.hooks import capture_last_position
-    from calibrate.engine.lens import Lens
+    from calibrate.engine.lens import LogitLens
 
     enc = smollm2.tokenizer(["Review: a gripping film\nSentiment:", "Answer:"], padding=True,
                             return_tensors="pt")
     with torch.no_grad(), capture_last_position(smollm2.adapter) as store:
         logits = smollm2.model(**enc).logits[:, -1]
     assert len(store) == 31
-    lens = Lens(smollm2.adapter)
+    lens = LogitLens(smollm2.adapter)
     normed = lens.normalize(torch.stack(store, dim=1))
     ids = torch.tensor([[3524, 2731], [787, 9805]])
     got = lens.option_logits(normed, ids)[:, -1]

@@ -15,7 +15,7 @@ import torch
 from conftest import build_tiny, composed
 
 from calibrate.engine.cloze import run_cloze, run_cloze_steered
-from calibrate.engine.lens import option_probabilities
+from calibrate.core.option_scores import option_probabilities
 from calibrate.engine.prefix import (
     SharedPrefix,
     common_prefix_length,

@@ -23,7 +23,7 @@ from torch import nn
 
 from calibrate.core import nullspace as ns
 from calibrate.engine import cache as probe_cache
-from calibrate.engine.lens import option_probabilities
+from calibrate.core.option_scores import option_probabilities
 from calibrate.engine.probe import ProbeSettings, run_probe
 from calibrate.io import results
 from calibrate.model import identity as models

@@ -316,7 +316,7 @@ def test_nullspace_truncation_against_many_random_subspaces(tiny_lm, prompt_set,
     """The fast last-layer truncation equals the real ablated pass; the control null has its
     band and p-value."""
     from calibrate.core import nullspace as ns
-    from calibrate.engine.readout import last_layer_truncated_logits
+    from calibrate.engine.last_layer import last_layer_truncated_logits
     from calibrate.studies.null import _final_metrics
 
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=nullspace", "nullspace.k=4",

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.engine.lens import Lens
+from calibrate.engine.lens import LogitLens
 from calibrate.engine.probe import (
     ProbeSettings,
     left_pad,
@@ -90,7 +90,7 @@ def plain_forward(loaded, batches, last_logits_only: bool = False) -> None:
 
 def peer_lens(loaded, batches, option_ids: torch.Tensor) -> None:
     """Peer approach: all hidden states, full-vocabulary lens at every position of every layer."""
-    lens = Lens(loaded.adapter)
+    lens = LogitLens(loaded.adapter)
     with torch.inference_mode():
         for ids, mask, pos in batches:
             out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos,

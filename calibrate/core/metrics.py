@@ -31,9 +31,39 @@ import numpy as np
 import pandas as pd
 from scipy.special import xlogy
 
+from calibrate.errors import ConfigError
+
+from calibrate import values
 from calibrate.core import calibration_extra  # module access: it imports this one
 
 BINNINGS: tuple[str, ...] = ("guo", "torchmetrics")
+
+
+@dataclass
+class MetricSettings:
+    """The ``metrics`` group: binning, extra bin counts, bootstrap intervals."""
+
+    n_bins: int = 15
+    binning: str = "guo"
+    extra_bins: tuple[int, ...] = (10,)
+    bootstrap: int = 0
+    alpha: float = 0.05
+    seed: int = 0
+    ece_margin: float = 3.0
+
+    def __post_init__(self) -> None:
+        values.integer("metrics.n_bins", self.n_bins, 1)
+        values.choice("metrics.binning", self.binning, BINNINGS)
+        if isinstance(self.extra_bins, (str, bytes)) or not isinstance(self.extra_bins, Sequence):
+            raise ConfigError(f"metrics.extra_bins={self.extra_bins!r}; accepted: a list of "
+                              "integers >= 1")
+        self.extra_bins = tuple(values.integer("metrics.extra_bins[]", b, 1)
+                                for b in self.extra_bins)
+        values.integer("metrics.bootstrap", self.bootstrap, 0)
+        values.number("metrics.alpha", self.alpha, lambda a: 0 < a < 1,
+                      "a number strictly between 0 and 1")
+        values.integer("metrics.seed", self.seed, 0)
+        values.number("metrics.ece_margin", self.ece_margin, lambda m: m >= 0, "a number >= 0")
 BINNED_METRICS: tuple[str, ...] = ("ece", "mce", "rmsce")
 MEAN_METRICS: tuple[str, ...] = ("accuracy", "confidence", "brier", "nll", "entropy")
 METRICS: tuple[str, ...] = MEAN_METRICS[:2] + BINNED_METRICS + MEAN_METRICS[2:]

@@ -29,15 +29,11 @@ Conventions:
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import re
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from calibrate import values
 
 from calibrate.core.subspace import (  # noqa: F401 - re-exported: nullspace.<name> stays valid
     DEFAULT_FRACTION,
@@ -51,20 +47,37 @@ from calibrate.core.subspace import (  # noqa: F401 - re-exported: nullspace.<na
     resolve_k,
     truncate,
 )
-from calibrate.io import results
 
 DEFAULT_CHUNK_ROWS = 8192
-CACHE_SUBDIR = "nullspace"
-CACHE_FORMAT_VERSION = "1"
-_EIGVECS_KEY = "eigenvectors"
-_EIGVALS_KEY = "eigenvalues"
-_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+@dataclass
+class NullspaceSettings:
+    """The ``nullspace`` group: k (or its fraction of hidden) and the random baselines."""
+
+    k: int | None = None  # bottom singular directions; None: round(fraction * hidden)
+    fraction: float = 0.01
+    n_random: int = 1000  # random unit vectors of the alignment baseline and p-value
+    seed: int = 0
+    n_control: int = 32  # random k-subspaces the truncation is compared with (0: none)
+
+    def __post_init__(self) -> None:
+        values.optional_integer("nullspace.k", self.k, 0)
+        values.number("nullspace.fraction", self.fraction, lambda f: 0 < f <= 1,
+                      "a number in (0, 1]")
+        values.integer("nullspace.n_random", self.n_random, 1)
+        values.integer("nullspace.seed", self.seed, 0)
+        values.integer("nullspace.n_control", self.n_control, 0)
+
+    def k_for(self, hidden: int) -> int:
+        """k for a model of width ``hidden`` (checked against it)."""
+        return resolve_k(hidden, self.k, self.fraction if self.k is None else None)
 
 
 # --- the decomposition -------------------------------------------------------------------------
 
 
-def _check_weight(weight: torch.Tensor) -> None:
+def check_weight(weight: torch.Tensor) -> None:
     if weight.ndim != 2:
         raise ValueError(f"weight must be [vocab, hidden], got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
@@ -77,7 +90,7 @@ def gram_matrix(weight: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> t
     Rows are upcast ``chunk_rows`` at a time, so a 128k × 4096 bf16 matrix never needs a full
     float64 copy (one chunk of 8192 rows is 256 MiB).
     """
-    _check_weight(weight)
+    check_weight(weight)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     hidden = weight.shape[1]
@@ -109,7 +122,7 @@ def eigendecomposition(
     return eigenvalues, _canonical_signs(eigenvectors)
 
 
-def _bottom_k(
+def bottom_k(
     eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``k`` eigenvectors and the matching singular values (rounding clamped at 0)."""
@@ -127,9 +140,9 @@ def null_space(
         ``(U_k, sigma)``: ``U_k`` float64 ``[hidden, k]`` with orthonormal columns, ``sigma`` the
         ``k`` smallest singular values in ascending order.
     """
-    _check_weight(weight)
+    check_weight(weight)
     resolve_k(weight.shape[1], k)
-    return _bottom_k(*eigendecomposition(weight, chunk_rows), k)
+    return bottom_k(*eigendecomposition(weight, chunk_rows), k)
 
 
 # --- cache -------------------------------------------------------------------------------------
@@ -141,92 +154,3 @@ def weights_hash(weight: torch.Tensor) -> str:
     digest = hashlib.sha256()
     digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _cache_path(cache_dir: Path, digest: str) -> Path:
-    return Path(cache_dir) / CACHE_SUBDIR / f"{digest}.safetensors"
-
-
-def _metadata(weight: torch.Tensor, digest: str) -> dict[str, str]:
-    return {
-        "format_version": CACHE_FORMAT_VERSION,
-        "weights_sha256": digest,
-        "shape": json.dumps(list(weight.shape)),
-        "dtype": str(weight.dtype),
-    }
-
-
-def _load_entry(
-    path: Path, expected: dict[str, str], hidden: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The cached (eigenvalues, eigenvectors), or None if missing, unreadable or stale."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            if handle.metadata() != expected:
-                return None
-            eigenvalues = handle.get_tensor(_EIGVALS_KEY)
-            eigenvectors = handle.get_tensor(_EIGVECS_KEY)
-    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError):
-        return None
-    shapes_ok = eigenvalues.shape == (hidden,) and eigenvectors.shape == (hidden, hidden)
-    if not shapes_ok or eigenvectors.dtype != torch.float64:
-        return None
-    return eigenvalues, eigenvectors
-
-
-def _save_entry(
-    path: Path, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, metadata: dict[str, str]
-) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place (mode 0o666 & ~umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensors = {_EIGVALS_KEY: eigenvalues.contiguous(), _EIGVECS_KEY: eigenvectors.contiguous()}
-        try:
-            save_file(tensors, tmp_name, metadata=metadata)
-        except SafetensorError as err:  # an I/O error there carries only "(os error N)"
-            found = _OS_ERROR.search(str(err))
-            if found is None:
-                raise
-            code = int(found.group(1))
-            raise OSError(code, os.strerror(code), tmp_name) from err
-        try:
-            os.chmod(tmp_name, results.file_mode())
-        except OSError:
-            pass  # best effort: some mounts refuse chmod
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-
-
-def cached_null_space(
-    weight: torch.Tensor, k: int, cache_dir: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``null_space`` served from ``cache_dir/nullspace/<weights sha256>.safetensors``.
-
-    The entry stores the full eigendecomposition (hidden² float64: 128 MiB at hidden 4096), so
-    one entry serves every k. An entry that is unreadable or whose metadata (hash, shape,
-    dtype) does not match is recomputed and atomically rewritten. A cache that cannot be written
-    (permission denied, read-only, disk full, quota) is logged once per process on the
-    ``calibrate`` logger and the result is returned uncached.
-    """
-    _check_weight(weight)
-    hidden = weight.shape[1]
-    resolve_k(hidden, k)
-    digest = weights_hash(weight)
-    path = _cache_path(cache_dir, digest)
-    metadata = _metadata(weight, digest)
-    entry = _load_entry(path, metadata, hidden)
-    if entry is None:
-        entry = eigendecomposition(weight, chunk_rows)
-        try:
-            _save_entry(path, *entry, metadata)
-        except OSError as err:
-            if not results.cache_unwritable(err):
-                raise
-            results.warn_cache_unwritable(path.parent, err)
-    return _bottom_k(*entry, k)

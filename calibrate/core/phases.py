@@ -38,15 +38,27 @@ than ``tolerance`` just before P) is still a plateau; its note says so.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from calibrate import values
+
 KINDS: tuple[str, ...] = ("rising", "falling", "correction", "plateau_no_correction")
 _EPS = 1e-12  # float slack so that a difference of exactly ``tolerance`` counts as within it
+
+
+@dataclass
+class PhaseSettings:
+    """The ``phases`` group: what counts as a plateau and as a correction."""
+
+    tolerance: float = 0.02  # accuracy within this of the last layer's is on the plateau
+    min_drop: float = 0.0  # the ECE peak must exceed the last layer's ECE by more than this
+
+    def __post_init__(self) -> None:
+        values.number("phases.tolerance", self.tolerance, lambda t: t >= 0, "a number >= 0")
+        values.number("phases.min_drop", self.min_drop, lambda d: d >= 0, "a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -226,15 +238,11 @@ def phases_to_dict(p: Phases) -> dict:
     }
 
 
-def find_phases(table: pd.DataFrame, phases_cfg: Any) -> Phases:
+def find_phases(table: pd.DataFrame, settings: PhaseSettings) -> Phases:
     """:func:`detect_phases` with the ``phases`` config; when the table carries bootstrap
     intervals (``ece_lo``/``ece_hi``), a peak inside the noise is not called a peak."""
     ci = None
     if "ece_lo" in table.columns:
         ci = pd.DataFrame({"layer": table["layer"], "ece": table["ece"], "lo": table["ece_lo"],
                            "hi": table["ece_hi"]})
-    if isinstance(phases_cfg, Mapping):  # a raw ``phases`` group (notebooks, tests)
-        tolerance, min_drop = phases_cfg["tolerance"], phases_cfg["min_drop"]
-    else:  # calibrate.config.settings.PhaseSettings
-        tolerance, min_drop = phases_cfg.tolerance, phases_cfg.min_drop
-    return detect_phases(table, tolerance=float(tolerance), min_drop=float(min_drop), ci=ci)
+    return detect_phases(table, tolerance=settings.tolerance, min_drop=settings.min_drop, ci=ci)

@@ -12,13 +12,46 @@ labels ``[N]``; fit on one split, apply to another.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from calibrate import values
 from calibrate.core.metrics import bin_index
+from calibrate.errors import ConfigError
 
 METHODS = ("temperature", "histogram")
+
+
+@dataclass
+class BaselineSettings:
+    """The ``baselines`` group: which post-hoc methods, and the temperature search interval."""
+
+    methods: tuple[str, ...] = METHODS
+    log_t_bounds: tuple[float, float] = (-5.0, 5.0)
+
+    def __post_init__(self) -> None:
+        methods = self.methods
+        if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
+            raise ConfigError(f"baselines.methods={_listed(methods)}; accepted: a non-empty list "
+                              f"of {', '.join(METHODS)}")
+        self.methods = tuple(methods)
+        bounds = self.log_t_bounds
+        if isinstance(bounds, str) or len(bounds) != 2:
+            raise ConfigError(f"baselines.log_t_bounds={_listed(bounds)}; accepted: [low, high], "
+                              "low < high")
+        low, high = (values.number("baselines.log_t_bounds[]", b, lambda _: True, "a number")
+                     for b in bounds)
+        if not low < high:
+            raise ConfigError(f"baselines.log_t_bounds={[low, high]}; accepted: [low, high], "
+                              "low < high")
+        self.log_t_bounds = (low, high)
+
+
+def _listed(value: object) -> object:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _check(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

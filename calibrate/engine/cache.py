@@ -32,9 +32,11 @@ def _array_hash(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def probe_key(fingerprint: str, prompt_set: PromptSet, settings: ProbeSettings) -> str:
-    """The cache key of a probe run."""
-    payload = {
+def probe_key(fingerprint: str, prompt_set: PromptSet, settings: ProbeSettings,
+              readout: str = "logit") -> str:
+    """The cache key of a probe run: the weights, the exact prompts, option tokens and labels,
+    the outputs asked for and the readout's identity (:attr:`Readout.identity`)."""
+    payload = {"readout": readout,
         "version": CACHE_VERSION, "weights": fingerprint,
         "prompts": hashlib.sha256("\x00".join(prompt_set.prompts).encode()).hexdigest(),
         "option_ids": _array_hash(prompt_set.option_ids), "labels": _array_hash(prompt_set.labels),
@@ -101,7 +103,7 @@ def load(key: str, cache_dir: str | Path | None) -> ProbeResult | None:
     except (OSError, ValueError, KeyError, json.JSONDecodeError,
             EOFError, zipfile.BadZipFile, zlib.error):  # truncated or flipped bytes
         return None
-    from calibrate.engine.lens import option_probabilities
+    from calibrate.core.option_scores import option_probabilities
 
     real, computed = (int(x) for x in arrays["tokens"])
     residuals = {int(n.split("_", 1)[1]): v for n, v in arrays.items() if n.startswith("residual_")}

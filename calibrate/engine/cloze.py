@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
 from calibrate.engine.hooks import capture_layers, edit_residual
-from calibrate.engine.lens import Lens, option_probabilities
+from calibrate.core.option_scores import option_probabilities
+from calibrate.engine.lens import LogitLens
+from calibrate.engine.readout import Readout
 from calibrate.engine.prefix import SharedPrefix, grouped_batches, run_suffixes
 from calibrate.engine.probe import (
     ProbeResult,
@@ -53,23 +55,31 @@ def capture_positions(adapter: Adapter, positions: int | slice):
     return capture_layers(adapter, lambda hidden: hidden[:, positions])
 
 
-def cloze_lens(adapter: Adapter) -> tuple[Lens, int]:
-    """The lens and its (state x layer) rows per full-vocabulary step, sized for the device.
+def cloze_readout(adapter: Adapter, readout: Readout | None = None) -> tuple[Readout, int]:
+    """The readout (default: the logit lens) and its (state x layer) rows per full-vocabulary
+    step, sized for the device.
 
     On CPU small steps (256 rows x 4096 vocabulary rows) stay in cache and measured 1.5-2x
-    faster than 512 x 32768; accelerators take 2048 x ``Lens.vocab_chunk``. Memory stays bounded
-    by rows x vocabulary step, whatever the vocabulary size.
+    faster than 512 x 32768; accelerators take 2048 x ``LogitLens.vocab_chunk``. Memory stays
+    bounded by rows x vocabulary step, whatever the vocabulary size. Cloze scoring reads every
+    continuation token, so a readout of the options alone is refused.
     """
-    lens = Lens(adapter)
-    if lens.device.type == "cpu":
-        lens.vocab_chunk = LENS_VOCAB_CPU  # this instance only
-        return lens, LENS_ROWS_CPU
-    return lens, LENS_ROWS
+    readout = LogitLens(adapter) if readout is None else copy.copy(readout)
+    if not readout.full_vocabulary:
+        raise ValueError(f"the {readout.name} readout reads only the answer options; cloze "
+                         "scoring needs a readout of the whole vocabulary")
+    if readout.device.type == "cpu":
+        if hasattr(readout, "vocab_chunk"):
+            readout.vocab_chunk = LENS_VOCAB_CPU  # this copy only
+        return readout, LENS_ROWS_CPU
+    return readout, LENS_ROWS
 
 
-def lens_logprobs(lens: Lens, states: torch.Tensor, token_state: torch.Tensor,
-                  token_target: torch.Tensor, max_rows: int = 256) -> torch.Tensor:
-    """Full-vocabulary lens log-probabilities of each token: states [S, L+1, H] -> [M, L+1] float64.
+def lens_logprobs(lens: Readout, states: torch.Tensor, token_state: torch.Tensor,
+                  token_target: torch.Tensor, max_rows: int = 256, first_layer: int = 0
+                  ) -> torch.Tensor:
+    """Full-vocabulary log-probabilities of each token: states [S, L', H] of the layers
+    ``first_layer``.. -> [M, L'] float64.
 
     States are processed ``max_rows // (L+1)`` at a time so no [states, L+1, vocab] tensor is
     ever materialized; only the target tokens' logits are gathered.
@@ -79,7 +89,8 @@ def lens_logprobs(lens: Lens, states: torch.Tensor, token_state: torch.Tensor,
     token_state, token_target = token_state.to(lens.device), token_target.to(lens.device)
     out = torch.empty((len(token_state), n_layers), dtype=torch.float64, device=lens.device)
     for start in range(0, states.shape[0], step):
-        normed = lens.normalize(states[start:start + step])  # [s, L+1, H] float32
+        normed = lens.prepare(states[start:start + step],
+                              range(first_layer, first_layer + n_layers))  # [s, L', H]
         lse = lens.vocab_logsumexp(normed)  # [s, L+1] float64
         sel = ((token_state >= start) & (token_state < start + step)).nonzero().squeeze(1)
         local = token_state[sel] - start
@@ -137,7 +148,7 @@ def _continuation_pass(loaded: LoadedModel, cache, mask: torch.Tensor, row_examp
     return torch.stack([t.to(out_device) for t in store], dim=2), int(cont_mask.sum())
 
 
-def cloze_batch(loaded: LoadedModel, lens: Lens, batch: Sequence[ClozeRequest],
+def cloze_batch(loaded: LoadedModel, lens: Readout, batch: Sequence[ClozeRequest],
                 settings: ProbeSettings, max_rows: int = 256,
                 edit: tuple[Intervention, int] | None = None,
                 prefix: SharedPrefix | None = None) -> BatchOutput:
@@ -195,12 +206,14 @@ def _take(states: torch.Tensor, src: torch.Tensor, piece: torch.Tensor, start: i
 def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings: ProbeSettings,
                  keep_layers: Sequence[int] = (), edit: tuple[Intervention, int] | None = None,
                  desc: str = "cloze", groups: Sequence[str] | None = None,
+                 readout: Readout | None = None,
                  ) -> tuple[np.ndarray, dict[int, np.ndarray], int, int]:
     """Summed log-likelihoods [N, L+1, K] float64 (-inf padded), kept context residuals and the
     real / computed token counts; ``edit`` as in :func:`cloze_batch`. Contexts of one of
     ``groups`` share their exemplar prefix: it runs once per group with
-    ``settings.prefix_reuse`` (never under an ``edit``, which changes it)."""
-    lens, max_rows = cloze_lens(loaded.adapter)
+    ``settings.prefix_reuse`` (never under an ``edit``, which changes it); every layer is read
+    through ``readout`` (default: the logit lens)."""
+    lens, max_rows = cloze_readout(loaded.adapter, readout)
     n, k = len(requests), max(r.n_options for r in requests)
     loglik = np.full((n, loaded.adapter.num_blocks + 1, k), -np.inf)
     kept: dict[int, np.ndarray] = {}
@@ -238,7 +251,8 @@ def cloze_loglik(loaded: LoadedModel, requests: Sequence[ClozeRequest], settings
 
 def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.ndarray,
               settings: ProbeSettings | None = None, norm: str = "none",
-              keep_layers: Sequence[int] = (), groups: Sequence[str] | None = None) -> ProbeResult:
+              keep_layers: Sequence[int] = (), groups: Sequence[str] | None = None,
+              readout: Readout | None = None) -> ProbeResult:
     """Read every option's (normalized) log-likelihood at every layer: a :class:`ProbeResult`.
 
     ``option_logits`` [N, L+1, K] float64 holds the normalized log-likelihoods (-inf where an
@@ -253,7 +267,8 @@ def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.
                          "need one label per request, at least one")
     divisors = cloze_divisors(requests, norm)  # validated before any compute
     keep = tuple(keep_layers) or tuple(settings.keep_layers)
-    loglik, kept, real, computed = cloze_loglik(loaded, requests, settings, keep, groups=groups)
+    loglik, kept, real, computed = cloze_loglik(loaded, requests, settings, keep, groups=groups,
+                                                readout=readout)
     scores = loglik / divisors[:, None, :]
     return ProbeResult(scores, option_probabilities(scores), np.asarray(labels).copy(), None, kept,
                        real, computed)
@@ -262,7 +277,8 @@ def run_cloze(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.
 def run_cloze_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
                       intervention: Intervention, settings: ProbeSettings | None = None,
                       norm: str = "none", use_cache: bool = True,
-                      groups: Sequence[str] | None = None) -> np.ndarray:
+                      groups: Sequence[str] | None = None,
+                      readout: Readout | None = None) -> np.ndarray:
     """Normalized option log-likelihoods [V, N, L+1, K] under each variant (eta) of ``intervention``.
 
     The edit applies to the context (its last position, or every context position with
@@ -277,9 +293,11 @@ def run_cloze_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
     if use_cache and intervention.position == "last":
         from calibrate.engine.cloze_steer import cloze_loglik_steered
 
-        loglik = cloze_loglik_steered(loaded, requests, intervention, settings, groups=groups)
+        loglik = cloze_loglik_steered(loaded, requests, intervention, settings, groups=groups,
+                                      readout=readout)
         return loglik / divisors[None, :, None, :]
     out = [cloze_loglik(loaded, requests, settings, (), (intervention, v),
-                        f"{type(intervention).__name__.lower()} {v + 1}/{intervention.n_variants}")[0]
+                        f"{type(intervention).__name__.lower()} {v + 1}/{intervention.n_variants}",
+                        readout=readout)[0]
            for v in range(intervention.n_variants)]
     return np.stack(out) / divisors[None, :, None, :]

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from calibrate.engine.cloze import capture_positions, cloze_lens, lens_logprobs
+from calibrate.engine.cloze import capture_positions, cloze_readout, lens_logprobs
+from calibrate.engine.readout import Readout
 from calibrate.engine.cloze_plan import continuation_groups, right_pad, token_plan
 from calibrate.engine.context import suffix_contexts, whole_contexts
 from calibrate.engine.hooks import edit_residual
@@ -142,10 +143,11 @@ class _Tails:
 
 def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
                         intervention: Intervention, settings: ProbeSettings,
-                        token_budget: int, prefix: SharedPrefix | None = None) -> torch.Tensor:
+                        token_budget: int, prefix: SharedPrefix | None = None,
+                        readout: Readout | None = None) -> torch.Tensor:
     """Per-option log-likelihoods [V, R, L+1] float64 of one batch (rows in (example, option)
     order) under every variant; ``prefix``: every context starts with it (its cache is reused)."""
-    lens, max_rows = cloze_lens(loaded.adapter)
+    lens, max_rows = cloze_readout(loaded.adapter, readout)
     n_layers = loaded.adapter.num_blocks + 1
     start = min(intervention.layers)
     with torch.inference_mode():
@@ -173,7 +175,7 @@ def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
                 states = tails.sources(upper[i::len(variants)])[src[changed_states]]
                 lp = base.clone()
                 lp[tok_sel, start:] = lens_logprobs(lens, states, remap[plan.token_state[tok_sel]],
-                                                    plan.token_target[tok_sel], max_rows)
+                                                    plan.token_target[tok_sel], max_rows, start)
                 loglik = torch.zeros((n_rows, n_layers), dtype=torch.float64, device=lens.device)
                 loglik.index_add_(0, token_row, lp)
                 out[variant] = loglik.cpu()
@@ -183,7 +185,8 @@ def cloze_steered_batch(loaded: LoadedModel, batch: Sequence[ClozeRequest],
 def cloze_loglik_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
                          intervention: Intervention, settings: ProbeSettings,
                          desc: str = "cloze steered",
-                         groups: Sequence[str] | None = None) -> np.ndarray:
+                         groups: Sequence[str] | None = None,
+                         readout: Readout | None = None) -> np.ndarray:
     """Summed log-likelihoods [V, N, L+1, K] float64 (-inf padded) under every variant of an
     edit of the context's last position. Contexts of one of ``groups`` share their exemplar
     prefix: it runs once per group with ``settings.prefix_reuse``."""
@@ -196,7 +199,7 @@ def cloze_loglik_steered(loaded: LoadedModel, requests: Sequence[ClozeRequest],
               disable=not settings.progress) as bar:
         def run(idx: np.ndarray, current: ProbeSettings, prefix: SharedPrefix | None):
             return cloze_steered_batch(loaded, [requests[i] for i in idx], intervention, current,
-                                       budget, prefix)
+                                       budget, prefix, readout)
 
         for idx, rows in grouped_batches(loaded, [r.context_ids for r in requests], groups,
                                          settings, run, extra=widest, gapped=True):

@@ -1,22 +1,27 @@
 """The logit lens: final norm (recomputed per layer) then the unembedding, in float32.
 
-Only the answer tokens' rows of the unembedding are used for the option logits; the
-full-vocabulary normalizer is computed only where the option mass is asked for.
+The default :class:`~calibrate.engine.readout.Readout`. Only the answer tokens' rows of the
+unembedding are used for the option logits; the full-vocabulary normalizer is computed only
+where it is asked for (cloze scoring, the option mass).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
+from calibrate.engine.readout import Readout
 from calibrate.model.adapters import Adapter
 
 
-def _detached_norm(norm: nn.Module, device: torch.device) -> nn.Module:
-    """A float32 copy of the final norm (own eps, weight and bias), free of accelerate hooks."""
+def detached_norm(norm: nn.Module, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of the final norm (own eps, weight and bias) in ``dtype``, frozen and free of
+    accelerate hooks."""
     clone = copy.deepcopy(norm)
     try:
         from accelerate.hooks import remove_hook_from_module
@@ -24,26 +29,32 @@ def _detached_norm(norm: nn.Module, device: torch.device) -> nn.Module:
         remove_hook_from_module(clone, recurse=True)
     except ImportError:  # pragma: no cover - accelerate is a dependency
         pass
-    return clone.to(device=device, dtype=torch.float32).requires_grad_(False)
+    return clone.to(device=device, dtype=dtype).requires_grad_(False)
 
 
-class Lens:
-    """Reads residuals [..., hidden] as logits through the model's own final norm and unembedding."""
+class LogitLens(Readout):
+    """Reads residuals [..., L, H] as logits through the model's own final norm and unembedding
+    (with its bias, soft-capping where the model has it), the same at every layer."""
 
+    name: ClassVar[str] = "logit"
     vocab_chunk = 32768  # unembedding rows upcast to float32 at a time in vocab_logsumexp
 
     def __init__(self, adapter: Adapter) -> None:
         weight = adapter.unembed_weight
         self.device = weight.device
-        self.norm = _detached_norm(adapter.final_norm, self.device)
+        self.norm = detached_norm(adapter.final_norm, self.device)
         self.weight = weight  # [vocab, hidden], model dtype; rows are gathered and upcast on use
         bias = adapter.unembed_bias
         self.bias = None if bias is None else bias.detach().float()
         self.softcap = adapter.softcap
 
     def normalize(self, residual: torch.Tensor) -> torch.Tensor:
-        """Apply the final norm to each layer's residual separately, in float32."""
+        """Apply the final norm to each residual separately, in float32."""
         return self.norm(residual.to(device=self.device, dtype=torch.float32))
+
+    def prepare(self, residual: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+        """The final norm of every layer's residual (the same norm at every layer)."""
+        return self.normalize(residual)
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap is None:
@@ -81,20 +92,3 @@ class Lens:
                 logits = logits + self.bias[start:start + self.vocab_chunk]
             parts.append(torch.logsumexp(self._cap(logits), dim=-1).double())
         return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
-
-
-def option_probabilities(logits: np.ndarray) -> np.ndarray:
-    """Float64 softmax over the option axis; -inf slots get probability 0.
-
-    Computed in float64 from float32 logits: a float32 softmax over a few logits returns exactly
-    1.0 once their gap exceeds ~17, which late layers reach.
-    """
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def option_mass(option_logits: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary probability mass on the options: [..., K] and [...] -> [...] float64."""
-    return torch.exp(torch.logsumexp(option_logits.double(), dim=-1) - logsumexp)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from calibrate.engine.hooks import capture_layers
-from calibrate.engine.lens import Lens
+from calibrate.engine.readout import Readout
 from calibrate.model.adapters import Adapter
 from calibrate.model.load import LoadedModel
 
@@ -141,7 +141,7 @@ def run_suffixes(loaded: LoadedModel, prefix: SharedPrefix, suffixes: Sequence[S
     return cache, mask, torch.stack(store, dim=1) if read_last else None
 
 
-def suffix_batch(loaded: LoadedModel, lens: Lens, prefix: SharedPrefix,
+def suffix_batch(loaded: LoadedModel, lens: Readout, prefix: SharedPrefix,
                  suffixes: Sequence[Sequence[int]], option_ids: torch.Tensor, mass_mode: str):
     """One batch of suffixes after a cached prefix: (option logits, mass, stacked residuals,
     suffix attention mask [B, S])."""

@@ -8,15 +8,19 @@ ones. The batch size is found from a padded-token budget and halves on out-of-me
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from calibrate import values
 from calibrate.engine.hooks import capture_last_position
-from calibrate.engine.lens import Lens, option_mass, option_probabilities
+from calibrate.core.option_scores import option_mass, option_probabilities
+from calibrate.engine.lens import LogitLens
+from calibrate.engine.readout import Readout
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.prompts import PromptSet
 
@@ -27,30 +31,41 @@ class NonFiniteActivations(FloatingPointError):
     """A residual became NaN or inf (e.g. fp16 overflow); names the first bad layer."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProbeSettings:
-    """How the probe batches and what it keeps (the ``probe`` config group)."""
+    """How the probe batches and what it reports: the ``probe`` config group, checked."""
 
-    batch_size: int | None = None  # None: automatic from max_tokens
+    batch_size: Any = "auto"  # auto (None): from max_tokens, halved on out-of-memory; or an int
     max_batch_size: int = 64
     max_tokens: int = 8192
     min_fill: float = 0.9  # least share of real (non-padding) tokens in a batch
     option_mass: str = "final"
-    progress: bool = True
-    keep_layers: tuple[int, ...] = ()  # layers whose last-position residuals are returned
     prefix_reuse: bool = True  # prompts with a shared exemplar prefix: run it once per group
+    progress: bool = True
+    keep_layers: ClassVar[tuple[int, ...]] = ()  # a pass that keeps residuals: see keeping()
 
-    @classmethod
-    def from_config(cls, cfg: Mapping, keep_layers: Sequence[int] = ()) -> ProbeSettings:
-        """Build from the ``probe`` config group (``batch_size: auto`` means automatic)."""
-        size = cfg.get("batch_size", "auto")
-        return cls(batch_size=None if size in (None, "auto") else int(size),
-                   max_batch_size=int(cfg.get("max_batch_size", 64)),
-                   max_tokens=int(cfg.get("max_tokens", 8192)),
-                   min_fill=float(cfg.get("min_fill", 0.9)),
-                   option_mass=str(cfg.get("option_mass", "final")),
-                   progress=bool(cfg.get("progress", True)), keep_layers=tuple(keep_layers),
-                   prefix_reuse=bool(cfg.get("prefix_reuse", True)))
+    def __post_init__(self) -> None:
+        self.batch_size = (None if self.batch_size in (None, "auto")
+                           else values.integer("probe.batch_size", self.batch_size, 1))
+        values.integer("probe.max_batch_size", self.max_batch_size, 1)
+        values.integer("probe.max_tokens", self.max_tokens, 1)
+        values.number("probe.min_fill", self.min_fill, lambda f: 0 <= f <= 1, "a number in [0, 1]")
+        values.choice("probe.option_mass", self.option_mass, OPTION_MASS_MODES)
+        values.flag("probe.prefix_reuse", self.prefix_reuse)
+        values.flag("probe.progress", self.progress)
+
+    def keeping(self, layers: Sequence[int]) -> ProbeSettings:
+        """These settings for a pass that also returns the last-position residuals of ``layers``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.pop("keep_layers", None)
+        return KeepingResiduals(**fields, keep_layers=tuple(int(l) for l in layers))
+
+
+@dataclass
+class KeepingResiduals(ProbeSettings):
+    """Probe settings of a pass that returns the residuals of ``keep_layers`` (never a config)."""
+
+    keep_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -165,8 +180,8 @@ class _Accumulator:
             self.keep[layer][idx] = rows
 
 
-def _lens_batch(lens: Lens, stacked: torch.Tensor, option_ids: torch.Tensor, mass_mode: str):
-    normed = lens.normalize(stacked)  # [B, L+1, H]
+def _lens_batch(lens: Readout, stacked: torch.Tensor, option_ids: torch.Tensor, mass_mode: str):
+    normed = lens.prepare(stacked, range(stacked.shape[1]))  # [B, L+1, H]
     logits = lens.option_logits(normed, option_ids)
     mass = None
     if mass_mode == "all":
@@ -176,7 +191,7 @@ def _lens_batch(lens: Lens, stacked: torch.Tensor, option_ids: torch.Tensor, mas
     return logits, mass
 
 
-def forward_batch(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
+def forward_batch(loaded: LoadedModel, lens: Readout, ids: torch.Tensor, mask: torch.Tensor,
                   option_ids: torch.Tensor, mass_mode: str):
     """One forward pass of the backbone; returns (option logits, mass, stacked residuals)."""
     device = loaded.device
@@ -194,8 +209,10 @@ def tokenize(loaded: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
     return loaded.tokenizer(list(prompts))["input_ids"]
 
 
-def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSettings | None = None) -> ProbeResult:
-    """Read every layer of ``loaded`` at the last prompt position for every prompt.
+def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSettings | None = None,
+              readout: Readout | None = None) -> ProbeResult:
+    """Read every layer of ``loaded`` at the last prompt position for every prompt, through
+    ``readout`` (default: the logit lens).
 
     Prompts that share an exemplar prefix (``prompt_set.groups``, from ``prompt.shots``) run it
     once per group with ``settings.prefix_reuse`` (:mod:`calibrate.engine.prefix`); the others
@@ -204,10 +221,12 @@ def run_probe(loaded: LoadedModel, prompt_set: PromptSet, settings: ProbeSetting
     from calibrate.engine.prefix import grouped_batches, suffix_batch
 
     settings = settings or ProbeSettings()
-    if settings.option_mass not in OPTION_MASS_MODES:
-        raise ValueError(f"probe.option_mass={settings.option_mass!r}; accepted: {OPTION_MASS_MODES}")
+    lens = readout or LogitLens(loaded.adapter)
+    if settings.option_mass != "none" and not lens.full_vocabulary:
+        raise ValueError(f"probe.option_mass={settings.option_mass!r} needs a readout of the whole "
+                         f"vocabulary; the {lens.name} readout reads only the options (set "
+                         "probe.option_mass=none)")
     token_ids = tokenize(loaded, prompt_set.prompts)
-    lens = Lens(loaded.adapter)
     n, k = prompt_set.option_ids.shape
     acc = _Accumulator(n, loaded.adapter.num_blocks + 1, k, settings.option_mass, settings.keep_layers)
     with tqdm(total=n, desc=f"probe {loaded.name}", unit="ex", disable=not settings.progress) as bar:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from calibrate.engine.probe import ProbeResult, ProbeSettings, run_probe
+from calibrate.engine.readout import Readout
 from calibrate.engine.steer import Intervention, run_steered
 from calibrate.model.load import LoadedModel
 
@@ -23,14 +24,17 @@ class SingleToken:
 
     name = "single_token"
 
-    def score(self, loaded: LoadedModel, prompt_set: Any, settings: ProbeSettings) -> ProbeResult:
-        """Every example's option scores and probabilities at every layer (unsteered)."""
-        return run_probe(loaded, prompt_set, settings)
+    def score(self, loaded: LoadedModel, prompt_set: Any, settings: ProbeSettings,
+              readout: Readout | None = None) -> ProbeResult:
+        """Every example's option scores and probabilities at every layer (unsteered), read
+        through ``readout`` (default: the logit lens)."""
+        return run_probe(loaded, prompt_set, settings, readout)
 
     def score_steered(self, loaded: LoadedModel, prompt_set: Any, intervention: Intervention,
-                      settings: ProbeSettings, use_cache: bool = True) -> np.ndarray:
+                      settings: ProbeSettings, use_cache: bool = True,
+                      readout: Readout | None = None) -> np.ndarray:
         """Option scores [V, N, L+1, K] under each variant of ``intervention``."""
-        return run_steered(loaded, prompt_set, intervention, settings, use_cache)
+        return run_steered(loaded, prompt_set, intervention, settings, use_cache, readout)
 
     def key_fields(self, prompt_set: Any) -> dict[str, Any]:
         """What beyond prompts, option tokens and labels decides the scores (for cache keys)."""
@@ -46,18 +50,22 @@ class Cloze(SingleToken):
 
     name = "cloze"
 
-    def score(self, loaded: LoadedModel, prompt_set: Any, settings: ProbeSettings) -> ProbeResult:
+    def score(self, loaded: LoadedModel, prompt_set: Any, settings: ProbeSettings,
+              readout: Readout | None = None) -> ProbeResult:
         from calibrate.engine.cloze import run_cloze
 
         return run_cloze(loaded, list(prompt_set.requests), prompt_set.labels, settings,
-                         prompt_set.cloze_norm or "none", groups=prompt_set.groups)
+                         prompt_set.cloze_norm or "none", groups=prompt_set.groups,
+                         readout=readout)
 
     def score_steered(self, loaded: LoadedModel, prompt_set: Any, intervention: Intervention,
-                      settings: ProbeSettings, use_cache: bool = True) -> np.ndarray:
+                      settings: ProbeSettings, use_cache: bool = True,
+                      readout: Readout | None = None) -> np.ndarray:
         from calibrate.engine.cloze import run_cloze_steered
 
         return run_cloze_steered(loaded, list(prompt_set.requests), intervention, settings,
-                                 prompt_set.cloze_norm or "none", use_cache, prompt_set.groups)
+                                 prompt_set.cloze_norm or "none", use_cache, prompt_set.groups,
+                                 readout)
 
     def key_fields(self, prompt_set: Any) -> dict[str, Any]:
         from calibrate.tasks.continuations import requests_digest
@@ -71,12 +79,15 @@ class Cloze(SingleToken):
 SINGLE_TOKEN, CLOZE = SingleToken(), Cloze()
 
 
-def score(loaded: LoadedModel, prompt_set: Any, settings: ProbeSettings) -> ProbeResult:
+def score(loaded: LoadedModel, prompt_set: Any, settings: ProbeSettings,
+          readout: Readout | None = None) -> ProbeResult:
     """``prompt_set.scoring.score``: option scores and probabilities at every layer."""
-    return prompt_set.scoring.score(loaded, prompt_set, settings)
+    return prompt_set.scoring.score(loaded, prompt_set, settings, readout)
 
 
 def score_steered(loaded: LoadedModel, prompt_set: Any, intervention: Intervention,
-                  settings: ProbeSettings, use_cache: bool = True) -> np.ndarray:
+                  settings: ProbeSettings, use_cache: bool = True,
+                  readout: Readout | None = None) -> np.ndarray:
     """``prompt_set.scoring.score_steered``: scores [V, N, L+1, K] under each variant."""
-    return prompt_set.scoring.score_steered(loaded, prompt_set, intervention, settings, use_cache)
+    return prompt_set.scoring.score_steered(loaded, prompt_set, intervention, settings, use_cache,
+                                            readout)

@@ -19,9 +19,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from calibrate import values
 from calibrate.core.metrics import layer_table
 from calibrate.engine.hooks import capture_last_position, edit_residual
-from calibrate.engine.lens import Lens, option_probabilities
+from calibrate.core.option_scores import option_probabilities
+from calibrate.engine.lens import LogitLens
+from calibrate.engine.readout import Readout
 from calibrate.engine.probe import (
     ProbeSettings,
     check_finite,
@@ -32,14 +35,39 @@ from calibrate.engine.probe import (
 from calibrate.engine.upper import PrefixState, prefix_states, upper_forward
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.prompts import PromptSet
+from calibrate.errors import UserError
 
 POSITIONS = ("last", "all")
 ETA_SCALES = ("absolute", "residual_norm")
 ABLATIONS = ("zero", "mean")  # subspace ablations: project out, or replace by the mean
 
 
-class SteeringError(ValueError):
+class SteeringError(UserError):
     """An intervention setting is invalid."""
+
+
+@dataclass
+class InterventionSettings:
+    """The ``intervention`` group: the study (``name``) and where and how the residual is edited.
+
+    One schema for every study, so an edit setting composes whatever the study; a study reads the
+    keys it uses (:attr:`calibrate.studies.base.Study.reads`) and the others are reported unused.
+    """
+
+    name: str = "probe"  # the study (one of the registered studies)
+    layers: tuple[int, ...] | None = None  # residual layers to edit; None: the last layer
+    position: str = "last"  # last: the last prompt position | all: every position
+    eta_scale: str = "absolute"  # absolute | residual_norm: eta in units of the mean residual norm
+    ablation: str = "zero"  # subspace ablations: zero (project out) | mean (the calibration mean)
+    use_cache: bool = True  # position=last: run the prompt once, each variant on its last token
+
+    def __post_init__(self) -> None:
+        values.text("intervention.name", self.name)
+        self.layers = values.layer_list("intervention.layers", self.layers, (None,))
+        values.choice("intervention.position", self.position, POSITIONS)
+        values.choice("intervention.eta_scale", self.eta_scale, ETA_SCALES)
+        values.choice("intervention.ablation", self.ablation, ABLATIONS)
+        values.flag("intervention.use_cache", self.use_cache)
 
 
 class Intervention:
@@ -150,10 +178,13 @@ def editor(intervention: Intervention, row_variants: torch.Tensor, last_only: bo
     return edit
 
 
-def _read(lens: Lens, store: list[torch.Tensor], option_ids: torch.Tensor) -> torch.Tensor:
+def _read(lens: Readout, store: list[torch.Tensor], option_ids: torch.Tensor,
+          first_layer: int = 0) -> torch.Tensor:
+    """Option logits [B, L', K] of the residuals of layers ``first_layer``.. (one per tensor)."""
     stacked = torch.stack([t.to(lens.device) for t in store], dim=1)
     check_finite(stacked)
-    return lens.option_logits(lens.normalize(stacked), option_ids)
+    layers = range(first_layer, first_layer + stacked.shape[1])
+    return lens.option_logits(lens.prepare(stacked, layers), option_ids)
 
 
 def variants_per_pass(n_examples: int, width: int, n_upper: int, token_budget: int) -> int:
@@ -163,7 +194,7 @@ def variants_per_pass(n_examples: int, width: int, n_upper: int, token_budget: i
     return max(1, token_budget // max(n_examples * width * max(n_upper, 1), 1))
 
 
-def steer_batch_cached(loaded: LoadedModel, lens: Lens, state: PrefixState,
+def steer_batch_cached(loaded: LoadedModel, lens: Readout, state: PrefixState,
                        option_ids: torch.Tensor, steering: Intervention,
                        token_budget: int = 8192 * 32) -> torch.Tensor:
     """All variants for one batch: [B, V, L+1, K] option logits.
@@ -190,7 +221,7 @@ def steer_batch_cached(loaded: LoadedModel, lens: Lens, state: PrefixState,
                 hidden = steering.apply(start, hidden[:, None], row_variants)[:, 0]
             with edit_residual(loaded.adapter, later, editor(steering, row_variants, True)):
                 upper = upper_forward(loaded, state, start, hidden, rows)
-            logits = _read(lens, list(upper.unbind(1)), option_ids[rows])
+            logits = _read(lens, list(upper.unbind(1)), option_ids[rows], start)
             parts.append(logits.reshape(n_ex, len(variants), *logits.shape[1:]))
         out = torch.cat(parts, dim=1)  # [B, V, L+1-start, K]
     if below is None:
@@ -198,7 +229,7 @@ def steer_batch_cached(loaded: LoadedModel, lens: Lens, state: PrefixState,
     return torch.cat([below[:, None].expand(-1, n_var, -1, -1), out], dim=2)
 
 
-def steer_batch_full(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: torch.Tensor,
+def steer_batch_full(loaded: LoadedModel, lens: Readout, ids: torch.Tensor, mask: torch.Tensor,
                      option_ids: torch.Tensor, steering: Intervention) -> torch.Tensor:
     """All variants for one batch with a full forward pass per variant: [B, V, L+1, K]."""
     device, out = loaded.device, []
@@ -215,8 +246,10 @@ def steer_batch_full(loaded: LoadedModel, lens: Lens, ids: torch.Tensor, mask: t
 
 
 def run_steered(loaded: LoadedModel, prompt_set: PromptSet, steering: Intervention,
-                settings: ProbeSettings | None = None, use_cache: bool = True) -> np.ndarray:
-    """Option logits [V, N, L+1, K] of every variant (eta), every example, every layer.
+                settings: ProbeSettings | None = None, use_cache: bool = True,
+                readout: Readout | None = None) -> np.ndarray:
+    """Option logits [V, N, L+1, K] of every variant (eta), every example, every layer, read
+    through ``readout`` (default: the logit lens).
 
     An edit of the last position runs each prompt once and each variant above the edit only;
     prompts sharing an exemplar prefix (``prompt_set.groups``, ``settings.prefix_reuse``) run it
@@ -229,7 +262,7 @@ def run_steered(loaded: LoadedModel, prompt_set: PromptSet, steering: Interventi
 
     settings = settings or ProbeSettings()
     token_ids = tokenize(loaded, prompt_set.prompts)
-    lens = Lens(loaded.adapter)
+    lens = readout or LogitLens(loaded.adapter)
     n, k = prompt_set.option_ids.shape
     out = np.empty((steering.n_variants, n, loaded.adapter.num_blocks + 1, k), dtype=np.float32)
     cached = use_cache and steering.position == "last"

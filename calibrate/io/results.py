@@ -21,11 +21,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from calibrate import values
+from calibrate.errors import UserError
 
 METRICS_FILE = "metrics.json"
 LAYERS_FILE = "layers.csv"
@@ -39,7 +42,19 @@ _CACHE_ERRNOS = _FULL | {errno.EACCES, errno.EPERM, errno.EROFS}
 _WARNED_CACHES: set[str] = set()
 
 
-class OutputError(ValueError):
+@dataclass
+class OutputSettings:
+    """The ``output`` group: which optional files a job writes."""
+
+    predictions: bool = True  # predictions.npz: labels and every layer's option scores
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        values.flag("output.predictions", self.predictions)
+        values.flag("output.plots", self.plots)
+
+
+class OutputError(UserError):
     """The job's results cannot be written (folder not writable, disk full)."""
 
 

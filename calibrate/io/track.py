@@ -35,13 +35,16 @@ from typing import Any
 
 import pandas as pd
 
+from calibrate import values
+from calibrate.errors import ConfigError
+
 TRACKERS = ("wandb", "none")
 TRACKER_MODES = ("offline", "online", "disabled")
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrackerSettings:
-    """The ``tracker`` group."""
+    """The ``tracker`` group: where (and whether) a job is logged."""
 
     name: str = "none"
     project: str | None = "calibrate"
@@ -52,18 +55,18 @@ class TrackerSettings:
     dir: str | None = None
     init_timeout: float = 90.0
 
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any], error: type[Exception] = ValueError
-                     ) -> TrackerSettings:
-        """Check and convert the ``tracker`` group; ``error`` is raised with one line."""
-        if cfg.get("name") not in TRACKERS:
-            raise error(f"tracker={cfg.get('name')!r}; accepted: {', '.join(TRACKERS)}")
-        mode = cfg.get("mode", "offline")
-        if cfg.get("name") == "wandb" and mode not in TRACKER_MODES:
-            raise error(f"tracker.mode={mode!r}; accepted: {', '.join(TRACKER_MODES)}")
-        return cls(str(cfg["name"]), cfg.get("project"), cfg.get("entity"), str(mode),
-                   cfg.get("group"), tuple(cfg.get("tags") or ()), cfg.get("dir"),
-                   float(cfg.get("init_timeout", 90)))
+    def __post_init__(self) -> None:
+        values.choice("tracker", self.name, TRACKERS)
+        if self.name == "wandb":
+            values.choice("tracker.mode", self.mode, TRACKER_MODES)
+        for key in ("project", "entity", "group", "dir"):
+            values.optional_text(f"tracker.{key}", getattr(self, key))
+        if isinstance(self.tags, str) or not all(isinstance(tag, str) for tag in self.tags):
+            raise ConfigError(f"tracker.tags={self.tags!r}; accepted: a list of strings")
+        self.tags = tuple(self.tags)
+        self.init_timeout = values.number("tracker.init_timeout", self.init_timeout,
+                                          lambda s: s > 0, "a number of seconds > 0")
+
 
 LAYER_PREFIX = "layer/"
 ETA_PREFIX = "eta/"  # final-layer metrics over eta, from a table over eta and layer
@@ -272,12 +275,10 @@ def _start(cfg: TrackerSettings, job_dir: Path, name: str, group: str | None, jo
         return None
 
 
-def open_tracker(cfg: TrackerSettings | Mapping[str, Any], job_dir: Path, name: str,
+def open_tracker(cfg: TrackerSettings, job_dir: Path, name: str,
                  group: str | None, job_type: str, config: Mapping[str, Any]) -> Tracker:
     """The tracker named by the ``tracker`` config group. ``group`` None (a single run) means
     the job's ``name``. The W&B run itself starts at ``finish(exit_code=0)``."""
-    if not isinstance(cfg, TrackerSettings):
-        cfg = TrackerSettings.from_mapping(cfg)
     if cfg.name != "wandb" or cfg.mode == "disabled":
         return Tracker()
     mode = cfg.mode

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from calibrate.errors import UserError
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(UserError):
     """The model's ``model_type`` has no adapter."""
 
 

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from calibrate.io.results import share_dir
+from calibrate.errors import UserError
 
 COMPLETE_MARKER = ".complete"
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError):
     """An offline asset could not be fetched, verified or converted."""
 
 

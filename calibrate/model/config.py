@@ -1,22 +1,25 @@
-"""The typed model config: the ``model`` group (``conf/model/*.yaml``) read once, at the entry points.
+"""The typed model config: the ``model`` group (``conf/model/*.yaml``), checked where it is built.
 
-:meth:`ModelConfig.from_mapping` turns a raw mapping into a frozen :class:`ModelConfig`; every
-function past the entry points takes the dataclass and never indexes a dict. The accepted dtypes
-and device names are defined here (``calibrate.config.validate`` imports them).
+:class:`ModelConfig` is the schema Hydra composes ``conf/model/<name>.yaml`` into (unknown keys
+and wrong types are refused there) and checks its own values in ``__post_init__``; every function
+past the entry points takes the dataclass and never indexes a dict. The accepted dtypes and
+device names are defined here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from calibrate import values
+from calibrate.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")  # besides "auto": bfloat16 on GPU, float32 on CPU
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 DEVICES_HINT = "auto, cpu, cuda, cuda:N"
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """A model config value is invalid."""
 
 
@@ -26,53 +29,37 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split()) if text else type(err).__name__
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelConfig:
-    """What to load and how: one model config, typed.
+    """What to load and how: the ``model`` group, typed and checked."""
 
-    Keys of the mapping that are not the loader's (``direction_layers``, ...) are not kept.
-    """
-
-    name: str | None = None
+    name: str | None = None  # a plain name (it names cache folders and runs)
     path: str | None = None  # a local folder or a hub id; None: the offline copy
-    offline: Mapping[str, Any] | None = None  # the packaged copy (see calibrate.model.assets)
+    offline: dict[str, Any] | None = None  # the packaged copy (see calibrate.model.assets)
     revision: str | None = None  # None: the default branch
     dtype: str = "auto"  # auto or one of DTYPES
     device: str = "auto"  # availability is checked when the model loads (check_device)
     device_map: Any = None  # e.g. "auto" to spread a large model over several GPUs
     trust_remote_code: bool = False
+    direction_layers: Any = "auto"  # default layers of the calibration direction (our numbering)
 
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any],
-                     error: type[Exception] = ModelConfigError) -> ModelConfig:
-        """A mapping of ``model.*`` keys as a :class:`ModelConfig`; a bad dtype is one ``error``
-        line (the message of ``calibrate.config.validate.check_model``)."""
-        if not isinstance(cfg, Mapping):
-            raise error(f"model config is a {type(cfg).__name__}; accepted: a mapping of model keys")
-        dtype = cfg.get("dtype", "auto")
-        if dtype not in ("auto", *DTYPES):
-            raise error(f"model.dtype={dtype!r}; accepted: auto, {', '.join(DTYPES)}")
-        name, path, revision = cfg.get("name"), cfg.get("path"), cfg.get("revision")
-        return cls(name=None if name is None else str(name), path=str(path) if path else None,
-                   offline=cfg.get("offline") or None,
-                   revision=None if revision is None else str(revision), dtype=str(dtype),
-                   device=str(cfg.get("device", "auto")), device_map=cfg.get("device_map") or None,
-                   trust_remote_code=bool(cfg.get("trust_remote_code")))
-
-    @classmethod
-    def of(cls, cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
-        """``cfg`` itself when it is a :class:`ModelConfig`, else :meth:`from_mapping` of it."""
-        return cfg if isinstance(cfg, ModelConfig) else cls.from_mapping(cfg)
-
-    def check(self, error: type[Exception] = ModelConfigError) -> ModelConfig:
-        """The remaining checks of a job's model config, before anything loads: the device is
-        a device name, and the model has a source. Returns ``self``."""
-        if not (self.device in DEVICE_NAMES or self.device.startswith("cuda:")):
-            raise error(f"model.device={self.device!r}; accepted: {DEVICES_HINT}")
+    def __post_init__(self) -> None:
+        err = ModelConfigError
+        if self.name is not None:
+            values.path_name("model.name", self.name, err)
+        values.optional_text("model.path", self.path, err)
+        values.optional_text("model.revision", self.revision, err)
+        values.choice("model.dtype", self.dtype, ("auto", *DTYPES), err)
+        device = values.text("model.device", self.device, err)
+        if not (device in DEVICE_NAMES or device.startswith("cuda:")):
+            raise err(f"model.device={device!r}; accepted: {DEVICES_HINT}")
+        if self.device_map is not None and not isinstance(self.device_map, (str, dict)):
+            raise err(f"model.device_map={self.device_map!r}; accepted: null, auto, or a "
+                      "mapping of module names to devices")
+        values.flag("model.trust_remote_code", self.trust_remote_code, err)
+        if self.direction_layers is not None:
+            self.direction_layers = values.layer_list("model.direction_layers",
+                                                      self.direction_layers, ("auto",), err)
         if not self.path and not self.offline:
-            raise error(f"model {self.name!r} has no model.path and no offline copy; "
-                        "set model.path to a hub id or a local folder")
-        return self
-
-
-ModelConfigLike = ModelConfig | Mapping[str, Any]  # what the entry points accept
+            raise err(f"model {self.name!r} has no model.path and no offline copy; "
+                      "set model.path to a hub id or a local folder")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from calibrate.model.adapters import get_adapter
-from calibrate.model.config import ModelConfig, ModelConfigError, ModelConfigLike, one_line
+from calibrate.model.config import ModelConfig, ModelConfigError, one_line
 from calibrate.model.devices import available_devices, check_device, resolve_device, resolve_dtype
 from calibrate.model.identity import LoadedModel, tensor_hash, weights_fingerprint
 from calibrate.model.shape import ModelShape, check_architecture, model_shape
@@ -42,7 +42,7 @@ from calibrate.model.source import (
 from calibrate.model.weights import check_weights
 
 __all__ = [
-    "HUB_PROBE_TIMEOUT_S", "LoadedModel", "ModelConfig", "ModelConfigError", "ModelConfigLike",
+    "HUB_PROBE_TIMEOUT_S", "LoadedModel", "ModelConfig", "ModelConfigError",
     "ModelShape",
     "available_devices", "check_architecture", "check_device", "check_source", "check_weights",
     "get_adapter", "hub_endpoint", "hub_offline", "hub_reachable", "load_model", "load_tokenizer",
@@ -80,11 +80,11 @@ def _left_padded(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_tokenizer(source: str, cfg: ModelConfigLike) -> Any:
+def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
     """The model's tokenizer with left padding and a pad token."""
     from transformers import AutoTokenizer
 
-    kwargs = check_source(source, ModelConfig.of(cfg))
+    kwargs = check_source(source, cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as err:
@@ -123,7 +123,7 @@ def _reuse_key(config: ModelConfig, cache_dir: str | Path | None) -> str:
                        "files": _source_stamp(source, config)}, sort_keys=True, default=str)
 
 
-def load_model(cfg: ModelConfigLike, cache_dir: str | Path | None = None,
+def load_model(cfg: ModelConfig, cache_dir: str | Path | None = None,
                tokenizer: Any = None, reuse: bool = True) -> LoadedModel:
     """Load the model named by a model config (see ``conf/model``), in eval mode, frozen.
 
@@ -131,7 +131,7 @@ def load_model(cfg: ModelConfigLike, cache_dir: str | Path | None = None,
     be loaded (same resolved source and files, device, dtype, revision): a multirun over eta runs
     its jobs in one process and must not reload the model.
     """
-    config = ModelConfig.of(cfg)
+    config = cfg
     key = _reuse_key(config, cache_dir)  # checks the device before anything loads
     if reuse and key in _LOADED:
         return _LOADED[key]

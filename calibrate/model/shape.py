@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from calibrate.model.adapters import check_supported
-from calibrate.model.config import ModelConfig, ModelConfigError, ModelConfigLike, one_line
+from calibrate.model.config import ModelConfig, ModelConfigError, one_line
 from calibrate.model.source import check_source
 
 
@@ -22,9 +22,9 @@ def read_config(source: str, config: ModelConfig) -> Any:
                                "a local model folder, or a hub id that is cached or reachable") from err
 
 
-def check_architecture(source: str, cfg: ModelConfigLike) -> str:
+def check_architecture(source: str, cfg: ModelConfig) -> str:
     """The ``model_type`` of ``source`` read from its config alone; an error if it has no adapter."""
-    model_type = read_config(source, ModelConfig.of(cfg)).model_type
+    model_type = read_config(source, cfg).model_type
     check_supported(model_type)
     return model_type
 
@@ -49,14 +49,14 @@ _SHAPE_KEYS = {
 }
 
 
-def model_shape(source: str, cfg: ModelConfigLike, check: bool = True) -> ModelShape:
+def model_shape(source: str, cfg: ModelConfig, check: bool = True) -> ModelShape:
     """The number of blocks, hidden size, context length and vocabulary of ``source`` from its
     config (the text model's where the config nests a ``text_config``); no weights are read.
 
     With ``check`` (the default) an architecture without an adapter is an error too, as in
     :func:`check_architecture`, so this one call is the whole pre-weights model check.
     """
-    hf_config = read_config(source, ModelConfig.of(cfg))
+    hf_config = read_config(source, cfg)
     if check:
         check_supported(hf_config.model_type)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config

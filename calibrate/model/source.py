@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrate.model.assets import prepare_model
-from calibrate.model.config import ModelConfig, ModelConfigError, ModelConfigLike
+from calibrate.model.config import ModelConfig, ModelConfigError
 
 HUB_PROBE_TIMEOUT_S = 3.0
 _HUB_VERDICT: dict[str, bool] = {}  # endpoint -> reachable, probed once per process
@@ -27,9 +27,9 @@ def local_dir(source: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def resolve_source(cfg: ModelConfigLike, cache_dir: str | Path | None = None) -> str:
+def resolve_source(cfg: ModelConfig, cache_dir: str | Path | None = None) -> str:
     """The folder (absolute) or hub id to load: ``path`` if set, else the prepared offline copy."""
-    config = ModelConfig.of(cfg)
+    config = cfg
     if config.path:
         source = config.path
     elif config.offline:
@@ -98,14 +98,14 @@ def cached_config(source: str, revision: str | None) -> str | None:
     return cached if isinstance(cached, str) else None
 
 
-def check_source(source: str, cfg: ModelConfigLike) -> dict[str, Any]:
+def check_source(source: str, cfg: ModelConfig) -> dict[str, Any]:
     """Where ``source`` loads from, as keyword arguments for transformers' ``from_pretrained``.
 
     A local folder loads as is; a hub id in the local Hugging Face cache loads from there
     (``local_files_only`` when offline or the hub is unreachable); an uncached hub id needs the
     hub, probed once per process (never when ``HF_HUB_OFFLINE`` is set). Otherwise one error line.
     """
-    config = ModelConfig.of(cfg)
+    config = cfg
     revision = config.revision
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": config.trust_remote_code}
     if local_dir(source) is not None:

@@ -7,7 +7,7 @@ import json
 import struct
 from pathlib import Path
 
-from calibrate.model.config import ModelConfig, ModelConfigError, ModelConfigLike, one_line
+from calibrate.model.config import ModelConfig, ModelConfigError, one_line
 from calibrate.model.source import cached_config, local_dir
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit
@@ -56,10 +56,10 @@ def _weights_folder(source: str, config: ModelConfig) -> tuple[Path | None, bool
     return (Path(cached).parent, False) if cached else (None, False)
 
 
-def check_weights(source: str, cfg: ModelConfigLike) -> None:
+def check_weights(source: str, cfg: ModelConfig) -> None:
     """One error line naming the file if a safetensors file of ``source`` is truncated, corrupt or
     (local folders) missing from its index; reads only the headers."""
-    folder, complete = _weights_folder(source, ModelConfig.of(cfg))
+    folder, complete = _weights_folder(source, cfg)
     if folder is None:
         return
     index = folder / "model.safetensors.index.json"

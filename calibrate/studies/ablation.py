@@ -25,7 +25,7 @@ import torch
 from calibrate.config.settings import MetricSettings
 from calibrate.config.spec import JobSpec
 from calibrate.core import nullspace
-from calibrate.engine.readout import last_layer_logits, last_layer_truncated_logits
+from calibrate.engine.last_layer import last_layer_logits, last_layer_truncated_logits
 from calibrate.engine.steer import ABLATIONS, Intervention, steering_table
 from calibrate.io import results
 from calibrate.io.track import Tracker

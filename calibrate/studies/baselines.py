@@ -24,7 +24,7 @@ from calibrate.core.posthoc import (
     fit_histogram,
     fit_temperature,
 )
-from calibrate.engine.lens import option_probabilities
+from calibrate.core.option_scores import option_probabilities
 from calibrate.io import results
 from calibrate.io.track import Tracker
 from calibrate.studies.base import Study, StudyResult, register

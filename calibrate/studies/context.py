@@ -156,7 +156,7 @@ class JobContext:
         last = self.num_layers - 1
         if base is not None and self.reads_last_layer(prompt_set, intervention) \
                 and last in base.residuals:
-            from calibrate.engine.readout import last_layer_steered
+            from calibrate.engine.last_layer import last_layer_steered
 
             return last_layer_steered(self.loaded, base.option_logits, base.residuals[last],
                                       prompt_set.option_ids, intervention)

@@ -4,7 +4,7 @@
 position, η and norm convention) on the same evaluation examples. Per η: ĉ's final-layer ΔECE,
 ΔMCE and Δaccuracy against η = 0, the null's median and 5–95 % band, and ĉ's empirical p-value
 ``(1 + #{random ΔECE <= ĉ's ΔECE}) / (1 + n_random)`` (small: ĉ lowers ECE more than random
-directions do). At the last layer it needs no forward pass (:mod:`calibrate.engine.readout`); at
+directions do). At the last layer it needs no forward pass (:mod:`calibrate.engine.last_layer`); at
 earlier layers every direction and η runs only the blocks above the edit, for the last position
 (:mod:`calibrate.engine.upper`). Cloze scoring edited at the last layer rereads only the
 context's last state (:mod:`calibrate.engine.cloze_steer`). With ``position=all``, or cloze
@@ -20,7 +20,7 @@ import pandas as pd
 
 from calibrate.core.nullspace import random_unit_vectors
 from calibrate.core.paired import binned_errors
-from calibrate.engine.lens import option_probabilities
+from calibrate.core.option_scores import option_probabilities
 
 NULL_FILE = "null.csv"
 

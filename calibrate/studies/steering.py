@@ -20,9 +20,9 @@ import pandas as pd
 from calibrate.config.spec import JobSpec, eta_edit_ratio
 from calibrate.core.direction import Direction, save_direction
 from calibrate.core.paired import add_paired_columns, multiple_comparisons
-from calibrate.engine.lens import option_probabilities
+from calibrate.core.option_scores import option_probabilities
 from calibrate.engine.probe import ProbeResult
-from calibrate.engine.readout import last_layer_logits
+from calibrate.engine.last_layer import last_layer_logits
 from calibrate.engine.steer import DirectionSweep, Steering, residual_norms, steering_table
 from calibrate.io import results
 from calibrate.io.track import Tracker

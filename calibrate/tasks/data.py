@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrate.model.assets import cache_root
-from calibrate.tasks.dataset_config import DatasetConfig, validate_dataset_config
+from calibrate.tasks.dataset_config import DatasetConfig
 from calibrate.tasks.records import DatasetError, MCRecord, one_line
 from calibrate.tasks.registry import (
     DATASETS,
@@ -32,7 +32,6 @@ from calibrate.tasks.sources import raw_rows
 __all__ = [
     "DATASETS", "MMLU_CATEGORIES", "MMLU_CATEGORY_NAMES", "MMLU_SUBJECTS", "DatasetConfig",
     "DatasetError", "DatasetSpec", "MCRecord", "evaluated_indices", "load_records", "load_split",
-    "validate_dataset_config",
 ]
 
 LOG = logging.getLogger("calibrate")
@@ -116,11 +115,10 @@ def _check_verbalizer_width(records: list[MCRecord], config: DatasetConfig) -> N
                                f"{words} has {len(words)} words")
 
 
-def load_split(cfg: DatasetConfig | Mapping[str, Any], cache_dir: str | Path | None = None,
+def load_split(config: DatasetConfig, cache_dir: str | Path | None = None,
                split: str | None = None) -> list[MCRecord]:
     """Every record of the config's split (or of ``split``, e.g. MMLU's ``dev``), in source
     order: MMLU rows of the selected subjects only, before any shuffle or limit."""
-    config = DatasetConfig.from_mapping(cfg)
     if split is not None and split != config.split:
         config = dataclasses.replace(config, split=split)
     rows, source = raw_rows(config, cache_root(cache_dir))
@@ -134,21 +132,18 @@ def load_split(cfg: DatasetConfig | Mapping[str, Any], cache_dir: str | Path | N
     return records
 
 
-def evaluated_indices(n: int, cfg: DatasetConfig | Mapping[str, Any]) -> list[int]:
+def evaluated_indices(n: int, config: DatasetConfig) -> list[int]:
     """Positions (in :func:`load_split` order) of the records a job evaluates: the seeded
     shuffle (when ``shuffle``) cut to ``limit``, exactly as :func:`load_records` selects them."""
-    config = DatasetConfig.from_mapping(cfg)
     order = list(range(n))
     if config.shuffle:
         random.Random(config.seed).shuffle(order)  # the same permutation as shuffling n records
     return order if config.limit is None else order[:config.limit]
 
 
-def load_records(cfg: DatasetConfig | Mapping[str, Any],
+def load_records(config: DatasetConfig,
                  cache_dir: str | Path | None = None) -> list[MCRecord]:
-    """Load a dataset config: a :class:`DatasetConfig`, or a plain dict or OmegaConf DictConfig
-    with the sst2.yaml schema (checked and typed first)."""
-    config = DatasetConfig.from_mapping(cfg)
+    """The records a job evaluates: the split's rows, shuffled when ``shuffle``, cut to ``limit``."""
     records = load_split(config, cache_dir)
     limit = config.limit
     if limit is not None and limit > len(records):

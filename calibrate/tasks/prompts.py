@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from calibrate.tasks.continuations import CLOZE_NORMS, ClozeRequest, build_requests
+from calibrate.errors import UserError
 
 if TYPE_CHECKING:
     from calibrate.tasks.dataset_config import DatasetConfig
@@ -19,7 +20,7 @@ TEMPLATE_FIELDS = ("subject", "question", "choices")  # the placeholders render_
 LETTERS = string.ascii_uppercase
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A template or an answer option cannot be used with this tokenizer."""
 
 
@@ -28,8 +29,8 @@ class PromptConfig:
     """What rendering and answer tokens need of a dataset config, typed.
 
     :class:`~calibrate.tasks.dataset_config.DatasetConfig` gives one (``.prompt``) after its
-    checks; :meth:`from_mapping` reads these keys of a plain or partial mapping as given (no
-    dataset checks: :func:`build_prompts` raises :class:`PromptError` on bad values itself).
+    checks; built by hand it is not checked (:func:`build_prompts` raises :class:`PromptError`
+    on bad values itself).
     """
 
     name: Any                                 # for messages only
@@ -39,26 +40,10 @@ class PromptConfig:
     verbalizer: Sequence[str] | None = None   # verbalizer only: one word per option slot
     cloze_norm: str = "none"                  # cloze only: one of CLOZE_NORMS (checked on use)
 
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any]) -> PromptConfig:
-        """The prompt keys of a dataset config mapping (a dict or an OmegaConf node)."""
-        words = cfg.get("verbalizer")
-        if isinstance(words, Sequence) and not isinstance(words, str):
-            words = tuple(words)
-        return cls(name=cfg.get("name"), answer_format=str(cfg.get("answer_format")),
-                   template=str(cfg["template"]), subject=str(cfg.get("subject") or ""),
-                   verbalizer=words, cloze_norm=str(cfg.get("cloze_norm") or "none"))
 
-
-def as_prompt_config(cfg: PromptConfig | DatasetConfig | Mapping[str, Any]) -> PromptConfig:
-    """A :class:`PromptConfig` from either typed config, or from a mapping (read once)."""
-    from calibrate.tasks.dataset_config import DatasetConfig
-
-    if isinstance(cfg, PromptConfig):
-        return cfg
-    if isinstance(cfg, DatasetConfig):
-        return cfg.prompt
-    return PromptConfig.from_mapping(cfg)
+def as_prompt_config(cfg: PromptConfig | DatasetConfig) -> PromptConfig:
+    """The :class:`PromptConfig` of either typed config."""
+    return cfg if isinstance(cfg, PromptConfig) else cfg.prompt
 
 
 @dataclass(frozen=True)
@@ -241,7 +226,7 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def build_cloze_prompts(records: Sequence[Any], contexts: list[str],
-                        dataset_cfg: PromptConfig | DatasetConfig | Mapping[str, Any],
+                        dataset_cfg: PromptConfig | DatasetConfig,
                         tokenizer: Any, chat: bool = False) -> PromptSet:
     """Cloze prompts: each option's text is a continuation of the rendered context (lm-eval's
     split: the context's trailing whitespace joins the continuation, which starts with a space).
@@ -306,7 +291,7 @@ def _styled(prompt_set: PromptSet, records: Sequence[Any], style: Any,
 
 
 def build_prompts(records: Sequence[Any],
-                  dataset_cfg: PromptConfig | DatasetConfig | Mapping[str, Any], tokenizer: Any,
+                  dataset_cfg: PromptConfig | DatasetConfig, tokenizer: Any,
                   *, max_length: int | None = None, style: Any = None,
                   exemplars: Any = None) -> PromptSet:
     """Render every record and resolve each option slot to a single token id (letters,
@@ -315,8 +300,8 @@ def build_prompts(records: Sequence[Any],
     ``max_length`` (the model's context length in tokens) refuses, with a :class:`PromptError`
     naming the example, any prompt longer than it: the prompt with the tokenizer's default
     special tokens (letters, verbalizer), or the context plus its longest continuation (cloze).
-    ``dataset_cfg`` is a :class:`PromptConfig`, a checked
-    :class:`~calibrate.tasks.dataset_config.DatasetConfig` or a mapping of their keys.
+    ``dataset_cfg`` is a :class:`PromptConfig` or a checked
+    :class:`~calibrate.tasks.dataset_config.DatasetConfig`.
     ``style`` (a :class:`~calibrate.tasks.shots.PromptStyle`) adds in-context ``exemplars``
     (:class:`~calibrate.tasks.shots.Exemplars`) and the tokenizer's chat template; with the chat
     template the answer is read at the assistant turn's first position, options without their

@@ -15,6 +15,7 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from calibrate.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class MCRecord:
     dataset: str = field(default="", compare=False)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset config, file or row that cannot be used; the message names the bad value."""
 
 

@@ -27,50 +27,40 @@ from typing import Any
 
 from calibrate.tasks.dataset_config import DatasetConfig
 from calibrate.tasks.records import DatasetError, MCRecord
+from calibrate import values
+from calibrate.errors import UserError
 
-PROMPT_KEYS = ("shots", "chat_template", "seed")
 MMLU_SHOT_SPLIT = "dev"
 MMLU_SHOTS_PER_SUBJECT = 5  # the dev split holds 5 rows of every subject
 
 
-class PromptStyleError(ValueError):
+class PromptStyleError(UserError):
     """A ``prompt`` value is invalid; the message names it and what is accepted."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class PromptStyle:
-    """The ``prompt`` config block, checked."""
+    """The ``prompt`` config block, typed and checked."""
 
     shots: int = 0
     chat_template: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        err = PromptStyleError
+        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
+            raise err(f"prompt.shots={self.shots!r}; accepted: an integer >= 0 (0: zero-shot)")
+        values.flag("prompt.chat_template", self.chat_template, err)
+        values.integer("prompt.seed", self.seed, 0, err)
 
     @property
     def is_plain(self) -> bool:
         """Zero-shot without a chat template: prompts exactly as the dataset's template gives."""
         return self.shots == 0 and not self.chat_template
 
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None,
-                     error: type[Exception] = PromptStyleError) -> PromptStyle:
-        """Check and type the ``prompt`` block (absent: zero-shot, no chat template)."""
-        if isinstance(cfg, PromptStyle):
-            return cfg
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(PROMPT_KEYS))
-        if unknown:
-            raise error(f"prompt.{unknown[0]} is not a prompt key; accepted: "
-                        f"{', '.join('prompt.' + k for k in PROMPT_KEYS)}")
-        shots = cfg.get("shots", 0)
-        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
-            raise error(f"prompt.shots={shots!r}; accepted: an integer >= 0 (0: zero-shot)")
-        chat = cfg.get("chat_template", False)
-        if not isinstance(chat, bool):
-            raise error(f"prompt.chat_template={chat!r}; accepted: true, false")
-        seed = cfg.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise error(f"prompt.seed={seed!r}; accepted: an integer")
-        return cls(shots, chat, seed)
+    def summary(self) -> dict[str, Any]:
+        """The style as metrics.json records it."""
+        return {"shots": self.shots, "chat_template": self.chat_template}
 
 
 def check_style(style: PromptStyle, dataset: DatasetConfig,
@@ -161,13 +151,12 @@ def draw_exemplars(records: Sequence[MCRecord], evaluated: Sequence[int], k: int
     return Exemplars({"": tuple(records[i] for i in chosen)}, ids, how, removed, k), remaining
 
 
-def load_with_exemplars(dataset: DatasetConfig | Mapping[str, Any], style: PromptStyle,
+def load_with_exemplars(dataset: DatasetConfig, style: PromptStyle,
                         cache_dir: str | Path | None = None
                         ) -> tuple[list[MCRecord], Exemplars | None]:
     """The evaluated records and, with ``style.shots`` > 0, their exemplars (disjoint)."""
     from calibrate.tasks.data import evaluated_indices, load_records, load_split
 
-    dataset = DatasetConfig.from_mapping(dataset)
     check_style(style, dataset, DatasetError)
     if style.shots == 0:
         return load_records(dataset, cache_dir), None

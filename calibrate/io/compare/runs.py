@@ -14,6 +14,7 @@ from omegaconf import ListConfig, OmegaConf
 
 from calibrate.io import results
 from calibrate.io.summary import job_dirs, job_row
+from calibrate.errors import UserError
 
 STEERING_FILE = "steering.csv"  # = calibrate.studies.steering.STEERING_FILE (which imports torch)
 NULLSPACE_FILE = "nullspace.json"
@@ -22,7 +23,7 @@ ACCEPTED = ("a sweep directory (job sub-folders holding .hydra/, as written by "
             "error.json)")
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """The inputs cannot be compared (bad path, unreachable W&B group, bad output folder)."""
 
 

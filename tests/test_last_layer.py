@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.engine.readout import last_layer_logits, last_layer_steered
+from calibrate.engine.last_layer import last_layer_logits, last_layer_steered
 from calibrate.engine.steer import DirectionSweep, Steering, run_steered
 from calibrate.tasks.prompts import build_prompts
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from calibrate.errors import UserError
 
 ARCH = "controlvector"
 
 
-class ControlVectorError(ValueError):
+class ControlVectorError(UserError):
     """A GGUF file is not a readable repeng control vector."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from calibrate.core.direction import Direction, DirectionError, load_direction
+from calibrate.errors import UserError
 
 # base_model-relative name of block index i (lm-eval hooks model.base_model.named_modules())
 HOOKPOINTS: dict[str, str] = {
@@ -35,7 +36,7 @@ HOOKPOINTS: dict[str, str] = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A job cannot be exported as asked."""
 
 
