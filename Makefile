@@ -23,7 +23,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
-	$(PY) -m calibrate.assets prepare $(ASSETS)
+	$(PY) -m calibrate assets prepare $(ASSETS)
 
 run: setup
 	$(PY) -m calibrate.run $(ARGS)
@@ -32,7 +32,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m calibrate.bench $(ARGS)
+	$(PY) -m calibrate bench $(ARGS)
 
 clean-cache:
 	rm -rf $${CALIBRATE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/calibrate}

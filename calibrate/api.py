@@ -22,48 +22,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+import calibrate.studies  # noqa: F401 - the studies' intervention options
 from calibrate import job
-from calibrate.config import CONF_DIR
+from calibrate.config import compose as composing
+from calibrate.config.schema import Config
+from calibrate.errors import UserError
 from calibrate.model import load as models
 from calibrate.tasks import data
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """The job config exactly as the CLI would compose it (``conf/config.yaml`` + overrides)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return composing.compose(overrides)
 
 
-def _group_choices(name: str, group: str) -> None:
-    """Refuse a config name that ``conf/<group>/`` does not hold."""
-    choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def typed_config(overrides: Sequence[str] = ()) -> Config:
+    """:func:`compose`, typed and checked: the tree every function below the entry points takes."""
+    return composing.typed(compose(overrides))
+
+
+def _group_choices(name: str, group: str, error: type[UserError]) -> None:
+    """Refuse a config name that the ``group`` does not hold, listing the ones it does."""
+    choices = composing.group_options(group)
     if name not in choices:
-        raise data.DatasetError(f"unknown {group} {name!r}; accepted: {', '.join(choices)}") \
-            if group == "dataset" else models.ModelConfigError(
-                f"unknown {group} {name!r}; accepted: {', '.join(choices)}")
+        raise error(f"unknown {group} {name!r}; accepted: {', '.join(choices)}")
 
 
-def _group(name: str, group: str, overrides: Sequence[str]) -> dict[str, Any]:
-    _group_choices(name, group)
-    cfg = compose([f"{group}={name}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+def _group(name: str, group: str, overrides: Sequence[str], error: type[UserError]) -> Config:
+    _group_choices(name, group, error)
+    return typed_config([f"{group}={name}", *overrides])
 
 
 def load_model(name: str, **values: Any) -> models.LoadedModel:
     """Load a model by its config name (``smollm2``, ``phi2``, ...); keyword args override keys."""
-    cfg = _group(name, "model", [f"model.{k}={v}" for k, v in values.items()])
-    return models.load_model(cfg["model"], cfg.get("cache_dir"))
+    config = _group(name, "model", [f"model.{k}={_literal(v)}" for k, v in values.items()],
+                    models.ModelConfigError)
+    return models.load_model(config.model, config.cache_dir)
 
 
-def dataset_config(name: str, **values: Any) -> dict[str, Any]:
-    """The resolved config of a dataset by name, with keyword overrides (e.g. ``limit=100``)."""
+def dataset_config(name: str, **values: Any) -> Any:
+    """The typed config of a dataset by name, with keyword overrides (e.g. ``limit=100``)."""
     overrides = [f"dataset.{k}={_literal(v)}" for k, v in values.items()]
-    return _group(name, "dataset", overrides)["dataset"]
+    return _group(name, "dataset", overrides, data.DatasetError).dataset
 
 
 def load_dataset(name: str, **values: Any) -> list[data.MCRecord]:
@@ -92,19 +94,24 @@ def probe_layers(lm: models.LoadedModel, records: Sequence[data.MCRecord], datas
 
     Records loaded for another dataset (``MCRecord.dataset``) are refused before any model work.
     """
-    _group_choices(dataset, "dataset")
+    _group_choices(dataset, "dataset", data.DatasetError)
     check_records_dataset(records, dataset)
-    cfg = OmegaConf.to_container(compose([f"dataset={dataset}", *overrides]), resolve=True)
-    cfg["dataset"].update(dataset_values)
-    return job.probe_records(lm, records, cfg["dataset"], cfg["probe"], cfg["metrics"])
+    config = typed_config([f"dataset={dataset}", *overrides,
+                           *(f"dataset.{k}={_literal(v)}" for k, v in dataset_values.items())])
+    return job.probe_records(lm, records, config.dataset, config.probe, config.metrics)
 
 
 def _literal(value: Any) -> str:
+    """A Python value as a Hydra override value (strings quoted, so text stays text)."""
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_literal(v) for v in value) + "]"
-    return str(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return repr(value)
 
 
 # ---------------------------------------------------------------- directions, steering, studies
@@ -113,21 +120,21 @@ def _context(lm: models.LoadedModel, records: Sequence[data.MCRecord], dataset: 
              overrides: Sequence[str]):
     """A job context for ``lm`` on ``records`` (no files), as a study receives it."""
     from calibrate.config.spec import build_spec
-    from calibrate.studies.context import JobContext
+    from calibrate.studies.job_context import JobContext
     from calibrate.tasks.prompts import build_prompts
 
-    _group_choices(dataset, "dataset")
+    _group_choices(dataset, "dataset", data.DatasetError)
     check_records_dataset(records, dataset)
-    cfg = OmegaConf.to_container(compose([f"dataset={dataset}", *overrides]), resolve=True)
-    spec = build_spec(cfg)
-    return JobContext(spec, lm, build_prompts(records, cfg["dataset"], lm.tokenizer))
+    spec = build_spec(compose([f"dataset={dataset}", *overrides]))
+    return JobContext(spec, lm, build_prompts(records, spec.dataset, lm.tokenizer,
+                                              style=spec.prompt))
 
 
 def fit_direction(lm: models.LoadedModel, records: Sequence[data.MCRecord], dataset: str = "sst2",
                   method: str = "layer_diff", layers: Sequence[int] | None = None,
                   overrides: Sequence[str] = ()):
     """Fit a calibration direction ĉ on the calibration split of ``records`` with any registered
-    method (:data:`calibrate.studies.directions.DIRECTION_METHODS`); ``layers`` default to the
+    method (:data:`calibrate.directions.fit.DIRECTION_METHODS`); ``layers`` default to the
     model config's ``direction_layers``.
 
     >>> import calibrate
@@ -137,13 +144,13 @@ def fit_direction(lm: models.LoadedModel, records: Sequence[data.MCRecord], data
     >>> c_hat.hidden, round(float((c_hat.vector ** 2).sum()), 6), c_hat.meta["layers"]
     (576, 1.0, [29, 30])
     """
-    from calibrate.studies.directions import obtain_direction
+    from calibrate.directions.fit import obtain_direction
 
-    extra = ["intervention=direction", f"direction.method={method}"]
+    extra = ["intervention=steering", f"direction.method={method}"]
     if layers is not None:
         extra.append(f"direction.layers={_literal(list(layers))}")
     ctx = _context(lm, records, dataset, [*extra, *overrides])
-    return obtain_direction(ctx).direction
+    return obtain_direction(ctx, ctx.edit_layers()).direction
 
 
 @contextmanager
@@ -168,17 +175,15 @@ def steer(lm: models.LoadedModel, direction: Any, eta: float,
     import torch
 
     from calibrate.engine.hooks import edit_residual
-    from calibrate.engine.steer import check_steering
+    from calibrate.engine.edits import check_steering
+
+    from calibrate.directions.files import checked_vector
 
     num_layers = lm.adapter.num_blocks + 1
     chosen = check_steering(list(layers) if layers else [num_layers - 1], num_layers, position,
                             "absolute")
-    vector = np.asarray(getattr(direction, "vector", direction), dtype=np.float64)
-    if vector.shape != (lm.adapter.unembed_weight.shape[1],):
-        from calibrate.core.direction import DirectionError
-
-        raise DirectionError(f"a direction of shape {vector.shape} cannot steer a model of "
-                             f"hidden size {lm.adapter.unembed_weight.shape[1]}")
+    vector, _ = checked_vector(getattr(direction, "vector", direction),
+                               lm.adapter.unembed_weight.shape[1], "steer(direction=...)")
 
     def edit(_layer: int, hidden: torch.Tensor) -> torch.Tensor:
         shift = (float(eta) * torch.as_tensor(vector)).to(hidden.device, hidden.dtype)
@@ -228,19 +233,18 @@ def run_study(overrides: Sequence[str] = (), job_dir: str | Path | None = None,
               lm: models.LoadedModel | None = None):
     """Run any study from config overrides, as the CLI would (``study`` decided by the spec).
     With ``job_dir`` the job writes its files and returns its metrics summary; without, the
-    typed :class:`~calibrate.studies.base.StudyResult` is returned and nothing is written.
+    typed :class:`~calibrate.studies.study.StudyResult` is returned and nothing is written.
 
     >>> import calibrate
     >>> result = calibrate.run_study(["dataset.limit=8", "eta=[0,4]", "tracker=none"])
     >>> type(result).__name__, sorted(result.table["eta"].unique().tolist())
     ('SteeringResult', [0.0, 4.0])
     """
-    from calibrate import job
     from calibrate.config.spec import build_spec
     from calibrate.studies import get_study
-    from calibrate.studies.context import JobContext
+    from calibrate.studies.job_context import JobContext
 
-    spec = build_spec(OmegaConf.to_container(compose(list(overrides)), resolve=True))
+    spec = build_spec(compose(list(overrides)))
     if job_dir is not None:
         return job.run_job(spec, Path(job_dir))
     if lm is None:

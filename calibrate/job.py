@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from calibrate.config.settings import MetricSettings, OutputSettings
-from calibrate.config.spec import JobSpec, build_spec, check_shape
-from calibrate.core.phases import emergence_layer, find_phases, phases_to_dict
+from calibrate.config.spec import JobSpec, check_shape
+from calibrate.core.metrics import MetricSettings
+from calibrate.core.phases import PhaseSettings, emergence_layer, find_phases, phases_to_dict
+from calibrate.engine.probe import ProbeSettings
 from calibrate.io import results
 from calibrate.io.provenance import code_identity
+from calibrate.io.results import OutputSettings
 from calibrate.io.track import Tracker, open_tracker
 from calibrate.model.load import (
     LoadedModel,
@@ -32,10 +34,11 @@ from calibrate.model.load import (
     resolve_source,
 )
 from calibrate.studies import get_study
-from calibrate.studies.base import StudyResult
-from calibrate.studies.context import JobContext, ProbeReport, cached_probe, make_report, measure
+from calibrate.studies.study import StudyResult
+from calibrate.studies.job_context import JobContext, ProbeReport, cached_probe, make_report, measure
+from calibrate.tasks.dataset_config import DatasetConfig
 from calibrate.tasks.prompts import PromptSet, build_prompts
-from calibrate.tasks.shots import PromptStyle, load_with_exemplars
+from calibrate.tasks.shots import load_with_exemplars
 
 LOG = logging.getLogger("calibrate")
 RESULT_FILES = [results.LAYERS_FILE, results.PREDICTIONS_FILE, results.METRICS_FILE,
@@ -44,36 +47,33 @@ __all__ = ["ProbeReport", "cached_probe", "measure", "prepare", "probe_prompts",
            "run_job"]
 
 
-def probe_records(loaded: LoadedModel, records: Sequence[Any], dataset_cfg: Mapping[str, Any],
-                  probe_cfg: Mapping[str, Any], metrics_cfg: Mapping[str, Any],
+def probe_records(loaded: LoadedModel, records: Sequence[Any], dataset: DatasetConfig,
+                  probe: ProbeSettings, metrics: MetricSettings,
                   keep_layers: Sequence[int] = ()) -> ProbeReport:
     """Build prompts, score every layer and measure it; no files are written."""
-    prompt_set = build_prompts(records, dataset_cfg, loaded.tokenizer)
-    return probe_prompts(loaded, prompt_set, probe_cfg, metrics_cfg, keep_layers)
+    prompt_set = build_prompts(records, dataset, loaded.tokenizer)
+    return probe_prompts(loaded, prompt_set, probe, metrics, keep_layers)
 
 
-def probe_prompts(loaded: LoadedModel, prompt_set: PromptSet, probe_cfg: Mapping[str, Any],
-                  metrics_cfg: Mapping[str, Any], keep_layers: Sequence[int] = ()) -> ProbeReport:
+def probe_prompts(loaded: LoadedModel, prompt_set: PromptSet, probe: ProbeSettings,
+                  metrics: MetricSettings, keep_layers: Sequence[int] = ()) -> ProbeReport:
     """Score ready prompts at every layer (single token or cloze) and measure every layer."""
-    from calibrate.engine.probe import ProbeSettings
-
-    settings = ProbeSettings.from_config(probe_cfg, keep_layers)
-    return make_report(prompt_set.scoring.score(loaded, prompt_set, settings), prompt_set,
-                       metrics_cfg)
+    return make_report(prompt_set.scoring.score(loaded, prompt_set, probe.keeping(keep_layers)),
+                       prompt_set, metrics)
 
 
 def prepare(spec: JobSpec) -> JobContext:
     """Records, the model's shape (checked against the spec), prompts, then the weights."""
     cache = spec.cache_dir
     check_device(spec.model.device)
-    style = spec.prompt or PromptStyle()
-    records, exemplars = load_with_exemplars(spec.dataset, style, cache)
+    records, exemplars = load_with_exemplars(spec.dataset, spec.prompt, cache)
     source = resolve_source(spec.model, cache)
     shape = model_shape(source, spec.model)  # the config alone: no weights read yet
     check_shape(spec, shape.num_blocks, shape.hidden_size)
+    get_study(spec.study).check_shape(spec, shape.num_blocks, shape.hidden_size)
     tokenizer = load_tokenizer(source, spec.model)
     prompt_set = build_prompts(records, spec.dataset, tokenizer, max_length=shape.context_length,
-                               style=style, exemplars=exemplars)
+                               style=spec.prompt, exemplars=exemplars)
     return JobContext(spec, load_model(spec.model, cache, tokenizer=tokenizer), prompt_set)
 
 
@@ -113,7 +113,8 @@ def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float)
         "num_layers": report.result.num_layers, **report.info, "final": report.final,
         **phases, "chance_accuracy": chance,
         "emergence_layer": emergence_layer(report.table, chance), "elapsed_s": round(elapsed, 3),
-        "study": ctx.spec.study, "config_hash": ctx.spec.identity, "config": ctx.spec.relevant(),
+        "study": ctx.spec.study, "readout": ctx.readout.summary(),
+        "config_hash": ctx.spec.identity, "config": ctx.spec.relevant(),
         "model_identity": loaded.identity(), "code": code_identity(),
     }
 
@@ -155,27 +156,30 @@ def finish(ctx: JobContext, result: StudyResult, job_dir: Path, tracker: Tracker
         plots.update(_plots(result.report, job_dir, title, spec.metrics, phases))
     summary = {**_summary(ctx, result.report, phases_to_dict(phases), time.perf_counter() - start),
                **result.summary}
+    rows, tables = result.summary_rows(), result.sweep_tables()
+    if rows:
+        summary["summary_rows"] = rows
+    if tables:
+        summary["sweep_tables"] = tables
+    summary["headline_extra"] = result.headline()
     write_report(result.report, job_dir, summary, spec.output, plots)
     tracker.log_layers(result.report.table)
     result.log(tracker, job_dir)
     tracker.log_images(plots)
-    tracker.log_summary(_flat_summary(summary))
+    tracker.log_summary({**_flat_summary(summary), **result.tracker_summary()})
     return summary
 
 
-def run_job(spec: JobSpec | Mapping[str, Any], job_dir: Path, name: str = "job",
-            group: str | None = None, config_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Run one job (its study) into ``job_dir``; returns the metrics summary. A config mapping
-    is turned into a :class:`~calibrate.config.spec.JobSpec` first."""
+def run_job(spec: JobSpec, job_dir: Path, name: str = "job",
+            group: str | None = None) -> dict[str, Any]:
+    """Run one job (its study) into ``job_dir``; returns the metrics summary."""
     start = time.perf_counter()
-    spec = spec if isinstance(spec, JobSpec) else build_spec(spec)
     job_dir = Path(job_dir)
     study = get_study(spec.study)
     ctx = prepare(spec)
     tracker: Tracker = Tracker()
     try:
-        tracker = open_tracker(spec.tracker, job_dir, name, group, spec.study,
-                               config_dict or spec.config)
+        tracker = open_tracker(spec.tracker, job_dir, name, group, spec.study, spec.recorded)
         summary = finish(ctx, study.run(ctx), job_dir, tracker, start)
     except BaseException:
         results.remove_outputs(job_dir, _all_files())
@@ -186,21 +190,8 @@ def run_job(spec: JobSpec | Mapping[str, Any], job_dir: Path, name: str = "job",
 
 
 def _flat_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-summary values every job has (a study adds its own: ``tracker_summary``)."""
     flat = {f"final/{k}": v for k, v in summary["final"].items()}
     for key in ("plateau_layer", "peak_ece_layer", "peak_ece", "emergence_layer", "n_examples"):
         flat[key] = summary.get(key)  # the same keys in every run; None when there is no peak
-    for eta, values in summary.get("steering", {}).items():
-        for metric in ("delta_ece", "delta_mce", "delta_accuracy", "changed"):
-            flat[f"steering/eta={eta}/{metric}"] = values[metric]
-    if summary.get("direction"):
-        flat["direction/raw_norm"] = summary["direction"].get("raw_norm")
-    report = summary.get("ablation") or {}
-    if report.get("direction_raw_norm") is not None:
-        flat["direction/raw_norm"] = report["direction_raw_norm"]
-    for key in ("rho", "rho_random_mean", "p_value", "max_cosine", "k"):
-        if key in report:
-            flat[f"nullspace/{key}"] = report[key]
-    for part in ("truncation", "random_control"):
-        for metric, value in (report.get(part) or {}).items():
-            flat[f"ablation/{part}/{metric}"] = value
     return flat

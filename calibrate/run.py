@@ -22,13 +22,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from calibrate.config import resume
-from calibrate.config.spec import CONF_DIR, build_spec
+import calibrate.studies  # noqa: F401 - the studies' intervention options
+from calibrate.config import CONF_DIR, resume, schema
+from calibrate.config.spec import build_spec
 from calibrate.errors import USER_ERRORS, one_line
 from calibrate.io import results, summary
 from calibrate.job import run_job
 
 LOG = logging.getLogger("calibrate")
+schema.register()  # the typed root, before Hydra composes (config.yaml's defaults list it)
 
 
 def _job_context() -> tuple[Path, str, str | None, bool]:
@@ -63,11 +65,8 @@ def _headline(done: dict[str, Any], job_dir: Path) -> None:
              final.get("accuracy", float("nan")), interval("accuracy"),
              final.get("ece", float("nan")), interval("ece"), final.get("mce", float("nan")),
              done.get("phase_note") or "")
-    for eta, values in (done.get("steering") or {}).items():
-        if float(eta) != 0.0:
-            LOG.info("  eta=%s: accuracy %.3f (%+.3f), ECE %.4f (%+.4f), MCE %.4f (%+.4f)", eta,
-                     values["accuracy"], values["delta_accuracy"], values["ece"],
-                     values["delta_ece"], values["mce"], values["delta_mce"])
+    for line in done.get("headline_extra") or []:
+        LOG.info("%s", line)
     LOG.info("results in %s", job_dir)
 
 
@@ -79,7 +78,7 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         spec = build_spec(cfg)
         group = spec.tracker.group or group
-        done = resume.decide(job_dir, spec, spec.config.get("resume") is True)
+        done = resume.decide(job_dir, spec, spec.config.resume)
         if done is not None:
             return done
         results.check_writable(job_dir)
@@ -114,7 +113,7 @@ def _fail(job_dir: Path, err: BaseException, multirun: bool, user_error: bool,
 
 def cli(argv: list[str] | None = None) -> None:
     """``python -m calibrate.run``: preflight, Hydra, then the exit status of the sweep."""
-    from calibrate.config.preflight import PREFLIGHT_ERRORS, preflight
+    from calibrate.preflight import PREFLIGHT_ERRORS, preflight
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.engine.steer import SteeringError, run_steered
-from calibrate.studies.ablation import SubspaceAblation, _means, final_deltas
+from calibrate.engine.edits import SteeringError
+from calibrate.engine.steer import run_steered
+from calibrate.studies.subspace_ablation import SubspaceAblation, _means, final_deltas
 from calibrate.tasks.prompts import build_prompts
 
 QUIET = ProbeSettings(progress=False)

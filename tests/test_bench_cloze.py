@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from calibrate.bench.cloze import matmul_ratio
+from calibrate.bench.cloze_bench import matmul_ratio
 from calibrate.tasks.continuations import ClozeRequest
 
 

@@ -19,7 +19,7 @@ from calibrate import job as job_mod
 from calibrate.io import compare as cmp
 from calibrate.io import results
 from calibrate.io.summary import SUMMARY_FILE, summarize_sweep
-from calibrate.studies.context import JobContext
+from calibrate.studies.job_context import JobContext
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",

@@ -182,7 +182,7 @@ def _prompt_set(tok):
 def test_last_layer_readout_equals_the_lens_read(arch, word_tokenizer):
     from calibrate.engine.probe import ProbeSettings, run_probe
     from calibrate.engine.last_layer import last_layer_logits
-    from calibrate.studies.gradient import LastLayerReadout, OptionHead
+    from calibrate.directions.gradient import LastLayerReadout, OptionHead
 
     loaded = _tiny64(arch, word_tokenizer)
     ps = _prompt_set(word_tokenizer)
@@ -202,8 +202,9 @@ def test_last_layer_readout_equals_the_lens_read(arch, word_tokenizer):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 def test_upper_readout_equals_a_hooked_forward_pass(arch, word_tokenizer):
-    from calibrate.engine.steer import Steering, run_steered
-    from calibrate.studies.gradient import OptionHead, UpperReadout
+    from calibrate.engine.edits import Steering
+    from calibrate.engine.steer import run_steered
+    from calibrate.directions.gradient import OptionHead, UpperReadout
 
     loaded = _tiny64(arch, word_tokenizer)
     ps = _prompt_set(word_tokenizer)
@@ -223,7 +224,7 @@ def test_upper_readout_with_a_shared_prefix_equals_whole_prompts(arch, word_toke
     scores and the same gradient in v as on whole prompts."""
     from dataclasses import replace
 
-    from calibrate.studies.gradient import OptionHead, UpperReadout
+    from calibrate.directions.gradient import OptionHead, UpperReadout
 
     loaded = _tiny64(arch, word_tokenizer)
     base = _prompt_set(word_tokenizer)
@@ -279,7 +280,7 @@ def _finite_difference_check(readout, labels, settings, hidden, seed=0, eps=1e-6
 @pytest.mark.parametrize("objective", ["nll", "brier", "soft_ece"])
 def test_gradient_matches_finite_differences_last_layer(objective, arch, word_tokenizer):
     from calibrate.engine.probe import ProbeSettings, run_probe
-    from calibrate.studies.gradient import LastLayerReadout, OptionHead
+    from calibrate.directions.gradient import LastLayerReadout, OptionHead
 
     loaded = _tiny64(arch, word_tokenizer)
     ps = _prompt_set(word_tokenizer)
@@ -294,7 +295,7 @@ def test_gradient_matches_finite_differences_last_layer(objective, arch, word_to
 
 
 def test_gradient_matches_finite_differences_upper_blocks(word_tokenizer):
-    from calibrate.studies.gradient import OptionHead, UpperReadout
+    from calibrate.directions.gradient import OptionHead, UpperReadout
 
     loaded = _tiny64("gpt2", word_tokenizer)
     ps = _prompt_set(word_tokenizer)
@@ -322,8 +323,8 @@ def _cloze_set(tok):
 def test_cloze_last_layer_readout_equals_the_cloze_engine(word_tokenizer):
     from calibrate.engine.cloze import run_cloze, run_cloze_steered
     from calibrate.engine.probe import ProbeSettings
-    from calibrate.engine.steer import Steering
-    from calibrate.studies.gradient import LastLayerReadout, OptionHead
+    from calibrate.engine.edits import Steering
+    from calibrate.directions.gradient import LastLayerReadout, OptionHead
     from calibrate.tasks.continuations import cloze_divisors
 
     loaded = _tiny64("phi", word_tokenizer)
@@ -346,7 +347,7 @@ def test_cloze_last_layer_readout_equals_the_cloze_engine(word_tokenizer):
 def test_fit_lowers_the_objective_and_is_deterministic(word_tokenizer):
     from calibrate.engine.probe import ProbeSettings, run_probe
     from calibrate.engine.last_layer import last_layer_logits
-    from calibrate.studies.gradient import LastLayerReadout, OptionHead
+    from calibrate.directions.gradient import LastLayerReadout, OptionHead
 
     loaded = _tiny64("llama", word_tokenizer)
     ps = _prompt_set(word_tokenizer)
@@ -375,7 +376,7 @@ def test_fit_lowers_the_objective_and_is_deterministic(word_tokenizer):
 
 def test_max_norm_bounds_the_vector(word_tokenizer):
     from calibrate.engine.probe import ProbeSettings, run_probe
-    from calibrate.studies.gradient import LastLayerReadout, OptionHead
+    from calibrate.directions.gradient import LastLayerReadout, OptionHead
 
     loaded = _tiny64("llama", word_tokenizer)
     ps = _prompt_set(word_tokenizer)
@@ -425,7 +426,7 @@ def test_read_repeng_gguf(tmp_path):
 
 
 def test_gguf_direction_picks_the_steering_layer(tmp_path):
-    from calibrate.studies.directions import gguf_direction
+    from calibrate.directions.fit import gguf_direction
 
     rng = np.random.default_rng(1)
     dirs = {4: rng.standard_normal(16), 9: rng.standard_normal(16)}

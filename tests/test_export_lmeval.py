@@ -140,7 +140,7 @@ def test_lmeval_steered_model_equals_a_position_all_job(tmp_path):
     # per example: the steered last-layer probabilities of the job, recomputed through the engine
     from calibrate.core.direction import load_direction
     from calibrate.core.option_scores import option_probabilities
-    from calibrate.engine.steer import Steering
+    from calibrate.engine.edits import Steering
 
     direction = load_direction(job_dir / "direction.safetensors")
     steering = Steering(direction.vector, (20,), (eta,), "all")

@@ -132,8 +132,8 @@ PREVIOUS = json.dumps({"status": "complete", "marker": "an earlier complete resu
 BAD = [
     Bad("compare_missing_dir", ("calibrate.io.compare", "{tmp}/nonexistent"), 2,
         ("{tmp}/nonexistent", "no such directory"), ("sweep directory",)),
-    Bad("bench_n_zero", ("calibrate.bench.probe", "--n", "0"), 2, ("--n must be >= 1, got 0",), lines=None),
-    Bad("bench_rounds_negative", ("calibrate.bench.probe", "--rounds", "-1"), 2,
+    Bad("bench_n_zero", ("calibrate.bench.probe_bench", "--n", "0"), 2, ("--n must be >= 1, got 0",), lines=None),
+    Bad("bench_rounds_negative", ("calibrate.bench.probe_bench", "--rounds", "-1"), 2,
         ("--rounds must be >= 1, got -1",), lines=None),
     Bad("assets_unknown", ("calibrate.model.assets", "prepare", "nosuchmodel"), 1,
         ("'nosuchmodel'",), ("'data'", "smollm2", "gemma3_270m")),

@@ -7,7 +7,8 @@ import pytest
 
 from calibrate.engine.probe import ProbeSettings, run_probe
 from calibrate.engine.last_layer import last_layer_logits, last_layer_steered
-from calibrate.engine.steer import DirectionSweep, Steering, run_steered
+from calibrate.engine.edits import DirectionSweep, Steering
+from calibrate.engine.steer import run_steered
 from calibrate.tasks.prompts import build_prompts
 
 QUIET = ProbeSettings(progress=False)

@@ -25,7 +25,8 @@ from calibrate.engine.prefix import (
     sliding_window,
 )
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.engine.steer import DirectionSweep, Steering, run_steered
+from calibrate.engine.edits import DirectionSweep, Steering
+from calibrate.engine.steer import run_steered
 from calibrate.tasks.continuations import build_requests
 from calibrate.tasks.prompts import build_prompts
 from calibrate.tasks.records import MCRecord

@@ -17,7 +17,7 @@ from calibrate.engine.cloze import run_cloze
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.probe import ProbeSettings, run_probe
 from calibrate.engine.scoring import score, score_steered
-from calibrate.engine.steer import Steering
+from calibrate.engine.edits import Steering
 from calibrate.tasks.continuations import cloze_divisors
 from calibrate.tasks.data import MCRecord
 from calibrate.tasks.prompts import build_prompts

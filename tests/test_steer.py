@@ -11,7 +11,7 @@ import torch
 
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.engine.steer import (
+
     Steering,
     SteeringError,
     check_steering,

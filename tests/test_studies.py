@@ -16,8 +16,8 @@ from calibrate.core.direction import Direction, fit_direction, split_indices
 from calibrate.engine.probe import ProbeSettings, run_probe
 from calibrate.model.load import wrap_model
 from calibrate.studies import STUDIES, Study, StudyResult, get_study, register
-from calibrate.studies.context import JobContext
-from calibrate.studies.directions import DIRECTION_METHODS, FitRequest, direction_method
+from calibrate.studies.job_context import JobContext
+from calibrate.directions.fit import DIRECTION_METHODS, FitRequest, direction_method
 from calibrate.tasks.prompts import build_prompts
 
 DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
@@ -211,8 +211,9 @@ def test_random_direction_null_off_the_last_layer_equals_full_steered_passes(
         tiny_lm, prompt_set, tmp_path):
     """At an earlier layer every random direction runs only the blocks above the edit; its band
     equals the one from full forward passes of each direction, and ĉ's row equals steering.csv."""
-    from calibrate.engine.steer import Steering, run_steered
-    from calibrate.studies.null import _final_metrics, null_vectors
+    from calibrate.engine.edits import Steering
+    from calibrate.engine.steer import run_steered
+    from calibrate.core.random_null import _final_metrics, null_vectors
 
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=direction", "eta=[0,3]",
                   "intervention.layers=[2]", "direction.n_random=6")
@@ -235,7 +236,7 @@ def test_random_direction_null_off_the_last_layer_equals_full_steered_passes(
     # ĉ's rows come from the same sweep: they equal ĉ steered alone in full forward passes
     alone = run_steered(tiny_lm, eval_set, Steering(result.direction.vector, (2,), (0.0, 3.0)),
                         ProbeSettings(progress=False), use_cache=False)
-    from calibrate.engine.steer import steering_table
+    from calibrate.core.deltas import steering_table
     reference = steering_table(alone, eval_set.labels, [0.0, 3.0], 15, "guo", 0)
     np.testing.assert_allclose(result.table["ece"], reference["ece"], atol=1e-6)
     np.testing.assert_allclose(result.table["accuracy"], reference["accuracy"], atol=1e-9)
@@ -254,8 +255,8 @@ def test_cloze_null_at_the_last_layer_equals_full_cloze_passes(tiny_lm, tmp_path
     """Cloze steered at the last layer: the null rereads only the context's last state; its band
     equals full cloze passes of each random direction, ĉ's row equals steering.csv."""
     from calibrate.engine.cloze import run_cloze_steered
-    from calibrate.engine.steer import Steering
-    from calibrate.studies.null import _final_metrics, null_vectors
+    from calibrate.engine.edits import Steering
+    from calibrate.core.random_null import _final_metrics, null_vectors
     from calibrate.tasks.data import MCRecord
 
     rng = np.random.default_rng(1)
@@ -284,8 +285,8 @@ def test_cloze_null_at_the_last_layer_equals_full_cloze_passes(tiny_lm, tmp_path
 def test_subspace_control_off_the_last_layer_equals_full_ablated_passes(
         tiny_lm, prompt_set, tmp_path):
     from calibrate.engine.steer import run_steered
-    from calibrate.studies.ablation import SubspaceAblation
-    from calibrate.studies.null import _final_metrics, random_bases
+    from calibrate.studies.subspace_ablation import SubspaceAblation
+    from calibrate.core.random_null import _final_metrics, random_bases
 
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=nullspace", "nullspace.k=4",
                   "nullspace.n_control=5", "intervention.layers=[2]")
@@ -317,7 +318,7 @@ def test_nullspace_truncation_against_many_random_subspaces(tiny_lm, prompt_set,
     band and p-value."""
     from calibrate.core import nullspace as ns
     from calibrate.engine.last_layer import last_layer_truncated_logits
-    from calibrate.studies.null import _final_metrics
+    from calibrate.core.random_null import _final_metrics
 
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=nullspace", "nullspace.k=4",
                   "nullspace.n_control=12")

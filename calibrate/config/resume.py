@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrate.config.spec import JobSpec, config_diff
-from calibrate.config.validate import ConfigError
+from calibrate.errors import ConfigError
 from calibrate.io import results
 
 LOG = logging.getLogger("calibrate")

@@ -1,10 +1,11 @@
 """The job spec: built once from the composed config, checked, and carrying the result's identity.
 
-Everything a job decides from its config is decided here, once: which study runs (``probe``,
-``steering``, ``nullspace``, ``direction_ablate``), the η values (normalised, 0 first), the
-intervention settings, and the identity of the result — a hash of the *result-relevant* config
-(every key but those that cannot change a number: tracking, resume, cache folder, progress bars,
-batching, plot switches). Caches and resume compare that identity; metrics.json records it.
+Everything a job decides from its config is decided here, once: the typed tree
+(:func:`calibrate.config.compose.typed`), which study runs (``intervention.name``), the η values
+(normalised, 0 first), the resolved config of ``direction.source``, and the identity of the
+result — a hash of the *result-relevant* config (every key but those that cannot change a
+number: tracking, resume, cache folder, progress bars, batching, plot switches). Caches and
+resume compare that identity; metrics.json records it.
 
 Checks that need the model's shape (layer ranges, null-space k) run in :func:`check_shape` on
 the shape read from the model's config, before any weight is read.
@@ -17,27 +18,22 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from calibrate.config import CONF_DIR
-from calibrate.config.settings import (
-    DirectionSettings,
-    InterventionSettings,
-    MetricSettings,
-    NullspaceSettings,
-    OutputSettings,
-    PhaseSettings,
-)
-from calibrate.config.validate import ConfigError, check_probe, check_resume, parse_eta
+from calibrate.config.compose import compose, group_options, typed
+from calibrate.config.schema import Config
+from calibrate.errors import ConfigError
+from calibrate.tasks.dataset_config import DatasetConfig
 
 # Keys (dotted prefixes) that cannot change a reported number; left out of the identity.
 NON_RESULT_KEYS = ("tracker", "resume", "cache_dir", "hydra", "checks", "probe.progress",
                    "probe.batch_size", "probe.max_batch_size", "probe.max_tokens", "probe.min_fill",
                    "probe.prefix_reuse", "output.plots")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,26 +48,20 @@ if not OmegaConf.has_resolver("calibrate_uid"):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job, decided: the study, its η values, every group typed, and its identity."""
+    """One job, decided: the typed config, the study, its η values, and its identity."""
 
-    config: Mapping[str, Any]          # the resolved config (plain containers), as recorded
-    study: str                         # one of the registered studies
-    etas: tuple[float, ...]            # steering: 0 first, then the others in order; else ()
-    intervention: InterventionSettings  # for η alone with intervention=none: the direction's
-    seed: int
-    identity: str                      # config_hash(config)
-    model: Any = None                  # calibrate.model.config.ModelConfig
-    dataset: Any = None                # calibrate.tasks.dataset_config.DatasetConfig
-    probe: Any = None                  # calibrate.engine.probe.ProbeSettings
-    metrics: MetricSettings = MetricSettings()
-    phases: PhaseSettings = PhaseSettings()
-    direction: DirectionSettings = DirectionSettings()
-    nullspace: NullspaceSettings = NullspaceSettings()
-    output: OutputSettings = OutputSettings()
-    tracker: Any = None                # calibrate.io.track.TrackerSettings
-    study_settings: Any = None         # the study's own (Study.settings), e.g. the baselines'
-    cache_dir: str | None = None
-    prompt: Any = None                 # calibrate.tasks.shots.PromptStyle (shots, chat template)
+    config: Config                       # the typed tree (every group checked)
+    recorded: dict[str, Any]             # the resolved config as plain containers (metrics.json)
+    study: str                           # the registered study that runs (intervention.name)
+    etas: tuple[float, ...]              # steering: 0 first, then the others in order; else ()
+    identity: str                        # config_hash(recorded)
+    direction_source: DatasetConfig | None = None  # direction.source's dataset config, resolved
+
+    def __getattr__(self, name: str) -> Any:
+        """The typed groups by name: ``spec.metrics`` is ``spec.config.metrics``."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.config, name)
 
     @property
     def uses_split(self) -> bool:
@@ -79,8 +69,8 @@ class JobSpec:
         return self.study != "probe"
 
     def relevant(self) -> dict[str, Any]:
-        """The result-relevant part of the config (what :attr:`identity` hashes)."""
-        return result_config(self.config)
+        """The result-relevant part of the recorded config (what :attr:`identity` hashes)."""
+        return result_config(self.recorded)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -132,19 +122,27 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
-def _seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"seed={value!r}; accepted: an integer")
-    return value
-
-
-def decide_study(cfg: Mapping[str, Any]) -> str:
-    """The study a config asks for: the intervention's, or ``steering`` when η is given with
-    ``intervention=none`` (any η, 0 included: every job of an η sweep is a steering job)."""
-    name = cfg["intervention"]["name"]
-    if name == "none":
-        return "steering" if cfg.get("eta") is not None else "probe"
-    return "steering" if name == "direction" else name
+def parse_eta(value: Any) -> list[float]:
+    """η as a list of finite floats; accepts one number or a list of numbers."""
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if not items:
+        raise ConfigError("eta is an empty list; give a number or a list of numbers, e.g. eta=4")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+            raise ConfigError(f"eta={item!r} is not a number; accepted: finite numbers")
+        try:
+            number = float(item)
+        except ValueError:
+            raise ConfigError(f"eta={item!r} is not a number; accepted: finite numbers") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"eta={item!r} is not finite; accepted: finite numbers")
+        if abs(number) >= math.sqrt(FLOAT32_MAX):
+            raise ConfigError(f"eta={item!r} overflows the float32 read of the edited residual "
+                              f"(its square exceeds {FLOAT32_MAX:.3g}); accepted: |eta| < "
+                              f"{math.sqrt(FLOAT32_MAX):.3g}")
+        out.append(number)
+    return out
 
 
 def steering_etas(value: Any) -> tuple[float, ...]:
@@ -153,56 +151,43 @@ def steering_etas(value: Any) -> tuple[float, ...]:
     return (0.0, *[e for e in dict.fromkeys(etas) if e != 0.0])
 
 
-def _intervention(cfg: Mapping[str, Any], study: str) -> InterventionSettings:
-    icfg = dict(cfg["intervention"])
-    if study == "steering" and icfg["name"] == "none":  # eta given alone: the direction defaults
-        icfg = _plain(OmegaConf.load(CONF_DIR / "intervention" / "direction.yaml"))
-    return InterventionSettings.from_mapping(icfg)
+def _study(config: Config) -> str:
+    study = config.intervention.name
+    accepted = group_options("intervention")
+    if study not in accepted:
+        raise ConfigError(f"intervention.name={study!r} names no study; accepted: "
+                          f"{', '.join(accepted)}")
+    return study
 
 
-def _study_class(study: str) -> Any:
-    from calibrate.studies import STUDIES
+def source_dataset(config: Config) -> DatasetConfig | None:
+    """``direction.source``'s dataset config, composed as the CLI would compose it (its own
+    config file, the job's seed, ``direction.source_limit``)."""
+    name = config.direction.source
+    if name is None:
+        return None
+    accepted = group_options("dataset")
+    if name not in accepted:
+        raise ConfigError(f"direction.source={name!r}; accepted: {', '.join(accepted)}")
+    overrides = [f"dataset={name}", f"seed={config.seed}"]
+    if config.direction.source_limit is not None:
+        overrides.append(f"dataset.limit={config.direction.source_limit}")
+    return typed(compose(overrides)).dataset
 
-    if study not in STUDIES:
-        raise ConfigError(f"intervention={study!r} names no study; accepted: "
-                          f"{', '.join(sorted(STUDIES))}")
-    return STUDIES[study]
 
-
-def build_spec(cfg: Mapping[str, Any]) -> JobSpec:
-    """Check a composed config (cheap checks only, nothing loaded) and decide the job: every
-    group is read here, once, into its typed settings."""
-    from calibrate.engine.probe import ProbeSettings
-    from calibrate.io.track import TrackerSettings
-    from calibrate.model.config import ModelConfig
-    from calibrate.tasks.dataset_config import DatasetConfig
-    from calibrate.tasks.shots import PromptStyle, check_style
-
-    cfg = _plain(cfg)
-    seed = _seed(cfg.get("seed", 0))
-    # Each group is checked by building its settings, in check_job's order (same first error).
-    model = ModelConfig.from_mapping(cfg["model"], ConfigError).check(ConfigError)
-    dataset = DatasetConfig.from_mapping(cfg["dataset"])
-    prompt = PromptStyle.from_mapping(cfg.get("prompt"), ConfigError)
-    check_style(prompt, dataset, ConfigError)
-    check_probe(cfg["probe"])
-    metrics = MetricSettings.from_mapping(cfg["metrics"])
-    tracker = TrackerSettings.from_mapping(cfg["tracker"], ConfigError)
-    check_resume(cfg.get("resume", False))
-    etas = steering_etas(cfg.get("eta"))  # η parsed once; kept for steering studies only
-    InterventionSettings.from_mapping(cfg["intervention"])
-    direction = DirectionSettings.from_mapping(cfg["direction"])
-    nullspace = NullspaceSettings.from_mapping(cfg["nullspace"])
-    study = decide_study(cfg)
-    return JobSpec(
-        cfg, study, etas if study == "steering" else (), _intervention(cfg, study), seed,
-        config_hash(cfg), model=model, dataset=dataset,
-        probe=ProbeSettings.from_config(cfg["probe"]), metrics=metrics,
-        phases=PhaseSettings.from_mapping(cfg.get("phases") or {}),
-        direction=direction, nullspace=nullspace,
-        output=OutputSettings.from_mapping(cfg.get("output") or {}, cfg.get("checks") or {}),
-        tracker=tracker, study_settings=_study_class(study).settings(cfg),
-        cache_dir=cfg.get("cache_dir"), prompt=prompt)
+def build_spec(cfg: DictConfig) -> JobSpec:
+    """Check a composed config (cheap checks only, nothing loaded) and decide the job."""
+    config = typed(cfg)
+    recorded = _plain(cfg)
+    recorded.pop("hydra", None)
+    study = _study(config)
+    etas = steering_etas(config.eta) if study == "steering" else ()
+    if config.eta is not None and study != "steering":
+        parse_eta(config.eta)  # a bad value is refused even where it is not read
+    source = source_dataset(config)
+    if source is not None:
+        recorded["direction_source_dataset"] = _plain(OmegaConf.structured(source))
+    return JobSpec(config, recorded, study, etas, config_hash(recorded), source)
 
 
 def _layers_in(name: str, layers: Any, low: int, high: int) -> None:
@@ -218,22 +203,9 @@ def check_shape(spec: JobSpec, num_blocks: int, hidden_size: int) -> None:
     """Checks that need the model's shape (from its config): layer ranges and null-space k."""
     if spec.study == "probe":
         return
-    last = num_blocks  # layers are 0 (embeddings) .. num_blocks (the last block's output)
-    _layers_in("intervention.layers", spec.intervention.layers, 0, last)
-    if not spec.direction.path:
-        _layers_in("direction.layers", spec.direction.layers, 1, last)
-    method = spec.direction.method
-    if method in ("gradient", "probe"):  # the layer the method fits at, when set
-        layer = ((spec.config.get("direction") or {}).get(method) or {}).get("layer")
-        if layer is not None:
-            _layers_in(f"direction.{method}.layer", [layer], 0, last)
-    if spec.study == "nullspace":
-        k, fraction = spec.nullspace.k, spec.nullspace.fraction
-        if k is None:
-            k = round(fraction * hidden_size)
-        if not 0 <= int(k) <= hidden_size:
-            raise ConfigError(f"nullspace.k={k} (fraction {fraction} of hidden "
-                              f"{hidden_size}); accepted: 0..{hidden_size}")
+    _layers_in("intervention.layers", spec.intervention.layers, 0, num_blocks)
+    spec.direction.check_shape(num_blocks)
+    spec.nullspace.check_shape(hidden_size)
 
 
 def eta_edit_ratio(etas: tuple[float, ...], scale: float | None, residual_norm: float) -> float:

@@ -1,4 +1,4 @@
-"""The calibration direction: fit from residual differences, save, load, check.
+"""The calibration direction: a unit vector with its provenance, and its fit from residual differences.
 
 Layer numbering as everywhere: ``direction.layers = [28, 29, 30]`` uses the differences
 A_28 - A_27, A_29 - A_28 and A_30 - A_29, i.e. the updates written by the last three blocks of a
@@ -13,29 +13,25 @@ Methods:
 
 The representation-engineering family (``pca``, ``probe``) is in
 :mod:`calibrate.core.direction_methods`, the gradient-fitted vector in
-:mod:`calibrate.core.gradient_fit`; ``direction.path`` also accepts a repeng control-vector
-GGUF (:mod:`calibrate.io.gguf`).
+:mod:`calibrate.core.gradient_fit`; the methods as strategies of a job, and direction files, are
+:mod:`calibrate.directions`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 
-from calibrate.io import results
+from calibrate.errors import UserError
 
 METHODS = ("layer_diff", "mean_diff", "random")
-VECTOR_KEY = "direction"
 
 
-class DirectionError(ValueError):
+class DirectionError(UserError):
     """A direction cannot be fit, loaded or applied as asked."""
 
 
@@ -122,68 +118,6 @@ def fit_direction(residuals: Mapping[int, np.ndarray], layers: Sequence[int], me
         "cosine_to_direction": {str(l): float(v @ unit / max(np.linalg.norm(v), 1e-300))
                                 for l, v in per_layer.items()},
     })
-
-
-def save_direction(direction: Direction, folder: Path, stem: str = "direction",
-                   plots: bool = True) -> tuple[Path, Path]:
-    """Write ``<stem>.safetensors`` (the vector) and ``<stem>.json`` (its metadata), atomically.
-
-    A direction fit by ``gradient`` also leaves its loss curve: ``gradient_fit.csv`` (and with
-    ``plots``, ``gradient_fit.png``) beside them (:func:`calibrate.core.gradient_fit.write_fit_curve`).
-    """
-    from calibrate.core.gradient_fit import write_fit_curve
-
-    folder = Path(folder)
-    tensors = results.atomic_write(folder / f"{stem}.safetensors", lambda h: h.write(
-        _safetensors_bytes(direction)))
-    meta = results.write_json(folder / f"{stem}.json", direction.meta)
-    write_fit_curve(direction, folder, plots)
-    return tensors, meta
-
-
-def _safetensors_bytes(direction: Direction) -> bytes:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "d.safetensors"
-        save_file({VECTOR_KEY: np.ascontiguousarray(direction.vector, dtype=np.float64)}, str(path),
-                  metadata={"meta": json.dumps(direction.meta, default=str)})
-        return path.read_bytes()
-
-
-def load_direction(path: str | Path) -> Direction:
-    """Load a direction saved by :func:`save_direction` (the .safetensors or the .json path)."""
-    path = Path(path)
-    tensors = path.with_suffix(".safetensors")
-    if not tensors.is_file():
-        raise DirectionError(f"direction.path={str(path)!r}: no file {tensors.name}; give the "
-                             ".safetensors file a previous job wrote")
-    try:
-        vector = load_file(str(tensors))[VECTOR_KEY]
-        from safetensors import safe_open
-
-        with safe_open(str(tensors), "np") as handle:
-            meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise DirectionError(f"direction.path={str(path)!r} is not a readable direction file: {err}")
-    return Direction(vector.astype(np.float64), meta)
-
-
-def check_compatible(direction: Direction, hidden: int, unembed_hash: str, model_name: str,
-                     allow_cross_model: bool) -> Direction:
-    """Refuse another width; refuse another model of the same width unless allowed (then flag it)."""
-    if direction.hidden != hidden:
-        raise DirectionError(f"the direction has hidden size {direction.hidden} (from model "
-                             f"{direction.meta.get('model')!r}) but {model_name!r} has {hidden}")
-    source_hash = direction.meta.get("unembed_hash")
-    if source_hash and source_hash != unembed_hash:
-        if not allow_cross_model:
-            raise DirectionError(
-                f"the direction was fit on model {direction.meta.get('model')!r} (unembedding hash "
-                f"{source_hash[:12]}), not on {model_name!r} ({unembed_hash[:12]}); set "
-                "direction.allow_cross_model=true to apply it anyway (a cross-model transfer)")
-        direction.meta = {**direction.meta, "cross_model_transfer": True, "applied_to": model_name}
-    return direction
 
 
 def split_indices(n: int, calibration_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

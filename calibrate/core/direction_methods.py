@@ -1,7 +1,7 @@
 """Representation-engineering directions from residuals: ``pca`` and ``probe``.
 
 Pure numpy/scipy functions of cached last-position residuals; the registry entries that feed
-them a job's calibration split live in :mod:`calibrate.studies.directions`.
+them a job's calibration split live in :mod:`calibrate.directions.fit`.
 
 Sign convention (every method): **+η is meant to lower the model's confidence**, the way the
 paper's ``layer_diff`` ĉ does (the correction phase lowers confidence, and ĉ points along the

@@ -3,7 +3,7 @@
 One vector v is added to the residual at one layer (last position); a differentiable *readout*
 maps the edited residuals of some calibration rows to their option scores [R, K] (at the last
 layer: the final norm and the option rows, or the full-vocabulary log-softmax for cloze; at an
-earlier layer: the upper blocks first, see :mod:`calibrate.studies.gradient`). v minimises
+earlier layer: the upper blocks first, see :mod:`calibrate.directions.gradient`). v minimises
 
     objective(softmax(scores), labels)                               nll | brier | soft_ece
     + norm_penalty · ||v / r||²                                       (r: mean residual norm there)
@@ -37,22 +37,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from calibrate import values
 from calibrate.core.direction import Direction, DirectionError
 
 OBJECTIVES = ("nll", "brier", "soft_ece")
 CURVE_KEY = "loss_curve"  # Direction.meta key of the fit's loss curve (column -> list)
-CURVE_FILE = "gradient_fit.csv"
-CURVE_PLOT = "gradient_fit.png"
 
 # readout(v [H], rows [R] long) -> option scores [R, K] (-inf where an example has no option k)
 Readout = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass
 class GradientSettings:
     """``direction.gradient``: the objective, the bound, the accuracy guard and the optimiser."""
 
-    objective: str = "nll"
+    objective: str = "nll"              # nll | brier | soft_ece
     layer: int | None = None            # the layer v is added at; null: the steering layer
     max_norm: float | None = None       # ||v|| <= max_norm · r (projection); null: unbounded
     norm_penalty: float = 0.0           # weight of ||v / r||²
@@ -64,36 +63,22 @@ class GradientSettings:
     soft_ece_bins: int = 15
     soft_ece_temperature: float = 0.001
 
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> GradientSettings:
-        """Check and convert the ``direction.gradient`` block (missing keys: the defaults)."""
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise DirectionError(f"direction.gradient has unknown keys {unknown}; accepted: "
-                                 f"{', '.join(cls.__dataclass_fields__)}")
-        out = cls(**{k: v for k, v in cfg.items()})
-        if out.objective not in OBJECTIVES:
-            raise DirectionError(f"direction.gradient.objective={out.objective!r}; accepted: "
-                                 f"{', '.join(OBJECTIVES)}")
-        checks = {  # key: (valid, what is accepted)
-            "lr": (out.lr > 0, "> 0"),
-            "max_steps": (int(out.max_steps) >= 1 and out.max_steps == int(out.max_steps),
-                          "an integer >= 1"),
-            "patience": (int(out.patience) >= 1, "an integer >= 1"),
-            "norm_penalty": (out.norm_penalty >= 0, ">= 0"),
-            "accuracy_penalty": (out.accuracy_penalty >= 0, ">= 0"),
-            "holdout_fraction": (0 <= out.holdout_fraction < 1, "in [0, 1)"),
-            "soft_ece_bins": (int(out.soft_ece_bins) >= 1, "an integer >= 1"),
-            "soft_ece_temperature": (out.soft_ece_temperature > 0, "> 0"),
-            "max_norm": (out.max_norm is None or out.max_norm > 0, "null or > 0"),
-            "layer": (out.layer is None or int(out.layer) >= 0, "null or a layer index >= 0"),
-        }
-        bad = [f"{k}={getattr(out, k)!r} (accepted: {accepted})"
-               for k, (ok, accepted) in checks.items() if not ok]
-        if bad:
-            raise DirectionError(f"direction.gradient: {'; '.join(bad)}")
-        return out
+    def __post_init__(self) -> None:
+        err, key = DirectionError, "direction.gradient."
+        values.choice(key + "objective", self.objective, OBJECTIVES, err)
+        values.optional_integer(key + "layer", self.layer, 0, err)
+        if self.max_norm is not None:
+            values.number(key + "max_norm", self.max_norm, lambda m: m > 0, "null or a number > 0",
+                          err)
+        for name in ("norm_penalty", "accuracy_penalty"):
+            values.number(key + name, getattr(self, name), lambda w: w >= 0, "a number >= 0", err)
+        values.number(key + "lr", self.lr, lambda lr: lr > 0, "a number > 0", err)
+        for name in ("max_steps", "patience", "soft_ece_bins"):
+            values.integer(key + name, getattr(self, name), 1, err)
+        values.number(key + "holdout_fraction", self.holdout_fraction, lambda f: 0 <= f < 1,
+                      "a number in [0, 1)", err)
+        values.number(key + "soft_ece_temperature", self.soft_ece_temperature, lambda s: s > 0,
+                      "a number > 0", err)
 
 
 def _probs(scores: torch.Tensor) -> torch.Tensor:
@@ -242,47 +227,3 @@ def curve_of(direction: Direction) -> pd.DataFrame | None:
     """The loss curve a gradient fit left in ``direction.meta`` (None for other methods)."""
     curve = direction.meta.get(CURVE_KEY)
     return None if not curve else pd.DataFrame(curve)
-
-
-def write_fit_curve(direction: Direction, folder: Path, plot: bool = True) -> list[Path]:
-    """``gradient_fit.csv`` (and ``gradient_fit.png``) of a gradient direction; nothing otherwise."""
-    from calibrate.io import results
-
-    curve = curve_of(direction)
-    if curve is None:
-        return []
-    folder = Path(folder)
-    paths = [folder / CURVE_FILE]
-    results.write_csv(paths[0], curve)
-    if plot:
-        paths.append(plot_fit_curve(curve, folder / CURVE_PLOT, direction.meta))
-    return paths
-
-
-def plot_fit_curve(curve: pd.DataFrame, path: Path, meta: Mapping[str, Any] | None = None) -> Path:
-    """Training and held-out loss against step, the kept step marked, and ||v|| on a twin axis."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    meta = meta or {}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(curve["step"], curve["train_objective"], label="train objective")
-    if curve["holdout_objective"].notna().any():
-        ax.plot(curve["step"], curve["holdout_objective"], label="held-out objective")
-    if "best_step" in meta:
-        ax.axvline(meta["best_step"], color="grey", ls=":", label="kept step")
-    ax.set_xlabel("step")
-    ax.set_ylabel(str((meta.get("gradient") or {}).get("objective", "objective")))
-    twin = ax.twinx()
-    twin.plot(curve["step"], curve["norm"], color="tab:green", alpha=0.5, label="|v|")
-    twin.set_ylabel("|v|")
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"gradient fit at layer {meta.get('fit_layer', '?')}")
-    fig.tight_layout()
-    from calibrate.io import results
-
-    results.atomic_write(Path(path), lambda h: fig.savefig(h, format="png", dpi=110))
-    plt.close(fig)
-    return Path(path)

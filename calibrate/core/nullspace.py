@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from calibrate import values
+from calibrate.errors import ConfigError
 
 from calibrate.core.subspace import (  # noqa: F401 - re-exported: nullspace.<name> stays valid
     DEFAULT_FRACTION,
@@ -70,8 +71,13 @@ class NullspaceSettings:
         values.integer("nullspace.n_control", self.n_control, 0)
 
     def k_for(self, hidden: int) -> int:
-        """k for a model of width ``hidden`` (checked against it)."""
-        return resolve_k(hidden, self.k, self.fraction if self.k is None else None)
+        """k for a model of width ``hidden``: ``k``, else ``max(1, round(fraction * hidden))``."""
+        return resolve_k(hidden, self.k, self.fraction)
+
+    def check_shape(self, hidden: int) -> None:
+        """k must fit the model's width (before any weight is read)."""
+        if self.k is not None and self.k > hidden:
+            raise ConfigError(f"nullspace.k={self.k}; accepted: 0..{hidden} (the hidden size)")
 
 
 # --- the decomposition -------------------------------------------------------------------------

@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from calibrate import values
-from calibrate.core.metrics import bin_index
+from calibrate.core.metrics import bin_index, layer_table
+from calibrate.core.option_scores import option_probabilities
 from calibrate.errors import ConfigError
 
 METHODS = ("temperature", "histogram")
@@ -123,3 +125,44 @@ def apply_histogram(probs: np.ndarray, accuracy: np.ndarray, n_bins: int = 15,
         out[lone] = np.where(others, share[:, None], 0.0)
         out[rows[lone], top[lone]] = new[lone]
     return np.clip(out, 0.0, 1.0)  # rescaling may round a probability a few ulp past 1
+
+
+COLUMNS = ("accuracy", "ece", "mce", "nll", "brier")  # the baselines table's metrics
+
+
+def baseline_table(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, evaluation: np.ndarray,
+                   settings: BaselineSettings, n_bins: int, binning: str) -> pd.DataFrame:
+    """Per method and layer: the fitted parameter and the evaluation split's metrics before
+    (``*_before``) and after. ``logits`` [N, L+1, K] option scores, ``labels`` [N]."""
+    before = layer_table(option_probabilities(logits[evaluation]), labels[evaluation],
+                         n_bins=n_bins, binning=binning, extra_bins=())
+    valid = np.isfinite(logits[evaluation, 0])
+    rows = []
+    for method in settings.methods:
+        after = np.empty_like(logits[evaluation], dtype=np.float64)
+        params = []
+        for layer in range(logits.shape[1]):
+            fit_logits, ev_logits = logits[cal, layer], logits[evaluation, layer]
+            if method == "temperature":
+                t = fit_temperature(fit_logits, labels[cal], settings.log_t_bounds)
+                after[:, layer], param = apply_temperature(ev_logits, t), t
+            else:
+                acc = fit_histogram(option_probabilities(fit_logits), labels[cal], n_bins, binning)
+                after[:, layer] = apply_histogram(option_probabilities(ev_logits), acc, n_bins,
+                                                  binning, valid)
+                param = float(np.nansum(~np.isnan(acc)))  # bins with a fitted accuracy
+            params.append(param)
+        table = layer_table(after, labels[evaluation], n_bins=n_bins, binning=binning, extra_bins=())
+        for layer, param in enumerate(params):
+            row = {"layer": layer, "method": method, "parameter": param}
+            row.update({f"{c}_before": float(before[c].iloc[layer]) for c in COLUMNS})
+            row.update({c: float(table[c].iloc[layer]) for c in COLUMNS})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def baselines_at(table: pd.DataFrame, layer: int) -> dict[str, dict[str, float]]:
+    """Each method's parameter and metrics (before and after) at one layer."""
+    rows = table[table["layer"] == layer]
+    keep = ("parameter", *COLUMNS, *(f"{c}_before" for c in COLUMNS))
+    return {row["method"]: {k: float(row[k]) for k in keep} for row in rows.to_dict("records")}

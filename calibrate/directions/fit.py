@@ -1,224 +1,63 @@
-"""Calibration directions for a job: a registry of fitting methods, and the fit of ĉ on the
-calibration split (of this dataset or of ``direction.source``), or its load from a file.
+"""ĉ for a job: fit with ``direction.method`` on a calibration split, or loaded from a file.
 
-A method is a callable that receives a :class:`FitRequest` — the job context, the prompts and
-calibration rows to fit on, the layers and seed — and returns a unit
-:class:`~calibrate.core.direction.Direction`. It may read cached residuals
-(:meth:`FitRequest.residuals`) or run the model itself through ``request.ctx``::
+The split is the job's own seeded calibration split (``direction.calibration_fraction``), of the
+job's dataset, of another dataset (``direction.source``, its own calibration split), or of the
+job's records in another prompt style (``direction.source_prompt``). ``direction.path`` loads a
+saved direction (a job's ``direction.safetensors``, or a repeng control-vector GGUF) instead.
 
-    @direction_method("my_method")
-    def my_method(request: FitRequest) -> Direction:
-        residuals = request.residuals()
-        ...
+Every direction's meta also records its cosine with layer_diff's ĉ fit on the same rows
+(``cosine_layer_diff``) and its null-space alignment ρ = ‖U_kᵀ ĉ‖ (``null_space_rho``, k from the
+``nullspace`` group): what the methods are compared by, beside their steering results.
 
-Registered: ``layer_diff`` (the paper's), ``mean_diff``, ``random`` (the control), ``pca`` and
-``probe`` (the representation-engineering family, :mod:`calibrate.core.direction_methods`) and
-``gradient`` (a vector fit by gradient descent on a calibration objective,
-:mod:`calibrate.studies.gradient`). Sign convention of every method: +η is meant to lower
-confidence (reduce over-confidence), as layer_diff's ĉ does along the correction phase.
-
-Every fitted direction's meta also records its cosine with layer_diff's ĉ fit on the same rows
-(``cosine_layer_diff``) and its null-space alignment ρ = ||U_kᵀ ĉ|| (``null_space_rho``, k from
-the ``nullspace`` group): what the methods are compared by, beside their steering results.
+Nothing here names a method: each is a strategy of :mod:`calibrate.directions` that says which
+residual layers it reads and fits itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-from omegaconf import OmegaConf
+import pandas as pd
 
-from calibrate.config import CONF_DIR
 from calibrate.core.direction import (
     Direction,
     DirectionError,
-    check_compatible,
     check_layers,
     fit_direction,
-    load_direction,
-    per_layer_directions,
-    random_direction,
     residual_layers_for,
 )
+from calibrate.directions.direction_method import FitRequest, get_method
+from calibrate.directions.files import check_compatible, checked_vector, load_direction
 from calibrate.engine.probe import ProbeResult
-from calibrate.engine.steer import check_steering
-from calibrate.studies.context import JobContext
+from calibrate.engine.readout import Readout
+from calibrate.model.load import LoadedModel
 from calibrate.tasks.prompts import PromptSet, build_prompts
+from calibrate.tasks.shots import PromptStyle
 
 
-@dataclass
-class FitRequest:
-    """What a direction method is given."""
+class FitContext(Protocol):
+    """What the fit uses of a job (:class:`calibrate.studies.job_context.JobContext` is one).
 
-    ctx: JobContext
-    prompt_set: PromptSet   # the prompts to fit on (the job's, or direction.source's)
-    cal_idx: np.ndarray     # the calibration rows of ``prompt_set``
-    layers: list[int]       # direction.layers, resolved
-    seed: int
-    keep: list[int]         # residual layers a probe keeps (the fit's and the steering layers)
+    ``spec`` is the job's typed spec; the fit reads its ``direction``, ``dataset``, ``prompt``,
+    ``phases``, ``nullspace``, ``probe``, ``cache_dir`` and ``direction_source`` (the resolved
+    config of ``direction.source``, or None).
+    """
 
-    def residuals(self) -> dict[int, np.ndarray]:
-        """Last-position residuals ``{layer: [n_calibration, hidden]}`` the fit needs."""
-        result = self.ctx.probe(self.prompt_set, self.keep)
-        return {l: result.residuals[l][self.cal_idx] for l in residual_layers_for(self.layers)}
+    spec: Any
+    loaded: LoadedModel
+    prompt_set: PromptSet
+    readout: Readout
 
+    @property
+    def num_layers(self) -> int: ...
 
-DirectionMethod = Callable[[FitRequest], Direction]
-DIRECTION_METHODS: dict[str, DirectionMethod] = {}
+    def probe(self, prompt_set: PromptSet | None = None, keep: Any = ()) -> ProbeResult: ...
 
+    def split(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
-def direction_method(name: str) -> Callable[[DirectionMethod], DirectionMethod]:
-    """Decorator: register a direction fitting method under ``name``."""
-    def register(method: DirectionMethod) -> DirectionMethod:
-        DIRECTION_METHODS[name] = method
-        return method
-    return register
-
-
-@direction_method("layer_diff")
-def layer_diff(request: FitRequest) -> Direction:
-    """The paper's ĉ: the mean of the normalised per-example layer differences."""
-    return fit_direction(request.residuals(), request.layers, "layer_diff", request.seed)
-
-
-@direction_method("mean_diff")
-def mean_diff(request: FitRequest) -> Direction:
-    """The mean layer difference, normalised once at the end."""
-    return fit_direction(request.residuals(), request.layers, "mean_diff", request.seed)
-
-
-@direction_method("random")
-def random(request: FitRequest) -> Direction:
-    """A seeded random unit vector: the control."""
-    return random_direction(request.ctx.loaded.adapter.unembed_weight.shape[1], request.seed)
-
-
-@direction_method("pca")
-def pca(request: FitRequest) -> Direction:
-    """First principal component of the per-example normalised layer differences, oriented
-    along them (:func:`calibrate.core.direction_methods.pca_direction`)."""
-    from calibrate.core.direction_methods import pca_direction
-
-    return pca_direction(request.residuals(), request.layers)
-
-
-def probe_settings(ctx: JobContext) -> dict[str, Any]:
-    """``direction.probe``: ``layer`` (null: the last of direction.layers) and ``c`` (the
-    inverse L2 strength of the logistic regression, sklearn's C)."""
-    cfg = dict((ctx.spec.config.get("direction") or {}).get("probe") or {})
-    unknown = sorted(set(cfg) - {"layer", "c"})
-    if unknown:
-        raise DirectionError(f"direction.probe has unknown keys {unknown}; accepted: layer, c")
-    c = cfg.get("c", 1.0)
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
-        raise DirectionError(f"direction.probe.c={c!r}; accepted: a number > 0")
-    layer = cfg.get("layer")
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
-                              or not 0 <= layer < ctx.num_layers):
-        raise DirectionError(f"direction.probe.layer={layer!r}; accepted: null or a layer in "
-                             f"0..{ctx.num_layers - 1}")
-    return {"layer": layer, "c": float(c)}
-
-
-@direction_method("probe")
-def probe(request: FitRequest) -> Direction:
-    """-w/||w|| of a logistic regression separating the calibration rows the model answers
-    correctly (its unsteered final answer) from the others, on the residual at
-    ``direction.probe.layer`` (:func:`calibrate.core.direction_methods.probe_direction`)."""
-    from calibrate.core.direction_methods import probe_direction
-
-    cfg = probe_settings(request.ctx)
-    layer = cfg["layer"] if cfg["layer"] is not None else max(request.layers)
-    result = request.ctx.probe(request.prompt_set, request.keep)
-    cal = request.cal_idx
-    correct = result.probs[cal, -1].argmax(-1) == result.labels[cal]
-    return probe_direction(result.residuals[layer][cal], correct, layer, cfg["c"])
-
-
-def gradient_layer(ctx: JobContext) -> int:
-    """The layer the gradient vector is fit at: ``direction.gradient.layer``, else the last
-    steering layer."""
-    from calibrate.studies.gradient import gradient_settings
-
-    layer = gradient_settings(ctx.spec.config.get("direction") or {}).layer
-    return int(layer) if layer is not None else max(steer_layers(ctx))
-
-
-@direction_method("gradient")
-def gradient(request: FitRequest) -> Direction:
-    """A vector fit by gradient descent with the model frozen (:mod:`calibrate.studies.gradient`)."""
-    from calibrate.studies.gradient import fit_gradient, gradient_settings
-
-    ctx = request.ctx
-    settings = gradient_settings(ctx.spec.config.get("direction") or {})
-    layer = gradient_layer(ctx)
-    last = ctx.loaded.adapter.num_blocks
-    residual = scores = None
-    if layer == last:
-        result = ctx.probe(request.prompt_set, request.keep)
-        residual = result.residuals[last][request.cal_idx]
-        scores = result.option_logits[request.cal_idx, -1]
-    return fit_gradient(ctx.loaded, request.prompt_set, request.cal_idx, layer, residual,
-                        settings, request.seed, scores,
-                        prefix_reuse=ctx.settings.prefix_reuse).direction
-
-
-def method_layers(ctx: JobContext, method: str) -> list[int]:
-    """Residual layers a method needs kept beyond the fit's and the steering layers."""
-    if method == "probe":
-        layer = probe_settings(ctx)["layer"]
-        return [] if layer is None else [layer]
-    if method == "gradient":
-        layer = gradient_layer(ctx)
-        return [layer] if layer == ctx.loaded.adapter.num_blocks else []
-    return []
-
-
-def comparison_meta(ctx: JobContext, direction: Direction,
-                    residuals: dict[int, np.ndarray], layers: list[int]) -> dict[str, Any]:
-    """The direction's cosine with layer_diff's ĉ on the same rows and its null-space ρ."""
-    import torch
-
-    from calibrate.core import nullspace
-    from calibrate.model.assets import cache_root
-
-    out: dict[str, Any] = {}
-    try:
-        reference = fit_direction(residuals, layers, "layer_diff").vector
-        out["cosine_layer_diff"] = float(direction.vector @ reference
-                                         / max(np.linalg.norm(direction.vector), 1e-300))
-    except DirectionError:  # the differences cancel out: no reference
-        out["cosine_layer_diff"] = None
-    ncfg = ctx.spec.nullspace
-    weight = ctx.loaded.adapter.unembed_weight.detach().cpu()
-    k = nullspace.resolve_k(weight.shape[1], ncfg.k, ncfg.fraction)
-    basis, _ = nullspace.cached_null_space(weight, k, cache_root(ctx.spec.cache_dir))
-    out["null_space_rho"] = nullspace.alignment(torch.as_tensor(direction.vector), basis)
-    out["null_space_k"] = int(k)
-    return out
-
-
-def steer_layers(ctx: JobContext) -> list[int]:
-    """``intervention.layers`` resolved (default: the last layer) and checked."""
-    icfg = ctx.spec.intervention
-    layers = list(icfg.layers or [ctx.num_layers - 1])
-    return check_steering(layers, ctx.num_layers, icfg.position, icfg.eta_scale)
-
-
-def source_dataset_config(name: str, seed: int, limit: int | None) -> dict[str, Any]:
-    """A dataset config by name, resolved as the CLI would (for fitting on another dataset)."""
-    path = CONF_DIR / "dataset" / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise DirectionError(f"direction.source={name!r}; accepted: {', '.join(choices)}")
-    merged = OmegaConf.create({"seed": seed, "dataset": OmegaConf.load(path)})
-    out = OmegaConf.to_container(merged, resolve=True)["dataset"]
-    if limit is not None:
-        out["limit"] = limit
-    return out
+    def measure(self, result: ProbeResult) -> pd.DataFrame: ...
 
 
 @dataclass
@@ -233,7 +72,7 @@ class Fitted:
     steer_layers: list[int]
 
 
-def _direction_layers(ctx: JobContext, fit_set: PromptSet, fit_cal: np.ndarray) -> list[int]:
+def _direction_layers(ctx: FitContext, fit_set: PromptSet, fit_cal: np.ndarray) -> list[int]:
     layers = ctx.spec.direction.layers
     if layers == "auto":  # the correction phase detected on the calibration rows
         from calibrate.core.phases import find_phases
@@ -245,26 +84,17 @@ def _direction_layers(ctx: JobContext, fit_set: PromptSet, fit_cal: np.ndarray) 
     return check_layers(layers, ctx.num_layers)
 
 
-def _own_style(ctx: JobContext) -> Any:
-    """The job's prompt style (zero-shot when the spec has none)."""
-    from calibrate.tasks.shots import PromptStyle
-
-    return ctx.spec.prompt or PromptStyle()
-
-
-def _fit_style(ctx: JobContext) -> Any:
-    """The prompt style ĉ is fit in: ``direction.source_prompt`` over the job's ``prompt``."""
-    from calibrate.tasks.shots import PromptStyle
-
-    own = _own_style(ctx)
-    raw = ctx.spec.direction.source_prompt
-    if raw is None:
+def fit_style(own: PromptStyle, settings: Any) -> PromptStyle:
+    """The prompt style ĉ is fit in: ``direction.source_prompt``'s keys over the job's ``own``."""
+    source = settings.source_prompt
+    if source is None:
         return own
-    return PromptStyle.from_mapping({"shots": own.shots, "chat_template": own.chat_template,
-                                     "seed": own.seed, **raw}, DirectionError)
+    given = {"shots": own.shots, "chat_template": own.chat_template, "seed": own.seed,
+             **source.given()}
+    return PromptStyle(**given)
 
 
-def _fit_source(ctx: JobContext) -> tuple[PromptSet, np.ndarray, Any, Any]:
+def _fit_source(ctx: FitContext) -> tuple[PromptSet, np.ndarray, Any, PromptStyle]:
     """The prompts, calibration rows, dataset config and prompt style ĉ is fit on.
 
     Another dataset (``direction.source``) is fit on its own calibration split. The job's
@@ -272,15 +102,14 @@ def _fit_source(ctx: JobContext) -> tuple[PromptSet, np.ndarray, Any, Any]:
     calibration records, which must then be the same records in both styles.
     """
     from calibrate.tasks.data import DatasetError
-    from calibrate.tasks.dataset_config import DatasetConfig
     from calibrate.tasks.shots import load_with_exemplars
 
     spec, dset = ctx.spec, ctx.spec.direction
-    own, style = _own_style(ctx), _fit_style(ctx)
+    own = spec.prompt
+    style = fit_style(own, dset)
     if not dset.source and style == own:
         return ctx.prompt_set, ctx.split()[0], spec.dataset, own
-    source = spec.dataset if not dset.source else DatasetConfig.from_mapping(
-        source_dataset_config(dset.source, spec.seed, dset.source_limit))
+    source = spec.direction_source if dset.source else spec.dataset
     try:
         records, exemplars = load_with_exemplars(source, style, spec.cache_dir)
     except DatasetError as err:
@@ -292,19 +121,20 @@ def _fit_source(ctx: JobContext) -> tuple[PromptSet, np.ndarray, Any, Any]:
     evaluated, _ = load_with_exemplars(spec.dataset, own, spec.cache_dir)
     if list(evaluated) != list(records):
         raise DirectionError(
-            f"direction.source_prompt={dict(dset.source_prompt)}: the job ({own.shots} shots) and "
-            f"the fit ({style.shots} shots) would not see the same {spec.dataset.name} records "
-            "(exemplars were taken out of the evaluated rows), so the fit could read evaluation "
-            "rows; set dataset.limit below the split's size so exemplars come from rows neither "
-            "evaluates")
+            f"direction.source_prompt={dset.source_prompt.given()}: the job ({own.shots} shots) "
+            f"and the fit ({style.shots} shots) would not see the same {spec.dataset.name} "
+            "records (exemplars were taken out of the evaluated rows), so the fit could read "
+            "evaluation rows; set dataset.limit below the split's size so exemplars come from "
+            "rows neither evaluates")
     return fit_set, ctx.split()[0], spec.dataset, style
 
 
-def gguf_direction(path: str, steer: list[int], model_type: str, allow_cross_model: bool) -> Direction:
-    """A repeng control-vector GGUF as a unit direction (:mod:`calibrate.io.gguf`): its only
-    vector, or the one at the last steering layer (repeng's block i is our layer i + 1). repeng
-    signs a vector towards its positive examples; it is used as given (+η adds it)."""
-    from calibrate.io.gguf import ControlVectorError, read_control_vector
+def gguf_direction(path: str, steer: list[int], model_type: str, hidden: int,
+                   allow_cross_model: bool) -> Direction:
+    """A repeng control-vector GGUF as a unit direction (:mod:`calibrate.directions.gguf`): its
+    only vector, or the one at the last steering layer (repeng's block i is our layer i + 1).
+    repeng signs a vector towards its positive examples; it is used as given (+η adds it)."""
+    from calibrate.directions.gguf import ControlVectorError, read_control_vector
 
     try:
         control = read_control_vector(path)
@@ -320,57 +150,73 @@ def gguf_direction(path: str, steer: list[int], model_type: str, allow_cross_mod
         raise DirectionError(f"direction.path={path!r} is a control vector for model type "
                              f"{control.model_hint!r}, not {model_type!r}; set "
                              "direction.allow_cross_model=true to apply it anyway")
-    vector = control.directions[layer]
-    norm = float(np.linalg.norm(vector))
-    if not np.isfinite(norm) or norm == 0.0:
-        raise DirectionError(f"direction.path={path!r}: the vector of layer {layer} is zero")
+    unit, norm = checked_vector(control.directions[layer], hidden,
+                                f"direction.path={path!r} (layer {layer})")
     meta = {"method": "repeng_gguf", "source_file": str(path), "model_hint": control.model_hint,
             "gguf_layers": layers, "layers": [int(layer)], "raw_norm": norm,
-            "hidden": int(vector.shape[0])}
+            "loaded_norm": norm, "hidden": hidden}
     if control.model_hint != model_type:
         meta["cross_model_transfer"] = True
-    return Direction(vector / norm, meta)
+    return Direction(unit, meta)
 
 
-def _loaded_direction(ctx: JobContext, steer: list[int]) -> Direction:
+def _loaded_direction(ctx: FitContext, steer: list[int]) -> Direction:
     dset, loaded = ctx.spec.direction, ctx.loaded
+    hidden = loaded.adapter.unembed_weight.shape[1]
     if str(dset.path).endswith(".gguf"):
-        direction = gguf_direction(dset.path, steer, loaded.adapter.model_type,
-                                   dset.allow_cross_model)
-    else:
-        direction = load_direction(dset.path)
-    return check_compatible(direction, loaded.adapter.unembed_weight.shape[1],
-                            loaded.unembed_hash, loaded.name, dset.allow_cross_model)
+        return gguf_direction(dset.path, steer, loaded.adapter.model_type, hidden,
+                              dset.allow_cross_model)
+    return check_compatible(load_direction(dset.path, hidden), loaded.unembed_hash, loaded.name,
+                            dset.allow_cross_model)
 
 
-def obtain_direction(ctx: JobContext) -> Fitted:
-    """Fit ĉ with ``direction.method`` on the calibration split, or load ``direction.path``."""
+def comparison_meta(ctx: FitContext, direction: Direction,
+                    residuals: dict[int, np.ndarray], layers: list[int]) -> dict[str, Any]:
+    """The direction's cosine with layer_diff's ĉ on the same rows and its null-space ρ."""
+    import torch
+
+    from calibrate.core import nullspace
+    from calibrate.io.nullspace_cache import cached_null_space
+    from calibrate.model.assets import cache_root
+
+    out: dict[str, Any] = {}
+    try:
+        reference = fit_direction(residuals, layers, "layer_diff").vector
+        out["cosine_layer_diff"] = float(direction.vector @ reference
+                                         / max(np.linalg.norm(direction.vector), 1e-300))
+    except DirectionError:  # the differences cancel out: no reference
+        out["cosine_layer_diff"] = None
+    weight = ctx.loaded.adapter.unembed_weight.detach().cpu()
+    k = ctx.spec.nullspace.k_for(weight.shape[1])
+    basis, _ = cached_null_space(weight, k, cache_root(ctx.spec.cache_dir))
+    out["null_space_rho"] = nullspace.alignment(torch.as_tensor(direction.vector), basis)
+    out["null_space_k"] = int(k)
+    return out
+
+
+def obtain_direction(ctx: FitContext, steer: list[int]) -> Fitted:
+    """Fit ĉ with ``direction.method`` on the calibration split, or load ``direction.path``;
+    ``steer``: the layers the job edits (resolved)."""
     dset = ctx.spec.direction
     cal_idx, eval_idx = ctx.split()
-    steer = steer_layers(ctx)
     if dset.path:
-        return Fitted(_loaded_direction(ctx, steer), ctx.probe(keep=steer), cal_idx, eval_idx, {},
-                      steer)
-    fit_set, fit_cal, fit_cfg, fit_style = _fit_source(ctx)
+        return Fitted(_loaded_direction(ctx, steer), ctx.probe(keep=steer), cal_idx, eval_idx,
+                      {}, steer)
+    fit_set, fit_cal, fit_cfg, style = _fit_source(ctx)
     layers = _direction_layers(ctx, fit_set, fit_cal)
-    method = DIRECTION_METHODS.get(dset.method)
-    if method is None:
-        raise DirectionError(f"direction.method={dset.method!r}; accepted: "
-                             f"{', '.join(DIRECTION_METHODS)}")
+    method, settings = get_method(dset.method), dset.method_settings()
+    last = ctx.num_layers - 1
     keep = sorted(set(residual_layers_for(layers)) | set(steer)
-                  | set(method_layers(ctx, dset.method)))
+                  | set(method.extra_layers(settings, steer, last)))
     # One probe pass serves the metrics and the fit when both use the job's prompts.
     base = ctx.probe(keep=keep if fit_set is ctx.prompt_set else steer)
-    request = FitRequest(ctx, fit_set, fit_cal, layers, dset.seed, keep)
-    direction = method(request)
+    request = FitRequest(ctx.loaded, fit_set, fit_cal, layers, steer, dset.seed, settings, keep,
+                         lambda prompt_set, kept: ctx.probe(prompt_set, kept), ctx.readout,
+                         ctx.spec.probe.prefix_reuse)
+    direction = method.fit(request)
     direction.meta.update(model=ctx.loaded.name, unembed_hash=ctx.loaded.unembed_hash,
                           split="calibration", n_examples=int(len(fit_cal)),
                           dataset=fit_cfg.name, dataset_split=fit_cfg.split,
-                          fit_prompt={"shots": fit_style.shots,
-                                      "chat_template": fit_style.chat_template},
-                          prompt_transfer=fit_style != _own_style(ctx))
+                          fit_prompt=style.summary(), prompt_transfer=style != ctx.spec.prompt)
     direction.meta.update(comparison_meta(ctx, direction, request.residuals(), layers))
-    per_layer = {}
-    if dset.method in ("layer_diff", "mean_diff"):  # the per-layer c_l behind ĉ
-        per_layer = per_layer_directions(request.residuals(), layers, dset.method)
-    return Fitted(direction, base, cal_idx, eval_idx, per_layer, steer)
+    return Fitted(direction, base, cal_idx, eval_idx, method.per_layer(request), steer)

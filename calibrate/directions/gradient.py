@@ -14,33 +14,52 @@ touches:
   the rest of the prompt (:mod:`calibrate.engine.upper`), then the same head. Single-token
   formats only: a cloze continuation would read the edited context through its cache.
 
-The fit itself (objectives, penalties, early stopping) is :mod:`calibrate.core.gradient_fit`.
+The fit itself (objectives, penalties, early stopping) is :mod:`calibrate.core.gradient_fit`;
+the loss curve is written beside the direction (``gradient_fit.csv`` and ``.png``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from calibrate.core.direction import DirectionError
-from calibrate.core.gradient_fit import CURVE_KEY, GradientFit, GradientSettings, fit_vector
-from calibrate.engine.lens import _detached_norm
+from calibrate.core.direction import Direction, DirectionError
+from calibrate.core.gradient_fit import (
+    CURVE_KEY,
+    GradientFit,
+    GradientSettings,
+    curve_of,
+    fit_vector,
+)
+from calibrate.directions.direction_method import DirectionMethod, FitRequest, register_method
+from calibrate.engine.lens import LogitLens, detached_norm
+from calibrate.engine.readout import Readout
+from calibrate.io import results
 from calibrate.model.load import LoadedModel
+
+CURVE_FILE = "gradient_fit.csv"
+CURVE_PLOT = "gradient_fit.png"
 
 
 class OptionHead:
     """The lens read of the options, differentiable and in ``dtype``: final norm, option rows of
     the unembedding (+ bias), soft-capping; -inf where an example has no option in a slot."""
 
-    def __init__(self, loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, loaded: LoadedModel, dtype: torch.dtype = torch.float32,
+                 readout: Readout | None = None) -> None:
+        if readout is not None and not isinstance(readout, LogitLens):
+            raise DirectionError(f"direction.method=gradient differentiates through the logit "
+                                 f"lens; the {readout.name} readout is not supported (lens=logit)")
         adapter = loaded.adapter
         self.weight = adapter.unembed_weight.detach()
         self.device = self.weight.device
         self.dtype = dtype
-        self.norm = _detached_norm(adapter.final_norm, self.device).to(dtype)
+        self.norm = detached_norm(adapter.final_norm, self.device, dtype)
         bias = adapter.unembed_bias
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.softcap = adapter.softcap
@@ -171,15 +190,10 @@ class UpperReadout:
         return self.head.option_logits(self.head.normalize(last), self.ids[rows])
 
 
-def gradient_settings(direction_cfg: Mapping[str, Any]) -> GradientSettings:
-    """``direction.gradient`` of a resolved ``direction`` config block."""
-    return GradientSettings.from_mapping(direction_cfg.get("gradient"))
-
-
 def fit_gradient(loaded: LoadedModel, prompt_set: Any, cal_idx: np.ndarray, layer: int,
                  residual: np.ndarray | None, settings: GradientSettings, seed: int,
                  probe_scores: np.ndarray | None = None, dtype: torch.dtype = torch.float32,
-                 prefix_reuse: bool = True) -> GradientFit:
+                 prefix_reuse: bool = True, readout: Readout | None = None) -> GradientFit:
     """Fit the vector at ``layer`` on the calibration rows ``cal_idx`` of ``prompt_set``.
 
     ``residual`` [n_cal, H]: the last-position residual at the last layer (needed there);
@@ -189,7 +203,7 @@ def fit_gradient(loaded: LoadedModel, prompt_set: Any, cal_idx: np.ndarray, laye
     num_blocks = loaded.adapter.num_blocks
     if not 0 <= layer <= num_blocks:
         raise DirectionError(f"direction.gradient.layer={layer}: must be in 0..{num_blocks}")
-    head = OptionHead(loaded, dtype)
+    head = OptionHead(loaded, dtype, readout)
     option_ids = prompt_set.option_ids[cal_idx]
     labels = prompt_set.labels[cal_idx]
     if layer == num_blocks:
@@ -225,3 +239,73 @@ def fit_gradient(loaded: LoadedModel, prompt_set: Any, cal_idx: np.ndarray, laye
                               fit_position="last", cloze=bool(prompt_set.is_cloze),
                               **{CURVE_KEY: {c: fit.curve[c].tolist() for c in fit.curve.columns}})
     return fit
+
+
+def fit_layer(settings: GradientSettings, steer_layers: Sequence[int]) -> int:
+    """The layer the vector is fit at: ``direction.gradient.layer``, else the last steering layer."""
+    return int(settings.layer) if settings.layer is not None else max(steer_layers)
+
+
+@register_method
+class Gradient(DirectionMethod):
+    """One vector fit by gradient descent with the model frozen (module docstring)."""
+
+    name = "gradient"
+    Settings = GradientSettings
+
+    def extra_layers(self, settings: Any, steer_layers: Sequence[int], last: int) -> list[int]:
+        layer = fit_layer(settings, steer_layers)
+        return [layer] if layer == last else []
+
+    def check_shape(self, settings: Any, num_blocks: int) -> None:
+        if settings.layer is not None and not 0 <= settings.layer <= num_blocks:
+            raise DirectionError(f"direction.gradient.layer={settings.layer}: outside this "
+                                 f"model's 0..{num_blocks}; accepted: layer numbers in "
+                                 f"0..{num_blocks}")
+
+    def fit(self, request: FitRequest) -> Direction:
+        layer = fit_layer(request.settings, request.steer_layers)
+        residual = scores = None
+        if layer == request.last_layer:
+            result = request.result()
+            residual = result.residuals[layer][request.cal_idx]
+            scores = result.option_logits[request.cal_idx, -1]
+        return fit_gradient(request.loaded, request.prompt_set, request.cal_idx, layer, residual,
+                            request.settings, request.seed, scores,
+                            prefix_reuse=request.prefix_reuse, readout=request.readout).direction
+
+    def write_files(self, direction: Direction, folder: Path, plots: bool) -> list[Path]:
+        curve = curve_of(direction)
+        if curve is None:
+            return []
+        paths = [results.write_csv(Path(folder) / CURVE_FILE, curve)]
+        if plots:
+            paths.append(plot_fit_curve(curve, Path(folder) / CURVE_PLOT, direction.meta))
+        return paths
+
+
+def plot_fit_curve(curve: pd.DataFrame, path: Path, meta: Mapping[str, Any] | None = None) -> Path:
+    """Training and held-out loss against step, the kept step marked, and ||v|| on a twin axis."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    meta = meta or {}
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(curve["step"], curve["train_objective"], label="train objective")
+    if curve["holdout_objective"].notna().any():
+        ax.plot(curve["step"], curve["holdout_objective"], label="held-out objective")
+    if "best_step" in meta:
+        ax.axvline(meta["best_step"], color="grey", ls=":", label="kept step")
+    ax.set_xlabel("step")
+    ax.set_ylabel(str((meta.get("gradient") or {}).get("objective", "objective")))
+    twin = ax.twinx()
+    twin.plot(curve["step"], curve["norm"], color="tab:green", alpha=0.5, label="|v|")
+    twin.set_ylabel("|v|")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"gradient fit at layer {meta.get('fit_layer', '?')}")
+    fig.tight_layout()
+    results.atomic_write(Path(path), lambda h: fig.savefig(h, format="png", dpi=110))
+    plt.close(fig)
+    return Path(path)

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from calibrate.core.direction import Direction, DirectionError, load_direction
+from calibrate.core.direction import Direction, DirectionError
+from calibrate.directions.files import read_direction as load_direction
 from calibrate.errors import UserError
 
 # base_model-relative name of block index i (lm-eval hooks model.base_model.named_modules())

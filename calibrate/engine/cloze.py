@@ -40,7 +40,7 @@ from calibrate.engine.probe import (
     left_pad,
     position_ids,
 )
-from calibrate.engine.steer import Intervention, editor
+from calibrate.engine.edits import Intervention, editor
 from calibrate.engine.upper import cache_argument
 from calibrate.model.adapters import Adapter
 from calibrate.model.load import LoadedModel

@@ -30,7 +30,8 @@ from calibrate.engine.context import suffix_contexts, whole_contexts
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.prefix import SharedPrefix, grouped_batches
 from calibrate.engine.probe import ProbeSettings, check_finite, left_pad
-from calibrate.engine.steer import Intervention, variants_per_pass
+from calibrate.engine.edits import Intervention
+from calibrate.engine.steer import variants_per_pass
 from calibrate.engine.upper import (
     cache_argument,
     capture_upper,

@@ -58,6 +58,11 @@ class OutputError(UserError):
     """The job's results cannot be written (folder not writable, disk full)."""
 
 
+def safe_stem(name: str) -> str:
+    """``name`` when it can name a file in its folder (no separator, no ``..``)."""
+    return values.path_name("file name", name, OutputError)
+
+
 def _umask() -> int:
     """The process umask, read without changing it where /proc allows (thread-safe)."""
     try:

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from calibrate.io import results
 
 SUMMARY_FILE = "summary.csv"
-STEERING_SUMMARY_FILE = "steering_summary.csv"
 
 
 def _overrides(job_dir: Path) -> str:
@@ -29,14 +28,9 @@ def _overrides(job_dir: Path) -> str:
     return " ".join(str(o) for o in OmegaConf.load(path))
 
 
-STEERED = ("accuracy", "ece", "mce")
-DELTAS = ("delta_accuracy", "delta_ece", "delta_mce", "changed", "delta_ece_lo", "delta_ece_hi",
-          "significant_ece")
-
-
 def job_row(job_dir: Path) -> dict[str, Any]:
-    """One summary row: the job's overrides, status and final metrics (for a steering job, the
-    unsteered reference on its evaluation split; :func:`job_rows` adds the steered columns)."""
+    """One summary row: the job's overrides, status and final metrics (for a study on a split,
+    the unsteered reference on its evaluation split; :func:`job_rows` adds the study's own)."""
     row: dict[str, Any] = {"job": job_dir.name, "overrides": _overrides(job_dir)}
     metrics = results.read_metrics(job_dir)
     error_path = job_dir / results.ERROR_FILE
@@ -57,34 +51,12 @@ def job_row(job_dir: Path) -> dict[str, Any]:
 
 
 def job_rows(job_dir: Path) -> list[dict[str, Any]]:
-    """The job's summary rows: one, or for a steering job one per η, each with the steered
-    final-layer metrics (``steered_accuracy`` …) and deltas against η = 0 on the same
-    evaluation examples, beside the unsteered reference (``accuracy``, ``ece`` …)."""
+    """The job's summary rows: its plain row, extended by each of the rows its study recorded
+    in metrics.json (``summary_rows``: e.g. one per η with the steered values)."""
     row = job_row(job_dir)
     metrics = results.read_metrics(job_dir) if row.get("status") == "complete" else None
-    steering = (metrics or {}).get("steering") or {}
-    if not steering:
-        return [row]
-    direction = metrics.get("direction") or {}
-    head = {**row, "intervention_layers": str(metrics.get("intervention_layers")),
-            "eta_scale": metrics.get("eta_scale"), "direction_method": direction.get("method"),
-            "direction_layers": str(direction.get("layers")),
-            "cosine_layer_diff": direction.get("cosine_layer_diff"),
-            "null_space_rho": direction.get("null_space_rho")}
-    etas = [float(e) for e in metrics.get("etas") or steering]
-    asked = [e for e in etas if e != 0.0] or [0.0]  # eta=0 alone is the reference itself
-    baselines = metrics.get("baselines") or {}
-    head.update({f"{method}_ece": values.get("ece") for method, values in baselines.items()})
-    null = {float(r["eta"]): r for r in (metrics.get("null") or {}).get("per_eta") or []}
-    out = []
-    for eta in asked:
-        values = steering.get(f"{eta:g}", {})
-        row = null.get(eta, {})
-        out.append({**head, "eta": eta, **{f"steered_{m}": values.get(m) for m in STEERED},
-                    **{d: values.get(d) for d in DELTAS},
-                    "null_delta_ece_median": row.get("null_delta_ece_median"),
-                    "p_value_ece": row.get("p_value_ece")})
-    return out
+    extra = (metrics or {}).get("summary_rows") or []
+    return [{**row, **more} for more in extra] or [row]
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -93,31 +65,27 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
-def steering_rows(job_dir: Path) -> list[dict[str, Any]]:
-    """Final-layer rows of a steering job (one per eta) with the direction's layer range."""
+def sweep_table_rows(job_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The rows a job adds to each of its sweep's extra tables (metrics.json ``sweep_tables``)."""
     metrics = results.read_metrics(job_dir)
-    path = job_dir / "steering.csv"
-    if metrics is None or not path.is_file():
-        return []
-    table = pd.read_csv(path)
-    final = table[table["layer"] == table["layer"].max()]
-    direction = metrics.get("direction") or {}
-    head = {"job": job_dir.name, "overrides": _overrides(job_dir), "model": metrics.get("model"),
-            "dataset": metrics.get("dataset"), "direction_method": direction.get("method"),
-            "direction_layers": str(direction.get("layers")),
-            "direction_dataset": direction.get("dataset")}
-    return [{**head, **row} for row in final.to_dict("records")]
+    tables = (metrics or {}).get("sweep_tables") or {}
+    head = {"job": job_dir.name, "overrides": _overrides(job_dir),
+            "model": (metrics or {}).get("model"), "dataset": (metrics or {}).get("dataset")}
+    return {name: [{**head, **row} for row in rows] for name, rows in tables.items()}
 
 
 def summarize_sweep(sweep_dir: Path) -> pd.DataFrame:
-    """Write ``summary.csv`` for a sweep directory (and, when jobs steered,
-    ``steering_summary.csv``: one row per job and eta, e.g. layer range x eta) and return it."""
+    """Write ``summary.csv`` for a sweep directory (and the tables its jobs' studies add, e.g.
+    ``steering_summary.csv``: one row per job and eta) and return it."""
     dirs = job_dirs(sweep_dir)
     table = pd.DataFrame([row for d in dirs for row in job_rows(d)])
     results.write_csv(Path(sweep_dir) / SUMMARY_FILE, table)
-    steering = [row for d in dirs for row in steering_rows(d)]
-    if steering:
-        results.write_csv(Path(sweep_dir) / STEERING_SUMMARY_FILE, pd.DataFrame(steering))
+    extra: dict[str, list[dict[str, Any]]] = {}
+    for d in dirs:
+        for name, rows in sweep_table_rows(d).items():
+            extra.setdefault(name, []).extend(rows)
+    for name, rows in extra.items():
+        results.write_csv(Path(sweep_dir) / f"{results.safe_stem(name)}.csv", pd.DataFrame(rows))
     return table
 
 

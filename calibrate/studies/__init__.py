@@ -1,9 +1,17 @@
-"""Studies: what a job runs (probe, steering, null space, direction ablation), as plug-ins.
+"""Studies: what a job runs, one plug-in per module, chosen with ``intervention=<name>``.
 
-Importing the package registers the built-in studies; :func:`get_study` finds one by name.
+Every module of this package is imported with it, so a study registers itself by being here
+(:func:`~calibrate.studies.study.register`). Built in: ``probe`` (:mod:`.layerwise`), ``steering``
+(:mod:`.steering`), ``nullspace`` and ``direction_ablate`` (:mod:`.subspace_ablation`),
+``baselines`` (:mod:`.baselines`).
 """
 
-from calibrate.studies import ablation, baselines, probe, steering  # noqa: F401 - register them
-from calibrate.studies.base import STUDIES, Study, StudyResult, get_study, register
+import importlib
+import pkgutil
+
+from calibrate.studies.study import STUDIES, Study, StudyResult, get_study, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["STUDIES", "Study", "StudyResult", "get_study", "register"]

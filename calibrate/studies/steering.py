@@ -1,14 +1,17 @@
-"""The steering study: fit ĉ on the calibration split, add η·ĉ, measure the evaluation split.
+"""``intervention=steering``: fit ĉ on the calibration split, add η·ĉ, measure the evaluation split.
 
 Outputs (besides the probe job's files, computed on the evaluation part): ``steering.csv`` (one
-row per η and layer), ``direction.safetensors`` + ``direction.json``, ``eta_curves.png`` and
-``steered_ece.png``. The unsteered probe comes from :mod:`calibrate.engine.cache`, so a sweep over
-η neither reloads the model (same process) nor redoes the probe (any process).
+row per η and layer), ``direction.safetensors`` + ``direction.json`` (and the method's own files,
+e.g. the gradient fit's loss curve), ``null.csv`` (the random-direction null), ``baselines.csv``,
+``eta_curves.png`` and ``steered_ece.png``. The unsteered probe comes from
+:mod:`calibrate.engine.cache`, so a sweep over η neither reloads the model (same process) nor
+redoes the probe (any process).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,32 +21,33 @@ import numpy as np
 import pandas as pd
 
 from calibrate.config.spec import JobSpec, eta_edit_ratio
-from calibrate.core.direction import Direction, save_direction
-from calibrate.core.paired import add_paired_columns, multiple_comparisons
-from calibrate.core.option_scores import option_probabilities
-from calibrate.engine.probe import ProbeResult
+from calibrate.core.deltas import steering_table
+from calibrate.core.direction import Direction
+from calibrate.core.posthoc import baseline_table, baselines_at
+from calibrate.core.random_null import direction_null, null_skip_reason, null_vectors
+from calibrate.directions import get_method
+from calibrate.directions.files import save_direction
+from calibrate.directions.fit import obtain_direction
+from calibrate.engine.edits import DirectionSweep, Steering, SteeringError, residual_norms
 from calibrate.engine.last_layer import last_layer_logits
-from calibrate.engine.steer import DirectionSweep, Steering, residual_norms, steering_table
+from calibrate.engine.probe import ProbeResult
 from calibrate.io import results
 from calibrate.io.track import Tracker
-from calibrate.studies.base import Study, StudyResult, register
-from calibrate.studies.baselines import (
-    BASELINES_FILE,
-    BaselineSettings,
-    baseline_table,
-    baselines_at,
-)
-from calibrate.studies.context import JobContext
-from calibrate.studies.directions import obtain_direction
-from calibrate.studies.null import NULL_FILE, direction_null, null_skip_reason, null_vectors
+from calibrate.studies.study import Study, StudyResult, register
+from calibrate.studies.baselines import BASELINES_FILE
+from calibrate.studies.job_context import JobContext
 
 LOG = logging.getLogger("calibrate")
 STEERING_FILE = "steering.csv"
+NULL_FILE = "null.csv"
 FILES = (STEERING_FILE, "direction.safetensors", "direction.json", "eta_curves.png",
          "steered_ece.png", "gradient_fit.csv", "gradient_fit.png")
 DIRECTION_SUMMARY = ("method", "layers", "raw_norm", "dataset", "cross_model_transfer",
                      "cosine_to_direction", "cosine_layer_diff", "null_space_rho", "eta_fit",
-                     "fit_prompt", "prompt_transfer")
+                     "fit_prompt", "prompt_transfer", "loaded_norm")
+STEERED = ("accuracy", "ece", "mce")
+DELTAS = ("delta_accuracy", "delta_ece", "delta_mce", "changed", "delta_ece_lo", "delta_ece_hi",
+          "significant_ece")
 
 
 @dataclass
@@ -55,14 +59,17 @@ class SteeringResult(StudyResult):
     table: pd.DataFrame | None = None
     etas: tuple[float, ...] = ()
     eta_scale: str | None = None  # the unit of eta: absolute | residual_norm
-    plots_on: bool = True  # output.plots: also the gradient fit's loss-curve figure
+    plots_on: bool = True  # output.plots: also the method's own figures
     null: pd.DataFrame | None = None  # the random-direction null, one row per η ≠ 0
     baselines: pd.DataFrame | None = None  # post-hoc baselines per layer, same split
     files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE, BASELINES_FILE)
 
     def write(self, job_dir: Path) -> None:
         results.write_csv(job_dir / STEERING_FILE, self.table)
-        save_direction(self.direction, job_dir, plots=self.plots_on)
+        save_direction(self.direction, job_dir)
+        method = self.direction.meta.get("method")
+        if method in _method_names():
+            get_method(method).write_files(self.direction, job_dir, self.plots_on)
         if self.null is not None and len(self.null):
             results.write_csv(job_dir / NULL_FILE, self.null)
         if self.baselines is not None:
@@ -89,39 +96,89 @@ class SteeringResult(StudyResult):
         tracker.log_artifact(f"direction-{meta.get('model')}-{meta.get('dataset')}", "direction",
                              [job_dir / "direction.safetensors", job_dir / "direction.json"], meta)
 
+    def tracker_summary(self) -> dict[str, Any]:
+        flat = {"direction/raw_norm": self.direction.meta.get("raw_norm")}
+        for eta, values in self.summary["steering"].items():
+            for metric in ("delta_ece", "delta_mce", "delta_accuracy", "changed"):
+                flat[f"steering/eta={eta}/{metric}"] = values[metric]
+        return flat
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per η ≠ 0 (η = 0 alone: its own row): the steered final-layer values beside
+        the unsteered reference, the null and the baselines."""
+        summary, direction = self.summary, self.summary["direction"]
+        head = {"intervention_layers": str(summary["intervention_layers"]),
+                "eta_scale": summary["eta_scale"], "direction_method": direction.get("method"),
+                "direction_layers": str(direction.get("layers")),
+                "cosine_layer_diff": direction.get("cosine_layer_diff"),
+                "null_space_rho": direction.get("null_space_rho")}
+        head.update({f"{m}_ece": v.get("ece") for m, v in summary["baselines"].items()})
+        null = {float(r["eta"]): r for r in summary["null"].get("per_eta") or []}
+        rows = []
+        for eta in [e for e in self.etas if e != 0.0] or [0.0]:
+            values, row = summary["steering"].get(f"{eta:g}", {}), null.get(eta, {})
+            rows.append({**head, "eta": eta, **{f"steered_{m}": values.get(m) for m in STEERED},
+                         **{d: values.get(d) for d in DELTAS},
+                         "null_delta_ece_median": row.get("null_delta_ece_median"),
+                         "p_value_ece": row.get("p_value_ece")})
+        return rows
+
+    def sweep_tables(self) -> dict[str, list[dict[str, Any]]]:
+        """``steering_summary.csv`` of a sweep: the final layer's rows of steering.csv."""
+        final = self.table[self.table["layer"] == self.table["layer"].max()]
+        meta = self.direction.meta
+        head = {"direction_method": meta.get("method"), "direction_layers": str(meta.get("layers")),
+                "direction_dataset": meta.get("dataset")}
+        return {"steering_summary": [{**head, **row} for row in final.to_dict("records")]}
+
+    def headline(self) -> list[str]:
+        lines = []
+        for eta, v in self.summary["steering"].items():
+            if float(eta) != 0.0:
+                lines.append(f"  eta={eta}: accuracy {v['accuracy']:.3f} ({v['delta_accuracy']:+.3f}), "
+                             f"ECE {v['ece']:.4f} ({v['delta_ece']:+.4f}), MCE {v['mce']:.4f} "
+                             f"({v['delta_mce']:+.4f})")
+        return lines
+
+
+def _method_names() -> set[str]:
+    from calibrate.directions import METHODS
+
+    return set(METHODS)
+
 
 @register
 class SteeringStudy(Study):
     """η·ĉ added at ``intervention.layers``; every η of the job on one evaluation split."""
 
     name = "steering"
-
-    @classmethod
-    def settings(cls, config: Mapping[str, Any]) -> BaselineSettings:
-        """The post-hoc baselines shown beside every η (the ``baselines`` group)."""
-        return BaselineSettings.from_mapping(config["baselines"])
+    reads = ("eta", "intervention.layers", "intervention.position", "intervention.eta_scale",
+             "intervention.use_cache", "direction", "baselines", "nullspace.k",
+             "nullspace.fraction")
+    description = "eta * c_hat added to the residual"
 
     def run(self, ctx: JobContext) -> SteeringResult:
         spec = ctx.spec
-        fit = obtain_direction(ctx)
+        fit = obtain_direction(ctx, ctx.edit_layers())
         layers, base, cal = fit.steer_layers, fit.base, fit.cal_idx
         scale = None
         if spec.intervention.eta_scale == "residual_norm":
             scale = residual_norms({l: base.residuals[l][cal] for l in layers}, layers)
-        _warn_edit_ratio(spec, base, cal, layers, scale)
+        _check_edit_size(spec, base, cal, layers, scale)
         steering = Steering(fit.direction.vector, tuple(layers), spec.etas,
                             spec.intervention.position, scale)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
         logits, null, null_note = _steer_with_null(ctx, fit, eval_set, steering)
         table = steering_table(logits, eval_set.labels, list(spec.etas), spec.metrics.n_bins,
                                spec.metrics.binning, 0)
-        table, comparisons = paired(table, logits, eval_set.labels, "eta", spec)
+        table, comparisons = ctx.paired(table, logits, eval_set.labels, "eta")
         baselines = baseline_table(base.option_logits, base.labels, cal, fit.eval_idx,
-                                   spec.study_settings, spec.metrics.n_bins, spec.metrics.binning)
+                                   spec.baselines, spec.metrics.n_bins, spec.metrics.binning)
         meta = fit.direction.meta
         meta.update(intervention_layers=layers, position=steering.position,
-                    eta_scale=spec.intervention.eta_scale, layer_scale=scale)
-        summary = {"intervention": "direction", "etas": list(spec.etas),
+                    eta_scale=spec.intervention.eta_scale, layer_scale=scale,
+                    config_hash=spec.identity)
+        summary = {"intervention": self.name, "etas": list(spec.etas),
                    "intervention_layers": list(layers), "eta_scale": meta["eta_scale"],
                    "position": steering.position, "n_calibration": int(len(cal)),
                    "n_evaluation": int(len(fit.eval_idx)),
@@ -134,20 +191,24 @@ class SteeringStudy(Study):
                               baselines=baselines, plots_on=spec.output.plots)
 
 
-def _warn_edit_ratio(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
+def _check_edit_size(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
                      layers: Sequence[int], scale: Mapping[int, float] | None) -> None:
-    """Warn when the largest edit ‖η·ĉ‖ dwarfs the residual it is added to."""
-    limit = spec.output.edit_ratio_warn
-    if not limit:
-        return
+    """Refuse an edit that overflows the float32 read; warn when it dwarfs the residual."""
+    limit = spec.checks.edit_ratio_warn
+    largest = max(abs(e) for e in spec.etas)
     for layer in layers:
         norm = float(np.linalg.norm(base.residuals[layer][cal_idx], axis=-1).mean())
+        edit = largest * (scale or {}).get(layer, 1.0)
+        if not math.isfinite((norm + edit) ** 2):
+            raise SteeringError(f"eta={largest:g} adds an edit of norm {edit:.3g} at layer {layer}, "
+                                f"whose float32 read overflows (mean residual norm {norm:.4g}); "
+                                "accepted: an eta whose edit stays below ~1e19")
         ratio = eta_edit_ratio(spec.etas, (scale or {}).get(layer), norm)
-        if ratio > limit:
+        if limit and ratio > limit:
             LOG.warning("eta=%g adds an edit %.3g times the mean residual norm (%.4g) at layer %d "
                         "(checks.edit_ratio_warn=%g): the model's output is swamped; consider "
                         "intervention.eta_scale=residual_norm or a smaller eta",
-                        max(abs(e) for e in spec.etas), ratio, norm, layer, limit)
+                        largest, ratio, norm, layer, limit)
 
 
 def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steering
@@ -173,7 +234,8 @@ def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steerin
     if ctx.reads_last_layer(eval_set, steering):
         logits = ctx.steered(eval_set, steering, base)
         swept = last_layer_logits(ctx.loaded, base.residuals[last], eval_set.option_ids, vectors,
-                                  np.asarray(etas), (steering.layer_scale or {}).get(last, 1.0))
+                                  np.asarray(etas), (steering.layer_scale or {}).get(last, 1.0),
+                                  ctx.readout)
     else:
         every = ctx.steered(eval_set, DirectionSweep(vectors, tuple(layers), etas, "last",
                                                      steering.layer_scale))
@@ -183,19 +245,6 @@ def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steerin
                            spec.metrics.binning)
     return logits, table, {"n_random": n_random, "layers": layers,
                            "per_eta": table.to_dict("records")}
-
-
-def paired(table: pd.DataFrame, logits: np.ndarray, labels: np.ndarray, column: str,
-           spec: JobSpec) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Paired bootstrap intervals of every arm's deltas against the first (η = 0, or no
-    ablation), with ``metrics.bootstrap`` replicates; the multiple-comparisons note."""
-    m = spec.metrics
-    if not m.bootstrap:
-        return table, {}
-    table = add_paired_columns(table, option_probabilities(logits), labels, column, 0,
-                               m.bootstrap, m.alpha, m.seed, m.n_bins, m.binning)
-    return table, {"comparisons": multiple_comparisons(table, column, table[column].iloc[0],
-                                                       m.alpha)}
 
 
 def steering_summary(table: pd.DataFrame) -> dict[str, Any]:

@@ -35,13 +35,13 @@ Modules: :mod:`~calibrate.io.compare.runs` (the inputs, each job read, the label
 :mod:`~calibrate.io.compare.nullspace_json` (the null-space controls),
 :mod:`~calibrate.io.compare.wandb_group` (an online W&B group),
 :mod:`~calibrate.io.compare.figures` (the plots), :mod:`~calibrate.io.compare.headline` (the
-headline and detail tables) and :mod:`~calibrate.io.compare.cli`
+headline and detail tables) and :mod:`~calibrate.io.compare.compare_cli`
 (:func:`compare` and the command line ``main``). Their names are re-exported here.
 """
 
 from __future__ import annotations
 
-from calibrate.io.compare.cli import (
+from calibrate.io.compare.compare_cli import (
                                       DEFAULT_METRICS,
                                       DEFAULT_OUT,
                                       PROGRESS_MIN_JOBS,

@@ -12,13 +12,13 @@ Built on the comparison's run loading and figures (:mod:`calibrate.io.compare`).
 Bad input (a path that is neither a sweep nor a job directory) ends in one line on stderr
 naming it and what is accepted, exit status 2, and nothing written.
 
-Modules: :mod:`~calibrate.io.report.html` (the page), :mod:`~calibrate.io.report.cli`
+Modules: :mod:`~calibrate.io.report.html` (the page), :mod:`~calibrate.io.report.report_cli`
 (:func:`build_report`, ``main``) and :mod:`~calibrate.io.report.synthetic` (synthetic sweeps
 for tests and a try-out).
 """
 
 from __future__ import annotations
 
-from calibrate.io.report.cli import build_report, default_out, main
+from calibrate.io.report.report_cli import build_report, default_out, main
 
 __all__ = ["build_report", "default_out", "main"]

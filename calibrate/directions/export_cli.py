@@ -1,0 +1,75 @@
+"""``python -m calibrate.export``: a steering job's direction for other tools.
+
+    python -m calibrate.export lmeval <job dir> --eta 8 [--out steer.pt] [--force]
+    python -m calibrate.export repeng <job dir> [--out direction.gguf]
+
+``lmeval`` writes the steering file of lm-evaluation-harness's ``steered`` model
+(:mod:`calibrate.io.export_lmeval`):
+``lm_eval --model steered --model_args pretrained=<model>,steer_path=<file>``. ``repeng`` writes
+ĉ as a repeng control-vector GGUF at each intervention layer (:mod:`calibrate.io.gguf`), which
+``direction.path`` reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m calibrate.export",
+                                     description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="target", required=True)
+    lm = sub.add_parser("lmeval", help="steering file of lm-eval's `steered` model (.pt)")
+    lm.add_argument("job_dir")
+    lm.add_argument("--eta", type=float, required=True, help="steering strength (the job's units)")
+    lm.add_argument("--out", default=None, help="output .pt (default: <job dir>/lmeval_steer_eta<eta>.pt)")
+    lm.add_argument("--force", action="store_true", help="export a position=last job anyway")
+    rp = sub.add_parser("repeng", help="repeng control-vector GGUF")
+    rp.add_argument("job_dir")
+    rp.add_argument("--out", default=None, help="output .gguf (default: <job dir>/direction.gguf)")
+    return parser.parse_args(argv)
+
+
+def export_repeng(job_dir: str | Path, out: str | Path | None = None) -> Path:
+    """ĉ (unit) at each intervention layer of a steering job, as a repeng control vector."""
+    from calibrate.directions.files import read_direction as load_direction
+    from calibrate.directions.lmeval import ExportError
+    from calibrate.directions.gguf import write_control_vector
+
+    job_dir = Path(job_dir)
+    try:
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+        meta = json.loads((job_dir / "direction.json").read_text())
+    except FileNotFoundError as err:
+        raise ExportError(f"{str(job_dir)!r} is not a complete steering job: {err}") from err
+    direction = load_direction(job_dir / "direction.safetensors")
+    layers = meta.get("intervention_layers") or metrics.get("intervention_layers") or []
+    return write_control_vector(Path(out) if out else job_dir / "direction.gguf",
+                                metrics.get("model_type", ""),
+                                {int(layer): direction.vector for layer in layers})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from calibrate.core.direction import DirectionError
+    from calibrate.directions.lmeval import ExportError, export_job
+    from calibrate.directions.gguf import ControlVectorError
+
+    args = parse_args(argv)
+    try:
+        if args.target == "lmeval":
+            path = export_job(args.job_dir, args.eta, args.out, args.force)
+        else:
+            path = export_repeng(args.job_dir, args.out)
+    except (ExportError, DirectionError, ControlVectorError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

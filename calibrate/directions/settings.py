@@ -1,0 +1,100 @@
+"""The ``direction`` group: how ĉ is fit (or loaded) and on which split, with every method's block.
+
+:class:`DirectionSettings` holds the keys every method shares; :func:`settings_class` adds one
+block per registered method that has settings (``direction.gradient``, ``direction.probe`` ...),
+typed by the method's own ``Settings`` dataclass, so Hydra checks a method's keys when it
+composes and a new method needs no edit here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from calibrate import values
+from calibrate.core.direction import DirectionError
+from calibrate.directions.direction_method import METHODS
+
+
+@dataclass
+class SourcePrompt:
+    """``direction.source_prompt``: a prompt style to fit ĉ in; null keys: the job's own."""
+
+    shots: int | None = None
+    chat_template: bool | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        values.optional_integer("direction.source_prompt.shots", self.shots, 0)
+        if self.chat_template is not None:
+            values.flag("direction.source_prompt.chat_template", self.chat_template)
+        values.optional_integer("direction.source_prompt.seed", self.seed, 0)
+
+    def given(self) -> dict[str, Any]:
+        """The keys set (the others follow the job's prompt style)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class DirectionSettings:
+    """The ``direction`` group (see conf/config.yaml for every key)."""
+
+    method: str = "layer_diff"
+    layers: Any = "auto"  # residual layers of the differences; "auto": the detected correction
+    calibration_fraction: float = 0.5
+    seed: int = 0
+    source: str | None = None  # fit on another dataset (its config name)
+    path: str | None = None  # load a saved direction (.safetensors, or a repeng .gguf)
+    allow_cross_model: bool = False
+    source_limit: int | None = None
+    source_prompt: SourcePrompt | None = None
+    n_random: int = 32  # random directions of the null distribution (0: none)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DirectionError(f"direction.method={self.method!r}; accepted: "
+                                 f"{', '.join(METHODS)}")
+        self.layers = values.layer_list("direction.layers", self.layers, ("auto",))
+        values.number("direction.calibration_fraction", self.calibration_fraction,
+                      lambda f: 0 < f < 1, "a number strictly between 0 and 1")
+        values.integer("direction.seed", self.seed, 0)
+        if self.source is not None:
+            values.path_name("direction.source", self.source)
+        values.optional_text("direction.path", self.path)
+        values.flag("direction.allow_cross_model", self.allow_cross_model)
+        values.optional_integer("direction.source_limit", self.source_limit, 1)
+        values.integer("direction.n_random", self.n_random, 0)
+
+    def method_settings(self) -> Any:
+        """The chosen method's own block (None when the method has none)."""
+        return getattr(self, self.method, None)
+
+    def check_shape(self, num_blocks: int) -> None:
+        """Checks that need the model's depth: the layers and the method's own."""
+        if self.path is None and self.layers != "auto":
+            bad = [layer for layer in self.layers if not 1 <= layer <= num_blocks]
+            if bad:
+                raise DirectionError(f"direction.layers={list(self.layers)}: layer(s) {bad} "
+                                     f"outside this model's 1..{num_blocks}; accepted: layer "
+                                     f"numbers in 1..{num_blocks}")
+        METHODS[self.method].check_shape(self.method_settings(), num_blocks)
+
+
+def settings_class() -> type[DirectionSettings]:
+    """:class:`DirectionSettings` with one block per registered method that has settings."""
+    blocks = tuple((name, method.Settings) for name, method in sorted(METHODS.items())
+                   if method.Settings is not None)
+    return _with_blocks(blocks)
+
+
+_CLASSES: dict[tuple, type[DirectionSettings]] = {}
+
+
+def _with_blocks(blocks: tuple[tuple[str, type], ...]) -> type[DirectionSettings]:
+    if blocks not in _CLASSES:
+        fields = [(name, cls, field(default_factory=cls)) for name, cls in blocks]
+        _CLASSES[blocks] = dataclasses.make_dataclass(
+            "DirectionSettings", fields, bases=(DirectionSettings,),
+            namespace={"__doc__": DirectionSettings.__doc__, "__module__": __name__})
+    return _CLASSES[blocks]

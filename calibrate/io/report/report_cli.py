@@ -1,0 +1,100 @@
+"""``python -m calibrate.report DIR [DIR ...] [--out OUT]``: build the report and its command
+line."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from calibrate.io import results
+from calibrate.io.compare.compare_cli import DEFAULT_METRICS, _check_out, comparison_tables, load_runs
+from calibrate.io.compare.figures import comparison_figures
+from calibrate.io.compare.headline import detail_tables, headline_table, markdown_sections
+from calibrate.io.compare.runs import CompareError, resolve_inputs
+from calibrate.io.report.html import render_page
+
+REPORT_DIR = "report"
+DPI = 100
+
+
+def default_out(dirs: Sequence[str | Path]) -> Path:
+    """``<first dir>/report``."""
+    return Path(dirs[0]) / REPORT_DIR
+
+
+def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+    """The figure rendered as PNG."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def build_report(dirs: Sequence[str | Path], out: str | Path | None = None,
+                 metrics: Sequence[str] = DEFAULT_METRICS, relative_depth: bool = False,
+                 dpi: int = DPI) -> list[Path]:
+    """Read the runs under ``dirs`` and write ``report.html``, ``report.md``, the figure PNGs
+    and the CSV tables into ``out`` (default ``<first dir>/report``); returns the written paths.
+
+    Raises:
+        CompareError: a path is neither a sweep nor a job directory, or ``out`` is a file.
+            Nothing is written then.
+    """
+    resolve_inputs(dirs)
+    out = Path(out) if out is not None else default_out(dirs)
+    _check_out(out)
+    runs = load_runs(dirs)
+    csvs = comparison_tables(runs)
+    figures = comparison_figures(runs, list(dict.fromkeys(metrics)) or list(DEFAULT_METRICS),
+                                 relative_depth, csvs.get("nullspace.csv"))
+    pngs = {name: png_bytes(fig, dpi) for name, fig in figures.items()}
+    tables = {"Headline": headline_table(runs), **detail_tables(runs)}
+    done = sum(r.complete for r in runs)
+    intro = [f"{len(runs)} runs ({done} complete) from {', '.join(str(d) for d in dirs)}; "
+             "every table is keyed by the run number #."]
+    written = [results.atomic_write(out / name, lambda h, b=png: h.write(b))
+               for name, png in pngs.items()]
+    written += [results.write_csv(out / name, table) for name, table in csvs.items()]
+    lines = [textwrap.fill(line, 120, break_long_words=False) for line in intro]
+    md = ("# calibrate report\n\n" + "\n\n".join(lines) + "\n\n" + markdown_sections(tables)
+          + "\n## Figures\n\n" + "".join(f"![{n}]({n})\n\n" for n in pngs))
+    written.append(results.write_text(out / "report.md", md))
+    written.append(results.write_text(out / "report.html",
+                                      render_page("calibrate report",
+                                                  [*intro, "Click a column header to sort."],
+                                                  tables, pngs)))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 on bad input)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m calibrate.report",
+        description="One self-contained HTML page (and the same tables as markdown) for one or "
+                    "more sweeps: a headline table, detail tables and the comparison figures.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="sweep directory (multirun) or single job directory")
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default: <first DIR>/{REPORT_DIR})")
+    parser.add_argument("--metric", nargs="+", action="extend", dest="metrics", default=None,
+                        metavar="METRIC", help="metrics to draw (default: accuracy ece mce)")
+    parser.add_argument("--relative-depth", action="store_true",
+                        help="x axis layer / last layer in the per-layer figures")
+    parser.add_argument("--dpi", type=int, default=DPI, help=f"figure resolution (default {DPI})")
+    args = parser.parse_args(argv)
+    try:
+        written = build_report(args.dirs, args.out, args.metrics or DEFAULT_METRICS,
+                               args.relative_depth, args.dpi)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    page = next(p for p in written if p.name == "report.html")
+    print(f"[calibrate] report: {page.resolve()} ({len(written)} files in {page.parent})")
+    return 0
