@@ -8,7 +8,7 @@ OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
 STEPS=${STEPS:-1 2 3 4 5 6 7 8 9}
 common="probe.progress=false tracker=none dataset.shuffle=true"
-steer="intervention=direction intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
+steer="intervention=steering intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # 1. layer-wise probe: both models x SST-2, ARC-Easy, MMLU (200 each) and Rotten Tomatoes
@@ -52,7 +52,7 @@ fi
 #    SST-2, 2000 shuffled Rotten Tomatoes (1000 evaluated), 200 shuffled ARC-Easy (cloze) and, for
 #    SmolLM2 only, 100 HellaSwag (cloze; its long continuations cost seconds per example on CPU).
 #    resume=true: a rerun skips the jobs already complete with the same config.
-adj="$common resume=true intervention=direction intervention.eta_scale=residual_norm
+adj="$common resume=true intervention=steering intervention.eta_scale=residual_norm
      eta=[0,0.02,0.05,0.1] direction.n_random=32 output.predictions=false"
 if step 6; then
   $PY -m calibrate.run -m $adj model=smollm2,gemma3_270m dataset=sst2 \
@@ -98,7 +98,7 @@ fi
 # 9. c_hat across prompt styles: SST-2 with 800 evaluated rows (5-shot exemplars from the 72 left
 #    over), each style's own c_hat, then zero-shot c_hat on 5-shot prompts and the reverse
 if step 9; then
-  tr="$common resume=true intervention=direction intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
+  tr="$common resume=true intervention=steering intervention.eta_scale=residual_norm eta=[0,0.02,0.05,0.1]
       direction.n_random=32 output.predictions=false model=smollm2,gemma3_270m dataset=sst2
       dataset.limit=800"
   $PY -m calibrate.run -m $tr prompt.shots=0,5 hydra.sweep.dir=$OUT/prompt_styles/transfer_own
@@ -118,5 +118,5 @@ if step 4; then
            prompt_styles/transfer_five_to_zero; do
     [[ -d $OUT/$s ]] && sweeps="$sweeps $OUT/$s"
   done
-  $PY -m calibrate.report $sweeps --out $OUT/compare --dpi 60
+  $PY -m calibrate report $sweeps --out $OUT/compare --dpi 60
 fi

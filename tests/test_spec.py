@@ -31,13 +31,13 @@ from calibrate.config.validate import ConfigError
     (("intervention=direction_ablate",), "direction_ablate", ()),
 ])
 def test_study_and_etas_are_decided_once(overrides, study, etas):
-    spec = build_spec(composed(*overrides))
+    spec = build_spec(compose(*overrides))
     assert (spec.study, spec.etas) == (study, etas)
     assert spec.uses_split == (study != "probe")
 
 
 def test_eta_alone_uses_the_direction_defaults_from_the_intervention_config():
-    spec = build_spec(composed("eta=2"))
+    spec = build_spec(compose("eta=2"))
     direction = OmegaConf.to_container(OmegaConf.load(
         CONF_DIR / "intervention" / "direction.yaml"))
     assert spec.intervention == InterventionSettings.from_mapping(direction)
@@ -46,7 +46,7 @@ def test_eta_alone_uses_the_direction_defaults_from_the_intervention_config():
 
 def test_every_job_of_an_eta_sweep_is_a_steering_job_on_the_same_split():
     """`-m eta=0,2,4,8`: the eta=0 job must evaluate the same split as the others."""
-    specs = [build_spec(composed(f"eta={e}")) for e in (0, 2, 4, 8)]
+    specs = [build_spec(compose(f"eta={e}")) for e in (0, 2, 4, 8)]
     assert {s.study for s in specs} == {"steering"}
     assert all(s.uses_split for s in specs)
     splits = {(s.config["direction"]["calibration_fraction"], s.config["direction"]["seed"])
@@ -103,14 +103,14 @@ def test_seed_is_checked_before_anything_runs():
      r"direction.probe.layer=\[40\]: layer\(s\) \[40\] outside this model's 0..30"),
 ])
 def test_checks_against_the_models_shape(overrides, message):
-    spec = build_spec(composed(*overrides))
+    spec = build_spec(compose(*overrides))
     with pytest.raises(ConfigError, match=message):
         check_shape(spec, num_blocks=30, hidden_size=576)
 
 
 def test_shape_checks_pass_for_valid_ranges():
-    check_shape(build_spec(composed("intervention=direction", "intervention.layers=[0,30]")), 30, 576)
-    check_shape(build_spec(composed("intervention=nullspace")), 30, 576)
+    check_shape(build_spec(compose("intervention=direction", "intervention.layers=[0,30]")), 30, 576)
+    check_shape(build_spec(compose("intervention=nullspace")), 30, 576)
 
 
 def test_edit_ratio():
@@ -131,8 +131,8 @@ def test_folder_names_carry_a_per_process_token():
 def test_the_spec_carries_the_prompt_style_checked_before_anything_runs():
     from calibrate.tasks.shots import PromptStyle
 
-    assert build_spec(composed()).prompt == PromptStyle(0, False, 0)
-    spec = build_spec(composed("dataset=mmlu", "prompt.shots=5", "prompt.chat_template=true"))
+    assert build_spec(compose()).prompt == PromptStyle(0, False, 0)
+    spec = build_spec(compose("dataset=mmlu", "prompt.shots=5", "prompt.chat_template=true"))
     assert spec.prompt == PromptStyle(5, True, 0) and spec.relevant()["prompt"]["shots"] == 5
     for overrides, message in [
             (("prompt.shots=-1",), r"prompt.shots=-1; accepted: an integer >= 0"),
@@ -142,4 +142,4 @@ def test_the_spec_carries_the_prompt_style_checked_before_anything_runs():
             (("prompt.chat_template=maybe",), r"prompt.chat_template='maybe'; accepted: true, false"),
             (("probe.prefix_reuse=2",), r"probe.prefix_reuse=2; accepted: true, false")]:
         with pytest.raises(ConfigError, match=message):
-            build_spec(composed(*overrides))
+            build_spec(compose(*overrides))

@@ -131,7 +131,7 @@ def _summary(plan: dict, base: pd.DataFrame, steering: pd.DataFrame, null: pd.Da
         "phase_kind": "correction", "chance_accuracy": 0.5, "emergence_layer": int(0.4 * last),
         "study": "steering", "config_hash": f"{index:016x}",
         "config": {"intervention": {"eta_scale": plan["scale"]}},
-        "intervention": "direction", "etas": list(etas), "eta_scale": plan["scale"],
+        "intervention": "steering", "etas": list(etas), "eta_scale": plan["scale"],
         "intervention_layers": [last], "position": "last",
         "direction": {"method": "layer_diff", "layers": plan["layers"], "raw_norm": 0.7,
                       "dataset": plan["dataset"]},
@@ -150,7 +150,7 @@ def write_job(job_dir: Path, index: int, n: int, seed: int = 0, nullspace: bool 
         DATASETS.index(plan["dataset"])
     rng = np.random.default_rng(seed * 100_003 + pair)  # one evaluation split per pair
     etas = ETAS[plan["scale"]]
-    overrides = [f"model={plan['model']}", f"dataset={plan['dataset']}", "intervention=direction",
+    overrides = [f"model={plan['model']}", f"dataset={plan['dataset']}", "intervention=steering",
                  f"direction.layers=[{','.join(map(str, plan['layers']))}]",
                  f"intervention.eta_scale={plan['scale']}",
                  f"eta=[{','.join(f'{e:g}' for e in etas)}]", "tracker=none"]
