@@ -4,11 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = ["compose", "fit_direction", "load_dataset", "load_model", "null_space", "probe_layers",
-           "run_study", "steer"]
+           "run_study", "steer", "typed_config"]
 
 
 def __getattr__(name: str):
-    # Lazy: `python -m calibrate.model.assets` must not import torch or transformers.
+    # Lazy: importing calibrate must not import torch or transformers.
     if name in __all__:
         from calibrate import api
 

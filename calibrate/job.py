@@ -21,6 +21,7 @@ from calibrate.config.spec import JobSpec, check_shape
 from calibrate.core.metrics import MetricSettings
 from calibrate.core.phases import PhaseSettings, emergence_layer, find_phases, phases_to_dict
 from calibrate.engine.probe import ProbeSettings
+from calibrate.engine.scoring import score, scoring_of
 from calibrate.io import results
 from calibrate.io.provenance import code_identity
 from calibrate.io.results import OutputSettings
@@ -58,8 +59,7 @@ def probe_records(loaded: LoadedModel, records: Sequence[Any], dataset: DatasetC
 def probe_prompts(loaded: LoadedModel, prompt_set: PromptSet, probe: ProbeSettings,
                   metrics: MetricSettings, keep_layers: Sequence[int] = ()) -> ProbeReport:
     """Score ready prompts at every layer (single token or cloze) and measure every layer."""
-    return make_report(prompt_set.scoring.score(loaded, prompt_set, probe.keeping(keep_layers)),
-                       prompt_set, metrics)
+    return make_report(score(loaded, prompt_set, probe.keeping(keep_layers)), prompt_set, metrics)
 
 
 def prepare(spec: JobSpec) -> JobContext:
@@ -108,7 +108,7 @@ def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float)
         "model_type": loaded.adapter.model_type, "unembed_hash": loaded.unembed_hash,
         "dataset": ds.name, "split": ds.split, "n_examples": len(report.result.labels),
         "n_options": int(report.prompt_set.option_ids.shape[1]), "answer_format": ds.answer_format,
-        **report.prompt_set.scoring.summary_fields(report.prompt_set),
+        **scoring_of(report.prompt_set).summary_fields(report.prompt_set),
         "prompt": dict(report.prompt_set.style or {}),
         "num_layers": report.result.num_layers, **report.info, "final": report.final,
         **phases, "chance_accuracy": chance,

@@ -23,8 +23,7 @@ from typing import Any
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from calibrate.config import CONF_DIR
-from calibrate.config.compose import compose, implied_overrides
+from calibrate.config.compose import compose, group_options, implied_overrides
 from calibrate.config.spec import JobSpec, build_spec, check_shape, flatten
 from calibrate.errors import USER_ERRORS, ConfigError
 
@@ -34,7 +33,7 @@ _PREFIX = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~", "CHANGE": ""}
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+    return group_options(group)
 
 
 def _variants(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
@@ -89,10 +88,27 @@ def _compose(line: Sequence[str]) -> dict[str, Any]:
     return OmegaConf.to_container(compose(line), resolve=True)  # type: ignore[return-value]
 
 
+def _composed(line: Sequence[str]) -> Any:
+    """:func:`compose`; where a value has the wrong type (Hydra's "Error merging override x=v",
+    caused by OmegaConf's check against the schema), the same error whose first line also says
+    what the key's type accepts (OmegaConf's own first line)."""
+    from omegaconf.errors import ValidationError
+
+    try:
+        return compose(line)
+    except HydraException as err:
+        cause = err.__cause__
+        if not isinstance(cause, ValidationError):
+            raise
+        head = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        detail = (str(cause).strip().splitlines() or [""])[0]
+        raise type(err)(f"{head}: {detail}" if detail else head) from cause
+
+
 def _user_wins(line: list[str], composed: Mapping[str, Any], swept: set[str]) -> list[str]:
     """Overrides that restore a group's ``name`` the experiment changed, plus notices."""
     groups = {_key(o): o.split("=", 1)[1] for o in line
-              if "=" in o and "." not in _key(o) and (Path(CONF_DIR) / _key(o)).is_dir()
+              if "=" in o and "." not in _key(o) and group_options(_key(o))
               and _key(o) not in ("experiment", "hydra", *swept)}
     if not groups:
         return []
@@ -182,7 +198,7 @@ def preflight(argv: Sequence[str]) -> list[str]:
     shapes: dict[str, Any] = {}
     for line in lines:
         experiment = _check_experiment(line)
-        cfg = compose(line)
+        cfg = _composed(line)
         spec = build_spec(cfg)
         check_model_shape(spec, shapes)
         announce_unused(spec, line)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from calibrate.model.assets import cache_root
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout under test: its code is what runs
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
            "MPLBACKEND": "Agg"}
 # a second math thread mostly spins on a loaded 2-core machine; results do not depend on it
@@ -32,10 +33,13 @@ class Run:
 
 
 def cli_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
-    """The environment of a CLI subprocess: offline, quiet, no HYDRA_FULL_ERROR; ``extra``
-    values are set, ``None`` values removed."""
+    """The environment of a CLI subprocess: offline, quiet, no HYDRA_FULL_ERROR, this checkout
+    first on PYTHONPATH (the rest of the caller's environment passes through, so the code under
+    test runs whatever package is installed); ``extra`` values are set, ``None`` values removed."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(OFFLINE)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != REPO]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *paths])
     for key, value in (extra or {}).items():
         if value is None:
             env.pop(key, None)

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.engine.edits import SteeringError
 from calibrate.engine.steer import run_steered
 from calibrate.studies.subspace_ablation import SubspaceAblation, _means, final_deltas
-from calibrate.tasks.prompts import build_prompts
+from calibrate.tasks.prompts import PromptConfig, build_prompts
 
 QUIET = ProbeSettings(progress=False)
-DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
-           "template": "{question} \n question : is this sentence positive or negative ? answer :"}
+DATASET = PromptConfig(name="toy", answer_format="verbalizer", verbalizer=[" negative", " positive"],
+                       template="{question} \n question : is this sentence positive or negative ? "
+                                "answer :")
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
              "fun", "the the the movie was very very fun and good good"]
 
@@ -183,6 +183,14 @@ def test_final_deltas_reads_the_last_layer_of_the_variant():
 
 
 def test_unknown_ablation_is_named():
-    with pytest.raises(SteeringError, match=r"intervention\.ablation='median'.*zero, mean"):
-        _means(None, (1,), "median")
+    from conftest import typed
+
+    from calibrate.engine.edits import InterventionSettings
+    from calibrate.errors import ConfigError
+
+    # the ablation is checked with the intervention settings (typed), not when it is used
+    with pytest.raises(ConfigError, match=r"intervention\.ablation='median'.*zero, mean"):
+        InterventionSettings(name="nullspace", ablation="median")
+    with pytest.raises(ConfigError, match=r"intervention\.ablation='median'.*zero, mean"):
+        typed("intervention=nullspace", "intervention.ablation=median")
     assert _means(None, (1,), "zero") is None

@@ -105,3 +105,15 @@ def test_steer_hooks_are_removed_and_edit_only_inside(word_tokenizer):
     with pytest.raises(RuntimeError), api.steer(lm, direction, eta=1.0, position="all"):
         raise RuntimeError("inside")
     assert lm.edits == [] and hooks() == before
+    # a direction given from outside is checked and scaled to unit norm: eta is in its units
+    with torch.inference_mode():
+        with api.steer(lm, 5 * direction, eta=3.0, layers=[1]):
+            scaled = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(scaled, edited)
+    from calibrate.core.direction import DirectionError
+
+    for bad, message in ((np.zeros(hidden), "zero vector"), (np.ones(hidden + 1), "width"),
+                         (np.full(hidden, np.nan), "non-finite")):
+        with pytest.raises(DirectionError, match=message), api.steer(lm, bad, eta=1.0):
+            pass
+    assert lm.edits == [] and hooks() == before

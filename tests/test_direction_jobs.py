@@ -10,34 +10,34 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
+from conftest import spec_of
 
 from calibrate import job as job_mod
-from calibrate.api import compose
-from calibrate.config.spec import build_spec
-from calibrate.core.direction import load_direction
+from calibrate.directions.files import load_direction, read_direction
 
 pytestmark = pytest.mark.slow
 sklearn = pytest.importorskip("sklearn")
 
 BASE = ["dataset.limit=16", "tracker=none", "probe.progress=false", "output.plots=true",
         "metrics.bootstrap=0", "model.dtype=float32", "probe.min_fill=0",
-        "intervention=direction", "eta=[0,4]", "direction.n_random=0"]
+        "intervention=steering", "eta=[0,4]", "direction.n_random=0"]
 
 
-def config(*overrides: str) -> dict:
-    return OmegaConf.to_container(compose([*BASE, *overrides]), resolve=True)
+def spec(*overrides: str):
+    return spec_of(*BASE, *overrides)
 
 
 def run(tmp: Path, *overrides: str) -> tuple[Path, dict]:
     job_dir = tmp / "job"
-    job_mod.run_job(config(*overrides), job_dir)
-    return job_dir, json.loads((job_dir / "direction.json").read_text())
+    job_spec = spec(*overrides)
+    job_mod.run_job(job_spec, job_dir)
+    meta = json.loads((job_dir / "direction.json").read_text())
+    assert meta["config_hash"] == job_spec.identity  # the direction names the job it came from
+    return job_dir, meta
 
 
 def cached(*overrides: str, keep=(27, 28, 29, 30), n=16):
-    cfg = config(*overrides)
-    ctx = job_mod.prepare(build_spec(cfg))
+    ctx = job_mod.prepare(spec(*overrides))
     probe = ctx.probe(keep=list(keep))
     cal = np.sort(np.random.default_rng(0).permutation(n)[:n // 2])  # seed 0, fraction 0.5
     return ctx, probe, cal
@@ -55,8 +55,11 @@ def test_pca_job(tmp_path):
     diffs = np.concatenate(diffs)
     ref = PCA(n_components=1).fit(diffs).components_[0]
     ref *= np.sign(diffs.mean(0) @ ref)
-    np.testing.assert_allclose(load_direction(job_dir / "direction.safetensors").vector, ref,
+    np.testing.assert_allclose(read_direction(job_dir / "direction.safetensors").vector, ref,
                                atol=1e-8)
+    loaded = load_direction(job_dir / "direction.safetensors", 576)  # checked, normalised
+    np.testing.assert_allclose(loaded.vector, ref, atol=1e-8)
+    assert loaded.meta["loaded_norm"] == pytest.approx(1.0)
     mean = diffs.reshape(3, 8, -1).mean(1).mean(0)
     assert meta["cosine_layer_diff"] == pytest.approx(ref @ mean / np.linalg.norm(mean), abs=1e-8)
     assert 0 <= meta["null_space_rho"] <= 1 and meta["method"] == "pca"
@@ -72,7 +75,7 @@ def test_probe_job(tmp_path):
     assert 0 < correct.sum() < len(correct)  # SmolLM2 gets some of the 32 wrong
     w = LogisticRegression(C=1.0, tol=1e-12, max_iter=100_000).fit(
         probe.residuals[20][cal].astype(np.float64), correct).coef_[0]
-    got = load_direction(job_dir / "direction.safetensors").vector
+    got = read_direction(job_dir / "direction.safetensors").vector
     assert got @ (-w / np.linalg.norm(w)) == pytest.approx(1.0, abs=1e-6)
     assert meta["layers"] == [20]
 
@@ -89,8 +92,8 @@ def test_gradient_job_last_layer(tmp_path):
     # deterministic: the same job again gives the same vector
     again, _ = run(tmp_path / "again", "direction.method=gradient",
                    "direction.gradient.max_steps=30")
-    np.testing.assert_array_equal(load_direction(job_dir / "direction.safetensors").vector,
-                                  load_direction(again / "direction.safetensors").vector)
+    np.testing.assert_array_equal(read_direction(job_dir / "direction.safetensors").vector,
+                                  read_direction(again / "direction.safetensors").vector)
 
 
 def test_gradient_job_fourth_last_block(tmp_path):
@@ -107,7 +110,7 @@ def test_gguf_control_vector_as_direction_path(tmp_path):
     import gguf
 
     job_dir, _ = run(tmp_path / "pca", "direction.method=pca")
-    vec = load_direction(job_dir / "direction.safetensors").vector
+    vec = read_direction(job_dir / "direction.safetensors").vector
     path = tmp_path / "cv.gguf"
     writer = gguf.GGUFWriter(str(path), "controlvector")  # repeng's export_gguf layout
     writer.add_string("controlvector.model_hint", "llama")

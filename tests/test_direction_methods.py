@@ -146,12 +146,19 @@ def test_objectives_against_numpy():
 
 
 def test_settings_are_checked():
+    from conftest import typed
+
+    from calibrate.errors import ConfigError
+
     with pytest.raises(DirectionError, match="objective"):
-        GradientSettings.from_mapping({"objective": "ece"})
-    with pytest.raises(DirectionError, match="unknown keys"):
-        GradientSettings.from_mapping({"steps": 3})
+        GradientSettings(objective="ece")
+    # unknown keys: refused by the typed config tree (also when added with +)
+    with pytest.raises(ConfigError, match="direction.gradient.steps is not a config key.*lr"):
+        typed("direction.method=gradient", "+direction.gradient.steps=3")
     with pytest.raises(DirectionError, match="lr"):
-        GradientSettings.from_mapping({"lr": 0})
+        GradientSettings(lr=0)
+    with pytest.raises(DirectionError, match="direction.gradient.lr"):
+        typed("direction.method=gradient", "direction.gradient.lr=0")
 
 
 # ---------------------------------------------------------------- gradient: readouts on tiny models
@@ -180,14 +187,14 @@ def _prompt_set(tok):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "phi"])  # plain, soft-capped, biased
 def test_last_layer_readout_equals_the_lens_read(arch, word_tokenizer):
-    from calibrate.engine.probe import ProbeSettings, run_probe
-    from calibrate.engine.last_layer import last_layer_logits
     from calibrate.directions.gradient import LastLayerReadout, OptionHead
+    from calibrate.engine.last_layer import last_layer_logits
+    from calibrate.engine.probe import ProbeSettings, run_probe
 
     loaded = _tiny64(arch, word_tokenizer)
     ps = _prompt_set(word_tokenizer)
     last = loaded.adapter.num_blocks
-    probe = run_probe(loaded, ps, ProbeSettings(progress=False, keep_layers=(last,)))
+    probe = run_probe(loaded, ps, ProbeSettings(progress=False).keeping((last,)))
     readout = LastLayerReadout(OptionHead(loaded, torch.float64), probe.residuals[last],
                                ps.option_ids)
     v = np.random.default_rng(0).standard_normal(32)
@@ -202,9 +209,9 @@ def test_last_layer_readout_equals_the_lens_read(arch, word_tokenizer):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 def test_upper_readout_equals_a_hooked_forward_pass(arch, word_tokenizer):
+    from calibrate.directions.gradient import OptionHead, UpperReadout
     from calibrate.engine.edits import Steering
     from calibrate.engine.steer import run_steered
-    from calibrate.directions.gradient import OptionHead, UpperReadout
 
     loaded = _tiny64(arch, word_tokenizer)
     ps = _prompt_set(word_tokenizer)
@@ -279,13 +286,13 @@ def _finite_difference_check(readout, labels, settings, hidden, seed=0, eps=1e-6
 @pytest.mark.parametrize("arch", ["phi", "gemma3_text"])  # biased head; soft-capped (float32 norm)
 @pytest.mark.parametrize("objective", ["nll", "brier", "soft_ece"])
 def test_gradient_matches_finite_differences_last_layer(objective, arch, word_tokenizer):
-    from calibrate.engine.probe import ProbeSettings, run_probe
     from calibrate.directions.gradient import LastLayerReadout, OptionHead
+    from calibrate.engine.probe import ProbeSettings, run_probe
 
     loaded = _tiny64(arch, word_tokenizer)
     ps = _prompt_set(word_tokenizer)
     last = loaded.adapter.num_blocks
-    probe = run_probe(loaded, ps, ProbeSettings(progress=False, keep_layers=(last,)))
+    probe = run_probe(loaded, ps, ProbeSettings(progress=False).keeping((last,)))
     readout = LastLayerReadout(OptionHead(loaded, torch.float64), probe.residuals[last],
                                ps.option_ids)
     settings = GradientSettings(objective=objective, norm_penalty=0.1, accuracy_penalty=0.5,
@@ -321,10 +328,10 @@ def _cloze_set(tok):
 
 
 def test_cloze_last_layer_readout_equals_the_cloze_engine(word_tokenizer):
-    from calibrate.engine.cloze import run_cloze, run_cloze_steered
-    from calibrate.engine.probe import ProbeSettings
-    from calibrate.engine.edits import Steering
     from calibrate.directions.gradient import LastLayerReadout, OptionHead
+    from calibrate.engine.cloze import run_cloze, run_cloze_steered
+    from calibrate.engine.edits import Steering
+    from calibrate.engine.probe import ProbeSettings
     from calibrate.tasks.continuations import cloze_divisors
 
     loaded = _tiny64("phi", word_tokenizer)
@@ -345,14 +352,14 @@ def test_cloze_last_layer_readout_equals_the_cloze_engine(word_tokenizer):
 
 
 def test_fit_lowers_the_objective_and_is_deterministic(word_tokenizer):
-    from calibrate.engine.probe import ProbeSettings, run_probe
-    from calibrate.engine.last_layer import last_layer_logits
     from calibrate.directions.gradient import LastLayerReadout, OptionHead
+    from calibrate.engine.last_layer import last_layer_logits
+    from calibrate.engine.probe import ProbeSettings, run_probe
 
     loaded = _tiny64("llama", word_tokenizer)
     ps = _prompt_set(word_tokenizer)
     last = loaded.adapter.num_blocks
-    probe = run_probe(loaded, ps, ProbeSettings(progress=False, keep_layers=(last,)))
+    probe = run_probe(loaded, ps, ProbeSettings(progress=False).keeping((last,)))
     settings = GradientSettings(objective="nll", holdout_fraction=0.0, max_steps=60, lr=0.05)
 
     def fit():
@@ -375,13 +382,13 @@ def test_fit_lowers_the_objective_and_is_deterministic(word_tokenizer):
 
 
 def test_max_norm_bounds_the_vector(word_tokenizer):
-    from calibrate.engine.probe import ProbeSettings, run_probe
     from calibrate.directions.gradient import LastLayerReadout, OptionHead
+    from calibrate.engine.probe import ProbeSettings, run_probe
 
     loaded = _tiny64("llama", word_tokenizer)
     ps = _prompt_set(word_tokenizer)
     last = loaded.adapter.num_blocks
-    probe = run_probe(loaded, ps, ProbeSettings(progress=False, keep_layers=(last,)))
+    probe = run_probe(loaded, ps, ProbeSettings(progress=False).keeping((last,)))
     readout = LastLayerReadout(OptionHead(loaded, torch.float64), probe.residuals[last],
                                ps.option_ids)
     fit = fit_vector(readout, 32, ps.labels, GradientSettings(max_norm=0.02, lr=0.5,
@@ -410,7 +417,7 @@ def _write_repeng(path, hint, directions):
 
 
 def test_read_repeng_gguf(tmp_path):
-    from calibrate.io.gguf import read_control_vector, write_control_vector
+    from calibrate.directions.gguf import read_control_vector, write_control_vector
 
     rng = np.random.default_rng(0)
     dirs = {4: rng.standard_normal(16), 9: rng.standard_normal(16)}  # repeng block indices
@@ -431,14 +438,17 @@ def test_gguf_direction_picks_the_steering_layer(tmp_path):
     rng = np.random.default_rng(1)
     dirs = {4: rng.standard_normal(16), 9: rng.standard_normal(16)}
     _write_repeng(tmp_path / "cv.gguf", "llama", dirs)
-    d = gguf_direction(str(tmp_path / "cv.gguf"), [10], "llama", False)
+    d = gguf_direction(str(tmp_path / "cv.gguf"), [10], "llama", 16, False)
     ref = dirs[9].astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(d.vector, ref / np.linalg.norm(ref), atol=1e-12)
     assert d.meta["layers"] == [10] and d.meta["method"] == "repeng_gguf"
+    assert d.meta["loaded_norm"] == pytest.approx(np.linalg.norm(ref))
     with pytest.raises(DirectionError, match="none for the steering layer 7"):
-        gguf_direction(str(tmp_path / "cv.gguf"), [7], "llama", False)
+        gguf_direction(str(tmp_path / "cv.gguf"), [7], "llama", 16, False)
     with pytest.raises(DirectionError, match="model type 'llama', not 'gpt2'"):
-        gguf_direction(str(tmp_path / "cv.gguf"), [10], "gpt2", False)
+        gguf_direction(str(tmp_path / "cv.gguf"), [10], "gpt2", 16, False)
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
     with pytest.raises(DirectionError, match="not a readable GGUF"):
-        gguf_direction(str(tmp_path / "bad.gguf"), [10], "llama", False)
+        gguf_direction(str(tmp_path / "bad.gguf"), [10], "llama", 16, False)
+    with pytest.raises(DirectionError, match="width 16 but the model's residual width is 8"):
+        gguf_direction(str(tmp_path / "cv.gguf"), [10], "llama", 8, False)

@@ -1,4 +1,4 @@
-"""``python -m calibrate.export lmeval``: the steering file lm-eval's ``steered`` model loads.
+"""``calibrate export lmeval``: the steering file lm-eval's ``steered`` model loads.
 
 * the hookpoint table against the modules themselves: for every supported architecture (tiny
   random models), the name lm-eval resolves in ``model.base_model.named_modules()`` is the
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHITECTURES, build_tiny
-from omegaconf import OmegaConf
+from conftest import ARCHITECTURES, build_tiny, spec_of
 
-from calibrate.core.direction import Direction, save_direction
-from calibrate.io.export_lmeval import ExportError, export_job, hookpoint, steering_config
+from calibrate.core.direction import Direction
+from calibrate.directions.files import save_direction
+from calibrate.directions.lmeval import ExportError, export_job, hookpoint, steering_config
 from calibrate.model.adapters import get_adapter
 
 
@@ -67,12 +67,20 @@ def test_position_last_is_refused_unless_forced(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    from calibrate.export import main
+    from calibrate.cli import main as calibrate_main
+    from calibrate.directions.export_cli import main
 
     job = _fake_job(tmp_path, "all")
     assert main(["lmeval", str(job), "--eta", "2"]) == 0
     assert Path(capsys.readouterr().out.strip()).is_file()
     assert main(["lmeval", str(tmp_path / "nothing"), "--eta", "2"]) == 2
+    capsys.readouterr()
+    # the same through the calibrate command (``calibrate export ...``)
+    assert calibrate_main(["export", "lmeval", str(job), "--eta", "3"]) == 0
+    assert Path(capsys.readouterr().out.strip()).name == "lmeval_steer_eta3.pt"
+    assert calibrate_main(["export", "lmeval", str(tmp_path / "nothing"), "--eta", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ")
 
 
 def test_steering_config_absolute_units():
@@ -89,21 +97,19 @@ def test_lmeval_steered_model_equals_a_position_all_job(tmp_path):
     from lm_eval.tasks import TaskManager
 
     from calibrate import job as job_mod
-    from calibrate.api import compose
-    from calibrate.config.spec import build_spec
 
     eta = 30.0
-    cfg = OmegaConf.to_container(compose([
+    spec = spec_of(
         "dataset.limit=16", "tracker=none", "probe.progress=false", "output.plots=false",
-        "metrics.bootstrap=0", "model.dtype=float32", "intervention=direction",
+        "metrics.bootstrap=0", "model.dtype=float32", "intervention=steering",
         "intervention.position=all", "intervention.layers=[20]", f"eta=[0,{eta:g}]",
-        "direction.n_random=0"]), resolve=True)
+        "direction.n_random=0")
     job_dir = tmp_path / "job"
-    job_mod.run_job(cfg, job_dir)
+    job_mod.run_job(spec, job_dir)
     metrics = json.loads((job_dir / "metrics.json").read_text())
     steer_file = export_job(job_dir, eta)
 
-    ctx = job_mod.prepare(build_spec(cfg))  # the model is reused from the job (same process)
+    ctx = job_mod.prepare(spec)  # the model is reused from the job (same process)
     prompt_set = ctx.prompt_set
     eval_idx = ctx.split()[1]
     rows = tmp_path / "rows.jsonl"
@@ -138,11 +144,12 @@ def test_lmeval_steered_model_equals_a_position_all_job(tmp_path):
     last = table[(table["eta"] == eta) & (table["layer"] == table["layer"].max())].iloc[0]
     assert lm_acc == pytest.approx(last["accuracy"], abs=1e-12)
     # per example: the steered last-layer probabilities of the job, recomputed through the engine
-    from calibrate.core.direction import load_direction
     from calibrate.core.option_scores import option_probabilities
+    from calibrate.directions.files import load_direction
     from calibrate.engine.edits import Steering
 
-    direction = load_direction(job_dir / "direction.safetensors")
+    hidden = ctx.loaded.adapter.unembed_weight.shape[1]
+    direction = load_direction(job_dir / "direction.safetensors", hidden)
     steering = Steering(direction.vector, (20,), (eta,), "all")
     ours = option_probabilities(ctx.steered(prompt_set.subset(eval_idx), steering))[0, :, -1]
     np.testing.assert_allclose(ours, lm_probs, atol=2e-4)

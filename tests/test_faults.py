@@ -32,7 +32,6 @@ import torch
 from cli_support import ONE_THREAD, Run, cli_env, explain, isolated_cache, run_process
 from omegaconf import OmegaConf, open_dict
 
-import calibrate
 from calibrate import job as job_mod
 from calibrate.engine import cache as probe_cache
 from calibrate.engine import probe as probe_mod
@@ -130,16 +129,17 @@ class Bad:
 RUN = ("calibrate.run", "dataset.limit=4", *LEAN, "hydra.run.dir={tmp}/out")
 PREVIOUS = json.dumps({"status": "complete", "marker": "an earlier complete result"})
 BAD = [
-    Bad("compare_missing_dir", ("calibrate.io.compare", "{tmp}/nonexistent"), 2,
+    Bad("compare_missing_dir", ("calibrate", "compare", "{tmp}/nonexistent"), 2,
         ("{tmp}/nonexistent", "no such directory"), ("sweep directory",)),
-    Bad("bench_n_zero", ("calibrate.bench.probe_bench", "--n", "0"), 2, ("--n must be >= 1, got 0",), lines=None),
-    Bad("bench_rounds_negative", ("calibrate.bench.probe_bench", "--rounds", "-1"), 2,
+    Bad("bench_n_zero", ("calibrate", "bench", "--n", "0"), 2, ("--n must be >= 1, got 0",), lines=None),
+    Bad("bench_rounds_negative", ("calibrate", "bench", "probe", "--rounds", "-1"), 2,
         ("--rounds must be >= 1, got -1",), lines=None),
-    Bad("assets_unknown", ("calibrate.model.assets", "prepare", "nosuchmodel"), 1,
+    # an unknown asset is bad input: one line and exit status 2, as for every subcommand
+    Bad("assets_unknown", ("calibrate", "assets", "prepare", "nosuchmodel"), 2,
         ("'nosuchmodel'",), ("'data'", "smollm2", "gemma3_270m")),
-    Bad("direction_method", (*RUN, "intervention=direction", "direction.method=ica"), 2,
+    Bad("direction_method", (*RUN, "intervention=steering", "direction.method=ica"), 2,
         ("direction.method='ica'",), ("layer_diff", "mean_diff", "random")),
-    Bad("intervention_position", (*RUN, "intervention=direction", "intervention.position=middle"),
+    Bad("intervention_position", (*RUN, "intervention=steering", "intervention.position=middle"),
         2, ("intervention.position='middle'",), ("last, all",)),
     Bad("calibration_fraction", (*RUN, "direction.calibration_fraction=2"), 2,
         ("direction.calibration_fraction=2",), ("strictly between 0 and 1",)),
@@ -148,8 +148,9 @@ BAD = [
     Bad("bootstrap_negative", (*RUN, "metrics.bootstrap=-1"), 2, ("metrics.bootstrap=-1",),
         ("integer >= 0",)),
     # Over a directory that already holds a complete result: "maybe" must neither skip the job
-    # (it is not true) nor run it (it is not false).
-    Bad("resume_maybe", (*RUN, "resume=maybe"), 2, ("resume='maybe'",), ("true, false",),
+    # (it is not true) nor run it (it is not false). OmegaConf parses booleans against the
+    # typed schema: "maybe" is refused while composing.
+    Bad("resume_maybe", (*RUN, "resume=maybe"), 2, ("resume=maybe",), ("not a valid bool",),
         files={"out/metrics.json": PREVIOUS}),
 ]
 
@@ -168,10 +169,10 @@ def _bad_run(case: Bad, tmp: Path) -> tuple[Run, set[Path]]:
 def _runtime_failure_sweep(root: Path, cache: Path) -> tuple[Run, Path]:
     """A sweep of a model folder whose weights file is damaged (a valid config and tokenizer:
     every check passes and reading the weights fails) and of the good model."""
-    cfg = OmegaConf.to_container(calibrate.compose([]), resolve=True)
+    from calibrate.api import typed_config
     from calibrate.model.load import resolve_source
 
-    good = Path(resolve_source(cfg["model"], cache))
+    good = Path(resolve_source(typed_config([]).model, cache))
     bad = root / "damaged_model"
     bad.mkdir(parents=True)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -444,13 +445,14 @@ def inproc_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def job_config(inproc_cache):
-    """``job_config(limit, **values)``: the composed, resolved job config (lean defaults)."""
-    def make(limit: int, **values) -> dict:
+    """``job_config(limit, **values)``: the job spec of the lean defaults and these values."""
+    from conftest import spec_of
+
+    def make(limit: int, **values):
         base = dict(item.split("=", 1) for item in LEAN)
         base.update({"dataset.limit": str(limit), "cache_dir": str(inproc_cache)})
         base.update({k: str(v) for k, v in values.items()})
-        overrides = [f"{k}={v}" for k, v in base.items()]
-        return OmegaConf.to_container(calibrate.compose(overrides), resolve=True)
+        return spec_of(*(f"{k}={v}" for k, v in base.items()))
     return make
 
 
@@ -523,8 +525,8 @@ def test_damaged_probe_cache_entry_is_rebuilt(job_config, tmp_path, monkeypatch,
                         lambda *a, **k: computed.append(1) or real_probe(*a, **k))
     probe_cache._MEMORY.clear()
     first = job_mod.run_job(cfg, tmp_path / "first")
-    entry = probe_cache._path(keys[-1], cfg["cache_dir"])
-    assert entry.is_file() and entry.parent == Path(cfg["cache_dir"]) / "probe"
+    entry = probe_cache._path(keys[-1], cfg.cache_dir)
+    assert entry.is_file() and entry.parent == Path(cfg.cache_dir) / "probe"
     whole = entry.read_bytes()
     entry.write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"not a zip" * 500)
     probe_cache._MEMORY.clear()
@@ -537,7 +539,7 @@ def test_damaged_probe_cache_entry_is_rebuilt(job_config, tmp_path, monkeypatch,
     with np.load(entry, allow_pickle=False) as data:  # rewritten whole
         assert "option_logits" in data.files
     probe_cache._MEMORY.clear()
-    reloaded = real_load(keys[-1], cfg["cache_dir"])
+    reloaded = real_load(keys[-1], cfg.cache_dir)
     assert reloaded is not None and reloaded.option_logits.shape == (5, SMOL_LAYERS, 2)
     probe_cache._MEMORY.clear()
 

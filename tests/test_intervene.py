@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import spec_of
 from omegaconf import OmegaConf
 
 from calibrate import job as job_mod
-from calibrate.api import compose
-from calibrate.config.spec import build_spec
-from calibrate.config.validate import ConfigError
-from calibrate.core.direction import Direction, DirectionError, load_direction, save_direction
+from calibrate.core.direction import Direction, DirectionError
+from calibrate.directions.files import load_direction, read_direction, save_direction
+from calibrate.errors import ConfigError
 from calibrate.model import load as models
 
 pytestmark = pytest.mark.slow
@@ -50,8 +50,9 @@ RESULT_NAMES = ("layers.csv", "metrics.json", "predictions.npz", "steering.csv",
                 "nullspace.json", "direction.safetensors", "direction.json")
 
 
-def config(*overrides: str) -> dict:
-    return OmegaConf.to_container(compose([*BASE, *overrides]), resolve=True)
+def config(*overrides: str):
+    """The job spec of ``BASE`` + ``overrides`` (every group typed and checked)."""
+    return spec_of(*BASE, *overrides)
 
 
 def run(tmp: Path, *overrides: str) -> tuple[Path, dict]:
@@ -73,6 +74,21 @@ def eta_rows(table: pd.DataFrame, eta: float) -> pd.DataFrame:
     return rows
 
 
+def assert_same_results(a: pd.DataFrame, b: pd.DataFrame, columns=None) -> None:
+    """Two jobs' tables: predictions (accuracy, changed) exactly, the rest to METRIC_TOL.
+
+    Jobs that keep other residual layers read their unsteered probe from other cache entries
+    (the key leaves batching out), and the probe of a batch plan rounds within float32 rounding
+    of another (module docstring); the steering table's layers below a last-layer edit are that
+    probe's."""
+    a, b = (t if columns is None else t[columns] for t in (a, b))
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    exact = [c for c in a.columns if c in ("eta", "layer", "accuracy", "delta_accuracy", "changed")]
+    pd.testing.assert_frame_equal(a[exact], b[exact], check_exact=True)
+    pd.testing.assert_frame_equal(a.drop(columns=exact), b.drop(columns=exact), check_exact=False,
+                                  rtol=0, atol=METRIC_TOL)
+
+
 def assert_no_results(job_dir: Path) -> None:
     present = sorted(p.name for p in job_dir.iterdir()) if job_dir.exists() else []
     assert not [n for n in present if n in RESULT_NAMES or n.endswith(".png")], present
@@ -83,8 +99,8 @@ def assert_no_results(job_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def steered(tmp_path_factory):
-    """intervention=direction, eta=[0,2,8]: the reference every other job is compared with."""
-    job_dir, summary = run(tmp_path_factory.mktemp("steer"), "intervention=direction",
+    """intervention=steering, eta=[0,2,8]: the reference every other job is compared with."""
+    job_dir, summary = run(tmp_path_factory.mktemp("steer"), "intervention=steering",
                            "eta=[0,2,8]")
     loaded = next(iter(models._LOADED.values()))
     return job_dir, summary, loaded
@@ -139,18 +155,22 @@ def test_direction_files(steered):
     assert meta["raw_norm"] > 0
     assert meta["n_examples"] == summary["n_calibration"] == 8
     assert meta["dataset"] == "sst2"
-    direction = load_direction(job_dir / "direction.safetensors")
+    assert meta["config_hash"] == summary["config_hash"]  # the job the direction came from
+    direction = read_direction(job_dir / "direction.safetensors")
     assert direction.hidden == HIDDEN
     assert np.linalg.norm(direction.vector) == pytest.approx(1.0, abs=1e-12)
+    assert read_direction(job_dir / "direction.json").meta == meta  # the same metadata inside
+    checked = load_direction(job_dir / "direction.safetensors", HIDDEN)
+    assert checked.meta["loaded_norm"] == pytest.approx(1.0, abs=1e-12)
 
 
 def test_direction_equals_hand_computed_layer_diff(steered):
     """c_hat from the cached residuals of the calibration split, the split redone by hand."""
     job_dir, _, loaded = steered
-    cfg = config("intervention=direction", "eta=[0,2,8]")
-    prompt_set = job_mod.prepare(build_spec(cfg)).prompt_set
-    probe = job_mod.cached_probe(loaded, prompt_set, cfg["probe"], [27, 28, 29, 30],
-                                 cfg.get("cache_dir"))
+    spec = config("intervention=steering", "eta=[0,2,8]")
+    prompt_set = job_mod.prepare(spec).prompt_set
+    probe = job_mod.cached_probe(loaded, prompt_set, spec.probe, [27, 28, 29, 30],
+                                 spec.cache_dir)
     cal = np.sort(np.random.default_rng(0).permutation(16)[:8])  # seed 0, fraction 0.5
     per_layer = []
     for layer in (28, 29, 30):
@@ -158,7 +178,7 @@ def test_direction_equals_hand_computed_layer_diff(steered):
                 - probe.residuals[layer - 1][cal].astype(np.float64))
         per_layer.append((diff / np.linalg.norm(diff, axis=1, keepdims=True)).mean(axis=0))
     mean = np.mean(per_layer, axis=0)
-    vector = load_direction(job_dir / "direction.safetensors").vector
+    vector = read_direction(job_dir / "direction.safetensors").vector
     np.testing.assert_allclose(vector, mean / np.linalg.norm(mean), rtol=0, atol=1e-12)
     assert read_json(job_dir / "direction.json")["raw_norm"] == pytest.approx(np.linalg.norm(mean))
 
@@ -169,7 +189,7 @@ def test_metrics_json(steered):
     assert metrics["status"] == "complete"
     assert metrics["n_calibration"] + metrics["n_evaluation"] == 16
     assert metrics["n_examples"] == metrics["n_evaluation"] == 8
-    assert metrics["intervention"] == "direction"
+    assert metrics["intervention"] == "steering" and metrics["study"] == "steering"
     assert set(metrics["steering"]) == {"0", "2", "8"}
     last = eta_rows(steering(job_dir), 8.0).iloc[-1]
     assert metrics["steering"]["8"]["delta_ece"] == pytest.approx(last["delta_ece"], abs=1e-12)
@@ -178,7 +198,7 @@ def test_metrics_json(steered):
 
 
 def test_another_eta_reuses_the_probe_and_the_model(steered, tmp_path, monkeypatch):
-    """eta=4 with intervention=none runs the steering job without a new probe or model load."""
+    """eta=4 alone (no intervention=) runs the steering job without a new probe or model load."""
     job_dir0, _, loaded = steered
 
     def no_probe(*_args, **_kwargs):
@@ -201,14 +221,14 @@ def test_another_eta_reuses_the_probe_and_the_model(steered, tmp_path, monkeypat
     monkeypatch.setattr(job_mod, "load_model", spy)
     job_dir, summary = run(tmp_path, "eta=4")
     assert len(handed) == 1 and handed[0] is loaded
-    assert summary["intervention"] == "direction" and summary["etas"] == [0.0, 4.0]
+    assert summary["intervention"] == "steering" and summary["etas"] == [0.0, 4.0]
     table = steering(job_dir)
     assert sorted(table["eta"].unique()) == [0.0, 4.0]
     zero, zero0 = eta_rows(table, 0.0), eta_rows(steering(job_dir0), 0.0)
     np.testing.assert_allclose(zero["ece"], zero0["ece"], atol=METRIC_TOL)
     np.testing.assert_array_equal(zero["accuracy"], zero0["accuracy"])
-    np.testing.assert_array_equal(load_direction(job_dir / "direction.safetensors").vector,
-                                  load_direction(job_dir0 / "direction.safetensors").vector)
+    np.testing.assert_array_equal(read_direction(job_dir / "direction.safetensors").vector,
+                                  read_direction(job_dir0 / "direction.safetensors").vector)
 
 
 # ---------------------------------------------------------------- loading a direction
@@ -216,22 +236,38 @@ def test_another_eta_reuses_the_probe_and_the_model(steered, tmp_path, monkeypat
 
 def test_loaded_direction_gives_the_same_steering(steered, tmp_path):
     job_dir0, _, _ = steered
-    job_dir, summary = run(tmp_path, "intervention=direction", "eta=[0,2,8]",
+    job_dir, summary = run(tmp_path, "intervention=steering", "eta=[0,2,8]",
                            f"direction.path={job_dir0 / 'direction.safetensors'}")
-    a, b = steering(job_dir0), steering(job_dir)
-    pd.testing.assert_frame_equal(a[STEERING_COLUMNS], b[STEERING_COLUMNS], check_exact=False,
-                                  rtol=0, atol=1e-9)
-    pd.testing.assert_frame_equal(pd.read_csv(job_dir0 / "layers.csv"),
-                                  pd.read_csv(job_dir / "layers.csv"), check_exact=False, atol=1e-9)
+    assert_same_results(steering(job_dir0), steering(job_dir), STEERING_COLUMNS)
+    assert_same_results(pd.read_csv(job_dir0 / "layers.csv"), pd.read_csv(job_dir / "layers.csv"))
     meta = read_json(job_dir / "direction.json")
     assert "cross_model_transfer" not in meta and meta["method"] == "layer_diff"
+    assert meta["loaded_norm"] == pytest.approx(1.0, abs=1e-12)  # the file held a unit vector
+    assert summary["direction"]["loaded_norm"] == meta["loaded_norm"]
     assert summary["n_calibration"] + summary["n_evaluation"] == 16
+
+
+def test_a_loaded_direction_is_normalised_and_its_norm_recorded(steered, tmp_path):
+    """A file holding 5 ĉ steers exactly like ĉ: η is in units of the (unit) direction."""
+    job_dir0, _, _ = steered
+    fitted = read_direction(job_dir0 / "direction.safetensors")
+    save_direction(Direction(5 * fitted.vector, fitted.meta), tmp_path, stem="five")
+    job_dir, summary = run(tmp_path, "intervention=steering", "eta=[0,8]",
+                           f"direction.path={tmp_path / 'five.safetensors'}")
+    meta = read_json(job_dir / "direction.json")
+    assert meta["loaded_norm"] == pytest.approx(5.0, rel=1e-12)
+    assert summary["direction"]["loaded_norm"] == pytest.approx(5.0, rel=1e-12)
+    np.testing.assert_allclose(read_direction(job_dir / "direction.safetensors").vector,
+                               fitted.vector, rtol=0, atol=1e-12)
+    same = steering(job_dir0)
+    same = same[same["eta"].isin([0.0, 8.0])].reset_index(drop=True)
+    assert_same_results(same, steering(job_dir), STEERING_COLUMNS)
 
 
 def test_steering_a_cloze_dataset(tmp_path):
     """ARC-Easy in its default cloze format: c_hat from the last context position, steered there;
     every option's continuation reads the steered context."""
-    job_dir, summary = run(tmp_path, "intervention=direction", "dataset=arc_easy", "eta=[0,8]",
+    job_dir, summary = run(tmp_path, "intervention=steering", "dataset=arc_easy", "eta=[0,8]",
                            "intervention.layers=[20]")
     assert summary["answer_format"] == "cloze" and summary["n_evaluation"] == 8
     table = steering(job_dir)
@@ -252,24 +288,24 @@ def test_direction_of_another_width_is_refused(tmp_path):
     wide = Direction(vector / np.linalg.norm(vector), {"model": "wide", "unembed_hash": "x"})
     save_direction(wide, tmp_path)
     job_dir = tmp_path / "job"
-    with pytest.raises(DirectionError, match=r"hidden size 640.*'smollm2' has 576"):
-        job_mod.run_job(config("intervention=direction", "eta=[0,2]",
+    with pytest.raises(DirectionError, match=r"has width 640 but the model's residual width is 576"):
+        job_mod.run_job(config("intervention=steering", "eta=[0,2]",
                                f"direction.path={tmp_path / 'direction.safetensors'}"), job_dir)
     assert_no_results(job_dir)
 
 
 def test_direction_of_another_model_needs_allow_cross_model(steered, tmp_path):
     job_dir0, _, _ = steered
-    fitted = load_direction(job_dir0 / "direction.safetensors")
+    fitted = read_direction(job_dir0 / "direction.safetensors")
     other = Direction(fitted.vector,
                       {**fitted.meta, "model": "other-576", "unembed_hash": "0" * 64})
     save_direction(other, tmp_path, stem="other")
     path = f"direction.path={tmp_path / 'other.safetensors'}"
     refused = tmp_path / "refused"
     with pytest.raises(DirectionError, match=r"other-576.*direction\.allow_cross_model=true"):
-        job_mod.run_job(config("intervention=direction", "eta=[0,8]", path), refused)
+        job_mod.run_job(config("intervention=steering", "eta=[0,8]", path), refused)
     assert_no_results(refused)
-    job_dir, summary = run(tmp_path, "intervention=direction", "eta=[0,8]", path,
+    job_dir, summary = run(tmp_path, "intervention=steering", "eta=[0,8]", path,
                            "direction.allow_cross_model=true")
     meta = read_json(job_dir / "direction.json")
     assert meta["cross_model_transfer"] is True and meta["applied_to"] == "smollm2"
@@ -284,12 +320,12 @@ def test_direction_of_another_model_needs_allow_cross_model(steered, tmp_path):
 
 def test_random_direction_runs_and_differs(steered, tmp_path):
     job_dir0, _, _ = steered
-    job_dir, summary = run(tmp_path, "intervention=direction", "eta=[0,8]",
+    job_dir, summary = run(tmp_path, "intervention=steering", "eta=[0,8]",
                            "direction.method=random")
     meta = read_json(job_dir / "direction.json")
     assert meta["method"] == "random" and summary["direction"]["method"] == "random"
-    random = load_direction(job_dir / "direction.safetensors").vector
-    fitted = load_direction(job_dir0 / "direction.safetensors").vector
+    random = read_direction(job_dir / "direction.safetensors").vector
+    fitted = read_direction(job_dir0 / "direction.safetensors").vector
     assert np.linalg.norm(random) == pytest.approx(1.0)
     assert abs(random @ fitted) < 0.5
     seeded = np.random.default_rng(0).standard_normal(HIDDEN)  # direction.seed = seed = 0
@@ -308,14 +344,14 @@ def test_direction_fit_on_another_dataset(steered, tmp_path):
     job_dir0, _, _ = steered
     job_dir, summary = run(tmp_path, "dataset=rotten_tomatoes",
                            f"dataset.local_path={SHARED / 'data' / 'rotten_tomatoes'}",
-                           "intervention=direction", "eta=[0,8]", "direction.source=sst2",
+                           "intervention=steering", "eta=[0,8]", "direction.source=sst2",
                            "direction.source_limit=16")
     meta = read_json(job_dir / "direction.json")
     assert meta["dataset"] == "sst2" and summary["dataset"] == "rotten_tomatoes"
     assert summary["direction"]["dataset"] == "sst2"
     assert meta["n_examples"] == 8
-    np.testing.assert_allclose(load_direction(job_dir / "direction.safetensors").vector,
-                               load_direction(job_dir0 / "direction.safetensors").vector,
+    np.testing.assert_allclose(read_direction(job_dir / "direction.safetensors").vector,
+                               read_direction(job_dir0 / "direction.safetensors").vector,
                                atol=1e-12)
     assert len(steering(job_dir)) == 2 * LAYERS
     assert summary["n_calibration"] + summary["n_evaluation"] == 16
@@ -356,7 +392,7 @@ def test_nullspace_job(steered, null_basis, tmp_path):
     assert set(keys) <= set(report)
     assert report["k"] == 6  # round(1% of 576)
     basis, sigma = null_basis
-    c = load_direction(job_dir0 / "direction.safetensors").vector  # the same fit
+    c = read_direction(job_dir0 / "direction.safetensors").vector  # the same fit
     assert report["rho"] == pytest.approx(np.linalg.norm(basis.T @ c), abs=1e-4)
     np.testing.assert_allclose(report["singular_values"], sigma, rtol=1e-4)
     # single columns (not just the span) matter here: looser, eigenvalue gaps are only ~3
@@ -397,15 +433,16 @@ def test_direction_ablation_job(tmp_path):
 # ---------------------------------------------------------------- bad settings
 
 
+# The direction group's own checks raise its DirectionError (a UserError, as ConfigError is).
 BAD = [
-    (["intervention=direction", "intervention.position=middle"], ConfigError,
+    (["intervention=steering", "intervention.position=middle"], ConfigError,
      r"intervention\.position='middle'"),
-    (["intervention=direction", "intervention.layers=[99]"], ConfigError,
+    (["intervention=steering", "intervention.layers=[99]"], ConfigError,
      r"intervention\.layers=\[99\].*0\.\.30"),  # from the model's config, before its weights
-    (["eta=4", "direction.layers=[0]"], ConfigError, r"direction\.layers=\[0\].*1\.\.30"),
+    (["eta=4", "direction.layers=[0]"], DirectionError, r"direction\.layers=\[0\].*1\.\.30"),
     (["eta=4", "direction.calibration_fraction=1.5"], ConfigError,
      r"direction\.calibration_fraction=1\.5"),
-    (["eta=4", "direction.method=ica"], ConfigError, r"direction\.method='ica'"),
+    (["eta=4", "direction.method=ica"], DirectionError, r"direction\.method='ica'"),
     (["intervention=nullspace", "intervention.ablation=median"], ConfigError,
      r"intervention\.ablation='median'"),
 ]

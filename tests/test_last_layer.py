@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.engine.last_layer import last_layer_logits, last_layer_steered
 from calibrate.engine.edits import DirectionSweep, Steering
+from calibrate.engine.last_layer import last_layer_logits, last_layer_steered
+from calibrate.engine.probe import ProbeSettings, run_probe
 from calibrate.engine.steer import run_steered
-from calibrate.tasks.prompts import build_prompts
+from calibrate.tasks.prompts import PromptConfig, build_prompts
 
 QUIET = ProbeSettings(progress=False)
-DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" bad", " good"],
-           "template": "{question} question : good or bad ? answer :"}
+DATASET = PromptConfig(name="toy", answer_format="verbalizer", verbalizer=[" bad", " good"],
+                       template="{question} question : good or bad ? answer :")
 SENTENCES = ["the movie was great", "a very boring film", "fun", "this film is not good , it was bad"]
 
 
@@ -33,7 +33,7 @@ def unit(hidden, seed=0):
 def test_last_layer_steered_equals_full_steered_passes(tiny):
     ps = prompts(tiny.tokenizer)
     last = tiny.adapter.num_blocks
-    base = run_probe(tiny, ps, ProbeSettings(progress=False, keep_layers=(last,)))
+    base = run_probe(tiny, ps, ProbeSettings(progress=False).keeping((last,)))
     hidden = tiny.adapter.unembed_weight.shape[1]
     for edit in (Steering(unit(hidden), (last,), (0.0, 2.0, -5.0)),
                  DirectionSweep(np.stack([unit(hidden, s) for s in range(3)]), (last,), (0.0, 3.0))):
@@ -46,17 +46,27 @@ def test_last_layer_steered_equals_full_steered_passes(tiny):
 def test_last_layer_steered_agrees_with_the_direction_readout(tiny):
     ps = prompts(tiny.tokenizer)
     last = tiny.adapter.num_blocks
-    base = run_probe(tiny, ps, ProbeSettings(progress=False, keep_layers=(last,)))
+    base = run_probe(tiny, ps, ProbeSettings(progress=False).keeping((last,)))
     vec = unit(tiny.adapter.unembed_weight.shape[1])
     fast = last_layer_steered(tiny, base.option_logits, base.residuals[last], ps.option_ids,
                               Steering(vec, (last,), (0.0, 4.0)))
     other = last_layer_logits(tiny, base.residuals[last], ps.option_ids, vec[None], np.array([0.0, 4.0]))
     np.testing.assert_allclose(fast[:, :, -1], other[0], rtol=1e-6, atol=1e-6)
+    # the default readout is the logit lens: passing it explicitly reads the same
+    from calibrate.engine.lens import LogitLens
+
+    lens = LogitLens(tiny.adapter)
+    np.testing.assert_array_equal(
+        last_layer_steered(tiny, base.option_logits, base.residuals[last], ps.option_ids,
+                           Steering(vec, (last,), (0.0, 4.0)), readout=lens), fast)
+    np.testing.assert_array_equal(
+        last_layer_logits(tiny, base.residuals[last], ps.option_ids, vec[None],
+                          np.array([0.0, 4.0]), readout=lens), other)
 
 
 def test_an_edit_below_the_last_layer_is_refused(tiny):
     ps = prompts(tiny.tokenizer)
-    base = run_probe(tiny, ps, ProbeSettings(progress=False, keep_layers=(3,)))
+    base = run_probe(tiny, ps, ProbeSettings(progress=False).keeping((3,)))
     with pytest.raises(ValueError, match="not only at the last layer 3"):
         last_layer_steered(tiny, base.option_logits, base.residuals[3], ps.option_ids,
                            Steering(unit(32), (2,), (0.0, 1.0)))

@@ -366,3 +366,44 @@ def test_ece_interval_large_sample_limits_by_hand() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(M, extraglobs={"np": np})
     assert result.attempted >= 1 and result.failed == 0
+
+
+# ---------------------------------------------------------------- the metrics group, checked
+
+@pytest.mark.parametrize("key, value, named, accepted", [
+    ("n_bins", 0, "metrics.n_bins=0", "an integer >= 1"),
+    ("n_bins", "15", "metrics.n_bins='15'", "an integer >= 1"),
+    ("n_bins", True, "metrics.n_bins=True", "an integer >= 1"),
+    ("extra_bins", [10, 0], "metrics.extra_bins[]=0", "an integer >= 1"),
+    ("extra_bins", 10, "metrics.extra_bins=10", "a list of integers >= 1"),
+    ("extra_bins", "10", "metrics.extra_bins='10'", "a list of integers >= 1"),
+    ("binning", "x", "metrics.binning='x'", "guo, torchmetrics"),
+    ("bootstrap", -1, "metrics.bootstrap=-1", "an integer >= 0"),
+    ("alpha", 0, "metrics.alpha=0", "a number strictly between 0 and 1"),
+    ("alpha", 1.0, "metrics.alpha=1.0", "a number strictly between 0 and 1"),
+    ("seed", -1, "metrics.seed=-1", "an integer >= 0"),
+    ("ece_margin", -0.5, "metrics.ece_margin=-0.5", "a number >= 0"),
+])
+def test_metric_settings_reject(key, value, named, accepted):
+    import re
+
+    from calibrate.core.metrics import MetricSettings
+    from calibrate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*" + re.escape(accepted)):
+        MetricSettings(**{key: value})
+
+
+def test_metric_settings_defaults_and_the_composed_group():
+    from conftest import typed
+
+    from calibrate.core.metrics import MetricSettings
+
+    default = MetricSettings()
+    assert (default.n_bins, default.binning, default.extra_bins, default.bootstrap, default.alpha,
+            default.seed, default.ece_margin) == (15, "guo", (10,), 0, 0.05, 0, 3.0)
+    settings = MetricSettings(n_bins=10, binning="torchmetrics", extra_bins=[5, 20], bootstrap=0,
+                              alpha=0.1, ece_margin=0)
+    assert settings.extra_bins == (5, 20)  # a list in the config, a tuple once checked
+    composed = typed("metrics.n_bins=10", "metrics.extra_bins=[5,20]").metrics
+    assert (composed.n_bins, composed.extra_bins, composed.bootstrap) == (10, (5, 20), 200)

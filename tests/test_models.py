@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, _config, build_tiny
-from omegaconf import OmegaConf
+from conftest import ARCHITECTURES, _config, build_tiny, typed
 
 from calibrate.model import devices, identity
 from calibrate.model import load as models
 from calibrate.model import source as model_source
 from calibrate.model.adapters import UnsupportedArchitecture
+from calibrate.model.config import ModelConfig
 from calibrate.model.load import (
     ModelConfigError,
     load_model,
@@ -27,10 +28,21 @@ from calibrate.model.load import (
 )
 
 
-def model_cfg(name: str) -> dict[str, Any]:
-    from calibrate.api import compose
+def model_cfg(name: str) -> ModelConfig:
+    """The typed model config the CLI composes for ``model=<name>``."""
+    return typed(f"model={name}").model
 
-    return OmegaConf.to_container(compose([f"model={name}"]), resolve=True)["model"]
+
+def model_dict(name: str) -> dict[str, Any]:
+    """:func:`model_cfg` as plain keys (to build variants of it)."""
+    import dataclasses
+
+    return dataclasses.asdict(model_cfg(name))
+
+
+def local(source: Any, **values: Any) -> ModelConfig:
+    """A model config that names ``source`` (a folder or a hub id)."""
+    return ModelConfig(name="x", path=str(source), **values)
 
 
 @pytest.fixture(scope="session")
@@ -151,27 +163,33 @@ def test_unsupported_local_folder_fails_before_weights(tmp_path, monkeypatch, mo
         raise AssertionError("the weights were read before the architecture was checked")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
-    cfg = {"name": "fake", "path": str(folder), "device": "cpu", "dtype": "float32"}
+    cfg = ModelConfig(name="fake", path=str(folder), device="cpu", dtype="float32")
     with pytest.raises(UnsupportedArchitecture, match=f"'{model_type}'.*supported: .*llama"):
         load_model(cfg)
 
 
 def test_resolve_source_prefers_path_and_needs_one(tmp_path):
-    cfg = {"name": "x", "path": str(tmp_path), "offline": {"bad": 1}}
+    cfg = ModelConfig(name="x", path=str(tmp_path), offline={"bad": 1})
     assert resolve_source(cfg) == str(tmp_path)
+    # a config with neither is refused when it is built ...
+    with pytest.raises(ModelConfigError, match="'x' has no model.path and no offline copy"):
+        ModelConfig(name="x", path=None, offline=None)
+    cfg.path = None
+    cfg.offline = None  # ... and by resolve_source, were one changed afterwards
     with pytest.raises(ModelConfigError, match="'x' has neither model.path nor an offline copy"):
-        resolve_source({"name": "x", "path": None, "offline": None})
+        resolve_source(cfg)
 
 
 def test_check_architecture_reads_only_the_config(tmp_path, smollm2):
     from calibrate.model.load import check_architecture
 
-    assert check_architecture(smollm2.source, {}) == "llama"
+    assert check_architecture(smollm2.source, local(smollm2.source)) == "llama"
+    bert = str(write_config(tmp_path / "bert", "bert"))
     with pytest.raises(UnsupportedArchitecture, match="'bert'"):
-        check_architecture(str(write_config(tmp_path / "bert", "bert")), {})
+        check_architecture(bert, local(bert))
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(ModelConfigError, match="cannot be loaded"):
-        check_architecture(missing, {})
+        check_architecture(missing, local(missing))
 
 
 # ---------------------------------------------------------------- identity, reuse, shape, failures
@@ -185,8 +203,9 @@ def save_tiny(folder: Path, tokenizer, seed: int = 0, model_type: str = "llama")
     return folder
 
 
-def tiny_cfg(path: Any, **values: Any) -> dict[str, Any]:
-    return {"name": "tiny", "path": str(path), "device": "cpu", "dtype": "float32", **values}
+def tiny_cfg(path: Any, **values: Any) -> ModelConfig:
+    return ModelConfig(**{"name": "tiny", "path": str(path), "device": "cpu", "dtype": "float32",
+                          **values})
 
 
 def assert_one_line(err: pytest.ExceptionInfo) -> str:
@@ -274,7 +293,7 @@ def test_model_shape_of_every_tiny_config(tmp_path, word_tokenizer, monkeypatch)
         folder = tmp_path / model_type
         _config(model_type, vocab).save_pretrained(folder)
         adapter = models.get_adapter(build_tiny(model_type, vocab))
-        shape = models.model_shape(str(folder), {})
+        shape = models.model_shape(str(folder), local(folder))
         assert shape == models.ModelShape(model_type, adapter.num_blocks,
                                           int(adapter.unembed_weight.shape[1]), 128, vocab), model_type
     with pytest.raises(AttributeError):
@@ -292,33 +311,35 @@ def test_model_shape_reads_a_nested_text_config(tmp_path):
     AutoConfig.for_model("gemma3", text_config=text, vision_config=vision).save_pretrained(
         tmp_path / "mm")
     assert "text_config" in json.loads((tmp_path / "mm" / "config.json").read_text())
-    assert models.model_shape(str(tmp_path / "mm"), {}, check=False) == models.ModelShape(
+    mm = local(tmp_path / "mm")
+    assert models.model_shape(str(tmp_path / "mm"), mm, check=False) == models.ModelShape(
         "gemma3", 5, 48, 256, 77)
     with pytest.raises(UnsupportedArchitecture, match="'gemma3' has no adapter"):
-        models.model_shape(str(tmp_path / "mm"), {})  # the multimodal wrapper has no adapter
+        models.model_shape(str(tmp_path / "mm"), mm)  # the multimodal wrapper has no adapter
+    bert = write_config(tmp_path / "bert", "bert")
     with pytest.raises(UnsupportedArchitecture, match="'bert'"):
-        models.model_shape(str(write_config(tmp_path / "bert", "bert")), {})
+        models.model_shape(str(bert), local(bert))
 
 
 def test_model_shape_errors_are_one_line(tmp_path):
     write_config(tmp_path / "zero", "llama", num_hidden_layers=0)
     with pytest.raises(ModelConfigError, match="no num_blocks .*num_hidden_layers") as err:
-        models.model_shape(str(tmp_path / "zero"), {})
+        models.model_shape(str(tmp_path / "zero"), local(tmp_path / "zero"))
     assert_one_line(err)
     with pytest.raises(ModelConfigError, match="cannot be loaded") as err:
-        models.model_shape(str(tmp_path / "missing"), {})
+        models.model_shape(str(tmp_path / "missing"), local(tmp_path / "missing"))
     assert_one_line(err)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(ModelConfigError, match="cannot be loaded") as err:
-        models.model_shape(str(tmp_path / "broken"), {})
+        models.model_shape(str(tmp_path / "broken"), local(tmp_path / "broken"))
     assert_one_line(err)
 
 
 def test_model_shape_of_the_real_smollm2(smollm2):
     raw = json.loads((Path(smollm2.source) / "config.json").read_text())
     assert (raw["num_hidden_layers"], raw["hidden_size"], raw["max_position_embeddings"]) == (30, 576, 8192)
-    shape = models.model_shape(smollm2.source, {})
+    shape = models.model_shape(smollm2.source, local(smollm2.source))
     assert shape == models.ModelShape("llama", 30, 576, 8192, raw["vocab_size"])
     assert shape.num_blocks == smollm2.adapter.num_blocks
     assert shape.hidden_size == smollm2.adapter.unembed_weight.shape[1]
@@ -359,14 +380,14 @@ def test_unreachable_hub_is_probed_once_and_fails_in_one_line(empty_hf_cache, mo
     calls = count_probes(monkeypatch, reachable=False)
     for name in ("nobody/not-cached", "nobody/also-not-cached"):
         with pytest.raises(ModelConfigError) as err:
-            models.check_architecture(name, {})
+            models.check_architecture(name, local(name))
         text = assert_one_line(err)
         assert f"model '{name}' is neither a local folder nor in the local Hugging Face cache" in text
         assert "http://hub.invalid:8080) is unreachable" in text
         assert "accepted: model.path=<a local model folder>" in text
         assert f"hf download {name}" in text and "HF_HUB_OFFLINE=1" in text
     with pytest.raises(ModelConfigError, match="unreachable"):
-        models.load_model({"name": "x", "path": "nobody/not-cached", "device": "cpu"})
+        models.load_model(ModelConfig(name="x", path="nobody/not-cached", device="cpu"))
     assert calls == [("http://hub.invalid:8080", models.HUB_PROBE_TIMEOUT_S)]  # one probe in all
     assert models.HUB_PROBE_TIMEOUT_S <= 5
 
@@ -376,7 +397,7 @@ def test_offline_uncached_hub_id_fails_without_a_probe(empty_hf_cache, monkeypat
     monkeypatch.setattr(model_source, "_probe_hub", lambda *_: pytest.fail("probed while offline"))
     start = time.monotonic()
     with pytest.raises(ModelConfigError) as err:
-        models.load_model({"name": "phi2", "path": "microsoft/phi-2", "device": "cpu"})
+        models.load_model(ModelConfig(name="phi2", path="microsoft/phi-2", device="cpu"))
     assert time.monotonic() - start < 5  # a sanity bound: without the check this takes ~24 s
     text = assert_one_line(err)
     assert "'microsoft/phi-2'" in text and "HF_HUB_OFFLINE is set" in text
@@ -395,7 +416,7 @@ def test_reachable_hub_lets_transformers_fetch(empty_hf_cache, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake)
     with pytest.raises(ModelConfigError, match="'nobody/x' cannot be loaded .*not a valid model") as err:
-        models.check_architecture("nobody/x", {"revision": "v1"})
+        models.check_architecture("nobody/x", local("nobody/x", revision="v1"))
     assert_one_line(err)
     assert seen == [("nobody/x", {"revision": "v1", "trust_remote_code": False})] and len(calls) == 1
 
@@ -426,7 +447,7 @@ def test_cached_hub_id_loads_without_network(empty_hf_cache, word_tokenizer, mon
         return real(cls, source, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
-    lm = models.load_model({"name": "tiny", "path": "calib/tiny", "device": "cpu", "dtype": "float32"})
+    lm = models.load_model(ModelConfig(name="tiny", path="calib/tiny", device="cpu", dtype="float32"))
     assert lm.source == "calib/tiny" and lm.identity()["source"] == "calib/tiny"
     assert lm.fingerprint == models.weights_fingerprint(build_tiny("llama", len(word_tokenizer), seed=7))
     assert len(calls) == (0 if offline else 1)
@@ -543,7 +564,7 @@ def test_absent_device_fails_before_anything_loads(monkeypatch):
     for target in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         monkeypatch.setattr(target, "from_pretrained", lambda *a, **k: pytest.fail("something loaded"))
     monkeypatch.setattr(model_source, "prepare_model", lambda *a, **k: pytest.fail("offline copy prepared"))
-    cfg = {"name": "smollm2", "path": None, "offline": {"gguf_sha256": "0" * 64}, "device": "cuda:1"}
+    cfg = ModelConfig(name="smollm2", path=None, offline={"gguf_sha256": "0" * 64}, device="cuda:1")
     with pytest.raises(ModelConfigError, match="^model.device='cuda:1' is not available") as err:
         models.load_model(cfg)
     assert_one_line(err)
@@ -551,51 +572,81 @@ def test_absent_device_fails_before_anything_loads(monkeypatch):
 
 # ---------------------------------------------------------------- the typed model config
 
-def test_model_config_from_mapping_is_typed_and_frozen():
-    from calibrate.model.config import ModelConfig
-
-    raw = {**model_cfg("smollm2"), "revision": 7, "trust_remote_code": None}
-    config = ModelConfig.from_mapping(raw)
+def test_model_config_is_typed_when_composed():
+    config = model_cfg("smollm2")
+    assert isinstance(config, ModelConfig)
     assert (config.name, config.path, config.dtype, config.device) == ("smollm2", None, "auto", "auto")
-    assert config.offline == raw["offline"] and config.revision == "7"
-    assert config.trust_remote_code is False and config.device_map is None
-    assert ModelConfig.of(config) is config and ModelConfig.from_mapping({}) == ModelConfig()
-    with pytest.raises(AttributeError):
-        config.dtype = "float16"  # frozen
-    assert config.check() is config
+    assert config.offline == model_dict("smollm2")["offline"] and config.offline
+    assert config.revision is None and config.trust_remote_code is False
+    assert config.device_map is None and config.direction_layers == (28, 29, 30)  # a tuple
+    # the schema types a value on the command line: a number where text is expected is text
+    assert typed("model=smollm2", "model.revision=7").model.revision == "7"
+    assert ModelConfig(**model_dict("smollm2")) == config
+    with pytest.raises(ModelConfigError, match=r"model.revision=7 is a int; accepted: a string"):
+        ModelConfig(**{**model_dict("smollm2"), "revision": 7})  # built in Python: checked as is
+    with pytest.raises(ModelConfigError, match="model.trust_remote_code=None; accepted: true, false"):
+        ModelConfig(**{**model_dict("smollm2"), "trust_remote_code": None})
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("dtype", "float8", "model.dtype='float8'; accepted: auto, float32, bfloat16, float16"),
     ("device", "tpu", "model.device='tpu'; accepted: auto, cpu, cuda, cuda:N"),
+    ("device", "gpu0", "model.device='gpu0'; accepted: auto, cpu, cuda, cuda:N"),
     ("offline", None, ("model 'smollm2' has no model.path and no offline copy; set model.path "
                        "to a hub id or a local folder")),
 ])
-def test_model_config_checks_are_those_of_check_model(key, value, message):
-    from calibrate.config.validate import ConfigError, check_model
-    from calibrate.model.config import ModelConfig, ModelConfigError
+def test_model_config_refuses_each_bad_value_in_one_line(key, value, message):
+    with pytest.raises(ModelConfigError) as got:
+        ModelConfig(**{**model_dict("smollm2"), key: value})
+    assert str(got.value) == message
+    with pytest.raises(ModelConfigError) as composed:  # the same on a command line
+        typed("model=smollm2", f"model.{key}={'null' if value is None else value}")
+    assert str(composed.value) == message
 
-    raw = {**model_cfg("smollm2"), key: value}
-    with pytest.raises(ConfigError) as want:
-        check_model(raw)
-    assert str(want.value) == message
-    for error in (ModelConfigError, ConfigError):
-        with pytest.raises(error) as got:
-            ModelConfig.from_mapping(raw, error).check(error)
-        assert str(got.value) == message
-    with pytest.raises(ModelConfigError, match="accepted: a mapping"):
-        ModelConfig.from_mapping(["smollm2"])
+
+@pytest.mark.parametrize("key, value, message", [
+    ("name", "../x", "model.name='../x' cannot name a file or folder"),
+    ("path", 3, "model.path=3 is a int; accepted: a string"),
+    ("device_map", 2, "model.device_map=2; accepted: null, auto, or a mapping"),
+    ("direction_layers", [], "model.direction_layers=[]; accepted: 'auto' or a non-empty list"),
+    ("device", None, "model.device=None is a NoneType; accepted: a string"),
+])
+def test_model_config_checks_every_key(key, value, message):
+    with pytest.raises(ModelConfigError, match=re.escape(message)):
+        ModelConfig(**{**model_dict("smollm2"), key: value})
+
+
+def test_model_config_needs_a_path_or_an_offline_copy():
+    cfg = {**model_dict("smollm2"), "path": None, "offline": None}
+    with pytest.raises(ModelConfigError, match="'smollm2' has no model.path and no offline copy"):
+        ModelConfig(**cfg)
+    assert ModelConfig(**{**cfg, "path": "HuggingFaceTB/SmolLM2-135M-Instruct"}).path == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16", "float16"])
+def test_model_config_accepts(device, dtype):
+    config = ModelConfig(**{**model_dict("smollm2"), "device": device, "dtype": dtype})
+    assert (config.device, config.dtype) == (device, dtype)
+
+
+def test_model_config_refuses_an_unknown_key():
+    from calibrate.errors import ConfigError
+
+    with pytest.raises(TypeError, match="dtypes"):
+        ModelConfig(**model_dict("smollm2"), dtypes="float32")
+    with pytest.raises(ConfigError, match=r"^model.dtypes is not a config key"):
+        typed("+model.dtypes=float32")
 
 
 def test_entry_points_take_a_model_config(tmp_path, word_tokenizer, fresh_reuse):
-    from calibrate.model.config import ModelConfig
-
     folder = save_tiny(tmp_path / "m", word_tokenizer, seed=2)
-    config = ModelConfig.from_mapping(tiny_cfg(folder))
+    config = tiny_cfg(folder)
     assert models.resolve_source(config) == str(folder)
     assert models.model_shape(str(folder), config) == models.model_shape(str(folder), tiny_cfg(folder))
     assert models.load_tokenizer(str(folder), config).padding_side == "left"
     lm = models.load_model(config)
-    assert models.load_model(tiny_cfg(folder)) is lm  # the same thing: one reuse key
+    assert models.load_model(tiny_cfg(folder)) is lm  # an equal config: one reuse key
     with pytest.raises(ModelConfigError, match="model.dtype='int8'; accepted: auto, float32"):
         models.load_model(tiny_cfg(folder, dtype="int8"))

@@ -11,6 +11,7 @@ import torch
 
 from calibrate.core import nullspace as ns
 from calibrate.core import subspace
+from calibrate.io import nullspace_cache as cache
 
 VOCAB, HIDDEN, K = 300, 24, 4
 SMALL_SIGMA = 1e-3
@@ -274,6 +275,35 @@ def test_resolve_k_errors(kwargs, message):
         ns.resolve_k(64, **kwargs)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("k", -1, "nullspace.k=-1; accepted: null or an integer >= 0"),
+    ("k", 2.5, "nullspace.k=2.5; accepted: null or an integer >= 0"),
+    ("fraction", 0, "nullspace.fraction=0; accepted: a number in (0, 1]"),
+    ("fraction", 1.5, "nullspace.fraction=1.5; accepted: a number in (0, 1]"),
+    ("n_random", 0, "nullspace.n_random=0; accepted: an integer >= 1"),
+    ("n_control", -1, "nullspace.n_control=-1; accepted: an integer >= 0"),
+    ("seed", "x", "nullspace.seed='x'; accepted: an integer >= 0"),
+])
+def test_nullspace_settings_are_checked(key, value, message):
+    from calibrate.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        ns.NullspaceSettings(**{key: value})
+    assert str(err.value) == message
+
+
+def test_nullspace_settings_k_for_and_shape():
+    from calibrate.errors import ConfigError
+
+    assert ns.NullspaceSettings().k_for(576) == 6  # round(0.01 * 576)
+    assert ns.NullspaceSettings(fraction=0.5).k_for(10) == 5
+    assert ns.NullspaceSettings(k=40).k_for(4096) == 40  # k wins over fraction
+    assert ns.NullspaceSettings(k=0, n_control=0).k_for(64) == 0
+    ns.NullspaceSettings(k=576).check_shape(576)
+    with pytest.raises(ConfigError, match=r"nullspace.k=577; accepted: 0..576 \(the hidden size\)"):
+        ns.NullspaceSettings(k=577).check_shape(576)
+
+
 def test_resolve_k_rejects_bad_hidden():
     with pytest.raises(ValueError, match="hidden must be >= 1, got 0"):
         ns.resolve_k(0)
@@ -296,7 +326,7 @@ def test_weights_hash_across_dtypes(planted):
 
 
 def _entries(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ns.CACHE_SUBDIR).iterdir())
+    return sorted((cache_dir / cache.CACHE_SUBDIR).iterdir())
 
 
 def _forbid_recompute(monkeypatch) -> None:
@@ -308,27 +338,27 @@ def _forbid_recompute(monkeypatch) -> None:
 
 def test_cache_second_call_loads_from_disk(planted, tmp_path, monkeypatch):
     weight = planted[0].float()
-    basis, sigma = ns.cached_null_space(weight, K, tmp_path)
+    basis, sigma = cache.cached_null_space(weight, K, tmp_path)
     reference, reference_sigma = ns.null_space(weight, K)
     assert torch.equal(basis, reference) and torch.equal(sigma, reference_sigma)
     (entry,) = _entries(tmp_path)
     assert entry.name == f"{ns.weights_hash(weight)}.safetensors"
     _forbid_recompute(monkeypatch)
-    again, again_sigma = ns.cached_null_space(weight, K, tmp_path)
+    again, again_sigma = cache.cached_null_space(weight, K, tmp_path)
     assert torch.equal(again, basis) and torch.equal(again_sigma, sigma)
-    other_k, _ = ns.cached_null_space(weight, 2 * K, tmp_path)  # any k from the one entry
+    other_k, _ = cache.cached_null_space(weight, 2 * K, tmp_path)  # any k from the one entry
     assert torch.equal(other_k[:, :K], basis)
 
 
 def test_cache_changed_weights_recompute(planted, tmp_path, monkeypatch):
     weight = planted[0].float()
-    ns.cached_null_space(weight, K, tmp_path)
+    cache.cached_null_space(weight, K, tmp_path)
     changed = weight.clone()
     changed[1, 2] += 0.5
     calls = []
     original = ns.gram_matrix
     monkeypatch.setattr(ns, "gram_matrix", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    basis, _ = ns.cached_null_space(changed, K, tmp_path)
+    basis, _ = cache.cached_null_space(changed, K, tmp_path)
     assert calls == [1]
     assert len(_entries(tmp_path)) == 2
     torch.testing.assert_close(basis, ns.null_space(changed, K)[0], atol=0, rtol=0)
@@ -336,24 +366,24 @@ def test_cache_changed_weights_recompute(planted, tmp_path, monkeypatch):
 
 def test_cache_corrupted_file_is_rebuilt(planted, tmp_path, monkeypatch):
     weight = planted[0].float()
-    basis, _ = ns.cached_null_space(weight, K, tmp_path)
+    basis, _ = cache.cached_null_space(weight, K, tmp_path)
     (entry,) = _entries(tmp_path)
     entry.write_bytes(b"\x00garbage, not a safetensors file" * 10)
-    rebuilt, _ = ns.cached_null_space(weight, K, tmp_path)
+    rebuilt, _ = cache.cached_null_space(weight, K, tmp_path)
     assert torch.equal(rebuilt, basis)
     assert _entries(tmp_path) == [entry]  # rewritten in place, no temp files left
     _forbid_recompute(monkeypatch)
-    assert torch.equal(ns.cached_null_space(weight, K, tmp_path)[0], basis)
+    assert torch.equal(cache.cached_null_space(weight, K, tmp_path)[0], basis)
 
 
 def test_cache_entry_with_wrong_metadata_is_rebuilt(planted, tmp_path):
     weight = planted[0].float()
-    basis, _ = ns.cached_null_space(weight, K, tmp_path)
+    basis, _ = cache.cached_null_space(weight, K, tmp_path)
     (entry,) = _entries(tmp_path)
     # a valid safetensors file under this name, but written for other weights
     other = planted_weight(seed=1)[0].float()
-    ns._save_entry(entry, *ns.eigendecomposition(other), ns._metadata(other, "0" * 64))
-    rebuilt, _ = ns.cached_null_space(weight, K, tmp_path)
+    cache._save_entry(entry, *ns.eigendecomposition(other), cache._metadata(other, "0" * 64))
+    rebuilt, _ = cache.cached_null_space(weight, K, tmp_path)
     assert torch.equal(rebuilt, basis)
     assert _entries(tmp_path) == [entry]
 
@@ -362,7 +392,7 @@ def test_cache_write_leaves_no_temp_on_failure(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ns, "save_file", broken_save)
+    monkeypatch.setattr(cache, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        ns.cached_null_space(torch.randn(40, 8), 2, tmp_path)
+        cache.cached_null_space(torch.randn(40, 8), 2, tmp_path)
     assert _entries(tmp_path) == []

@@ -13,6 +13,7 @@ from calibrate.core.metrics import layer_table
 from calibrate.core.phases import (
     KINDS,
     Phases,
+    PhaseSettings,
     detect_phases,
     emergence_layer,
     find_phases,
@@ -213,16 +214,38 @@ def test_kind_uses_the_tolerance(last_two: tuple[float, float], tolerance: float
 
 def test_find_phases_reads_tolerance_and_intervals() -> None:
     table = _table(GEMMA_ACC, GEMMA_ECE)
-    assert find_phases(table, {"tolerance": 0.02, "min_drop": 0.0}).kind == "falling"
+    assert find_phases(table, PhaseSettings(tolerance=0.02, min_drop=0.0)).kind == "falling"
     # a tolerance wider than the fall: every layer (0.50 ... 0.79) lies within 0.2 of 0.64, so
     # the plateau starts at 0, ECE peaks at 17 (0.30) and falls at 18
-    wide = find_phases(table, {"tolerance": 0.2, "min_drop": 0.0})
+    wide = find_phases(table, PhaseSettings(tolerance=0.2, min_drop=0.0))
     assert (wide.kind, wide.plateau_layer, wide.correction_layers) == ("correction", 0, [18])
     # with bootstrap columns the peak must clear the noise, as before
     ece = np.array(GEMMA_ECE)
     noisy = table.assign(ece_lo=ece - 0.15, ece_hi=ece + 0.15)
-    p = find_phases(noisy, {"tolerance": 0.2, "min_drop": 0.0})
+    p = find_phases(noisy, PhaseSettings(tolerance=0.2, min_drop=0.0))
     assert p.kind == "plateau_no_correction" and "within the bootstrap noise" in p.note
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tolerance", -0.01, "phases.tolerance=-0.01; accepted: a number >= 0"),
+    ("tolerance", "0.02", "phases.tolerance='0.02'; accepted: a number >= 0"),
+    ("min_drop", -1, "phases.min_drop=-1; accepted: a number >= 0"),
+    ("min_drop", float("nan"), "phases.min_drop=nan; accepted: a number >= 0"),
+])
+def test_phase_settings_are_checked(key, value, message) -> None:
+    from calibrate.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        PhaseSettings(**{key: value})
+    assert str(err.value) == message
+    assert PhaseSettings() == PhaseSettings(0.02, 0.0)
+
+
+def test_the_composed_phases_group_is_typed() -> None:
+    from conftest import typed
+
+    assert typed().phases == PhaseSettings()
+    assert typed("phases.tolerance=0.05").phases == PhaseSettings(tolerance=0.05)
 
 
 def test_single_layer_table() -> None:

@@ -83,3 +83,59 @@ def test_histogram_near_certain_top_label_still_sums_to_one():
     others = probs[0, [0, 1, 3]]
     np.testing.assert_allclose(out[0, [0, 1, 3]], (1 - acc[-1]) * others / others.sum(), rtol=1e-12)
     assert out[0, 2] == acc[-1] and out[0, 4] == 0.0
+
+
+# ---------------------------------------------------------------- the baselines group and table
+
+@pytest.mark.parametrize("key, value, message", [
+    ("methods", [], "baselines.methods=[]; accepted: a non-empty list of temperature, histogram"),
+    ("methods", "temperature",
+     "baselines.methods=temperature; accepted: a non-empty list of temperature, histogram"),
+    ("methods", ["platt"], ("baselines.methods=['platt']; accepted: a non-empty list of "
+                            "temperature, histogram")),
+    ("log_t_bounds", [1.0], "baselines.log_t_bounds=[1.0]; accepted: [low, high], low < high"),
+    ("log_t_bounds", [2, 1], "baselines.log_t_bounds=[2.0, 1.0]; accepted: [low, high], low < high"),
+    ("log_t_bounds", [0, "x"], "baselines.log_t_bounds[]='x'; accepted: a number"),
+])
+def test_baseline_settings_are_checked(key, value, message):
+    from calibrate.core.posthoc import BaselineSettings
+    from calibrate.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        BaselineSettings(**{key: value})
+    assert str(err.value) == message
+
+
+def test_baseline_settings_defaults_and_the_composed_group():
+    from conftest import typed
+
+    from calibrate.core.posthoc import BaselineSettings
+
+    settings = BaselineSettings(methods=["histogram"], log_t_bounds=[-2, 3])
+    assert settings.methods == ("histogram",) and settings.log_t_bounds == (-2.0, 3.0)
+    assert typed().baselines == BaselineSettings() == \
+        BaselineSettings(("temperature", "histogram"), (-5.0, 5.0))
+
+
+def test_baseline_table_fits_on_cal_and_reports_evaluation():
+    """Per layer: T fit on the calibration rows only, metrics of the evaluation rows before and
+    after, against fit_temperature / nll called directly."""
+    from calibrate.core.posthoc import BaselineSettings, baseline_table, baselines_at
+
+    logits0, labels = synthetic(n=200, scale=3.0, seed=1)
+    logits = np.stack([logits0, logits0 * 0.5], axis=1)  # [N, 2 layers, K]
+    cal, evaluation = np.arange(0, 200, 2), np.arange(1, 200, 2)
+    table = baseline_table(logits, labels, cal, evaluation, BaselineSettings(), 10, "guo")
+    assert sorted(set(table["method"])) == ["histogram", "temperature"]
+    assert len(table) == 4  # two methods x two layers
+    for layer in (0, 1):
+        row = baselines_at(table, layer)["temperature"]
+        t = fit_temperature(logits[cal, layer], labels[cal])
+        assert row["parameter"] == pytest.approx(t, rel=1e-9)
+        assert row["nll"] == pytest.approx(nll(logits[evaluation, layer], labels[evaluation], t))
+        assert row["nll_before"] == pytest.approx(nll(logits[evaluation, layer],
+                                                      labels[evaluation]))
+        assert row["accuracy"] == row["accuracy_before"]  # T never changes the argmax
+    # layer 1 holds the same logits halved: its fitted T is half of layer 0's
+    temps = table[table["method"] == "temperature"].set_index("layer")["parameter"]
+    assert temps[1] == pytest.approx(temps[0] / 2, rel=1e-4)

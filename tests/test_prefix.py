@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny, composed
+from conftest import build_tiny, typed
 
 from calibrate.engine.cloze import run_cloze, run_cloze_steered
 from calibrate.core.option_scores import option_probabilities
@@ -28,17 +28,18 @@ from calibrate.engine.probe import ProbeSettings, run_probe
 from calibrate.engine.edits import DirectionSweep, Steering
 from calibrate.engine.steer import run_steered
 from calibrate.tasks.continuations import build_requests
-from calibrate.tasks.prompts import build_prompts
+from calibrate.tasks.prompts import PromptConfig, build_prompts
 from calibrate.tasks.records import MCRecord
 from calibrate.tasks.shots import Exemplars, PromptStyle
 
 LOGIT_ATOL, LOGIT_RTOL, PROB_ATOL = 2e-3, 1e-4, 1e-4
-LETTERS = {"name": "toy", "answer_format": "letters", "verbalizer": None,
-           "template": "question : {question}\n{choices}\nanswer :"}
+LETTERS = PromptConfig(name="toy", answer_format="letters", verbalizer=None,
+                       template="question : {question}\n{choices}\nanswer :")
 
 
-def _settings(reuse: bool, **kw) -> ProbeSettings:
-    return ProbeSettings(progress=False, option_mass="all", prefix_reuse=reuse, **kw)
+def _settings(reuse: bool, keep_layers=(), **kw) -> ProbeSettings:
+    settings = ProbeSettings(progress=False, option_mass="all", prefix_reuse=reuse, **kw)
+    return settings.keeping(keep_layers) if keep_layers else settings
 
 
 def _assert_equal_at_every_layer(shared, scratch) -> None:

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from hydra.errors import HydraException
 
-from calibrate.config import preflight as pf
-from calibrate.config.spec import CONF_DIR
-from calibrate.config.validate import ConfigError
-from calibrate.errors import one_line
+from calibrate import preflight as pf
+from calibrate.config import CONF_DIR
+from calibrate.errors import ConfigError, one_line
 from calibrate.tasks.data import DatasetError
 
 
@@ -21,8 +20,11 @@ def check(*argv: str) -> list[str]:
 
 def test_a_good_line_passes_unchanged():
     assert check("dataset.limit=4", "tracker=none") == ["dataset.limit=4", "tracker=none"]
+    # eta without a study implies the steering study: the line gets it, as composition does
     assert check("-m", "model=smollm2,gemma3_270m", "eta=0,2") == \
-        ["-m", "model=smollm2,gemma3_270m", "eta=0,2"]
+        ["-m", "model=smollm2,gemma3_270m", "eta=0,2", "intervention=steering"]
+    assert check("-m", "eta=0,2", "intervention=nullspace") == \
+        ["-m", "eta=0,2", "intervention=nullspace"]
 
 
 def test_unknown_group_option_is_one_line_naming_it_and_the_options():
@@ -35,6 +37,13 @@ def test_unknown_group_option_is_one_line_naming_it_and_the_options():
 def test_unknown_key_is_an_error():
     with pytest.raises(HydraException, match="nosuchkey"):
         check("nosuchkey=1")
+    # added with +, Hydra would take it: the typed tree refuses it, naming the accepted keys
+    with pytest.raises(ConfigError, match=r"^nosuchkey is not a config key \(also when added "
+                                          r"with \+\); accepted keys of the config: model, "):
+        check("+nosuchkey=1")
+    with pytest.raises(ConfigError, match=r"^dataset.foo is not a config key .*accepted keys of "
+                                          r"dataset: name, split"):
+        check("-m", "+dataset.foo=1,2")
 
 
 def test_bad_override_syntax_is_an_error():
@@ -56,8 +65,11 @@ def test_every_swept_value_is_checked_before_any_job():
         check("-m", "eta=0,abc")
     with pytest.raises(DatasetError, match="limit 0"):
         check("-m", "dataset.limit=6,0,8")
-    with pytest.raises(ConfigError, match="seed='x'"):
-        check("-m", "seed=1,x")
+    with pytest.raises(HydraException, match=r"seed=x: Value 'x' of type 'str' could not be "
+                                             r"converted to Integer"):
+        check("-m", "seed=1,x")  # the schema's type, named on the error's first line
+    with pytest.raises(ConfigError, match=r"seed=-1; accepted: an integer >= 0"):
+        check("-m", "seed=1,-1")
 
 
 def test_a_sweep_without_multirun_says_so():
@@ -81,12 +93,14 @@ def test_bundles_leave_the_users_tracker_choice_alone():
 
 @pytest.fixture
 def conf_copy(tmp_path, monkeypatch):
-    """A copy of conf/ with a bundle that sets a group's values directly (the old way)."""
+    """A copy of calibrate/conf with a bundle that sets a group's values directly (the old way)."""
+    from calibrate.config import compose as composing
+
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)
     (conf / "experiment" / "sets_values.yaml").write_text(
         "# @package _global_\ntracker:\n  name: none\ndataset:\n  limit: 5\n")
-    monkeypatch.setattr(pf, "CONF_DIR", conf)
+    monkeypatch.setattr(composing, "CONF_DIR", conf)  # the one place the tree is read
     return conf
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,14 +19,16 @@ from calibrate.engine.probe import (
     run_probe,
     tokenize,
 )
-from calibrate.tasks.prompts import build_prompts
+from calibrate.errors import ConfigError
+from calibrate.tasks.prompts import PromptConfig, build_prompts
 
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
              "fun", "the the the movie was very very fun and good good", "bad"]
-DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
-           "template": "{question} \n question : is this sentence positive or negative ? answer :"}
-LETTERS = {"name": "toy", "answer_format": "letters", "verbalizer": None,
-           "template": "{question}\n{choices}\nanswer :"}
+DATASET = PromptConfig(name="toy", answer_format="verbalizer",
+                       verbalizer=(" negative", " positive"),
+                       template="{question} \n question : is this sentence positive or negative ? answer :")
+LETTERS = PromptConfig(name="toy", answer_format="letters", verbalizer=None,
+                       template="{question}\n{choices}\nanswer :")
 
 
 def records(n_options: int = 2):
@@ -63,7 +66,7 @@ def test_hook_residuals_match_hidden_states(tiny):
     """Layers 0..L-1 equal output_hidden_states; HF's last entry is already normalized (trap 1)."""
     prompts = build_prompts(records()[:1], DATASET, tiny.tokenizer)
     n_layers = tiny.adapter.num_blocks + 1
-    result = run_probe(tiny, prompts, ProbeSettings(progress=False, keep_layers=tuple(range(n_layers))))
+    result = run_probe(tiny, prompts, ProbeSettings(progress=False).keeping(range(n_layers)))
     enc = tiny.tokenizer(prompts.prompts[0], return_tensors="pt")
     with torch.no_grad():
         hidden = tiny.model(**enc, output_hidden_states=True).hidden_states
@@ -158,3 +161,58 @@ def test_plan_batches_keeps_padding_low():
     for batch in batches:
         assert lengths[batch].sum() / (lengths[batch].max() * len(batch)) >= 0.9
     assert [sorted(lengths[b].tolist()) for b in batches] == [[97, 98, 100], [58, 59, 60], [18, 18, 19, 20]]
+
+
+# ---------------------------------------------------------------- the probe group, checked
+
+PROBE_BAD = [
+    ("batch_size", 0, "probe.batch_size=0", "auto or an integer >= 1"),
+    ("batch_size", -4, "probe.batch_size=-4", "an integer >= 1"),
+    ("batch_size", "many", "probe.batch_size='many'", "auto"),
+    ("batch_size", True, "probe.batch_size=True", "an integer >= 1"),
+    ("max_batch_size", 2.5, "probe.max_batch_size=2.5", "an integer >= 1"),
+    ("max_tokens", -1, "probe.max_tokens=-1", "an integer >= 1"),
+    ("min_fill", 1.5, "probe.min_fill=1.5", "a number in [0, 1]"),
+    ("min_fill", -0.1, "probe.min_fill=-0.1", "a number in [0, 1]"),
+    ("min_fill", "0.5", "probe.min_fill='0.5'", "a number in [0, 1]"),
+    ("min_fill", float("nan"), "probe.min_fill=nan", "a number in [0, 1]"),
+    ("option_mass", "x", "probe.option_mass='x'", "final, all, none"),
+    ("prefix_reuse", 2, "probe.prefix_reuse=2", "true, false"),
+    ("progress", "off", "probe.progress='off'", "true, false"),
+]
+
+
+@pytest.mark.parametrize("key, value, named, accepted", PROBE_BAD)
+def test_probe_settings_reject(key, value, named, accepted):
+    with pytest.raises(ConfigError, match=re.escape(named) + ".*" + re.escape(accepted)):
+        ProbeSettings(**{key: value})
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", "auto"), ("batch_size", None),
+                                        ("batch_size", 8), ("min_fill", 0), ("min_fill", 1.0),
+                                        ("option_mass", "all"), ("option_mass", "none")])
+def test_probe_settings_accept(key, value):
+    settings = ProbeSettings(**{key: value})
+    assert getattr(settings, key) == (None if value == "auto" else value)
+
+
+def test_probe_settings_defaults_and_the_composed_group():
+    from conftest import typed
+
+    default = ProbeSettings()
+    assert default.batch_size is None  # auto
+    assert (default.max_batch_size, default.max_tokens, default.min_fill, default.option_mass,
+            default.prefix_reuse, default.progress) == (64, 8192, 0.9, "final", True, True)
+    assert typed().probe == default
+    assert typed("probe.batch_size=4", "probe.option_mass=all").probe == \
+        ProbeSettings(batch_size=4, option_mass="all")
+    with pytest.raises(ConfigError, match=re.escape("probe.min_fill=1.5; accepted: a number in [0, 1]")):
+        typed("probe.min_fill=1.5")
+
+
+def test_keeping_adds_the_layers_to_a_copy():
+    settings = ProbeSettings(batch_size=2, progress=False)
+    keeping = settings.keeping([3, 1])
+    assert keeping.keep_layers == (3, 1) and settings.keep_layers == ()
+    assert (keeping.batch_size, keeping.progress) == (2, False)
+    assert isinstance(keeping, ProbeSettings)

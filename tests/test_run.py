@@ -29,6 +29,7 @@ import pandas as pd
 import pytest
 import torch
 from cli_support import Run, cli_env, explain, run_process
+from conftest import spec_of
 from omegaconf import OmegaConf
 
 import calibrate
@@ -122,10 +123,16 @@ CASES = [
          ("stem", "humanities")),
     Case("experiment_unknown", ("experiment=nosuch",), ("experiment='nosuch'",),
          ("debug", "eta_sweep"), hydra=True, cli=True),
-    Case("seed_abc", ("seed=abc",), ("seed='abc'",), ("an integer",), cli=True),
-    Case("intervention_layers", ("intervention=direction", "intervention.layers=[99]"),
+    # a value of the wrong type is refused by Hydra against the typed schema while composing
+    Case("seed_abc", ("seed=abc",), ("seed=abc",), ("converted to Integer",), hydra=True,
+         cli=True),
+    Case("flag_maybe", ("probe.progress=maybe",), ("probe.progress=maybe",),
+         ("not a valid bool",), hydra=True),
+    Case("key_unknown_added", ("+probe.nope=1",), ("probe.nope is not a config key",),
+         ("batch_size", "progress"), cli=True),
+    Case("intervention_layers", ("intervention=steering", "intervention.layers=[99]"),
          ("intervention.layers=[99]", "[99] outside this model's 0..30"), ("0..30",), cli=True),
-    Case("direction_layers", ("intervention=direction", "direction.layers=[31]"),
+    Case("direction_layers", ("intervention=steering", "direction.layers=[31]"),
          ("direction.layers=[31]",), ("1..30",)),
     Case("nullspace_k", ("intervention=nullspace", "nullspace.k=1000"), ("nullspace.k=1000",),
          ("0..576",), cli=True),
@@ -160,13 +167,13 @@ def test_bad_input_in_process(case, tmp_path, monkeypatch):
 
     monkeypatch.setattr(job_mod, "load_model", no_weights)
     if case.hydra:
-        from calibrate.config.preflight import PREFLIGHT_ERRORS, preflight
+        from calibrate.preflight import PREFLIGHT_ERRORS, preflight
 
         with pytest.raises(PREFLIGHT_ERRORS) as info:
             preflight(args)
         message = one_line(info.value)
     else:
-        cfg = OmegaConf.to_container(calibrate.compose(args), resolve=True)
+        cfg = calibrate.compose(args)
         with pytest.raises(USER_ERRORS) as info:
             job_mod.prepare(build_spec(cfg))
         message = str(info.value)
@@ -281,10 +288,9 @@ def lm_eval_acc_norm(lm, records) -> tuple[np.ndarray, np.ndarray]:
 def test_cloze_job_equals_lm_eval_scoring(lm, tmp_path):
     """ARC-Easy's default (cloze, acc_norm) job on the real SmolLM2: its last layer is lm-eval's
     log-likelihood scoring of the same prompts, example by example."""
-    cfg = OmegaConf.to_container(calibrate.compose(
-        ["dataset=arc_easy", "dataset.limit=6", "tracker=none", "probe.progress=false",
-         "output.plots=false", "metrics.bootstrap=0"]), resolve=True)
-    summary = job_mod.run_job(cfg, tmp_path)
+    spec = spec_of("dataset=arc_easy", "dataset.limit=6", "tracker=none", "probe.progress=false",
+                   "output.plots=false", "metrics.bootstrap=0")
+    summary = job_mod.run_job(spec, tmp_path)
     assert (summary["answer_format"], summary["cloze_norm"]) == ("cloze", "char")
     records = calibrate.load_dataset("arc_easy", limit=6)
     expected, predicted = lm_eval_acc_norm(lm, records)
@@ -422,12 +428,12 @@ def test_e2e_last_layer_is_the_model(e2e, lm):
     records = calibrate.load_dataset("sst2", limit=24)
     assert [r.label for r in records] == list(pred["labels"])
     tok = lm.tokenizer
-    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in ds["verbalizer"]]
+    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in ds.verbalizer]
     assert all(len(i) == 1 for i in ids)
     assert (pred["option_ids"] == np.array([i[0] for i in ids])).all()
     fp32 = lm.model.dtype == torch.float32  # a GPU runs bfloat16: ~8 bits of mantissa
     for i in (0, 23):
-        prompt = render_prompt(ds["template"], records[i], ds["subject"])
+        prompt = render_prompt(ds.template, records[i], ds.subject)
         enc = tok(prompt, return_tensors="pt").to(lm.device)
         with torch.no_grad():
             logits = lm.model(**enc).logits[0, -1].float().cpu()

@@ -8,6 +8,8 @@ shared states; the letter probe for letter prompt sets.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -20,14 +22,14 @@ from calibrate.engine.scoring import score, score_steered
 from calibrate.engine.edits import Steering
 from calibrate.tasks.continuations import cloze_divisors
 from calibrate.tasks.data import MCRecord
-from calibrate.tasks.prompts import build_prompts
+from calibrate.tasks.prompts import PromptConfig, build_prompts
 
 RECORDS = [MCRecord("the movie was great ?", ("very good fun", "bad", "not very good ."), 0),
            MCRecord("is this a film ?", ("yes", "no no"), 1),
            MCRecord("a very boring film . good or bad ?", ("good", "very bad", "very good", "bad"), 1)]
-CLOZE = {"name": "toy", "answer_format": "cloze", "cloze_norm": "token",
-         "template": "question : {question} answer :"}
-LETTERS = {"name": "toy", "answer_format": "letters", "template": "{question}\n{choices}\nanswer :"}
+CLOZE = PromptConfig(name="toy", answer_format="cloze", cloze_norm="token",
+                     template="question : {question} answer :")
+LETTERS = PromptConfig(name="toy", answer_format="letters", template="{question}\n{choices}\nanswer :")
 
 
 def quiet(**kwargs) -> ProbeSettings:
@@ -37,7 +39,7 @@ def quiet(**kwargs) -> ProbeSettings:
 def test_cloze_prompt_set_is_scored_by_cloze(tiny):
     prompts = build_prompts(RECORDS, CLOZE, tiny.tokenizer)
     assert prompts.is_cloze and prompts.cloze_norm == "token"
-    result = score(tiny, prompts, quiet(keep_layers=(1,)))
+    result = score(tiny, prompts, quiet().keeping((1,)))
     direct = run_cloze(tiny, list(prompts.requests), prompts.labels, quiet(), "token", (1,))
     np.testing.assert_array_equal(result.option_logits, direct.option_logits)
     np.testing.assert_array_equal(result.residuals[1], direct.residuals[1])
@@ -78,7 +80,7 @@ def steered_reference(loaded, request, vector: np.ndarray, eta: float, layers: t
 
 @pytest.mark.parametrize("position", ["last", "all"])
 def test_steered_cloze_equals_steering_each_option_from_scratch(tiny, position):
-    prompts = build_prompts(RECORDS, {**CLOZE, "cloze_norm": "none"}, tiny.tokenizer)
+    prompts = build_prompts(RECORDS, replace(CLOZE, cloze_norm="none"), tiny.tokenizer)
     hidden = tiny.adapter.unembed_weight.shape[1]
     vector = np.random.default_rng(0).standard_normal(hidden).astype(np.float32)
     vector /= np.linalg.norm(vector)
@@ -99,7 +101,7 @@ def test_steered_cloze_equals_steering_each_option_from_scratch(tiny, position):
 
 def test_steered_cloze_applies_the_norm(tiny):
     prompts = build_prompts(RECORDS, CLOZE, tiny.tokenizer)  # per-token norm
-    raw = build_prompts(RECORDS, {**CLOZE, "cloze_norm": "none"}, tiny.tokenizer)
+    raw = build_prompts(RECORDS, replace(CLOZE, cloze_norm="none"), tiny.tokenizer)
     steering = Steering(np.ones(tiny.adapter.unembed_weight.shape[1], np.float32), (1,), (0.0, 1.0))
     normed = score_steered(tiny, prompts, steering, quiet())
     summed = score_steered(tiny, raw, steering, quiet())

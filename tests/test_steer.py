@@ -9,20 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from calibrate.core.deltas import steering_table
+from calibrate.engine.edits import Steering, SteeringError, check_steering, residual_norms
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.probe import ProbeSettings, run_probe
+from calibrate.engine.steer import run_steered
+from calibrate.tasks.prompts import PromptConfig, build_prompts
 
-    Steering,
-    SteeringError,
-    check_steering,
-    residual_norms,
-    run_steered,
-    steering_table,
-)
-from calibrate.tasks.prompts import build_prompts
-
-DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
-           "template": "{question} \n question : is this sentence positive or negative ? answer :"}
+DATASET = PromptConfig(name="toy", answer_format="verbalizer", verbalizer=[" negative", " positive"],
+                       template="{question} \n question : is this sentence positive or negative ? "
+                                "answer :")
 SENTENCES = ["the movie was great", "a very boring film", "this film is not good , it was bad",
              "fun", "the the the movie was very very fun and good good"]
 

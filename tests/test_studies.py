@@ -7,21 +7,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
-from omegaconf import OmegaConf
+from conftest import build_tiny, spec_of
 
-from calibrate.api import compose
-from calibrate.config.spec import build_spec
 from calibrate.core.direction import Direction, fit_direction, split_indices
+from calibrate.directions import METHODS, DirectionMethod, FitRequest, register_method
 from calibrate.engine.probe import ProbeSettings, run_probe
 from calibrate.model.load import wrap_model
 from calibrate.studies import STUDIES, Study, StudyResult, get_study, register
 from calibrate.studies.job_context import JobContext
-from calibrate.directions.fit import DIRECTION_METHODS, FitRequest, direction_method
-from calibrate.tasks.prompts import build_prompts
+from calibrate.tasks.prompts import PromptConfig, build_prompts
 
-DATASET = {"name": "toy", "answer_format": "verbalizer", "verbalizer": [" negative", " positive"],
-           "template": "{question} \n question : is this sentence positive or negative ? answer :"}
+DATASET = PromptConfig(name="toy", answer_format="verbalizer",
+                       verbalizer=[" negative", " positive"],
+                       template="{question} \n question : is this sentence positive or negative ? "
+                                "answer :")
 WORDS = "the movie was great a very boring film this is not good it bad fun".split()
 LAYERS = 4  # 3 blocks + embeddings
 
@@ -44,8 +43,7 @@ def prompt_set(tiny_lm):
 def context(lm, prompt_set, tmp_path, *overrides: str) -> JobContext:
     base = ["tracker=none", "probe.progress=false", "metrics.bootstrap=0", f"cache_dir={tmp_path}",
             "direction.layers=[2,3]", "nullspace.n_random=20"]
-    cfg = OmegaConf.to_container(compose([*base, *overrides]), resolve=True)
-    return JobContext(build_spec(cfg), lm, prompt_set)
+    return JobContext(spec_of(*base, *overrides), lm, prompt_set)
 
 
 def test_probe_study_equals_the_probe(tiny_lm, prompt_set, tmp_path):
@@ -57,12 +55,12 @@ def test_probe_study_equals_the_probe(tiny_lm, prompt_set, tmp_path):
 
 
 def test_steering_study_on_its_split(tiny_lm, prompt_set, tmp_path):
-    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "intervention=direction",
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "intervention=steering",
                   "intervention.layers=[2]")
     result = get_study("steering").run(ctx)
     cal, evaluation = split_indices(24, 0.5, 0)
     # ĉ by hand from the calibration rows' residuals
-    probe = run_probe(tiny_lm, prompt_set, ProbeSettings(keep_layers=(1, 2, 3), progress=False))
+    probe = run_probe(tiny_lm, prompt_set, ProbeSettings(progress=False).keeping((1, 2, 3)))
     expected = fit_direction({l: probe.residuals[l][cal] for l in (1, 2, 3)}, [2, 3], "layer_diff")
     np.testing.assert_allclose(result.direction.vector, expected.vector, atol=1e-6)
     table = result.table
@@ -95,6 +93,13 @@ def test_the_registry_finds_and_refuses(tiny_lm, prompt_set, tmp_path):
     assert {"probe", "steering", "nullspace", "direction_ablate"} <= set(STUDIES)
     with pytest.raises(KeyError, match=r"study 'nope'; accepted: baselines, direction_ablate, nullspace"):
         get_study("nope")
+    # the study names are the intervention= options (no YAML files); the old names are gone
+    from calibrate.config.compose import group_options
+
+    assert set(STUDIES) <= set(group_options("intervention"))
+    assert not {"none", "direction"} & set(group_options("intervention"))
+    assert spec_of("intervention=probe").study == "probe"
+    assert spec_of("eta=[0,3]").study == "steering"  # eta alone composes the steering study
 
 
 def test_a_new_study_is_one_class(tiny_lm, prompt_set, tmp_path):
@@ -110,24 +115,32 @@ def test_a_new_study_is_one_class(tiny_lm, prompt_set, tmp_path):
                                {"final_accuracy": float(ctx.measure(result)["accuracy"].iloc[-1])})
 
     try:
-        result = get_study("final_only_for_test").run(context(tiny_lm, prompt_set, tmp_path))
+        ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=final_only_for_test")
+        assert ctx.spec.study == "final_only_for_test"  # registering made it an option
+        result = get_study(ctx.spec.study).run(ctx)
         assert len(result.report.result.labels) == 12
         assert 0.0 <= result.summary["final_accuracy"] <= 1.0
     finally:
+        from hydra.core.config_store import ConfigStore
+
         STUDIES.pop("final_only_for_test")
+        ConfigStore.instance().repo["intervention"].pop("final_only_for_test.yaml", None)
 
 
 def test_a_direction_method_receives_the_context_and_may_run_the_model(tiny_lm, prompt_set,
                                                                          tmp_path):
     seen = {}
 
-    @direction_method("first_axis_for_test")
-    def first_axis(request: FitRequest) -> Direction:
-        seen["residuals"] = request.residuals()
-        seen["ran"] = request.ctx.probe(request.prompt_set).probs.shape
-        vector = np.zeros(request.ctx.loaded.adapter.unembed_weight.shape[1])
-        vector[0] = 1.0
-        return Direction(vector, {"method": "first_axis_for_test", "layers": request.layers})
+    @register_method
+    class FirstAxis(DirectionMethod):
+        name = "first_axis_for_test"
+
+        def fit(self, request: FitRequest) -> Direction:
+            seen["residuals"] = request.residuals()
+            seen["ran"] = request.probe(request.prompt_set, []).probs.shape
+            vector = np.zeros(request.loaded.adapter.unembed_weight.shape[1])
+            vector[0] = 1.0
+            return Direction(vector, {"method": "first_axis_for_test", "layers": request.layers})
 
     try:
         ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,2]",
@@ -138,7 +151,7 @@ def test_a_direction_method_receives_the_context_and_may_run_the_model(tiny_lm, 
         assert all(v.shape[0] == 12 for v in seen["residuals"].values())
         assert seen["ran"] == (24, LAYERS, 2)
     finally:
-        DIRECTION_METHODS.pop("first_axis_for_test")
+        METHODS.pop("first_axis_for_test")
 
 
 def test_baselines_study_fits_on_calibration_and_scores_evaluation(tiny_lm, prompt_set, tmp_path):
@@ -164,13 +177,11 @@ def test_baselines_study_fits_on_calibration_and_scores_evaluation(tiny_lm, prom
 
 
 def test_baselines_settings_are_checked_when_the_spec_is_built():
-    from calibrate.config.validate import ConfigError
+    from calibrate.errors import ConfigError
 
-    cfg = OmegaConf.to_container(compose(["intervention=baselines",
-                                          "baselines.methods=[platt]"]), resolve=True)
     with pytest.raises(ConfigError, match=r"baselines.methods=\['platt'\]; accepted: a "
                                           r"non-empty list of temperature, histogram"):
-        build_spec(cfg)
+        spec_of("intervention=baselines", "baselines.methods=[platt]")
 
 
 def test_steering_deltas_carry_paired_intervals(tiny_lm, prompt_set, tmp_path):
@@ -211,11 +222,11 @@ def test_random_direction_null_off_the_last_layer_equals_full_steered_passes(
         tiny_lm, prompt_set, tmp_path):
     """At an earlier layer every random direction runs only the blocks above the edit; its band
     equals the one from full forward passes of each direction, and ĉ's row equals steering.csv."""
+    from calibrate.core.random_null import _final_metrics, null_vectors
     from calibrate.engine.edits import Steering
     from calibrate.engine.steer import run_steered
-    from calibrate.core.random_null import _final_metrics, null_vectors
 
-    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=direction", "eta=[0,3]",
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=steering", "eta=[0,3]",
                   "intervention.layers=[2]", "direction.n_random=6")
     result = get_study("steering").run(ctx)
     row = result.null.iloc[0]
@@ -244,7 +255,7 @@ def test_random_direction_null_off_the_last_layer_equals_full_steered_passes(
 
 def test_random_direction_null_is_skipped_with_a_reason_at_every_position(
         tiny_lm, prompt_set, tmp_path):
-    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=direction", "eta=[0,3]",
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=steering", "eta=[0,3]",
                   "intervention.layers=[2]", "intervention.position=all")
     result = get_study("steering").run(ctx)
     assert result.null is None
@@ -254,16 +265,16 @@ def test_random_direction_null_is_skipped_with_a_reason_at_every_position(
 def test_cloze_null_at_the_last_layer_equals_full_cloze_passes(tiny_lm, tmp_path):
     """Cloze steered at the last layer: the null rereads only the context's last state; its band
     equals full cloze passes of each random direction, ĉ's row equals steering.csv."""
+    from calibrate.core.random_null import _final_metrics, null_vectors
     from calibrate.engine.cloze import run_cloze_steered
     from calibrate.engine.edits import Steering
-    from calibrate.core.random_null import _final_metrics, null_vectors
     from calibrate.tasks.data import MCRecord
 
     rng = np.random.default_rng(1)
     records = [MCRecord(" ".join(rng.choice(WORDS, size=4)), ("very good fun", "bad", "not it"),
                         i % 3) for i in range(16)]
-    cloze = {"name": "toy", "answer_format": "cloze", "cloze_norm": "none",
-             "template": "{question} question : good or bad ? answer :"}
+    cloze = PromptConfig(name="toy", answer_format="cloze", cloze_norm="none",
+                         template="{question} question : good or bad ? answer :")
     prompts = build_prompts(records, cloze, tiny_lm.tokenizer)
     ctx = context(tiny_lm, prompts, tmp_path, "eta=[0,4]", "direction.n_random=5",
                   "direction.layers=[2,3]")
@@ -284,9 +295,9 @@ def test_cloze_null_at_the_last_layer_equals_full_cloze_passes(tiny_lm, tmp_path
 
 def test_subspace_control_off_the_last_layer_equals_full_ablated_passes(
         tiny_lm, prompt_set, tmp_path):
+    from calibrate.core.random_null import _final_metrics, random_bases
     from calibrate.engine.steer import run_steered
     from calibrate.studies.subspace_ablation import SubspaceAblation
-    from calibrate.core.random_null import _final_metrics, random_bases
 
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=nullspace", "nullspace.k=4",
                   "nullspace.n_control=5", "intervention.layers=[2]")
@@ -317,8 +328,8 @@ def test_nullspace_truncation_against_many_random_subspaces(tiny_lm, prompt_set,
     """The fast last-layer truncation equals the real ablated pass; the control null has its
     band and p-value."""
     from calibrate.core import nullspace as ns
-    from calibrate.engine.last_layer import last_layer_truncated_logits
     from calibrate.core.random_null import _final_metrics
+    from calibrate.engine.last_layer import last_layer_truncated_logits
 
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=nullspace", "nullspace.k=4",
                   "nullspace.n_control=12")
@@ -329,7 +340,7 @@ def test_nullspace_truncation_against_many_random_subspaces(tiny_lm, prompt_set,
         null["control_delta_ece_p95"]
     # the fast path on U_k itself reproduces the ablated pass at the last layer
     _, evaluation = split_indices(24, 0.5, 0)
-    probe = run_probe(tiny_lm, prompt_set, ProbeSettings(keep_layers=(LAYERS - 1,), progress=False))
+    probe = run_probe(tiny_lm, prompt_set, ProbeSettings(progress=False).keeping((LAYERS - 1,)))
     basis, _ = ns.null_space(tiny_lm.adapter.unembed_weight.detach().cpu(), 4)
     eval_set = prompt_set.subset(evaluation)
     fast = last_layer_truncated_logits(tiny_lm, probe.residuals[LAYERS - 1][evaluation],

@@ -4,6 +4,7 @@ sync glob; W&B failures never fail a job."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from calibrate.io import track
 
 TABLE = pd.DataFrame({"layer": [0, 1, 2], "accuracy": [0.5, 0.6, 0.7], "ece": [0.3, 0.2, 0.1],
                       "mce": [0.5, 0.4, 0.3]})
-CFG = {"name": "wandb", "project": "calibrate-test", "entity": None, "mode": "offline",
-       "group": None, "tags": ["extra"], "dir": None}
+CFG = track.TrackerSettings(name="wandb", project="calibrate-test", entity=None, mode="offline",
+                            group=None, tags=("extra",), dir=None)
 CONFIG = {"model": {"name": "smollm2"}, "dataset": {"name": "sst2"}, "seed": 0}
 
 
@@ -33,7 +34,7 @@ def records(job_dir) -> list[dict]:
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
     job_dir = tmp_path_factory.mktemp("job")
-    tracker = track.open_tracker(CFG, job_dir, "smollm2-sst2", "sweep-1", "none", CONFIG)
+    tracker = track.open_tracker(CFG, job_dir, "smollm2-sst2", "sweep-1", "probe", CONFIG)
     assert isinstance(tracker, track.WandbTracker)
     tracker.log_layers(TABLE)
     tracker.log_layers(TABLE.assign(ece=TABLE.ece / 2), prefix="steered/eta=4/")
@@ -62,12 +63,13 @@ def test_summary_run_group_and_tags(offline_run):
     assert json.loads(summary["plateau_layer"]) == 2
     assert "peak_ece_layer" in summary
     run = offline_run["run"]
-    assert run["group"] == "sweep-1" and run["job_type"] == "none"
+    assert run["group"] == "sweep-1" and run["job_type"] == "probe"
     assert {"extra", "smollm2", "sst2"} <= set(run["tags"])
 
 
 def test_none_tracker_logs_nothing(tmp_path):
-    tracker = track.open_tracker({"name": "none"}, tmp_path, "x", None, "none", CONFIG)
+    tracker = track.open_tracker(track.TrackerSettings(name="none"), tmp_path, "x", None, "probe",
+                                 CONFIG)
     tracker.log_layers(TABLE)
     tracker.finish()
     assert not any(tmp_path.iterdir())
@@ -82,7 +84,8 @@ def test_unreachable_online_falls_back_to_offline(tmp_path, monkeypatch):
         return real(cfg, job_dir, name, group, job_type, config, mode)
 
     monkeypatch.setattr(track, "_init_wandb", fake)
-    tracker = track.open_tracker({**CFG, "mode": "online"}, tmp_path, "x", None, "none", CONFIG)
+    online = dataclasses.replace(CFG, mode="online")
+    tracker = track.open_tracker(online, tmp_path, "x", None, "probe", CONFIG)
     assert isinstance(tracker, track.WandbTracker)
     tracker.log_summary({"final/ece": 0.1})
     with pytest.warns(UserWarning, match="falling back to offline"):  # the run opens at finish
@@ -116,7 +119,7 @@ def test_series_over_layer_for_the_null_space(offline_run):
 
 
 def test_series_over_another_x(tmp_path):
-    tracker = track.open_tracker(CFG, tmp_path, "x", None, "direction", CONFIG)
+    tracker = track.open_tracker(CFG, tmp_path, "x", None, "steering", CONFIG)
     table = pd.DataFrame({"eta": [0.0, 4.0], "ece": [0.2, 0.1]})
     tracker.log_series("steering/final", table, x="eta")
     tracker.log_series("empty", {})  # nothing to log: no error, no keys
@@ -130,19 +133,19 @@ def test_series_over_another_x(tmp_path):
 
 
 def test_single_run_group_is_the_job_name(tmp_path):
-    tracker = track.open_tracker(CFG, tmp_path, "smollm2-sst2-eta=4", None, "direction", CONFIG)
+    tracker = track.open_tracker(CFG, tmp_path, "smollm2-sst2-eta=4", None, "steering", CONFIG)
     tracker.log_summary({"final/ece": 0.1})
     tracker.finish()
     (run,) = records(tmp_path)
     assert run["run"]["group"] == run["run"]["name"] == "smollm2-sst2-eta=4"
-    assert run["run"]["job_type"] == "direction"
+    assert run["run"]["job_type"] == "steering"
 
 
 @pytest.mark.parametrize("error", [RuntimeError("probe failed"), KeyboardInterrupt()],
                          ids=["exception", "interrupt"])
 def test_failed_job_leaves_no_offline_run(tmp_path, error):
     """The job's pattern (calibrate.job.run_job): log, fail before results exist, finish(1)."""
-    tracker = track.open_tracker(CFG, tmp_path, "x", None, "none", CONFIG)
+    tracker = track.open_tracker(CFG, tmp_path, "x", None, "probe", CONFIG)
     with pytest.raises(type(error)):
         try:
             tracker.log_layers(TABLE)
@@ -161,10 +164,11 @@ def test_sweep_runs_are_found_by_the_sync_glob(tmp_path):
     sweep = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
     for num, ece in (("0", 0.3), ("1", 0.2)):
         tracker = track.open_tracker(CFG, sweep / num, f"smollm2-sst2-eta={num}", sweep.name,
-                                     "none", CONFIG)
+                                     "probe", CONFIG)
         tracker.log_layers(TABLE.assign(ece=ece))
         tracker.finish()
-    failed = track.open_tracker(CFG, sweep / "2", "smollm2-sst2-eta=2", sweep.name, "none", CONFIG)
+    failed = track.open_tracker(CFG, sweep / "2", "smollm2-sst2-eta=2", sweep.name, "probe",
+                                CONFIG)
     failed.log_layers(TABLE)
     failed.finish(exit_code=1)
     found = sorted(sweep.glob(track.SYNC_GLOB))
@@ -202,3 +206,33 @@ def test_steering_table_gives_eta_curves_over_eta(tmp_path):
     assert [(json.loads(r["eta"]), json.loads(r["eta/ece"])) for r in rows] == [(0.0, 0.2),
                                                                                (4.0, 0.1)]
     assert not any("eta/significant_ece" in r for r in run["history"])  # flags are no series
+
+
+# ---------------------------------------------------------------- the tracker group, checked
+# (moved from tests/test_validate.py: calibrate.config.validate.check_tracker is TrackerSettings)
+
+def test_tracker_settings_are_checked():
+    import re
+
+    from conftest import typed
+
+    from calibrate.errors import ConfigError
+    from calibrate.io.track import TrackerSettings
+
+    composed = typed().tracker
+    assert composed.name == "wandb" and composed.mode == "offline"
+    assert isinstance(composed, TrackerSettings) and typed("tracker=none").tracker.name == "none"
+    assert TrackerSettings(name="none").name == "none"
+    with pytest.raises(ConfigError, match=re.escape("tracker='mlflow'") + ".*wandb, none"):
+        TrackerSettings(name="mlflow")
+    with pytest.raises(ConfigError,
+                       match=re.escape("tracker.mode='x'") + ".*offline, online, disabled"):
+        TrackerSettings(name="wandb", mode="x")
+    with pytest.raises(ConfigError, match=re.escape("tracker.mode='x'")):
+        typed("tracker.mode=x")
+    for mode in ("offline", "online", "disabled"):
+        assert TrackerSettings(name="wandb", mode=mode).mode == mode
+    with pytest.raises(ConfigError, match=re.escape("tracker.tags='a'; accepted: a list of strings")):
+        TrackerSettings(tags="a")
+    with pytest.raises(ConfigError, match=re.escape("tracker.init_timeout=0; accepted: a number")):
+        TrackerSettings(init_timeout=0)

@@ -253,10 +253,11 @@ def load_inputs(model: str, dataset: str, n: int):
     from calibrate.api import typed_config
     from calibrate.tasks.prompts import build_prompts
 
+    # the names first: an unknown dataset or model is one line naming the ones accepted
+    records = calibrate.load_dataset(dataset, limit=n, shuffle=True)
+    loaded = calibrate.load_model(model)
     cfg = typed_config([f"model={model}", f"dataset={dataset}", f"dataset.limit={n}",
                         "dataset.shuffle=true", "probe.progress=false"])
-    loaded = calibrate.load_model(model)
-    records = calibrate.load_dataset(dataset, limit=n, shuffle=True)
     prompt_set = build_prompts(records, cfg.dataset, loaded.tokenizer)
     return loaded, prompt_set, cfg.probe, cfg
 

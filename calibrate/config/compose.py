@@ -64,7 +64,8 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     kind = OmegaConf.get_type(node)
     if kind is not None and dataclasses.is_dataclass(kind):
         known = {f.name for f in dataclasses.fields(kind)}
-        found += [f"{prefix}{k}" for k in node.keys() if k not in known]
+        found += [f"{prefix}{k}" for k in node.keys()
+                  if k not in known and not (k == "hydra" and not prefix)]  # Hydra's own node
     for key in node.keys():
         if key == "hydra" and not prefix:
             continue

@@ -31,7 +31,7 @@ class FolderInUse(ConfigError):
 def _differences(previous: dict[str, Any], spec: JobSpec, limit: int = 4) -> str:
     if "config" not in previous:
         return "the stored result has no config identity (written by an older calibrate)"
-    diff = config_diff(previous["config"], spec.config)
+    diff = config_diff(previous["config"], spec.recorded)  # plain containers, not the typed tree
     shown = "; ".join(diff[:limit]) + (f"; and {len(diff) - limit} more" if len(diff) > limit else "")
     return f"differs in {shown}" if diff else "same keys, other hash"
 

@@ -28,6 +28,7 @@ from calibrate.config.compose import compose, group_options, typed
 from calibrate.config.schema import Config
 from calibrate.errors import ConfigError
 from calibrate.tasks.dataset_config import DatasetConfig
+from calibrate.tasks.shots import check_style
 
 # Keys (dotted prefixes) that cannot change a reported number; left out of the identity.
 NON_RESULT_KEYS = ("tracker", "resume", "cache_dir", "hydra", "checks", "probe.progress",
@@ -178,6 +179,7 @@ def source_dataset(config: Config) -> DatasetConfig | None:
 def build_spec(cfg: DictConfig) -> JobSpec:
     """Check a composed config (cheap checks only, nothing loaded) and decide the job."""
     config = typed(cfg)
+    check_style(config.prompt, config.dataset)  # needs two groups: MMLU's shots, its dev split
     recorded = _plain(cfg)
     recorded.pop("hydra", None)
     study = _study(config)

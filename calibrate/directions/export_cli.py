@@ -1,13 +1,13 @@
-"""``python -m calibrate.export``: a steering job's direction for other tools.
+"""``calibrate export``: a steering job's direction for other tools (``python -m calibrate`` too).
 
-    python -m calibrate.export lmeval <job dir> --eta 8 [--out steer.pt] [--force]
-    python -m calibrate.export repeng <job dir> [--out direction.gguf]
+    calibrate export lmeval <job dir> --eta 8 [--out steer.pt] [--force]
+    calibrate export repeng <job dir> [--out direction.gguf]
 
 ``lmeval`` writes the steering file of lm-evaluation-harness's ``steered`` model
-(:mod:`calibrate.io.export_lmeval`):
+(:mod:`calibrate.directions.lmeval`):
 ``lm_eval --model steered --model_args pretrained=<model>,steer_path=<file>``. ``repeng`` writes
-ĉ as a repeng control-vector GGUF at each intervention layer (:mod:`calibrate.io.gguf`), which
-``direction.path`` reads back.
+ĉ as a repeng control-vector GGUF at each intervention layer (:mod:`calibrate.directions.gguf`),
+which ``direction.path`` reads back.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m calibrate.export",
+    parser = argparse.ArgumentParser(prog="calibrate export",
                                      description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="target", required=True)
     lm = sub.add_parser("lmeval", help="steering file of lm-eval's `steered` model (.pt)")

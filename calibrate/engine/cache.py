@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate.engine.probe import ProbeResult, ProbeSettings
+from calibrate.engine.scoring import scoring_of
 from calibrate.io import results
 from calibrate.model.assets import cache_root
 from calibrate.model.identity import weights_fingerprint  # noqa: F401 - the cache's key of the weights
@@ -42,7 +43,7 @@ def probe_key(fingerprint: str, prompt_set: PromptSet, settings: ProbeSettings,
         "option_ids": _array_hash(prompt_set.option_ids), "labels": _array_hash(prompt_set.labels),
         "option_mass": settings.option_mass, "keep_layers": sorted(settings.keep_layers),
     }
-    payload.update(prompt_set.scoring.key_fields(prompt_set))  # e.g. cloze continuations
+    payload.update(scoring_of(prompt_set).key_fields(prompt_set))  # e.g. cloze continuations
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from calibrate import values
 from calibrate.engine.hooks import capture_last_position
+from calibrate.errors import ConfigError
 from calibrate.core.option_scores import option_mass, option_probabilities
 from calibrate.engine.lens import LogitLens
 from calibrate.engine.readout import Readout
@@ -45,8 +46,12 @@ class ProbeSettings:
     keep_layers: ClassVar[tuple[int, ...]] = ()  # a pass that keeps residuals: see keeping()
 
     def __post_init__(self) -> None:
-        self.batch_size = (None if self.batch_size in (None, "auto")
-                           else values.integer("probe.batch_size", self.batch_size, 1))
+        if self.batch_size in (None, "auto"):
+            self.batch_size = None
+        elif isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size < 1:
+            raise ConfigError(f"probe.batch_size={self.batch_size!r}; accepted: auto or "
+                              "an integer >= 1")
         values.integer("probe.max_batch_size", self.max_batch_size, 1)
         values.integer("probe.max_tokens", self.max_tokens, 1)
         values.number("probe.min_fill", self.min_fill, lambda f: 0 <= f <= 1, "a number in [0, 1]")

@@ -1,10 +1,10 @@
-"""How a prompt set's options are scored at every layer, as an object the prompt set carries.
+"""How a prompt set's options are scored at every layer: :func:`scoring_of` a prompt set.
 
 :class:`SingleToken` reads one token per option at the last prompt position (letters,
 verbalizer: :mod:`calibrate.engine.probe`, :mod:`calibrate.engine.steer`); :class:`Cloze`
 scores each option's text as a continuation (:mod:`calibrate.engine.cloze`). The answer format
-is decided once, when the prompts are built; everything downstream asks
-``prompt_set.scoring``.
+is decided once, when the prompts are built (a cloze prompt set carries its continuations);
+everything downstream asks :func:`scoring_of`.
 """
 
 from __future__ import annotations
@@ -80,15 +80,20 @@ class Cloze(SingleToken):
 SINGLE_TOKEN, CLOZE = SingleToken(), Cloze()
 
 
+def scoring_of(prompt_set: Any) -> SingleToken:
+    """How ``prompt_set`` is scored: its continuations (cloze) or one token per option."""
+    return CLOZE if prompt_set.is_cloze else SINGLE_TOKEN
+
+
 def score(loaded: LoadedModel, prompt_set: Any, settings: ProbeSettings,
           readout: Readout | None = None) -> ProbeResult:
     """``prompt_set.scoring.score``: option scores and probabilities at every layer."""
-    return prompt_set.scoring.score(loaded, prompt_set, settings, readout)
+    return scoring_of(prompt_set).score(loaded, prompt_set, settings, readout)
 
 
 def score_steered(loaded: LoadedModel, prompt_set: Any, intervention: Intervention,
                   settings: ProbeSettings, use_cache: bool = True,
                   readout: Readout | None = None) -> np.ndarray:
     """``prompt_set.scoring.score_steered``: scores [V, N, L+1, K] under each variant."""
-    return prompt_set.scoring.score_steered(loaded, prompt_set, intervention, settings, use_cache,
-                                            readout)
+    return scoring_of(prompt_set).score_steered(loaded, prompt_set, intervention, settings,
+                                                use_cache, readout)

@@ -31,12 +31,10 @@ def _version(name: str) -> str | None:
 def code_identity() -> dict[str, Any]:
     """calibrate's version, git commit and dirty flag (None outside a git checkout), and the
     library versions; recorded in every metrics.json."""
-    import calibrate
-
-    root = Path(calibrate.__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the calibrate package
     commit = _git(["rev-parse", "HEAD"], root)
     status = _git(["status", "--porcelain", "--untracked-files=no", "--", "."], root) \
         if commit else None
-    return {"calibrate": calibrate.__version__, "git_commit": commit,
+    return {"calibrate": _version("calibrate"), "git_commit": commit,
             "git_dirty": None if status is None else bool(status),
             **{name: _version(name) for name in LIBRARIES}}

@@ -25,6 +25,7 @@ from calibrate.core.paired import add_paired_columns, multiple_comparisons
 from calibrate.engine.edits import Intervention, check_steering
 from calibrate.engine.probe import ProbeResult, ProbeSettings
 from calibrate.engine.readout import Readout
+from calibrate.engine.scoring import score, score_steered
 from calibrate.model.load import LoadedModel
 from calibrate.readouts import ReadoutSource, build_readout
 from calibrate.tasks.prompts import PromptSet
@@ -85,12 +86,12 @@ def cached_probe(loaded: LoadedModel, prompt_set: PromptSet, probe: ProbeSetting
     weights as loaded, the prompts and the readout's identity (default: the logit lens)."""
     settings = probe.keeping(keep_layers)
     if getattr(loaded, "edits", None):  # hooks edit the function the weights compute: no cache
-        return prompt_set.scoring.score(loaded, prompt_set, settings, readout)
+        return score(loaded, prompt_set, settings, readout)
     identity = "logit" if readout is None else readout.identity
     key = probe_cache.probe_key(weights_key(loaded), prompt_set, settings, identity)
     result = probe_cache.load(key, cache_dir)
     if result is None:
-        result = prompt_set.scoring.score(loaded, prompt_set, settings, readout)
+        result = score(loaded, prompt_set, settings, readout)
         probe_cache.store(key, result, cache_dir)
     return result
 
@@ -165,9 +166,8 @@ class JobContext:
 
             return last_layer_steered(self.loaded, base.option_logits, base.residuals[last],
                                       prompt_set.option_ids, intervention, self.readout)
-        return prompt_set.scoring.score_steered(self.loaded, prompt_set, intervention,
-                                                self.settings, self.spec.intervention.use_cache,
-                                                self.readout)
+        return score_steered(self.loaded, prompt_set, intervention, self.settings,
+                             self.spec.intervention.use_cache, self.readout)
 
     def edit_layers(self) -> list[int]:
         """``intervention.layers`` resolved (default: the last layer) and checked."""

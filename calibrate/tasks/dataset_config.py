@@ -20,7 +20,7 @@ from calibrate.tasks.prompts import ANSWER_FORMATS, TEMPLATE_FIELDS, PromptConfi
 from calibrate.tasks.records import DatasetError
 from calibrate.tasks.registry import (
     DATASET_SPECS,
-    DATASETS,
+    dataset_names,
     MMLU_CATEGORIES,
     MMLU_CATEGORY_NAMES,
     MMLU_SUBJECTS,
@@ -67,7 +67,8 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_SPECS:
-            raise DatasetError(f"unknown dataset {self.name!r}; accepted: {', '.join(DATASETS)}")
+            raise DatasetError(f"unknown dataset {self.name!r}; accepted: "
+                               f"{', '.join(dataset_names())}")
         if isinstance(self.offline, Mapping):
             self.offline = OfflineCopy(**self.offline)
         if isinstance(self.hub, Mapping):
@@ -138,7 +139,8 @@ def _check_answer_format(cfg: DatasetConfig, spec: DatasetSpec) -> None:
     words = cfg.verbalizer
     if not isinstance(words, (list, tuple)) or len(words) < 2 \
             or not all(isinstance(w, str) and w for w in words):
-        raise DatasetError(f"verbalizer {words!r} is invalid; accepted: a list of at least two "
+        shown = list(words) if isinstance(words, tuple) else words  # as written (a list)
+        raise DatasetError(f"verbalizer {shown!r} is invalid; accepted: a list of at least two "
                            "non-empty strings, one per option")
     if spec.n_options is not None and len(words) != spec.n_options:
         raise DatasetError(f"verbalizer {list(words)} has {len(words)} words but dataset "

@@ -73,14 +73,6 @@ class PromptSet:
         """Whether options are scored as continuations (cloze) rather than single tokens."""
         return self.requests is not None
 
-    @property
-    def scoring(self) -> Any:
-        """How these prompts are scored (:mod:`calibrate.engine.scoring`), decided by how they
-        were built: continuations (cloze) or one token per option."""
-        from calibrate.engine.scoring import CLOZE, SINGLE_TOKEN
-
-        return CLOZE if self.is_cloze else SINGLE_TOKEN
-
     def subset(self, idx: Sequence[int] | np.ndarray) -> PromptSet:
         """The prompts at ``idx``, in that order."""
         idx = np.asarray(idx, dtype=np.int64)

@@ -2,8 +2,9 @@
 
 Each config name (``conf/dataset/<name>.yaml``) maps to a :class:`DatasetSpec`: the row
 normalizer of :mod:`calibrate.tasks.records`, the splits that exist, the option count and whether
-the rows list the correct option first. MMLU's subjects and lm-eval's grouping of them into
-categories are defined here too.
+the rows list the correct option first. A new dataset is its config file (or a node stored in
+Hydra's ConfigStore under ``dataset``) and one :func:`register_dataset` call beside its row
+normalizer. MMLU's subjects and lm-eval's grouping of them into categories are defined here too.
 """
 
 from __future__ import annotations
@@ -51,7 +52,20 @@ DATASET_SPECS: dict[str, DatasetSpec] = {
     "piqa": DatasetSpec(normalize_piqa, TRAIN_VAL_TEST, 2),
     "sciq": DatasetSpec(normalize_sciq, TRAIN_VAL_TEST, 4, shuffle_options=True),
 }
-DATASETS: tuple[str, ...] = tuple(sorted(DATASET_SPECS))
+DATASETS: tuple[str, ...] = tuple(sorted(DATASET_SPECS))  # the built-in ones
+
+
+def register_dataset(name: str, spec: DatasetSpec) -> DatasetSpec:
+    """Make a dataset config named ``name`` loadable with ``spec`` (its normalizer, splits ...)."""
+    if name in DATASET_SPECS and DATASET_SPECS[name] != spec:
+        raise ValueError(f"a dataset named {name!r} is registered already")
+    DATASET_SPECS[name] = spec
+    return spec
+
+
+def dataset_names() -> list[str]:
+    """Every registered dataset, sorted."""
+    return sorted(DATASET_SPECS)
 
 
 # lm-eval's grouping of the 57 MMLU subjects (lm_eval/tasks/mmlu/_generate_configs.py).
