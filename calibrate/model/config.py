@@ -66,12 +66,21 @@ class ModelConfig:
 
     def check(self, error: type[Exception] = ModelConfigError) -> ModelConfig:
         """The remaining checks of a job's model config, before anything loads: the device is
-        a device name, and the model has a source. Returns ``self``."""
+        a device name, the model has a source, and the names that become cache paths (the
+        model's name, its offline copy's parts) are plain names. Returns ``self``."""
+        from calibrate.io.paths import check_path_name
+
         if not (self.device in DEVICE_NAMES or self.device.startswith("cuda:")):
             raise error(f"model.device={self.device!r}; accepted: {DEVICES_HINT}")
+        if self.name is not None:
+            check_path_name("model.name", self.name, error)
         if not self.path and not self.offline:
             raise error(f"model {self.name!r} has no model.path and no offline copy; "
                         "set model.path to a hub id or a local folder")
+        if self.offline and not self.path:
+            from calibrate.model.assets import check_offline
+
+            check_offline(self.name, self.offline, error)
         return self
 
 
