@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, _config, build_tiny
+from conftest import ARCHITECTURES, TINY_SIZES, _config, build_tiny
 from omegaconf import OmegaConf
 
 from calibrate.model import devices, identity
@@ -600,6 +600,149 @@ def test_entry_points_take_a_model_config(tmp_path, word_tokenizer, fresh_reuse)
     assert models.load_model(tiny_cfg(folder)) is lm  # the same thing: one reuse key
     with pytest.raises(ModelConfigError, match="model.dtype='int8'; accepted: auto, float32"):
         models.load_model(tiny_cfg(folder, dtype="int8"))
+
+
+# ---------------------------------------------------------------- checkpoints that do not fit
+
+def rewrite_weights(folder: Path, edit) -> None:
+    """Apply ``edit`` to the state dict in ``folder/model.safetensors`` and write it back."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def fewer_layers(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 1  # the files hold 3 blocks
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def no_final_norm(folder: Path) -> None:
+    rewrite_weights(folder, lambda t: t.pop("model.norm.weight"))
+
+
+def extra_tensor(folder: Path) -> None:
+    rewrite_weights(folder, lambda t: t.update({"model.mystery.weight": torch.ones(4)}))
+
+
+def other_shape(folder: Path) -> None:
+    rewrite_weights(folder, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.ones(60, 32)}))
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("damage, silent, named", [
+    (fewer_layers, True, ["18 weight(s) in the files have no place in the model and would be dropped",
+                          ("model.layers.1.input_layernorm.weight, model.layers.1.mlp.down_proj.weight, "
+                           "model.layers.1.mlp.gate_proj.weight, ... 15 more")]),
+    (no_final_norm, True, [("1 weight(s) the model needs are not in the files and would be random "
+                            "(model.norm.weight)")]),
+    (extra_tensor, True, [("1 weight(s) in the files have no place in the model and would be dropped "
+                           "(model.mystery.weight)")]),
+    (other_shape, False, [("1 weight(s) have another shape (model.layers.2.mlp.up_proj.weight: 60x32 "
+                           "in the files, 64x32 in the model)")]),
+])
+def test_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, word_tokenizer, fresh_reuse,
+                                                            damage, silent, named):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    damage(folder)
+    if silent:  # what transformers does on its own: it loads, with weights dropped or random
+        AutoModelForCausalLM.from_pretrained(folder)
+    else:  # or it fails in a multi-line traceback
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(folder)
+    before = folder_state(folder)
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model(tiny_cfg(folder))
+    text = assert_one_line(err)
+    assert text.startswith(f"model '{folder}' does not match its config: ")
+    for words in named:
+        assert words in text
+    assert "accepted: weights files holding exactly the tensors its config.json describes" in text
+    assert folder_state(folder) == before and list(tmp_path.iterdir()) == [folder]
+    assert models._LOADED == {}  # nothing kept for reuse either
+
+
+def tied_llama(vocab: int, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("llama", vocab_size=vocab, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, tie_word_embeddings=True, **TINY_SIZES)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("model_type", [*ARCHITECTURES, "llama-tied"])
+def test_intact_checkpoints_load_exactly(tmp_path, word_tokenizer, fresh_reuse, model_type):
+    """Every supported architecture, tied (gemma3_text, gpt2, opt, llama-tied: no lm_head in the
+    files) or not, loads with every weight from the files."""
+    from safetensors import safe_open
+
+    vocab = len(word_tokenizer)
+    model = tied_llama(vocab) if model_type == "llama-tied" else build_tiny(model_type, vocab)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder, safe_serialization=True)
+    word_tokenizer.save_pretrained(folder)
+    with safe_open(folder / "model.safetensors", "pt") as files:
+        saved = set(files.keys())
+    tied = model.config.tie_word_embeddings
+    assert ("lm_head.weight" not in saved) == tied or model_type == "gpt_neox"
+    lm = models.load_model(tiny_cfg(folder))
+    assert lm.fingerprint == models.weights_fingerprint(model)
+    if tied:
+        assert lm.adapter.unembed_weight is lm.model.get_input_embeddings().weight
+
+
+def test_untied_checkpoint_without_its_unembedding_is_refused(tmp_path, word_tokenizer, fresh_reuse):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)  # llama, tie_word_embeddings false
+    rewrite_weights(folder, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ModelConfigError, match=r"are not in the files and would be random "
+                                               r"\(lm_head\.weight\)") as err:
+        models.load_model(tiny_cfg(folder))
+    assert_one_line(err)
+
+
+def test_cached_hub_checkpoint_that_does_not_fit_is_refused(empty_hf_cache, word_tokenizer,
+                                                            monkeypatch):
+    commit = cache_hub_model(empty_hf_cache, "calib/broken", word_tokenizer, seed=1)
+    no_final_norm(empty_hf_cache / "models--calib--broken" / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model({"name": "b", "path": "calib/broken", "device": "cpu", "dtype": "float32"})
+    text = assert_one_line(err)
+    assert "model 'calib/broken' does not match its config" in text and "(model.norm.weight)" in text
+
+
+def test_gguf_conversion_refuses_a_checkpoint_that_does_not_fit(tmp_path, word_tokenizer, monkeypatch):
+    """The offline copies' GGUF conversion reads the loading info too; nothing is saved."""
+    import transformers
+
+    from calibrate.model import assets
+
+    seen = []
+
+    def gguf_load(_cls, folder, **kwargs):
+        seen.append(kwargs)
+        return build_tiny("llama", len(word_tokenizer)), {
+            "missing_keys": {"model.norm.weight"}, "unexpected_keys": set(),
+            "mismatched_keys": set(), "error_msgs": []}
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(gguf_load))
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "out"
+    with pytest.raises(assets.AssetError) as err:
+        assets._convert_gguf(gguf, out)
+    text = assert_one_line(err)
+    assert "GGUF 'x.gguf' does not match" in text and "random (model.norm.weight)" in text
+    assert seen[0]["output_loading_info"] is True and seen[0]["gguf_file"] == "x.gguf"
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- names that become paths

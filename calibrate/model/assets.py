@@ -33,6 +33,7 @@ from calibrate.io.paths import (
     inside,
 )
 from calibrate.io.results import share_dir
+from calibrate.model.loadinfo import weight_mismatch
 
 COMPLETE_MARKER = ".complete"
 
@@ -186,8 +187,14 @@ def _assemble_gguf(offline: Mapping[str, Any], root: Path, work: Path) -> Path:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype="float32")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype="float32", output_loading_info=True,
+        ignore_mismatched_sizes=True)  # mismatches are refused here, in one line
+    problem = weight_mismatch(info)
+    if problem:
+        raise AssetError(f"GGUF {gguf.name!r} does not match the model its metadata describes: "
+                         f"{problem}; nothing was converted (accepted: a complete GGUF of a "
+                         "supported architecture)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
     model.hf_quantizer = None

@@ -18,6 +18,7 @@ The names of those modules that other packages use are importable from here too.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from calibrate.model.adapters import get_adapter
 from calibrate.model.config import ModelConfig, ModelConfigError, ModelConfigLike, one_line
 from calibrate.model.devices import available_devices, check_device, resolve_device, resolve_dtype
 from calibrate.model.identity import LoadedModel, tensor_hash, weights_fingerprint
+from calibrate.model.loadinfo import weight_mismatch
 from calibrate.model.shape import ModelShape, check_architecture, model_shape
 from calibrate.model.source import (
     HUB_PROBE_TIMEOUT_S,
@@ -44,8 +46,9 @@ from calibrate.model.weights import check_weights
 __all__ = [
     "HUB_PROBE_TIMEOUT_S", "LoadedModel", "ModelConfig", "ModelConfigError", "ModelConfigLike",
     "ModelShape",
-    "available_devices", "check_architecture", "check_device", "check_source", "check_weights",
-    "get_adapter", "hub_endpoint", "hub_offline", "hub_reachable", "load_model", "load_tokenizer",
+    "available_devices", "check_architecture", "check_device", "check_loading_info",
+    "check_source", "check_weights", "get_adapter", "hub_endpoint", "hub_offline", "hub_reachable",
+    "load_model", "load_tokenizer",
     "model_shape", "resolve_device", "resolve_dtype", "resolve_source", "tensor_hash",
     "weights_fingerprint", "wrap_model",
 ]
@@ -56,11 +59,13 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, devic
 
     check_architecture(source, config)  # before the weights are read
     check_weights(source, config)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, **check_source(source, config)}
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, **check_source(source, config),
+                              # shape mismatches come back in the loading info, refused below
+                              "output_loading_info": True, "ignore_mismatched_sizes": True}
     if config.device_map:
         kwargs["device_map"] = config.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except SafetensorError as err:
         raise ModelConfigError(f"model {source!r}: a weights file is truncated or corrupt "
                                f"({one_line(err)[:200]}); accepted: complete safetensors files "
@@ -68,9 +73,27 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, devic
     except OSError as err:  # no safetensors weights, or not in the cache when offline
         raise ModelConfigError(f"model {source!r}: weights cannot be loaded ({one_line(err)[:300]}); "
                                "accepted: a folder or cached hub id with safetensors weights") from err
+    except RuntimeError as err:  # transformers' own refusal: state-dict or conversion errors
+        if "loading state_dict" not in str(err) and "conversion" not in str(err):
+            raise
+        raise ModelConfigError(f"model {source!r}: its weights do not fit its config "
+                               f"({one_line(err)[:300]}); {_FIT}") from err
+    check_loading_info(source, info)
     if not config.device_map:
         model = model.to(device)
     return model
+
+
+_FIT = ("accepted: weights files holding exactly the tensors its config.json describes, tied "
+        "weights aside (fix config.json, or re-save the model)")
+
+
+def check_loading_info(source: str, info: Mapping[str, Any]) -> None:
+    """One error line naming the weights (first few, and how many) that ``from_pretrained`` left
+    random, dropped, or found in another shape: the model would not be the checkpoint."""
+    problem = weight_mismatch(info)
+    if problem:
+        raise ModelConfigError(f"model {source!r} does not match its config: {problem}; {_FIT}")
 
 
 def _left_padded(tokenizer: Any) -> Any:
