@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -743,6 +744,168 @@ def test_gguf_conversion_refuses_a_checkpoint_that_does_not_fit(tmp_path, word_t
     assert "GGUF 'x.gguf' does not match" in text and "random (model.norm.weight)" in text
     assert seen[0]["output_loading_info"] is True and seen[0]["gguf_file"] == "x.gguf"
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- folders without a tokenizer
+
+def test_folder_without_tokenizer_fails_before_the_weights(tmp_path, word_tokenizer, fresh_reuse,
+                                                           monkeypatch):
+    import transformers
+
+    folder = tmp_path / "m"
+    build_tiny("llama", len(word_tokenizer)).save_pretrained(folder)
+    with pytest.raises(ValueError):  # what transformers does on its own: a long traceback
+        transformers.AutoTokenizer.from_pretrained(folder)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights read before the tokenizer was checked"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: pytest.fail("tokenizer read without its files"))
+    for load in (lambda: models.load_model(tiny_cfg(folder)),
+                 lambda: models.load_tokenizer(str(folder), tiny_cfg(folder))):
+        with pytest.raises(ModelConfigError) as err:
+            load()
+        text = assert_one_line(err)
+        assert f"model '{folder}' has no tokenizer in '{folder}'" in text
+        assert "looked for tokenizer.json, tokenizer.model, vocab.json" in text
+        assert "tokenizer.save_pretrained(folder)" in text
+
+
+def test_tokenizer_that_cannot_be_read_is_one_line(tmp_path, word_tokenizer, fresh_reuse):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelConfigError, match=f"model '{folder}': its tokenizer cannot be loaded") as err:
+        models.load_model(tiny_cfg(folder))
+    assert_one_line(err)
+
+
+def test_cached_hub_snapshot_without_tokenizer_is_one_line(empty_hf_cache, word_tokenizer, monkeypatch):
+    commit = cache_hub_model(empty_hf_cache, "calib/notok", word_tokenizer, seed=1)
+    snapshot = empty_hf_cache / "models--calib--notok" / "snapshots" / commit
+    (snapshot / "tokenizer.json").unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model({"name": "t", "path": "calib/notok", "device": "cpu", "dtype": "float32"})
+    assert assert_one_line(err).startswith(f"model 'calib/notok' has no tokenizer in '{snapshot}'")
+
+
+# ---------------------------------------------------------------- trust_remote_code
+
+def test_remote_code_is_off_unless_set():
+    from calibrate.model.config import ModelConfig
+
+    assert ModelConfig().trust_remote_code is False
+    assert ModelConfig.from_mapping({"name": "x"}).trust_remote_code is False
+    for path in sorted((Path(__file__).parents[1] / "conf" / "model").glob("*.yaml")):
+        assert OmegaConf.load(path).trust_remote_code is False, path
+
+
+def remote_code_folder(folder: Path, word_tokenizer) -> Path:
+    save_tiny(folder, word_tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_x.XConfig",
+                          "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_x.py").write_text("raise SystemExit('remote code ran')\n")
+    (folder / "configuration_x.py").write_text("raise SystemExit('remote code ran')\n")
+    return folder
+
+
+def test_remote_code_is_named_before_anything_loads(tmp_path, word_tokenizer, fresh_reuse,
+                                                    monkeypatch, caplog):
+    import transformers
+
+    folder = remote_code_folder(tmp_path / "m", word_tokenizer)
+    monkeypatch.setattr(model_source, "_REMOTE_NOTED", set())
+    order: list[str] = []
+
+    def first_load(*_args, **kwargs):
+        order.append(f"config.from_pretrained trust_remote_code={kwargs['trust_remote_code']}")
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", first_load)
+    monkeypatch.setattr(model_source.LOG, "warning", lambda msg: order.append(msg))
+    for _ in range(2):
+        with pytest.raises(ModelConfigError, match="stop here"):
+            models.load_model(tiny_cfg(folder, trust_remote_code=True))
+    notice = order[0]
+    assert notice == (f"model.trust_remote_code=true: transformers may run code shipped with "
+                      f"'{folder}': config.json auto_map AutoConfig -> "
+                      "configuration_x.XConfig; config.json auto_map AutoModelForCausalLM -> "
+                      "modeling_x.XForCausalLM; configuration_x.py; modeling_x.py")
+    assert order[1:] == ["config.from_pretrained trust_remote_code=True"] * 2  # noted once
+
+
+def test_remote_code_notice_without_code_and_when_off(tmp_path, word_tokenizer, fresh_reuse,
+                                                      monkeypatch, caplog):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    monkeypatch.setattr(model_source, "_REMOTE_NOTED", set())
+    with caplog.at_level("WARNING", logger="calibrate"):
+        models.load_model(tiny_cfg(folder))
+        assert not [r for r in caplog.records if "trust_remote_code" in r.getMessage()]
+        models.load_model(tiny_cfg(folder, trust_remote_code=True))
+    notes = [r.getMessage() for r in caplog.records if "trust_remote_code" in r.getMessage()]
+    assert notes == [(f"model.trust_remote_code=true: transformers may run code shipped with "
+                      f"'{folder}'; none found (no auto_map entry, no .py file): transformers' own "
+                      "classes are used")]
+    assert model_source.remote_code_notice("nobody/uncached").endswith(
+        "its files are not local, so it will download and run whatever its config's auto_map names")
+
+
+def test_remote_code_of_a_cached_hub_id_is_named(empty_hf_cache, word_tokenizer, monkeypatch):
+    commit = cache_hub_model(empty_hf_cache, "calib/remote", word_tokenizer, seed=1)
+    snapshot = remote_code_folder(empty_hf_cache / "models--calib--remote" / "snapshots" / commit,
+                                  word_tokenizer)
+    assert model_source.remote_code_notice("calib/remote") == (
+        "model.trust_remote_code=true: transformers may run code shipped with 'calib/remote' "
+        f"(cached in '{snapshot}'): config.json auto_map AutoConfig -> configuration_x.XConfig; "
+        "config.json auto_map AutoModelForCausalLM -> modeling_x.XForCausalLM; configuration_x.py; "
+        "modeling_x.py")
+
+
+# ---------------------------------------------------------------- a model.path that is no folder
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging if something opens a FIFO for reading."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("blocked opening a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda p: p.write_text("{}"), "a regular file"),
+    (lambda p: os.mkfifo(p), "a FIFO (named pipe)"),
+    (lambda p: p.symlink_to(p.parent / "gone"), "a broken symbolic link (to '"),
+])
+def test_model_path_that_is_not_a_folder_is_one_line(tmp_path, fresh_reuse, no_hang, make, kind):
+    path = tmp_path / "model"
+    make(path)
+    for call in (lambda: models.resolve_source(tiny_cfg(path)),
+                 lambda: models.load_model(tiny_cfg(path))):
+        with pytest.raises(ModelConfigError) as err:
+            call()
+        text = assert_one_line(err)
+        assert text.startswith(f"model.path='{path}' is {kind}")
+        assert "not a folder; accepted: a local model folder, or a hub id owner/name" in text
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_model_folder_holding_a_fifo_is_one_line(tmp_path, word_tokenizer, fresh_reuse, no_hang, name):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model(tiny_cfg(folder))
+    text = assert_one_line(err)
+    assert text == (f"model folder '{folder}': '{name}' is a FIFO (named pipe); accepted: a folder "
+                    "of regular files (replace or remove it)")
 
 
 # ---------------------------------------------------------------- names that become paths

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from calibrate.io.paths import REGULAR, entry_kind
 from calibrate.model.adapters import get_adapter
 from calibrate.model.config import ModelConfig, ModelConfigError, ModelConfigLike, one_line
 from calibrate.model.devices import available_devices, check_device, resolve_device, resolve_dtype
@@ -44,11 +45,10 @@ from calibrate.model.source import (
 from calibrate.model.weights import check_weights
 
 __all__ = [
-    "HUB_PROBE_TIMEOUT_S", "LoadedModel", "ModelConfig", "ModelConfigError", "ModelConfigLike",
-    "ModelShape",
-    "available_devices", "check_architecture", "check_device", "check_loading_info",
-    "check_source", "check_weights", "get_adapter", "hub_endpoint", "hub_offline", "hub_reachable",
-    "load_model", "load_tokenizer",
+    "HUB_PROBE_TIMEOUT_S", "TOKENIZER_FILES", "LoadedModel", "ModelConfig", "ModelConfigError",
+    "ModelConfigLike", "ModelShape", "available_devices", "check_architecture", "check_device",
+    "check_loading_info", "check_source", "check_tokenizer_files", "check_weights",
+    "get_adapter", "hub_endpoint", "hub_offline", "hub_reachable", "load_model", "load_tokenizer",
     "model_shape", "resolve_device", "resolve_dtype", "resolve_source", "tensor_hash",
     "weights_fingerprint", "wrap_model",
 ]
@@ -57,8 +57,6 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, devic
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    check_architecture(source, config)  # before the weights are read
-    check_weights(source, config)
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, **check_source(source, config),
                               # shape mismatches come back in the loading info, refused below
                               "output_loading_info": True, "ignore_mismatched_sizes": True}
@@ -103,14 +101,56 @@ def _left_padded(tokenizer: Any) -> Any:
     return tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "*.tiktoken")
+
+
+def _tokenizer_folder(source: str, config: ModelConfig, kwargs: Mapping[str, Any]) -> Path | None:
+    """The folder the tokenizer is read from when nothing is downloaded: a local folder, or the
+    cached snapshot of a hub id loaded with ``local_files_only``; None when the hub is asked."""
+    local = local_dir(source)
+    if local is not None or not kwargs.get("local_files_only"):
+        return local
+    cached = cached_config(source, config.revision)
+    return Path(cached).parent if cached else None
+
+
+def _custom_tokenizer(folder: Path) -> bool:
+    """Whether tokenizer_config.json maps AutoTokenizer to remote code (its own file names)."""
+    path = folder / "tokenizer_config.json"
+    try:
+        return entry_kind(path) == REGULAR and "AutoTokenizer" in (
+            json.loads(path.read_text()).get("auto_map") or {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_tokenizer_files(source: str, cfg: ModelConfigLike) -> None:
+    """One error line when the folder ``source`` loads from holds no tokenizer files (checked on
+    names alone, before anything is read); a hub id fetched from the hub is not checked."""
+    config = ModelConfig.of(cfg)
+    folder = _tokenizer_folder(source, config, check_source(source, config))
+    if folder is None or any(entry_kind(p) == REGULAR for name in TOKENIZER_FILES
+                             for p in folder.glob(name)):
+        return
+    if config.trust_remote_code and _custom_tokenizer(folder):
+        return
+    raise ModelConfigError(
+        f"model {source!r} has no tokenizer in {str(folder)!r} (looked for "
+        f"{', '.join(TOKENIZER_FILES)}); accepted: a model folder holding its tokenizer files "
+        "(save the tokenizer it was trained with there: tokenizer.save_pretrained(folder))")
+
+
 def load_tokenizer(source: str, cfg: ModelConfigLike) -> Any:
     """The model's tokenizer with left padding and a pad token."""
     from transformers import AutoTokenizer
 
-    kwargs = check_source(source, ModelConfig.of(cfg))
+    config = ModelConfig.of(cfg)
+    check_tokenizer_files(source, config)
+    kwargs = check_source(source, config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError, TypeError, KeyError) as err:  # missing or unreadable files
         raise ModelConfigError(f"model {source!r}: its tokenizer cannot be loaded "
                                f"({one_line(err)[:300]}); accepted: a folder or cached hub id "
                                "with tokenizer files") from err
@@ -169,11 +209,14 @@ def _load_model(config: ModelConfig, cache_dir: str | Path | None, tokenizer: An
     device = check_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = resolve_source(config, cache_dir)
+    # everything that can be checked without reading the weights, before they are read
+    check_architecture(source, config)
+    check_weights(source, config)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source, config)
     model = _from_pretrained(source, config, dtype, device)
     model.eval()
     model.requires_grad_(False)
     adapter = get_adapter(model)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source, config)
     commit = getattr(model.config, "_commit_hash", None)
     return LoadedModel(str(config.name), source, model, tokenizer, adapter,
                        tensor_hash(adapter.unembed_weight), revision=config.revision,
