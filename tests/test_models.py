@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import time
@@ -632,6 +633,15 @@ def other_shape(folder: Path) -> None:
     rewrite_weights(folder, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.ones(60, 32)}))
 
 
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
 
@@ -659,8 +669,14 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, word_token
         with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
             AutoModelForCausalLM.from_pretrained(folder)
     before = folder_state(folder)
-    with pytest.raises(ModelConfigError) as err:
-        models.load_model(tiny_cfg(folder))
+    seen = ListHandler()
+    logging.getLogger("transformers").addHandler(seen)
+    try:
+        with pytest.raises(ModelConfigError) as err:
+            models.load_model(tiny_cfg(folder))
+    finally:
+        logging.getLogger("transformers").removeHandler(seen)
+    assert not [m for m in seen.messages if "LOAD REPORT" in m]  # the one line says it all
     text = assert_one_line(err)
     assert text.startswith(f"model '{folder}' does not match its config: ")
     for words in named:

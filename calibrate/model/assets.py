@@ -33,7 +33,7 @@ from calibrate.io.paths import (
     inside,
 )
 from calibrate.io.results import share_dir
-from calibrate.model.loadinfo import weight_mismatch
+from calibrate.model.loadinfo import quiet_load_report, weight_mismatch
 
 COMPLETE_MARKER = ".complete"
 
@@ -187,9 +187,10 @@ def _assemble_gguf(offline: Mapping[str, Any], root: Path, work: Path) -> Path:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype="float32", output_loading_info=True,
-        ignore_mismatched_sizes=True)  # mismatches are refused here, in one line
+    with quiet_load_report():  # mismatches are refused here, in one line
+        model, info = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype="float32", output_loading_info=True,
+            ignore_mismatched_sizes=True)
     problem = weight_mismatch(info)
     if problem:
         raise AssetError(f"GGUF {gguf.name!r} does not match the model its metadata describes: "

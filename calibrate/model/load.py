@@ -30,7 +30,7 @@ from calibrate.model.adapters import get_adapter
 from calibrate.model.config import ModelConfig, ModelConfigError, ModelConfigLike, one_line
 from calibrate.model.devices import available_devices, check_device, resolve_device, resolve_dtype
 from calibrate.model.identity import LoadedModel, tensor_hash, weights_fingerprint
-from calibrate.model.loadinfo import weight_mismatch
+from calibrate.model.loadinfo import quiet_load_report, weight_mismatch
 from calibrate.model.shape import ModelShape, check_architecture, model_shape
 from calibrate.model.source import (
     HUB_PROBE_TIMEOUT_S,
@@ -63,7 +63,8 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, devic
     if config.device_map:
         kwargs["device_map"] = config.device_map
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except SafetensorError as err:
         raise ModelConfigError(f"model {source!r}: a weights file is truncated or corrupt "
                                f"({one_line(err)[:200]}); accepted: complete safetensors files "

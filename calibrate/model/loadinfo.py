@@ -10,8 +10,10 @@ transformers, so anything reported means the numbers would not be the checkpoint
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 SHOWN = 3  # keys named per kind; the rest are counted
@@ -52,3 +54,23 @@ def weight_mismatch(info: Mapping[str, Any]) -> str | None:
         more = f", ... {len(mismatched) - SHOWN} more" if len(mismatched) > SHOWN else ""
         parts.append(f"{len(mismatched)} weight(s) have another shape ({shown}{more})")
     return "; ".join(parts) or None
+
+
+class _NoLoadReport(logging.Filter):
+    """Drops transformers' multi-line load report table; the other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """While loading: transformers' own report of missing/unexpected weights is not printed
+    (:func:`weight_mismatch` turns the same information into the one error line)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _NoLoadReport()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
