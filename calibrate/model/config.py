@@ -63,3 +63,7 @@ class ModelConfig:
         if not self.path and not self.offline:
             raise err(f"model {self.name!r} has no model.path and no offline copy; "
                       "set model.path to a hub id or a local folder")
+        if self.offline and not self.path:
+            from calibrate.model.assets import check_offline
+
+            check_offline(self.name, self.offline, err)

@@ -18,16 +18,19 @@ The names of those modules that other packages use are importable from here too.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from calibrate.io.paths import REGULAR, entry_kind
 from calibrate.model.adapters import get_adapter
 from calibrate.model.config import ModelConfig, ModelConfigError, one_line
 from calibrate.model.devices import available_devices, check_device, resolve_device, resolve_dtype
 from calibrate.model.identity import LoadedModel, tensor_hash, weights_fingerprint
+from calibrate.model.loadinfo import quiet_load_report, weight_mismatch
 from calibrate.model.shape import ModelShape, check_architecture, model_shape
 from calibrate.model.source import (
     HUB_PROBE_TIMEOUT_S,
@@ -42,9 +45,9 @@ from calibrate.model.source import (
 from calibrate.model.weights import check_weights
 
 __all__ = [
-    "HUB_PROBE_TIMEOUT_S", "LoadedModel", "ModelConfig", "ModelConfigError",
-    "ModelShape",
-    "available_devices", "check_architecture", "check_device", "check_source", "check_weights",
+    "HUB_PROBE_TIMEOUT_S", "TOKENIZER_FILES", "LoadedModel", "ModelConfig", "ModelConfigError",
+    "ModelShape", "available_devices", "check_architecture", "check_device",
+    "check_loading_info", "check_source", "check_tokenizer_files", "check_weights",
     "get_adapter", "hub_endpoint", "hub_offline", "hub_reachable", "load_model", "load_tokenizer",
     "model_shape", "resolve_device", "resolve_dtype", "resolve_source", "tensor_hash",
     "weights_fingerprint", "wrap_model",
@@ -54,13 +57,14 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, devic
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    check_architecture(source, config)  # before the weights are read
-    check_weights(source, config)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, **check_source(source, config)}
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, **check_source(source, config),
+                              # shape mismatches come back in the loading info, refused below
+                              "output_loading_info": True, "ignore_mismatched_sizes": True}
     if config.device_map:
         kwargs["device_map"] = config.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except SafetensorError as err:
         raise ModelConfigError(f"model {source!r}: a weights file is truncated or corrupt "
                                f"({one_line(err)[:200]}); accepted: complete safetensors files "
@@ -68,9 +72,27 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, devic
     except OSError as err:  # no safetensors weights, or not in the cache when offline
         raise ModelConfigError(f"model {source!r}: weights cannot be loaded ({one_line(err)[:300]}); "
                                "accepted: a folder or cached hub id with safetensors weights") from err
+    except RuntimeError as err:  # transformers' own refusal: state-dict or conversion errors
+        if "loading state_dict" not in str(err) and "conversion" not in str(err):
+            raise
+        raise ModelConfigError(f"model {source!r}: its weights do not fit its config "
+                               f"({one_line(err)[:300]}); {_FIT}") from err
+    check_loading_info(source, info)
     if not config.device_map:
         model = model.to(device)
     return model
+
+
+_FIT = ("accepted: weights files holding exactly the tensors its config.json describes, tied "
+        "weights aside (fix config.json, or re-save the model)")
+
+
+def check_loading_info(source: str, info: Mapping[str, Any]) -> None:
+    """One error line naming the weights (first few, and how many) that ``from_pretrained`` left
+    random, dropped, or found in another shape: the model would not be the checkpoint."""
+    problem = weight_mismatch(info)
+    if problem:
+        raise ModelConfigError(f"model {source!r} does not match its config: {problem}; {_FIT}")
 
 
 def _left_padded(tokenizer: Any) -> Any:
@@ -80,14 +102,56 @@ def _left_padded(tokenizer: Any) -> Any:
     return tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "*.tiktoken")
+
+
+def _tokenizer_folder(source: str, config: ModelConfig, kwargs: Mapping[str, Any]) -> Path | None:
+    """The folder the tokenizer is read from when nothing is downloaded: a local folder, or the
+    cached snapshot of a hub id loaded with ``local_files_only``; None when the hub is asked."""
+    local = local_dir(source)
+    if local is not None or not kwargs.get("local_files_only"):
+        return local
+    cached = cached_config(source, config.revision)
+    return Path(cached).parent if cached else None
+
+
+def _custom_tokenizer(folder: Path) -> bool:
+    """Whether tokenizer_config.json maps AutoTokenizer to remote code (its own file names)."""
+    path = folder / "tokenizer_config.json"
+    try:
+        return entry_kind(path) == REGULAR and "AutoTokenizer" in (
+            json.loads(path.read_text()).get("auto_map") or {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_tokenizer_files(source: str, cfg: ModelConfig) -> None:
+    """One error line when the folder ``source`` loads from holds no tokenizer files (checked on
+    names alone, before anything is read); a hub id fetched from the hub is not checked."""
+    config = cfg
+    folder = _tokenizer_folder(source, config, check_source(source, config))
+    if folder is None or any(entry_kind(p) == REGULAR for name in TOKENIZER_FILES
+                             for p in folder.glob(name)):
+        return
+    if config.trust_remote_code and _custom_tokenizer(folder):
+        return
+    raise ModelConfigError(
+        f"model {source!r} has no tokenizer in {str(folder)!r} (looked for "
+        f"{', '.join(TOKENIZER_FILES)}); accepted: a model folder holding its tokenizer files "
+        "(save the tokenizer it was trained with there: tokenizer.save_pretrained(folder))")
+
+
 def load_tokenizer(source: str, cfg: ModelConfig) -> Any:
     """The model's tokenizer with left padding and a pad token."""
     from transformers import AutoTokenizer
 
-    kwargs = check_source(source, cfg)
+    config = cfg
+    check_tokenizer_files(source, config)
+    kwargs = check_source(source, config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError, TypeError, KeyError) as err:  # missing or unreadable files
         raise ModelConfigError(f"model {source!r}: its tokenizer cannot be loaded "
                                f"({one_line(err)[:300]}); accepted: a folder or cached hub id "
                                "with tokenizer files") from err
@@ -146,11 +210,14 @@ def _load_model(config: ModelConfig, cache_dir: str | Path | None, tokenizer: An
     device = check_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = resolve_source(config, cache_dir)
+    # everything that can be checked without reading the weights, before they are read
+    check_architecture(source, config)
+    check_weights(source, config)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source, config)
     model = _from_pretrained(source, config, dtype, device)
     model.eval()
     model.requires_grad_(False)
     adapter = get_adapter(model)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source, config)
     commit = getattr(model.config, "_commit_hash", None)
     return LoadedModel(str(config.name), source, model, tokenizer, adapter,
                        tensor_hash(adapter.unembed_weight), revision=config.revision,

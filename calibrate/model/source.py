@@ -5,6 +5,8 @@ Hugging Face cache, or on a hub that answers). :func:`resolve_source` names it a
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import ssl
 import threading
@@ -13,12 +15,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from calibrate.io.paths import FOLDER, MISSING, REGULAR, entry_kind
 from calibrate.model.assets import prepare_model
 from calibrate.model.config import ModelConfig, ModelConfigError
 
 HUB_PROBE_TIMEOUT_S = 3.0
 _HUB_VERDICT: dict[str, bool] = {}  # endpoint -> reachable, probed once per process
 _TRUE = {"1", "on", "yes", "true"}
+LOG = logging.getLogger("calibrate")
 
 
 def local_dir(source: str) -> Path | None:
@@ -32,12 +36,97 @@ def resolve_source(cfg: ModelConfig, cache_dir: str | Path | None = None) -> str
     config = cfg
     if config.path:
         source = config.path
+        kind = entry_kind(Path(source).expanduser())
+        if kind not in (FOLDER, MISSING):  # stat alone: a FIFO is never opened
+            raise ModelConfigError(f"model.path={source!r} is {kind}, not a folder; accepted: a "
+                                   "local model folder, or a hub id owner/name")
     elif config.offline:
         source = str(prepare_model(config.name, config.offline, cache_dir))
     else:
         raise ModelConfigError(f"model {config.name!r} has neither model.path nor an offline copy")
     local = local_dir(source)
-    return os.path.abspath(local) if local is not None else source
+    if local is None:
+        return source
+    check_folder_files(local)
+    return os.path.abspath(local)
+
+
+def check_folder_files(folder: Path) -> None:
+    """One error line naming the first entry of a model folder that transformers might open but
+    that is not a regular file or folder (a FIFO, a socket, a broken link): it would hang or
+    fail deep inside transformers. Hidden entries (``.complete``, ``.cache``) are not read."""
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if not e.name.startswith("."))
+    for name in names:
+        kind = entry_kind(folder / name)
+        if kind not in (FOLDER, REGULAR):
+            raise ModelConfigError(f"model folder {str(folder)!r}: {name!r} is {kind}; "
+                                   "accepted: a folder of regular files (replace or remove it)")
+
+
+# ---------------------------------------------------------------- remote code
+
+_REMOTE_NOTED: set[tuple[str, str | None]] = set()  # (source, revision) already warned about
+
+
+def _auto_map(path: Path) -> list[str]:
+    """The ``auto_map`` entries of a config JSON file as ``Class -> module.Class`` strings."""
+    if entry_kind(path) != REGULAR:
+        return []
+    try:
+        auto_map = json.loads(path.read_text()).get("auto_map") or {}
+        items = list(auto_map.items())
+    except (OSError, ValueError, AttributeError):
+        return [f"(unreadable {path.name})"]
+    entries = []
+    for auto, target in items:
+        targets = target if isinstance(target, list) else [target]
+        entries.append(f"{auto} -> {' / '.join(str(t) for t in targets if t)}")
+    return entries
+
+
+def remote_code_files(folder: Path) -> list[str]:
+    """What ``trust_remote_code`` may run from ``folder``: the ``auto_map`` entries of its
+    config.json and tokenizer_config.json, and its .py files."""
+    found = [f"{name} auto_map {entry}" for name in ("config.json", "tokenizer_config.json")
+             for entry in _auto_map(folder / name)]
+    found += sorted(p.name for p in folder.glob("*.py") if entry_kind(p) == REGULAR)
+    return found
+
+
+def _snapshot(source: str, revision: str | None) -> Path | None:
+    """The local folder of ``source``, or its cached hub snapshot; None when neither exists."""
+    local = local_dir(source)
+    if local is not None:
+        return local
+    try:
+        cached = cached_config(source, revision)
+    except ValueError:
+        return None
+    return Path(cached).parent if cached else None
+
+
+def remote_code_notice(source: str, revision: str | None = None) -> str:
+    """The one line naming the code ``trust_remote_code`` lets transformers run for ``source``."""
+    head = f"model.trust_remote_code=true: transformers may run code shipped with {source!r}"
+    folder = _snapshot(source, revision)
+    if folder is None:
+        return (f"{head}; its files are not local, so it will download and run whatever its "
+                "config's auto_map names")
+    where = "" if str(folder) == source else f" (cached in {str(folder)!r})"
+    files = remote_code_files(folder)
+    if not files:
+        return (f"{head}{where}; none found (no auto_map entry, no .py file): transformers' own "
+                "classes are used")
+    return f"{head}{where}: {'; '.join(files)}"
+
+
+def note_remote_code(source: str, revision: str | None = None) -> None:
+    """Warn once per process and source, before transformers is first asked to load it, which
+    code ``trust_remote_code`` will run (:func:`remote_code_notice`)."""
+    if (source, revision) not in _REMOTE_NOTED:
+        _REMOTE_NOTED.add((source, revision))
+        LOG.warning(remote_code_notice(source, revision))
 
 
 # ---------------------------------------------------------------- the hub
@@ -107,6 +196,8 @@ def check_source(source: str, cfg: ModelConfig) -> dict[str, Any]:
     """
     config = cfg
     revision = config.revision
+    if config.trust_remote_code:
+        note_remote_code(source, revision)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": config.trust_remote_code}
     if local_dir(source) is not None:
         return kwargs
