@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import os
 import random
+import socket
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -658,3 +663,94 @@ def test_dataset_config_must_be_a_mapping() -> None:
     with pytest.raises(DatasetError) as err:
         DatasetConfig.from_mapping(3)
     assert str(err.value) == "a dataset config must be a mapping, got 3"
+
+
+# ---------------------------------------------------------------- paths that are not files
+
+def _feed(path: Path, data: bytes, stop: threading.Event) -> None:
+    """A writer for a FIFO: a loader that opened it would read ``data`` and go on, not hang."""
+    while not stop.is_set():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # fails until a reader has it open
+        except OSError:
+            stop.wait(0.01)
+            continue
+        os.write(fd, data)
+        os.close(fd)
+        return
+
+
+@contextlib.contextmanager
+def fifo(path: Path, data: bytes = b'{"sentence": "a", "label": 0}\n') -> Iterator[Path]:
+    """A FIFO at ``path`` with a writer standing by while the block runs."""
+    os.mkfifo(path)
+    stop = threading.Event()
+    writer = threading.Thread(target=_feed, args=(path, data, stop), daemon=True)
+    writer.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        writer.join()
+
+
+def test_a_fifo_local_path_is_refused_without_opening_it(tmp_path: Path) -> None:
+    with fifo(tmp_path / "rows.jsonl") as path, pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(path)))
+    assert str(err.value) == (f"local_path {str(path)!r} is a FIFO (named pipe); accepted: a "
+                              "regular file or a folder")
+
+
+@pytest.mark.parametrize("kind", ["socket", "device", "broken_link"])
+def test_local_paths_that_are_not_files_or_folders_are_refused(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "rows.jsonl"
+    if kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        expected = f"local_path {str(path)!r} is a socket; accepted: a regular file or a folder"
+    elif kind == "device":
+        path.symlink_to("/dev/null")  # read, it would be an empty file
+        expected = (f"local_path {str(path)!r} is a character device; accepted: a regular file "
+                    "or a folder")
+    else:
+        path.symlink_to(tmp_path / "gone.jsonl")
+        expected = (f"local_path {str(path)!r} is a broken symbolic link (to "
+                    f"{str(tmp_path / 'gone.jsonl')!r}); accepted: a regular file or a folder")
+    with pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(path)))
+    assert str(err.value) == expected
+    if kind == "socket":
+        server.close()
+
+
+def test_every_file_a_folder_loader_opens_is_checked(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    saved = tmp_path / "saved"
+    rows = [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}]
+    DatasetDict({"validation": Dataset.from_list(rows)}).save_to_disk(str(saved))
+    assert [r.question for r in load_records(dataset_cfg("sst2", local_path=str(saved)))] \
+        == ["a", "b"]
+    arrow = next((saved / "validation").glob("*.arrow"))
+    arrow.unlink()
+    with fifo(arrow, b"not arrow"), pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(saved)))
+    assert str(err.value) == (f"dataset folder entry {str(arrow)!r} is a FIFO (named pipe); "
+                              "accepted: a regular file or a folder")
+    polarity = tmp_path / "rt"
+    polarity.mkdir()
+    (polarity / "rt-polarity.neg").write_text("bad\n", encoding="latin-1")
+    with fifo(polarity / "rt-polarity.pos", b"good\n") as pos, pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("rotten_tomatoes", local_path=str(polarity)))
+    assert str(err.value) == (f"local_path file {str(pos)!r} is a FIFO (named pipe); accepted: "
+                              "a regular file or a folder")
+
+
+@pytest.mark.parametrize("value", [["a.jsonl", "b.jsonl"], {"path": "a.jsonl"}, 7])
+def test_local_path_that_is_not_one_path_is_one_line(value: Any) -> None:
+    cfg = OmegaConf.to_container(dataset_cfg("sst2"), resolve=True)
+    cfg["local_path"] = value
+    with pytest.raises(DatasetError) as err:
+        load_records(cfg)
+    assert str(err.value) == (f"local_path {value!r} is a {type(value).__name__}; accepted: one "
+                              "path (a string) to a file or folder")
