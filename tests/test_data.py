@@ -754,3 +754,44 @@ def test_local_path_that_is_not_one_path_is_one_line(value: Any) -> None:
         load_records(cfg)
     assert str(err.value) == (f"local_path {value!r} is a {type(value).__name__}; accepted: one "
                               "path (a string) to a file or folder")
+
+
+# ---------------------------------------------------------------- empty and malformed files
+
+@pytest.mark.parametrize("name,text", [("rows.csv", "sentence,label\n"), ("rows.json", "[]"),
+                                       ("rows.jsonl", "\n\n")])
+def test_a_file_without_rows_names_the_fields_expected(tmp_path: Path, name: str,
+                                                       text: str) -> None:
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(tmp_path / name)))
+    assert str(err.value) == (f"dataset 'sst2' from {tmp_path / name} has no rows; expected at "
+                              "least one row with the fields sentence, label (0 negative, "
+                              "1 positive)")
+
+
+def test_a_csv_with_the_wrong_columns_names_the_row_and_the_fields(tmp_path: Path) -> None:
+    (tmp_path / "reviews.csv").write_text("text,y\ngreat,1\n", encoding="utf-8")
+    with pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(tmp_path / "reviews.csv")))
+    assert str(err.value) == (f"{tmp_path / 'reviews.csv'} row 0: missing field 'sentence' (the "
+                              "row has ['text', 'y']); expected the fields sentence, label "
+                              "(0 negative, 1 positive)")
+
+
+@pytest.mark.parametrize("label", [1.5, "one", None, [1]])
+def test_a_label_that_is_not_an_integer_names_the_row(tmp_path: Path, label: Any) -> None:
+    path = write_jsonl(tmp_path / "piqa.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b",
+                                                  "label": 0, "id": "p0"},
+                                                 {"goal": "g", "sol1": "a", "sol2": "b",
+                                                  "label": label, "id": "p1"}])
+    with pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("piqa", local_path=str(path)))
+    assert str(err.value) == (f"{path} row 1 (id 'p1'): label {label!r} is not an integer; "
+                              "accepted: an option index (an integer, or a string of digits)")
+
+
+def test_records_know_their_source_row(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "arc.jsonl", [ARC_ROW, {**ARC_ROW, "id": None}])
+    assert [r.origin for r in load_records(dataset_cfg("arc_easy", local_path=str(path)))] \
+        == ["row 0 (id 'arc-1')", "row 1"]
