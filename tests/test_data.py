@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
@@ -795,3 +796,40 @@ def test_records_know_their_source_row(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "arc.jsonl", [ARC_ROW, {**ARC_ROW, "id": None}])
     assert [r.origin for r in load_records(dataset_cfg("arc_easy", local_path=str(path)))] \
         == ["row 0 (id 'arc-1')", "row 1"]
+
+
+# ---------------------------------------------------------------- repeated records and options
+
+def test_duplicate_records_groups_same_question_and_options() -> None:
+    from calibrate.tasks.quality import conflicting_groups, duplicate_records
+
+    records = [MCRecord("q", ("a", "b"), 0), MCRecord("r", ("a", "b"), 0),
+               MCRecord("q", ("a", "b"), 1, subject="other"), MCRecord("q", ("b", "a"), 0),
+               MCRecord("r", ("a", "b"), 0), MCRecord("q", ("a", "b"), 0)]
+    groups = duplicate_records(records)
+    assert groups == ((0, 2, 5), (1, 4))  # same question and options, in first-seen order
+    assert conflicting_groups(records, groups) == 1  # 0, 2 and 5 disagree on the answer
+    assert duplicate_records(records[:2]) == ()
+
+
+def test_straddling_groups_counts_groups_on_both_sides_of_a_split() -> None:
+    from calibrate.tasks.quality import straddling_groups
+
+    groups = ((0, 2, 5), (1, 4), (3, 6))
+    assert straddling_groups(groups, [0, 1, 4], [2, 3, 5, 6]) == 1  # only (0, 2, 5)
+    assert straddling_groups(groups, np.array([0, 2]), np.array([1, 3, 4, 5, 6])) == 1
+    assert straddling_groups(groups, [0, 3], [1, 2, 4, 5, 6]) == 2
+    assert straddling_groups((), [0], [1]) == 0
+
+
+def test_repeated_options_are_merged_into_their_first_copy() -> None:
+    from calibrate.tasks.quality import merge_repeated_options, repeated_options
+
+    record = MCRecord("q", ("north", "west", "south", "west"), 3, origin="row 9")
+    assert repeated_options(record.options) == (3,)
+    merged = merge_repeated_options(record)
+    assert (merged.options, merged.label, merged.origin) == (("north", "west", "south"), 1,
+                                                             "row 9")
+    assert merge_repeated_options(MCRecord("q", ("a", "a", "b", "a"), 2)).options == ("a", "b")
+    plain = MCRecord("q", ("a", "b"), 1)
+    assert merge_repeated_options(plain) is plain and repeated_options(plain.options) == ()
