@@ -212,10 +212,14 @@ class OutputSettings:
     predictions: bool = True
     plots: bool = True
     edit_ratio_warn: float = 100.0
+    max_chars_per_token: float = 64.0  # prompts longer than context x this (characters): refused
 
     @classmethod
     def from_mapping(cls, output: Mapping[str, Any], checks: Mapping[str, Any]) -> OutputSettings:
         """Check and convert the ``output`` and ``checks`` groups."""
         ratio = _number("checks.edit_ratio_warn", checks.get("edit_ratio_warn", 100),
                         lambda r: r >= 0, "a number >= 0 (0: never warn)")
-        return cls(bool(output.get("predictions", True)), bool(output.get("plots", True)), ratio)
+        chars = _number("checks.max_chars_per_token", checks.get("max_chars_per_token", 64),
+                        lambda r: r > 0, "a number > 0")
+        return cls(bool(output.get("predictions", True)), bool(output.get("plots", True)), ratio,
+                   chars)

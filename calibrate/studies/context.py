@@ -25,6 +25,7 @@ from calibrate.engine.probe import ProbeResult, ProbeSettings
 from calibrate.engine.steer import Intervention
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.prompts import PromptSet
+from calibrate.tasks.quality import warn_straddling
 
 
 @dataclass
@@ -103,6 +104,7 @@ class JobContext:
     spec: JobSpec
     loaded: LoadedModel
     prompt_set: PromptSet
+    _split_warned: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -136,8 +138,13 @@ class JobContext:
     def split(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The seeded calibration and evaluation indices (one split for every arm of a study)."""
         size = len(self.prompt_set.prompts) if n is None else n
-        return split_indices(size, self.spec.direction.calibration_fraction,
-                             self.spec.direction.seed)
+        cal, evaluation = split_indices(size, self.spec.direction.calibration_fraction,
+                                        self.spec.direction.seed)
+        checks = self.prompt_set.data_checks
+        if n is None and checks is not None and not self._split_warned:
+            self._split_warned = True  # one split for every arm: said once
+            warn_straddling(checks.duplicate_groups, cal, evaluation)
+        return cal, evaluation
 
     def reads_last_layer(self, prompt_set: PromptSet, intervention: Intervention) -> bool:
         """Whether ``intervention`` only changes the lens read of the last layer's residual: an

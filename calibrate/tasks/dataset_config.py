@@ -104,7 +104,7 @@ class DatasetConfig:
                    seed=cfg["seed"], answer_format=cfg["answer_format"], template=cfg["template"],
                    cloze_norm=str(cfg.get("cloze_norm") or "none"),
                    verbalizer=tuple(words) if isinstance(words, (list, tuple)) else None,
-                   subject=str(cfg.get("subject") or ""),
+                   subject=_subject(cfg.get("subject")),
                    local_path=cfg["local_path"] if cfg.get("local_path") else None,
                    offline=_offline(cfg.get("offline")), hub=_hub(cfg.get("hub")),
                    mmlu_subjects=subjects)
@@ -145,6 +145,14 @@ def _hub(value: Any) -> HubSource | None:
         return None
     section = _section(value)
     return HubSource(path=section.get("path"), name=section.get("name"))
+
+
+def _subject(value: Any) -> str:
+    """``dataset.subject``: text or nothing (a list would be rendered as its repr)."""
+    if value is not None and not isinstance(value, str):
+        raise DatasetError(f"subject {value!r} is a {type(value).__name__}; accepted: text (a "
+                           "string), the {subject} of records without one")
+    return value or ""
 
 
 def _check_limit(limit: Any) -> None:
