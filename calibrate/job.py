@@ -73,6 +73,7 @@ def prepare(spec: JobSpec) -> JobContext:
     get_study(spec.study).check_shape(spec, shape.num_blocks, shape.hidden_size)
     tokenizer = load_tokenizer(source, spec.model)
     prompt_set = build_prompts(records, spec.dataset, tokenizer, max_length=shape.context_length,
+                               max_chars_per_token=spec.checks.max_chars_per_token,
                                style=spec.prompt, exemplars=exemplars)
     return JobContext(spec, load_model(spec.model, cache, tokenizer=tokenizer), prompt_set)
 
@@ -110,6 +111,7 @@ def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float)
         "n_options": int(report.prompt_set.option_ids.shape[1]), "answer_format": ds.answer_format,
         **scoring_of(report.prompt_set).summary_fields(report.prompt_set),
         "prompt": dict(report.prompt_set.style or {}),
+        "data_checks": checks.summary() if (checks := report.prompt_set.data_checks) else None,
         "num_layers": report.result.num_layers, **report.info, "final": report.final,
         **phases, "chance_accuracy": chance,
         "emergence_layer": emergence_layer(report.table, chance), "elapsed_s": round(elapsed, 3),

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import os
 import random
 import re
+import socket
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import typed
 from hydra.errors import ConfigCompositionException
@@ -705,3 +711,172 @@ def test_dataset_config_refuses_unknown_keys() -> None:
         typed("dataset=sst2", "+dataset.foo=1")
     assert str(err.value).startswith("dataset.foo is not a config key (also when added with +); "
                                      "accepted keys of dataset: name, split, limit")
+
+
+# ---------------------------------------------------------------- paths that are not files
+
+def _feed(path: Path, data: bytes, stop: threading.Event) -> None:
+    """A writer for a FIFO: a loader that opened it would read ``data`` and go on, not hang."""
+    while not stop.is_set():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # fails until a reader has it open
+        except OSError:
+            stop.wait(0.01)
+            continue
+        os.write(fd, data)
+        os.close(fd)
+        return
+
+
+@contextlib.contextmanager
+def fifo(path: Path, data: bytes = b'{"sentence": "a", "label": 0}\n') -> Iterator[Path]:
+    """A FIFO at ``path`` with a writer standing by while the block runs."""
+    os.mkfifo(path)
+    stop = threading.Event()
+    writer = threading.Thread(target=_feed, args=(path, data, stop), daemon=True)
+    writer.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        writer.join()
+
+
+def test_a_fifo_local_path_is_refused_without_opening_it(tmp_path: Path) -> None:
+    with fifo(tmp_path / "rows.jsonl") as path, pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(path)))
+    assert str(err.value) == (f"local_path {str(path)!r} is a FIFO (named pipe); accepted: a "
+                              "regular file or a folder")
+
+
+@pytest.mark.parametrize("kind", ["socket", "device", "broken_link"])
+def test_local_paths_that_are_not_files_or_folders_are_refused(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "rows.jsonl"
+    if kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        expected = f"local_path {str(path)!r} is a socket; accepted: a regular file or a folder"
+    elif kind == "device":
+        path.symlink_to("/dev/null")  # read, it would be an empty file
+        expected = (f"local_path {str(path)!r} is a character device; accepted: a regular file "
+                    "or a folder")
+    else:
+        path.symlink_to(tmp_path / "gone.jsonl")
+        expected = (f"local_path {str(path)!r} is a broken symbolic link (to "
+                    f"{str(tmp_path / 'gone.jsonl')!r}); accepted: a regular file or a folder")
+    with pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(path)))
+    assert str(err.value) == expected
+    if kind == "socket":
+        server.close()
+
+
+def test_every_file_a_folder_loader_opens_is_checked(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    saved = tmp_path / "saved"
+    rows = [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}]
+    DatasetDict({"validation": Dataset.from_list(rows)}).save_to_disk(str(saved))
+    assert [r.question for r in load_records(dataset_cfg("sst2", local_path=str(saved)))] \
+        == ["a", "b"]
+    arrow = next((saved / "validation").glob("*.arrow"))
+    arrow.unlink()
+    with fifo(arrow, b"not arrow"), pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(saved)))
+    assert str(err.value) == (f"dataset folder entry {str(arrow)!r} is a FIFO (named pipe); "
+                              "accepted: a regular file or a folder")
+    polarity = tmp_path / "rt"
+    polarity.mkdir()
+    (polarity / "rt-polarity.neg").write_text("bad\n", encoding="latin-1")
+    with fifo(polarity / "rt-polarity.pos", b"good\n") as pos, pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("rotten_tomatoes", local_path=str(polarity)))
+    assert str(err.value) == (f"local_path file {str(pos)!r} is a FIFO (named pipe); accepted: "
+                              "a regular file or a folder")
+
+
+@pytest.mark.parametrize("value", [["a.jsonl", "b.jsonl"], {"path": "a.jsonl"}, 7])
+def test_local_path_that_is_not_one_path_is_one_line(value: Any) -> None:
+    cfg = dataset_dict("sst2")
+    cfg["local_path"] = value
+    with pytest.raises(DatasetError) as err:
+        DatasetConfig(**cfg)
+    assert str(err.value) == (f"local_path {value!r} is a {type(value).__name__}; accepted: one "
+                              "path (a string) to a file or folder")
+
+
+# ---------------------------------------------------------------- empty and malformed files
+
+@pytest.mark.parametrize("name,text", [("rows.csv", "sentence,label\n"), ("rows.json", "[]"),
+                                       ("rows.jsonl", "\n\n")])
+def test_a_file_without_rows_names_the_fields_expected(tmp_path: Path, name: str,
+                                                       text: str) -> None:
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(tmp_path / name)))
+    assert str(err.value) == (f"dataset 'sst2' from {tmp_path / name} has no rows; expected at "
+                              "least one row with the fields sentence, label (0 negative, "
+                              "1 positive)")
+
+
+def test_a_csv_with_the_wrong_columns_names_the_row_and_the_fields(tmp_path: Path) -> None:
+    (tmp_path / "reviews.csv").write_text("text,y\ngreat,1\n", encoding="utf-8")
+    with pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("sst2", local_path=str(tmp_path / "reviews.csv")))
+    assert str(err.value) == (f"{tmp_path / 'reviews.csv'} row 0: missing field 'sentence' (the "
+                              "row has ['text', 'y']); expected the fields sentence, label "
+                              "(0 negative, 1 positive)")
+
+
+@pytest.mark.parametrize("label", [1.5, "one", None, [1]])
+def test_a_label_that_is_not_an_integer_names_the_row(tmp_path: Path, label: Any) -> None:
+    path = write_jsonl(tmp_path / "piqa.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b",
+                                                  "label": 0, "id": "p0"},
+                                                 {"goal": "g", "sol1": "a", "sol2": "b",
+                                                  "label": label, "id": "p1"}])
+    with pytest.raises(DatasetError) as err:
+        load_records(dataset_cfg("piqa", local_path=str(path)))
+    assert str(err.value) == (f"{path} row 1 (id 'p1'): label {label!r} is not an integer; "
+                              "accepted: an option index (an integer, or a string of digits)")
+
+
+def test_records_know_their_source_row(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "arc.jsonl", [ARC_ROW, {**ARC_ROW, "id": None}])
+    assert [r.origin for r in load_records(dataset_cfg("arc_easy", local_path=str(path)))] \
+        == ["row 0 (id 'arc-1')", "row 1"]
+
+
+# ---------------------------------------------------------------- repeated records and options
+
+def test_duplicate_records_groups_same_question_and_options() -> None:
+    from calibrate.tasks.quality import conflicting_groups, duplicate_records
+
+    records = [MCRecord("q", ("a", "b"), 0), MCRecord("r", ("a", "b"), 0),
+               MCRecord("q", ("a", "b"), 1, subject="other"), MCRecord("q", ("b", "a"), 0),
+               MCRecord("r", ("a", "b"), 0), MCRecord("q", ("a", "b"), 0)]
+    groups = duplicate_records(records)
+    assert groups == ((0, 2, 5), (1, 4))  # same question and options, in first-seen order
+    assert conflicting_groups(records, groups) == 1  # 0, 2 and 5 disagree on the answer
+    assert duplicate_records(records[:2]) == ()
+
+
+def test_straddling_groups_counts_groups_on_both_sides_of_a_split() -> None:
+    from calibrate.tasks.quality import straddling_groups
+
+    groups = ((0, 2, 5), (1, 4), (3, 6))
+    assert straddling_groups(groups, [0, 1, 4], [2, 3, 5, 6]) == 1  # only (0, 2, 5)
+    assert straddling_groups(groups, np.array([0, 2]), np.array([1, 3, 4, 5, 6])) == 1
+    assert straddling_groups(groups, [0, 3], [1, 2, 4, 5, 6]) == 2
+    assert straddling_groups((), [0], [1]) == 0
+
+
+def test_repeated_options_are_merged_into_their_first_copy() -> None:
+    from calibrate.tasks.quality import merge_repeated_options, repeated_options
+
+    record = MCRecord("q", ("north", "west", "south", "west"), 3, origin="row 9")
+    assert repeated_options(record.options) == (3,)
+    merged = merge_repeated_options(record)
+    assert (merged.options, merged.label, merged.origin) == (("north", "west", "south"), 1,
+                                                             "row 9")
+    assert merge_repeated_options(MCRecord("q", ("a", "a", "b", "a"), 2)).options == ("a", "b")
+    plain = MCRecord("q", ("a", "b"), 1)
+    assert merge_repeated_options(plain) is plain and repeated_options(plain.options) == ()

@@ -249,3 +249,7 @@ def test_job_records_the_exemplars_in_metrics_json(tmp_path: Path, cache_dir: Pa
     assert len(rows) == 2 and all(r >= 4 for r in rows)  # the first 4 rows are evaluated
     assert saved["config"]["prompt"]["shots"] == 2 and summary["n_examples"] == 4
     assert np.isfinite(saved["final"]["accuracy"])
+    assert saved["data_checks"] == {  # the first 4 SST-2 sentences: nothing to report
+        "duplicate_records": 0, "duplicate_groups": 0, "conflicting_duplicate_groups": 0,
+        "repeated_option_rows": 0, "answer_on_repeated_option": 0, "merged_options": 0,
+        "control_token_rows": 0}

@@ -349,3 +349,29 @@ def test_nullspace_truncation_against_many_random_subspaces(tiny_lm, prompt_set,
     table = result.table
     real = table[(table["variant"] == "nullspace") & (table["layer"] == LAYERS - 1)]["ece"].iloc[0]
     assert ece == pytest.approx(real, abs=1e-6)
+
+
+def test_split_warns_once_of_repeated_records_on_both_sides(tiny_lm, tmp_path, caplog):
+    """A record repeated in the data can land in the calibration and the evaluation split: the
+    job's split says how many groups of copies straddle it (counted here from the split)."""
+    import logging
+
+    words = WORDS * 2
+    records = [SimpleNamespace(question=" ".join(words[i:i + 3]), options=("bad", "good"),
+                               label=i % 2, subject="") for i in range(12)]
+    records += [SimpleNamespace(**vars(records[i])) for i in range(6)]  # rows 12-17 repeat 0-5
+    ps = build_prompts(records, DATASET, tiny_lm.tokenizer)
+    assert ps.data_checks.duplicate_groups == tuple((i, 12 + i) for i in range(6))
+    ctx = context(tiny_lm, ps, tmp_path)
+    cal, ev = split_indices(18, ctx.spec.direction.calibration_fraction, ctx.spec.direction.seed)
+    straddle = sum((i in cal) != (12 + i in cal) for i in range(6))
+    assert straddle > 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calibrate"):
+        got = ctx.split()
+        again = ctx.split()
+    assert [a.tolist() for a in got] == [cal.tolist(), ev.tolist()] == [a.tolist() for a in again]
+    assert [r.getMessage() for r in caplog.records] == [(
+        f"{straddle} group(s) of repeated records (same question and options) have copies in "
+        "both the calibration and the evaluation split: the direction is fit on items it is then "
+        "evaluated on")]

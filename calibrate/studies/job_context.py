@@ -29,6 +29,7 @@ from calibrate.engine.scoring import score, score_steered
 from calibrate.model.load import LoadedModel
 from calibrate.readouts import ReadoutSource, build_readout
 from calibrate.tasks.prompts import PromptSet
+from calibrate.tasks.quality import warn_straddling
 
 
 @dataclass
@@ -104,6 +105,7 @@ class JobContext:
     loaded: LoadedModel
     prompt_set: PromptSet
     _readout: Readout | None = field(default=None, repr=False)
+    _split_warned: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def readout(self) -> Readout:
@@ -142,8 +144,13 @@ class JobContext:
     def split(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The seeded calibration and evaluation indices (one split for every arm of a study)."""
         size = len(self.prompt_set.prompts) if n is None else n
-        return split_indices(size, self.spec.direction.calibration_fraction,
-                             self.spec.direction.seed)
+        cal, evaluation = split_indices(size, self.spec.direction.calibration_fraction,
+                                        self.spec.direction.seed)
+        checks = self.prompt_set.data_checks
+        if n is None and checks is not None and not self._split_warned:
+            self._split_warned = True  # one split for every arm: said once
+            warn_straddling(checks.duplicate_groups, cal, evaluation)
+        return cal, evaluation
 
     def reads_last_layer(self, prompt_set: PromptSet, intervention: Intervention) -> bool:
         """Whether ``intervention`` only changes the lens read of the last layer's residual: an

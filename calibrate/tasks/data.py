@@ -39,14 +39,13 @@ LOG = logging.getLogger("calibrate")
 ROW_ID_FIELDS = ("id", "idx", "ind")  # a row's own identifier, named in errors when present
 
 
-def _where(source: str, index: int, row: Any) -> str:
-    """``<source> row <index>``, with the row's own id when it has one."""
-    where = f"{source} row {index}"
+def _row_name(index: int, row: Any) -> str:
+    """``row <index>``, with the row's own id when it has one."""
     if isinstance(row, Mapping):
         for key in ROW_ID_FIELDS:
             if row.get(key) is not None:
-                return f"{where} ({key} {row[key]!r})"
-    return where
+                return f"row {index} ({key} {row[key]!r})"
+    return f"row {index}"
 
 
 def _short(options: Sequence[str]) -> str:
@@ -78,11 +77,13 @@ def _shuffle_options(record: MCRecord, rng: random.Random) -> MCRecord:
 def _normalize_row(spec: DatasetSpec, row: Any, where: str) -> MCRecord:
     if not isinstance(row, Mapping):
         raise DatasetError(f"{where} is {one_line(repr(row), 80)} ({type(row).__name__}); "
-                           "expected a row object with named fields")
+                           f"expected a row object with the fields {spec.fields}")
     try:
         return spec.normalize(row)
     except KeyError as err:
-        raise DatasetError(f"{where}: missing field {err}") from err
+        raise DatasetError(f"{where}: missing field {err} (the row has "
+                           f"{one_line(sorted(map(str, row)), 120)}); expected the fields "
+                           f"{spec.fields}") from err
     except (TypeError, ValueError, AttributeError, IndexError) as err:
         raise DatasetError(f"{where}: {err}") from err
 
@@ -91,11 +92,14 @@ def _to_records(rows: list[Any], config: DatasetConfig, source: str) -> list[MCR
     """Normalize and check every row; options listed correct-first get a per-row seeded shuffle."""
     spec = config.spec
     if not rows:
-        raise DatasetError(f"dataset {config.name!r} from {source} has no rows")
+        raise DatasetError(f"dataset {config.name!r} from {source} has no rows; expected at least "
+                           f"one row with the fields {spec.fields}")
     records = []
     for index, row in enumerate(rows):
-        where = _where(source, index, row)
-        record = dataclasses.replace(_normalize_row(spec, row, where), dataset=config.name)
+        origin = _row_name(index, row)
+        where = f"{source} {origin}"
+        record = dataclasses.replace(_normalize_row(spec, row, where), dataset=config.name,
+                                     origin=origin)
         _check_record(record, where, config.name, spec)
         if spec.shuffle_options:
             # Keyed by row, so an option order does not depend on which other rows are loaded.

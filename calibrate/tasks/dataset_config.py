@@ -76,7 +76,9 @@ class DatasetConfig:
         if isinstance(self.verbalizer, (list, tuple)):
             self.verbalizer = tuple(self.verbalizer)
         if self.local_path is not None and not isinstance(self.local_path, str):
-            raise DatasetError(f"local_path {self.local_path!r} is invalid; accepted: a path")
+            raise DatasetError(f"local_path {self.local_path!r} is a "
+                               f"{type(self.local_path).__name__}; accepted: one path (a string) "
+                               "to a file or folder")
         self.local_path = self.local_path or None
         spec = self.spec
         _check_limit(self.limit)
@@ -85,8 +87,8 @@ class DatasetConfig:
         _check_template(self)
         _check_split(self, spec)
         if not isinstance(self.subject, str):
-            raise DatasetError(f"subject {self.subject!r} is invalid; accepted: a string (the "
-                               "{subject} of the template)")
+            raise DatasetError(f"subject {self.subject!r} is a {type(self.subject).__name__}; "
+                               "accepted: text (a string), the {subject} of records without one")
         if self.name == "mmlu":
             _mmlu_subjects(self)
 
@@ -109,6 +111,7 @@ class DatasetConfig:
 
 
 # ---------------------------------------------------------------- checks
+
 
 def _check_limit(limit: Any) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):

