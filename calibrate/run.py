@@ -3,7 +3,9 @@
 The command line is checked first (:mod:`calibrate.config.preflight`): every swept value is composed and
 its spec built, so bad input ends in one line on stderr naming the value and what is accepted,
 exit status 2, before any job starts (``HYDRA_FULL_ERROR=1`` brings tracebacks back). Each job
-then builds its spec, checks its folder (:mod:`calibrate.config.resume`), writes ``.hydra/`` and runs.
+takes its folder (:class:`~calibrate.io.results.JobLock`: a folder another running job holds is
+refused in one line), builds its spec, checks the folder (:mod:`calibrate.config.resume`), writes
+``.hydra/`` and runs.
 In a multirun a failing job is recorded (``error.json`` in its directory, a ``failed`` row in
 ``summary.csv``) and the other jobs go on; the command exits 1 when any job failed.
 """
@@ -73,9 +75,20 @@ def _headline(done: dict[str, Any], job_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    """Run one job; see the module docstring for error handling."""
+    """Run one job, owning its folder for the whole job (a folder another job holds is refused:
+    a user error, nothing written); see the module docstring for error handling."""
     logging.captureWarnings(True)
     job_dir, name, group, multirun = _job_context()
+    try:
+        lock = results.JobLock(job_dir).acquire()
+    except results.OutputError as err:
+        return _fail(job_dir, err, multirun, user_error=True, record=False)
+    with lock:
+        return _run(cfg, job_dir, name, group, multirun)
+
+
+def _run(cfg: DictConfig, job_dir: Path, name: str, group: str | None,
+         multirun: bool) -> dict | None:
     try:
         spec = build_spec(cfg)
         group = spec.tracker.group or group

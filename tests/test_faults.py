@@ -633,6 +633,24 @@ def test_resume_compares_the_config_not_the_existence_of_a_result(tmp_path):
     assert "dataset.limit=3" in (out / ".hydra" / "overrides.yaml").read_text()
 
 
+def test_a_folder_another_job_holds_is_refused(tmp_path):
+    """One job owns a folder at a time: a job started into a folder whose lock another job
+    holds ends in one line naming the folder, exit 2, before anything is read or written."""
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "layers.csv").write_text("layer,ece\n0,0.5\n")  # the holder's work in progress
+    with results.JobLock(out).acquire():
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.log"}
+        run = cli(["calibrate.run", "dataset.limit=2", *LEAN, f"hydra.run.dir={out}"],
+                  tmp_path / "cwd", env={"CALIBRATE_CACHE": str(tmp_path / "cache")})
+        after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.log"}
+    assert run.rc == 2, explain(run)
+    assert len(run.lines()) == 1 and "Traceback" not in run.stderr, explain(run)
+    assert f"{out} is in use by another job (pid {os.getpid()} on " in run.lines()[0]
+    assert after == before  # nothing written (Hydra's run.log aside)
+    assert not (tmp_path / "cache").exists() and WEIGHTS_MARKER not in run.stderr
+
+
 def test_two_sweeps_started_together_get_their_own_folders(tmp_path):
     """Started in the same second from the same folder, with the default sweep folder."""
     cache = isolated_cache(tmp_path / "cache")
