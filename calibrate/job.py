@@ -129,17 +129,40 @@ def write_report(report: ProbeReport, job_dir: Path, summary: Mapping[str, Any],
         if res.option_mass is not None:
             arrays["option_mass"] = res.option_mass
         results.write_npz(job_dir / results.PREDICTIONS_FILE, **arrays)
-    results.write_json(job_dir / results.METRICS_FILE, {**summary, "plots": sorted(plots)})
+    results.write_json(job_dir / results.METRICS_FILE, {**summary, "plots": sorted(plots),
+                                                        "files": manifest(job_dir)})
 
 
 def _all_files() -> list[str]:
-    """Every file a job of any study may write (removed when a job fails)."""
+    """Every file a job of any study may write (removed before a job runs and when it fails)."""
     found, todo = set(), [StudyResult]
     while todo:
         cls = todo.pop()
         found.update(cls.files)
         todo.extend(cls.__subclasses__())
     return RESULT_FILES + sorted(found)
+
+
+# What ``python -m calibrate.export`` writes into a job folder by default: made from its result.
+EXPORT_FILES = ("direction.gguf", "lmeval_steer_eta*.pt")
+
+
+def clear_results(job_dir: Path) -> None:
+    """Before a job (re)runs into ``job_dir``: remove every file a job of any study may write,
+    ``error.json`` and the exports of an earlier result, so that the folder never keeps another
+    config's files beside the new result (a rerun that writes fewer files)."""
+    job_dir = Path(job_dir)
+    results.remove_outputs(job_dir, [*_all_files(), results.ERROR_FILE])
+    for pattern in EXPORT_FILES:
+        for path in job_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def manifest(job_dir: Path) -> list[str]:
+    """The result files in ``job_dir`` (metrics.json included, written last): after
+    :func:`clear_results`, exactly the files this result wrote."""
+    names = set(_all_files()) - {results.METRICS_FILE}
+    return sorted([n for n in names if (Path(job_dir) / n).is_file()] + [results.METRICS_FILE])
 
 
 def finish(ctx: JobContext, result: StudyResult, job_dir: Path, tracker: Tracker,
@@ -172,6 +195,7 @@ def run_job(spec: JobSpec | Mapping[str, Any], job_dir: Path, name: str = "job",
     job_dir = Path(job_dir)
     study = get_study(spec.study)
     ctx = prepare(spec)
+    clear_results(job_dir)  # nothing of an earlier result stays beside this one
     tracker: Tracker = Tracker()
     try:
         tracker = open_tracker(spec.tracker, job_dir, name, group, spec.study,

@@ -28,7 +28,7 @@ from calibrate.config import resume
 from calibrate.config.spec import CONF_DIR, build_spec
 from calibrate.errors import USER_ERRORS, one_line
 from calibrate.io import results, summary
-from calibrate.job import run_job
+from calibrate.job import clear_results, run_job
 
 LOG = logging.getLogger("calibrate")
 
@@ -96,7 +96,7 @@ def _run(cfg: DictConfig, job_dir: Path, name: str, group: str | None,
         if done is not None:
             return done
         results.check_writable(job_dir)
-        (job_dir / results.ERROR_FILE).unlink(missing_ok=True)  # a rerun replaces a failure
+        clear_results(job_dir)  # a rerun leaves nothing of an earlier result or failure
         _write_hydra_files(cfg, job_dir)
         done = run_job(spec, job_dir, name=name, group=group)
     except resume.FolderInUse as err:

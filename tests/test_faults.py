@@ -633,6 +633,36 @@ def test_resume_compares_the_config_not_the_existence_of_a_result(tmp_path):
     assert "dataset.limit=3" in (out / ".hydra" / "overrides.yaml").read_text()
 
 
+STALE = {  # files a steering job of another config left, and its exports and failure record
+    "steering.csv": "eta,layer,ece\n4,30,0.1\n", "null.csv": "eta,p_value_ece\n4,0.5\n",
+    "direction.json": '{"method": "layer_diff"}', "direction.safetensors": "x",
+    "baselines.csv": "layer\n30\n", "eta_curves.png": "x", "gradient_fit.csv": "step\n0\n",
+    "predictions.npz": "x", "reliability_peak_ece.png": "x", "error.json": "{}",
+    "direction.gguf": "x", "lmeval_steer_eta4.pt": "x",
+    results.LOCK_FILE: "999999999 nowhere 2024-01-01\n",  # a killed job's lock: taken over
+}
+
+
+def test_a_rerun_leaves_no_file_of_the_config_it_replaces(tmp_path):
+    """resume=true over another config's steering result: a probe-only rerun that writes fewer
+    files removes every result file first; metrics.json lists exactly the files there are."""
+    out = tmp_path / "job"
+    out.mkdir()
+    for name, text in STALE.items():
+        (out / name).write_text(text)
+    (out / "metrics.json").write_text(json.dumps({"status": "complete", "config_hash": "other",
+                                                  "study": "steering"}))
+    run = cli(["calibrate.run", "dataset.limit=4", *LEAN, "output.predictions=false",
+               "resume=true", f"hydra.run.dir={out}"], tmp_path / "cwd",
+              env={"CALIBRATE_CACHE": str(isolated_cache(tmp_path / "cache"))})
+    assert run.rc == 0, explain(run)
+    metrics = results.read_metrics(out)
+    assert metrics["study"] == "probe" and metrics["n_examples"] == 4
+    there = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "run.log")
+    assert there == metrics["files"] == ["layers.csv", "metrics.json"], there
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [".hydra"]
+
+
 def test_a_folder_another_job_holds_is_refused(tmp_path):
     """One job owns a folder at a time: a job started into a folder whose lock another job
     holds ends in one line naming the folder, exit 2, before anything is read or written."""
