@@ -120,7 +120,8 @@ class SteeringStudy(Study):
                                    spec.study_settings, spec.metrics.n_bins, spec.metrics.binning)
         meta = fit.direction.meta
         meta.update(intervention_layers=layers, position=steering.position,
-                    eta_scale=spec.intervention.eta_scale, layer_scale=scale)
+                    eta_scale=spec.intervention.eta_scale, layer_scale=scale,
+                    config_hash=spec.identity)  # the result these files belong to
         summary = {"intervention": "direction", "etas": list(spec.etas),
                    "intervention_layers": list(layers), "eta_scale": meta["eta_scale"],
                    "position": steering.position, "n_calibration": int(len(cal)),
