@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from calibrate.core.direction import DirectionError
     from calibrate.io.export_lmeval import ExportError, ForcedExport, export_job
     from calibrate.io.gguf import ControlVectorError
+    from calibrate.io.results import OutputError
 
     args = parse_args(argv)
     try:
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = export_job(args.job_dir, args.eta, args.out, args.force)
             else:
                 path = export_repeng(args.job_dir, args.out)
-    except (ExportError, DirectionError, ControlVectorError) as err:
+    except (ExportError, DirectionError, ControlVectorError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for warning in caught:
