@@ -7,7 +7,9 @@ takes its folder (:class:`~calibrate.io.results.JobLock`: a folder another runni
 refused in one line), builds its spec, checks the folder (:mod:`calibrate.config.resume`), writes
 ``.hydra/`` and runs.
 In a multirun a failing job is recorded (``error.json`` in its directory, a ``failed`` row in
-``summary.csv``) and the other jobs go on; the command exits 1 when any job failed.
+``summary.csv``) and the other jobs go on; a refused job (its folder is another config's or
+another job's) writes nothing there and shows as ``refused``. The command exits 1 when any job
+failed, else 2 when any was refused.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ def _fail(job_dir: Path, err: BaseException, multirun: bool, user_error: bool,
         results.write_json(job_dir / results.ERROR_FILE, {
             "status": "failed", "error_type": type(err).__name__, "error": str(err),
             "traceback": "" if user_error else traceback.format_exc()})
+    else:  # refused: nothing goes into the folder; the sweep's summary shows it as refused
+        hc = HydraConfig.get()
+        summary.record_refusal(Path(hc.sweep.dir), job_dir, list(hc.overrides.task), err)
     return None
 
 
@@ -139,8 +144,9 @@ def cli(argv: list[str] | None = None) -> None:
         sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
     main()
-    if summary.LAST_TALLY.get("failed", 0) + summary.LAST_TALLY.get("incomplete", 0):
-        sys.exit(1)
+    status = summary.exit_status(summary.LAST_TALLY)  # 1: a job failed; 2: one was refused
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":
