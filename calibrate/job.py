@@ -19,7 +19,7 @@ import numpy as np
 
 from calibrate.config.settings import MetricSettings, OutputSettings
 from calibrate.config.spec import JobSpec, build_spec, check_shape
-from calibrate.core.phases import emergence_layer, find_phases, phases_to_dict
+from calibrate.core.phases import Phases, emergence_layer, find_phases, phases_to_dict
 from calibrate.io import results
 from calibrate.io.provenance import code_identity
 from calibrate.io.track import Tracker, open_tracker
@@ -83,22 +83,26 @@ def chance_accuracy(prompt_set: PromptSet) -> float:
 
 
 def _plots(report: ProbeReport, job_dir: Path, title: str, metrics: MetricSettings,
-           phases: Any) -> dict[str, Path]:
+           phases: Phases) -> dict[str, Path]:
+    """The common figures. The peak's reliability diagram is of the ECE peak metrics.json and
+    the report name (``phases.peak_ece_layer``); without a peak it is not drawn."""
     from calibrate.io.plots import plot_layer_curves, plot_reliability
 
     probs, labels = report.result.probs, report.result.labels
     n_bins, binning = metrics.n_bins, metrics.binning
-    peak = int(report.table["ece"].idxmax())
-    return {
+    plots = {
         "layer_curves": plot_layer_curves(report.table, job_dir / "layer_curves.png", title,
                                           phases=phases, chance=chance_accuracy(report.prompt_set)),
         "reliability_final": plot_reliability(probs[:, -1], labels, job_dir / "reliability_final.png",
                                               f"{title}: final layer", n_bins, binning),
-        "reliability_peak_ece": plot_reliability(probs[:, peak], labels,
-                                                 job_dir / "reliability_peak_ece.png",
-                                                 f"{title}: layer {peak} (highest ECE)", n_bins,
-                                                 binning),
     }
+    peak = phases.peak_ece_layer
+    if peak is not None:
+        at = list(report.table["layer"]).index(peak)  # the row of that layer in probs
+        plots["reliability_peak_ece"] = plot_reliability(
+            probs[:, at], labels, job_dir / "reliability_peak_ece.png",
+            f"{title}: layer {peak} (ECE peak, {phases.peak_ece:.4f})", n_bins, binning)
+    return plots
 
 
 def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float) -> dict[str, Any]:
