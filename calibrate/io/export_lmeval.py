@@ -159,7 +159,7 @@ def export_job(job_dir: str | Path, eta: float, out: str | Path | None = None,
     record = {"job_dir": str(job_dir), "config_hash": metrics["config_hash"], "eta": float(eta),
               "forced": forced}
     for entry in config.values():
-        entry["calibrate"] = dict(record)  # provenance; lm-eval reads only its own keys
+        entry["calibrate"] = {**record, "forced": list(forced)}  # lm-eval reads only its keys
     _forced(forced)
     path = Path(out) if out else job_dir / f"lmeval_steer_eta{eta:g}.pt"
     return results.atomic_write(path, lambda handle: torch.save(config, handle))
