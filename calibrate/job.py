@@ -19,7 +19,7 @@ import numpy as np
 
 from calibrate.config.spec import JobSpec, check_shape
 from calibrate.core.metrics import MetricSettings
-from calibrate.core.phases import PhaseSettings, emergence_layer, find_phases, phases_to_dict
+from calibrate.core.phases import Phases, emergence_layer, find_phases, phases_to_dict
 from calibrate.engine.probe import ProbeSettings
 from calibrate.engine.scoring import score, scoring_of
 from calibrate.io import results
@@ -84,22 +84,26 @@ def chance_accuracy(prompt_set: PromptSet) -> float:
 
 
 def _plots(report: ProbeReport, job_dir: Path, title: str, metrics: MetricSettings,
-           phases: Any) -> dict[str, Path]:
+           phases: Phases) -> dict[str, Path]:
+    """The common figures. The peak's reliability diagram is of the ECE peak metrics.json and
+    the report name (``phases.peak_ece_layer``); without a peak it is not drawn."""
     from calibrate.io.plots import plot_layer_curves, plot_reliability
 
     probs, labels = report.result.probs, report.result.labels
     n_bins, binning = metrics.n_bins, metrics.binning
-    peak = int(report.table["ece"].idxmax())
-    return {
+    plots = {
         "layer_curves": plot_layer_curves(report.table, job_dir / "layer_curves.png", title,
                                           phases=phases, chance=chance_accuracy(report.prompt_set)),
         "reliability_final": plot_reliability(probs[:, -1], labels, job_dir / "reliability_final.png",
                                               f"{title}: final layer", n_bins, binning),
-        "reliability_peak_ece": plot_reliability(probs[:, peak], labels,
-                                                 job_dir / "reliability_peak_ece.png",
-                                                 f"{title}: layer {peak} (highest ECE)", n_bins,
-                                                 binning),
     }
+    peak = phases.peak_ece_layer
+    if peak is not None:
+        at = list(report.table["layer"]).index(peak)  # the row of that layer in probs
+        plots["reliability_peak_ece"] = plot_reliability(
+            probs[:, at], labels, job_dir / "reliability_peak_ece.png",
+            f"{title}: layer {peak} (ECE peak, {phases.peak_ece:.4f})", n_bins, binning)
+    return plots
 
 
 def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float) -> dict[str, Any]:
@@ -132,17 +136,40 @@ def write_report(report: ProbeReport, job_dir: Path, summary: Mapping[str, Any],
         if res.option_mass is not None:
             arrays["option_mass"] = res.option_mass
         results.write_npz(job_dir / results.PREDICTIONS_FILE, **arrays)
-    results.write_json(job_dir / results.METRICS_FILE, {**summary, "plots": sorted(plots)})
+    results.write_json(job_dir / results.METRICS_FILE, {**summary, "plots": sorted(plots),
+                                                        "files": manifest(job_dir)})
 
 
 def _all_files() -> list[str]:
-    """Every file a job of any study may write (removed when a job fails)."""
+    """Every file a job of any study may write (removed before a job runs and when it fails)."""
     found, todo = set(), [StudyResult]
     while todo:
         cls = todo.pop()
         found.update(cls.files)
         todo.extend(cls.__subclasses__())
     return RESULT_FILES + sorted(found)
+
+
+# What ``python -m calibrate.export`` writes into a job folder by default: made from its result.
+EXPORT_FILES = ("direction.gguf", "lmeval_steer_eta*.pt")
+
+
+def clear_results(job_dir: Path) -> None:
+    """Before a job (re)runs into ``job_dir``: remove every file a job of any study may write,
+    ``error.json`` and the exports of an earlier result, so that the folder never keeps another
+    config's files beside the new result (a rerun that writes fewer files)."""
+    job_dir = Path(job_dir)
+    results.remove_outputs(job_dir, [*_all_files(), results.ERROR_FILE])
+    for pattern in EXPORT_FILES:
+        for path in job_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def manifest(job_dir: Path) -> list[str]:
+    """The result files in ``job_dir`` (metrics.json included, written last): after
+    :func:`clear_results`, exactly the files this result wrote."""
+    names = set(_all_files()) - {results.METRICS_FILE}
+    return sorted([n for n in names if (Path(job_dir) / n).is_file()] + [results.METRICS_FILE])
 
 
 def finish(ctx: JobContext, result: StudyResult, job_dir: Path, tracker: Tracker,
@@ -179,6 +206,7 @@ def run_job(spec: JobSpec, job_dir: Path, name: str = "job",
     job_dir = Path(job_dir)
     study = get_study(spec.study)
     ctx = prepare(spec)
+    clear_results(job_dir)  # nothing of an earlier result stays beside this one
     tracker: Tracker = Tracker()
     try:
         tracker = open_tracker(spec.tracker, job_dir, name, group, spec.study, spec.recorded)

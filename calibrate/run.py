@@ -3,9 +3,13 @@
 The command line is checked first (:mod:`calibrate.config.preflight`): every swept value is composed and
 its spec built, so bad input ends in one line on stderr naming the value and what is accepted,
 exit status 2, before any job starts (``HYDRA_FULL_ERROR=1`` brings tracebacks back). Each job
-then builds its spec, checks its folder (:mod:`calibrate.config.resume`), writes ``.hydra/`` and runs.
+takes its folder (:class:`~calibrate.io.results.JobLock`: a folder another running job holds is
+refused in one line), builds its spec, checks the folder (:mod:`calibrate.config.resume`), writes
+``.hydra/`` and runs.
 In a multirun a failing job is recorded (``error.json`` in its directory, a ``failed`` row in
-``summary.csv``) and the other jobs go on; the command exits 1 when any job failed.
+``summary.csv``) and the other jobs go on; a refused job (its folder is another config's or
+another job's) writes nothing there and shows as ``refused``. The command exits 1 when any job
+failed, else 2 when any was refused.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from calibrate.config import CONF_DIR, resume, schema
 from calibrate.config.spec import build_spec
 from calibrate.errors import USER_ERRORS, one_line
 from calibrate.io import results, summary
-from calibrate.job import run_job
+from calibrate.job import clear_results, run_job
 
 LOG = logging.getLogger("calibrate")
 schema.register()  # the typed root, before Hydra composes (config.yaml's defaults list it)
@@ -72,9 +76,20 @@ def _headline(done: dict[str, Any], job_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    """Run one job; see the module docstring for error handling."""
+    """Run one job, owning its folder for the whole job (a folder another job holds is refused:
+    a user error, nothing written); see the module docstring for error handling."""
     logging.captureWarnings(True)
     job_dir, name, group, multirun = _job_context()
+    try:
+        lock = results.JobLock(job_dir).acquire()
+    except results.OutputError as err:
+        return _fail(job_dir, err, multirun, user_error=True, record=False)
+    with lock:
+        return _run(cfg, job_dir, name, group, multirun)
+
+
+def _run(cfg: DictConfig, job_dir: Path, name: str, group: str | None,
+         multirun: bool) -> dict | None:
     try:
         spec = build_spec(cfg)
         group = spec.tracker.group or group
@@ -82,7 +97,7 @@ def main(cfg: DictConfig) -> dict | None:
         if done is not None:
             return done
         results.check_writable(job_dir)
-        (job_dir / results.ERROR_FILE).unlink(missing_ok=True)  # a rerun replaces a failure
+        clear_results(job_dir)  # a rerun leaves nothing of an earlier result or failure
         _write_hydra_files(cfg, job_dir)
         done = run_job(spec, job_dir, name=name, group=group)
     except resume.FolderInUse as err:
@@ -108,6 +123,9 @@ def _fail(job_dir: Path, err: BaseException, multirun: bool, user_error: bool,
         results.write_json(job_dir / results.ERROR_FILE, {
             "status": "failed", "error_type": type(err).__name__, "error": str(err),
             "traceback": "" if user_error else traceback.format_exc()})
+    else:  # refused: nothing goes into the folder; the sweep's summary shows it as refused
+        hc = HydraConfig.get()
+        summary.record_refusal(Path(hc.sweep.dir), job_dir, list(hc.overrides.task), err)
     return None
 
 
@@ -125,8 +143,9 @@ def cli(argv: list[str] | None = None) -> None:
         sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
     main()
-    if summary.LAST_TALLY.get("failed", 0) + summary.LAST_TALLY.get("incomplete", 0):
-        sys.exit(1)
+    status = summary.exit_status(summary.LAST_TALLY)  # 1: a job failed; 2: one was refused
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,16 @@ import pandas as pd
 import pytest
 from cli_support import cli_env
 from omegaconf import OmegaConf
+from references import (
+    HOSTILE,
+    HOSTILE_ERROR,
+    HOSTILE_MODEL,
+    assert_no_markup_from,
+    assert_shown_as_given,
+    hostile_sweep,
+    md_to_html,
+    parse_html,
+)
 
 from calibrate import job as job_mod
 from calibrate.io import compare as cmp
@@ -225,6 +235,42 @@ def test_markdown_with_tabulate():
                                             "b": ["x|y", None]}))
     lines = text.splitlines()
     assert len(lines) == 4 and "x\\|y" in lines[2] and "nan" not in text and "<NA>" not in text
+
+
+@pytest.mark.parametrize("text, markdown", [
+    ("arc_easy gemma3_270m", "arc_easy gemma3_270m"),  # between letters _ opens nothing
+    ("_em_ __init__", "\\_em\\_ \\_\\_init\\_\\_"),
+    ("a|b", "a\\|b"),
+    ("<b>&amp;</b>", "&lt;b&gt;&amp;amp;&lt;/b&gt;"),
+    ("[x](javascript:y) [r][1] [9]", "[x\\](javascript:y) [r\\][1] [9]"),
+    ("`c` *s* ~t~ $m$ \\", "\\`c\\` \\*s\\* \\~t\\~ \\$m\\$ \\\\"),
+    ("a\nb\rc\td\u2028e", "a b c d e"),
+])
+def test_md_text_escapes_what_would_be_markup(text, markdown):
+    from calibrate.io.compare.tables import md_text
+
+    assert md_text(text) == markdown
+
+
+def test_md_wrap_escapes_block_markup_at_line_starts():
+    from calibrate.io.compare.tables import md_wrap
+
+    assert md_wrap("# a - b + c = d [e] 1. f 2) g 3.5", 5).splitlines() == [
+        "\\# a", "\\- b", "\\+ c", "\\= d", "\\[e]", "1\\. f", "2\\) g", "3.5"]
+
+
+def test_user_text_is_never_markup_in_runs_md(tmp_path):
+    """Hostile run name, model name, error message and folder name: runs.md shows them as
+    text (markdown-it finds no HTML, link, code, emphasis or heading in it)."""
+    sweep = hostile_sweep(tmp_path)
+    assert cmp.main([str(sweep), "--out", str(tmp_path / "out"), "--metric", "ece"]) == 0
+    md = (tmp_path / "out" / "runs.md").read_text()
+    assert all(len(line) <= 120 for line in md.splitlines())
+    page = parse_html(md_to_html(md))
+    assert_no_markup_from(page, h1=1)
+    for given in (HOSTILE, HOSTILE_MODEL, HOSTILE_ERROR):
+        assert_shown_as_given(page.cells, given)
+    assert str(sweep) in page.text.replace("\n", " ")
 
 
 def test_unreadable_error_json_is_a_row(runs, tmp_path):

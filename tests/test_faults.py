@@ -36,6 +36,7 @@ from calibrate import job as job_mod
 from calibrate.engine import cache as probe_cache
 from calibrate.engine import probe as probe_mod
 from calibrate.io import results
+from calibrate.io import summary as summary_mod
 from calibrate.io.summary import summarize_sweep
 from calibrate.model.adapters import block_hidden, replace_block_hidden
 
@@ -422,8 +423,10 @@ def test_sigkill_leaves_nothing_that_looks_complete_and_resume_finishes(tmp_path
     assert metrics is not None and metrics["n_examples"] == KILL_LIMIT, "\n".join(report)
     names = check_no_truncated_files(out)
     for name in ("layers.csv", "predictions.npz", "metrics.json", "layer_curves.png",
-                 "reliability_final.png", "reliability_peak_ece.png"):
+                 "reliability_final.png"):
         assert name in names, names
+    # the peak's diagram where metrics.json names a peak, and only there
+    assert ("reliability_peak_ece.png" in names) == (metrics["peak_ece_layer"] is not None)
     assert len(pd.read_csv(out / "layers.csv")) == SMOL_LAYERS
 
 
@@ -633,6 +636,115 @@ def test_resume_compares_the_config_not_the_existence_of_a_result(tmp_path):
     assert "dataset.limit: 2 -> 3" in changed.stderr and "rerunning" in changed.stderr
     assert results.read_metrics(out)["n_examples"] == 3
     assert "dataset.limit=3" in (out / ".hydra" / "overrides.yaml").read_text()
+
+
+STALE = {  # files a steering job of another config left, and its exports and failure record
+    "steering.csv": "eta,layer,ece\n4,30,0.1\n", "null.csv": "eta,p_value_ece\n4,0.5\n",
+    "direction.json": '{"method": "layer_diff"}', "direction.safetensors": "x",
+    "baselines.csv": "layer\n30\n", "eta_curves.png": "x", "gradient_fit.csv": "step\n0\n",
+    "predictions.npz": "x", "reliability_peak_ece.png": "x", "error.json": "{}",
+    "direction.gguf": "x", "lmeval_steer_eta4.pt": "x",
+    results.LOCK_FILE: "999999999 nowhere 2024-01-01\n",  # a killed job's lock: taken over
+}
+
+
+def test_a_rerun_leaves_no_file_of_the_config_it_replaces(tmp_path):
+    """resume=true over another config's steering result: a probe-only rerun that writes fewer
+    files removes every result file first; metrics.json lists exactly the files there are."""
+    out = tmp_path / "job"
+    out.mkdir()
+    for name, text in STALE.items():
+        (out / name).write_text(text)
+    (out / "metrics.json").write_text(json.dumps({"status": "complete", "config_hash": "other",
+                                                  "study": "steering"}))
+    run = cli(["calibrate.run", "dataset.limit=4", *LEAN, "output.predictions=false",
+               "resume=true", f"hydra.run.dir={out}"], tmp_path / "cwd",
+              env={"CALIBRATE_CACHE": str(isolated_cache(tmp_path / "cache"))})
+    assert run.rc == 0, explain(run)
+    metrics = results.read_metrics(out)
+    assert metrics["study"] == "probe" and metrics["n_examples"] == 4
+    there = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "run.log")
+    assert there == metrics["files"] == ["layers.csv", "metrics.json"], there
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [".hydra"]
+
+
+def test_a_folder_another_job_holds_is_refused(tmp_path):
+    """One job owns a folder at a time: a job started into a folder whose lock another job
+    holds ends in one line naming the folder, exit 2, before anything is read or written."""
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "layers.csv").write_text("layer,ece\n0,0.5\n")  # the holder's work in progress
+    with results.JobLock(out).acquire():
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.log"}
+        run = cli(["calibrate.run", "dataset.limit=2", *LEAN, f"hydra.run.dir={out}"],
+                  tmp_path / "cwd", env={"CALIBRATE_CACHE": str(tmp_path / "cache")})
+        after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.log"}
+    assert run.rc == 2, explain(run)
+    assert len(run.lines()) == 1 and "Traceback" not in run.stderr, explain(run)
+    assert f"{out} is in use by another job (pid {os.getpid()} on " in run.lines()[0]
+    assert after == before  # nothing written (Hydra's run.log aside)
+    assert not (tmp_path / "cache").exists() and WEIGHTS_MARKER not in run.stderr
+
+
+def _other_configs_sweep(sweep: Path, jobs: tuple[str, ...]) -> dict[str, bytes]:
+    """Fill ``sweep/<job>`` with another config's complete steering results (and an old
+    summary.csv saying so); returns every file's bytes."""
+    for job in jobs:
+        folder = sweep / job
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text("- dataset.limit=99\n")
+        (folder / "metrics.json").write_text(json.dumps({
+            "status": "complete", "config_hash": f"other{job}", "study": "steering",
+            "model": "smollm2", "n_examples": 99, "final": {"accuracy": 0.5, "ece": 0.1},
+            "etas": [0.0, 4.0], "steering": {"4": {"accuracy": 0.5, "ece": 0.05}}}))
+        (folder / "steering.csv").write_text("eta,layer,accuracy,ece\n0,30,0.5,0.1\n4,30,0.5,0.05\n")
+    summarize_sweep(sweep)
+    return {str(p.relative_to(sweep)): p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+
+
+def test_a_sweep_that_refuses_every_job_says_so_and_exits_2(tmp_path):
+    """Both jobs of a multirun meet another config's result: both are refused (nothing written
+    into their folders), summary.csv and the tally say refused, not the old complete."""
+    sweep = tmp_path / "sweep"
+    before = _other_configs_sweep(sweep, ("0", "1"))
+    run = cli(["calibrate.run", "-m", "dataset.limit=2,3", *LEAN, f"hydra.sweep.dir={sweep}"],
+              tmp_path / "cwd", env={"CALIBRATE_CACHE": str(tmp_path / "cache")})
+    assert run.rc == 2, explain(run)
+    assert run.lines()[-1].startswith("[calibrate] sweep: 2 jobs: 2 refused; summary "), \
+        explain(run)
+    table = sweep_summary(sweep)
+    assert list(table["status"]) == ["refused", "refused"]
+    assert [o.split()[0] for o in table["overrides"]] == ["dataset.limit=2", "dataset.limit=3"]
+    assert table["error"].str.startswith("FolderInUse: ").all()
+    assert table["error"].str.contains("already holds the result of another config").all()
+    assert not (sweep / "steering_summary.csv").exists()  # the old rows are not this sweep's
+    after = {str(p.relative_to(sweep)): p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    hydra_own = {"multirun.yaml", "0/run.log", "1/run.log"}
+    assert changed <= {"summary.csv", "steering_summary.csv", *hydra_own}, changed
+    assert WEIGHTS_MARKER not in run.stderr
+
+
+def test_a_sweep_with_a_refused_job_exits_2_and_keeps_the_others(tmp_path):
+    """Job 0 meets another config's result and is refused; job 1 runs on the real model. The
+    summary shows what this invocation did: 1 complete, 1 refused; exit status 2."""
+    cache = isolated_cache(tmp_path / "cache")
+    sweep = tmp_path / "sweep"
+    before = _other_configs_sweep(sweep, ("0",))
+    run = cli(["calibrate.run", "-m", "dataset.limit=4,3", *LEAN, f"hydra.sweep.dir={sweep}"],
+              tmp_path / "cwd", env={"CALIBRATE_CACHE": str(cache)})
+    assert run.rc == 2, explain(run)
+    assert "sweep: 2 jobs: 1 complete, 1 refused" in run.lines()[-1], explain(run)
+    table = sweep_summary(sweep)
+    assert list(table["status"]) == ["refused", "complete"]
+    assert table.loc[0, "overrides"].split()[0] == "dataset.limit=4"
+    assert table.loc[0, "error"].startswith("FolderInUse: ")
+    assert_row_matches_metrics(table.loc[1], sweep / "1")
+    assert results.read_metrics(sweep / "1")["n_examples"] == 3
+    for name in ("0/metrics.json", "0/steering.csv", "0/.hydra/overrides.yaml"):
+        assert (sweep / name).read_bytes() == before[name], name
+    assert not (sweep / "0" / "error.json").exists()
+    assert not (sweep / summary_mod.REFUSED_DIR).exists()  # the notes are gone
 
 
 def test_two_sweeps_started_together_get_their_own_folders(tmp_path):

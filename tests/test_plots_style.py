@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -55,3 +58,28 @@ def test_labels_legends_and_grids():
     texts = [t.get_text() for t in fig.legends[0].get_texts()]
     assert len(texts) == ps.MAX_ENTRIES and texts[-1].startswith("+ 13 more")
     assert len(ps.colours(5)) == 5 and len(set(ps.colours(40))) == 40
+
+
+def _pixels(text: str, **kwargs) -> np.ndarray:
+    fig = Figure(figsize=(3, 1))
+    canvas = FigureCanvasAgg(fig)
+    fig.text(0.05, 0.5, text, **kwargs)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+@pytest.mark.parametrize("text", ["$x^2$", "a$\\frac$b", "cost $5 and $6", "$"])
+def test_dollars_are_drawn_as_written(text):
+    """A run name with ``$`` draws exactly as matplotlib draws it with math parsing off."""
+    assert (_pixels(ps.plain(text)) == _pixels(text, parse_math=False)).all()
+    assert ps.plain(ps.plain(text)) == ps.plain(text)
+
+
+def test_a_label_that_is_bad_mathtext_still_draws():
+    """Legend entries, titles and axis labels of a hostile run name (invalid as mathtext)."""
+    fig, axs = ps.facet_figure(1, ["x"])
+    name = "run $\\frac$ {eta=4}"
+    ps.outside_legend(fig, [axs[0].plot([0, 1], [0, 1])[0]], [name])
+    ps.style_axes(axs[0], name, name, name)
+    fig.savefig(io.BytesIO(), format="png")
+    assert fig.legends[0].get_texts()[0].get_text() == ps.plain(name)

@@ -10,6 +10,16 @@ import sys
 
 import pytest
 from cli_support import cli_env
+from references import (
+    HOSTILE,
+    HOSTILE_ERROR,
+    HOSTILE_MODEL,
+    assert_no_markup_from,
+    assert_shown_as_given,
+    hostile_sweep,
+    md_to_html,
+    parse_html,
+)
 
 from calibrate.io import report
 from calibrate.io.compare import ACCEPTED
@@ -93,3 +103,33 @@ def test_command_line(tmp_path):
         f"error: {bad}: neither a sweep nor a job directory (no job folders with .hydra/, no "
         f"metrics.json); accepted: {ACCEPTED}")
     assert not (bad / "report").exists()
+
+
+# ---------------------------------------------------------------- user text is never markup
+
+def test_user_text_is_never_markup_in_markdown_or_html(tmp_path):
+    """Hostile run name, model name, error message and folder name: report.md renders them as
+    text (no HTML, link, code, emphasis or heading; every table row keeps its columns) and
+    report.html escapes them; the figures draw them (no mathtext)."""
+    sweep = hostile_sweep(tmp_path)
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out), "--metric", "ece", "--dpi", "30"]) == 0
+    md = (out / "report.md").read_text()
+    assert all(len(line) <= 120 for line in md.splitlines())
+    for block in re.split(r"\n\s*\n", md):  # every pipe table keeps its columns on every row
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        pipes = {len(re.findall(r"(?<!\\)\|", line)) for line in rows}
+        assert len(pipes) <= 1, block
+    rendered = parse_html(md_to_html(md))
+    figures = len(re.findall(r"^!\[", md, re.MULTILINE))
+    assert figures >= 1  # layers_ece.png, eta_ece.png
+    assert_no_markup_from(rendered, h1=1, img=figures)  # the title and the figure links
+    for given in (HOSTILE, HOSTILE_MODEL, HOSTILE_ERROR):
+        assert_shown_as_given(rendered.cells, given)
+    intro = parse_html(md_to_html(md.split("\n## ")[0]))
+    assert str(sweep) in intro.text.replace("\n", " ")
+
+    page = parse_html((out / "report.html").read_text())
+    assert_no_markup_from(page, h1=1, img=figures, script=1)  # the sort script
+    for given in (HOSTILE, HOSTILE_MODEL, HOSTILE_ERROR):
+        assert any(given in cell for cell in page.cells), given

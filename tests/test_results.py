@@ -8,7 +8,10 @@ import json
 import math
 import os
 import re
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,8 @@ from calibrate.io.results import (
     write_npz,
     write_text,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -262,3 +267,113 @@ def test_disk_full_creating_the_temp_file(tmp_path, monkeypatch):
     with pytest.raises(results.OutputError, match="disk full while writing .*layers.csv"):
         write_csv(tmp_path / "layers.csv", pd.DataFrame({"layer": [0]}))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- one job per folder
+
+HOLD = ("import sys, time; from calibrate.io.results import JobLock; "
+        "lock = JobLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Start a process that holds ``tmp_path / 'job'`` (returns it once it holds the lock)."""
+    started = []
+
+    def start(job: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(job)], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        started.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_held_folder_is_refused_in_one_line_and_left_alone(tmp_path, holder):
+    job = tmp_path / "job"
+    proc = holder(job)
+    before = {p.name: p.read_bytes() for p in job.iterdir()}
+    with pytest.raises(results.FolderLocked) as info:
+        results.JobLock(job).acquire()
+    message = str(info.value)
+    assert isinstance(info.value, results.OutputError) and "\n" not in message
+    assert message.startswith(f"{job} is in use by another job (pid {proc.pid} on ")
+    assert "choose another output folder" in message
+    assert {p.name: p.read_bytes() for p in job.iterdir()} == before  # nothing written
+
+
+def test_the_lock_of_a_killed_job_is_taken_over(tmp_path, holder):
+    job = tmp_path / "job"
+    proc = holder(job)
+    proc.kill()  # SIGKILL: no clean-up, the lock file stays with the dead pid in it
+    proc.wait()
+    assert (job / results.LOCK_FILE).read_text().split()[0] == str(proc.pid)
+    with results.JobLock(job).acquire() as lock:
+        assert lock.held
+        assert (job / results.LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    assert not (job / results.LOCK_FILE).exists()  # released: the file is gone
+
+
+def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / results.LOCK_FILE).write_text(f"{dead_pid()} {socket.gethostname()} 2024-01-01\n")
+    lock = results.JobLock(job).acquire()
+    assert (job / results.LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    lock.release()
+    assert list(job.iterdir()) == []
+
+
+def test_one_holder_at_a_time_in_one_process(tmp_path):
+    first = results.JobLock(tmp_path / "job").acquire()
+    with pytest.raises(results.FolderLocked, match=f"pid {os.getpid()} "):
+        results.JobLock(tmp_path / "job").acquire()
+    first.release()
+    second = results.JobLock(tmp_path / "job").acquire()  # free again
+    assert second.held
+    second.release()
+
+
+@pytest.mark.parametrize("owner, taken", [("live", False), ("dead", True), ("ours", True),
+                                          ("ours, held", False)])
+def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch, owner, taken):
+    """A file system without flock: a live other owner refuses, a dead one is taken over, and
+    this process's pid counts only while it holds the lock."""
+    job = tmp_path / "job"
+    job.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        pid = {"live": live.pid, "dead": dead_pid()}.get(owner, os.getpid())
+        (job / results.LOCK_FILE).write_text(f"{pid} {socket.gethostname()} 2024-01-01\n")
+        monkeypatch.setattr(results.fcntl, "flock", _raise(OSError(errno.ENOLCK, "No locks")))
+        first = results.JobLock(job).acquire() if owner == "ours, held" else None
+        if taken:
+            lock = results.JobLock(job).acquire()
+            assert (job / results.LOCK_FILE).read_text().split()[0] == str(os.getpid())
+            lock.release()
+        else:
+            with pytest.raises(results.FolderLocked, match=re.escape(str(job))):
+                results.JobLock(job).acquire()
+            assert (job / results.LOCK_FILE).read_text().split()[0] == str(pid)
+        if first is not None:
+            first.release()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_folder_that_cannot_be_made_is_an_output_error(tmp_path):
+    (tmp_path / "job").write_text("a file in the way")
+    with pytest.raises(results.OutputError, match=re.escape(f"cannot lock {tmp_path / 'job'}: ")):
+        results.JobLock(tmp_path / "job").acquire()

@@ -356,12 +356,55 @@ def job_dir(run: Run) -> Path:
 
 def test_e2e_files(e2e):
     out = job_dir(e2e)
-    for name in (*RESULT_NAMES, *PLOTS):
+    metrics = json.loads((out / "metrics.json").read_text())
+    peak = metrics["peak_ece_layer"] is not None  # the peak's diagram only where there is one
+    plots = [p for p in PLOTS if peak or p != "reliability_peak_ece.png"]
+    for name in (*RESULT_NAMES, *plots):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    for name in PLOTS:
+    for name in plots:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert (out / "reliability_peak_ece.png").exists() == peak
+    assert sorted(metrics["plots"]) == sorted(p.removesuffix(".png") for p in plots)
+    there = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "run.log")
+    assert metrics["files"] == there  # the manifest: exactly this result's files
     assert WEIGHTS_MARKER in e2e.stderr  # the marker the bad-input cases look for is real
     assert not (e2e.cwd / "outputs").exists(), "hydra.run.dir was not honored"
+
+
+@pytest.mark.parametrize("peak", [None, 2])
+def test_the_peak_diagram_is_the_peak_metrics_json_names(tmp_path, monkeypatch, peak):
+    """reliability_peak_ece.png shows the layer of ``find_phases``'s peak (not the largest ECE
+    anywhere, here layer 0), and is not drawn (nor listed) when there is no peak."""
+    from types import SimpleNamespace
+
+    from calibrate.core.phases import Phases
+    from calibrate.io import plots as plots_mod
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1.0, 1.0], size=(12, 5))  # 12 examples, layers 0..4, 2 options
+    table = pd.DataFrame({"layer": range(5), "accuracy": [0.5, 0.6, 0.7, 0.7, 0.7],
+                          "ece": [0.4, 0.1, 0.3, 0.2, 0.1], "mce": 0.5, "confidence": 0.6})
+    report = SimpleNamespace(result=SimpleNamespace(probs=probs, labels=np.arange(12) % 2),
+                             table=table, prompt_set=SimpleNamespace(option_ids=np.ones((12, 2))))
+    phases = (Phases(2, None, None, [], "none", kind="plateau_no_correction") if peak is None
+              else Phases(2, peak, 0.3, [3, 4], "peak", kind="correction"))
+    drawn = {}
+
+    def record(p, labels, path, title, *args, **kwargs):
+        drawn[Path(path).name] = (p, title)
+        return path
+
+    monkeypatch.setattr(plots_mod, "plot_reliability", record)
+    settings = calibrate.typed_config([]).metrics
+    out = job_mod._plots(report, tmp_path, "t", settings, phases)
+    np.testing.assert_array_equal(drawn["reliability_final.png"][0], probs[:, 4])
+    if peak is None:
+        assert "reliability_peak_ece" not in out and "reliability_peak_ece.png" not in drawn
+    else:
+        assert out["reliability_peak_ece"] == tmp_path / "reliability_peak_ece.png"
+        p, title = drawn["reliability_peak_ece.png"]
+        np.testing.assert_array_equal(p, probs[:, 2])
+        assert "layer 2 (ECE peak, 0.3000)" in title
 
 
 def test_e2e_log_and_headline(e2e):

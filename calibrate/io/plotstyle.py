@@ -10,6 +10,7 @@ and capped so it never outgrows the figure.
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from collections.abc import Iterable, Sequence
 
@@ -32,13 +33,24 @@ PANEL = (4.0, 3.0)  # inches per facet
 CHAR_INCH = 0.075  # width of one legend character at FONT points (DejaVu Sans, generous)
 
 
+_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
+def plain(text: object) -> str:
+    """``text`` drawn as it is: every ``$`` escaped, so that matplotlib never reads a run name or
+    path as mathtext (which renders it as a formula, or fails the figure on a bad one).
+    Idempotent."""
+    return _DOLLAR.sub(r"\\$", str(text))
+
+
 def short_label(text: str, width: int = LABEL_WIDTH, lines: int = LABEL_LINES) -> str:
-    """``text`` wrapped to ``width`` characters, at most ``lines`` lines (the last ends in …)."""
+    """``text`` wrapped to ``width`` characters, at most ``lines`` lines (the last ends in …),
+    drawn as plain text (:func:`plain`)."""
     wrapped = textwrap.wrap(str(text), width, break_long_words=True, break_on_hyphens=False)
     if len(wrapped) > lines:
         wrapped = wrapped[:lines]
         wrapped[-1] = wrapped[-1][: width - 1] + "…"
-    return "\n".join(wrapped) or "(none)"
+    return plain("\n".join(wrapped)) or "(none)"
 
 
 def legend_width(labels: Iterable[str], fontsize: float = FONT) -> float:
@@ -147,8 +159,8 @@ def style_axes(ax: Axes, xlabel: str, ylabel: str, title: str | None = None) -> 
     gets integer ticks."""
     if xlabel == "layer":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(xlabel, fontsize=FONT)
-    ax.set_ylabel(ylabel, fontsize=FONT)
+    ax.set_xlabel(plain(xlabel), fontsize=FONT)
+    ax.set_ylabel(plain(ylabel), fontsize=FONT)
     if title:
         ax.set_title(short_label(title, width=44, lines=2), fontsize=FONT + 1)
     ax.tick_params(labelsize=FONT - 1)

@@ -8,18 +8,22 @@ it (or whose ``metrics.json`` has ``status`` other than ``complete``) is not a f
 
 A job folder that cannot be written, or a disk that fills up while writing, is an
 :class:`OutputError` (a ``ValueError``, one line naming the path and the reason), never a bare
-``OSError`` traceback. Caches use :func:`cache_unwritable` and :func:`warn_cache_unwritable`: a
+``OSError`` traceback. One job owns a folder at a time (:class:`JobLock`): a second job started
+into it is refused (:class:`FolderLocked`), and a lock left by a killed job is taken over. Caches use :func:`cache_unwritable` and :func:`warn_cache_unwritable`: a
 read-only or full cache is reported once per process and the job goes on without it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,7 @@ METRICS_FILE = "metrics.json"
 LAYERS_FILE = "layers.csv"
 PREDICTIONS_FILE = "predictions.npz"
 ERROR_FILE = "error.json"
+LOCK_FILE = ".calibrate.lock"
 
 LOGGER = logging.getLogger("calibrate")
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -61,6 +66,11 @@ class OutputError(UserError):
 def safe_stem(name: str) -> str:
     """``name`` when it can name a file in its folder (no separator, no ``..``)."""
     return values.path_name("file name", name, OutputError)
+
+
+def is_safe_stem(name: object) -> bool:
+    """Whether ``name`` can name a file in its folder (:func:`safe_stem`)."""
+    return values.is_path_name(name)
 
 
 def _umask() -> int:
@@ -232,3 +242,135 @@ def remove_outputs(job_dir: Path, names: list[str]) -> None:
     """Delete named result files (used when a job fails, so nothing half-made remains)."""
     for name in names:
         (Path(job_dir) / name).unlink(missing_ok=True)
+
+
+# --- one job per folder ------------------------------------------------------------------------
+
+
+class FolderLocked(OutputError):
+    """Another running job holds the job folder (nothing is written to it)."""
+
+
+def _owner() -> str:
+    return f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+_HELD_HERE: set[Path] = set()  # lock files this process holds
+
+
+def _held_by_a_live_owner(fd: int, path: Path) -> bool:
+    """Without flock (file systems that lack it): whether the recorded owner still holds the
+    lock: a running process of this host (this one only while it holds ``path``); an owner on
+    another host counts as running."""
+    parts = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+    if len(parts) < 2 or not parts[0].isdigit():
+        return False
+    pid, host = int(parts[0]), parts[1]
+    if host != socket.gethostname():
+        return True
+    return path in _HELD_HERE if pid == os.getpid() else _pid_alive(pid)
+
+
+class JobLock:
+    """Exclusive ownership of a job folder for the whole job: ``fcntl.flock`` on
+    ``<job_dir>/.calibrate.lock``, which records the owner (pid, host, start time).
+
+    The kernel drops the flock when its holder dies, so a lock file left by a killed job is
+    simply taken over; on a file system without flock, a recorded owner whose pid no longer runs
+    on this host is. Released (and the file removed) by :meth:`release` or on leaving a
+    ``with`` block. Usage::
+
+        with JobLock(job_dir).acquire():
+            ...  # the job
+    """
+
+    def __init__(self, job_dir: Path) -> None:
+        self.job_dir = Path(job_dir)
+        self.path = self.job_dir.absolute() / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> JobLock:
+        """Take the folder, creating it if needed.
+
+        Raises:
+            FolderLocked: another running job holds it (one line naming the folder and the
+                holder).
+            OutputError: the folder or its lock file cannot be created.
+        """
+        try:
+            self.job_dir.mkdir(parents=True, exist_ok=True)
+            while self._fd is None:
+                self._fd = self._try_once()
+        except OSError as err:
+            raise OutputError(f"cannot lock {self.job_dir}: {_reason(err)}") from err
+        return self
+
+    def _try_once(self) -> int | None:
+        """The locked descriptor, or None when the file was replaced meanwhile (try again)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+            raise FolderLocked(f"{self.job_dir} is in use by another job ({who}); wait for it "
+                               "to finish, or choose another output folder") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)
+                raise
+            if _held_by_a_live_owner(fd, self.path):
+                os.close(fd)
+                raise FolderLocked(f"{self.job_dir} is in use by another job (recorded in "
+                                   f"{self.path}); wait for it to finish, or choose another "
+                                   "output folder") from None
+        try:  # a holder that released meanwhile removed the file we opened: start again
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            current = None
+        if current is None or not os.path.samestat(os.fstat(fd), current):
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _owner().encode("utf-8"), 0)
+        _HELD_HERE.add(self.path)
+        return fd
+
+    def release(self) -> None:
+        """Give the folder back: the lock file is removed, then the lock dropped."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        _HELD_HERE.discard(self.path)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> JobLock:
+        return self if self.held else self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

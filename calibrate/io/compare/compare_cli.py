@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from calibrate.io.compare.runs import (
     read_run,
     resolve_inputs,
 )
-from calibrate.io.compare.tables import final_steering_rows, runs_table
+from calibrate.io.compare.tables import final_steering_rows, md_text, md_wrap, runs_table
 from calibrate.io.compare.wandb_group import wandb_rows
 
 DEFAULT_OUT = "compare"
@@ -67,9 +66,11 @@ def comparison_tables(runs: Sequence[Run]) -> dict[str, pd.DataFrame]:
 
 
 def tables_markdown(runs: Sequence[Run], heading: str) -> str:
-    """The headline table, then the detail tables, as markdown of at most 120 columns."""
-    heading = "\n".join(textwrap.fill(part, 120, break_long_words=False, break_on_hyphens=False)
-                        if not part.startswith("#") else part for part in heading.split("\n"))
+    """The headline table, then the detail tables, as markdown of at most 120 columns.
+    ``heading``: markdown whose lines that are not ``#`` headings are wrapped (user text in it
+    already :func:`~calibrate.io.compare.tables.md_text`)."""
+    heading = "\n".join(md_wrap(part) if not part.startswith("#") else part
+                        for part in heading.split("\n"))
     return (f"{heading}\n\n" + markdown_sections({"Headline": headline_table(runs)})
             + "\n" + markdown_sections(detail_tables(runs)))
 
@@ -109,9 +110,9 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     written = [results.write_csv(out / "runs.csv", table)]
     n_done = int((table["status"] == "complete").sum()) if len(table) else 0
-    heading = (f"# calibrate comparison\n\n{len(table)} runs ({n_done} complete) from "
-               f"{', '.join(str(d) for d in dirs)}"
-               f"{' and W&B group ' + wandb_group if wandb_group else ''}.")
+    heading = "# calibrate comparison\n\n" + md_text(
+        f"{len(table)} runs ({n_done} complete) from {', '.join(str(d) for d in dirs)}"
+        f"{' and W&B group ' + wandb_group if wandb_group else ''}.")
     written.append(results.write_text(out / "runs.md", tables_markdown(runs, heading)))
     written += [results.write_csv(out / name, t) for name, t in tables.items()]
     written += save_all(figures, out)

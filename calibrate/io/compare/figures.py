@@ -149,7 +149,8 @@ def layer_figure(runs: Sequence[Run], metric: str, relative_depth: bool = False)
     if metric == "accuracy":
         styles.append((Line2D([], [], color="k", ls=":"), "chance"))
     _legend(fig, colour, styles)
-    fig.suptitle(f"{metric} per layer ({sum(map(len, panels.values()))} curves)", fontsize=10)
+    fig.suptitle(ps.plain(f"{metric} per layer ({sum(map(len, panels.values()))} curves)"),
+                 fontsize=10)
     return fig
 
 
@@ -246,7 +247,7 @@ def eta_figure(runs: Sequence[Run], metric: str) -> Figure | None:
         ps.y_range(ax, values, bounds=ps.metric_bounds(f"delta_{metric}"))
         ps.style_axes(ax, eta_axis(unit), f"Δ {metric} (final layer)", panel)
     _legend(fig, colour, styles)
-    fig.suptitle(f"final-layer {metric}: change against η = 0", fontsize=10)
+    fig.suptitle(ps.plain(f"final-layer {metric}: change against η = 0"), fontsize=10)
     return fig
 
 
@@ -308,17 +309,19 @@ def ablation_figure(runs: Sequence[Run], metric: str) -> Figure | None:
                           vmin=-top, vmax=top)
         ax.set_xticks(range(data.shape[1]), [f"{c:g}" for c in grid.columns],
                       fontsize=ps.FONT - 1)
-        ax.set_yticks(range(data.shape[0]), [str(r) for r in grid.index], fontsize=ps.FONT - 1)
+        ax.set_yticks(range(data.shape[0]), [ps.plain(r) for r in grid.index],
+                      fontsize=ps.FONT - 1)
         for (i, j), v in np.ndenumerate(data):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:+.3f}{'*' if sig[i, j] else ''}", ha="center", va="center",
                         fontsize=6, color="white" if abs(v) > 0.6 * top else "black")
         ps.style_axes(ax, grid.attrs["xlabel"], "direction.layers", grid.attrs["title"])
         ax.grid(False)
-    bar = fig.colorbar(image, ax=axes, label=f"Δ final-layer {metric}", shrink=0.8)
+    bar = fig.colorbar(image, ax=axes, label=ps.plain(f"Δ final-layer {metric}"),
+                       shrink=0.8)
     bar.ax.tick_params(labelsize=ps.FONT - 1)
-    fig.suptitle(f"layer-range ablation: Δ {metric} against η = 0 (* paired interval excludes 0)",
-                 fontsize=10)
+    fig.suptitle(ps.plain(f"layer-range ablation: Δ {metric} against η = 0 (* paired interval "
+                          "excludes 0)"), fontsize=10)
     return fig
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from calibrate.io.compare.facets import eta_unit, facet_labels
 from calibrate.io.compare.nullspace_json import nullspace_rows
 from calibrate.io.compare.runs import Run
-from calibrate.io.compare.tables import final_steering_rows
+from calibrate.io.compare.tables import final_steering_rows, md_text
 
 MAX_WIDTH = 120
 MIN_TEXT = 8  # a text column is never cut below this many characters
@@ -158,34 +158,41 @@ def detail_tables(runs: Sequence[Run]) -> dict[str, pd.DataFrame]:
 
 
 def cell_text(value: Any) -> str:
-    """A table cell as text: blank when missing, floats with 4 significant decimals."""
+    """A table cell as plain text: blank when missing, floats with 4 significant decimals."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.4f}"
-    return str(value.item() if isinstance(value, np.generic) else value).replace("\n", " ")
+    return str(value.item() if isinstance(value, np.generic) else value)
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _fit(text: str, width: int) -> str:
+    """``text`` as inert markdown (:func:`md_text`) of at most ``width`` characters: cut (with …)
+    before escaping, so an escape is never split."""
+    escaped = md_text(text)
+    keep = min(len(text), width)
+    while len(escaped) > width and keep > 0:
+        keep -= 1
+        escaped = md_text(text[:keep] + "…")
+    return escaped
 
 
 def fit_markdown(table: pd.DataFrame, width: int = MAX_WIDTH) -> str:
-    """``table`` as a pipe table whose lines are at most ``width`` characters: the widest text
-    column is cut (with …) until it fits; columns that still do not fit go into a continuation
-    table keyed by the first column."""
-    cells = [[cell_text(v).replace("|", "\\|") for v in row]
-             for row in table.itertuples(index=False, name=None)]
+    """``table`` as a pipe table whose lines are at most ``width`` characters, every cell and
+    header escaped (:func:`md_text`): the widest text column is cut (with …) until it fits;
+    columns that still do not fit go into a continuation table keyed by the first column."""
+    cells = [[cell_text(v) for v in row] for row in table.itertuples(index=False, name=None)]
     header = [str(c) for c in table.columns]
-    widths = [max([len(h), *(len(r[j]) for r in cells)]) for j, h in enumerate(header)]
+    least = [len(md_text(h)) for h in header]
+    widths = [max([least[j], *(len(md_text(r[j])) for r in cells)]) for j in range(len(header))]
     numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
     while sum(widths) + 3 * len(widths) + 1 > width:
         text = [j for j in range(len(widths)) if not numeric[j] and widths[j] > MIN_TEXT
-                and widths[j] > len(header[j])]
+                and widths[j] > least[j]]
         if not text:
             break
         j = max(text, key=lambda k: widths[k])
-        widths[j] = max(MIN_TEXT, len(header[j]), widths[j] - 1)
+        widths[j] = max(MIN_TEXT, least[j], widths[j] - 1)
     used, first = 0, len(widths)
     for j, w in enumerate(widths):
         used += w + 3
@@ -202,7 +209,7 @@ def fit_markdown(table: pd.DataFrame, width: int = MAX_WIDTH) -> str:
 def _pipe(header: Sequence[str], rows: Sequence[Sequence[str]], widths: Sequence[int],
           numeric: Sequence[bool]) -> str:
     def line(values: Sequence[str]) -> str:
-        parts = [(_cut(v, w).rjust(w) if num else _cut(v, w).ljust(w))
+        parts = [(_fit(v, w).rjust(w) if num else _fit(v, w).ljust(w))
                  for v, w, num in zip(values, widths, numeric)]
         return "| " + " | ".join(parts) + " |"
 

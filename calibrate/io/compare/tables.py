@@ -1,9 +1,12 @@
 """The combined tables: one row per job (``runs.csv``, ``runs.md``) and each steering job's
-final-layer rows per eta."""
+final-layer rows per eta; and how any text goes into markdown (:func:`md_text`, :func:`md_wrap`)
+so that run names, overrides, paths and error messages never become markup."""
 
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +18,44 @@ from calibrate.io.compare.runs import STEERING_FILE, Run, _warn
 FRONT_COLUMNS = ("sweep", "job", "label", "overrides", "status", "model", "dataset", "split",
                  "n_examples")
 INT_COLUMNS = ("n_examples", "plateau_layer", "peak_ece_layer", "num_layers")
+
+
+# Inline markdown: characters that start markup wherever they stand (HTML, entities and
+# autolinks as entities; the rest backslash-escaped, which CommonMark allows for any ASCII
+# punctuation). ``$`` opens math on GitHub.
+_ALWAYS = {"\\": "\\\\", "`": "\\`", "*": "\\*", "~": "\\~", "|": "\\|", "$": "\\$",
+           "<": "&lt;", ">": "&gt;", "&": "&amp;"}
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+# Block markup a line may start with: headings, lists, setext underlines, reference definitions.
+_BLOCK_START = re.compile(r"^(#|-|\+|=|\[|\d{1,9}(?=[.)](\s|$)))")
+
+
+def md_text(text: object) -> str:
+    """``text`` as inert markdown inline content (one line): line breaks and control characters
+    become spaces, and every character that could open markup is escaped. ``_`` is left alone
+    between two letters or digits (``arc_easy``: it cannot open emphasis there) and ``]`` unless
+    a link could follow it (``](`` or ``][``), so ordinary names stay readable."""
+    plain = _LINE_BREAKS.sub(" ", str(text))
+    out = []
+    for i, ch in enumerate(plain):
+        before, after = plain[i - 1:i], plain[i + 1:i + 2]
+        if ch in _ALWAYS:
+            out.append(_ALWAYS[ch])
+        elif ch == "_" and not (before.isalnum() and after.isalnum()):
+            out.append("\\_")
+        elif ch == "]" and after in ("(", "["):
+            out.append("\\]")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def md_wrap(escaped: str, width: int = 120) -> str:
+    """Inline markdown (already :func:`md_text`) wrapped to ``width`` columns; a line that would
+    start block markup (``#``, ``-``, ``+``, ``=``, ``[``, ``1.``) has it escaped."""
+    lines = textwrap.wrap(escaped, width - 1, break_long_words=False, break_on_hyphens=False)
+    return "\n".join(_BLOCK_START.sub(lambda m: m.group(1) + "\\" if m.group(1)[0].isdigit()
+                                      else "\\" + m.group(1), line) for line in lines)
 
 
 def runs_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -37,7 +78,7 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.4f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return md_text(value)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -51,7 +92,7 @@ def markdown_table(table: pd.DataFrame) -> str:
                  for row in table.itertuples(index=False, name=None)]
         return "\n".join([header, rule, *lines]) + "\n"
     rows = [[_md_value(v) for v in row] for row in table.itertuples(index=False, name=None)]
-    cells = pd.DataFrame(rows, columns=list(table.columns), dtype=object)
+    cells = pd.DataFrame(rows, columns=[md_text(c) for c in table.columns], dtype=object)
     return cells.to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
 
 
@@ -60,7 +101,7 @@ def _md_value(value: Any) -> Any:
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, str):
-        return value.replace("|", "\\|").replace("\n", " ")
+        return md_text(value)
     return value.item() if isinstance(value, np.generic) else value
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -18,6 +18,7 @@ from calibrate.io.compare.compare_cli import DEFAULT_METRICS, _check_out, compar
 from calibrate.io.compare.figures import comparison_figures
 from calibrate.io.compare.headline import detail_tables, headline_table, markdown_sections
 from calibrate.io.compare.runs import CompareError, resolve_inputs
+from calibrate.io.compare.tables import md_text, md_wrap
 from calibrate.io.report.html import render_page
 
 REPORT_DIR = "report"
@@ -62,9 +63,9 @@ def build_report(dirs: Sequence[str | Path], out: str | Path | None = None,
     written = [results.atomic_write(out / name, lambda h, b=png: h.write(b))
                for name, png in pngs.items()]
     written += [results.write_csv(out / name, table) for name, table in csvs.items()]
-    lines = [textwrap.fill(line, 120, break_long_words=False) for line in intro]
+    lines = [md_wrap(md_text(line)) for line in intro]  # paths are user text: never markup
     md = ("# calibrate report\n\n" + "\n\n".join(lines) + "\n\n" + markdown_sections(tables)
-          + "\n## Figures\n\n" + "".join(f"![{n}]({n})\n\n" for n in pngs))
+          + "\n## Figures\n\n" + "".join(f"![{md_text(n)}]({quote(n)})\n\n" for n in pngs))
     written.append(results.write_text(out / "report.md", md))
     written.append(results.write_text(out / "report.html",
                                       render_page("calibrate report",
