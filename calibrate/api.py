@@ -171,13 +171,11 @@ def steer(lm: models.LoadedModel, direction: Any, eta: float,
     >>> edit.layers, bool(steered != plain), lm.edits
     ([30], True, [])
     """
-    import numpy as np
     import torch
 
-    from calibrate.engine.hooks import edit_residual
-    from calibrate.engine.edits import check_steering
-
     from calibrate.directions.files import checked_vector
+    from calibrate.engine.edits import check_steering
+    from calibrate.engine.hooks import edit_residual
 
     num_layers = lm.adapter.num_blocks + 1
     chosen = check_steering(list(layers) if layers else [num_layers - 1], num_layers, position,

@@ -35,8 +35,14 @@ from calibrate.model.load import (
     resolve_source,
 )
 from calibrate.studies import get_study
+from calibrate.studies.job_context import (
+    JobContext,
+    ProbeReport,
+    cached_probe,
+    make_report,
+    measure,
+)
 from calibrate.studies.study import StudyResult
-from calibrate.studies.job_context import JobContext, ProbeReport, cached_probe, make_report, measure
 from calibrate.tasks.dataset_config import DatasetConfig
 from calibrate.tasks.prompts import PromptSet, build_prompts
 from calibrate.tasks.shots import load_with_exemplars
@@ -150,7 +156,7 @@ def _all_files() -> list[str]:
     return RESULT_FILES + sorted(found)
 
 
-# What ``python -m calibrate.export`` writes into a job folder by default: made from its result.
+# What ``calibrate export`` writes into a job folder by default: made from its result.
 EXPORT_FILES = ("direction.gguf", "lmeval_steer_eta*.pt")
 
 

@@ -140,14 +140,21 @@ def _notice(message: str) -> None:
 
 
 def check_model_shape(spec: JobSpec, seen: dict[str, Any]) -> None:
-    """The checks that need the model's shape (layer ranges, null-space k), from its config."""
-    from calibrate.model.load import model_shape, resolve_source
+    """The checks that need the model's shape (layer ranges, null-space k), from its config. An
+    offline copy not prepared yet is left to the job (which checks the same before any weight
+    is read): preparing it is heavy work."""
+    from calibrate.model.assets import prepared_model
+    from calibrate.model.load import model_shape
     from calibrate.studies import get_study
 
-    key = repr((spec.model.path, spec.model.offline, spec.model.revision, spec.cache_dir))
+    model = spec.model
+    key = repr((model.path, model.offline, model.revision, spec.cache_dir))
     if key not in seen:
-        seen[key] = model_shape(resolve_source(spec.model, spec.cache_dir), spec.model)
+        source = model.path or prepared_model(model.name, model.offline, spec.cache_dir)
+        seen[key] = None if source is None else model_shape(str(source), model)
     shape = seen[key]
+    if shape is None:
+        return
     check_shape(spec, shape.num_blocks, shape.hidden_size)
     get_study(spec.study).check_shape(spec, shape.num_blocks, shape.hidden_size)
 

@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "calibrate"
 LAYERS = (
-    ("errors",), ("values",), ("core",), ("io",), ("model",), ("tasks",), ("engine",),
+    ("errors",), ("values", "plugins"), ("core",), ("io",), ("model",), ("tasks",), ("engine",),
     ("readouts",), ("directions",), ("config",), ("studies",),
     ("job", "preflight", "run", "api", "cli", "bench", "__init__", "__main__"),
 )

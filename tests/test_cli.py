@@ -49,11 +49,12 @@ def _steering_job(tmp: Path) -> None:
 
     vec = np.random.default_rng(0).standard_normal(8)
     meta = {"intervention_layers": [2, 3], "position": "all", "eta_scale": "absolute",
-            "layer_scale": None}
+            "layer_scale": None, "config_hash": "0123456789abcdef"}
     job = tmp / "job"
     save_direction(Direction(vec / np.linalg.norm(vec), meta), job)
-    (job / "metrics.json").write_text(json.dumps({"model_type": "gpt2",
-                                                  "intervention_layers": [2, 3]}))
+    (job / "metrics.json").write_text(json.dumps({
+        "status": "complete", "study": "steering", "model_type": "gpt2",
+        "config_hash": "0123456789abcdef", "etas": [0.0, 2.0], "intervention_layers": [2, 3]}))
 
 
 GOOD = [
@@ -82,7 +83,7 @@ BAD = [
     Case("compare_bad", ("compare", "{tmp}/nothing", "--out", "{tmp}/compare"), 2,
          ("{tmp}/nothing", "no such directory"), ("sweep directory",)),
     Case("export_bad", ("export", "lmeval", "{tmp}/nothing", "--eta", "2"), 2,
-         ("{tmp}/nothing", "not a complete steering job"), ("direction.safetensors",)),
+         ("{tmp}/nothing", "holds no finished result"), ("the folder of a finished steering job",)),
     Case("bench_bad", ("bench", "--dataset", "nosuch", "--n", "2", "--rounds", "1",
                        "--output", "{tmp}/bench.json"), 2,
          ("unknown dataset 'nosuch'",), ("sst2", "mmlu")),

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from calibrate.engine.cloze import run_cloze, run_cloze_steered
-from calibrate.engine.probe import ProbeSettings
 from calibrate.engine.edits import DirectionSweep, Steering
+from calibrate.engine.probe import ProbeSettings
 from calibrate.tasks.continuations import build_requests
 
 CONTEXTS = ["question : the movie was great ? answer :", "question : is this a film ? answer :",

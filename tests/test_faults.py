@@ -153,6 +153,18 @@ BAD = [
     # typed schema: "maybe" is refused while composing.
     Bad("resume_maybe", (*RUN, "resume=maybe"), 2, ("resume=maybe",), ("not a valid bool",),
         files={"out/metrics.json": PREVIOUS}),
+    # issue 23: each class of bad input ends in one line, exit 2, nothing written
+    Bad("seed_negative", (*RUN, "seed=-1"), 2, ("seed=-1",), ("an integer >= 0",)),
+    Bad("unknown_key_added", (*RUN, "+metrics.nbins=5"), 2,
+        ("metrics.nbins is not a config key (also when added with +)",), ("n_bins",)),
+    Bad("eta_overflow", (*RUN, "eta=1e308"), 2, ("eta=1e+308 overflows",), ("|eta| <",)),
+    Bad("remote_code_maybe", (*RUN, "model.trust_remote_code=maybe"), 2,
+        ("model.trust_remote_code=maybe",), ("not a valid bool",)),
+    Bad("subject_list", (*RUN, "dataset.subject=[physics,chemistry]"), 2,
+        ("dataset.subject=[physics,chemistry]",)),
+    Bad("output_root_a_file", (*RUN, "hydra.run.dir={tmp}/afile/out"), 2,
+        ("hydra.run.dir='{tmp}/afile/out'", "is not a writable folder"),
+        files={"afile": "not a folder"}),
 ]
 
 

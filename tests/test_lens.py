@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import build_tiny
 
-from calibrate.engine.hooks import capture_last_position
 from calibrate.core.option_scores import option_mass, option_probabilities
+from calibrate.engine.hooks import capture_last_position
 from calibrate.engine.lens import LogitLens
 from calibrate.model.adapters import get_adapter
 from calibrate.model.load import wrap_model

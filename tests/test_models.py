@@ -859,9 +859,8 @@ def test_cached_hub_snapshot_without_tokenizer_is_one_line(empty_hf_cache, word_
 # ---------------------------------------------------------------- trust_remote_code
 
 def test_remote_code_is_off_unless_set():
-    from calibrate.model.config import ModelConfig
-
     from calibrate.config import CONF_DIR
+    from calibrate.model.config import ModelConfig
 
     assert ModelConfig(name="x", path="x").trust_remote_code is False
     for path in sorted((CONF_DIR / "model").glob("*.yaml")):

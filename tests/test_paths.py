@@ -15,6 +15,7 @@ from calibrate.io.paths import (
     inside,
 )
 
+
 @pytest.mark.parametrize("value", ["../../etc/passwd", "/etc/passwd", "a//b", "a/./b", "a/../b", "a/",
                                    ".hidden/x", "a\\b", ""])
 def test_check_relative_path_refuses_escapes(value):

@@ -166,3 +166,22 @@ def test_a_new_dataset_is_one_registration_and_its_config(lm, tmp_path):
     finally:
         DATASET_SPECS.pop("toy_reviews", None)
         _forget("dataset", "toy_reviews")
+
+
+# ---------------------------------------------------------------- the registry helper
+
+def test_a_second_plugin_of_a_taken_name_is_refused():
+    from calibrate.plugins import add_plugin
+
+    class First:
+        name = "same"
+
+    class Second:
+        name = "same"
+
+    registry: dict = {}
+    assert add_plugin(registry, First, "toy") is First and isinstance(registry["same"], First)
+    assert add_plugin(registry, First, "toy") is First  # the same class again: fine
+    with pytest.raises(ValueError, match="a toy named 'same' is registered already"):
+        add_plugin(registry, Second, "toy")
+    assert isinstance(registry["same"], First)

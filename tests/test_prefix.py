@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import build_tiny, typed
 
-from calibrate.engine.cloze import run_cloze, run_cloze_steered
 from calibrate.core.option_scores import option_probabilities
+from calibrate.engine.cloze import run_cloze, run_cloze_steered
+from calibrate.engine.edits import DirectionSweep, Steering
 from calibrate.engine.prefix import (
     SharedPrefix,
     common_prefix_length,
@@ -25,7 +26,6 @@ from calibrate.engine.prefix import (
     sliding_window,
 )
 from calibrate.engine.probe import ProbeSettings, run_probe
-from calibrate.engine.edits import DirectionSweep, Steering
 from calibrate.engine.steer import run_steered
 from calibrate.tasks.continuations import build_requests
 from calibrate.tasks.prompts import PromptConfig, build_prompts

@@ -115,3 +115,21 @@ def test_an_experiment_never_silently_overrides_a_group_the_user_chose(conf_copy
 def test_no_notice_without_a_conflict(conf_copy, capsys):
     assert check("experiment=sets_values") == ["experiment=sets_values"]
     assert capsys.readouterr().err == ""
+
+
+def test_a_layer_range_wrong_for_one_model_of_a_sweep_is_found_before_any_job(tmp_path):
+    """SmolLM2 has 30 blocks, Gemma-3-270M 18: layer 25 is refused for Gemma before the first
+    job (the shapes come from the prepared offline copies' configs, no weights)."""
+    with pytest.raises(ConfigError) as err:
+        pf.preflight(["-m", "model=smollm2,gemma3_270m", "eta=[0,1]", "intervention.layers=[25]",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert str(err.value) == ("intervention.layers=[25]: layer(s) [25] outside this model's "
+                              "0..18; accepted: layer numbers in 0..18")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_an_output_folder_below_a_file_is_refused_before_hydra_makes_it(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"hydra.run.dir='.*afile/out': '.*afile' is not a "
+                                          r"writable folder"):
+        pf.preflight([f"hydra.run.dir={tmp_path / 'afile' / 'out'}"])

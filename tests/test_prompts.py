@@ -7,9 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from hydra.errors import ConfigCompositionException
 import pytest
 from conftest import composed, typed
+from hydra.errors import ConfigCompositionException
 
 from calibrate.tasks.data import MCRecord
 from calibrate.tasks.prompts import (

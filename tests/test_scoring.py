@@ -16,10 +16,10 @@ import torch
 from references import loglik_reference
 
 from calibrate.engine.cloze import run_cloze
+from calibrate.engine.edits import Steering
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.probe import ProbeSettings, run_probe
 from calibrate.engine.scoring import score, score_steered
-from calibrate.engine.edits import Steering
 from calibrate.tasks.continuations import cloze_divisors
 from calibrate.tasks.data import MCRecord
 from calibrate.tasks.prompts import PromptConfig, build_prompts

@@ -266,3 +266,20 @@ def test_source_prompt_keys_are_typed():
         SourcePrompt(shots=2)
     assert spec_of("direction.source_prompt.shots=0").direction.source_prompt.given() == \
         {"shots": 0}
+
+
+@pytest.mark.parametrize("key, value", [("intervention.position", "all"),
+                                        ("intervention.eta_scale", "residual_norm"),
+                                        ("intervention.layers", [20])])
+def test_eta_alone_takes_the_steering_studys_settings_on_the_same_line(key, value):
+    """Issue 23: ``eta=... intervention.position=all`` used to be refused (Hydra asked for a
+    ``+``), and the ``+`` form was recorded but not run. Now the key composes, the spec runs it
+    and the recorded config (metrics.json's identity) holds the same value."""
+    shown = "[20]" if isinstance(value, list) else value
+    spec = build_spec(compose(["eta=[0,1]", f"{key}={shown}"]))
+    group, name = key.split(".")
+    ran = getattr(spec.intervention, name)
+    assert spec.study == "steering"
+    assert (list(ran) if isinstance(value, list) else ran) == value
+    assert spec.recorded[group][name] == value
+    assert spec.identity != build_spec(compose(["eta=[0,1]"])).identity

@@ -1,6 +1,6 @@
 """Speed of cloze scoring through the lens, side by side with lm-eval's scoring (not a test).
 
-``python -m calibrate.bench.cloze_bench [--model smollm2] [--dataset arc_easy] [--n 16] [--rounds 3]``
+``calibrate bench cloze [--model smollm2] [--dataset arc_easy] [--n 16] [--rounds 3]``
 
 On records of a cloze dataset (ARC-Easy by default: lm-eval's ARC prompt
 ``Question: {question}\\nAnswer:``, continuation ``" " + option``; ``--dataset hellaswag`` for long
@@ -46,8 +46,8 @@ from calibrate.engine.cloze import (
     run_cloze_steered,
 )
 from calibrate.engine.cloze_plan import token_plan
-from calibrate.engine.probe import ProbeSettings, left_pad, position_ids
 from calibrate.engine.edits import Steering
+from calibrate.engine.probe import ProbeSettings, left_pad, position_ids
 from calibrate.io.results import merge_json
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.continuations import ClozeRequest
@@ -200,7 +200,7 @@ def measure(loaded: LoadedModel, requests: Sequence[ClozeRequest], labels: np.nd
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m calibrate.bench.cloze_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="calibrate bench cloze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="model config name")
     parser.add_argument("--dataset", default="arc_easy",

@@ -1,6 +1,6 @@
 """The gradient-fitted direction against one probe of its calibration rows, side by side (not a test).
 
-``python -m calibrate.bench.gradient_bench [--model smollm2] [--dataset sst2] [--n 436] [--rounds 3]``
+``calibrate bench gradient [--model smollm2] [--dataset sst2] [--n 436] [--rounds 3]``
 
 On the same ``--n`` prompts (SST-2's calibration split is 436 of its 872 sentences), interleaved
 round by round (only ratios measured together count on these noisy machines), it times:
@@ -36,7 +36,7 @@ BENCH_FILE = "bench.json"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m calibrate.bench.gradient_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="calibrate bench gradient", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="model config name")
     parser.add_argument("--dataset", default="sst2", help="dataset config name")
@@ -56,10 +56,9 @@ def setup(model: str, dataset: str, n: int):
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from dataclasses import replace
 
-    from calibrate.engine.scoring import score
     from calibrate.directions.gradient import fit_gradient
+    from calibrate.engine.scoring import score
 
     args = parse_args(argv)
     if args.threads:

@@ -1,6 +1,6 @@
 """Benchmark: the null space through the Gram matrix against a full SVD of the unembedding.
 
-``python -m calibrate.bench.nullspace_bench [--hidden 576 --vocab 49152 --repeats 3 ...]`` times both
+``calibrate bench nullspace [--hidden 576 --vocab 49152 --repeats 3 ...]`` times both
 routes on one random ``[vocab, hidden]`` matrix (default: SmolLM2-135M's unembedding shape),
 prints the best time of each and the speedup, and merges ``nullspace_gram_s``,
 ``nullspace_svd_s`` and ``nullspace_speedup`` (plus the settings, under ``nullspace_bench``)

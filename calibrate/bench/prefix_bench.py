@@ -1,6 +1,6 @@
 """Shared-prefix reuse, timed side by side in one run (not a test).
 
-``python -m calibrate.bench prefix [--model smollm2] [--subjects a b] [--n 0] [--shots 5]
+``calibrate bench prefix [--model smollm2] [--subjects a b] [--n 0] [--shots 5]
 [--kinds probe steer cloze] [--cloze-n 60]``
 
 Three kinds of work, each on the same questions zero-shot and k-shot, timed interleaved round by
@@ -35,8 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.engine.probe import ProbeSettings
-
 BENCH_FILE = "bench.json"
 DEFAULT_SUBJECTS = ("high_school_geography",)
 KINDS = ("probe", "steer", "cloze")
@@ -46,7 +44,7 @@ N_ETAS = 8
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m calibrate.bench prefix", description=__doc__,
+    parser = argparse.ArgumentParser(prog="calibrate bench prefix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="model config name")
     parser.add_argument("--subjects", nargs="+", default=list(DEFAULT_SUBJECTS))
@@ -84,8 +82,8 @@ def setup(args: argparse.Namespace):
     """The model, the probe settings and, per kind, its three variants as callables."""
     import calibrate
     from calibrate.api import typed_config
-    from calibrate.engine.scoring import score, score_steered
     from calibrate.engine.edits import Steering
+    from calibrate.engine.scoring import score, score_steered
 
     def config(*overrides: str):
         return typed_config([f"model={args.model}", *overrides])

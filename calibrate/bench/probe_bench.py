@@ -1,6 +1,6 @@
 """Speed and memory of the probe, measured side by side in one run (not a test).
 
-``python -m calibrate.bench.probe_bench [--model smollm2] [--dataset mmlu] [--n 8] [--rounds 3]``
+``calibrate bench probe [--model smollm2] [--dataset mmlu] [--n 8] [--rounds 3]``
 
 On the same prompts and the same batches it times, interleaved round by round (these machines
 are noisy, so only ratios measured together count):
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrate.engine.edits import Steering
 from calibrate.engine.lens import LogitLens
 from calibrate.engine.probe import (
     ProbeSettings,
@@ -44,7 +45,6 @@ from calibrate.engine.probe import (
     run_probe,
     tokenize,
 )
-from calibrate.engine.edits import Steering
 from calibrate.engine.steer import run_steered
 from calibrate.io.results import merge_json
 
@@ -139,8 +139,8 @@ def variants_for(loaded, prompt_set, settings: ProbeSettings) -> dict[str, Calla
 def _null_before_last(loaded, prompt_set, settings: ProbeSettings, vec: np.ndarray) -> None:
     """What a steering job with the null does at the block before last: c_hat at 8 etas (every
     layer read), then c_hat and 32 random directions x 8 etas (:mod:`calibrate.core.random_null`)."""
-    from calibrate.engine.edits import DirectionSweep
     from calibrate.core.random_null import null_vectors
+    from calibrate.engine.edits import DirectionSweep
 
     layer, etas = (loaded.adapter.num_blocks - 1,), tuple(float(e) for e in range(8))
     unit = vec / np.linalg.norm(vec)
@@ -224,7 +224,7 @@ def peak_memory_subprocess(args: argparse.Namespace, variant: str) -> float:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m calibrate.bench.probe_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="calibrate bench probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="model config name")
     parser.add_argument("--dataset", default="mmlu", help="dataset config name")

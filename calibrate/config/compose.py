@@ -100,6 +100,7 @@ def compose_typed(overrides: Sequence[str] = ()) -> tuple[DictConfig, schema.Con
 
 def group_options(group: str) -> list[str]:
     """The options of a config group: its files in ``conf/<group>`` and its stored nodes."""
+    schema.register()  # the readouts' options, whatever stored them last
     found = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
     stored = ConfigStore.instance().repo.get(group, {})
     found |= {name.removesuffix(".yaml") for name in stored if isinstance(name, str)}

@@ -28,8 +28,8 @@ from calibrate.core.nullspace import NullspaceSettings
 from calibrate.core.phases import PhaseSettings
 from calibrate.core.posthoc import BaselineSettings
 from calibrate.directions import settings_class
-from calibrate.engine.probe import ProbeSettings
 from calibrate.engine.edits import InterventionSettings
+from calibrate.engine.probe import ProbeSettings
 from calibrate.io.results import OutputSettings
 from calibrate.io.track import TrackerSettings
 from calibrate.model.config import ModelConfig

@@ -28,10 +28,8 @@ with a_i = 1[argmax = label] held constant (it is piecewise constant in v).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -31,10 +31,9 @@ import numpy as np
 import pandas as pd
 from scipy.special import xlogy
 
-from calibrate.errors import ConfigError
-
 from calibrate import values
 from calibrate.core import calibration_extra  # module access: it imports this one
+from calibrate.errors import ConfigError
 
 BINNINGS: tuple[str, ...] = ("guo", "torchmetrics")
 

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 import torch
 
 from calibrate import values
-from calibrate.errors import ConfigError
-
 from calibrate.core.subspace import (  # noqa: F401 - re-exported: nullspace.<name> stays valid
     DEFAULT_FRACTION,
     alignment,
@@ -48,6 +46,7 @@ from calibrate.core.subspace import (  # noqa: F401 - re-exported: nullspace.<na
     resolve_k,
     truncate,
 )
+from calibrate.errors import ConfigError
 
 DEFAULT_CHUNK_ROWS = 8192
 

@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 
 from calibrate.core.nullspace import random_unit_vectors
-from calibrate.core.paired import binned_errors
 from calibrate.core.option_scores import option_probabilities
-
+from calibrate.core.paired import binned_errors
 
 
 def _final_metrics(logits: np.ndarray, labels: np.ndarray, n_bins: int,

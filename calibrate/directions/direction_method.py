@@ -33,6 +33,7 @@ from calibrate.core.direction import Direction, residual_layers_for
 from calibrate.engine.probe import ProbeResult
 from calibrate.engine.readout import Readout
 from calibrate.model.load import LoadedModel
+from calibrate.plugins import add_plugin
 from calibrate.tasks.prompts import PromptSet
 
 Probe = Callable[[PromptSet, Sequence[int]], ProbeResult]  # the job's cached unsteered probe
@@ -100,10 +101,7 @@ METHODS: dict[str, DirectionMethod] = {}
 
 def register_method(cls: type[DirectionMethod]) -> type[DirectionMethod]:
     """Class decorator: make a direction method available under its ``name``."""
-    if cls.name in METHODS and type(METHODS[cls.name]) is not cls:
-        raise ValueError(f"a direction method named {cls.name!r} is registered already")
-    METHODS[cls.name] = cls()
-    return cls
+    return add_plugin(METHODS, cls, "direction method")
 
 
 def get_method(name: str) -> DirectionMethod:

@@ -44,8 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def export_repeng(job_dir: str | Path, out: str | Path | None = None) -> Path:
     """ĉ (unit) at each intervention layer of a finished steering job (checked as for lm-eval:
     :func:`~calibrate.directions.lmeval.read_steering_job`), as a repeng control vector."""
-    from calibrate.directions.lmeval import read_steering_job
     from calibrate.directions.gguf import write_control_vector
+    from calibrate.directions.lmeval import read_steering_job
 
     job_dir = Path(job_dir)
     metrics, meta, direction = read_steering_job(job_dir)
@@ -58,8 +58,8 @@ def export_repeng(job_dir: str | Path, out: str | Path | None = None) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input, one line on stderr)."""
     from calibrate.core.direction import DirectionError
-    from calibrate.directions.lmeval import ExportError, ForcedExport, export_job
     from calibrate.directions.gguf import ControlVectorError
+    from calibrate.directions.lmeval import ExportError, ForcedExport, export_job
     from calibrate.io.results import OutputError
 
     args = parse_args(argv)

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
-from calibrate.engine.hooks import capture_layers, edit_residual
 from calibrate.core.option_scores import option_probabilities
+from calibrate.engine.cloze_plan import continuation_groups, right_pad, source_layout, token_plan
+from calibrate.engine.edits import Intervention, editor
+from calibrate.engine.hooks import capture_layers, edit_residual
 from calibrate.engine.lens import LogitLens
-from calibrate.engine.readout import Readout
 from calibrate.engine.prefix import SharedPrefix, grouped_batches, run_suffixes
 from calibrate.engine.probe import (
     ProbeResult,
@@ -40,7 +40,7 @@ from calibrate.engine.probe import (
     left_pad,
     position_ids,
 )
-from calibrate.engine.edits import Intervention, editor
+from calibrate.engine.readout import Readout
 from calibrate.engine.upper import cache_argument
 from calibrate.model.adapters import Adapter
 from calibrate.model.load import LoadedModel

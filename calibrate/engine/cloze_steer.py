@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrate.engine.cloze import capture_positions, cloze_readout, lens_logprobs
-from calibrate.engine.readout import Readout
 from calibrate.engine.cloze_plan import continuation_groups, right_pad, token_plan
 from calibrate.engine.context import suffix_contexts, whole_contexts
+from calibrate.engine.edits import Intervention
 from calibrate.engine.hooks import edit_residual
 from calibrate.engine.prefix import SharedPrefix, grouped_batches
 from calibrate.engine.probe import ProbeSettings, check_finite, left_pad
-from calibrate.engine.edits import Intervention
+from calibrate.engine.readout import Readout
 from calibrate.engine.steer import variants_per_pass
 from calibrate.engine.upper import (
     cache_argument,

@@ -7,8 +7,8 @@ ones. The batch size is found from a padded-token budget and halves on out-of-me
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,11 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrate import values
-from calibrate.engine.hooks import capture_last_position
-from calibrate.errors import ConfigError
 from calibrate.core.option_scores import option_mass, option_probabilities
+from calibrate.engine.hooks import capture_last_position
 from calibrate.engine.lens import LogitLens
 from calibrate.engine.readout import Readout
+from calibrate.errors import ConfigError
 from calibrate.model.load import LoadedModel
 from calibrate.tasks.prompts import PromptSet
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from calibrate.engine.edits import Intervention
 from calibrate.engine.probe import ProbeResult, ProbeSettings, run_probe
 from calibrate.engine.readout import Readout
-from calibrate.engine.edits import Intervention
 from calibrate.engine.steer import run_steered
 from calibrate.model.load import LoadedModel
 

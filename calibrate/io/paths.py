@@ -15,6 +15,7 @@ from pathlib import Path
 
 from calibrate.values import NAME_HINT, is_path_name
 
+
 def check_relative_path(key: str, value: object, error: type[Exception] = ValueError) -> str:
     """``value`` if it is a relative ``/``-separated path whose every part is a plain name
     (:func:`calibrate.values.is_path_name`), else one ``error`` line naming ``key`` and the

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from calibrate import values
 from calibrate.errors import UserError
 

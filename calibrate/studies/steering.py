@@ -33,9 +33,9 @@ from calibrate.engine.last_layer import last_layer_logits
 from calibrate.engine.probe import ProbeResult
 from calibrate.io import results
 from calibrate.io.track import Tracker
-from calibrate.studies.study import Study, StudyResult, register
 from calibrate.studies.baselines import BASELINES_FILE
 from calibrate.studies.job_context import JobContext
+from calibrate.studies.study import Study, StudyResult, register
 
 LOG = logging.getLogger("calibrate")
 STEERING_FILE = "steering.csv"

@@ -13,7 +13,6 @@ the null space, ``nullspace.json``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,8 +34,8 @@ from calibrate.io.nullspace_cache import cached_null_space
 from calibrate.io.track import Tracker
 from calibrate.model.assets import cache_root
 from calibrate.model.load import LoadedModel
-from calibrate.studies.study import Study, StudyResult, register
 from calibrate.studies.job_context import JobContext
+from calibrate.studies.study import Study, StudyResult, register
 
 ABLATION_FILE = "ablation.csv"
 NULLSPACE_FILE = "nullspace.json"

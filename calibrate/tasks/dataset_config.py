@@ -20,11 +20,11 @@ from calibrate.tasks.prompts import ANSWER_FORMATS, TEMPLATE_FIELDS, PromptConfi
 from calibrate.tasks.records import DatasetError
 from calibrate.tasks.registry import (
     DATASET_SPECS,
-    dataset_names,
     MMLU_CATEGORIES,
     MMLU_CATEGORY_NAMES,
     MMLU_SUBJECTS,
     DatasetSpec,
+    dataset_names,
 )
 
 

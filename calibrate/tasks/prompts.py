@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calibrate.errors import UserError
 from calibrate.tasks.continuations import CLOZE_NORMS, ClozeRequest, build_requests
 from calibrate.tasks.quality import (
     DataChecks,
@@ -26,7 +27,6 @@ from calibrate.tasks.quality import (
     with_fields,
 )
 from calibrate.tasks.records import one_line
-from calibrate.errors import UserError
 
 if TYPE_CHECKING:
     from calibrate.tasks.dataset_config import DatasetConfig

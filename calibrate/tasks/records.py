@@ -15,6 +15,7 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
 from calibrate.errors import UserError
 
 

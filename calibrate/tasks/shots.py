@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibrate.tasks.dataset_config import DatasetConfig
-from calibrate.tasks.records import DatasetError, MCRecord
 from calibrate import values
 from calibrate.errors import UserError
+from calibrate.tasks.dataset_config import DatasetConfig
+from calibrate.tasks.records import DatasetError, MCRecord
 
 MMLU_SHOT_SPLIT = "dev"
 MMLU_SHOTS_PER_SUBJECT = 5  # the dev split holds 5 rows of every subject

@@ -1,6 +1,6 @@
 """Compare finished runs: one table of all jobs, overlaid layer curves, steering and ablations.
 
-``python -m calibrate.io.compare DIR [DIR ...] [--out OUTDIR] [--metric ece ...] [--relative-depth]``
+``calibrate compare DIR [DIR ...] [--out OUTDIR] [--metric ece ...] [--relative-depth]``
 
 Each DIR is a sweep directory (a multirun folder whose job sub-folders hold ``.hydra/``) or a
 single job directory (``.hydra/``, ``metrics.json`` or ``error.json`` in it). Anything else
@@ -24,7 +24,7 @@ Outputs in ``--out`` (default ``./compare``), each written atomically:
   ΔECE/ΔMCE next to the random-subspace control).
 
 The figures follow :mod:`calibrate.io.plotstyle`; panels and colours come from
-:mod:`~calibrate.io.compare.facets`. ``python -m calibrate.report`` builds a self-contained
+:mod:`~calibrate.io.compare.facets`. ``calibrate report`` builds a self-contained
 HTML page on the same runs (:mod:`calibrate.io.report`).
 
 Runs are labelled by the overrides that differ between them (``.hydra/overrides.yaml``), or by

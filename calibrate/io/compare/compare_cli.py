@@ -1,4 +1,4 @@
-"""The comparison itself and its command line (``python -m calibrate.io.compare``)."""
+"""The comparison itself and its command line (``calibrate compare``)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def compare(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m calibrate.io.compare",
+        prog="calibrate compare",
         description="Compare calibrate runs: one table of all jobs, overlaid per-layer curves, "
                     "steering curves, layer-range ablations and null-space controls.")
     parser.add_argument("dirs", nargs="+", metavar="DIR",

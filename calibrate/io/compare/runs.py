@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import ListConfig, OmegaConf
 
+from calibrate.errors import UserError
 from calibrate.io import results
 from calibrate.io.summary import job_dirs, job_row
-from calibrate.errors import UserError
 
 STEERING_FILE = "steering.csv"  # = calibrate.studies.steering.STEERING_FILE (which imports torch)
 NULLSPACE_FILE = "nullspace.json"

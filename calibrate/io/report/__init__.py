@@ -1,4 +1,4 @@
-"""One report for one or more sweeps: ``python -m calibrate.report DIR [DIR ...] [--out OUT]``.
+"""One report for one or more sweeps: ``calibrate report DIR [DIR ...] [--out OUT]``.
 
 Built on the comparison's run loading and figures (:mod:`calibrate.io.compare`). Writes into
 ``--out`` (default ``<first DIR>/report``), each file atomically:

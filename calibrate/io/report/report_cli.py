@@ -1,4 +1,4 @@
-"""``python -m calibrate.report DIR [DIR ...] [--out OUT]``: build the report and its command
+"""``calibrate report DIR [DIR ...] [--out OUT]``: build the report and its command
 line."""
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from calibrate.io import results
-from calibrate.io.compare.compare_cli import DEFAULT_METRICS, _check_out, comparison_tables, load_runs
+from calibrate.io.compare.compare_cli import (
+    DEFAULT_METRICS,
+    _check_out,
+    comparison_tables,
+    load_runs,
+)
 from calibrate.io.compare.figures import comparison_figures
 from calibrate.io.compare.headline import detail_tables, headline_table, markdown_sections
 from calibrate.io.compare.runs import CompareError, resolve_inputs
@@ -77,7 +82,7 @@ def build_report(dirs: Sequence[str | Path], out: str | Path | None = None,
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m calibrate.report",
+        prog="calibrate report",
         description="One self-contained HTML page (and the same tables as markdown) for one or "
                     "more sweeps: a headline table, detail tables and the comparison figures.")
     parser.add_argument("dirs", nargs="+", metavar="DIR",

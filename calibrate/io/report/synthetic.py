@@ -1,5 +1,5 @@
 """Synthetic sweeps in the job contract (README, *What a job writes*), without a model: to try
-``python -m calibrate.report`` and to test figures and tables at the sizes researchers sweep.
+``calibrate report`` and to test figures and tables at the sizes researchers sweep.
 
 Run ``i`` of ``n`` is a complete steering job on one of ten model × dataset pairs (two depths),
 one of five ``direction.layers`` ranges and either η unit (``intervention.eta_scale``), with
