@@ -62,6 +62,32 @@ def load_model(name: str, **values: Any) -> models.LoadedModel:
     return models.load_model(config.model, config.cache_dir)
 
 
+def use_model(model: Any, tokenizer: Any = None, name: str | None = None) -> models.LoadedModel:
+    """A model already loaded in your code, as calibrate reads it: a transformers causal LM (any
+    dtype, device or ``device_map``) with its tokenizer, or an nnsight ``LanguageModel`` (its
+    underlying transformers model and tokenizer). It goes through the same architecture adapter
+    and carries the same identity (weights fingerprint, unembedding hash) as a model calibrate
+    loads itself.
+
+    >>> import calibrate, transformers
+    >>> folder = calibrate.load_model("smollm2").source
+    >>> hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    >>> tok = transformers.AutoTokenizer.from_pretrained(folder)
+    >>> lm = calibrate.use_model(hf, tok, name="smollm2")
+    >>> lm.fingerprint == calibrate.load_model("smollm2").fingerprint
+    True
+    """
+    inner = vars(model).get("_module") if hasattr(model, "__dict__") else None
+    if inner is not None and type(model).__module__.startswith("nnsight"):  # an nnsight model
+        tokenizer = tokenizer or vars(model).get("tokenizer") or getattr(model, "tokenizer", None)
+        model = inner
+    if tokenizer is None:
+        raise models.ModelConfigError("use_model() needs the model's tokenizer (tokenizer=...); "
+                                      "accepted: the tokenizer the model was trained with")
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or name or "custom"
+    return models.wrap_model(model, tokenizer, name=name or str(source), source=str(source))
+
+
 def dataset_config(name: str, **values: Any) -> Any:
     """The typed config of a dataset by name, with keyword overrides (e.g. ``limit=100``)."""
     overrides = [f"dataset.{k}={_literal(v)}" for k, v in values.items()]

@@ -151,3 +151,46 @@ def test_steer_in_residual_norm_units_is_absolute_steering_scaled_by_the_norm():
     with pytest.raises(SteeringError, match="needs records"):
         with calibrate.steer(lm, c_hat, eta=0.05, eta_scale="residual_norm"):
             pass
+
+
+@pytest.fixture(scope="module")
+def own_smollm2():
+    """SmolLM2 as a user's own code loads it: plain transformers from the prepared folder."""
+    import transformers
+
+    import calibrate
+
+    folder = calibrate.load_model("smollm2").source
+    return (transformers.AutoModelForCausalLM.from_pretrained(folder),
+            transformers.AutoTokenizer.from_pretrained(folder))
+
+
+def _probe(lm, records):
+    import calibrate
+
+    return calibrate.probe_layers(lm, records, dataset="sst2").result.option_logits
+
+
+def test_a_model_loaded_in_your_code_reads_as_calibrates_own(own_smollm2):
+    import calibrate
+
+    records = calibrate.load_dataset("sst2", limit=4)
+    ours = calibrate.load_model("smollm2")
+    theirs = calibrate.use_model(*own_smollm2, name="smollm2")
+    assert theirs.fingerprint == ours.fingerprint and theirs.unembed_hash == ours.unembed_hash
+    np.testing.assert_allclose(_probe(theirs, records), _probe(ours, records), rtol=0, atol=1e-5)
+    with pytest.raises(api.models.ModelConfigError, match="needs the model's tokenizer"):
+        calibrate.use_model(own_smollm2[0])
+
+
+def test_an_nnsight_model_reads_as_calibrates_own(own_smollm2):
+    nnsight = pytest.importorskip("nnsight")  # the test extra installs it
+    import calibrate
+
+    records = calibrate.load_dataset("sst2", limit=4)
+    wrapped = nnsight.LanguageModel(own_smollm2[0], tokenizer=own_smollm2[1])
+    lm = calibrate.use_model(wrapped, name="smollm2")
+    assert lm.model is own_smollm2[0]
+    assert lm.fingerprint == calibrate.load_model("smollm2").fingerprint
+    np.testing.assert_allclose(_probe(lm, records), _probe(calibrate.load_model("smollm2"),
+                                                             records), rtol=0, atol=1e-5)
