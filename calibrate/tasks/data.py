@@ -36,7 +36,7 @@ __all__ = [
 
 LOG = logging.getLogger("calibrate")
 
-ROW_ID_FIELDS = ("id", "idx", "ind")  # a row's own identifier, named in errors when present
+ROW_ID_FIELDS = ("id", "idx", "ind", "doc_id")  # a row's own identifier, named in errors when present
 
 
 def _row_name(index: int, row: Any) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from calibrate.tasks.continuations import CLOZE_NORMS
+from calibrate.tasks.lmeval_tasks import LMEVAL, TaskReading, resolve_tasks
 from calibrate.tasks.prompts import ANSWER_FORMATS, TEMPLATE_FIELDS, PromptConfig
 from calibrate.tasks.records import DatasetError
 from calibrate.tasks.registry import (
@@ -53,9 +54,10 @@ class DatasetConfig:
     limit: int | None = None
     shuffle: bool = False
     seed: int = 0                          # the shuffle's (and option order's) seed
-    answer_format: str = "letters"        # one of ANSWER_FORMATS
+    answer_format: str | None = "letters"  # one of ANSWER_FORMATS (lmeval: None, the task's own)
     template: str | None = None           # None: no template for this answer format (an error)
-    cloze_norm: str = "none"               # one of CLOZE_NORMS where answer_format is cloze
+    cloze_norm: str | None = "none"        # one of CLOZE_NORMS where answer_format is cloze
+                                           # (lmeval: None takes the task's acc or acc_norm)
     verbalizer: tuple[str, ...] | None = None  # one word per option where answer_format is verbalizer
     subject: str = ""                      # the {subject} of records without one
     local_path: str | None = None          # a file or folder; None: the sources below
@@ -64,6 +66,10 @@ class DatasetConfig:
     templates: dict[str, str] | None = None  # one template per answer format (template follows)
     subjects: list[str] | None = None     # MMLU only: subject names; None: all 57
     category: str | None = None           # MMLU only: stem | humanities | social_sciences | other
+    task: Any = None                      # lmeval only: lm-eval task, group or tag name(s)
+    include_path: str | None = None       # lmeval only: a folder of your own lm-eval task YAMLs
+    num_fewshot: int | None = None        # lmeval only: exemplars per prompt; None: the task's own
+    fewshot_seed: int = 1234              # lmeval only: lm-eval's few-shot sampler seed
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_SPECS:
@@ -80,6 +86,7 @@ class DatasetConfig:
                                f"{type(self.local_path).__name__}; accepted: one path (a string) "
                                "to a file or folder")
         self.local_path = self.local_path or None
+        _check_lmeval(self)
         spec = self.spec
         _check_limit(self.limit)
         _check_seed(self, spec)
@@ -101,6 +108,11 @@ class DatasetConfig:
     def mmlu_subjects(self) -> tuple[str, ...]:
         """MMLU only: the subjects selected (``subjects`` x ``category``); empty elsewhere."""
         return tuple(_mmlu_subjects(self)) if self.name == "mmlu" else ()
+
+    @property
+    def lmeval_reading(self) -> TaskReading:
+        """lmeval only: the leaf tasks and their reading (lm-eval's index, cached per process)."""
+        return resolve_tasks(self.task, self.include_path)
 
     @property
     def prompt(self) -> PromptConfig:
@@ -167,9 +179,46 @@ def _check_template(cfg: DatasetConfig) -> None:
     if unknown:
         raise DatasetError(f"template {template!r} uses {sorted(unknown)}; accepted "
                            f"placeholders: {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
-    if cfg.answer_format == "letters" and "choices" not in fields:
+    if cfg.answer_format == "letters" and "choices" not in fields and cfg.name != LMEVAL:
         raise DatasetError(f"template {template!r} has no {{choices}}, which the letters "
                            "answer format needs")
+
+
+def _check_lmeval(cfg: DatasetConfig) -> None:
+    """lm-eval's keys are for dataset=lmeval only; there the task decides format and norm."""
+    own = {"task": cfg.task, "include_path": cfg.include_path, "num_fewshot": cfg.num_fewshot}
+    if cfg.name != LMEVAL:
+        given = [k for k, v in own.items() if v is not None]
+        if given:
+            raise DatasetError(f"dataset.{given[0]} is for dataset=lmeval only (dataset "
+                               f"{cfg.name!r} reads its own rows); remove it or choose "
+                               "dataset=lmeval")
+        return
+    shots = cfg.num_fewshot
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+        raise DatasetError(f"dataset.num_fewshot {shots!r} is invalid; accepted: null (the "
+                           "task's own) or an integer >= 0")
+    if isinstance(cfg.fewshot_seed, bool) or not isinstance(cfg.fewshot_seed, int):
+        raise DatasetError(f"dataset.fewshot_seed {cfg.fewshot_seed!r} is invalid; accepted: an "
+                           "integer")
+    if cfg.local_path is not None:
+        raise DatasetError(f"dataset.local_path {cfg.local_path!r} with dataset=lmeval: lm-eval "
+                           "reads its tasks' own data; point a task config at local files and "
+                           "give its folder as dataset.include_path")
+    if isinstance(cfg.task, Sequence) and not isinstance(cfg.task, str):
+        cfg.task = list(cfg.task)
+    reading = resolve_tasks(cfg.task, cfg.include_path)
+    if cfg.answer_format is None:
+        cfg.answer_format = reading.answer_format
+    elif cfg.answer_format == "letters" and reading.answer_format != "letters":
+        raise DatasetError(f"answer_format 'letters' for lm-eval task(s) {list(reading.tasks)}, "
+                           "whose choices are not the letters A, B, ...; accepted: cloze (null: "
+                           "the task's own)")
+    elif cfg.answer_format not in ("letters", "cloze"):
+        raise DatasetError(f"answer_format {cfg.answer_format!r} for dataset=lmeval; accepted: "
+                           "null (the task's own), letters (letter-choice tasks) or cloze")
+    if cfg.cloze_norm is None:
+        cfg.cloze_norm = reading.cloze_norm
 
 
 def _check_split(cfg: DatasetConfig, spec: DatasetSpec) -> None:

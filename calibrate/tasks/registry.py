@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from calibrate.tasks.lmeval_tasks import LMEVAL, normalize_lmeval
 from calibrate.tasks.records import (
     Normalizer,
     normalize_arc,
@@ -64,6 +65,8 @@ DATASET_SPECS: dict[str, DatasetSpec] = {
     "sciq": DatasetSpec(normalize_sciq, TRAIN_VAL_TEST, 4, shuffle_options=True,
                         fields="question, correct_answer, distractor1, distractor2, distractor3 "
                                "(support optional)"),
+    LMEVAL: DatasetSpec(normalize_lmeval, ("eval",),
+                        fields="context, choices, label (made by lm-eval's task machinery)"),
 }
 DATASETS: tuple[str, ...] = tuple(sorted(DATASET_SPECS))  # the built-in ones
 

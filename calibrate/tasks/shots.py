@@ -66,6 +66,11 @@ class PromptStyle:
 def check_style(style: PromptStyle, dataset: DatasetConfig,
                 error: type[Exception] = PromptStyleError) -> None:
     """Checks that need only the configs (before any data is read)."""
+    if dataset.name == "lmeval" and not style.is_plain:
+        raise error(f"prompt.shots={style.shots} / prompt.chat_template={style.chat_template} "
+                    "with dataset=lmeval: lm-eval's task builds the prompt; accepted: "
+                    "prompt.shots=0 and prompt.chat_template=false, with dataset.num_fewshot "
+                    "for exemplars")
     if dataset.name != "mmlu" or style.shots == 0:
         return
     if style.shots > MMLU_SHOTS_PER_SUBJECT:

@@ -24,6 +24,7 @@ from typing import Any
 
 from calibrate.model.assets import AssetError, packaged_path
 from calibrate.tasks.dataset_config import DatasetConfig
+from calibrate.tasks.lmeval_tasks import LMEVAL, lmeval_rows
 from calibrate.tasks.records import DatasetError, one_line
 from calibrate.tasks.registry import DATASET_SPECS, MMLU_SUBJECTS
 
@@ -265,6 +266,9 @@ def _read_hub(config: DatasetConfig) -> tuple[list[Any], str]:
 
 def raw_rows(config: DatasetConfig, root: Path) -> tuple[list[Any], str]:
     """Rows from the first configured source, and a name for messages."""
+    if config.name == LMEVAL:
+        return lmeval_rows(config.lmeval_reading, config.include_path, config.num_fewshot,
+                           config.fewshot_seed)
     if config.local_path:
         path = as_local_path(config.local_path)
         return read_local(path, config.split), str(path)
