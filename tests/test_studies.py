@@ -185,20 +185,51 @@ def test_baselines_settings_are_checked_when_the_spec_is_built():
 
 
 def test_steering_deltas_carry_paired_intervals(tiny_lm, prompt_set, tmp_path):
-    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "metrics.bootstrap=60")
+    """Steering at the last layer: only that layer's cells can differ (1 η ≠ 0 -> 1 cell), they
+    get metrics.paired_bootstrap replicates, a p-value and its correction; below the edit every
+    interval is exactly 0 and nothing is tested."""
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "metrics.bootstrap=60",
+                  "metrics.paired_bootstrap=500", "metrics.correction=bonferroni")
     result = get_study("steering").run(ctx)
     table = result.table
     zero = table[table["eta"] == 0.0]
     assert (zero[["delta_ece_lo", "delta_ece_hi"]].to_numpy() == 0).all()
     three = table[table["eta"] == 3.0].reset_index(drop=True)
     assert (three["delta_ece_lo"] <= three["delta_ece_hi"]).all()
+    assert three["tested"].tolist() == [False, False, False, True]
+    assert (three.loc[:2, ["delta_ece_lo", "delta_ece_hi"]].to_numpy() == 0).all()
+    assert three["p_ece"].isna().tolist() == [True, True, True, False]
+    assert three.loc[3, "p_ece"] >= 2 / 501
     comparisons = result.summary["comparisons"]
-    assert comparisons["cells_tested"] == LAYERS and comparisons["bonferroni_alpha"] == \
-        pytest.approx(0.05 / LAYERS)
+    assert comparisons["cells_tested"] == 1 and comparisons["layers_tested"] == [LAYERS - 1]
+    assert comparisons["bonferroni_alpha"] == pytest.approx(0.05)
+    assert comparisons["correction"] == "bonferroni" and comparisons["n_boot_tested"] == 500
     assert comparisons["flagged_ece"] == int(three["significant_ece"].sum())
+    assert comparisons["flagged_adjusted_ece"] == int(three["significant_adjusted_ece"].sum())
     final = result.summary["steering"]["3"]
     assert final["delta_ece_lo"] == pytest.approx(three["delta_ece_lo"].iloc[-1])
+    assert final["p_adjusted_ece"] == pytest.approx(three["p_adjusted_ece"].iloc[-1])
     assert isinstance(final["significant_ece"], bool)
+    assert isinstance(final["significant_adjusted_ece"], bool)
+
+
+def test_an_edit_below_the_last_layer_tests_the_layers_from_the_edit_up(tiny_lm, prompt_set,
+                                                                      tmp_path):
+    """Edited at layer 2 with two η ≠ 0: 2 layers (2, 3) × 2 η = 4 cells, Holm over those 4."""
+    from calibrate.core.paired import adjust_p_values
+
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3,-3]", "metrics.bootstrap=40",
+                  "metrics.paired_bootstrap=300", "intervention.layers=[2]",
+                  "direction.n_random=0")
+    result = get_study("steering").run(ctx)
+    table, comparisons = result.table, result.summary["comparisons"]
+    tested = table[table["tested"]]
+    assert sorted(zip(tested["eta"], tested["layer"])) == [(-3.0, 2), (-3.0, 3), (3.0, 2),
+                                                           (3.0, 3)]
+    assert comparisons["cells_tested"] == 4 and comparisons["layers_tested"] == [2, 3]
+    assert comparisons["correction"] == "holm"
+    np.testing.assert_allclose(tested["p_adjusted_ece"],
+                               adjust_p_values(tested["p_ece"].to_numpy(), "holm"))
 
 
 def test_random_direction_null_without_forward_passes_matches_the_steered_pass(
@@ -375,3 +406,75 @@ def test_split_warns_once_of_repeated_records_on_both_sides(tiny_lm, tmp_path, c
         f"{straddle} group(s) of repeated records (same question and options) have copies in "
         "both the calibration and the evaluation split: the direction is fit on items it is then "
         "evaluated on")]
+
+
+def _hooked_final_probs(lm, prompt_set, rows, edits):
+    """Option probabilities of the model's own last-position logits, one prompt at a time (no
+    padding), with ``edits[layer]`` (a vector) added to the output of block ``layer`` (our layer
+    numbering) at the last position by forward hooks on the model's own blocks."""
+    model, blocks = lm.model, lm.adapter.blocks
+    handles = []
+
+    def hook_for(vector):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[:, -1] += torch.as_tensor(vector, dtype=hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
+    for layer, vector in edits.items():
+        handles.append(blocks[layer - 1].register_forward_hook(hook_for(vector)))
+    try:
+        out = []
+        with torch.no_grad():
+            for row in rows:
+                ids = lm.tokenizer(prompt_set.prompts[row], return_tensors="pt")["input_ids"]
+                logits = model(input_ids=ids).logits[0, -1].double()
+                out.append(torch.softmax(logits[prompt_set.option_ids[row]], -1).numpy())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return np.stack(out)
+
+
+def test_residual_norm_eta_scales_each_edited_layer_by_its_own_norm(tiny_lm, prompt_set,
+                                                                      tmp_path):
+    """A two-layer edit in residual-norm units adds η · n_ℓ · ĉ at each layer ℓ, n_ℓ the mean
+    residual norm of layer ℓ itself on the calibration rows (computed here from the model's own
+    hidden states), against forward hooks on the model's blocks: neither the neighbouring
+    layer's norm nor the last edited layer's norm for both would give these probabilities."""
+    from calibrate.core.metrics import layer_table
+
+    eta = 0.5
+    model = build_tiny("llama", len(tiny_lm.tokenizer), seed=3)
+    with torch.no_grad():  # block 2 writes 40 times more: its layer's residual norm is larger
+        model.model.layers[1].mlp.down_proj.weight.mul_(40.0)
+    tiny_lm = wrap_model(model, tiny_lm.tokenizer, name="tiny-scaled")
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=steering", f"eta=[0,{eta}]",
+                  "intervention.layers=[1,2]", "intervention.eta_scale=residual_norm",
+                  "direction.n_random=0")
+    result = get_study("steering").run(ctx)
+    cal, evaluation = split_indices(24, 0.5, 0)
+    norms = {1: [], 2: []}
+    with torch.no_grad():
+        for row in cal:
+            ids = tiny_lm.tokenizer(prompt_set.prompts[row], return_tensors="pt")["input_ids"]
+            hidden = tiny_lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+            for layer, values in norms.items():
+                values.append(float(hidden[layer][0, -1].double().norm()))
+    scale = {layer: float(np.mean(values)) for layer, values in norms.items()}
+    assert scale[2] > 1.5 * scale[1]  # the two layers' units differ
+    c_hat = result.direction.vector
+    expected = _hooked_final_probs(tiny_lm, prompt_set, evaluation,
+                                   {l: eta * scale[l] * c_hat for l in (1, 2)})
+    table = layer_table(expected[:, None], prompt_set.labels[evaluation], n_bins=15)
+    steered = result.table[(result.table["eta"] == eta)
+                           & (result.table["layer"] == LAYERS - 1)].iloc[0]
+    for metric in ("confidence", "ece", "accuracy"):
+        assert steered[metric] == pytest.approx(table[metric].iloc[0], abs=1e-5), metric
+    assert result.direction.meta["layer_scale"] == pytest.approx(scale, rel=1e-5)
+    # the reference can tell the units apart: the swapped scales move the confidence
+    swapped = _hooked_final_probs(tiny_lm, prompt_set, evaluation,
+                                  {1: eta * scale[2] * c_hat, 2: eta * scale[1] * c_hat})
+    assert abs(swapped.max(-1).mean() - steered["confidence"]) > 1e-4

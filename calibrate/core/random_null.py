@@ -34,6 +34,27 @@ def _final_metrics(logits: np.ndarray, labels: np.ndarray, n_bins: int,
             "mce": mce.reshape(lead)}
 
 
+TAILS = ("low", "high", "two")
+
+
+def empirical_p(value: float, null: np.ndarray, tail: str = "low") -> float:
+    """ĉ's empirical p-value against ``n`` null draws (NaN draws are left out), counting ĉ as
+    one of the draws: ``low`` ``(1 + #{null <= value}) / (1 + n)`` (small: ĉ lowers the metric
+    more than the null does), ``high`` ``(1 + #{null >= value}) / (1 + n)``, ``two``
+    ``min(1, 2 * min(low, high))``. The smallest one-sided value is ``1 / (1 + n)``."""
+    null = np.asarray(null, dtype=np.float64)
+    null = null[~np.isnan(null)]
+    low = (1 + int(np.sum(null <= value))) / (1 + len(null))
+    high = (1 + int(np.sum(null >= value))) / (1 + len(null))
+    if tail == "low":
+        return low
+    if tail == "high":
+        return high
+    if tail == "two":
+        return min(1.0, 2.0 * min(low, high))
+    raise ValueError(f"tail {tail!r}; accepted: {', '.join(TAILS)}")
+
+
 def null_vectors(direction: np.ndarray, n_random: int, seed: int) -> np.ndarray:
     """ĉ followed by ``n_random`` seeded random unit directions: [1 + n_random, hidden]."""
     randoms = random_unit_vectors(n_random, direction.shape[-1], seed).numpy()
@@ -57,9 +78,10 @@ def direction_null(logits: np.ndarray, labels: np.ndarray, etas: tuple[float, ..
             lo, median, hi = np.quantile(delta[1:], [0.05, 0.5, 0.95])
             row.update({f"null_delta_{name}_median": float(median),
                         f"null_delta_{name}_p05": float(lo), f"null_delta_{name}_p95": float(hi)})
-        below = int(np.sum(metrics["ece"][1:, e] - metrics["ece"][1:, 0]
-                           <= row["c_hat_delta_ece"]))
-        row["p_value_ece"] = (1 + below) / (1 + n_random)
+        null = metrics["ece"][1:, e] - metrics["ece"][1:, 0]
+        row["p_value_ece"] = empirical_p(row["c_hat_delta_ece"], null, "low")
+        row["p_value_ece_two_sided"] = empirical_p(row["c_hat_delta_ece"], null, "two")
+        row["p_resolution"] = 1.0 / (1 + n_random)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -85,10 +107,12 @@ def subspace_null(logits: np.ndarray, plain: np.ndarray, labels: np.ndarray,
     ece0 = float(_final_metrics(plain[None], labels, n_bins, binning)["ece"][0])
     delta = ece - ece0
     lo, median, hi = np.quantile(delta, [0.05, 0.5, 0.95])
-    below = int(np.sum(delta <= truncated_delta_ece))
     return {"n_control": len(logits), "truncation_delta_ece": truncated_delta_ece,
             "control_delta_ece_median": float(median), "control_delta_ece_p05": float(lo),
-            "control_delta_ece_p95": float(hi), "p_value_ece": (1 + below) / (1 + len(logits))}
+            "control_delta_ece_p95": float(hi),
+            "p_value_ece": empirical_p(truncated_delta_ece, delta, "low"),
+            "p_value_ece_two_sided": empirical_p(truncated_delta_ece, delta, "two"),
+            "p_resolution": 1.0 / (1 + len(logits))}
 
 
 def random_bases(hidden: int, k: int, n_control: int, seed: int) -> list[np.ndarray]:

@@ -47,7 +47,7 @@ DIRECTION_SUMMARY = ("method", "layers", "raw_norm", "dataset", "cross_model_tra
                      "fit_prompt", "prompt_transfer", "loaded_norm")
 STEERED = ("accuracy", "ece", "mce")
 DELTAS = ("delta_accuracy", "delta_ece", "delta_mce", "changed", "delta_ece_lo", "delta_ece_hi",
-          "significant_ece")
+          "significant_ece", "p_ece", "p_adjusted_ece", "significant_adjusted_ece")
 
 
 @dataclass
@@ -171,7 +171,7 @@ class SteeringStudy(Study):
         logits, null, null_note = _steer_with_null(ctx, fit, eval_set, steering)
         table = steering_table(logits, eval_set.labels, list(spec.etas), spec.metrics.n_bins,
                                spec.metrics.binning, 0)
-        table, comparisons = ctx.paired(table, logits, eval_set.labels, "eta")
+        table, comparisons = ctx.paired(table, logits, eval_set.labels, "eta", min(layers))
         baselines = baseline_table(base.option_logits, base.labels, cal, fit.eval_idx,
                                    spec.baselines, spec.metrics.n_bins, spec.metrics.binning)
         meta = fit.direction.meta
@@ -252,7 +252,8 @@ def steering_summary(table: pd.DataFrame) -> dict[str, Any]:
     last = table[table["layer"] == table["layer"].max()]
     cols = ["accuracy", "ece", "mce", "delta_accuracy", "delta_ece", "delta_mce", "changed",
             "delta_ece_lo", "delta_ece_hi", "significant_ece", "delta_accuracy_lo",
-            "delta_accuracy_hi"]
+            "delta_accuracy_hi", "p_ece", "p_adjusted_ece", "significant_adjusted_ece",
+            "p_accuracy", "p_adjusted_accuracy", "significant_adjusted_accuracy"]
     return {f"{eta:g}": {c: (bool(row[c]) if c.startswith("significant") else float(row[c]))
                          for c in cols if c in row}
             for eta, row in zip(last["eta"], last.to_dict("records"))}
