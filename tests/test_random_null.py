@@ -92,3 +92,36 @@ def test_empirical_p_by_hand(value, tail, expected):
 def test_empirical_p_refuses_an_unknown_tail():
     with pytest.raises(ValueError, match="tail 'left'; accepted: low, high, two"):
         empirical_p(0.0, np.zeros(3), "left")
+
+
+@pytest.mark.parametrize("c_hat_a, below", [(3.0, 3), (10.0, 0), (0.5, 5)])
+def test_matched_null_p_value_on_known_deltas(c_hat_a, below):
+    """Random directions at their matched η (one could not be matched: NaN, left out)."""
+    from calibrate.core.random_null import matched_null
+
+    matched = np.stack([_logits(a) for a in RANDOM_A] + [np.full((N, 2), np.nan)])
+    scales = np.array([0.5, 0.25, 1.0, 2.0, 4.0, np.nan])
+    out = matched_null(_delta(c_hat_a), matched, _logits(A0), scales, LABELS, 15, "guo")
+    n = len(RANDOM_A)
+    assert (out["n_matched"], out["n_unmatched"]) == (n, 1)
+    assert out["p_matched_ece"] == pytest.approx((1 + below) / (1 + n), abs=1e-15)
+    assert out["p_matched_ece_two_sided"] == pytest.approx(
+        min(1.0, 2 * min(1 + below, 1 + n - below) / (1 + n)), abs=1e-15)
+    assert out["p_matched_resolution"] == pytest.approx(1 / (1 + n))
+    assert out["matched_delta_ece_median"] == pytest.approx(_delta(4.0), abs=1e-12)
+    assert out["matched_scale_median"] == pytest.approx(1.0)
+    assert out["matched_delta_accuracy_median"] == 0.0  # every answer stays right
+
+
+def test_covariance_vectors_are_the_documented_draws():
+    """z @ (X − mean) / √(M − 1), z the rows of default_rng(seed).standard_normal((n, M)),
+    each row then of unit norm."""
+    from calibrate.core.random_null import covariance_vectors
+
+    x = np.random.default_rng(3).normal(size=(7, 5)) * [1.0, 10.0, 0.1, 1.0, 3.0]
+    z = np.random.default_rng(11).standard_normal((4, 7))
+    draws = z @ (x - x.mean(axis=0)) / np.sqrt(6)
+    expected = draws / np.linalg.norm(draws, axis=1, keepdims=True)
+    np.testing.assert_allclose(covariance_vectors(x, 4, 11), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"need residuals \[M >= 2, H\]"):
+        covariance_vectors(x[:1], 4, 11)

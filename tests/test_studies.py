@@ -478,3 +478,86 @@ def test_residual_norm_eta_scales_each_edited_layer_by_its_own_norm(tiny_lm, pro
     swapped = _hooked_final_probs(tiny_lm, prompt_set, evaluation,
                                   {1: eta * scale[2] * c_hat, 2: eta * scale[1] * c_hat})
     assert abs(swapped.max(-1).mean() - steered["confidence"]) > 1e-4
+
+
+@pytest.mark.parametrize("unit", ["absolute", "residual_norm"])
+def test_matched_effect_null_against_full_steered_passes(tiny_lm, prompt_set, tmp_path, unit):
+    """Each random direction is steered at the η whose mean KL to the unsteered output equals
+    ĉ's: checked by full forward passes of every random direction at its matched η (their KL
+    equals ĉ's, their ΔECE band and the p-value follow), and ĉ's KL by its own full pass."""
+    from calibrate.core.effects import effect
+    from calibrate.core.random_null import _final_metrics
+    from calibrate.engine.edits import Steering
+    from calibrate.engine.steer import run_steered
+
+    n = 6
+    eta = 3.0 if unit == "absolute" else 20.0
+    ctx = context(tiny_lm, prompt_set, tmp_path, f"eta=[0,{eta}]", f"direction.n_random={n}",
+                  "direction.match=kl", "direction.match_tol=1e-5",
+                  f"intervention.eta_scale={unit}")
+    result = get_study("steering").run(ctx)
+    eta = eta * (result.direction.meta["layer_scale"] or {}).get(LAYERS - 1, 1.0)
+    row = result.null.iloc[0]
+    assert row["effect"] == "kl" and row["n_matched"] == n
+    _, evaluation = split_indices(24, 0.5, 0)
+    eval_set = prompt_set.subset(evaluation)
+    last = LAYERS - 1
+
+    def final(vec, e):
+        return run_steered(tiny_lm, eval_set, Steering(vec, (last,), (0.0, e)),
+                           ProbeSettings(progress=False), use_cache=False)[:, :, -1]
+
+    own = final(result.direction.vector, eta)
+    assert row["c_hat_effect"] == pytest.approx(float(effect(own[1], own[0], "kl")), rel=1e-4)
+    draws = result.null_draws.set_index("direction")["matched_multiple"]
+    deltas = []
+    for d, vec in enumerate(result.null_vectors[1:], start=1):
+        out = final(vec, eta * draws[d])
+        assert float(effect(out[1], out[0], "kl")) == pytest.approx(row["c_hat_effect"],
+                                                                    rel=1e-3)
+        ece = _final_metrics(out, eval_set.labels, 15, "guo")["ece"]
+        deltas.append(ece[1] - ece[0])
+    assert row["matched_delta_ece_median"] == pytest.approx(np.median(deltas), abs=1e-5)
+    below = sum(d <= row["c_hat_delta_ece"] for d in deltas)
+    assert row["p_matched_ece"] == pytest.approx((1 + below) / (1 + n))
+    assert row["matched_scale_median"] == pytest.approx(float(np.median(draws)))
+
+
+def test_covariance_null_draws_lie_in_the_span_of_the_calibration_residuals(tiny_lm, prompt_set,
+                                                                          tmp_path):
+    """direction.null=covariance draws from N(0, Σ) of the calibration rows' last-layer
+    residuals: 12 rows span at most 11 centred dimensions of 32, and every draw lies there;
+    the isotropic draws do not."""
+    cal, _ = split_indices(24, 0.5, 0)
+    probe = run_probe(tiny_lm, prompt_set, ProbeSettings(progress=False).keeping((LAYERS - 1,)))
+    centred = probe.residuals[LAYERS - 1][cal].astype(np.float64)
+    centred = centred - centred.mean(axis=0)
+    basis = np.linalg.svd(centred, full_matrices=False)[2][:len(cal) - 1]  # [11, 32]
+
+    def off_span(vectors):
+        return np.linalg.norm(vectors - vectors @ basis.T @ basis, axis=1)
+
+    for kind, inside in (("covariance", True), ("isotropic", False)):
+        ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "direction.n_random=20",
+                      f"direction.null={kind}", "direction.match=none")
+        result = get_study("steering").run(ctx)
+        randoms = result.null_vectors[1:]
+        np.testing.assert_allclose(np.linalg.norm(randoms, axis=1), 1.0, rtol=1e-12)
+        assert (off_span(randoms) < 1e-6).all() == inside
+        assert result.summary["null"]["null"] == kind
+        assert result.summary["null"]["matched_skipped"] == "direction.match=none"
+
+
+def test_the_number_of_random_directions_follows_the_path(tiny_lm, prompt_set, tmp_path):
+    """Unset, direction.n_random is n_random_read (1000) where the null is a read of the last
+    layer and n_random_pass (32) where every direction runs blocks; the p-value's resolution
+    1 / (n + 1) is reported."""
+    read = get_study("steering").run(context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]",
+                                             "direction.match=none"))
+    assert read.summary["null"]["n_random"] == 1000 and read.summary["null"]["path"] == "read"
+    assert read.null["p_resolution"].iloc[0] == pytest.approx(1 / 1001)
+    passes = get_study("steering").run(context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]",
+                                               "intervention.layers=[2]"))
+    assert passes.summary["null"]["n_random"] == 32 and passes.summary["null"]["path"] == "forward"
+    assert "below the last layer" in passes.summary["null"]["matched_skipped"]
+    assert passes.null["p_resolution"].iloc[0] == pytest.approx(1 / 33)

@@ -135,7 +135,7 @@ def baseline_table(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, eval
     """Per method and layer: the fitted parameter and the evaluation split's metrics before
     (``*_before``) and after. ``logits`` [N, L+1, K] option scores, ``labels`` [N]."""
     before = layer_table(option_probabilities(logits[evaluation]), labels[evaluation],
-                         n_bins=n_bins, binning=binning, extra_bins=())
+                         n_bins=n_bins, binning=binning, extra_bins=(), extra_calibration=False)
     valid = np.isfinite(logits[evaluation, 0])
     rows = []
     for method in settings.methods:
@@ -152,7 +152,8 @@ def baseline_table(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, eval
                                                   binning, valid)
                 param = float(np.nansum(~np.isnan(acc)))  # bins with a fitted accuracy
             params.append(param)
-        table = layer_table(after, labels[evaluation], n_bins=n_bins, binning=binning, extra_bins=())
+        table = layer_table(after, labels[evaluation], n_bins=n_bins, binning=binning,
+                            extra_bins=(), extra_calibration=False)
         for layer, param in enumerate(params):
             row = {"layer": layer, "method": method, "parameter": param}
             row.update({f"{c}_before": float(before[c].iloc[layer]) for c in COLUMNS})

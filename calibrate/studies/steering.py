@@ -24,12 +24,18 @@ from calibrate.config.spec import JobSpec, eta_edit_ratio
 from calibrate.core.deltas import steering_table
 from calibrate.core.direction import Direction
 from calibrate.core.posthoc import baseline_table, baselines_at
-from calibrate.core.random_null import direction_null, null_skip_reason, null_vectors
+from calibrate.core.effects import effect, log_probs, match_scales
+from calibrate.core.random_null import (
+    direction_null,
+    matched_null,
+    null_skip_reason,
+    null_vectors,
+)
 from calibrate.directions import get_method
 from calibrate.directions.files import save_direction
 from calibrate.directions.fit import obtain_direction
 from calibrate.engine.edits import DirectionSweep, Steering, SteeringError, residual_norms
-from calibrate.engine.last_layer import last_layer_logits
+from calibrate.engine.last_layer import LastLayerReader
 from calibrate.engine.probe import ProbeResult
 from calibrate.io import results
 from calibrate.io.track import Tracker
@@ -46,6 +52,9 @@ DIRECTION_SUMMARY = ("method", "layers", "raw_norm", "dataset", "cross_model_tra
                      "cosine_to_direction", "cosine_layer_diff", "null_space_rho", "eta_fit",
                      "fit_prompt", "prompt_transfer", "loaded_norm")
 STEERED = ("accuracy", "ece", "mce")
+NULL_SUMMARY = ("n_random", "null_delta_ece_median", "p_value_ece", "p_value_ece_two_sided",
+                "c_hat_effect", "null_effect_median", "matched_delta_ece_median",
+                "p_matched_ece", "p_matched_ece_two_sided", "n_matched")
 DELTAS = ("delta_accuracy", "delta_ece", "delta_mce", "changed", "delta_ece_lo", "delta_ece_hi",
           "significant_ece", "p_ece", "p_adjusted_ece", "significant_adjusted_ece")
 
@@ -62,6 +71,8 @@ class SteeringResult(StudyResult):
     plots_on: bool = True  # output.plots: also the method's own figures
     null: pd.DataFrame | None = None  # the random-direction null, one row per η ≠ 0
     baselines: pd.DataFrame | None = None  # post-hoc baselines per layer, same split
+    null_draws: pd.DataFrame | None = None  # each random direction's matched multiple of eta
+    null_vectors: np.ndarray | None = None  # ĉ then the random directions of the null
     files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE, BASELINES_FILE)
 
     def write(self, job_dir: Path) -> None:
@@ -119,8 +130,7 @@ class SteeringResult(StudyResult):
             values, row = summary["steering"].get(f"{eta:g}", {}), null.get(eta, {})
             rows.append({**head, "eta": eta, **{f"steered_{m}": values.get(m) for m in STEERED},
                          **{d: values.get(d) for d in DELTAS},
-                         "null_delta_ece_median": row.get("null_delta_ece_median"),
-                         "p_value_ece": row.get("p_value_ece")})
+                         **{k: row.get(k) for k in NULL_SUMMARY}})
         return rows
 
     def sweep_tables(self) -> dict[str, list[dict[str, Any]]]:
@@ -169,6 +179,8 @@ class SteeringStudy(Study):
                             spec.intervention.position, scale)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
         logits, null, null_note = _steer_with_null(ctx, fit, eval_set, steering)
+        null_draws = null_note.pop("draws", None)
+        null_vectors_used = null_note.pop("vectors", None)
         table = steering_table(logits, eval_set.labels, list(spec.etas), spec.metrics.n_bins,
                                spec.metrics.binning, 0)
         table, comparisons = ctx.paired(table, logits, eval_set.labels, "eta", min(layers))
@@ -188,7 +200,8 @@ class SteeringStudy(Study):
         return SteeringResult(ctx.report(base.take(fit.eval_idx), eval_set), summary,
                               direction=fit.direction, table=table, etas=spec.etas,
                               eta_scale=spec.intervention.eta_scale, null=null,
-                              baselines=baselines, plots_on=spec.output.plots)
+                              baselines=baselines, plots_on=spec.output.plots,
+                              null_draws=null_draws, null_vectors=null_vectors_used)
 
 
 def _check_edit_size(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
@@ -213,16 +226,21 @@ def _check_edit_size(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
 
 def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steering
                      ) -> tuple[np.ndarray, pd.DataFrame | None, dict[str, Any]]:
-    """ĉ's steered scores [E, N, L+1, K] and the null of ``direction.n_random`` random
-    directions steered the same way.
+    """ĉ's steered scores [E, N, L+1, K] and the null of random directions steered the same way
+    (``direction.null``: isotropic or from the residual covariance at the highest edited layer
+    on the calibration split; as many as :meth:`DirectionSettings.random_count` says).
 
     At the last layer with one token per option both are read from the probe's last residual
-    (no forward pass). Elsewhere ĉ is the first direction of one sweep that also runs the
-    random ones, so the prompts run once for both.
+    (no forward pass, :class:`LastLayerReader`), and each random direction is also steered at
+    the η that matches ĉ's effect (``direction.match``). Elsewhere ĉ is the first direction of
+    one sweep that also runs the random ones, so the prompts run once for both (no matching:
+    it would need passes per trial η).
     """
-    spec, n_random, etas = ctx.spec, ctx.spec.direction.n_random, ctx.spec.etas
+    spec, settings, etas = ctx.spec, ctx.spec.direction, steering.etas
     layers, last = list(steering.layers), ctx.num_layers - 1
     base = fit.base.take(fit.eval_idx)
+    reads_only = ctx.reads_last_layer(eval_set, steering) and last in base.residuals
+    n_random = settings.random_count(reads_only)
     if not n_random or len(etas) < 2:
         return ctx.steered(eval_set, steering, base), None, {"n_random": 0}
     reason = null_skip_reason(steering.position, eval_set.is_cloze, layers == [last])
@@ -230,21 +248,72 @@ def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steerin
         LOG.info("random-direction null skipped: %s", reason)
         return ctx.steered(eval_set, steering, base), None, {"n_random": n_random,
                                                             "skipped": reason}
-    vectors = null_vectors(fit.direction.vector, n_random, spec.direction.seed + 1)
-    if ctx.reads_last_layer(eval_set, steering):
+    residuals = fit.base.residuals[max(layers)][fit.cal_idx] \
+        if settings.null == "covariance" else None
+    vectors = null_vectors(fit.direction.vector, n_random, settings.seed + 1, settings.null,
+                           residuals)
+    kind = "kl" if settings.match == "none" else settings.match
+    m = spec.metrics
+    note: dict[str, Any] = {"n_random": n_random, "null": settings.null, "layers": layers,
+                            "p_resolution": 1.0 / (1 + n_random), "effect": kind,
+                            "path": "read" if reads_only else "forward"}
+    if reads_only:
         logits = ctx.steered(eval_set, steering, base)
-        swept = last_layer_logits(ctx.loaded, base.residuals[last], eval_set.option_ids, vectors,
-                                  np.asarray(etas), (steering.layer_scale or {}).get(last, 1.0),
-                                  ctx.readout)
+        reader = LastLayerReader(ctx.loaded, base.residuals[last], eval_set.option_ids,
+                                 ctx.readout)
+        scale = steering.scale(last)
+        swept = reader.logits(vectors, np.outer(np.ones(len(vectors)), np.asarray(etas) * scale))
+        table = direction_null(swept, eval_set.labels, etas, m.n_bins, m.binning, kind)
+        if settings.match != "none":
+            draws: list[dict[str, Any]] = []
+            table = _matched(table, reader, vectors[1:], swept, etas, scale, eval_set.labels,
+                             settings, m, draws)
+            note["draws"] = pd.DataFrame(draws)
+        else:
+            note["matched_skipped"] = "direction.match=none"
     else:
         every = ctx.steered(eval_set, DirectionSweep(vectors, tuple(layers), etas, "last",
                                                      steering.layer_scale))
         logits, final = every[:len(etas)], every[:, :, -1]  # ĉ's etas come first
         swept = final.reshape(len(vectors), len(etas), *final.shape[1:])
-    table = direction_null(swept, eval_set.labels, etas, spec.metrics.n_bins,
-                           spec.metrics.binning)
-    return logits, table, {"n_random": n_random, "layers": layers,
-                           "per_eta": table.to_dict("records")}
+        table = direction_null(swept, eval_set.labels, etas, m.n_bins, m.binning, kind)
+        note["matched_skipped"] = ("the edit is below the last layer or needs a pass per trial "
+                                   "eta (matching is done where the null needs no forward pass)")
+    note["per_eta"] = table.to_dict("records")
+    note["vectors"] = vectors
+    return logits, table, note
+
+
+def _matched(table: pd.DataFrame, reader: LastLayerReader, randoms: np.ndarray,
+             swept: np.ndarray, etas: Sequence[float], scale: float, labels: np.ndarray,
+             settings: Any, m: Any, draws: list[dict[str, Any]]) -> pd.DataFrame:
+    """Each random direction steered at the η whose effect (``direction.match``) equals ĉ's at
+    each η ≠ 0; the matched null's band and p-values beside the equal-norm ones. ``draws``
+    receives each direction's matched multiple of η."""
+    zero = list(etas).index(0.0)
+    unsteered = swept[0, zero]
+    unsteered_log = log_probs(unsteered)
+    rows = []
+    for row in table.to_dict("records"):
+        e = list(etas).index(row["eta"])
+        eta = float(etas[e]) * scale
+        target = float(effect(swept[0, e], unsteered, settings.match))
+
+        def effect_of(multiple: np.ndarray, which: np.ndarray, eta: float = eta) -> np.ndarray:
+            return effect(reader.logits(randoms[which], multiple * eta), unsteered,
+                          settings.match, unsteered_log)
+
+        multiples = match_scales(effect_of, target, len(randoms), settings.match_max_factor,
+                                 settings.match_tol)
+        matched = np.full((len(randoms), *unsteered.shape), np.nan)
+        ok = ~np.isnan(multiples)
+        if ok.any():
+            matched[ok] = reader.logits(randoms[ok], multiples[ok] * eta)
+        draws.extend({"eta": row["eta"], "direction": d + 1, "matched_multiple": float(x)}
+                     for d, x in enumerate(multiples))
+        rows.append({**row, **matched_null(row["c_hat_delta_ece"], matched, unsteered,
+                                           multiples, labels, m.n_bins, m.binning)})
+    return pd.DataFrame(rows)
 
 
 def steering_summary(table: pd.DataFrame) -> dict[str, Any]:
