@@ -75,3 +75,24 @@ def test_temperature_equivalent_recovers_a_pure_temperature_and_reports_what_is_
     losses = [example_kl(shifted, base / t).mean() for t in grid]
     assert other["temperature"] == pytest.approx(grid[int(np.argmin(losses))], rel=2e-3)
     assert other["residual_kl"] == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_coordinate_shares_by_hand():
+    """ĉ = (0.8, 0, 0.6, 0, 0)·(unit): its top-1 coordinate holds 0.64 of its squared norm;
+    coordinate 2 of the residuals is massive (mean |x| 500 against a median of 1) and holds
+    0.36; zeroing keeps the rest as it is (no rescaling)."""
+    from calibrate.core.effects import coordinate_shares, massive_coordinates
+
+    direction = np.array([0.8, 0.0, 0.6, 0.0, 0.0])
+    residuals = np.array([[1.0, -1.0, 500.0, 2.0, 1.0], [-1.0, 1.0, -500.0, 0.0, 1.0]])
+    # mean |x| per coordinate: 1, 1, 500, 1, 1 -> median 1
+    assert massive_coordinates(residuals, 100.0).tolist() == [2]
+    assert massive_coordinates(residuals, 600.0).tolist() == []
+    out = coordinate_shares(direction, residuals, top_k=1, ratio=100.0)
+    assert out["top_coordinates"] == [0] and out["share_top_k"] == pytest.approx(0.64)
+    assert out["massive_coordinates"] == [2] and out["share_massive"] == pytest.approx(0.36)
+    assert out["massive_magnitude"] == pytest.approx([500.0])
+    np.testing.assert_array_equal(out["without_top_k"], [0.0, 0.0, 0.6, 0.0, 0.0])
+    np.testing.assert_array_equal(out["without_massive"], [0.8, 0.0, 0.0, 0.0, 0.0])
+    two = coordinate_shares(direction, residuals, top_k=2, ratio=100.0)
+    assert two["top_coordinates"] == [0, 2] and two["share_top_k"] == pytest.approx(1.0)

@@ -155,6 +155,9 @@ BAD = [
         ("direction.null='gauss'",), ("isotropic, covariance",)),
     Bad("match_unknown", (*RUN, "intervention=steering", "direction.match=l2"), 2,
         ("direction.match='l2'",), ("kl, confidence, none",)),
+    Bad("eta_fit_without_a_fitted_norm", (*RUN, "eta=[0,fit]"), 2,
+        ("eta=fit steers a direction at its fitted norm", "direction.method=layer_diff"),
+        ("direction.method=gradient",)),
     # Over a directory that already holds a complete result: "maybe" must neither skip the job
     # (it is not true) nor run it (it is not false). OmegaConf parses booleans against the
     # typed schema: "maybe" is refused while composing.

@@ -561,3 +561,70 @@ def test_the_number_of_random_directions_follows_the_path(tiny_lm, prompt_set, t
     assert passes.summary["null"]["n_random"] == 32 and passes.summary["null"]["path"] == "forward"
     assert "below the last layer" in passes.summary["null"]["matched_skipped"]
     assert passes.null["p_resolution"].iloc[0] == pytest.approx(1 / 33)
+
+
+def test_what_c_hat_does_against_full_steered_passes(tiny_lm, prompt_set, tmp_path):
+    """effects.csv: ĉ's own row equals steering.csv's final ΔECE and the KL of its full steered
+    pass; T(η) is the temperature that best turns the unsteered scores into the steered ones
+    (grid search here); the zeroed variants are ĉ with those coordinates set to 0, not
+    rescaled, steered like ĉ (full passes here)."""
+    from calibrate.core.effects import effect, example_kl
+    from calibrate.core.random_null import _final_metrics
+    from calibrate.engine.edits import Steering
+    from calibrate.engine.steer import run_steered
+
+    eta = 3.0
+    ctx = context(tiny_lm, prompt_set, tmp_path, f"eta=[0,{eta}]", "direction.n_random=0",
+                  "direction.coordinates.top_k=4", "direction.coordinates.massive_ratio=2")
+    result = get_study("steering").run(ctx)
+    effects = result.effects.set_index("variant")
+    coords = result.summary["direction"]["coordinates"]
+    c_hat = result.direction.vector
+    top = coords["top_coordinates"]
+    assert len(top) == 4 and coords["share_top_k"] == pytest.approx(float(np.sum(c_hat[top] ** 2)))
+    _, evaluation = split_indices(24, 0.5, 0)
+    eval_set = prompt_set.subset(evaluation)
+    last = LAYERS - 1
+
+    def final(vec):
+        return run_steered(tiny_lm, eval_set, Steering(vec, (last,), (0.0, eta)),
+                           ProbeSettings(progress=False), use_cache=False)[:, :, -1]
+
+    own = final(c_hat)
+    row = effects.loc["c_hat"]
+    final_row = result.table[(result.table["eta"] == eta) & (result.table["layer"] == last)]
+    assert row["delta_ece"] == pytest.approx(final_row["delta_ece"].iloc[0], abs=1e-6)
+    assert row["kl"] == pytest.approx(float(effect(own[1], own[0], "kl")), rel=1e-4)
+    grid = np.exp(np.linspace(-3, 3, 6001))
+    losses = [example_kl(own[1], own[0] / t).mean() for t in grid]
+    assert row["temperature"] == pytest.approx(grid[int(np.argmin(losses))], rel=2e-3)
+    assert row["residual_kl"] == pytest.approx(min(losses), rel=1e-3, abs=1e-9)
+    assert result.summary["steering"][f"{eta:g}"]["temperature"] == row["temperature"]
+    without = c_hat.copy()
+    without[top] = 0.0
+    zeroed = final(without)
+    ece = _final_metrics(zeroed, eval_set.labels, 15, "guo")["ece"]
+    assert effects.loc["without_top_k", "delta_ece"] == pytest.approx(ece[1] - ece[0], abs=1e-6)
+    assert effects.loc["without_top_k", "kl"] == pytest.approx(
+        float(effect(zeroed[1], zeroed[0], "kl")), rel=1e-4)
+    assert ("without_massive" in effects.index) == bool(coords["massive_coordinates"])
+
+
+def test_eta_fit_steers_a_gradient_direction_at_its_fitted_norm(tiny_lm, prompt_set, tmp_path):
+    """eta=[0,fit] adds the gradient fit's own norm (in residual-norm units: divided by the fit
+    layer's mean residual norm) to the η the job runs; other methods are refused up front."""
+    from calibrate.errors import ConfigError
+
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,0.5,fit]", "direction.method=gradient",
+                  "direction.gradient.max_steps=30", "direction.gradient.holdout_fraction=0",
+                  "direction.n_random=0",
+                  "intervention.eta_scale=residual_norm")
+    result = get_study("steering").run(ctx)
+    meta = result.direction.meta
+    expected = meta["eta_fit"] / meta["residual_scale"]
+    assert result.summary["eta_fit"] == pytest.approx(expected)
+    assert result.etas == (0.0, 0.5, pytest.approx(expected))
+    assert sorted(result.table["eta"].unique()) == sorted([0.0, 0.5, result.summary["eta_fit"]])
+    with pytest.raises(ConfigError, match=r"eta=fit steers a direction at its fitted norm, which "
+                                          r"direction.method=layer_diff does not have"):
+        context(tiny_lm, prompt_set, tmp_path, "eta=[0,fit]")

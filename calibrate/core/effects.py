@@ -11,6 +11,10 @@
 * :func:`temperature_equivalent`: the single temperature T that best reproduces the edited
   option distribution from the unedited scores, ``argmin_T mean KL(p_edited ‖ softmax(z/T))``,
   and the KL left over: ≈ 0 means the edit acts as a temperature knob.
+* :func:`coordinate_shares`: where a unit direction's squared norm sits: on its ``top_k``
+  largest coordinates, and on the model's *massive-activation* coordinates (Sun et al. 2024):
+  those whose mean |activation| over the given residuals exceeds ``ratio`` times the median
+  coordinate's; and the direction with either set zeroed (not rescaled: the rest of it).
 """
 
 from __future__ import annotations
@@ -122,3 +126,32 @@ def temperature_equivalent(base: np.ndarray, edited: np.ndarray,
     found = minimize_scalar(loss, bounds=log_bounds, method="bounded", options={"xatol": 1e-6})
     return {"temperature": float(np.exp(found.x)), "residual_kl": float(found.fun),
             "kl": loss(0.0)}
+
+
+def massive_coordinates(residuals: np.ndarray, ratio: float) -> np.ndarray:
+    """Coordinates whose mean |activation| over ``residuals`` [M, H] exceeds ``ratio`` × the
+    median coordinate's mean |activation| (sorted indices)."""
+    magnitude = np.abs(np.asarray(residuals, dtype=np.float64)).mean(axis=0)
+    return np.flatnonzero(magnitude > ratio * np.median(magnitude))
+
+
+def coordinate_shares(direction: np.ndarray, residuals: np.ndarray, top_k: int,
+                      ratio: float) -> dict:
+    """The share of ``direction``'s squared norm on its ``top_k`` largest |coordinates| and on
+    the massive-activation coordinates of ``residuals`` (:func:`massive_coordinates`), with
+    those coordinates, their mean |activation| relative to the median coordinate's, and the
+    direction with each set zeroed (``without_top_k``, ``without_massive``; not rescaled)."""
+    v = np.asarray(direction, dtype=np.float64)
+    total = float(v @ v)
+    top = np.sort(np.argsort(-np.abs(v), kind="stable")[:top_k])
+    massive = massive_coordinates(residuals, ratio)
+    magnitude = np.abs(np.asarray(residuals, dtype=np.float64)).mean(axis=0)
+    without_top, without_massive = v.copy(), v.copy()
+    without_top[top] = 0.0
+    without_massive[massive] = 0.0
+    return {"top_k": int(top_k), "top_coordinates": top.tolist(),
+            "share_top_k": float(v[top] @ v[top]) / total,
+            "massive_ratio": float(ratio), "massive_coordinates": massive.tolist(),
+            "massive_magnitude": (magnitude[massive] / np.median(magnitude)).tolist(),
+            "share_massive": float(v[massive] @ v[massive]) / total,
+            "without_top_k": without_top, "without_massive": without_massive}

@@ -39,6 +39,21 @@ class SourcePrompt:
 
 
 @dataclass
+class CoordinateSettings:
+    """``direction.coordinates``: where ĉ's squared norm sits, and ĉ steered without it."""
+
+    top_k: int = 8  # ĉ's largest |coordinates| whose share of its squared norm is reported
+    massive_ratio: float = 20.0  # massive activation: mean |x_i| > this x the median coordinate's
+    steer_zeroed: bool = True  # also steer ĉ with those coordinates zeroed (effects.csv)
+
+    def __post_init__(self) -> None:
+        values.integer("direction.coordinates.top_k", self.top_k, 1)
+        values.number("direction.coordinates.massive_ratio", self.massive_ratio,
+                      lambda r: r > 1, "a number > 1")
+        values.flag("direction.coordinates.steer_zeroed", self.steer_zeroed)
+
+
+@dataclass
 class DirectionSettings:
     """The ``direction`` group (see conf/config.yaml for every key)."""
 
@@ -58,6 +73,7 @@ class DirectionSettings:
     match: str = "kl"  # the effect ĉ's is matched by each random direction: kl | confidence | none
     match_tol: float = 1e-3  # relative tolerance of a matched eta
     match_max_factor: float = 1000.0  # matched eta searched within [eta / factor, eta * factor]
+    coordinates: CoordinateSettings = field(default_factory=CoordinateSettings)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
