@@ -161,8 +161,9 @@ def test_baselines_study_fits_on_calibration_and_scores_evaluation(tiny_lm, prom
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=baselines")
     result = get_study("baselines").run(ctx)
     table = result.table
-    assert sorted(table["method"].unique()) == ["histogram", "temperature"]
-    assert len(table) == 2 * LAYERS
+    assert sorted(table["method"].unique()) == ["bias", "ensemble", "histogram", "isotonic",
+                                                "temperature", "vector"]
+    assert len(table) == 6 * LAYERS
     cal, evaluation = split_indices(24, 0.5, 0)
     logits = run_probe(tiny_lm, prompt_set, ProbeSettings(progress=False)).option_logits
     t = fit_temperature(logits[cal, -1], prompt_set.labels[cal])

@@ -203,7 +203,8 @@ class SteeringStudy(Study):
                                spec.metrics.binning, 0)
         table, comparisons = ctx.paired(table, logits, eval_set.labels, "eta", min(layers))
         baselines = baseline_table(base.option_logits, base.labels, cal, fit.eval_idx,
-                                   spec.baselines, spec.metrics.n_bins, spec.metrics.binning)
+                                   spec.baselines, spec.metrics.n_bins, spec.metrics.binning,
+                                   paired=spec.metrics, tested_layer=max(layers))
         coordinates = coordinate_shares(fit.direction.vector, base.residuals[max(layers)][cal],
                                         spec.direction.coordinates.top_k,
                                         spec.direction.coordinates.massive_ratio)
