@@ -95,7 +95,8 @@ def _final_table(runs: Sequence[Run]) -> pd.DataFrame:
                          "ECE interval": _interval(f.get("ece_lo"), f.get("ece_hi")),
                          "MCE": _num(f.get("mce")), "option mass": _num(f.get("option_mass")),
                          "NLL": _num(f.get("nll")),
-                         "Brier": _num(f.get("brier")), "smECE": _num(f.get("smece"))})
+                         "Brier": _num(f.get("brier")), "smECE": _num(f.get("smece")),
+                         "AURC": _num(f.get("aurc"))})
     return pd.DataFrame(rows).dropna(axis=1, how="all")
 
 
