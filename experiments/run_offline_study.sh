@@ -124,6 +124,8 @@ if step 10; then
   $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=rotten_tomatoes \
       dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=2000 eta=[0,0.02,0.05,0.1] \
       seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes
+  $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=arc_easy \
+      dataset.limit=200 eta=[0,0.02,0.05,0.1] seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/arc_easy_cloze
   $PY -m calibrate report $OUT/seeds/* --out $OUT/seeds/report --dpi 60
 fi
 
