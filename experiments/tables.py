@@ -195,7 +195,8 @@ def seed_jobs(sweeps: list[str]) -> pd.DataFrame:
 
 def seeds(sweeps: list[str]) -> pd.DataFrame:
     """Across seeds, per model × dataset × method × η: ΔECE mean ± sd and range, the sign kept,
-    how many seeds flag it after Holm, the largest matched-null p (and the median), T(η) and the
+    how many seeds flag it after Holm, the matched-null p (lower tail: median and largest; two-
+    sided: median and smallest), T(η) and the
     share of the KL it leaves, ĉ's squared-norm share on its top-8 and massive coordinates."""
     groups: dict[tuple, list[dict]] = {}
     for r in _seed_records(sweeps):
@@ -210,6 +211,8 @@ def seeds(sweeps: list[str]) -> pd.DataFrame:
         sign = "+" if (d > 0).all() else "−" if (d < 0).all() else "mixed"
         p_matched = [r["null"]["p_matched_ece"] for r in rs
                      if r["null"] is not None and not pd.isna(r["null"].get("p_matched_ece"))]
+        p_two = [r["null"]["p_matched_ece_two_sided"] for r in rs if r["null"] is not None
+                 and not pd.isna(r["null"].get("p_matched_ece_two_sided"))]
         own = [r["own"] for r in rs if r["own"] is not None]
         coords = [r["m"]["direction"].get("coordinates") or {} for r in rs]
         etas = [r["eta"] for r in rs]
@@ -222,6 +225,8 @@ def seeds(sweeps: list[str]) -> pd.DataFrame:
                      "Δacc mean": fmt(np.mean([r["row"]["delta_accuracy"] for r in rs]), 3),
                      "p matched KL median (max)": "—" if not p_matched else
                      f"{np.median(p_matched):.3f} ({max(p_matched):.3f})",
+                     "two-sided median (min)": "—" if not p_two else
+                     f"{np.median(p_two):.3f} ({min(p_two):.3f})",
                      "n random": "—" if rs[0]["null"] is None else int(rs[0]["null"]["n_random"]),
                      "T(η) mean": "—" if not own else f"{np.mean([o['temperature'] for o in own]):.4f}",
                      "KL left / KL": "—" if not own else
