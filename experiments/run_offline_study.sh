@@ -115,7 +115,10 @@ fi
 #     2,000 paired resamples at the steered cells with Holm's correction, the six baselines, T(eta);
 #     then the gradient direction with eta=fit (its own fitted norm) besides the same grid. All 872
 #     SST-2, 1000 of the 10662 Rotten Tomatoes and 200 of the 570 ARC-Easy (cloze), shuffled: the
-#     full sets did not fit the time the shared 2-core CPU had (run 2026-12-03, three sweeps at once)
+#     full sets did not fit the time the shared 2-core CPU had (run 2026-12-03, three sweeps at once).
+#     Cloze ARC-Easy runs without the random-direction null (direction.n_random=0): with several
+#     continuation tokens per option its null needs forward passes per direction and eta, which
+#     did not fit either; its seeds still re-split, redraw the resamples and fit the baselines
 seeds="$common resume=true intervention=steering intervention.eta_scale=residual_norm
        output.predictions=false output.plots=false dataset.seed=0"
 if step 10; then
@@ -127,7 +130,8 @@ if step 10; then
       dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=1000 eta=[0,0.02,0.05,0.1] \
       seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes
   $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=arc_easy \
-      dataset.limit=200 eta=[0,0.02,0.05,0.1] seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/arc_easy_cloze
+      dataset.limit=200 eta=[0,0.02,0.05,0.1] direction.n_random=0 seed=0,1,2,3,4 \
+      hydra.sweep.dir=$OUT/seeds/arc_easy_cloze
   $PY -m calibrate report $OUT/seeds/* --out $OUT/seeds/report --dpi 60
 fi
 
