@@ -7,6 +7,7 @@
     python experiments/tables.py seed_jobs experiments/offline_study/seeds/*      # one row per job and η
     python experiments/tables.py seeds experiments/offline_study/seeds/*          # across seeds
     python experiments/tables.py seed_baselines experiments/offline_study/seeds/* # baselines vs raw
+    python experiments/tables.py best_baselines experiments/offline_study/seeds/* # the best of them
 
 Every number comes from a job's metrics.json, steering.csv, null.csv, effects.csv or
 baselines.csv.
@@ -265,9 +266,16 @@ def seed_baselines(sweeps: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def best_baselines(sweeps: list[str]) -> pd.DataFrame:
+    """Per model × dataset, the seed_baselines row of the baseline with the lowest mean ΔECE."""
+    table = seed_baselines(sweeps)
+    mean = table["ΔECE mean ± sd"].str.split(" ").str[0].astype(float)
+    return table.loc[mean.groupby([table["model"], table["dataset"]], sort=False).idxmin()]
+
+
 if __name__ == "__main__":
     kind, *dirs = sys.argv[1:]
     table = {"adjudicate": adjudicate, "methods": methods, "styles": styles,
              "transfer": transfer, "seeds": seeds, "seed_jobs": seed_jobs,
-             "seed_baselines": seed_baselines}[kind](dirs)
+             "seed_baselines": seed_baselines, "best_baselines": best_baselines}[kind](dirs)
     print(table.to_markdown(index=False))
