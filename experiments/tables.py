@@ -255,8 +255,11 @@ def seed_baselines(sweeps: list[str]) -> pd.DataFrame:
         for method in methods:
             rs = [t[t["method"] == method].iloc[0] for t in per_seed.values()]
             d = np.array([r["delta_ece"] for r in rs])
+            params = pd.to_numeric(pd.Series([r["parameter"] for r in rs]), errors="coerce")
             rows.append({"model": model, "dataset": dataset, "baseline": method,
-                         "seeds": len(rs), "raw ECE mean": f"{np.mean([r['ece_before'] for r in rs]):.4f}",
+                         "seeds": len(rs),
+                         "parameter range": "—" if params.isna().any() else
+                         f"{params.min():.3g}–{params.max():.3g}", "raw ECE mean": f"{np.mean([r['ece_before'] for r in rs]):.4f}",
                          "ECE after mean": f"{np.mean([r['ece'] for r in rs]):.4f}",
                          "ΔECE mean ± sd": f"{d.mean():+.4f} ± {d.std(ddof=1):.4f}",
                          "paired 95 % per seed": " ".join(interval(r["delta_ece_lo"], r["delta_ece_hi"])
