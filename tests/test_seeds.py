@@ -60,3 +60,22 @@ def test_other_overrides_split_groups_and_the_seed_is_read_from_the_config():
     assert sorted(table["overrides"]) == ["direction.method=pca model=smollm2",
                                           "direction.method=probe model=smollm2"]
     assert (table["sign"] == "−").all() and run_seed(runs[1]) == 0
+
+
+def test_the_fitted_eta_of_every_seed_is_one_row():
+    """``eta: fit`` steers each seed's direction at its own fitted η: those cells are one row
+    (eta NaN, eta_label with the lowest and highest), the grid η keep theirs."""
+    fits = {0: 0.284, 1: 0.0135, 2: 0.243}
+    runs = []
+    for s, fit in fits.items():
+        run = _run(s, {"0.1": 0.01 * s, f"{fit:g}": -0.02 - s / 100})
+        run.metrics["eta_fit"] = fit
+        runs.append(run)
+    table = seed_rows(runs)
+    assert table["eta_label"].tolist() == ["0.1", "fit (0.0135–0.284)"]
+    grid, fit = table.iloc[0], table.iloc[1]
+    assert grid["eta"] == 0.1 and grid["seeds"] == 3
+    assert np.isnan(fit["eta"]) and fit["seeds"] == 3
+    assert fit["delta_ece_mean"] == pytest.approx(np.mean([-0.02, -0.03, -0.04]))
+    assert (fit["delta_ece_min"], fit["delta_ece_max"]) == (-0.04, -0.02)
+    assert fit["sign"] == "−" and fit["n_random"] == 1000

@@ -152,7 +152,7 @@ def _seeds_table(runs: Sequence[Run]) -> pd.DataFrame:
     rows = []
     for rec in table.to_dict("records"):
         rows.append({"model": rec["model"], "dataset": rec["dataset"],
-                     "η": f"{rec['eta']:g}", "seeds": rec["seeds"],
+                     "η": rec["eta_label"], "seeds": rec["seeds"],
                      "ΔECE mean": rec.get("delta_ece_mean"), "ΔECE sd": rec.get("delta_ece_sd"),
                      "ΔECE min": rec.get("delta_ece_min"), "ΔECE max": rec.get("delta_ece_max"),
                      "sign": rec["sign"],

@@ -71,8 +71,25 @@ def _best_baseline(run: Run) -> tuple[str, Mapping[str, Any]] | None:
     return min(scored, key=lambda item: item[1]["ece"]) if scored else None
 
 
+FIT = "fit"
+
+
+def _eta_fit(run: Run) -> float | None:
+    """The η a fitted direction was steered at (``eta: fit``; metrics.json ``eta_fit``)."""
+    value = (run.metrics or {}).get("eta_fit")
+    return float(value) if isinstance(value, (int, float)) and f"{value:g}" in \
+        (run.metrics or {}).get("steering", {}) else None
+
+
+def _is_fit(run: Run, eta: float) -> bool:
+    fit = _eta_fit(run)
+    return fit is not None and f"{eta:g}" == f"{fit:g}"
+
+
 def seed_rows(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per group of runs that differ only in their seed (two seeds or more) and η ≠ 0."""
+    """One row per group of runs that differ only in their seed (two seeds or more) and η ≠ 0;
+    the η each seed's fitted direction was steered at (``eta: fit``, different in every seed)
+    is one row of its own, ``eta`` NaN and ``eta_label`` ``fit (lowest–highest)``."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         if run.complete and (run.metrics or {}).get("steering") and run_seed(run) is not None:
@@ -83,17 +100,26 @@ def seed_rows(runs: Sequence[Run]) -> pd.DataFrame:
         if len(seeds) < 2:
             continue
         members = sorted(members, key=run_seed)
-        etas = sorted({float(e) for r in members for e in r.metrics["steering"] if float(e) != 0})
-        for eta in etas:
-            per = [(r, r.metrics["steering"].get(f"{eta:g}")) for r in members]
-            per = [(r, v) for r, v in per if v]
+        etas = sorted({float(e) for r in members for e in r.metrics["steering"]
+                       if float(e) != 0 and not _is_fit(r, float(e))})
+        for eta in [*etas, FIT]:
+            chosen = [(r, _eta_fit(r) if eta == FIT else eta) for r in members]
+            per = [(r, e, r.metrics["steering"].get(f"{e:g}")) for r, e in chosen
+                   if e is not None and (eta == FIT or not _is_fit(r, e))]
+            per = [(r, e, v) for r, e, v in per if v]
             if len(per) < 2:
                 continue
+            fitted = [e for _, e, _ in per]
+            per_eta = {id(r): e for r, e, _ in per}
+            per = [(r, v) for r, _, v in per]
             delta = np.array([float(v["delta_ece"]) for _, v in per])
-            nulls = [_null_rows(r).get(eta, {}) for r, _ in per]
+            nulls = [_null_rows(r).get(per_eta[id(r)], {}) for r, _ in per]
+            label = (f"fit ({min(fitted):.3g}–{max(fitted):.3g})" if eta == FIT
+                     else f"{eta:g}")
             row: dict[str, Any] = {
                 "model": model, "dataset": dataset, "unit": unit,
-                "overrides": " ".join(overrides), "eta": eta, "seeds": len(per),
+                "overrides": " ".join(overrides), "eta": np.nan if eta == FIT else eta,
+                "eta_label": label, "seeds": len(per),
                 "n_evaluation": int(np.median([r.metrics.get("n_evaluation") or 0
                                                for r, _ in per])),
                 **_stats("delta_ece", list(delta)), "sign": _sign(delta),
