@@ -132,7 +132,8 @@ if step 10; then
   $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=arc_easy \
       dataset.limit=200 eta=[0,0.02,0.05,0.1] direction.n_random=0 seed=0,1,2,3,4 \
       hydra.sweep.dir=$OUT/seeds/arc_easy_cloze
-  $PY -m calibrate report $OUT/seeds/* --out $OUT/seeds/report --dpi 60
+  $PY -m calibrate report $OUT/seeds/{sst2,sst2_gradient,rotten_tomatoes,arc_easy_cloze} \
+      --out $OUT/seeds/report --dpi 60
 fi
 
 # 4. one report of everything: report.html (self-contained) and report.md, figures, tables
