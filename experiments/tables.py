@@ -27,6 +27,8 @@ def jobs(sweeps: list[str]) -> list[Path]:
     """Complete job folders of the sweeps, in sweep and job order."""
     out = []
     for sweep in sweeps:
+        if not Path(sweep).is_dir():  # seeds/*.md beside the sweeps
+            continue
         for job in sorted(Path(sweep).iterdir(), key=lambda p: (len(p.name), p.name)):
             if (job / "metrics.json").is_file():
                 out.append(job)
