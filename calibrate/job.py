@@ -243,11 +243,31 @@ def manifest(job_dir: Path) -> list[str]:
     return sorted([n for n in names if (Path(job_dir) / n).is_file()] + [results.METRICS_FILE])
 
 
+def option_mass_check(report: ProbeReport, threshold: float) -> float | None:
+    """The final layer's mean full-vocabulary mass on the options (None when not measured:
+    cloze scoring, ``probe.option_mass=none``); a warning, with the number, below
+    ``threshold`` (``checks.option_mass_warn``)."""
+    if "option_mass" not in report.table:
+        return None
+    mass = float(report.table["option_mass"].iloc[-1])
+    if not np.isfinite(mass):
+        return None
+    if mass < threshold:
+        LOG.warning("the options hold %.1f%% of the model's probability at the last layer (mean "
+                    "over examples; checks.option_mass_warn=%g): their probabilities are a "
+                    "renormalised sliver of its output, so these calibration figures describe "
+                    "little of the model", 100 * mass, threshold)
+    return mass
+
+
 def finish(ctx: JobContext, result: StudyResult, job_dir: Path, tracker: Tracker,
            start: float) -> dict[str, Any]:
     """Write, plot and log a study's result; returns the metrics summary."""
     spec = ctx.spec
+    mass = option_mass_check(result.report, spec.checks.option_mass_warn)
     title = f"{ctx.loaded.name} on {spec.dataset.name}"
+    if mass is not None:
+        title += f" (options hold {mass:.1%} of the mass)"
     phases = find_phases(result.report.table, spec.phases)
     result.write(job_dir)
     plots: dict[str, Path] = {}
@@ -256,6 +276,9 @@ def finish(ctx: JobContext, result: StudyResult, job_dir: Path, tracker: Tracker
         plots.update(_plots(result.report, job_dir, title, spec.metrics, phases))
     summary = {**_summary(ctx, result.report, phases_to_dict(phases), time.perf_counter() - start),
                **result.summary}
+    if mass is not None:
+        summary["option_mass"] = mass
+        summary["option_mass_warning"] = bool(mass < spec.checks.option_mass_warn)
     rows, tables = result.summary_rows(), result.sweep_tables()
     if rows:
         summary["summary_rows"] = rows

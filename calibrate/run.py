@@ -15,6 +15,7 @@ failed, else 2 when any was refused.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import traceback
@@ -64,10 +65,12 @@ def _headline(done: dict[str, Any], job_dir: Path) -> None:
         lo, hi = final.get(f"{metric}_lo"), final.get(f"{metric}_hi")
         return f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
 
-    LOG.info("%s on %s (%s, %d examples): final accuracy %.3f%s, ECE %.4f%s, MCE %.4f; %s",
+    mass = final.get("option_mass")
+    mass = "" if mass is None or math.isnan(mass) else f" (options hold {mass:.1%} of the mass)"
+    LOG.info("%s on %s (%s, %d examples): final accuracy %.3f%s, ECE %.4f%s%s, MCE %.4f; %s",
              done.get("model"), done.get("dataset"), done.get("study"), done.get("n_examples", 0),
              final.get("accuracy", float("nan")), interval("accuracy"),
-             final.get("ece", float("nan")), interval("ece"), final.get("mce", float("nan")),
+             final.get("ece", float("nan")), interval("ece"), mass, final.get("mce", float("nan")),
              done.get("phase_note") or "")
     for line in done.get("headline_extra") or []:
         LOG.info("%s", line)

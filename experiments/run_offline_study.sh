@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
-STEPS=${STEPS:-1 2 3 4 5 6 7 8 9}
+STEPS=${STEPS:-1 2 3 4 5 6 7 8 9 10}
 common="probe.progress=false tracker=none dataset.shuffle=true"
 steer="intervention=steering intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -106,6 +106,34 @@ if step 9; then
       hydra.sweep.dir=$OUT/prompt_styles/transfer_zero_to_five
   $PY -m calibrate.run -m $tr prompt.shots=0 'direction.source_prompt={shots:5}' \
       hydra.sweep.dir=$OUT/prompt_styles/transfer_five_to_zero
+fi
+
+# 10. issue 25: the adjudication again with seeds as an axis: 5 seeds (each re-splits the rows,
+#     redraws the 1,000 random directions of the null and the resamples; dataset.seed stays 0 so
+#     every seed reads the same records and the cached probe), c_hat steered at the last layer,
+#     eta in {0.02, 0.05, 0.1} x the mean residual norm, the null at equal norm and at matched KL,
+#     2,000 paired resamples at the steered cells with Holm's correction, the six baselines, T(eta);
+#     then the gradient direction with eta=fit (its own fitted norm) besides the same grid. All 872
+#     SST-2, 1000 of the 10662 Rotten Tomatoes and 200 of the 570 ARC-Easy (cloze), shuffled: the
+#     full sets did not fit the time the shared 2-core CPU had (run 2026-12-03, three sweeps at once).
+#     Cloze ARC-Easy runs without the random-direction null (direction.n_random=0): with several
+#     continuation tokens per option its null needs forward passes per direction and eta, which
+#     did not fit either; its seeds still re-split, redraw the resamples and fit the baselines
+seeds="$common resume=true intervention=steering intervention.eta_scale=residual_norm
+       output.predictions=false output.plots=false dataset.seed=0"
+if step 10; then
+  $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=sst2 eta=[0,0.02,0.05,0.1] \
+      seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/sst2
+  $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=sst2 direction.method=gradient \
+      eta=[0,0.02,0.05,0.1,fit] seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/sst2_gradient
+  $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=1000 eta=[0,0.02,0.05,0.1] \
+      seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes
+  $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=arc_easy \
+      dataset.limit=200 eta=[0,0.02,0.05,0.1] direction.n_random=0 seed=0,1,2,3,4 \
+      hydra.sweep.dir=$OUT/seeds/arc_easy_cloze
+  $PY -m calibrate report $OUT/seeds/{sst2,sst2_gradient,rotten_tomatoes,arc_easy_cloze} \
+      --out $OUT/seeds/report --dpi 60
 fi
 
 # 4. one report of everything: report.html (self-contained) and report.md, figures, tables

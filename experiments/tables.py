@@ -4,8 +4,13 @@
     python experiments/tables.py methods experiments/offline_study/methods/*
     python experiments/tables.py styles experiments/offline_study/prompt_styles/{mmlu,sst2,arc_easy}*
     python experiments/tables.py transfer experiments/offline_study/prompt_styles/transfer_*
+    python experiments/tables.py seed_jobs experiments/offline_study/seeds/*      # one row per job and η
+    python experiments/tables.py seeds experiments/offline_study/seeds/*          # across seeds
+    python experiments/tables.py seed_baselines experiments/offline_study/seeds/* # baselines vs raw
+    python experiments/tables.py best_baselines experiments/offline_study/seeds/* # the best of them
 
-Every number comes from a job's metrics.json, steering.csv, null.csv or baselines.csv.
+Every number comes from a job's metrics.json, steering.csv, null.csv, effects.csv or
+baselines.csv.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -21,6 +27,8 @@ def jobs(sweeps: list[str]) -> list[Path]:
     """Complete job folders of the sweeps, in sweep and job order."""
     out = []
     for sweep in sweeps:
+        if not Path(sweep).is_dir():  # seeds/*.md beside the sweeps
+            continue
         for job in sorted(Path(sweep).iterdir(), key=lambda p: (len(p.name), p.name)):
             if (job / "metrics.json").is_file():
                 out.append(job)
@@ -137,8 +145,142 @@ def transfer(sweeps: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _seed_records(sweeps: list[str]) -> list[dict]:
+    """Per job and η ≠ 0: the seed, ĉ's final-layer row, its null row and its effects row."""
+    out = []
+    for job in jobs(sweeps):
+        m = metrics(job)
+        final = final_steering(job)
+        null = pd.read_csv(job / "null.csv").set_index("eta") if (job / "null.csv").is_file() \
+            else None
+        effects = pd.read_csv(job / "effects.csv") if (job / "effects.csv").is_file() else None
+        for eta in [e for e in m["etas"] if e != 0]:
+            own = None if effects is None else \
+                effects[(effects["variant"] == "c_hat") & np.isclose(effects["eta"], eta)]
+            out.append({"job": job, "m": m, "eta": eta, "row": final.loc[eta],
+                        "null": None if null is None else null.loc[eta],
+                        "effects": effects, "own": None if own is None or own.empty else own.iloc[0]})
+    return out
+
+
+def _name(m: dict) -> str:
+    return m["dataset"] + (" (cloze)" if m["answer_format"] == "cloze" else "")
+
+
+def _eta_label(m: dict, eta: float) -> str:
+    return f"{eta:.3g} (fit)" if m.get("eta_fit") is not None and np.isclose(eta, m["eta_fit"]) \
+        else f"{eta:g}"
+
+
+def seed_jobs(sweeps: list[str]) -> pd.DataFrame:
+    """One row per job and η: ĉ's ΔECE with its paired interval (2,000 resamples) and Holm-
+    adjusted p, the null's p at equal norm and at matched KL (n random), T(η) and the KL left."""
+    rows = []
+    for r in _seed_records(sweeps):
+        m, row, null, own = r["m"], r["row"], r["null"], r["own"]
+        flag = " *" if bool(row.get("significant_adjusted_ece")) else ""
+        rows.append({"model": m["model"], "dataset": _name(m), "method": m["direction"]["method"],
+                     "seed": m["config"]["seed"], "n eval": m["n_evaluation"],
+                     "η": _eta_label(m, r["eta"]),
+                     "ΔECE [paired 95 %]": f"{fmt(row['delta_ece'])} "
+                                           f"{interval(row['delta_ece_lo'], row['delta_ece_hi'])}{flag}",
+                     "p adj.": f"{row['p_adjusted_ece']:.3f}",
+                     "Δacc": fmt(row["delta_accuracy"], 3),
+                     "p equal norm": "—" if null is None else f"{null['p_value_ece']:.3f}",
+                     "p matched KL": "—" if null is None or pd.isna(null.get("p_matched_ece"))
+                     else f"{null['p_matched_ece']:.3f}",
+                     "n random": "—" if null is None else int(null["n_random"]),
+                     "T(η)": "—" if own is None else f"{own['temperature']:.4f}",
+                     "KL left / KL": "—" if own is None else
+                     f"{own['residual_kl']:.2e} / {own['kl']:.2e}"})
+    return pd.DataFrame(rows)
+
+
+def seeds(sweeps: list[str]) -> pd.DataFrame:
+    """Across seeds, per model × dataset × method × η: ΔECE mean ± sd and range, the sign kept,
+    how many seeds flag it after Holm, the matched-null p (lower tail: median and largest; two-
+    sided: median and smallest), T(η) and the
+    share of the KL it leaves, ĉ's squared-norm share on its top-8 and massive coordinates."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in _seed_records(sweeps):
+        m = r["m"]
+        key = (m["model"], _name(m), m["direction"]["method"],
+               "fit" if m.get("eta_fit") is not None and np.isclose(r["eta"], m["eta_fit"])
+               else r["eta"])
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (model, dataset, method, eta), rs in groups.items():
+        d = np.array([r["row"]["delta_ece"] for r in rs])
+        sign = "+" if (d > 0).all() else "−" if (d < 0).all() else "mixed"
+        p_matched = [r["null"]["p_matched_ece"] for r in rs
+                     if r["null"] is not None and not pd.isna(r["null"].get("p_matched_ece"))]
+        p_two = [r["null"]["p_matched_ece_two_sided"] for r in rs if r["null"] is not None
+                 and not pd.isna(r["null"].get("p_matched_ece_two_sided"))]
+        own = [r["own"] for r in rs if r["own"] is not None]
+        coords = [r["m"]["direction"].get("coordinates") or {} for r in rs]
+        etas = [r["eta"] for r in rs]
+        rows.append({"model": model, "dataset": dataset, "method": method,
+                     "η": f"{eta:g}" if eta != "fit" else f"fit ({min(etas):.3g}–{max(etas):.3g})",
+                     "seeds": len(rs), "n eval": rs[0]["m"]["n_evaluation"],
+                     "ΔECE mean ± sd": f"{d.mean():+.4f} ± {d.std(ddof=1):.4f}",
+                     "range": interval(d.min(), d.max()), "sign": sign,
+                     "flagged (Holm)": f"{sum(bool(r['row'].get('significant_adjusted_ece')) for r in rs)}/{len(rs)}",
+                     "Δacc mean": fmt(np.mean([r["row"]["delta_accuracy"] for r in rs]), 3),
+                     "p matched KL median (max)": "—" if not p_matched else
+                     f"{np.median(p_matched):.3f} ({max(p_matched):.3f})",
+                     "two-sided median (min)": "—" if not p_two else
+                     f"{np.median(p_two):.3f} ({min(p_two):.3f})",
+                     "n random": "—" if rs[0]["null"] is None else int(rs[0]["null"]["n_random"]),
+                     "T(η) mean": "—" if not own else f"{np.mean([o['temperature'] for o in own]):.4f}",
+                     "KL left / KL": "—" if not own else
+                     f"{np.mean([o['residual_kl'] / o['kl'] for o in own if o['kl'] > 0]):.2f}",
+                     "top-8 share": f"{np.mean([c.get('share_top_k', np.nan) for c in coords]):.2f}",
+                     "massive share": f"{np.mean([c.get('share_massive', np.nan) for c in coords]):.2f}"})
+    return pd.DataFrame(rows)
+
+
+def seed_baselines(sweeps: list[str]) -> pd.DataFrame:
+    """Per model × dataset × baseline (at the steered layer, the first η's job of each seed):
+    ECE after, ΔECE against the raw model mean over the seeds, each seed's paired interval,
+    how many seeds flag it after Holm over the methods."""
+    groups: dict[tuple, dict[int, pd.DataFrame]] = {}
+    for job in jobs(sweeps):
+        m = metrics(job)
+        if m["direction"]["method"] != "layer_diff":
+            continue
+        table = pd.read_csv(job / "baselines.csv")
+        table = table[table["layer"] == m["baselines_layer"]]
+        groups.setdefault((m["model"], _name(m)), {})[m["config"]["seed"]] = table
+    rows = []
+    for (model, dataset), per_seed in groups.items():
+        methods = per_seed[min(per_seed)]["method"].tolist()
+        for method in methods:
+            rs = [t[t["method"] == method].iloc[0] for t in per_seed.values()]
+            d = np.array([r["delta_ece"] for r in rs])
+            params = pd.to_numeric(pd.Series([r["parameter"] for r in rs]), errors="coerce")
+            rows.append({"model": model, "dataset": dataset, "baseline": method,
+                         "seeds": len(rs),
+                         "parameter range": "—" if params.isna().any() else
+                         f"{params.min():.3g}–{params.max():.3g}", "raw ECE mean": f"{np.mean([r['ece_before'] for r in rs]):.4f}",
+                         "ECE after mean": f"{np.mean([r['ece'] for r in rs]):.4f}",
+                         "ΔECE mean ± sd": f"{d.mean():+.4f} ± {d.std(ddof=1):.4f}",
+                         "paired 95 % per seed": " ".join(interval(r["delta_ece_lo"], r["delta_ece_hi"])
+                                                          for r in rs),
+                         "flagged (Holm)": f"{sum(bool(r['significant_adjusted_ece']) for r in rs)}/{len(rs)}",
+                         "Δacc mean": fmt(np.mean([r["delta_accuracy"] for r in rs]), 3)})
+    return pd.DataFrame(rows)
+
+
+def best_baselines(sweeps: list[str]) -> pd.DataFrame:
+    """Per model × dataset, the seed_baselines row of the baseline with the lowest mean ΔECE."""
+    table = seed_baselines(sweeps)
+    mean = table["ΔECE mean ± sd"].str.split(" ").str[0].astype(float)
+    return table.loc[mean.groupby([table["model"], table["dataset"]], sort=False).idxmin()]
+
+
 if __name__ == "__main__":
     kind, *dirs = sys.argv[1:]
     table = {"adjudicate": adjudicate, "methods": methods, "styles": styles,
-             "transfer": transfer}[kind](dirs)
+             "transfer": transfer, "seeds": seeds, "seed_jobs": seed_jobs,
+             "seed_baselines": seed_baselines, "best_baselines": best_baselines}[kind](dirs)
     print(table.to_markdown(index=False))

@@ -32,7 +32,8 @@ def test_details_are_keyed_by_the_run_number(runs):
     tables = detail_tables(runs)
     assert list(tables)[:2] == ["Final layer", "Phases"] and "Failed runs" in tables
     assert tables["Failed runs"]["#"].tolist() == [9]
-    steering = tables["Steering: final layer per η (* paired interval excludes 0)"]
+    steering = tables["Steering: final layer per η (* flagged after the multiple-comparisons "
+                      "correction)"]
     assert len(steering) == 8 * 4 and "0" not in set(steering["η"])  # η = 0 is the reference
     assert steering["ΔECE interval"].str.endswith("*").any()
 

@@ -148,6 +148,16 @@ BAD = [
         ("nullspace.fraction=0",), ("(0, 1]",)),
     Bad("bootstrap_negative", (*RUN, "metrics.bootstrap=-1"), 2, ("metrics.bootstrap=-1",),
         ("integer >= 0",)),
+    # issue 25: the statistics' settings
+    Bad("correction_unknown", (*RUN, "metrics.correction=fdr"), 2, ("metrics.correction='fdr'",),
+        ("holm, bh, bonferroni, none",)),
+    Bad("null_unknown", (*RUN, "intervention=steering", "direction.null=gauss"), 2,
+        ("direction.null='gauss'",), ("isotropic, covariance",)),
+    Bad("match_unknown", (*RUN, "intervention=steering", "direction.match=l2"), 2,
+        ("direction.match='l2'",), ("kl, confidence, none",)),
+    Bad("eta_fit_without_a_fitted_norm", (*RUN, "eta=[0,fit]"), 2,
+        ("eta=fit steers a direction at its fitted norm", "direction.method=layer_diff"),
+        ("direction.method=gradient",)),
     # Over a directory that already holds a complete result: "maybe" must neither skip the job
     # (it is not true) nor run it (it is not false). OmegaConf parses booleans against the
     # typed schema: "maybe" is refused while composing.

@@ -70,3 +70,27 @@ def test_an_edit_below_the_last_layer_is_refused(tiny):
     with pytest.raises(ValueError, match="not only at the last layer 3"):
         last_layer_steered(tiny, base.option_logits, base.residuals[3], ps.option_ids,
                            Steering(unit(32), (2,), (0.0, 1.0)))
+
+
+def test_the_exact_read_is_recognised_and_equals_the_lens_read(tiny):
+    """Every architecture's final norm is recognised (RMSNorm, Gemma's 1 + weight, LayerNorm)
+    and the float64 algebra equals the readout's read of the edited residuals, at scales from
+    a tenth to fifty times the residual's norm and for many directions at once."""
+    from calibrate.engine.last_layer import LastLayerReader
+
+    ps = prompts(tiny.tokenizer)
+    last = tiny.adapter.num_blocks
+    base = run_probe(tiny, ps, ProbeSettings(progress=False).keeping((last,)))
+    hidden = tiny.adapter.unembed_weight.shape[1]
+    residual = base.residuals[last]
+    reader = LastLayerReader(tiny, residual, ps.option_ids)
+    assert reader.exact
+    vectors = np.stack([unit(hidden, s) for s in range(5)])
+    norm = float(np.linalg.norm(residual, axis=1).mean())
+    scales = norm * np.array([[0.0, 0.1, -1.0, 50.0]] * 5)
+    fast = reader.logits(vectors, scales)
+    slow = reader._read(vectors, scales, np.arange(len(residual)))
+    np.testing.assert_allclose(fast, slow, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(fast[0, 0], base.option_logits[:, -1], rtol=1e-4, atol=1e-4)
+    flat = reader.logits(vectors, scales[:, 2])  # one scale per direction: [D, N, K]
+    np.testing.assert_allclose(flat, fast[:, 2], rtol=1e-12, atol=1e-12)

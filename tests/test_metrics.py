@@ -262,6 +262,29 @@ def test_bootstrap_shares_indices_across_layers_and_ignores_batch_size() -> None
     assert (a["lo"] <= a["ece"]).all() and (a["ece"] <= a["hi"]).all()
 
 
+@pytest.mark.parametrize("metric, method", [("accuracy", "auto"), ("confidence", "auto"),
+                                            ("ece", "percentile"), ("mce", "auto")])
+def test_percentile_interval_is_the_documented_quantiles_at_the_stated_alpha(metric, method):
+    """The interval at the default alpha 0.05 is np.quantile(.., [0.025, 0.975]) of the metric
+    on the documented resamples (replicate b: the b-th rng.integers(0, N, size=N) draw of
+    default_rng(seed)); at alpha 0.1 [0.05, 0.95]. A 90 % interval reported as 95 % fails."""
+    rng = np.random.default_rng(21)
+    n, n_boot, seed = 150, 90, 6
+    probs = softmax64(rng.normal(size=(n, 2, 3)) * 1.5)
+    labels = rng.integers(0, 3, n)
+    draw = np.random.default_rng(seed)
+    reps = np.stack([layer_table(probs[i], labels[i], n_bins=15)[metric].to_numpy()
+                     for i in (draw.integers(0, n, size=n) for _ in range(n_boot))])  # [B, L]
+    for alpha in (0.05, 0.1):
+        ci = bootstrap_layer_ci(probs, labels, metric, n_boot=n_boot, alpha=alpha, seed=seed,
+                                method=method)
+        lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2], axis=0)
+        point = ci[metric].to_numpy()
+        assert (lo < point).all() and (point < hi).all()  # the widening to the point never binds
+        np.testing.assert_allclose(ci["lo"], lo, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(ci["hi"], hi, rtol=0, atol=1e-12)
+
+
 def test_bootstrap_accuracy_interval_covers_truth() -> None:
     """Bernoulli(0.7) correctness at fixed confidence: the 95% CI covers 0.7 ~95% of the time."""
     truth, n, reps = 0.7, 100, 200
@@ -383,6 +406,8 @@ def test_docstring_examples() -> None:
     ("alpha", 1.0, "metrics.alpha=1.0", "a number strictly between 0 and 1"),
     ("seed", -1, "metrics.seed=-1", "an integer >= 0"),
     ("ece_margin", -0.5, "metrics.ece_margin=-0.5", "a number >= 0"),
+    ("paired_bootstrap", 0, "metrics.paired_bootstrap=0", "an integer >= 1"),
+    ("correction", "fdr", "metrics.correction='fdr'", "holm, bh, bonferroni, none"),
 ])
 def test_metric_settings_reject(key, value, named, accepted):
     import re
@@ -401,7 +426,8 @@ def test_metric_settings_defaults_and_the_composed_group():
 
     default = MetricSettings()
     assert (default.n_bins, default.binning, default.extra_bins, default.bootstrap, default.alpha,
-            default.seed, default.ece_margin) == (15, "guo", (10,), 0, 0.05, 0, 3.0)
+            default.seed, default.ece_margin, default.paired_bootstrap, default.correction) == \
+        (15, "guo", (10,), 0, 0.05, 0, 3.0, 2000, "holm")
     settings = MetricSettings(n_bins=10, binning="torchmetrics", extra_bins=[5, 20], bootstrap=0,
                               alpha=0.1, ece_margin=0)
     assert settings.extra_bins == (5, 20)  # a list in the config, a tuple once checked

@@ -9,7 +9,9 @@ import pytest
 from calibrate.core.metrics import ece, mce
 from calibrate.core.paired import (
     add_paired_columns,
+    adjust_p_values,
     binned_errors,
+    bootstrap_p_value,
     multiple_comparisons,
     paired_intervals,
 )
@@ -77,12 +79,129 @@ def test_intervals_equal_a_plain_loop_over_the_same_resamples():
         assert table.loc[0, f"delta_{metric}_hi"] == pytest.approx(hi, abs=1e-12), metric
 
 
+def _loop_deltas(reference, arm, labels, n_boot, seed, layer=0):
+    """The documented resamples, one at a time: replicate b is the b-th
+    ``rng.integers(0, N, size=N)`` draw of ``default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    out = {"ece": [], "mce": [], "accuracy": []}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), size=len(labels))
+        a, r = arm[idx, layer], reference[idx, layer]
+        right_a, right_r = a.argmax(-1) == labels[idx], r.argmax(-1) == labels[idx]
+        out["ece"].append(ece(a.max(-1), right_a) - ece(r.max(-1), right_r))
+        out["mce"].append(mce(a.max(-1), right_a) - mce(r.max(-1), right_r))
+        out["accuracy"].append(right_a.mean() - right_r.mean())
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def test_a_95_percent_interval_is_the_2_5_and_97_5_percent_quantiles():
+    """At the default alpha 0.05 the interval is np.quantile(.., [0.025, 0.975]) of the
+    documented resamples; a 90 % interval ([0.05, 0.95]) is narrower and fails this."""
+    calibrated, overconfident, labels = arms(n=140, seed=11)
+    table = paired_intervals(calibrated, overconfident, labels, n_boot=120, seed=4)
+    deltas = _loop_deltas(calibrated, overconfident, labels, 120, 4)
+    for metric, values in deltas.items():
+        lo, hi = np.quantile(values, [0.025, 0.975])
+        assert table.loc[0, f"delta_{metric}_lo"] == pytest.approx(lo, abs=1e-12), metric
+        assert table.loc[0, f"delta_{metric}_hi"] == pytest.approx(hi, abs=1e-12), metric
+    narrow = np.quantile(deltas["ece"], [0.05, 0.95])
+    assert narrow[0] > table.loc[0, "delta_ece_lo"] or narrow[1] < table.loc[0, "delta_ece_hi"]
+
+
+def test_a_tested_layer_uses_its_own_replicates_and_gets_the_documented_p_value():
+    """Layer 1 is tested with 300 replicates (the first 50 are layer 0's): its interval and
+    p-value are those of the 300 documented resamples; layer 0 keeps 50 and has no p-value."""
+    calibrated, overconfident, labels = arms(n=90, seed=2)
+    ref = np.concatenate([calibrated, calibrated], axis=1)  # [N, 2, K]
+    new = np.concatenate([overconfident, overconfident], axis=1)
+    table = paired_intervals(ref, new, labels, n_boot=50, seed=9, tested=[False, True],
+                             n_boot_tested=300)
+    many, few = _loop_deltas(ref, new, labels, 300, 9, 1), _loop_deltas(ref, new, labels, 50, 9)
+    for metric in ("ece", "mce", "accuracy"):
+        lo, hi = np.quantile(many[metric], [0.025, 0.975])
+        assert (table.loc[1, f"delta_{metric}_lo"], table.loc[1, f"delta_{metric}_hi"]) == \
+            pytest.approx((lo, hi), abs=1e-12)
+        lo0, hi0 = np.quantile(few[metric], [0.025, 0.975])
+        assert (table.loc[0, f"delta_{metric}_lo"], table.loc[0, f"delta_{metric}_hi"]) == \
+            pytest.approx((lo0, hi0), abs=1e-12)
+        d = many[metric]
+        expected = min(1.0, 2 * min(1 + np.sum(d <= 0), 1 + np.sum(d >= 0)) / 301)
+        assert table.loc[1, f"p_{metric}"] == pytest.approx(expected, abs=1e-15)
+        assert np.isnan(table.loc[0, f"p_{metric}"])
+
+
+@pytest.mark.parametrize("deltas, expected", [
+    ([1.0, 2.0, 3.0, 4.0], 2 * 1 / 5),            # every replicate above 0: the floor 2/(B+1)
+    ([-1.0, -2.0, -3.0], 2 * 1 / 4),              # every replicate below 0
+    ([-1.0, 0.0, 1.0, 2.0, 3.0], 1.0),            # 2 at or below, 4 at or above: 2*3/6 = 1
+    ([-1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2 * 2 / 8),  # one below 0
+    ([0.0, 0.0, 0.0], 1.0),                       # no change at all
+])
+def test_bootstrap_p_value_by_hand(deltas, expected):
+    assert bootstrap_p_value(np.array(deltas)) == pytest.approx(expected, abs=1e-15)
+
+
+def test_bootstrap_p_value_floor_with_2000_replicates():
+    assert bootstrap_p_value(np.full(2000, 0.01)) == pytest.approx(2 / 2001, abs=1e-15)
+
+
+P = np.array([0.01, 0.04, 0.03, np.nan, 0.005])
+
+
+@pytest.mark.parametrize("method, expected", [
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): Holm 4p, 3p, 2p, 1p = .02 .03 .06 .04, running max
+    ("holm", [0.03, 0.06, 0.06, np.nan, 0.02]),
+    # BH m/j p = .02 .02 .04 .04, running min from the top
+    ("bh", [0.02, 0.04, 0.04, np.nan, 0.02]),
+    ("bonferroni", [0.04, 0.16, 0.12, np.nan, 0.02]),
+    ("none", [0.01, 0.04, 0.03, np.nan, 0.005]),
+])
+def test_adjusted_p_values_by_hand(method, expected):
+    np.testing.assert_allclose(adjust_p_values(P, method), expected, rtol=0, atol=1e-15)
+
+
+def test_holm_and_bh_cap_at_one_and_keep_order():
+    p = np.array([0.5, 0.6, 0.9])
+    np.testing.assert_allclose(adjust_p_values(p, "holm"), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(adjust_p_values(p, "bh"), [0.9, 0.9, 0.9])
+    with pytest.raises(ValueError, match="correction 'fdr'; accepted: holm, bh, bonferroni, none"):
+        adjust_p_values(p, "fdr")
+
+
+def test_only_cells_that_can_differ_are_tested_and_corrected():
+    """Three arms over three layers, the edit at layer 2: the tested cells are the two non-
+    reference arms at layer 2 only (2 cells), and only they carry p-values; Holm over them."""
+    calibrated, overconfident, labels = arms(n=120)
+    def layer(p):
+        return np.concatenate([calibrated, calibrated, p], axis=1)
+
+    probs = np.stack([layer(calibrated), layer(overconfident), layer(calibrated)])
+    table = pd.DataFrame({"eta": np.repeat([0.0, 4.0, 8.0], 3), "layer": [0, 1, 2] * 3})
+    out = add_paired_columns(table, probs, labels, "eta", 0, 60, 0.05, 0, 15, "guo",
+                             first_layer=2, n_boot_tested=400, correction="holm")
+    assert out["tested"].tolist() == [False, False, False, False, False, True,
+                                      False, False, True]
+    assert out["p_ece"].notna().tolist() == out["tested"].tolist()
+    p = out.loc[out["tested"], "p_ece"].to_numpy()
+    np.testing.assert_allclose(out.loc[out["tested"], "p_adjusted_ece"], adjust_p_values(p, "holm"))
+    assert out.loc[8, "p_ece"] == 1.0  # the same probabilities as the reference: no difference
+    note = multiple_comparisons(out, 0.05, "holm", 400)
+    assert note["cells_tested"] == 2 and note["layers_tested"] == [2]
+    assert note["bonferroni_alpha"] == pytest.approx(0.025)
+    assert note["expected_false_positives"] == pytest.approx(0.1)
+    assert note["p_floor"] == pytest.approx(2 / 401)
+    assert note["flagged_ece"] == int(out.loc[out["tested"], "significant_ece"].sum())
+    assert note["flagged_adjusted_ece"] == int((out.loc[out["tested"], "p_adjusted_ece"]
+                                                <= 0.05).sum())
+    assert note["flagged_adjusted_ece"] == 1  # the overconfident arm, p = 2/401 before Holm
+
+
 def test_columns_for_a_steering_table_and_the_comparison_count():
     calibrated, overconfident, labels = arms(n=120)
     probs = np.stack([calibrated, overconfident])
     table = pd.DataFrame({"eta": [0.0, 4.0], "layer": [0, 0]})
     out = add_paired_columns(table, probs, labels, "eta", 0, 100, 0.05, 0, 15, "guo")
     assert list(out["eta"]) == [0.0, 4.0] and out.loc[0, "delta_ece_lo"] == 0.0
-    note = multiple_comparisons(out, "eta", 0.0, 0.05)
+    note = multiple_comparisons(out, 0.05, "none", 100)
     assert note["cells_tested"] == 1 and note["bonferroni_alpha"] == pytest.approx(0.05)
     assert note["flagged_ece"] == int(out.loc[1, "significant_ece"])

@@ -88,11 +88,12 @@ def test_histogram_near_certain_top_label_still_sums_to_one():
 # ---------------------------------------------------------------- the baselines group and table
 
 @pytest.mark.parametrize("key, value, message", [
-    ("methods", [], "baselines.methods=[]; accepted: a non-empty list of temperature, histogram"),
+    ("methods", [], "baselines.methods=[]; accepted: a non-empty list of temperature, histogram, bias, vector, isotonic, ensemble"),
     ("methods", "temperature",
-     "baselines.methods=temperature; accepted: a non-empty list of temperature, histogram"),
+     "baselines.methods=temperature; accepted: a non-empty list of temperature, histogram, bias, vector, isotonic, ensemble"),
     ("methods", ["platt"], ("baselines.methods=['platt']; accepted: a non-empty list of "
-                            "temperature, histogram")),
+                            "temperature, histogram, bias, vector, isotonic, ensemble")),
+    ("ensemble_max_layers", 0, "baselines.ensemble_max_layers=0; accepted: an integer >= 1"),
     ("log_t_bounds", [1.0], "baselines.log_t_bounds=[1.0]; accepted: [low, high], low < high"),
     ("log_t_bounds", [2, 1], "baselines.log_t_bounds=[2.0, 1.0]; accepted: [low, high], low < high"),
     ("log_t_bounds", [0, "x"], "baselines.log_t_bounds[]='x'; accepted: a number"),
@@ -114,7 +115,8 @@ def test_baseline_settings_defaults_and_the_composed_group():
     settings = BaselineSettings(methods=["histogram"], log_t_bounds=[-2, 3])
     assert settings.methods == ("histogram",) and settings.log_t_bounds == (-2.0, 3.0)
     assert typed().baselines == BaselineSettings() == \
-        BaselineSettings(("temperature", "histogram"), (-5.0, 5.0))
+        BaselineSettings(("temperature", "histogram", "bias", "vector", "isotonic", "ensemble"),
+                         (-5.0, 5.0), 8)
 
 
 def test_baseline_table_fits_on_cal_and_reports_evaluation():
@@ -125,7 +127,8 @@ def test_baseline_table_fits_on_cal_and_reports_evaluation():
     logits0, labels = synthetic(n=200, scale=3.0, seed=1)
     logits = np.stack([logits0, logits0 * 0.5], axis=1)  # [N, 2 layers, K]
     cal, evaluation = np.arange(0, 200, 2), np.arange(1, 200, 2)
-    table = baseline_table(logits, labels, cal, evaluation, BaselineSettings(), 10, "guo")
+    settings = BaselineSettings(methods=("temperature", "histogram"))
+    table = baseline_table(logits, labels, cal, evaluation, settings, 10, "guo")
     assert sorted(set(table["method"])) == ["histogram", "temperature"]
     assert len(table) == 4  # two methods x two layers
     for layer in (0, 1):
@@ -139,3 +142,104 @@ def test_baseline_table_fits_on_cal_and_reports_evaluation():
     # layer 1 holds the same logits halved: its fitted T is half of layer 0's
     temps = table[table["method"] == "temperature"].set_index("layer")["parameter"]
     assert temps[1] == pytest.approx(temps[0] / 2, rel=1e-4)
+
+
+# ---------------------------------------------------------------- bias, vector, isotonic, ensemble
+
+def test_bias_is_minus_log_of_the_mean_calibration_distribution_by_hand():
+    from calibrate.core.posthoc import apply_bias, fit_bias
+
+    cal = np.array([[0.0, 0.0], [np.log(3.0), 0.0]])  # p = (.5, .5) and (.75, .25)
+    bias = fit_bias(cal)  # mean (.625, .375)
+    np.testing.assert_allclose(bias, [-np.log(0.625), -np.log(0.375)], rtol=1e-12)
+    # softmax(-log a, -log b) = (b, a) / (a + b): the raw 50/50 becomes (.375, .625)
+    np.testing.assert_allclose(apply_bias(np.array([[0.0, 0.0]]), bias), [[0.375, 0.625]])
+    with_missing = np.array([[1.0, 0.0, -np.inf], [0.0, 1.0, -np.inf]])
+    assert fit_bias(with_missing)[2] == 0.0  # a slot no example has
+
+
+def test_vector_scaling_reaches_the_nll_minimum():
+    """Against a derivative-free search of the same NLL; it is at least as good as temperature
+    scaling (w = 1/T, b = 0 is one of its points)."""
+    from scipy.optimize import minimize
+
+    from calibrate.core.posthoc import apply_vector, fit_vector
+
+    logits, labels = synthetic(n=300, scale=2.0, seed=4)
+    logits = logits[:, :3]
+    labels = np.minimum(labels, 2)
+    w, b = fit_vector(logits, labels)
+
+    def vec_nll(theta):
+        p = apply_vector(logits, theta[:3], theta[3:])
+        return float(-np.log(p[np.arange(len(labels)), labels]).mean())
+
+    reference = minimize(vec_nll, np.r_[np.ones(3), np.zeros(3)], method="Nelder-Mead",
+                         options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 40000,
+                                  "maxfev": 40000})
+    assert vec_nll(np.r_[w, b]) == pytest.approx(reference.fun, abs=1e-6)
+    t = fit_temperature(logits, labels)
+    assert vec_nll(np.r_[w, b]) <= nll(logits, labels, t) + 1e-9
+    masked = logits.copy()
+    masked[:5, 2] = -np.inf
+    out = apply_vector(masked, w, b)
+    assert (out[:5, 2] == 0).all() and np.allclose(out.sum(axis=1), 1.0)
+
+
+def test_isotonic_by_hand():
+    """Calibration confidences .6 .7 .8 .9 with correctness 1 0 1 1: pool-adjacent-violators
+    gives .5 .5 1 1; between fitted points the map interpolates, outside it is clipped."""
+    from calibrate.core.posthoc import apply_isotonic, fit_isotonic
+
+    cal = np.array([[0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1]])
+    model = fit_isotonic(cal, np.array([0, 1, 0, 0]))
+    out = apply_isotonic(np.array([[0.65, 0.35], [0.75, 0.25], [0.95, 0.05], [0.45, 0.55]]),
+                         model)
+    np.testing.assert_allclose(out[:, 0], [0.5, 0.75, 1.0, 0.5], atol=1e-12)
+    np.testing.assert_allclose(out[3], [0.5, 0.5], atol=1e-12)  # top label is option 1 there
+
+
+def test_ensemble_window_is_chosen_by_calibration_nll_by_hand():
+    """Three layers; the label's probability is .4, .9, .6 at layers 0, 1, 2 for every example:
+    at layer 2 the windows give .6 (m=1), .75 (m=2), .633 (m=3): m = 2 has the lowest NLL."""
+    from calibrate.core.posthoc import ensemble_probs, fit_ensemble
+
+    p = np.array([0.4, 0.9, 0.6])
+    probs = np.stack([np.stack([p, 1 - p], axis=1)] * 5)  # [5, 3 layers, 2]
+    labels = np.zeros(5, dtype=int)
+    assert fit_ensemble(probs, labels, 2, 8) == 2
+    assert fit_ensemble(probs, labels, 2, 1) == 1  # the window is capped
+    assert fit_ensemble(probs, labels, 0, 8) == 1  # only one layer there
+    np.testing.assert_allclose(ensemble_probs(probs, 2, 2)[0], [0.75, 0.25])
+
+
+def test_baseline_table_paired_intervals_against_the_raw_model():
+    """At the tested layer every method's interval is the paired interval of (method − raw) on
+    the same evaluation resamples, its p-value that of those replicates, Holm over the six
+    methods; elsewhere no interval. The deltas are after − before at every layer."""
+    from calibrate.core.metrics import MetricSettings
+    from calibrate.core.option_scores import option_probabilities
+    from calibrate.core.paired import adjust_p_values, paired_intervals
+    from calibrate.core.posthoc import BaselineSettings, baseline_table
+
+    logits0, labels = synthetic(n=240, scale=3.0, seed=2)
+    logits = np.stack([logits0 * 0.3, logits0], axis=1)
+    cal, evaluation = np.arange(0, 240, 2), np.arange(1, 240, 2)
+    metrics = MetricSettings(bootstrap=50, paired_bootstrap=300, correction="holm", seed=3)
+    table = baseline_table(logits, labels, cal, evaluation, BaselineSettings(), 15, "guo",
+                           paired=metrics, tested_layer=1)
+    assert set(table["method"]) == {"temperature", "histogram", "bias", "vector", "isotonic",
+                                    "ensemble"}
+    np.testing.assert_allclose(table["delta_ece"], table["ece"] - table["ece_before"])
+    tested = table[table["tested"]]
+    assert (tested["layer"] == 1).all() and len(tested) == 6
+    assert table.loc[~table["tested"], "delta_ece_lo"].isna().all()
+    raw = option_probabilities(logits[evaluation])[:, 1:2]
+    t = fit_temperature(logits[cal, 1], labels[cal])
+    after = apply_temperature(logits[evaluation, 1], t)[:, None]
+    ci = paired_intervals(raw, after, labels[evaluation], 300, 0.05, 3, 15, "guo", [True])
+    row = tested[tested["method"] == "temperature"].iloc[0]
+    for key in ("delta_ece_lo", "delta_ece_hi", "p_ece"):
+        assert row[key] == pytest.approx(float(ci[key].iloc[0]), abs=1e-12)
+    np.testing.assert_allclose(tested["p_adjusted_ece"],
+                               adjust_p_values(tested["p_ece"].to_numpy(), "holm"))

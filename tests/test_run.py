@@ -429,7 +429,12 @@ def test_e2e_log_and_headline(e2e):
     assert f"final accuracy {final['accuracy']:.3f} [{final['accuracy_lo']:.3f}, " in headline
     assert f"ECE {final['ece']:.4f} [{final['ece_lo']:.3f}, {final['ece_hi']:.3f}]" in headline
     assert f"MCE {final['mce']:.4f}" in headline and metrics["phase_note"] in headline
+    # the option mass beside the calibration figures, and the warning with its number
+    assert f"(options hold {final['option_mass']:.1%} of the mass)" in headline
+    assert metrics["option_mass"] == pytest.approx(final["option_mass"])
+    assert metrics["option_mass_warning"] == (final["option_mass"] < 0.1)
     log = (out / "run.log").read_text()
+    assert ("the options hold" in log) == metrics["option_mass_warning"]
     assert f"results in {out}" in log and f"final accuracy {final['accuracy']:.3f}" in log
     assert WEIGHTS_MARKER not in log and "it/s" not in log
 
@@ -529,3 +534,26 @@ def test_shared_dataset_through_cli(name, background):
         assert metrics["n_options"] >= 2
         assert metrics["option_strings"] == [f" {chr(65 + k)}" for k in range(metrics["n_options"])]
     assert len(pd.read_csv(out / "layers.csv")) == SMOL_LAYERS
+
+
+@pytest.mark.parametrize("mass, warned", [(0.015, True), (0.5, False), (float("nan"), False)])
+def test_option_mass_is_checked_with_its_number(mass, warned, caplog):
+    """The final layer's mean option mass below checks.option_mass_warn is a warning that says
+    the number and the threshold; above it, or not measured (cloze: NaN, or no column), none."""
+    import logging
+    from types import SimpleNamespace
+
+    report = SimpleNamespace(table=pd.DataFrame({"layer": [0, 1], "option_mass": [0.9, mass]}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calibrate"):
+        found = job_mod.option_mass_check(report, 0.1)
+    assert (found is None) == math.isnan(mass)
+    messages = [r.getMessage() for r in caplog.records]
+    assert bool(messages) == warned
+    if warned:
+        assert messages == [("the options hold 1.5% of the model's probability at the last layer "
+                             "(mean over examples; checks.option_mass_warn=0.1): their "
+                             "probabilities are a renormalised sliver of its output, so these "
+                             "calibration figures describe little of the model")]
+    assert job_mod.option_mass_check(SimpleNamespace(table=pd.DataFrame({"layer": [0]})),
+                                     0.1) is None

@@ -72,9 +72,13 @@ def test_the_direction_group_has_one_block_per_method_with_settings():
     direction = typed().direction
     assert isinstance(direction.gradient, GradientSettings)
     assert isinstance(direction.probe, ProbeDirectionSettings)
-    blocks = {f.name for f in dataclasses.fields(direction)} - {
-        "method", "layers", "calibration_fraction", "seed", "source", "path", "allow_cross_model",
-        "source_limit", "source_prompt", "n_random"}
+    from calibrate.directions.settings import DirectionSettings
+
+    shared = {f.name for f in dataclasses.fields(DirectionSettings)}
+    assert {"method", "layers", "calibration_fraction", "seed", "source", "path",
+            "allow_cross_model", "source_limit", "source_prompt", "n_random", "n_random_read",
+            "n_random_pass", "null", "match", "match_tol", "match_max_factor"} <= shared
+    blocks = {f.name for f in dataclasses.fields(direction)} - shared
     assert blocks == {name for name, m in METHODS.items() if m.Settings is not None}
     assert typed("direction.method=gradient").direction.method_settings() == GradientSettings()
     assert typed("direction.method=layer_diff").direction.method_settings() is None

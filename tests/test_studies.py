@@ -161,8 +161,9 @@ def test_baselines_study_fits_on_calibration_and_scores_evaluation(tiny_lm, prom
     ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=baselines")
     result = get_study("baselines").run(ctx)
     table = result.table
-    assert sorted(table["method"].unique()) == ["histogram", "temperature"]
-    assert len(table) == 2 * LAYERS
+    assert sorted(table["method"].unique()) == ["bias", "ensemble", "histogram", "isotonic",
+                                                "temperature", "vector"]
+    assert len(table) == 6 * LAYERS
     cal, evaluation = split_indices(24, 0.5, 0)
     logits = run_probe(tiny_lm, prompt_set, ProbeSettings(progress=False)).option_logits
     t = fit_temperature(logits[cal, -1], prompt_set.labels[cal])
@@ -185,20 +186,51 @@ def test_baselines_settings_are_checked_when_the_spec_is_built():
 
 
 def test_steering_deltas_carry_paired_intervals(tiny_lm, prompt_set, tmp_path):
-    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "metrics.bootstrap=60")
+    """Steering at the last layer: only that layer's cells can differ (1 η ≠ 0 -> 1 cell), they
+    get metrics.paired_bootstrap replicates, a p-value and its correction; below the edit every
+    interval is exactly 0 and nothing is tested."""
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "metrics.bootstrap=60",
+                  "metrics.paired_bootstrap=500", "metrics.correction=bonferroni")
     result = get_study("steering").run(ctx)
     table = result.table
     zero = table[table["eta"] == 0.0]
     assert (zero[["delta_ece_lo", "delta_ece_hi"]].to_numpy() == 0).all()
     three = table[table["eta"] == 3.0].reset_index(drop=True)
     assert (three["delta_ece_lo"] <= three["delta_ece_hi"]).all()
+    assert three["tested"].tolist() == [False, False, False, True]
+    assert (three.loc[:2, ["delta_ece_lo", "delta_ece_hi"]].to_numpy() == 0).all()
+    assert three["p_ece"].isna().tolist() == [True, True, True, False]
+    assert three.loc[3, "p_ece"] >= 2 / 501
     comparisons = result.summary["comparisons"]
-    assert comparisons["cells_tested"] == LAYERS and comparisons["bonferroni_alpha"] == \
-        pytest.approx(0.05 / LAYERS)
+    assert comparisons["cells_tested"] == 1 and comparisons["layers_tested"] == [LAYERS - 1]
+    assert comparisons["bonferroni_alpha"] == pytest.approx(0.05)
+    assert comparisons["correction"] == "bonferroni" and comparisons["n_boot_tested"] == 500
     assert comparisons["flagged_ece"] == int(three["significant_ece"].sum())
+    assert comparisons["flagged_adjusted_ece"] == int(three["significant_adjusted_ece"].sum())
     final = result.summary["steering"]["3"]
     assert final["delta_ece_lo"] == pytest.approx(three["delta_ece_lo"].iloc[-1])
+    assert final["p_adjusted_ece"] == pytest.approx(three["p_adjusted_ece"].iloc[-1])
     assert isinstance(final["significant_ece"], bool)
+    assert isinstance(final["significant_adjusted_ece"], bool)
+
+
+def test_an_edit_below_the_last_layer_tests_the_layers_from_the_edit_up(tiny_lm, prompt_set,
+                                                                      tmp_path):
+    """Edited at layer 2 with two η ≠ 0: 2 layers (2, 3) × 2 η = 4 cells, Holm over those 4."""
+    from calibrate.core.paired import adjust_p_values
+
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3,-3]", "metrics.bootstrap=40",
+                  "metrics.paired_bootstrap=300", "intervention.layers=[2]",
+                  "direction.n_random=0")
+    result = get_study("steering").run(ctx)
+    table, comparisons = result.table, result.summary["comparisons"]
+    tested = table[table["tested"]]
+    assert sorted(zip(tested["eta"], tested["layer"])) == [(-3.0, 2), (-3.0, 3), (3.0, 2),
+                                                           (3.0, 3)]
+    assert comparisons["cells_tested"] == 4 and comparisons["layers_tested"] == [2, 3]
+    assert comparisons["correction"] == "holm"
+    np.testing.assert_allclose(tested["p_adjusted_ece"],
+                               adjust_p_values(tested["p_ece"].to_numpy(), "holm"))
 
 
 def test_random_direction_null_without_forward_passes_matches_the_steered_pass(
@@ -375,3 +407,225 @@ def test_split_warns_once_of_repeated_records_on_both_sides(tiny_lm, tmp_path, c
         f"{straddle} group(s) of repeated records (same question and options) have copies in "
         "both the calibration and the evaluation split: the direction is fit on items it is then "
         "evaluated on")]
+
+
+def _hooked_final_probs(lm, prompt_set, rows, edits):
+    """Option probabilities of the model's own last-position logits, one prompt at a time (no
+    padding), with ``edits[layer]`` (a vector) added to the output of block ``layer`` (our layer
+    numbering) at the last position by forward hooks on the model's own blocks."""
+    model, blocks = lm.model, lm.adapter.blocks
+    handles = []
+
+    def hook_for(vector):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[:, -1] += torch.as_tensor(vector, dtype=hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
+    for layer, vector in edits.items():
+        handles.append(blocks[layer - 1].register_forward_hook(hook_for(vector)))
+    try:
+        out = []
+        with torch.no_grad():
+            for row in rows:
+                ids = lm.tokenizer(prompt_set.prompts[row], return_tensors="pt")["input_ids"]
+                logits = model(input_ids=ids).logits[0, -1].double()
+                out.append(torch.softmax(logits[prompt_set.option_ids[row]], -1).numpy())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return np.stack(out)
+
+
+def test_residual_norm_eta_scales_each_edited_layer_by_its_own_norm(tiny_lm, prompt_set,
+                                                                      tmp_path):
+    """A two-layer edit in residual-norm units adds η · n_ℓ · ĉ at each layer ℓ, n_ℓ the mean
+    residual norm of layer ℓ itself on the calibration rows (computed here from the model's own
+    hidden states), against forward hooks on the model's blocks: neither the neighbouring
+    layer's norm nor the last edited layer's norm for both would give these probabilities."""
+    from calibrate.core.metrics import layer_table
+
+    eta = 0.5
+    model = build_tiny("llama", len(tiny_lm.tokenizer), seed=3)
+    with torch.no_grad():  # block 2 writes 40 times more: its layer's residual norm is larger
+        model.model.layers[1].mlp.down_proj.weight.mul_(40.0)
+    tiny_lm = wrap_model(model, tiny_lm.tokenizer, name="tiny-scaled")
+    ctx = context(tiny_lm, prompt_set, tmp_path, "intervention=steering", f"eta=[0,{eta}]",
+                  "intervention.layers=[1,2]", "intervention.eta_scale=residual_norm",
+                  "direction.n_random=0")
+    result = get_study("steering").run(ctx)
+    cal, evaluation = split_indices(24, 0.5, 0)
+    norms = {1: [], 2: []}
+    with torch.no_grad():
+        for row in cal:
+            ids = tiny_lm.tokenizer(prompt_set.prompts[row], return_tensors="pt")["input_ids"]
+            hidden = tiny_lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+            for layer, values in norms.items():
+                values.append(float(hidden[layer][0, -1].double().norm()))
+    scale = {layer: float(np.mean(values)) for layer, values in norms.items()}
+    assert scale[2] > 1.5 * scale[1]  # the two layers' units differ
+    c_hat = result.direction.vector
+    expected = _hooked_final_probs(tiny_lm, prompt_set, evaluation,
+                                   {l: eta * scale[l] * c_hat for l in (1, 2)})
+    table = layer_table(expected[:, None], prompt_set.labels[evaluation], n_bins=15)
+    steered = result.table[(result.table["eta"] == eta)
+                           & (result.table["layer"] == LAYERS - 1)].iloc[0]
+    for metric in ("confidence", "ece", "accuracy"):
+        assert steered[metric] == pytest.approx(table[metric].iloc[0], abs=1e-5), metric
+    assert result.direction.meta["layer_scale"] == pytest.approx(scale, rel=1e-5)
+    # the reference can tell the units apart: the swapped scales move the confidence
+    swapped = _hooked_final_probs(tiny_lm, prompt_set, evaluation,
+                                  {1: eta * scale[2] * c_hat, 2: eta * scale[1] * c_hat})
+    assert abs(swapped.max(-1).mean() - steered["confidence"]) > 1e-4
+
+
+@pytest.mark.parametrize("unit", ["absolute", "residual_norm"])
+def test_matched_effect_null_against_full_steered_passes(tiny_lm, prompt_set, tmp_path, unit):
+    """Each random direction is steered at the η whose mean KL to the unsteered output equals
+    ĉ's: checked by full forward passes of every random direction at its matched η (their KL
+    equals ĉ's, their ΔECE band and the p-value follow), and ĉ's KL by its own full pass."""
+    from calibrate.core.effects import effect
+    from calibrate.core.random_null import _final_metrics
+    from calibrate.engine.edits import Steering
+    from calibrate.engine.steer import run_steered
+
+    n = 6
+    eta = 3.0 if unit == "absolute" else 20.0
+    ctx = context(tiny_lm, prompt_set, tmp_path, f"eta=[0,{eta}]", f"direction.n_random={n}",
+                  "direction.match=kl", "direction.match_tol=1e-5",
+                  f"intervention.eta_scale={unit}")
+    result = get_study("steering").run(ctx)
+    eta = eta * (result.direction.meta["layer_scale"] or {}).get(LAYERS - 1, 1.0)
+    row = result.null.iloc[0]
+    assert row["effect"] == "kl" and row["n_matched"] == n
+    _, evaluation = split_indices(24, 0.5, 0)
+    eval_set = prompt_set.subset(evaluation)
+    last = LAYERS - 1
+
+    def final(vec, e):
+        return run_steered(tiny_lm, eval_set, Steering(vec, (last,), (0.0, e)),
+                           ProbeSettings(progress=False), use_cache=False)[:, :, -1]
+
+    own = final(result.direction.vector, eta)
+    assert row["c_hat_effect"] == pytest.approx(float(effect(own[1], own[0], "kl")), rel=1e-4)
+    draws = result.null_draws.set_index("direction")["matched_multiple"]
+    deltas = []
+    for d, vec in enumerate(result.null_vectors[1:], start=1):
+        out = final(vec, eta * draws[d])
+        assert float(effect(out[1], out[0], "kl")) == pytest.approx(row["c_hat_effect"],
+                                                                    rel=1e-3)
+        ece = _final_metrics(out, eval_set.labels, 15, "guo")["ece"]
+        deltas.append(ece[1] - ece[0])
+    assert row["matched_delta_ece_median"] == pytest.approx(np.median(deltas), abs=1e-5)
+    below = sum(d <= row["c_hat_delta_ece"] for d in deltas)
+    assert row["p_matched_ece"] == pytest.approx((1 + below) / (1 + n))
+    assert row["matched_scale_median"] == pytest.approx(float(np.median(draws)))
+
+
+def test_covariance_null_draws_lie_in_the_span_of_the_calibration_residuals(tiny_lm, prompt_set,
+                                                                          tmp_path):
+    """direction.null=covariance draws from N(0, Σ) of the calibration rows' last-layer
+    residuals: 12 rows span at most 11 centred dimensions of 32, and every draw lies there;
+    the isotropic draws do not."""
+    cal, _ = split_indices(24, 0.5, 0)
+    probe = run_probe(tiny_lm, prompt_set, ProbeSettings(progress=False).keeping((LAYERS - 1,)))
+    centred = probe.residuals[LAYERS - 1][cal].astype(np.float64)
+    centred = centred - centred.mean(axis=0)
+    basis = np.linalg.svd(centred, full_matrices=False)[2][:len(cal) - 1]  # [11, 32]
+
+    def off_span(vectors):
+        return np.linalg.norm(vectors - vectors @ basis.T @ basis, axis=1)
+
+    for kind, inside in (("covariance", True), ("isotropic", False)):
+        ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "direction.n_random=20",
+                      f"direction.null={kind}", "direction.match=none")
+        result = get_study("steering").run(ctx)
+        randoms = result.null_vectors[1:]
+        np.testing.assert_allclose(np.linalg.norm(randoms, axis=1), 1.0, rtol=1e-12)
+        assert (off_span(randoms) < 1e-6).all() == inside
+        assert result.summary["null"]["null"] == kind
+        assert result.summary["null"]["matched_skipped"] == "direction.match=none"
+
+
+def test_the_number_of_random_directions_follows_the_path(tiny_lm, prompt_set, tmp_path):
+    """Unset, direction.n_random is n_random_read (1000) where the null is a read of the last
+    layer and n_random_pass (32) where every direction runs blocks; the p-value's resolution
+    1 / (n + 1) is reported."""
+    read = get_study("steering").run(context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]",
+                                             "direction.match=none"))
+    assert read.summary["null"]["n_random"] == 1000 and read.summary["null"]["path"] == "read"
+    assert read.null["p_resolution"].iloc[0] == pytest.approx(1 / 1001)
+    passes = get_study("steering").run(context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]",
+                                               "intervention.layers=[2]"))
+    assert passes.summary["null"]["n_random"] == 32 and passes.summary["null"]["path"] == "forward"
+    assert "below the last layer" in passes.summary["null"]["matched_skipped"]
+    assert passes.null["p_resolution"].iloc[0] == pytest.approx(1 / 33)
+
+
+def test_what_c_hat_does_against_full_steered_passes(tiny_lm, prompt_set, tmp_path):
+    """effects.csv: ĉ's own row equals steering.csv's final ΔECE and the KL of its full steered
+    pass; T(η) is the temperature that best turns the unsteered scores into the steered ones
+    (grid search here); the zeroed variants are ĉ with those coordinates set to 0, not
+    rescaled, steered like ĉ (full passes here)."""
+    from calibrate.core.effects import effect, example_kl
+    from calibrate.core.random_null import _final_metrics
+    from calibrate.engine.edits import Steering
+    from calibrate.engine.steer import run_steered
+
+    eta = 3.0
+    ctx = context(tiny_lm, prompt_set, tmp_path, f"eta=[0,{eta}]", "direction.n_random=0",
+                  "direction.coordinates.top_k=4", "direction.coordinates.massive_ratio=2")
+    result = get_study("steering").run(ctx)
+    effects = result.effects.set_index("variant")
+    coords = result.summary["direction"]["coordinates"]
+    c_hat = result.direction.vector
+    top = coords["top_coordinates"]
+    assert len(top) == 4 and coords["share_top_k"] == pytest.approx(float(np.sum(c_hat[top] ** 2)))
+    _, evaluation = split_indices(24, 0.5, 0)
+    eval_set = prompt_set.subset(evaluation)
+    last = LAYERS - 1
+
+    def final(vec):
+        return run_steered(tiny_lm, eval_set, Steering(vec, (last,), (0.0, eta)),
+                           ProbeSettings(progress=False), use_cache=False)[:, :, -1]
+
+    own = final(c_hat)
+    row = effects.loc["c_hat"]
+    final_row = result.table[(result.table["eta"] == eta) & (result.table["layer"] == last)]
+    assert row["delta_ece"] == pytest.approx(final_row["delta_ece"].iloc[0], abs=1e-6)
+    assert row["kl"] == pytest.approx(float(effect(own[1], own[0], "kl")), rel=1e-4)
+    grid = np.exp(np.linspace(-3, 3, 6001))
+    losses = [example_kl(own[1], own[0] / t).mean() for t in grid]
+    assert row["temperature"] == pytest.approx(grid[int(np.argmin(losses))], rel=2e-3)
+    assert row["residual_kl"] == pytest.approx(min(losses), rel=1e-3, abs=1e-9)
+    assert result.summary["steering"][f"{eta:g}"]["temperature"] == row["temperature"]
+    without = c_hat.copy()
+    without[top] = 0.0
+    zeroed = final(without)
+    ece = _final_metrics(zeroed, eval_set.labels, 15, "guo")["ece"]
+    assert effects.loc["without_top_k", "delta_ece"] == pytest.approx(ece[1] - ece[0], abs=1e-6)
+    assert effects.loc["without_top_k", "kl"] == pytest.approx(
+        float(effect(zeroed[1], zeroed[0], "kl")), rel=1e-4)
+    assert ("without_massive" in effects.index) == bool(coords["massive_coordinates"])
+
+
+def test_eta_fit_steers_a_gradient_direction_at_its_fitted_norm(tiny_lm, prompt_set, tmp_path):
+    """eta=[0,fit] adds the gradient fit's own norm (in residual-norm units: divided by the fit
+    layer's mean residual norm) to the η the job runs; other methods are refused up front."""
+    from calibrate.errors import ConfigError
+
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,0.5,fit]", "direction.method=gradient",
+                  "direction.gradient.max_steps=30", "direction.gradient.holdout_fraction=0",
+                  "direction.n_random=0",
+                  "intervention.eta_scale=residual_norm")
+    result = get_study("steering").run(ctx)
+    meta = result.direction.meta
+    expected = meta["eta_fit"] / meta["residual_scale"]
+    assert result.summary["eta_fit"] == pytest.approx(expected)
+    assert result.etas == (0.0, 0.5, pytest.approx(expected))
+    assert sorted(result.table["eta"].unique()) == sorted([0.0, 0.5, result.summary["eta_fit"]])
+    with pytest.raises(ConfigError, match=r"eta=fit steers a direction at its fitted norm, which "
+                                          r"direction.method=layer_diff does not have"):
+        context(tiny_lm, prompt_set, tmp_path, "eta=[0,fit]")

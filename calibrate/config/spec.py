@@ -57,6 +57,8 @@ class JobSpec:
     etas: tuple[float, ...]              # steering: 0 first, then the others in order; else ()
     identity: str                        # config_hash(recorded)
     direction_source: DatasetConfig | None = None  # direction.source's dataset config, resolved
+    eta_fit: bool = False                # eta lists ``fit``: the direction's fitted norm, resolved
+                                         # by the study once the direction is fit
 
     def __getattr__(self, name: str) -> Any:
         """The typed groups by name: ``spec.metrics`` is ``spec.config.metrics``."""
@@ -123,6 +125,20 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
+ETA_FIT = "fit"
+
+
+def split_fit(value: Any) -> tuple[Any, bool]:
+    """``eta`` without the word ``fit`` (the fitted norm of a gradient direction), and whether
+    it was there: ``fit`` -> (0, True), ``[0, 0.1, fit]`` -> ([0, 0.1], True)."""
+    if value == ETA_FIT:
+        return 0, True
+    if isinstance(value, Sequence) and not isinstance(value, str) and ETA_FIT in list(value):
+        rest = [v for v in value if v != ETA_FIT]
+        return (rest or 0), True
+    return value, False
+
+
 def parse_eta(value: Any) -> list[float]:
     """η as a list of finite floats; accepts one number or a list of numbers."""
     items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
@@ -131,11 +147,13 @@ def parse_eta(value: Any) -> list[float]:
     out = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, float, str)):
-            raise ConfigError(f"eta={item!r} is not a number; accepted: finite numbers")
+            raise ConfigError(f"eta={item!r} is not a number; accepted: finite numbers, or "
+                              f"{ETA_FIT} (a gradient direction's fitted norm)")
         try:
             number = float(item)
         except ValueError:
-            raise ConfigError(f"eta={item!r} is not a number; accepted: finite numbers") from None
+            raise ConfigError(f"eta={item!r} is not a number; accepted: finite numbers, or "
+                              f"{ETA_FIT} (a gradient direction's fitted norm)") from None
         if not math.isfinite(number):
             raise ConfigError(f"eta={item!r} is not finite; accepted: finite numbers")
         if abs(number) >= math.sqrt(FLOAT32_MAX):
@@ -183,13 +201,20 @@ def build_spec(cfg: DictConfig) -> JobSpec:
     recorded = _plain(cfg)
     recorded.pop("hydra", None)
     study = _study(config)
-    etas = steering_etas(config.eta) if study == "steering" else ()
-    if config.eta is not None and study != "steering":
-        parse_eta(config.eta)  # a bad value is refused even where it is not read
+    eta, eta_fit = split_fit(config.eta)
+    etas = steering_etas(eta) if study == "steering" else ()
+    if eta is not None and study != "steering":
+        parse_eta(eta)  # a bad value is refused even where it is not read
+    if eta_fit and study == "steering" and config.direction.method != "gradient" \
+            and config.direction.path is None:
+        raise ConfigError(f"eta={ETA_FIT} steers a direction at its fitted norm, which "
+                          f"direction.method={config.direction.method} does not have; accepted: "
+                          f"eta={ETA_FIT} with direction.method=gradient (or a direction.path "
+                          "saved by one), else numbers")
     source = source_dataset(config)
     if source is not None:
         recorded["direction_source_dataset"] = _plain(OmegaConf.structured(source))
-    return JobSpec(config, recorded, study, etas, config_hash(recorded), source)
+    return JobSpec(config, recorded, study, etas, config_hash(recorded), source, eta_fit)
 
 
 def _layers_in(name: str, layers: Any, low: int, high: int) -> None:

@@ -17,8 +17,23 @@ def steering_table(logits: np.ndarray, labels: np.ndarray, etas: Sequence[Any], 
     """Per variant (eta) and layer: metrics, deltas against the variant at index ``reference``
     (eta 0), and the share of examples whose predicted answer changed."""
     probs = option_probabilities(logits)  # [E, N, L+1, K]
-    tables = [layer_table(p, labels, n_bins=n_bins, binning=binning) for p in probs]
-    base, base_pred = tables[reference], probs[reference].argmax(-1)
+    base = layer_table(probs[reference], labels, n_bins=n_bins, binning=binning)
+    tables = []
+    for index, p in enumerate(probs):
+        # a layer whose probabilities equal the reference's (below an edit) has its metrics
+        same = np.array([np.array_equal(p[:, l], probs[reference][:, l])
+                         for l in range(p.shape[1])])
+        if index == reference or same.all():
+            tables.append(base.copy())
+            continue
+        first = int(np.argmin(same)) if not same[0] else int(np.argmax(~same))
+        if same[:first].all() and not same[first:].any():
+            upper = layer_table(p[:, first:], labels, n_bins=n_bins, binning=binning)
+            upper["layer"] += first
+            tables.append(pd.concat([base.iloc[:first], upper], ignore_index=True))
+        else:
+            tables.append(layer_table(p, labels, n_bins=n_bins, binning=binning))
+    base_pred = probs[reference].argmax(-1)
     rows = []
     for eta, table, p in zip(etas, tables, probs):
         table = table.copy()

@@ -39,11 +39,13 @@ from calibrate.core import (
 from calibrate.errors import ConfigError
 
 BINNINGS: tuple[str, ...] = ("guo", "torchmetrics")
+CORRECTIONS: tuple[str, ...] = ("holm", "bh", "bonferroni", "none")  # see core.paired
 
 
 @dataclass
 class MetricSettings:
-    """The ``metrics`` group: binning, extra bin counts, bootstrap intervals."""
+    """The ``metrics`` group: binning, extra bin counts, bootstrap intervals, the paired
+    intervals' replicates where a flag is decided and their multiple-comparisons correction."""
 
     n_bins: int = 15
     binning: str = "guo"
@@ -52,6 +54,8 @@ class MetricSettings:
     alpha: float = 0.05
     seed: int = 0
     ece_margin: float = 3.0
+    paired_bootstrap: int = 2000  # replicates of a paired interval at a tested cell (a flag)
+    correction: str = "holm"  # holm | bh | bonferroni | none, over the tested cells
 
     def __post_init__(self) -> None:
         values.integer("metrics.n_bins", self.n_bins, 1)
@@ -66,6 +70,8 @@ class MetricSettings:
                       "a number strictly between 0 and 1")
         values.integer("metrics.seed", self.seed, 0)
         values.number("metrics.ece_margin", self.ece_margin, lambda m: m >= 0, "a number >= 0")
+        values.integer("metrics.paired_bootstrap", self.paired_bootstrap, 1)
+        values.choice("metrics.correction", self.correction, CORRECTIONS)
 BINNED_METRICS: tuple[str, ...] = ("ece", "mce", "rmsce")
 MEAN_METRICS: tuple[str, ...] = ("accuracy", "confidence", "brier", "nll", "entropy")
 METRICS: tuple[str, ...] = MEAN_METRICS[:2] + BINNED_METRICS + MEAN_METRICS[2:]

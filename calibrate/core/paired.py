@@ -1,23 +1,41 @@
-"""Paired bootstrap intervals for the difference between two arms on the same examples.
+"""Paired bootstrap intervals and p-values for the difference between two arms on the same
+examples, and the multiple-comparisons correction of the cells that can differ.
 
 A steering arm (η ≠ 0, an ablation, a baseline) and its reference (η = 0) are scored on the
 same evaluation examples, so a difference is judged on resamples that draw the *same* examples
 for both arms: replicate b uses indices ``rng.integers(0, N, size=N)`` (the b-th draw of
 ``np.random.default_rng(seed)``) at every layer and in both arms. The interval is the percentile
-interval of the replicate differences (the upward bias of a resampled ECE largely cancels in a
-paired difference); a difference is called significant at ``alpha`` when its interval excludes 0.
-Testing many η × layer cells at one ``alpha`` expects ``alpha`` × cells false positives: the
-steering summary reports the count and the Bonferroni threshold beside the flags.
+interval of the replicate differences d*_b, their ``alpha/2`` and ``1 - alpha/2`` quantiles
+(``np.quantile``, linear interpolation); the upward bias of a resampled ECE largely cancels in a
+paired difference. ``significant_<metric>``: the interval excludes 0.
+
+Only cells that *can* differ are tested: an edit at layer ℓ leaves every layer below ℓ exactly
+as it was, so the cells of a study are the arms other than the reference at the layers at and
+above the lowest edited layer (``first_layer``). A tested cell gets ``n_boot_tested`` replicates
+(the first ``n_boot`` of them are the untested cells' replicates) and the bootstrap p-value of
+"the difference is 0", two-sided::
+
+    p = min(1, 2 * min(1 + #{d*_b <= 0}, 1 + #{d*_b >= 0}) / (1 + B))
+
+(the smallest it can be is 2 / (1 + B): with B = 2,000 replicates 0.001). Its adjusted p-value
+(``metrics.correction``) is taken over all tested cells of the table, one family per metric:
+``holm`` (Holm 1979, step-down; controls the family-wise error), ``bh`` (Benjamini–Hochberg
+1995, step-up; controls the false discovery rate), ``bonferroni`` (m · p) or ``none``;
+``significant_adjusted_<metric>``: the adjusted p-value is at most ``alpha``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from calibrate.core.metrics import bin_index
+from calibrate.core.metrics import CORRECTIONS, bin_index
 
 METRICS = ("accuracy", "ece", "mce")
+_MAX_CELLS = 4_000_000  # replicates x examples held at once (memory only: results do not change)
 
 
 def binned_errors(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15,
@@ -34,58 +52,156 @@ def binned_errors(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15,
     return (count * gap).sum(axis=1) / n, np.where(count > 0, gap, 0.0).max(axis=1)
 
 
+def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n]: replicate b is the b-th ``rng.integers(0, n, size=n)`` draw of
+    ``np.random.default_rng(seed)`` (so the first k replicates of any n_boot >= k agree)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, n, size=n) for _ in range(n_boot)])
+
+
 def _replicate_metrics(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, n_bins: int,
                        binning: str) -> dict[str, np.ndarray]:
-    """accuracy, ECE, MCE [R] of ``probs`` [N, K] on each resample ``idx`` [R, N]."""
-    conf, correct = probs.max(axis=-1)[idx], (probs.argmax(axis=-1) == labels)[idx]
-    ece, mce = binned_errors(conf, correct, n_bins, binning)
-    return {"accuracy": correct.mean(axis=1), "ece": ece, "mce": mce}
+    """accuracy, ECE, MCE [R] of ``probs`` [N, K] on each resample ``idx`` [R, N], in chunks of
+    replicates (vectorised within a chunk)."""
+    conf_all, right_all = probs.max(axis=-1), probs.argmax(axis=-1) == labels
+    step = max(1, _MAX_CELLS // max(1, idx.shape[1]))
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    for start in range(0, len(idx), step):
+        rows = idx[start:start + step]
+        conf, correct = conf_all[rows], right_all[rows]
+        ece, mce = binned_errors(conf, correct, n_bins, binning)
+        parts["accuracy"].append(correct.mean(axis=1))
+        parts["ece"].append(ece)
+        parts["mce"].append(mce)
+    return {m: np.concatenate(v) for m, v in parts.items()}
+
+
+def bootstrap_p_value(deltas: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "the difference is 0" from replicate differences [B]:
+    ``min(1, 2 * min(1 + #{d <= 0}, 1 + #{d >= 0}) / (1 + B))``."""
+    deltas = np.asarray(deltas, dtype=np.float64)
+    below, above = int(np.sum(deltas <= 0)), int(np.sum(deltas >= 0))
+    return min(1.0, 2.0 * min(1 + below, 1 + above) / (1 + len(deltas)))
+
+
+def adjust_p_values(p: np.ndarray, method: str) -> np.ndarray:
+    """Adjusted p-values of one family (NaN entries are not tested and stay NaN)."""
+    if method not in CORRECTIONS:
+        raise ValueError(f"correction {method!r}; accepted: {', '.join(CORRECTIONS)}")
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    tested = ~np.isnan(p)
+    values = p[tested]
+    m = len(values)
+    if m == 0:
+        return out
+    if method == "none":
+        adjusted = values
+    elif method == "bonferroni":
+        adjusted = np.minimum(1.0, m * values)
+    else:
+        order = np.argsort(values, kind="stable")
+        ranked = values[order]
+        if method == "holm":  # step-down: max over the smaller ones of (m - j + 1) p_(j)
+            steps = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * ranked))
+        else:  # bh, step-up: min over the larger ones of m / j * p_(j)
+            scaled = np.minimum(1.0, m / np.arange(1, m + 1) * ranked)
+            steps = np.minimum.accumulate(scaled[::-1])[::-1]
+        adjusted = np.empty(m)
+        adjusted[order] = steps
+    out[tested] = adjusted
+    return out
 
 
 def paired_intervals(reference: np.ndarray, arm: np.ndarray, labels: np.ndarray,
                      n_boot: int = 200, alpha: float = 0.05, seed: int = 0, n_bins: int = 15,
-                     binning: str = "guo") -> pd.DataFrame:
+                     binning: str = "guo", tested: Sequence[bool] | None = None,
+                     n_boot_tested: int | None = None) -> pd.DataFrame:
     """Per layer: the percentile interval of (arm − reference) for accuracy, ECE and MCE, and
-    whether it excludes 0. ``reference``/``arm``: probabilities [N, L, K] on the same examples."""
+    whether it excludes 0. ``reference``/``arm``: probabilities [N, L, K] on the same examples.
+
+    Layers marked in ``tested`` (default: none) use ``n_boot_tested`` replicates (default
+    ``n_boot``) and get the two-sided bootstrap p-value ``p_<metric>`` (NaN elsewhere)."""
     if reference.shape != arm.shape or reference.shape[0] != len(labels):
         raise ValueError(f"paired arms need equal shapes [N, L, K] and N labels, got "
                          f"{reference.shape}, {arm.shape} and {len(labels)}")
     n, layers = reference.shape[:2]
-    rng = np.random.default_rng(seed)
-    idx = np.stack([rng.integers(0, n, size=n) for _ in range(n_boot)])
+    marks = np.zeros(layers, dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
+    if marks.shape != (layers,):
+        raise ValueError(f"tested needs one flag per layer ({layers}), got {marks.shape}")
+    most = max(n_boot, n_boot_tested or n_boot) if marks.any() else n_boot
+    idx = resample_indices(n, most, seed)
     out = {f"delta_{m}_{end}": np.empty(layers) for m in METRICS for end in ("lo", "hi")}
+    p_values = {m: np.full(layers, np.nan) for m in METRICS}
     for layer in range(layers):
-        ref = _replicate_metrics(reference[:, layer], labels, idx, n_bins, binning)
-        new = _replicate_metrics(arm[:, layer], labels, idx, n_bins, binning)
+        rows = idx[:(n_boot_tested or n_boot)] if marks[layer] else idx[:n_boot]
+        ref = _replicate_metrics(reference[:, layer], labels, rows, n_bins, binning)
+        new = _replicate_metrics(arm[:, layer], labels, rows, n_bins, binning)
         for metric in METRICS:
-            lo, hi = np.quantile(new[metric] - ref[metric], [alpha / 2, 1 - alpha / 2])
+            deltas = new[metric] - ref[metric]
+            lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
             out[f"delta_{metric}_lo"][layer], out[f"delta_{metric}_hi"][layer] = lo, hi
+            if marks[layer]:
+                p_values[metric][layer] = bootstrap_p_value(deltas)
     table = pd.DataFrame(out)
     for metric in METRICS:
         table[f"significant_{metric}"] = (table[f"delta_{metric}_lo"] > 0) | \
             (table[f"delta_{metric}_hi"] < 0)
+    for metric in METRICS:
+        table[f"p_{metric}"] = p_values[metric]
     return table
 
 
 def add_paired_columns(table: pd.DataFrame, probs: np.ndarray, labels: np.ndarray, column: str,
                        reference: int, n_boot: int, alpha: float, seed: int, n_bins: int,
-                       binning: str) -> pd.DataFrame:
-    """``table`` (one block of layer rows per arm, in the order of ``probs`` [A, N, L, K]) with
-    paired intervals of every arm against arm ``reference`` (whose own are 0)."""
+                       binning: str, first_layer: int = 0, n_boot_tested: int | None = None,
+                       correction: str = "none") -> pd.DataFrame:
+    """``table`` (one block of layer rows per arm, in the order of ``probs`` [A, N, L, K], with
+    a ``layer`` column) with paired intervals of every arm against arm ``reference`` (whose own
+    are 0). The cells that can differ — arms other than the reference, layers >= ``first_layer``
+    — are ``tested``: ``n_boot_tested`` replicates, a p-value per metric, and its adjusted value
+    over all tested cells (``correction``) with the flag at ``alpha``."""
     parts, size = [], len(table) // probs.shape[0]
     for index in range(probs.shape[0]):
-        block = table.iloc[index * size:(index + 1) * size]
+        block = table.iloc[index * size:(index + 1) * size].reset_index(drop=True)
+        marks = (block["layer"].to_numpy() >= first_layer) & (index != reference)
         ci = paired_intervals(probs[reference], probs[index], labels, n_boot, alpha, seed,
-                              n_bins, binning)
-        parts.append(pd.concat([block.reset_index(drop=True), ci], axis=1))
-    return pd.concat(parts, ignore_index=True)
+                              n_bins, binning, marks, n_boot_tested)
+        ci.insert(0, "tested", marks)
+        parts.append(pd.concat([block, ci], axis=1))
+    out = pd.concat(parts, ignore_index=True)
+    return adjust_table(out, alpha, correction)
 
 
-def multiple_comparisons(table: pd.DataFrame, column: str, reference_value, alpha: float) -> dict:
-    """How many arm × layer cells were tested, how many flagged, and the Bonferroni threshold."""
-    tested = table[table[column] != reference_value]
-    cells = int(len(tested))
-    return {"cells_tested": cells, "alpha": alpha,
-            "flagged_ece": int(tested["significant_ece"].sum()) if cells else 0,
-            "expected_false_positives": alpha * cells,
-            "bonferroni_alpha": alpha / cells if cells else alpha}
+def adjust_table(table: pd.DataFrame, alpha: float, correction: str) -> pd.DataFrame:
+    """``p_adjusted_<metric>`` and ``significant_adjusted_<metric>`` of a table's ``p_<metric>``
+    columns (one family per metric: every row with a p-value)."""
+    table = table.copy()
+    for metric in METRICS:
+        if f"p_{metric}" not in table:
+            continue
+        adjusted = adjust_p_values(table[f"p_{metric}"].to_numpy(dtype=np.float64), correction)
+        table[f"p_adjusted_{metric}"] = adjusted
+        table[f"significant_adjusted_{metric}"] = np.nan_to_num(adjusted, nan=np.inf) <= alpha
+    return table
+
+
+def multiple_comparisons(table: pd.DataFrame, alpha: float, correction: str,
+                         n_boot_tested: int) -> dict[str, Any]:
+    """How many cells were tested (the ``tested`` rows: those that can differ), at which
+    layers, how many flagged before and after the correction, the false positives expected at
+    ``alpha`` without one, the Bonferroni threshold and the smallest p-value B replicates give."""
+    tested = table[table["tested"]] if "tested" in table else table.iloc[:0]
+    cells = len(tested)
+    out: dict[str, Any] = {
+        "cells_tested": cells, "alpha": alpha, "correction": correction,
+        "layers_tested": sorted({int(x) for x in tested["layer"]}) if cells else [],
+        "n_boot_tested": int(n_boot_tested), "p_floor": 2.0 / (1 + n_boot_tested),
+        "expected_false_positives": alpha * cells,
+        "bonferroni_alpha": alpha / cells if cells else alpha}
+    for metric in METRICS:
+        flag, adjusted = f"significant_{metric}", f"significant_adjusted_{metric}"
+        out[f"flagged_{metric}"] = int(tested[flag].sum()) if cells and flag in tested else 0
+        out[f"flagged_adjusted_{metric}"] = \
+            int(tested[adjusted].sum()) if cells and adjusted in tested else 0
+    return out

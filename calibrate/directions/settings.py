@@ -14,6 +14,8 @@ from typing import Any
 
 from calibrate import values
 from calibrate.core.direction import DirectionError
+from calibrate.core.effects import EFFECTS
+from calibrate.core.random_null import NULLS
 from calibrate.directions.direction_method import METHODS
 
 
@@ -37,6 +39,21 @@ class SourcePrompt:
 
 
 @dataclass
+class CoordinateSettings:
+    """``direction.coordinates``: where ĉ's squared norm sits, and ĉ steered without it."""
+
+    top_k: int = 8  # ĉ's largest |coordinates| whose share of its squared norm is reported
+    massive_ratio: float = 20.0  # massive activation: mean |x_i| > this x the median coordinate's
+    steer_zeroed: bool = True  # also steer ĉ with those coordinates zeroed (effects.csv)
+
+    def __post_init__(self) -> None:
+        values.integer("direction.coordinates.top_k", self.top_k, 1)
+        values.number("direction.coordinates.massive_ratio", self.massive_ratio,
+                      lambda r: r > 1, "a number > 1")
+        values.flag("direction.coordinates.steer_zeroed", self.steer_zeroed)
+
+
+@dataclass
 class DirectionSettings:
     """The ``direction`` group (see conf/config.yaml for every key)."""
 
@@ -49,7 +66,14 @@ class DirectionSettings:
     allow_cross_model: bool = False
     source_limit: int | None = None
     source_prompt: SourcePrompt | None = None
-    n_random: int = 32  # random directions of the null distribution (0: none)
+    n_random: int | None = None  # random directions of the null (0: none); None: by the path
+    n_random_read: int = 1000  # ... where the null needs no forward pass (last layer, one token)
+    n_random_pass: int = 32  # ... where every random direction and eta runs blocks
+    null: str = "isotropic"  # isotropic: uniform on the sphere | covariance: N(0, residual cov.)
+    match: str = "kl"  # the effect ĉ's is matched by each random direction: kl | confidence | none
+    match_tol: float = 1e-3  # relative tolerance of a matched eta
+    match_max_factor: float = 1000.0  # matched eta searched within [eta / factor, eta * factor]
+    coordinates: CoordinateSettings = field(default_factory=CoordinateSettings)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,7 +88,22 @@ class DirectionSettings:
         values.optional_text("direction.path", self.path)
         values.flag("direction.allow_cross_model", self.allow_cross_model)
         values.optional_integer("direction.source_limit", self.source_limit, 1)
-        values.integer("direction.n_random", self.n_random, 0)
+        values.optional_integer("direction.n_random", self.n_random, 0)
+        values.integer("direction.n_random_read", self.n_random_read, 0)
+        values.integer("direction.n_random_pass", self.n_random_pass, 0)
+        values.choice("direction.null", self.null, NULLS)
+        values.choice("direction.match", self.match, (*EFFECTS, "none"))
+        values.number("direction.match_tol", self.match_tol, lambda t: 0 < t < 1,
+                      "a number strictly between 0 and 1")
+        values.number("direction.match_max_factor", self.match_max_factor, lambda f: f > 1,
+                      "a number > 1")
+
+    def random_count(self, reads_only: bool) -> int:
+        """How many random directions the null draws: ``n_random``, else ``n_random_read``
+        where the null needs no forward pass (``reads_only``), else ``n_random_pass``."""
+        if self.n_random is not None:
+            return self.n_random
+        return self.n_random_read if reads_only else self.n_random_pass
 
     def method_settings(self) -> Any:
         """The chosen method's own block (None when the method has none)."""

@@ -21,22 +21,166 @@ def _read_last(lens: Readout, residual: torch.Tensor, ids: torch.Tensor, last: i
     return lens.read_layers(residual[:, None, :], [last], ids)[:, 0].cpu().numpy()
 
 
+class NormForm:
+    """The final norm as ``g ⊙ P x / sqrt(|P x|² / H + eps) + beta`` (P: identity for RMSNorm,
+    centring for LayerNorm), recognised from the module's own parameters and checked against
+    the module on the residuals it will read; None when it is not of this form."""
+
+    def __init__(self, gain: np.ndarray, beta: np.ndarray | None, eps: float, centred: bool):
+        self.gain, self.beta, self.eps, self.centred = gain, beta, eps, centred
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return x - x.mean(axis=-1, keepdims=True) if self.centred else x
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        px = self.project(x)
+        out = self.gain * px / np.sqrt((px ** 2).mean(axis=-1, keepdims=True) + self.eps)
+        return out if self.beta is None else out + self.beta
+
+    @classmethod
+    def recognise(cls, norm: torch.nn.Module, sample: torch.Tensor,
+                  rtol: float = 1e-4) -> NormForm | None:
+        weight = getattr(norm, "weight", None)
+        eps = next((getattr(norm, a) for a in ("variance_epsilon", "eps", "epsilon")
+                    if isinstance(getattr(norm, a, None), (int, float))), None)
+        if eps is None:
+            return None
+        bias = getattr(norm, "bias", None)
+        w = None if weight is None else weight.detach().double().cpu().numpy()
+        beta = None if bias is None else bias.detach().double().cpu().numpy()
+        gains = [np.ones(sample.shape[-1])] if w is None else [w, 1.0 + w]
+        with torch.inference_mode():
+            expected = norm(sample).double().cpu().numpy()
+        x = sample.double().cpu().numpy()
+        scale = max(float(np.abs(expected).max()), 1e-30)
+        for centred in (False, True):
+            for gain in gains:
+                form = cls(gain, beta, float(eps), centred)
+                if float(np.abs(form(x) - expected).max()) <= rtol * scale:
+                    return form
+        return None
+
+
+class LastLayerReader:
+    """Option logits of the last layer's residual ``residual`` [N, H] with ``s · v`` added, for
+    many vectors v and scales s, without forward passes.
+
+    With the logit lens whose final norm is recognised (:class:`NormForm`: RMSNorm, Gemma's
+    ``1 + weight``, LayerNorm) the read is exact algebra in float64: with x = r + s v and u_k the
+    option row times the gain (centred for LayerNorm), logit_k = (u_k·r + s u_k·v) /
+    sqrt((|Pr|² + 2 s Pr·v + s² |Pv|²) / H + eps) + c_k, then soft-capping; so one
+    [N, H] × [H, D] product serves every scale. Otherwise (another readout or norm) every
+    scale is a read of the edited residuals through the readout, in chunks of directions.
+    """
+
+    chunk_rows = 1 << 16  # residual rows read at once on the fallback path (memory only)
+
+    def __init__(self, loaded: LoadedModel, residual: np.ndarray, option_ids: np.ndarray,
+                 readout: Readout | None = None) -> None:
+        self.lens = readout or LogitLens(loaded.adapter)
+        self.last = loaded.adapter.num_blocks
+        self.residual = np.asarray(residual, dtype=np.float64)
+        self.ids = np.asarray(option_ids)
+        self.form = None
+        if isinstance(self.lens, LogitLens) and len(self.residual):
+            sample = torch.as_tensor(self.residual[:8], dtype=torch.float32,
+                                     device=self.lens.device)
+            form = NormForm.recognise(self.lens.norm, sample)
+            if form is not None:
+                self._prepare(form)
+                if self._agrees(sample):
+                    self.form = form
+
+    @property
+    def exact(self) -> bool:
+        """Whether reads go through the algebra (True) or through the readout (False)."""
+        return self.form is not None
+
+    def _prepare(self, form: NormForm) -> None:
+        lens, ids = self.lens, self.ids
+        self._norm = form
+        used = np.unique(ids[ids >= 0])
+        rows = lens.weight[torch.as_tensor(used, dtype=torch.long)].detach().double().cpu().numpy()
+        self._u = form.project(rows * form.gain)  # [J, H]
+        const = np.zeros(len(used)) if form.beta is None else rows @ form.beta
+        if lens.bias is not None:
+            const = const + lens.bias[torch.as_tensor(used, dtype=torch.long)].double().cpu().numpy()
+        self._const = const
+        self._slot = np.searchsorted(used, np.maximum(ids, used[0] if len(used) else 0))  # [N, K]
+        pr = form.project(self.residual)
+        self._pr = pr
+        self._q0 = (pr ** 2).mean(axis=-1)  # [N]
+        self._a = np.einsum("nkh,nh->nk", self._u[self._slot], self.residual)  # u_k·r = u_k·Pr
+        self._form_eps, self._h = form.eps, self.residual.shape[1]
+
+    def _agrees(self, sample: torch.Tensor) -> bool:
+        """The algebra against the readout on a few rows, unedited and edited."""
+        rng = np.random.default_rng(0)
+        v = rng.standard_normal((1, self._h))
+        v *= np.linalg.norm(self.residual[0]) / np.linalg.norm(v)
+        fast = self._exact(v, np.array([[0.0, 0.5]]), np.arange(len(sample)))  # [1, 2, n, K]
+        slow = self._read(v, np.array([[0.0, 0.5]]), np.arange(len(sample)))
+        finite = np.isfinite(slow)
+        if not np.array_equal(finite, np.isfinite(fast)):
+            return False
+        scale = max(float(np.abs(slow[finite]).max(initial=0.0)), 1e-30)
+        return float(np.abs(fast[finite] - slow[finite]).max(initial=0.0)) <= 1e-4 * scale
+
+    def logits(self, vectors: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """Option logits [D, E, N, K] (float64) of ``residual + scales[d, e] * vectors[d]``;
+        ``scales`` [D, E] (or [D]: then [D, N, K])."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        scales = np.asarray(scales, dtype=np.float64)
+        flat = scales.ndim == 1
+        grid = scales[:, None] if flat else scales
+        rows = np.arange(len(self.residual))
+        out = self._exact(vectors, grid, rows) if self.exact else self._read(vectors, grid, rows)
+        return out[:, 0] if flat else out
+
+    def _exact(self, vectors: np.ndarray, grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        pv = self._norm.project(vectors)
+        b = vectors @ self._u.T  # [D, J]: u_j·v
+        q1 = 2.0 * (pv @ self._pr[rows].T) / self._h  # [D, n]
+        q2 = (pv ** 2).mean(axis=-1)  # [D]
+        slot = self._slot[rows]
+        num_a = self._a[rows][None, None]  # [1, 1, n, K]
+        num_b = b[:, slot][:, None]  # [D, 1, n, K]
+        s = grid[:, :, None, None]  # [D, E, 1, 1]
+        denom = np.sqrt(self._q0[rows][None, None, :, None] + s * q1[:, None, :, None]
+                        + s ** 2 * q2[:, None, None, None] + self._form_eps)
+        logits = (num_a + s * num_b) / denom + self._const[slot][None, None]
+        if self.lens.softcap is not None:
+            logits = np.tanh(logits / self.lens.softcap) * self.lens.softcap
+        return np.where(self.ids[rows][None, None] < 0, -np.inf, logits)
+
+    def _read(self, vectors: np.ndarray, grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        lens = self.lens
+        base = torch.as_tensor(self.residual[rows], dtype=torch.float32, device=lens.device)
+        ids = torch.as_tensor(self.ids[rows], dtype=torch.long)
+        vec = torch.as_tensor(vectors, dtype=torch.float32, device=lens.device)
+        out = np.empty((len(vectors), grid.shape[1], len(rows), self.ids.shape[1]))
+        step = max(1, self.chunk_rows // max(1, len(rows)))
+        with torch.inference_mode():
+            for e in range(grid.shape[1]):
+                for start in range(0, len(vectors), step):
+                    part = slice(start, start + step)
+                    shift = torch.as_tensor(grid[part, e], dtype=torch.float32, device=lens.device)
+                    edited = base[None] + shift[:, None, None] * vec[part, None, :]  # [d, n, H]
+                    read = _read_last(lens, edited.reshape(-1, edited.shape[-1]),
+                                      ids.repeat(len(edited), 1), self.last)
+                    out[part, e] = read.reshape(len(edited), len(rows), -1)
+        return out
+
+
 def last_layer_logits(loaded: LoadedModel, residual: np.ndarray, option_ids: np.ndarray,
                       vectors: np.ndarray, etas: np.ndarray, scale: float = 1.0,
                       readout: Readout | None = None) -> np.ndarray:
     """Option logits [D, E, N, K] of the last layer with ``eta * scale * vectors[d]`` added to
-    ``residual`` [N, H] (the last layer's residual at the last position)."""
-    lens, last = readout or LogitLens(loaded.adapter), loaded.adapter.num_blocks
-    base = torch.as_tensor(np.asarray(residual), dtype=torch.float32, device=lens.device)
-    ids = torch.as_tensor(np.asarray(option_ids), dtype=torch.long)
-    vec = torch.as_tensor(np.asarray(vectors), dtype=torch.float32, device=lens.device)
-    out = np.empty((len(vectors), len(etas), *option_ids.shape), dtype=np.float32)
-    with torch.inference_mode():
-        for e, eta in enumerate(np.asarray(etas, dtype=np.float64)):
-            edited = base[None] + float(eta * scale) * vec[:, None, :]  # [D, N, H]
-            for d in range(len(vectors)):
-                out[d, e] = _read_last(lens, edited[d], ids, last)
-    return out
+    ``residual`` [N, H] (the last layer's residual at the last position): the readout's read,
+    computed by :class:`LastLayerReader`."""
+    etas = np.asarray(etas, dtype=np.float64) * scale
+    reader = LastLayerReader(loaded, residual, option_ids, readout)
+    return reader.logits(vectors, np.tile(etas, (len(vectors), 1)))
 
 
 def last_layer_truncated_logits(loaded: LoadedModel, residual: np.ndarray, option_ids: np.ndarray,

@@ -1,8 +1,11 @@
-"""The post-hoc baselines study: temperature scaling and histogram binning at every layer.
+"""The post-hoc baselines study: every method of :mod:`calibrate.core.posthoc` at every layer.
 
-Each method is fit per layer on the calibration split's stored option scores and scored on the
-evaluation split, with no extra forward pass. ``baselines.csv``: one row per method and layer,
-with the fitted parameter and accuracy, ECE, MCE, NLL, Brier before and after.
+Each method (temperature scaling, histogram binning, per-option bias, vector scaling, isotonic
+regression, the late-layer ensemble: ``baselines.methods``) is fit per layer on the calibration
+split's stored option scores and scored on the evaluation split, with no extra forward pass.
+``baselines.csv``: one row per method and layer, with the fitted parameter, accuracy, ECE, MCE,
+NLL, Brier before and after and their deltas; at the last layer each method's paired interval
+against the raw model, its p-value and the correction over the methods.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ class BaselinesStudy(Study):
         cal, evaluation = ctx.split()
         metrics = ctx.spec.metrics
         table = baseline_table(base.option_logits, base.labels, cal, evaluation,
-                               ctx.spec.baselines, metrics.n_bins, metrics.binning)
+                               ctx.spec.baselines, metrics.n_bins, metrics.binning,
+                               paired=metrics, tested_layer=ctx.num_layers - 1)
         summary = {"n_calibration": int(len(cal)), "n_evaluation": int(len(evaluation)),
-                   "baselines": baselines_at(table, int(table["layer"].max()))}
+                   "baselines": baselines_at(table, int(table["layer"].max())),
+                   "baselines_layer": int(table["layer"].max())}
         return BaselinesResult(ctx.report(base.take(evaluation), ctx.prompt_set.subset(evaluation)),
                                summary, table=table)

@@ -182,14 +182,18 @@ class JobContext:
         layers = list(icfg.layers or [self.num_layers - 1])
         return check_steering(layers, self.num_layers, icfg.position, icfg.eta_scale)
 
-    def paired(self, table: pd.DataFrame, logits: np.ndarray, labels: np.ndarray, column: str
-               ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    def paired(self, table: pd.DataFrame, logits: np.ndarray, labels: np.ndarray, column: str,
+               first_layer: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
         """Paired bootstrap intervals of every arm's deltas against the first (η = 0, or no
-        ablation), with ``metrics.bootstrap`` replicates; the multiple-comparisons note."""
+        ablation), with ``metrics.bootstrap`` replicates; the cells that can differ (the other
+        arms at layers >= ``first_layer``, the lowest edited layer) with
+        ``metrics.paired_bootstrap`` replicates, p-values and their ``metrics.correction``; the
+        multiple-comparisons note."""
         m = self.spec.metrics
         if not m.bootstrap:
             return table, {}
         table = add_paired_columns(table, option_probabilities(logits), labels, column, 0,
-                                   m.bootstrap, m.alpha, m.seed, m.n_bins, m.binning)
-        return table, {"comparisons": multiple_comparisons(table, column, table[column].iloc[0],
-                                                           m.alpha)}
+                                   m.bootstrap, m.alpha, m.seed, m.n_bins, m.binning,
+                                   first_layer, m.paired_bootstrap, m.correction)
+        return table, {"comparisons": multiple_comparisons(table, m.alpha, m.correction,
+                                                           m.paired_bootstrap)}

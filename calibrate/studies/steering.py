@@ -3,6 +3,7 @@
 Outputs (besides the probe job's files, computed on the evaluation part): ``steering.csv`` (one
 row per η and layer), ``direction.safetensors`` + ``direction.json`` (and the method's own files,
 e.g. the gradient fit's loss curve), ``null.csv`` (the random-direction null), ``baselines.csv``,
+``effects.csv`` (what ĉ does: T(η), the KL it leaves, ĉ without its top or massive coordinates),
 ``eta_curves.png`` and ``steered_ece.png``. The unsteered probe comes from
 :mod:`calibrate.engine.cache`, so a sweep over η neither reloads the model (same process) nor
 redoes the probe (any process).
@@ -23,13 +24,26 @@ import pandas as pd
 from calibrate.config.spec import JobSpec, eta_edit_ratio
 from calibrate.core.deltas import steering_table
 from calibrate.core.direction import Direction
+from calibrate.core.effects import (
+    coordinate_shares,
+    effect,
+    log_probs,
+    match_scales,
+    temperature_equivalent,
+)
 from calibrate.core.posthoc import baseline_table, baselines_at
-from calibrate.core.random_null import direction_null, null_skip_reason, null_vectors
+from calibrate.core.random_null import (
+    direction_null,
+    final_metrics,
+    matched_null,
+    null_skip_reason,
+    null_vectors,
+)
 from calibrate.directions import get_method
 from calibrate.directions.files import save_direction
 from calibrate.directions.fit import obtain_direction
 from calibrate.engine.edits import DirectionSweep, Steering, SteeringError, residual_norms
-from calibrate.engine.last_layer import last_layer_logits
+from calibrate.engine.last_layer import LastLayerReader
 from calibrate.engine.probe import ProbeResult
 from calibrate.io import results
 from calibrate.io.track import Tracker
@@ -46,8 +60,13 @@ DIRECTION_SUMMARY = ("method", "layers", "raw_norm", "dataset", "cross_model_tra
                      "cosine_to_direction", "cosine_layer_diff", "null_space_rho", "eta_fit",
                      "fit_prompt", "prompt_transfer", "loaded_norm")
 STEERED = ("accuracy", "ece", "mce")
+EFFECT_SUMMARY = ("kl", "mean_abs_delta_confidence", "temperature", "residual_kl")
+EFFECTS_FILE = "effects.csv"
+NULL_SUMMARY = ("n_random", "null_delta_ece_median", "p_value_ece", "p_value_ece_two_sided",
+                "c_hat_effect", "null_effect_median", "matched_delta_ece_median",
+                "p_matched_ece", "p_matched_ece_two_sided", "n_matched")
 DELTAS = ("delta_accuracy", "delta_ece", "delta_mce", "changed", "delta_ece_lo", "delta_ece_hi",
-          "significant_ece")
+          "significant_ece", "p_ece", "p_adjusted_ece", "significant_adjusted_ece")
 
 
 @dataclass
@@ -62,7 +81,10 @@ class SteeringResult(StudyResult):
     plots_on: bool = True  # output.plots: also the method's own figures
     null: pd.DataFrame | None = None  # the random-direction null, one row per η ≠ 0
     baselines: pd.DataFrame | None = None  # post-hoc baselines per layer, same split
-    files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE, BASELINES_FILE)
+    null_draws: pd.DataFrame | None = None  # each random direction's matched multiple of eta
+    null_vectors: np.ndarray | None = None  # ĉ then the random directions of the null
+    effects: pd.DataFrame | None = None  # per variant and η: effect, T(η), residual KL
+    files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE, BASELINES_FILE, EFFECTS_FILE)
 
     def write(self, job_dir: Path) -> None:
         results.write_csv(job_dir / STEERING_FILE, self.table)
@@ -74,6 +96,8 @@ class SteeringResult(StudyResult):
             results.write_csv(job_dir / NULL_FILE, self.null)
         if self.baselines is not None:
             results.write_csv(job_dir / BASELINES_FILE, self.baselines)
+        if self.effects is not None and len(self.effects):
+            results.write_csv(job_dir / EFFECTS_FILE, self.effects)
 
     def plot(self, job_dir: Path, title: str) -> dict[str, Path]:
         from calibrate.io.plots import plot_eta_curves, plot_overlay
@@ -111,7 +135,9 @@ class SteeringResult(StudyResult):
                 "eta_scale": summary["eta_scale"], "direction_method": direction.get("method"),
                 "direction_layers": str(direction.get("layers")),
                 "cosine_layer_diff": direction.get("cosine_layer_diff"),
-                "null_space_rho": direction.get("null_space_rho")}
+                "null_space_rho": direction.get("null_space_rho"),
+                "share_top_k": (direction.get("coordinates") or {}).get("share_top_k"),
+                "share_massive": (direction.get("coordinates") or {}).get("share_massive")}
         head.update({f"{m}_ece": v.get("ece") for m, v in summary["baselines"].items()})
         null = {float(r["eta"]): r for r in summary["null"].get("per_eta") or []}
         rows = []
@@ -119,8 +145,8 @@ class SteeringResult(StudyResult):
             values, row = summary["steering"].get(f"{eta:g}", {}), null.get(eta, {})
             rows.append({**head, "eta": eta, **{f"steered_{m}": values.get(m) for m in STEERED},
                          **{d: values.get(d) for d in DELTAS},
-                         "null_delta_ece_median": row.get("null_delta_ece_median"),
-                         "p_value_ece": row.get("p_value_ece")})
+                         **{k: values.get(k) for k in EFFECT_SUMMARY},
+                         **{k: row.get(k) for k in NULL_SUMMARY}})
         return rows
 
     def sweep_tables(self) -> dict[str, list[dict[str, Any]]]:
@@ -164,38 +190,122 @@ class SteeringStudy(Study):
         scale = None
         if spec.intervention.eta_scale == "residual_norm":
             scale = residual_norms({l: base.residuals[l][cal] for l in layers}, layers)
-        _check_edit_size(spec, base, cal, layers, scale)
-        steering = Steering(fit.direction.vector, tuple(layers), spec.etas,
+        etas, eta_fit = _etas(spec, fit.direction)
+        _check_edit_size(spec, etas, base, cal, layers, scale)
+        steering = Steering(fit.direction.vector, tuple(layers), etas,
                             spec.intervention.position, scale)
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
         logits, null, null_note = _steer_with_null(ctx, fit, eval_set, steering)
-        table = steering_table(logits, eval_set.labels, list(spec.etas), spec.metrics.n_bins,
+        null_draws = null_note.pop("draws", None)
+        null_vectors_used = null_note.pop("vectors", None)
+        reader = null_note.pop("reader", None)
+        table = steering_table(logits, eval_set.labels, list(etas), spec.metrics.n_bins,
                                spec.metrics.binning, 0)
-        table, comparisons = ctx.paired(table, logits, eval_set.labels, "eta")
+        table, comparisons = ctx.paired(table, logits, eval_set.labels, "eta", min(layers))
         baselines = baseline_table(base.option_logits, base.labels, cal, fit.eval_idx,
-                                   spec.baselines, spec.metrics.n_bins, spec.metrics.binning)
+                                   spec.baselines, spec.metrics.n_bins, spec.metrics.binning,
+                                   paired=spec.metrics, tested_layer=max(layers))
+        coordinates = coordinate_shares(fit.direction.vector, base.residuals[max(layers)][cal],
+                                        spec.direction.coordinates.top_k,
+                                        spec.direction.coordinates.massive_ratio)
+        effects = _effects(ctx, fit, eval_set, steering, logits, coordinates, reader)
         meta = fit.direction.meta
         meta.update(intervention_layers=layers, position=steering.position,
                     eta_scale=spec.intervention.eta_scale, layer_scale=scale,
                     config_hash=spec.identity)
-        summary = {"intervention": self.name, "etas": list(spec.etas),
+        direction = {k: meta.get(k) for k in DIRECTION_SUMMARY}
+        direction["coordinates"] = {k: v for k, v in coordinates.items()
+                                    if not k.startswith("without")}
+        summary = {"intervention": self.name, "etas": list(etas),
                    "intervention_layers": list(layers), "eta_scale": meta["eta_scale"],
                    "position": steering.position, "n_calibration": int(len(cal)),
-                   "n_evaluation": int(len(fit.eval_idx)),
-                   "direction": {k: meta.get(k) for k in DIRECTION_SUMMARY},
-                   "steering": steering_summary(table), **comparisons, "null": null_note,
+                   "n_evaluation": int(len(fit.eval_idx)), "direction": direction,
+                   "steering": steering_summary(table, effects), **comparisons,
+                   "null": null_note,
                    "baselines": baselines_at(baselines, max(layers)), "baselines_layer": max(layers)}
+        if eta_fit is not None:
+            summary["eta_fit"] = eta_fit
         return SteeringResult(ctx.report(base.take(fit.eval_idx), eval_set), summary,
-                              direction=fit.direction, table=table, etas=spec.etas,
+                              direction=fit.direction, table=table, etas=etas,
                               eta_scale=spec.intervention.eta_scale, null=null,
-                              baselines=baselines, plots_on=spec.output.plots)
+                              baselines=baselines, plots_on=spec.output.plots,
+                              null_draws=null_draws, null_vectors=null_vectors_used,
+                              effects=effects)
 
 
-def _check_edit_size(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
-                     layers: Sequence[int], scale: Mapping[int, float] | None) -> None:
+def _etas(spec: JobSpec, direction: Direction) -> tuple[tuple[float, ...], float | None]:
+    """The job's η values, with ``eta=fit`` resolved to the direction's fitted norm in the job's
+    unit (``eta_fit`` / the fit layer's mean residual norm with ``residual_norm``)."""
+    if not spec.eta_fit:
+        return spec.etas, None
+    meta = direction.meta
+    if meta.get("eta_fit") is None:
+        raise SteeringError(f"eta=fit: the {meta.get('method')} direction has no fitted norm; "
+                            "accepted: eta=fit with direction.method=gradient, else numbers")
+    value = float(meta["eta_fit"])
+    if spec.intervention.eta_scale == "residual_norm":
+        value /= float(meta["residual_scale"])
+    if value == 0.0:
+        LOG.warning("eta=fit: the gradient fit did not improve its held-out objective (fitted "
+                    "norm 0), so fit adds no eta")
+    etas = spec.etas if value in spec.etas else (*spec.etas, value)
+    return etas, value
+
+
+def _effects(ctx: JobContext, fit: Any, eval_set: Any, steering: Steering, logits: np.ndarray,
+             coordinates: dict[str, Any], reader: LastLayerReader | None) -> pd.DataFrame:
+    """Per variant (ĉ, and with ``direction.coordinates.steer_zeroed`` ĉ without its top
+    coordinates and without the massive ones) and η ≠ 0, at the last layer: ΔECE, Δaccuracy
+    against η = 0, the mean KL and |Δconfidence| to the unsteered output, and the temperature
+    T(η) that best reproduces the steered option distribution from the unsteered scores with
+    the KL left over (``baselines.log_t_bounds``)."""
+    spec, etas = ctx.spec, steering.etas
+    variants = {"c_hat": logits[:, :, -1]}  # [E, N, K]
+    zeroed = {"without_top_k": coordinates["without_top_k"]}
+    if coordinates["massive_coordinates"]:
+        zeroed["without_massive"] = coordinates["without_massive"]
+    if spec.direction.coordinates.steer_zeroed:
+        vectors = np.stack(list(zeroed.values()))
+        last = ctx.num_layers - 1
+        if reader is None and ctx.reads_last_layer(eval_set, steering):
+            reader = LastLayerReader(ctx.loaded, fit.base.residuals[last][fit.eval_idx],
+                                     eval_set.option_ids, ctx.readout)
+        if reader is not None:
+            swept = reader.logits(vectors, np.outer(np.ones(len(vectors)),
+                                                    np.asarray(etas) * steering.scale(last)))
+        else:
+            every = ctx.steered(eval_set, DirectionSweep(vectors, steering.layers, etas,
+                                                         steering.position,
+                                                         steering.layer_scale))[:, :, -1]
+            swept = every.reshape(len(vectors), len(etas), *every.shape[1:])
+        variants.update(zip(zeroed, swept))
+    m, bounds = spec.metrics, spec.baselines.log_t_bounds
+    unsteered = variants["c_hat"][0]
+    labels = eval_set.labels
+    rows = []
+    for name, scores in variants.items():
+        values = final_metrics(scores, labels, m.n_bins, m.binning)  # [E]
+        for e, eta in enumerate(etas):
+            if eta == 0.0:
+                continue
+            fitted = temperature_equivalent(unsteered, scores[e], bounds)
+            rows.append({"variant": name, "eta": eta,
+                         "delta_ece": float(values["ece"][e] - values["ece"][0]),
+                         "delta_accuracy": float(values["accuracy"][e] - values["accuracy"][0]),
+                         "kl": fitted["kl"],
+                         "mean_abs_delta_confidence": float(effect(scores[e], unsteered,
+                                                                   "confidence")),
+                         "temperature": fitted["temperature"],
+                         "residual_kl": fitted["residual_kl"]})
+    return pd.DataFrame(rows)
+
+
+def _check_edit_size(spec: JobSpec, etas: Sequence[float], base: ProbeResult,
+                     cal_idx: np.ndarray, layers: Sequence[int],
+                     scale: Mapping[int, float] | None) -> None:
     """Refuse an edit that overflows the float32 read; warn when it dwarfs the residual."""
     limit = spec.checks.edit_ratio_warn
-    largest = max(abs(e) for e in spec.etas)
+    largest = max(abs(e) for e in etas)
     for layer in layers:
         norm = float(np.linalg.norm(base.residuals[layer][cal_idx], axis=-1).mean())
         edit = largest * (scale or {}).get(layer, 1.0)
@@ -203,7 +313,7 @@ def _check_edit_size(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
             raise SteeringError(f"eta={largest:g} adds an edit of norm {edit:.3g} at layer {layer}, "
                                 f"whose float32 read overflows (mean residual norm {norm:.4g}); "
                                 "accepted: an eta whose edit stays below ~1e19")
-        ratio = eta_edit_ratio(spec.etas, (scale or {}).get(layer), norm)
+        ratio = eta_edit_ratio(tuple(etas), (scale or {}).get(layer), norm)
         if limit and ratio > limit:
             LOG.warning("eta=%g adds an edit %.3g times the mean residual norm (%.4g) at layer %d "
                         "(checks.edit_ratio_warn=%g): the model's output is swamped; consider "
@@ -213,16 +323,21 @@ def _check_edit_size(spec: JobSpec, base: ProbeResult, cal_idx: np.ndarray,
 
 def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steering
                      ) -> tuple[np.ndarray, pd.DataFrame | None, dict[str, Any]]:
-    """ĉ's steered scores [E, N, L+1, K] and the null of ``direction.n_random`` random
-    directions steered the same way.
+    """ĉ's steered scores [E, N, L+1, K] and the null of random directions steered the same way
+    (``direction.null``: isotropic or from the residual covariance at the highest edited layer
+    on the calibration split; as many as :meth:`DirectionSettings.random_count` says).
 
     At the last layer with one token per option both are read from the probe's last residual
-    (no forward pass). Elsewhere ĉ is the first direction of one sweep that also runs the
-    random ones, so the prompts run once for both.
+    (no forward pass, :class:`LastLayerReader`), and each random direction is also steered at
+    the η that matches ĉ's effect (``direction.match``). Elsewhere ĉ is the first direction of
+    one sweep that also runs the random ones, so the prompts run once for both (no matching:
+    it would need passes per trial η).
     """
-    spec, n_random, etas = ctx.spec, ctx.spec.direction.n_random, ctx.spec.etas
+    spec, settings, etas = ctx.spec, ctx.spec.direction, steering.etas
     layers, last = list(steering.layers), ctx.num_layers - 1
     base = fit.base.take(fit.eval_idx)
+    reads_only = ctx.reads_last_layer(eval_set, steering) and last in base.residuals
+    n_random = settings.random_count(reads_only)
     if not n_random or len(etas) < 2:
         return ctx.steered(eval_set, steering, base), None, {"n_random": 0}
     reason = null_skip_reason(steering.position, eval_set.is_cloze, layers == [last])
@@ -230,29 +345,89 @@ def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steerin
         LOG.info("random-direction null skipped: %s", reason)
         return ctx.steered(eval_set, steering, base), None, {"n_random": n_random,
                                                             "skipped": reason}
-    vectors = null_vectors(fit.direction.vector, n_random, spec.direction.seed + 1)
-    if ctx.reads_last_layer(eval_set, steering):
+    residuals = fit.base.residuals[max(layers)][fit.cal_idx] \
+        if settings.null == "covariance" else None
+    vectors = null_vectors(fit.direction.vector, n_random, settings.seed + 1, settings.null,
+                           residuals)
+    kind = "kl" if settings.match == "none" else settings.match
+    m = spec.metrics
+    note: dict[str, Any] = {"n_random": n_random, "null": settings.null, "layers": layers,
+                            "p_resolution": 1.0 / (1 + n_random), "effect": kind,
+                            "path": "read" if reads_only else "forward"}
+    if reads_only:
         logits = ctx.steered(eval_set, steering, base)
-        swept = last_layer_logits(ctx.loaded, base.residuals[last], eval_set.option_ids, vectors,
-                                  np.asarray(etas), (steering.layer_scale or {}).get(last, 1.0),
-                                  ctx.readout)
+        reader = LastLayerReader(ctx.loaded, base.residuals[last], eval_set.option_ids,
+                                 ctx.readout)
+        scale = steering.scale(last)
+        swept = reader.logits(vectors, np.outer(np.ones(len(vectors)), np.asarray(etas) * scale))
+        table = direction_null(swept, eval_set.labels, etas, m.n_bins, m.binning, kind)
+        if settings.match != "none":
+            draws: list[dict[str, Any]] = []
+            table = _matched(table, reader, vectors[1:], swept, etas, scale, eval_set.labels,
+                             settings, m, draws)
+            note["draws"] = pd.DataFrame(draws)
+        else:
+            note["matched_skipped"] = "direction.match=none"
     else:
         every = ctx.steered(eval_set, DirectionSweep(vectors, tuple(layers), etas, "last",
                                                      steering.layer_scale))
         logits, final = every[:len(etas)], every[:, :, -1]  # ĉ's etas come first
         swept = final.reshape(len(vectors), len(etas), *final.shape[1:])
-    table = direction_null(swept, eval_set.labels, etas, spec.metrics.n_bins,
-                           spec.metrics.binning)
-    return logits, table, {"n_random": n_random, "layers": layers,
-                           "per_eta": table.to_dict("records")}
+        table = direction_null(swept, eval_set.labels, etas, m.n_bins, m.binning, kind)
+        note["matched_skipped"] = ("the edit is below the last layer or needs a pass per trial "
+                                   "eta (matching is done where the null needs no forward pass)")
+    note["per_eta"] = table.to_dict("records")
+    note["vectors"] = vectors
+    if reads_only:
+        note["reader"] = reader
+    return logits, table, note
 
 
-def steering_summary(table: pd.DataFrame) -> dict[str, Any]:
-    """Final-layer figures per eta, for metrics.json and the tracker summary."""
+def _matched(table: pd.DataFrame, reader: LastLayerReader, randoms: np.ndarray,
+             swept: np.ndarray, etas: Sequence[float], scale: float, labels: np.ndarray,
+             settings: Any, m: Any, draws: list[dict[str, Any]]) -> pd.DataFrame:
+    """Each random direction steered at the η whose effect (``direction.match``) equals ĉ's at
+    each η ≠ 0; the matched null's band and p-values beside the equal-norm ones. ``draws``
+    receives each direction's matched multiple of η."""
+    zero = list(etas).index(0.0)
+    unsteered = swept[0, zero]
+    unsteered_log = log_probs(unsteered)
+    rows = []
+    for row in table.to_dict("records"):
+        e = list(etas).index(row["eta"])
+        eta = float(etas[e]) * scale
+        target = float(effect(swept[0, e], unsteered, settings.match))
+
+        def effect_of(multiple: np.ndarray, which: np.ndarray, eta: float = eta) -> np.ndarray:
+            return effect(reader.logits(randoms[which], multiple * eta), unsteered,
+                          settings.match, unsteered_log)
+
+        multiples = match_scales(effect_of, target, len(randoms), settings.match_max_factor,
+                                 settings.match_tol)
+        matched = np.full((len(randoms), *unsteered.shape), np.nan)
+        ok = ~np.isnan(multiples)
+        if ok.any():
+            matched[ok] = reader.logits(randoms[ok], multiples[ok] * eta)
+        draws.extend({"eta": row["eta"], "direction": d + 1, "matched_multiple": float(x)}
+                     for d, x in enumerate(multiples))
+        rows.append({**row, **matched_null(row["c_hat_delta_ece"], matched, unsteered,
+                                           multiples, labels, m.n_bins, m.binning)})
+    return pd.DataFrame(rows)
+
+
+def steering_summary(table: pd.DataFrame, effects: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Final-layer figures per eta, for metrics.json and the tracker summary (with ĉ's effect
+    and temperature equivalent from ``effects``)."""
     last = table[table["layer"] == table["layer"].max()]
     cols = ["accuracy", "ece", "mce", "delta_accuracy", "delta_ece", "delta_mce", "changed",
             "delta_ece_lo", "delta_ece_hi", "significant_ece", "delta_accuracy_lo",
-            "delta_accuracy_hi"]
-    return {f"{eta:g}": {c: (bool(row[c]) if c.startswith("significant") else float(row[c]))
-                         for c in cols if c in row}
-            for eta, row in zip(last["eta"], last.to_dict("records"))}
+            "delta_accuracy_hi", "p_ece", "p_adjusted_ece", "significant_adjusted_ece",
+            "p_accuracy", "p_adjusted_accuracy", "significant_adjusted_accuracy"]
+    out = {f"{eta:g}": {c: (bool(row[c]) if c.startswith("significant") else float(row[c]))
+                        for c in cols if c in row}
+           for eta, row in zip(last["eta"], last.to_dict("records"))}
+    if effects is not None and len(effects):
+        own = effects[effects["variant"] == "c_hat"]
+        for row in own.to_dict("records"):
+            out[f"{row['eta']:g}"].update({k: float(row[k]) for k in EFFECT_SUMMARY})
+    return out

@@ -53,10 +53,12 @@ def final_deltas(table: pd.DataFrame, variant: str) -> dict[str, float]:
     rows = table[(table["variant"] == variant) & (table["layer"] == table["layer"].max())]
     row = rows.iloc[0]
     keys = ("delta_accuracy", "delta_ece", "delta_mce", "changed", "accuracy", "ece", "mce",
-            "delta_ece_lo", "delta_ece_hi", "delta_mce_lo", "delta_mce_hi")
+            "delta_ece_lo", "delta_ece_hi", "delta_mce_lo", "delta_mce_hi", "p_ece",
+            "p_adjusted_ece")
     out = {k: float(row[k]) for k in keys if k in row}
-    if "significant_ece" in row:
-        out["significant_ece"] = bool(row["significant_ece"])
+    for flag in ("significant_ece", "significant_adjusted_ece"):
+        if flag in row:
+            out[flag] = bool(row[flag])
     return out
 
 
@@ -168,7 +170,7 @@ class _Ablation(Study):
         eval_set = ctx.prompt_set.subset(fit.eval_idx)
         logits = ctx.steered(eval_set, ablation, fit.base.take(fit.eval_idx))
         table = _variant_table(spec.metrics, logits, eval_set.labels, names)
-        table, comparisons = ctx.paired(table, logits, eval_set.labels, "variant")
+        table, comparisons = ctx.paired(table, logits, eval_set.labels, "variant", min(layers))
         report.update(direction_raw_norm=fit.direction.meta.get("raw_norm"), layers=list(layers),
                       ablation=icfg.ablation, position=ablation.position,
                       truncation=final_deltas(table, names[1]),

@@ -22,6 +22,7 @@ from calibrate.io.compare.runs import (
     read_run,
     resolve_inputs,
 )
+from calibrate.io.compare.seeds import seed_rows
 from calibrate.io.compare.tables import final_steering_rows, md_text, md_wrap, runs_table
 from calibrate.io.compare.wandb_group import wandb_rows
 
@@ -52,11 +53,15 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
 
 def comparison_tables(runs: Sequence[Run]) -> dict[str, pd.DataFrame]:
     """The CSV tables beside the figures: ``steering.csv`` (each steering job's final-layer rows
-    per η) and ``nullspace.csv`` (the null-space controls), when the runs have them."""
+    per η), ``seeds.csv`` (steering results aggregated over runs that differ only in their
+    seed) and ``nullspace.csv`` (the null-space controls), when the runs have them."""
     tables = {}
     steered = [t for r in runs if (t := final_steering_rows(r)) is not None]
     if steered:
         tables[STEERING_FILE] = pd.concat(steered, ignore_index=True)
+    seeds = seed_rows(runs)
+    if len(seeds):
+        tables["seeds.csv"] = seeds
     rows = [row for r in runs for row in nullspace_rows(r)]
     if rows:
         tables["nullspace.csv"] = pd.DataFrame(rows)

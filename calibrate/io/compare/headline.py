@@ -41,23 +41,31 @@ def _interval(lo: Any, hi: Any, sign: bool = False) -> str:
     return f"[{a}, {b}]" if a and b else ""
 
 
+def _flag(values: Mapping[str, Any]) -> bool:
+    """The ΔECE flag: after the multiple-comparisons correction where the job has it, else the
+    paired interval excluding 0."""
+    if "significant_adjusted_ece" in values:
+        return bool(values["significant_adjusted_ece"])
+    return bool(values.get("significant_ece"))
+
+
 def _best_eta(run: Run) -> tuple[float, float, bool] | None:
-    """(ΔECE, η, significant) of the η with the lowest final-layer ΔECE, η ≠ 0."""
+    """(ΔECE, η, flagged) of the η with the lowest final-layer ΔECE, η ≠ 0."""
     best = None
     for eta, values in ((run.metrics or {}).get("steering") or {}).items():
         delta = _num((values or {}).get("delta_ece"))
         if _num(eta) in (None, 0.0) or delta is None:
             continue
         if best is None or delta < best[0]:
-            best = (delta, float(eta), bool(values.get("significant_ece")))
+            best = (delta, float(eta), _flag(values))
     return best
 
 
 def headline_table(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per complete run: #, what sets it apart (the overrides that differ, without model
     and dataset), model, dataset, N, final accuracy and ECE, the
-    ECE peak and its layer and, for steering runs, the best final-layer ΔECE with its η
-    (``*``: the paired interval excludes 0)."""
+    ECE peak and its layer, the final layer's option mass and, for steering runs, the best
+    final-layer ΔECE with its η (``*``: flagged after the multiple-comparisons correction)."""
     labels = facet_labels([r for r in runs if r.complete])
     rows = []
     for number, run in enumerate(runs, 1):
@@ -69,6 +77,7 @@ def headline_table(runs: Sequence[Run]) -> pd.DataFrame:
         rows.append({"#": number, "run": labels[run.job_dir], "model": m.get("model"),
                      "dataset": m.get("dataset"), "N": m.get("n_examples"),
                      "acc": _num(final.get("accuracy")), "ECE": _num(final.get("ece")),
+                     "mass": _num(final.get("option_mass")),
                      "peak ECE (layer)": f"{peak} (L{m.get('peak_ece_layer')})" if peak else "",
                      "best ΔECE (η)": "" if best is None else
                      f"{best[0]:+.3f}{'*' if best[2] else ''} (η={best[1]:g})"})
@@ -84,7 +93,8 @@ def _final_table(runs: Sequence[Run]) -> pd.DataFrame:
                          "acc 95 %": _interval(f.get("accuracy_lo"), f.get("accuracy_hi")),
                          "ECE": _num(f.get("ece")),
                          "ECE interval": _interval(f.get("ece_lo"), f.get("ece_hi")),
-                         "MCE": _num(f.get("mce")), "NLL": _num(f.get("nll")),
+                         "MCE": _num(f.get("mce")), "option mass": _num(f.get("option_mass")),
+                         "NLL": _num(f.get("nll")),
                          "Brier": _num(f.get("brier")), "smECE": _num(f.get("smece")),
                          "AURC": _num(f.get("aurc"))})
     return pd.DataFrame(rows).dropna(axis=1, how="all")
@@ -108,20 +118,48 @@ def _steering_table(runs: Sequence[Run]) -> pd.DataFrame:
         nulls = {} if null is None or "eta" not in null else \
             {float(r["eta"]): r for r in null.to_dict("records")}
         temperature = ((run.metrics.get("baselines") or {}).get("temperature") or {}).get("ece")
+        per_eta = run.metrics.get("steering") or {}
         for rec in table.to_dict("records"):
             eta = float(rec["eta"])
             if eta == 0.0:
                 continue
-            mark = "*" if rec.get("significant_ece") is True else ""
+            mark = "*" if _flag(rec) else ""
+            own, n = per_eta.get(f"{eta:g}") or {}, nulls.get(eta, {})
             rows.append({"#": number, "η": f"{eta:g}", "unit": eta_unit(run),
                          "ΔECE": _num(rec.get("delta_ece")),
                          "ΔECE interval": _interval(rec.get("delta_ece_lo"),
                                                     rec.get("delta_ece_hi"), True) + mark,
+                         "p adj.": _num(rec.get("p_adjusted_ece")),
                          "Δacc": _num(rec.get("delta_accuracy")),
                          "ΔMCE": _num(rec.get("delta_mce")),
-                         "null ΔECE": _num(nulls.get(eta, {}).get("null_delta_ece_median")),
-                         "p": _num(nulls.get(eta, {}).get("p_value_ece")),
+                         "null ΔECE": _num(n.get("null_delta_ece_median")),
+                         "p": _num(n.get("p_value_ece")),
+                         "p matched": _num(n.get("p_matched_ece")),
+                         "n random": _num(n.get("n_random")),
+                         "T(η)": _num(own.get("temperature")),
+                         "KL left": _num(own.get("residual_kl")),
                          "ECE": _num(rec.get("ece")), "temp. ECE": _num(temperature)})
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+def _seeds_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """Steering results over the runs that differ only in their seed (:mod:`.seeds`)."""
+    from calibrate.io.compare.seeds import seed_rows
+
+    table = seed_rows(runs)
+    if not len(table):
+        return table
+    rows = []
+    for rec in table.to_dict("records"):
+        rows.append({"model": rec["model"], "dataset": rec["dataset"],
+                     "η": rec["eta_label"], "seeds": rec["seeds"],
+                     "ΔECE mean": rec.get("delta_ece_mean"), "ΔECE sd": rec.get("delta_ece_sd"),
+                     "ΔECE min": rec.get("delta_ece_min"), "ΔECE max": rec.get("delta_ece_max"),
+                     "sign": rec["sign"],
+                     "flagged": f"{rec['flagged_adjusted']}/{rec['seeds']}",
+                     "p matched (max)": rec.get("p_matched_ece_max"),
+                     "T(η)": rec.get("temperature_mean"),
+                     "best baseline ΔECE": rec.get("best_baseline_delta_ece_mean")})
     return pd.DataFrame(rows).dropna(axis=1, how="all")
 
 
@@ -149,7 +187,9 @@ def _failed_table(runs: Sequence[Run]) -> pd.DataFrame:
 def detail_tables(runs: Sequence[Run]) -> dict[str, pd.DataFrame]:
     """The detail tables by title (empty ones left out), keyed by the headline's ``#``."""
     tables = {"Final layer": _final_table(runs), "Phases": _phase_table(runs),
-              "Steering: final layer per η (* paired interval excludes 0)": _steering_table(runs),
+              "Steering: final layer per η (* flagged after the multiple-comparisons "
+              "correction)": _steering_table(runs),
+              "Across seeds (final layer)": _seeds_table(runs),
               "Null-space truncation": _nullspace_table(runs), "Runs": _runs_table(runs),
               "Failed runs": _failed_table(runs)}
     return {title: table for title, table in tables.items() if len(table)}
