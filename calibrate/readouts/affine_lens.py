@@ -36,6 +36,7 @@ from calibrate.readouts.tuned_lens import (
     fit_summary,
     held_out_residuals,
     kl_report,
+    lap,
 )
 
 LOG = logging.getLogger("calibrate")
@@ -140,7 +141,7 @@ class Affine(ReadoutKind):
             LOG.info("affine lens: cached fit %s", folder)
             return TranslatedLens(adapter, weight, bias, identity,
                                   {**record["summary"], "cache": str(folder)})
-        start = time.perf_counter()
+        clock = time.perf_counter()
         fit_idx, held_idx = lens_text.split_sequences(len(text.sequences),
                                                       settings.holdout_fraction, seed)
         fit_seqs = [text.sequences[i] for i in fit_idx]
@@ -149,14 +150,15 @@ class Affine(ReadoutKind):
         for batch in lens_text.residual_batches(source.loaded, fit_seqs, keep):
             sums.add(batch)
         weight, bias = sums.solve(settings.ridge)
-        fit_seconds = time.perf_counter() - start
+        seconds = {}
+        seconds["fit"], clock = lap(clock)
         readout = TranslatedLens(adapter, weight, bias, identity)
         held = held_out_residuals(source.loaded, text, held_idx, settings.kl_tokens, seed)
         kl = kl_report(LogitLens(adapter), readout, held, self.name)
+        seconds["kl_report"], clock = lap(clock)
         summary = fit_summary(text, sums.n, source.loaded, kl, {
-            "held_out_sequences": int(len(held_idx)),
-            "settings": {**settings.fitting(), "seed": seed},
-            "fit_seconds": round(fit_seconds, 3)})
+            "held_out_sequences": len(held_idx),
+            "settings": {**settings.fitting(), "seed": seed}, "fit_seconds": seconds})
         folder = lens_cache.store(self.name, key, source.cache_dir, {"summary": summary},
                                   lambda tmp: save_lens(tmp, weight, bias,
                                                         base_model=source.loaded.source,

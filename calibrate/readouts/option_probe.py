@@ -245,7 +245,7 @@ class Probe(ReadoutKind):
                    ("weight", "bias", "mean", "scale")}
         tensors["slot_tokens"] = torch.as_tensor(slots, dtype=torch.long)
         ident = source.loaded.identity()
-        summary = {"fit_on": {**(source.split or {}), "rows": int(len(cal.labels)),
+        summary = {"fit_on": {**(source.split or {}), "rows": len(cal.labels),
                               "labels": "calibration split answers"},
                    "model_fingerprint": ident["fingerprint"], "model_dtype": ident["dtype"],
                    "settings": asdict(settings), "option_strings": list(cal.option_strings),

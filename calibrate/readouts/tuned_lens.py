@@ -196,6 +196,12 @@ def train_translators(lens: LogitLens, residual: torch.Tensor, settings: TunedLe
 
 # ---------------------------------------------------------------- the readout kind
 
+def lap(clock: float) -> tuple[float, float]:
+    """(seconds since ``clock``, rounded; now)."""
+    now = time.perf_counter()
+    return round(now - clock, 3), now
+
+
 def _fetch_from_hub(model_id: str, cache_dir: Any) -> Path:
     """The library's published lens for ``model_id`` (config.json + params.pt), downloaded
     into the hub cache; one line when it cannot be fetched."""
@@ -269,25 +275,29 @@ class Tuned(ReadoutKind):
             LOG.info("tuned lens: cached fit %s", folder)
             return TranslatedLens(adapter, weight, bias, identity,
                                   {**record["summary"], "cache": str(folder)})
-        start = time.perf_counter()
+        clock = time.perf_counter()
+        seconds = {}
         fit_idx, held_idx = lens_text.split_sequences(len(text.sequences),
                                                       settings.holdout_fraction, seed)
         fit_seqs = [text.sequences[i] for i in fit_idx]
         keep = lens_text.sample_positions([len(s) for s in fit_seqs], settings.max_tokens, seed)
         residual = lens_text.collect(source.loaded, fit_seqs, keep)
+        seconds["residuals"], clock = lap(clock)
         LOG.info("tuned lens: training on %d positions of %d sequences, %d steps of %d tokens",
                  residual.shape[0], len(fit_seqs), settings.steps, settings.tokens_per_step)
         plain = LogitLens(adapter)
         weight, bias, curve = train_translators(plain, residual, settings, seed)
         del residual
+        seconds["training"], clock = lap(clock)
         readout = TranslatedLens(adapter, weight, bias, identity)
         held = held_out_residuals(source.loaded, text, held_idx, settings.kl_tokens, seed)
         kl = kl_report(plain, readout, held, self.name)
+        seconds["kl_report"], clock = lap(clock)
         summary = fit_summary(text, sum(len(k) for k in keep), source.loaded, kl, {
-            "held_out_sequences": int(len(held_idx)), "settings": {**settings.training(),
+            "held_out_sequences": len(held_idx), "settings": {**settings.training(),
                                                                     "seed": seed},
             "train_kl_first_step": curve[0], "train_kl_last_step": curve[-1],
-            "fit_seconds": round(time.perf_counter() - start, 3)})
+            "fit_seconds": seconds})
         folder = lens_cache.store(self.name, key, source.cache_dir, {"summary": summary},
                                   lambda tmp: save_lens(tmp, weight, bias,
                                                         base_model=source.loaded.source,
