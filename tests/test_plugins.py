@@ -1,8 +1,9 @@
 """What a new study, direction method, readout and dataset each touch: one module (here, this
 test), registered on import; no other file of the package names it, and the config composes it.
 
-Each toy is defined below exactly as a user's module would define it, then run end to end on the
-real SmolLM2 and a few SST-2 sentences, and removed from the registries afterwards.
+Each toy is defined below as a user's module would define it; its test applies the registering
+decorator (a module does so on import), runs it end to end on the real SmolLM2 and a few SST-2
+sentences, and removes it from the registries afterwards, so no other test sees it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def _forget(group: str, name: str) -> None:
 
 # ---------------------------------------------------------------- a study
 
-@register
 class MeanConfidenceStudy(Study):
     """A toy study: the final layer's mean confidence, on every example."""
 
@@ -50,6 +50,7 @@ class MeanConfidenceStudy(Study):
 
 
 def test_a_new_study_is_one_module(lm):
+    register(MeanConfidenceStudy)
     try:
         result = calibrate.run_study(["intervention=toy_confidence", "dataset.limit=4", *LEAN],
                                      lm=lm)
@@ -71,7 +72,6 @@ class AxisSettings:
     sign: float = 1.0
 
 
-@register_method
 class Axis(DirectionMethod):
     """A toy method: one coordinate axis of the residual stream."""
 
@@ -86,6 +86,7 @@ class Axis(DirectionMethod):
 
 
 def test_a_new_direction_method_is_one_module_with_its_settings(lm):
+    register_method(Axis)
     try:
         result = calibrate.run_study(["eta=[0,2]", "direction.method=toy_axis",
                                       "direction.toy_axis.index=3", "direction.toy_axis.sign=-1",
@@ -123,7 +124,6 @@ class TemperedLens(LogitLens):
         return f"{self.name}:{self.temperature}"
 
 
-@register_readout
 class Tempered(ReadoutKind):
     name = "toy_tempered"
     Settings = TemperedLensSettings
@@ -133,6 +133,7 @@ class Tempered(ReadoutKind):
 
 
 def test_a_new_readout_is_one_module_and_every_layer_is_read_through_it(lm):
+    register_readout(Tempered)
     try:
         plain = calibrate.run_study(["dataset.limit=4", *LEAN], lm=lm)
         tempered = calibrate.run_study(["lens=toy_tempered", "lens.temperature=4",
