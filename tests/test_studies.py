@@ -150,6 +150,36 @@ def test_ablation_studies(tiny_lm, prompt_set, tmp_path, name, variants):
         assert report["k"] == 4 and 0 <= report["rho"] <= 1 and 0 <= report["p_value"] <= 1
 
 
+@pytest.mark.parametrize("name, variant", [("nullspace", "nullspace"),
+                                           ("direction_ablate", "direction")])
+def test_ablation_studies_read_every_layer_through_the_lens(tiny_lm, prompt_set, tmp_path, name,
+                                                            variant):
+    edit = (f"intervention={name}", "nullspace.k=4", "intervention.layers=[1]",
+            "nullspace.n_control=3")
+    plain = get_study(name).run(context(tiny_lm, prompt_set, tmp_path, *edit))
+    ctx = context(tiny_lm, prompt_set, tmp_path, *edit, *FAST_TUNED)
+    result = get_study(name).run(ctx)
+    from calibrate.core.metrics import layer_table
+
+    _, evaluation = split_indices(24, 0.5, 0)
+    base = run_probe(tiny_lm, prompt_set.subset(evaluation),
+                     ProbeSettings(progress=False, option_mass="none"), ctx.readout)
+    rows = {v: t.reset_index(drop=True) for v, t in result.table.groupby("variant")}
+    was = {v: t.reset_index(drop=True) for v, t in plain.table.groupby("variant")}
+    # no ablation: the lens's read of the evaluated rows
+    np.testing.assert_allclose(rows["none"]["ece"], layer_table(base.probs, base.labels)["ece"],
+                               atol=1e-6)
+    # below the edit the ablated arm is the unablated one; above it the lens reads the edited
+    # residual, differently from the logit lens below the last layer and identically at the last
+    np.testing.assert_allclose(rows[variant]["ece"].iloc[:1], rows["none"]["ece"].iloc[:1],
+                               atol=1e-9)
+    for arm in ("none", variant, "random"):
+        assert rows[arm]["ece"].iloc[-1] == pytest.approx(was[arm]["ece"].iloc[-1], abs=1e-6)
+        assert rows[arm]["accuracy"].iloc[-1] == pytest.approx(was[arm]["accuracy"].iloc[-1])
+    assert not np.allclose(rows[variant]["ece"].iloc[1:-1], was[variant]["ece"].iloc[1:-1],
+                           atol=1e-6)
+
+
 def test_the_registry_finds_and_refuses(tiny_lm, prompt_set, tmp_path):
     assert {"probe", "steering", "nullspace", "direction_ablate"} <= set(STUDIES)
     with pytest.raises(KeyError, match=r"study 'nope'; accepted: baselines, direction_ablate, nullspace"):
