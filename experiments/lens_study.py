@@ -128,6 +128,42 @@ def run_one(model: str, dataset: str, limit: int, out: Path, fitted_on: list[str
     return found
 
 
+def tables(out: Path) -> str:
+    """The study's markdown tables from ``OUT/summary.json`` and the per-lens layer tables."""
+    import pandas as pd
+
+    summary = json.loads((out / "summary.json").read_text())
+    header = ("| model | dataset | lens | n | final acc [95% CI] | final ECE [95% CI] | "
+              "best acc (layer) | max ECE [95% CI] (layer) | plateau | ECE peak | correction | "
+              "phase |")
+    lines = [header, "|---|---|---|---:|---|---|---|---|---:|---:|---|---|"]
+    kl_lines = ["| model | dataset | lens | KL logit → lens at 1/4, 1/2, 3/4 depth (layer: nats) |",
+                "|---|---|---|---|"]
+    for job, found in summary.items():
+        model, dataset = job.split("/")
+        for lens, got in found["lenses"].items():
+            if "refused" in got:
+                lines.append(f"| {model} | {dataset} | {lens} | — | refused: "
+                             f"{got['refused'].split(';')[0]} | | | | | | | |")
+                continue
+            t = pd.read_csv(out / model / dataset / f"layers_{lens}.csv")
+            last, top = t.iloc[-1], t.iloc[int(t["ece"].to_numpy().argmax())]
+            best = t.iloc[int(t["accuracy"].to_numpy().argmax())]
+            lines.append(
+                f"| {model} | {dataset} | {lens} | {found['n_evaluated']} | {last['accuracy']:.3f} "
+                f"[{last['accuracy_lo']:.2f}, {last['accuracy_hi']:.2f}] | {last['ece']:.3f} "
+                f"[{last['ece_lo']:.2f}, {last['ece_hi']:.2f}] | {best['accuracy']:.3f} "
+                f"({int(best['layer'])}) | {top['ece']:.3f} [{top['ece_lo']:.2f}, "
+                f"{top['ece_hi']:.2f}] ({int(top['layer'])}) | {got['plateau_layer']} | "
+                f"{got['peak_ece_layer'] if got['peak_ece_layer'] is not None else '—'} | "
+                f"{', '.join(map(str, got['correction_layers'])) or '—'} | {got['phase_kind']} |")
+            if got.get("kl_at_depths"):
+                kl_lines.append(f"| {model} | {dataset} | {lens} | " + "; ".join(
+                    f"{layer}: {v['logit']:.2f} → {v[lens]:.2f}"
+                    for layer, v in got["kl_at_depths"].items()) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(kl_lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +176,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=240,
                         help="--text truthfulqa: question-answer pairs of the text (of 817)")
     parser.add_argument("--lens", nargs="*", default=[], help="tuned-lens settings (key=value)")
+    parser.add_argument("--tables", action="store_true", help="print OUT's tables and stop")
     args = parser.parse_args()
+    if args.tables:
+        print(tables(Path(args.out)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
