@@ -32,3 +32,8 @@ def test_lens_settings_pass_through():
     args = parse_args(["--rounds", "2", "lens.steps=5", "lens.kl_tokens=16"])
     assert args.rounds == 2 and args.fit_rounds == 1
     assert args.lens_overrides == ["lens.steps=5", "lens.kl_tokens=16"]
+
+
+def test_the_bench_file_is_named_with_output_as_in_every_bench():
+    assert parse_args(["--output", "x.json"]).output == "x.json"
+    assert parse_args([]).output == "bench.json"

@@ -47,7 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the probe and the read")
     parser.add_argument("--fit-rounds", type=int, default=1, help="rounds that also fit")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--out", default=BENCH_FILE)
+    parser.add_argument("--output", "--out", dest="output", default=BENCH_FILE,
+                        help="the bench file figures are merged into")
     parser.add_argument("lens_overrides", nargs="*", default=[],
                         help="lens settings for both fits, e.g. lens.steps=20 (key=value)")
     args = parser.parse_args(argv)
@@ -152,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{tuned['fit_seconds']}")
     print(f"affine_fit_over_probe  {figures['affine_fit_over_probe']:.3f}  (target <= 1.5)  "
           f"{affine['fit_seconds']}")
-    merge_json(Path(args.out), figures)
+    merge_json(Path(args.output), figures)
     return figures
 
 
