@@ -37,3 +37,15 @@ def test_lens_settings_pass_through():
 def test_the_bench_file_is_named_with_output_as_in_every_bench():
     assert parse_args(["--output", "x.json"]).output == "x.json"
     assert parse_args([]).output == "bench.json"
+
+
+def test_ratios_are_per_round_medians():
+    from calibrate.bench.lens_bench import ratios
+
+    # the load triples after round 1: per-round ratios keep it out
+    times = {"probe": [10.0, 30.0, 30.0], "tuned_read": [12.0, 33.0, 39.0],
+             "tuned_fit": [100.0], "affine_fit": [20.0]}
+    out = ratios(times)
+    assert out["tuned_read_over_probe"] == pytest.approx(1.2)  # median of 1.2, 1.1, 1.3
+    assert out["tuned_fit_over_probe"] == pytest.approx(10.0)
+    assert out["affine_fit_over_probe"] == pytest.approx(2.0)

@@ -14,7 +14,8 @@ on these noisy machines), it times:
   held-out KL report (its share is recorded: ``tuned_fit_seconds``);
 * ``affine_fit``: the ridge fit of ``lens=affine`` on the same tokens, likewise.
 
-Fits run in the first ``--fit-rounds`` rounds, reads in every round. It prints the ratios and
+Fits run in the first ``--fit-rounds`` rounds, reads in every round; each ratio is the median
+over rounds of the variant's seconds over the same round's probe. It prints the ratios and
 merges ``tuned_read_over_probe`` (target <= 1.2), ``tuned_fit_over_probe`` (target <= 10),
 ``affine_fit_over_probe`` (target <= 1.5), the seconds, each fit's breakdown and the held-out
 KL of both lenses at three depths into ``bench.json`` in the current directory.
@@ -93,6 +94,15 @@ def depths(kl: dict[str, Any] | None, name: str) -> dict[str, Any]:
             for i in (n // 4, n // 2, (3 * n) // 4)}
 
 
+def ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """``<variant>_over_probe``: the median over rounds of the variant's seconds over the probe's
+    of the same round (round i of each list; a fit runs in the first rounds only), so a change of
+    the machine's load between rounds does not enter a ratio."""
+    probe = times["probe"]
+    return {f"{name}_over_probe": statistics.median(t / p for t, p in zip(times[name], probe))
+            for name in ("tuned_read", "tuned_fit", "affine_fit") if times.get(name)}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from calibrate.engine.scoring import score
     from calibrate.readouts import ReadoutSource, build_readout
@@ -135,10 +145,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in times.items() if v}
     tuned, affine = fitted["tuned"].summary(), fitted["affine"].summary()
     figures = {
-        "tuned_read_over_probe": med["tuned_read"] / med["probe"],
-        "tuned_fit_over_probe": med["tuned_fit"] / med["probe"],
-        "affine_fit_over_probe": med["affine_fit"] / med["probe"],
-        **{f"{k}_s": v for k, v in med.items()},
+        **ratios(times),
+        **{f"{k}_s": v for k, v in med.items()}, "rounds_s": times,
         "tuned_fit_seconds": tuned["fit_seconds"], "affine_fit_seconds": affine["fit_seconds"],
         "tuned_fit_tokens": tuned["fit_on"]["fit_tokens"],
         "kl_at_depths": {"tuned": depths(tuned["kl_to_final"], "tuned"),
