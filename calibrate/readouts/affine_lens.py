@@ -91,13 +91,15 @@ class RidgeSums:
             self.sx, self.sd = torch.zeros((layers, hidden), **zeros), torch.zeros((layers, hidden), **zeros)
             self.sxx = torch.zeros((layers, hidden, hidden), **zeros)
             self.sxd = torch.zeros((layers, hidden, hidden), **zeros)
-        xs = (x - self.shift_x).transpose(0, 1)  # [L, n, H]
-        ds = (d - self.shift_d).transpose(0, 1)
+        # float64 products: residuals with massive activations (SmolLM2: |h| ~ 2.5e4 at the
+        # first position) make float32 sums lose the small directions of the covariance
+        xs = (x - self.shift_x).transpose(0, 1).double()  # [L, n, H]
+        ds = (d - self.shift_d).transpose(0, 1).double()
         self.n += x.shape[0]
-        self.sx += xs.sum(1).double()
-        self.sd += ds.sum(1).double()
-        self.sxx += (xs.transpose(1, 2) @ xs).double()
-        self.sxd += (xs.transpose(1, 2) @ ds).double()
+        self.sx += xs.sum(1)
+        self.sd += ds.sum(1)
+        self.sxx += xs.transpose(1, 2) @ xs
+        self.sxd += xs.transpose(1, 2) @ ds
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [L, H, H] out x in, bias [L, H]) of the ridge fit, float32."""
@@ -108,7 +110,13 @@ class RidgeSums:
         hidden = cxx.shape[-1]
         lam = ridge * torch.diagonal(cxx, dim1=1, dim2=2).sum(-1) / hidden  # [L]
         eye = torch.eye(hidden, dtype=torch.float64, device=cxx.device)
-        coef = torch.linalg.solve(cxx + lam[:, None, None] * eye, cxd)  # [L, in, out]
+        if not (torch.isfinite(cxx).all() and torch.isfinite(cxd).all()):
+            raise ValueError("affine lens: the residual sums are not finite (a non-finite "
+                             "residual in the training text's forward pass)")
+        # one layer at a time (a batched LU of 30 such systems failed inside MKL on these
+        # machines), Cholesky of the symmetric positive definite ridge system
+        coef = torch.stack([torch.cholesky_solve(cxd[i], torch.linalg.cholesky(
+            cxx[i] + lam[i] * eye)) for i in range(cxx.shape[0])])  # [L, in, out]
         weight = coef.transpose(1, 2)  # [L, out, in]
         mean_x = mx + self.shift_x.double()
         mean_d = md + self.shift_d.double()
