@@ -123,7 +123,7 @@ def test_steering_reads_every_layer_through_the_lens(tiny_lm, prompt_set, tmp_pa
                   "intervention.layers=[2]", "direction.n_random=4", *lens)
     result = get_study("steering").run(ctx)
     np.testing.assert_allclose(result.direction.vector, plain.direction.vector, atol=1e-9)
-    cal, evaluation = split_indices(24, 0.5, 0)
+    _, evaluation = split_indices(24, 0.5, 0)
     base = run_probe(tiny_lm, prompt_set.subset(evaluation),
                      ProbeSettings(progress=False, option_mass="none"), ctx.readout)
     zero = result.table[result.table["eta"] == 0.0].reset_index(drop=True)

@@ -87,7 +87,7 @@ class RidgeSums:
         if self.shift_x is None:
             self.shift_x, self.shift_d = x.mean(0), d.mean(0)
             layers, hidden = x.shape[1], x.shape[2]
-            zeros = dict(dtype=torch.float64, device=x.device)
+            zeros = {"dtype": torch.float64, "device": x.device}
             self.sx, self.sd = torch.zeros((layers, hidden), **zeros), torch.zeros((layers, hidden), **zeros)
             self.sxx = torch.zeros((layers, hidden, hidden), **zeros)
             self.sxd = torch.zeros((layers, hidden, hidden), **zeros)
