@@ -328,3 +328,42 @@ def test_hooks_are_removed_and_oom_halves_the_batch(tiny, monkeypatch):
     np.testing.assert_allclose(result.option_logits, reference.option_logits, atol=1e-5)
     blocks = tiny.adapter.blocks
     assert not blocks[0]._forward_pre_hooks and not any(b._forward_hooks for b in blocks)
+
+
+def test_every_layer_through_a_translated_lens_equals_from_scratch(tiny):
+    """Cloze under ``lens=tuned``/``affine``: every continuation token's state of layer ℓ is read
+    as ``h + W_ℓ h + b_ℓ`` through the final norm and head, the last layer as the model reads it
+    (its own log-likelihood), against each option run alone here."""
+    from calibrate.readouts.translators import TranslatedLens
+
+    adapter, blocks = tiny.adapter, tiny.adapter.num_blocks
+    hidden = int(adapter.unembed_weight.shape[1])
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn((blocks, hidden, hidden), generator=gen) * 0.3 / hidden ** 0.5
+    bias = torch.randn((blocks, hidden), generator=gen) * 0.3
+    lens = TranslatedLens(adapter, weight, bias, "random")
+    requests = build_requests(tiny, CONTEXTS, OPTIONS)
+    result = run_cloze(tiny, requests, LABELS, quiet(batch_size=4), readout=lens)
+    plain = run_cloze(tiny, requests, LABELS, quiet(batch_size=4))
+    for i, request in enumerate(requests):
+        n, expected = len(request.context_ids), []
+        with torch.no_grad():
+            for cont in request.continuations:
+                ids = torch.tensor([request.context_ids + cont])
+                states = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+                row = []
+                for layer, h in enumerate(states[:-1]):
+                    h = h[0].float()
+                    moved = h + h @ weight[layer].T + bias[layer] if layer < blocks else h
+                    logits = adapter.unembed(adapter.final_norm(moved)).double()
+                    if adapter.softcap is not None:
+                        logits = torch.tanh(logits / adapter.softcap) * adapter.softcap
+                    logp = torch.log_softmax(logits[n - 1:-1], -1)
+                    row.append(float(logp.gather(1, torch.tensor(cont)[:, None]).sum()))
+                expected.append(row)
+        got = result.option_logits[i, :, :request.n_options]
+        np.testing.assert_allclose(got[:-1], np.array(expected).T, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got[-1], loglik_reference(tiny, request), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got[-1], plain.option_logits[i, -1, :request.n_options],
+                                   rtol=0, atol=1e-6)
+    assert not np.allclose(result.option_logits[:, :-1], plain.option_logits[:, :-1], atol=1e-3)

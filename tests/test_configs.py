@@ -14,6 +14,7 @@ from calibrate.api import compose
 from calibrate.config import CONF_DIR
 from calibrate.config.compose import group_options
 from calibrate.config.spec import JobSpec, build_spec
+from calibrate.errors import ConfigError
 from calibrate.tasks.data import DATASETS
 
 CONF = CONF_DIR
@@ -102,7 +103,15 @@ def test_every_dataset_composes_with_default_model(dataset):
 def test_every_other_group_option_composes(group, option):
     cfg = resolved([f"{group}={option}"])
     assert cfg[group]["name"] == option
-    assert getattr(checked([f"{group}={option}"]), group).name == option
+    needs = COMPANIONS.get((group, option))
+    if needs:  # refused alone, in one line naming what it needs, and accepted with it
+        with pytest.raises(ConfigError, match=re.escape(needs[0])):
+            checked([f"{group}={option}"])
+    assert getattr(checked([f"{group}={option}", *(needs or [])]), group).name == option
+
+
+# options that the defaults of another group refuse: (group, option) -> the overrides it needs
+COMPANIONS = {("lens", "probe"): ["probe.option_mass=none"]}  # it reads only the options
 
 
 def sweep_points(experiment: str) -> list[str]:

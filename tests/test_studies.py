@@ -75,6 +75,67 @@ def test_steering_study_on_its_split(tiny_lm, prompt_set, tmp_path):
         three["ece"].iloc[-1] - zero["ece"].iloc[-1])
 
 
+FAST_TUNED = ("lens=tuned", "lens.steps=2", "lens.tokens_per_step=16", "lens.kl_tokens=16")
+
+
+@pytest.mark.parametrize("lens", [FAST_TUNED, ("lens=affine", "lens.kl_tokens=16"),
+                                  ("lens=probe", "probe.option_mass=none")])
+def test_probe_study_under_a_lens_fit_on_the_prompts_reports_only_the_evaluation_split(
+        tiny_lm, prompt_set, tmp_path, lens):
+    ctx = context(tiny_lm, prompt_set, tmp_path, *lens)
+    assert ctx.spec.uses_split and ctx.spec.study == "probe"
+    result = get_study("probe").run(ctx)
+    cal, evaluation = split_indices(24, 0.5, 0)
+    assert result.report.result.labels.tolist() == prompt_set.labels[evaluation].tolist()
+    assert result.report.prompt_set.prompts == [prompt_set.prompts[i] for i in evaluation]
+    assert result.summary["n_calibration"] == len(cal) == 12
+    # the lens was fit on exactly the calibration rows
+    readout = ctx.readout.summary()
+    fit_on = readout["fit_on"]
+    assert fit_on["split"] == "calibration" and fit_on["rows"] == len(cal)
+    if "n_sequences" in fit_on:
+        tokens = tiny_lm.tokenizer([prompt_set.prompts[i] for i in cal])["input_ids"]
+        assert fit_on["tokens"] == sum(len(t) for t in tokens)
+    # what it reads is the lens's read of the evaluation rows (not the logit lens's)
+    direct = run_probe(tiny_lm, prompt_set.subset(evaluation),
+                       ProbeSettings(progress=False, option_mass="none"), ctx.readout)
+    np.testing.assert_allclose(result.report.result.probs, direct.probs, atol=1e-6)
+    plain = run_probe(tiny_lm, prompt_set.subset(evaluation), ProbeSettings(progress=False))
+    assert not np.allclose(direct.probs[:, :-1], plain.probs[:, :-1], atol=1e-6)
+
+
+def test_a_lens_from_a_text_file_reads_every_row(tiny_lm, prompt_set, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the movie was great\n\nthis film is not good\n\nit was fun")
+    ctx = context(tiny_lm, prompt_set, tmp_path, *FAST_TUNED, f"lens.text_path={text}")
+    assert not ctx.spec.uses_split
+    result = get_study("probe").run(ctx)
+    assert len(result.report.result.labels) == 24 and result.summary == {}
+    assert ctx.readout.summary()["fit_on"]["text"] == "file"
+
+
+@pytest.mark.parametrize("lens", [FAST_TUNED, ("lens=probe", "probe.option_mass=none")])
+def test_steering_reads_every_layer_through_the_lens(tiny_lm, prompt_set, tmp_path, lens):
+    plain = get_study("steering").run(context(
+        tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "intervention=steering",
+        "intervention.layers=[2]", "direction.n_random=4"))
+    ctx = context(tiny_lm, prompt_set, tmp_path, "eta=[0,3]", "intervention=steering",
+                  "intervention.layers=[2]", "direction.n_random=4", *lens)
+    result = get_study("steering").run(ctx)
+    np.testing.assert_allclose(result.direction.vector, plain.direction.vector, atol=1e-9)
+    _, evaluation = split_indices(24, 0.5, 0)
+    base = run_probe(tiny_lm, prompt_set.subset(evaluation),
+                     ProbeSettings(progress=False, option_mass="none"), ctx.readout)
+    zero = result.table[result.table["eta"] == 0.0].reset_index(drop=True)
+    from calibrate.core.metrics import layer_table
+
+    np.testing.assert_allclose(zero["ece"], layer_table(base.probs, base.labels)["ece"], atol=1e-6)
+    if lens is FAST_TUNED:  # the last layer is the model's own output under the tuned lens
+        last = plain.table[plain.table["eta"] == 3.0]["ece"].iloc[-1]
+        assert result.table[result.table["eta"] == 3.0]["ece"].iloc[-1] == pytest.approx(last,
+                                                                                         abs=1e-6)
+
+
 @pytest.mark.parametrize("name, variants", [("nullspace", ["none", "nullspace", "random"]),
                                             ("direction_ablate", ["none", "direction", "random"])])
 def test_ablation_studies(tiny_lm, prompt_set, tmp_path, name, variants):
@@ -87,6 +148,36 @@ def test_ablation_studies(tiny_lm, prompt_set, tmp_path, name, variants):
     if name == "nullspace":
         report = result.ablation_report
         assert report["k"] == 4 and 0 <= report["rho"] <= 1 and 0 <= report["p_value"] <= 1
+
+
+@pytest.mark.parametrize("name, variant", [("nullspace", "nullspace"),
+                                           ("direction_ablate", "direction")])
+def test_ablation_studies_read_every_layer_through_the_lens(tiny_lm, prompt_set, tmp_path, name,
+                                                            variant):
+    edit = (f"intervention={name}", "nullspace.k=4", "intervention.layers=[1]",
+            "nullspace.n_control=3")
+    plain = get_study(name).run(context(tiny_lm, prompt_set, tmp_path, *edit))
+    ctx = context(tiny_lm, prompt_set, tmp_path, *edit, *FAST_TUNED)
+    result = get_study(name).run(ctx)
+    from calibrate.core.metrics import layer_table
+
+    _, evaluation = split_indices(24, 0.5, 0)
+    base = run_probe(tiny_lm, prompt_set.subset(evaluation),
+                     ProbeSettings(progress=False, option_mass="none"), ctx.readout)
+    rows = {v: t.reset_index(drop=True) for v, t in result.table.groupby("variant")}
+    was = {v: t.reset_index(drop=True) for v, t in plain.table.groupby("variant")}
+    # no ablation: the lens's read of the evaluated rows
+    np.testing.assert_allclose(rows["none"]["ece"], layer_table(base.probs, base.labels)["ece"],
+                               atol=1e-6)
+    # below the edit the ablated arm is the unablated one; above it the lens reads the edited
+    # residual, differently from the logit lens below the last layer and identically at the last
+    np.testing.assert_allclose(rows[variant]["ece"].iloc[:1], rows["none"]["ece"].iloc[:1],
+                               atol=1e-9)
+    for arm in ("none", variant, "random"):
+        assert rows[arm]["ece"].iloc[-1] == pytest.approx(was[arm]["ece"].iloc[-1], abs=1e-6)
+        assert rows[arm]["accuracy"].iloc[-1] == pytest.approx(was[arm]["accuracy"].iloc[-1])
+    assert not np.allclose(rows[variant]["ece"].iloc[1:-1], was[variant]["ece"].iloc[1:-1],
+                           atol=1e-6)
 
 
 def test_the_registry_finds_and_refuses(tiny_lm, prompt_set, tmp_path):

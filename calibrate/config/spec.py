@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from calibrate.config.compose import compose, group_options, typed
 from calibrate.config.schema import Config
 from calibrate.errors import ConfigError
+from calibrate.readouts import kind_of
 from calibrate.tasks.dataset_config import DatasetConfig
 from calibrate.tasks.shots import check_style
 
@@ -67,9 +68,16 @@ class JobSpec:
         return getattr(self.config, name)
 
     @property
+    def fits_readout(self) -> bool:
+        """True when the lens is fit on the job's own prompts (its calibration split)."""
+        return kind_of(self.config.lens).fits_on_prompts(self.config.lens)
+
+    @property
     def uses_split(self) -> bool:
-        """True when the study fits on a calibration split and reports the evaluation split."""
-        return self.study != "probe"
+        """True when the job fits something on a calibration split and reports the evaluation
+        split: every study but ``probe``, and ``probe`` too under a lens fit on the job's
+        prompts (the lens never sees an evaluated row)."""
+        return self.study != "probe" or self.fits_readout
 
     def relevant(self) -> dict[str, Any]:
         """The result-relevant part of the recorded config (what :attr:`identity` hashes)."""
@@ -198,6 +206,8 @@ def build_spec(cfg: DictConfig) -> JobSpec:
     """Check a composed config (cheap checks only, nothing loaded) and decide the job."""
     config = typed(cfg)
     check_style(config.prompt, config.dataset)  # needs two groups: MMLU's shots, its dev split
+    kind_of(config.lens).check_job(config.lens, config.dataset.answer_format,
+                                  config.probe.option_mass)
     recorded = _plain(cfg)
     recorded.pop("hydra", None)
     study = _study(config)

@@ -112,9 +112,17 @@ class JobContext:
         """How every layer is read (the ``lens`` group), built once per job; a fitted readout
         trains on the calibration split's prompts only."""
         if self._readout is None:
-            calibration = self.prompt_set.subset(self.split()[0]) if self.spec.uses_split else None
+            calibration, split = None, None
+            if self.spec.uses_split:
+                cal = self.split()[0]
+                calibration = self.prompt_set.subset(cal)
+                direction = self.spec.direction
+                split = {"split": "calibration", "dataset": self.spec.dataset.name,
+                         "rows": int(len(cal)), "of_rows": len(self.prompt_set.prompts),
+                         "calibration_fraction": direction.calibration_fraction,
+                         "split_seed": direction.seed}
             self._readout = build_readout(self.spec.lens, ReadoutSource(
-                self.loaded, calibration, self.spec.cache_dir))
+                self.loaded, calibration, self.spec.cache_dir, self.spec.seed, split))
         return self._readout
 
     @property
