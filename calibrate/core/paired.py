@@ -15,9 +15,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from scipy.special import xlogy
+
 from calibrate.core.metrics import bin_index
 
 METRICS = ("accuracy", "ece", "mce")
+MORE_METRICS = ("confidence", "entropy")  # mean top-label confidence, mean option entropy
 
 
 def binned_errors(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15,
@@ -35,33 +38,44 @@ def binned_errors(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15,
 
 
 def _replicate_metrics(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, n_bins: int,
-                       binning: str) -> dict[str, np.ndarray]:
-    """accuracy, ECE, MCE [R] of ``probs`` [N, K] on each resample ``idx`` [R, N]."""
+                       binning: str, metrics: tuple[str, ...] = METRICS) -> dict[str, np.ndarray]:
+    """accuracy, ECE, MCE (and, when asked, mean confidence and mean option entropy) [R] of
+    ``probs`` [N, K] on each resample ``idx`` [R, N]."""
     conf, correct = probs.max(axis=-1)[idx], (probs.argmax(axis=-1) == labels)[idx]
     ece, mce = binned_errors(conf, correct, n_bins, binning)
-    return {"accuracy": correct.mean(axis=1), "ece": ece, "mce": mce}
+    out = {"accuracy": correct.mean(axis=1), "ece": ece, "mce": mce}
+    if "confidence" in metrics:
+        out["confidence"] = conf.mean(axis=1)
+    if "entropy" in metrics:
+        out["entropy"] = (-xlogy(probs, probs).sum(axis=-1))[idx].mean(axis=1)
+    return out
 
 
 def paired_intervals(reference: np.ndarray, arm: np.ndarray, labels: np.ndarray,
                      n_boot: int = 200, alpha: float = 0.05, seed: int = 0, n_bins: int = 15,
-                     binning: str = "guo") -> pd.DataFrame:
-    """Per layer: the percentile interval of (arm − reference) for accuracy, ECE and MCE, and
-    whether it excludes 0. ``reference``/``arm``: probabilities [N, L, K] on the same examples."""
+                     binning: str = "guo", metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
+    """Per layer: the percentile interval of (arm − reference) for accuracy, ECE and MCE (and
+    any of :data:`MORE_METRICS` listed in ``metrics``), and whether it excludes 0.
+    ``reference``/``arm``: probabilities [N, L, K] on the same examples."""
+    unknown = [m for m in metrics if m not in METRICS + MORE_METRICS]
+    if unknown:
+        raise ValueError(f"paired_intervals: unknown metric(s) {unknown}; accepted: "
+                         f"{', '.join(METRICS + MORE_METRICS)}")
     if reference.shape != arm.shape or reference.shape[0] != len(labels):
         raise ValueError(f"paired arms need equal shapes [N, L, K] and N labels, got "
                          f"{reference.shape}, {arm.shape} and {len(labels)}")
     n, layers = reference.shape[:2]
     rng = np.random.default_rng(seed)
     idx = np.stack([rng.integers(0, n, size=n) for _ in range(n_boot)])
-    out = {f"delta_{m}_{end}": np.empty(layers) for m in METRICS for end in ("lo", "hi")}
+    out = {f"delta_{m}_{end}": np.empty(layers) for m in metrics for end in ("lo", "hi")}
     for layer in range(layers):
-        ref = _replicate_metrics(reference[:, layer], labels, idx, n_bins, binning)
-        new = _replicate_metrics(arm[:, layer], labels, idx, n_bins, binning)
-        for metric in METRICS:
+        ref = _replicate_metrics(reference[:, layer], labels, idx, n_bins, binning, metrics)
+        new = _replicate_metrics(arm[:, layer], labels, idx, n_bins, binning, metrics)
+        for metric in metrics:
             lo, hi = np.quantile(new[metric] - ref[metric], [alpha / 2, 1 - alpha / 2])
             out[f"delta_{metric}_lo"][layer], out[f"delta_{metric}_hi"][layer] = lo, hi
     table = pd.DataFrame(out)
-    for metric in METRICS:
+    for metric in metrics:
         table[f"significant_{metric}"] = (table[f"delta_{metric}_lo"] > 0) | \
             (table[f"delta_{metric}_hi"] < 0)
     return table
