@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = ["compose", "fit_direction", "load_dataset", "load_model", "null_space", "probe_layers",
-           "run_study", "steer", "typed_config"]
+           "run_study", "split_records", "steer", "typed_config", "use_model"]
 
 
 def __getattr__(name: str):

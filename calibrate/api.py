@@ -62,6 +62,32 @@ def load_model(name: str, **values: Any) -> models.LoadedModel:
     return models.load_model(config.model, config.cache_dir)
 
 
+def use_model(model: Any, tokenizer: Any = None, name: str | None = None) -> models.LoadedModel:
+    """A model already loaded in your code, as calibrate reads it: a transformers causal LM (any
+    dtype, device or ``device_map``) with its tokenizer, or an nnsight ``LanguageModel`` (its
+    underlying transformers model and tokenizer). It goes through the same architecture adapter
+    and carries the same identity (weights fingerprint, unembedding hash) as a model calibrate
+    loads itself.
+
+    >>> import calibrate, transformers
+    >>> folder = calibrate.load_model("smollm2").source
+    >>> hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    >>> tok = transformers.AutoTokenizer.from_pretrained(folder)
+    >>> lm = calibrate.use_model(hf, tok, name="smollm2")
+    >>> lm.fingerprint == calibrate.load_model("smollm2").fingerprint
+    True
+    """
+    inner = vars(model).get("_module") if hasattr(model, "__dict__") else None
+    if inner is not None and type(model).__module__.startswith("nnsight"):  # an nnsight model
+        tokenizer = tokenizer or vars(model).get("tokenizer") or getattr(model, "tokenizer", None)
+        model = inner
+    if tokenizer is None:
+        raise models.ModelConfigError("use_model() needs the model's tokenizer (tokenizer=...); "
+                                      "accepted: the tokenizer the model was trained with")
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or name or "custom"
+    return models.wrap_model(model, tokenizer, name=name or str(source), source=str(source))
+
+
 def dataset_config(name: str, **values: Any) -> Any:
     """The typed config of a dataset by name, with keyword overrides (e.g. ``limit=100``)."""
     overrides = [f"dataset.{k}={_literal(v)}" for k, v in values.items()]
@@ -155,11 +181,16 @@ def fit_direction(lm: models.LoadedModel, records: Sequence[data.MCRecord], data
 
 @contextmanager
 def steer(lm: models.LoadedModel, direction: Any, eta: float,
-          layers: Sequence[int] | None = None, position: str = "last"):
+          layers: Sequence[int] | None = None, position: str = "last",
+          eta_scale: str = "absolute", records: Sequence[data.MCRecord] | None = None,
+          dataset: str = "sst2"):
     """Add ``eta * direction`` to the residual after ``layers`` (default: the last layer) for
     every forward pass inside the block; the hooks are removed in ``finally``. ``position``:
     ``last`` edits each pass's last position (prompts are left-padded), ``all`` every position.
-    While a steer block is active, cached probe results are bypassed.
+    ``eta_scale="residual_norm"`` puts η in units of the mean residual norm at each edited layer
+    (measured at the last position on ``records`` of ``dataset``), as the CLI's
+    ``intervention.eta_scale`` does; the handle's ``scale`` says by what each layer's η was
+    multiplied. While a steer block is active, cached probe results are bypassed.
 
     >>> import calibrate
     >>> lm = calibrate.load_model("smollm2")
@@ -179,19 +210,23 @@ def steer(lm: models.LoadedModel, direction: Any, eta: float,
 
     num_layers = lm.adapter.num_blocks + 1
     chosen = check_steering(list(layers) if layers else [num_layers - 1], num_layers, position,
-                            "absolute")
+                            eta_scale)
     vector, _ = checked_vector(getattr(direction, "vector", direction),
                                lm.adapter.unembed_weight.shape[1], "steer(direction=...)")
+    scale = {layer: 1.0 for layer in chosen}
+    if eta_scale == "residual_norm":
+        scale = _residual_norms(lm, records, dataset, chosen)
 
-    def edit(_layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        shift = (float(eta) * torch.as_tensor(vector)).to(hidden.device, hidden.dtype)
+    def edit(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        shift = (float(eta) * scale[layer] * torch.as_tensor(vector)).to(hidden.device,
+                                                                          hidden.dtype)
         if position == "all":
             return hidden + shift
         out = hidden.clone()
         out[:, -1] = out[:, -1] + shift
         return out
 
-    handle = SteerHandle(chosen, float(eta), position)
+    handle = SteerHandle(chosen, float(eta), position, eta_scale, scale)
     edits = lm.__dict__.setdefault("edits", [])  # active edits: result caches step aside
     edits.append(handle)
     try:
@@ -208,6 +243,43 @@ class SteerHandle:
     layers: list[int]
     eta: float
     position: str
+    eta_scale: str = "absolute"
+    scale: dict[int, float] | None = None  # η's multiplier per layer (1: absolute units)
+
+
+def _residual_norms(lm: models.LoadedModel, records: Sequence[data.MCRecord] | None,
+                    dataset: str, layers: Sequence[int]) -> dict[int, float]:
+    """Mean last-position residual norm at each of ``layers`` on ``records``."""
+    from calibrate.engine.edits import SteeringError, residual_norms
+    from calibrate.studies.job_context import cached_probe
+    from calibrate.tasks.prompts import build_prompts
+
+    if not records:
+        raise SteeringError("steer(eta_scale='residual_norm') needs records=... (the examples "
+                            "the residual norm is measured on); accepted: a non-empty list")
+    config = typed_config([f"dataset={dataset}"])
+    prompt_set = build_prompts(records, config.dataset, lm.tokenizer)
+    result = cached_probe(lm, prompt_set, config.probe, layers, config.cache_dir)
+    return residual_norms(result.residuals, layers)
+
+
+def split_records(records: Sequence[data.MCRecord], overrides: Sequence[str] = ()
+                  ) -> tuple[list[data.MCRecord], list[data.MCRecord]]:
+    """(calibration, evaluation) records of the CLI's seeded split (``direction.seed``,
+    ``direction.calibration_fraction`` of ``overrides``): fit on the first, measure the
+    second, as a steering job does.
+
+    >>> import calibrate
+    >>> records = calibrate.load_dataset("sst2", limit=8)
+    >>> cal, evaluation = calibrate.split_records(records)
+    >>> len(cal), len(evaluation), set(cal).isdisjoint(evaluation)
+    (4, 4, True)
+    """
+    from calibrate.core.direction import split_indices
+
+    settings = typed_config(list(overrides)).direction
+    cal, evaluation = split_indices(len(records), settings.calibration_fraction, settings.seed)
+    return [records[i] for i in cal], [records[i] for i in evaluation]
 
 
 def null_space(lm: models.LoadedModel, k: int | None = None, fraction: float = 0.01):

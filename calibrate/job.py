@@ -22,7 +22,7 @@ from calibrate.core.metrics import MetricSettings
 from calibrate.core.phases import Phases, emergence_layer, find_phases, phases_to_dict
 from calibrate.engine.probe import ProbeSettings
 from calibrate.engine.scoring import score, scoring_of
-from calibrate.io import results
+from calibrate.io import results, tidy
 from calibrate.io.provenance import code_identity
 from calibrate.io.results import OutputSettings
 from calibrate.io.track import Tracker, open_tracker
@@ -49,7 +49,8 @@ from calibrate.tasks.shots import load_with_exemplars
 
 LOG = logging.getLogger("calibrate")
 RESULT_FILES = [results.LAYERS_FILE, results.PREDICTIONS_FILE, results.METRICS_FILE,
-                "layer_curves.png", "reliability_final.png", "reliability_peak_ece.png"]
+                "layer_curves.png", "reliability_final.png", "reliability_peak_ece.png",
+                "risk_coverage.png", "predictions.parquet", "samples_lmeval.jsonl"]
 __all__ = ["ProbeReport", "cached_probe", "measure", "prepare", "probe_prompts", "probe_records",
            "run_job"]
 
@@ -93,7 +94,7 @@ def _plots(report: ProbeReport, job_dir: Path, title: str, metrics: MetricSettin
            phases: Phases) -> dict[str, Path]:
     """The common figures. The peak's reliability diagram is of the ECE peak metrics.json and
     the report name (``phases.peak_ece_layer``); without a peak it is not drawn."""
-    from calibrate.io.plots import plot_layer_curves, plot_reliability
+    from calibrate.io.plots import plot_layer_curves, plot_reliability, plot_risk_coverage
 
     probs, labels = report.result.probs, report.result.labels
     n_bins, binning = metrics.n_bins, metrics.binning
@@ -109,7 +110,28 @@ def _plots(report: ProbeReport, job_dir: Path, title: str, metrics: MetricSettin
         plots["reliability_peak_ece"] = plot_reliability(
             probs[:, at], labels, job_dir / "reliability_peak_ece.png",
             f"{title}: layer {peak} (ECE peak, {phases.peak_ece:.4f})", n_bins, binning)
+    curves = {f"layer {report.table['layer'].iloc[i]}{name}": (probs[:, i].max(-1),
+                                                            probs[:, i].argmax(-1) == labels)
+              for i, name in _selective_layers(report.table, phases)}
+    plots["risk_coverage"] = plot_risk_coverage(curves, job_dir / "risk_coverage.png",
+                                                f"{title}: selective prediction")
     return plots
+
+
+def _selective_layers(table: Any, phases: Phases) -> list[tuple[int, str]]:
+    """Rows of the risk–coverage figure: the last layer, the accuracy plateau's start and the
+    ECE peak (where there are), and the layer of lowest AURC; each named for all it is."""
+    layers = list(table["layer"])
+    rows = [(len(table) - 1, "last")]
+    for layer, name in ((phases.plateau_layer, "plateau"), (phases.peak_ece_layer, "ECE peak")):
+        if layer is not None:
+            rows.append((layers.index(layer), name))
+    if "aurc" in table.columns:
+        rows.append((int(table["aurc"].to_numpy().argmin()), "lowest AURC"))
+    seen: dict[int, list[str]] = {}
+    for i, name in rows:
+        seen.setdefault(i, []).append(name)
+    return [(i, f" ({', '.join(names)})") for i, names in sorted(seen.items())]
 
 
 def _summary(ctx: JobContext, report: ProbeReport, phases: dict, elapsed: float) -> dict[str, Any]:
@@ -142,8 +164,51 @@ def write_report(report: ProbeReport, job_dir: Path, summary: Mapping[str, Any],
         if res.option_mass is not None:
             arrays["option_mass"] = res.option_mass
         results.write_npz(job_dir / results.PREDICTIONS_FILE, **arrays)
+        write_tidy(report, job_dir)
     results.write_json(job_dir / results.METRICS_FILE, {**summary, "plots": sorted(plots),
                                                         "files": manifest(job_dir)})
+
+
+def write_tidy(report: ProbeReport, job_dir: Path) -> None:
+    """predictions.parquet and, where the last layer's log-likelihoods are known,
+    samples_lmeval.jsonl (:mod:`calibrate.io.tidy`)."""
+    res, prompt_set = report.result, report.prompt_set
+    tidy.write_parquet(job_dir / tidy.PARQUET_FILE, tidy.tidy_predictions(
+        res.probs, res.option_logits, res.labels, prompt_set.examples, prompt_set.option_strings))
+    logliks, norm = _last_layer_logliks(report)
+    if logliks is None:
+        LOG.info("samples_lmeval.jsonl not written: the option mass at the last layer is needed "
+                 "(probe.option_mass=final or all)")
+        return
+    if prompt_set.is_cloze:
+        conts = [[" " + o for o in e.options] for e in prompt_set.examples or ()]
+    else:
+        conts = [prompt_set.option_strings[:int((ids >= 0).sum())] for ids in prompt_set.option_ids]
+    tidy.write_jsonl(job_dir / tidy.SAMPLES_FILE, tidy.lmeval_samples(
+        prompt_set.prompts, conts, logliks, res.labels, norm))
+
+
+def _last_layer_logliks(report: ProbeReport) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The last layer's full-vocabulary log-likelihood of every option [N, K], and for cloze
+    the length-normalised scores lm-eval's acc_norm compares (None where not known)."""
+    from calibrate.tasks.continuations import cloze_divisors
+
+    res, prompt_set = report.result, report.prompt_set
+    scores = res.option_logits[:, -1].astype(np.float64)
+    if prompt_set.is_cloze:
+        if prompt_set.examples is None:
+            return None, None
+        divisors = np.ones_like(scores)
+        found = cloze_divisors(list(prompt_set.requests), prompt_set.cloze_norm or "none")
+        divisors[:, :found.shape[1]] = found
+        raw = scores * divisors
+        chars = np.ones_like(scores)
+        for i, e in enumerate(prompt_set.examples):
+            chars[i, :len(e.options)] = [len(o) for o in e.options]
+        return raw, raw / chars
+    if res.option_mass is None:
+        return None, None
+    return tidy.option_logprobs(scores, res.option_mass[:, -1]), None
 
 
 def _all_files() -> list[str]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import build_tiny
 
 from calibrate import api
+from calibrate.engine.edits import SteeringError
 from calibrate.tasks.data import DatasetError, MCRecord
 
 
@@ -117,3 +119,78 @@ def test_steer_hooks_are_removed_and_edit_only_inside(word_tokenizer):
         with pytest.raises(DirectionError, match=message), api.steer(lm, bad, eta=1.0):
             pass
     assert lm.edits == [] and hooks() == before
+
+
+def test_split_records_is_the_split_a_steering_job_evaluates():
+    import calibrate
+
+    records = calibrate.load_dataset("sst2", limit=12)
+    cal, evaluation = calibrate.split_records(records, ["direction.seed=3"])
+    result = calibrate.run_study(["eta=[0,1]", "dataset.limit=12", "direction.seed=3",
+                                  "direction.n_random=0", "tracker=none", "metrics.bootstrap=0",
+                                  "probe.progress=false"])
+    assert result.summary["n_evaluation"] == len(evaluation) == 6
+    assert result.report.result.labels.tolist() == [r.label for r in evaluation]
+    assert set(cal).isdisjoint(evaluation) and len(cal) + len(evaluation) == 12
+
+
+def test_steer_in_residual_norm_units_is_absolute_steering_scaled_by_the_norm():
+    import calibrate
+    from calibrate.api import _residual_norms
+
+    lm = calibrate.load_model("smollm2")
+    records = calibrate.load_dataset("sst2", limit=6)
+    c_hat = calibrate.fit_direction(lm, records, dataset="sst2")
+    norm = _residual_norms(lm, records, "sst2", [30])[30]
+    with calibrate.steer(lm, c_hat, eta=0.05, eta_scale="residual_norm", records=records) as h:
+        relative = calibrate.probe_layers(lm, records, dataset="sst2").result.option_logits
+    with calibrate.steer(lm, c_hat, eta=0.05 * norm):
+        absolute = calibrate.probe_layers(lm, records, dataset="sst2").result.option_logits
+    assert h.scale == {30: norm} and norm > 100  # SmolLM2's last residual: ~1e3
+    np.testing.assert_array_equal(relative, absolute)
+    with pytest.raises(SteeringError, match="needs records"):
+        with calibrate.steer(lm, c_hat, eta=0.05, eta_scale="residual_norm"):
+            pass
+
+
+@pytest.fixture(scope="module")
+def own_smollm2():
+    """SmolLM2 as a user's own code loads it: plain transformers from the prepared folder."""
+    import transformers
+
+    import calibrate
+
+    folder = calibrate.load_model("smollm2").source
+    return (transformers.AutoModelForCausalLM.from_pretrained(folder),
+            transformers.AutoTokenizer.from_pretrained(folder))
+
+
+def _probe(lm, records):
+    import calibrate
+
+    return calibrate.probe_layers(lm, records, dataset="sst2").result.option_logits
+
+
+def test_a_model_loaded_in_your_code_reads_as_calibrates_own(own_smollm2):
+    import calibrate
+
+    records = calibrate.load_dataset("sst2", limit=4)
+    ours = calibrate.load_model("smollm2")
+    theirs = calibrate.use_model(*own_smollm2, name="smollm2")
+    assert theirs.fingerprint == ours.fingerprint and theirs.unembed_hash == ours.unembed_hash
+    np.testing.assert_allclose(_probe(theirs, records), _probe(ours, records), rtol=0, atol=1e-5)
+    with pytest.raises(api.models.ModelConfigError, match="needs the model's tokenizer"):
+        calibrate.use_model(own_smollm2[0])
+
+
+def test_an_nnsight_model_reads_as_calibrates_own(own_smollm2):
+    nnsight = pytest.importorskip("nnsight")  # the test extra installs it
+    import calibrate
+
+    records = calibrate.load_dataset("sst2", limit=4)
+    wrapped = nnsight.LanguageModel(own_smollm2[0], tokenizer=own_smollm2[1])
+    lm = calibrate.use_model(wrapped, name="smollm2")
+    assert lm.model is own_smollm2[0]
+    assert lm.fingerprint == calibrate.load_model("smollm2").fingerprint
+    np.testing.assert_allclose(_probe(lm, records), _probe(calibrate.load_model("smollm2"),
+                                                             records), rtol=0, atol=1e-5)

@@ -123,7 +123,7 @@ def test_layer_table_has_the_columns_per_layer() -> None:
     probs = softmax64(rng.normal(size=(400, 5, 4)) * 2)
     labels = rng.integers(0, 4, 400)
     table = layer_table(probs, labels, n_bins=10, extra_bins=(15,))
-    assert list(table.columns[-3:]) == list(EXTRA_METRICS)
+    assert list(table.columns[-5:]) == [*EXTRA_METRICS, "aurc", "eaurc"]
     for layer in range(5):
         conf = probs[:, layer].max(axis=1)
         correct = (probs[:, layer].argmax(axis=1) == labels).astype(np.float64)
@@ -133,7 +133,7 @@ def test_layer_table_has_the_columns_per_layer() -> None:
         assert row["smece"] == pytest.approx(relplot.smECE(conf, correct), abs=1e-12)
     assert option_metrics(probs[:, 2], labels, n_bins=10)["smece"] == table.loc[2, "smece"]
     bare = layer_table(probs, labels, n_bins=10, extra_calibration=False)
-    assert not set(EXTRA_METRICS) & set(bare.columns)
+    assert not {*EXTRA_METRICS, "aurc", "eaurc"} & set(bare.columns)
 
 
 def test_smooth_ece_on_edge_samples_matches_relplot() -> None:

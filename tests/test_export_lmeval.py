@@ -127,8 +127,8 @@ def test_an_eta_the_job_did_not_run_needs_force(tmp_path, capsys):
     assert not list(job.glob("*.pt"))
     assert main(["lmeval", str(job), "--eta", "3", "--force"]) == 0
     out, err = capsys.readouterr()
-    assert err.strip().splitlines() == [
-        "warning: forced export: η = 3 is not one of the job's η (0, 2, 4)"]
+    assert err.strip().splitlines()[0] == (
+        "warning: forced export: η = 3 is not one of the job's η (0, 2, 4)")
     entry = torch.load(out.strip(), weights_only=False)["h.1"]
     assert entry["steering_coefficient"] == 3.0
     assert entry["calibrate"]["forced"] == ["η = 3 is not one of the job's η (0, 2, 4)"]
@@ -292,3 +292,22 @@ def test_lmeval_steered_model_equals_a_position_all_job(tmp_path):
     assert (ours.argmax(1) == lm_probs.argmax(1)).all()
     unsteered = table[(table["eta"] == 0) & (table["layer"] == table["layer"].max())].iloc[0]
     assert last["changed"] > 0 or abs(last["ece"] - unsteered["ece"]) > 1e-3  # eta does something
+
+
+def test_export_prints_the_lm_eval_command(tmp_path, capsys):
+    """The command names the model as the job loaded it, the steering file and the task."""
+    import shlex
+
+    from calibrate.directions.export_cli import main
+
+    job = _fake_job(tmp_path, "all")
+    metrics = json.loads((job / "metrics.json").read_text())
+    (job / "metrics.json").write_text(json.dumps({**metrics, "dataset": "arc_easy",
+                                                  "model_source": "/models/smol lm"}))
+    assert main(["lmeval", str(job), "--eta", "2"]) == 0
+    out, err = capsys.readouterr()
+    command = err.strip().splitlines()[-1].strip()
+    words = shlex.split(command)
+    assert words[:3] == ["lm_eval", "--model", "steered"]
+    assert words[4] == f"pretrained=/models/smol lm,steer_path={Path(out.strip()).absolute()}"
+    assert words[words.index("--tasks") + 1] == "arc_easy"

@@ -140,7 +140,7 @@ def test_brier_nll_entropy_by_hand() -> None:
     assert got["accuracy"] == 0.5
     assert got["confidence"] == pytest.approx(0.65, abs=1e-12)
     assert list(got) == ["accuracy", "confidence", "ece", "mce", "rmsce", "brier", "nll", "entropy",
-                         "ece_adaptive", "ece_debiased", "smece"]
+                         "ece_adaptive", "ece_debiased", "smece", "aurc", "eaurc"]
     assert list(option_metrics(probs, labels, extra_calibration=False)) == list(got)[:8]
 
 
@@ -177,9 +177,9 @@ def test_layer_table_shape_and_columns() -> None:
     assert isinstance(table, pd.DataFrame)
     assert list(table.columns) == [
         "layer", "accuracy", "confidence", "ece", "mce", "rmsce", "brier", "nll", "entropy",
-        "ece_10", "mce_10", "ece_adaptive", "ece_debiased", "smece",
+        "ece_10", "mce_10", "ece_adaptive", "ece_debiased", "smece", "aurc", "eaurc",
     ]
-    assert table.shape == (6, 14)
+    assert table.shape == (6, 16)
     assert table["layer"].tolist() == list(range(6))
     row = option_metrics(probs[:, 4], labels, extra_bins=(10,))
     for key, value in row.items():

@@ -131,3 +131,21 @@ def test_reliability_has_a_count_histogram(run) -> None:
     top, bottom = fig.axes
     assert bottom.get_ylabel() == "count" and bottom.get_xlabel() == "confidence"
     assert sum(p.get_height() for p in bottom.patches) == len(labels)
+
+
+def test_risk_coverage_figure_draws_each_layers_curve(tmp_path):
+    from calibrate.core.selective import aurc, risk_coverage
+    from calibrate.io.plots import plot_risk_coverage, risk_coverage_figure
+
+    rng = np.random.default_rng(1)
+    curves = {name: (rng.random(40), rng.random(40) < 0.7) for name in ("layer 3", "layer 9")}
+    fig = risk_coverage_figure(curves, "t")
+    lines = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "-"]
+    assert len(lines) == 2
+    for line, (conf, right) in zip(lines, curves.values()):
+        coverage, risk = risk_coverage(conf, right)
+        np.testing.assert_array_equal(line.get_xdata(), coverage)
+        np.testing.assert_array_equal(line.get_ydata(), risk)
+        assert f"AURC {aurc(conf, right):.3f}" in line.get_label()
+    path = plot_risk_coverage(curves, tmp_path / "rc.png", "t")
+    assert path.read_bytes().startswith(b"\x89PNG")

@@ -40,8 +40,9 @@ from calibrate.core.metrics import ece, mce
 from calibrate.errors import USER_ERRORS, one_line
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-RESULT_NAMES = ("layers.csv", "metrics.json", "predictions.npz")
-PLOTS = ("layer_curves.png", "reliability_final.png", "reliability_peak_ece.png")
+RESULT_NAMES = ("layers.csv", "metrics.json", "predictions.npz", "predictions.parquet",
+                "samples_lmeval.jsonl")
+PLOTS = ("layer_curves.png", "reliability_final.png", "reliability_peak_ece.png", "risk_coverage.png")
 QUICK_S = 60  # CPU seconds: a config error ends long before a model is loaded and probed
 WEIGHTS_MARKER = "Loading weights"  # transformers' progress line while reading weights
 SMOL_LAYERS = 31  # SmolLM2-135M: embeddings + 30 blocks
@@ -305,6 +306,15 @@ def test_cloze_job_equals_lm_eval_scoring(lm, tmp_path):
     table = pd.read_csv(tmp_path / "layers.csv")
     assert list(table["layer"]) == list(range(SMOL_LAYERS))
     np.testing.assert_allclose(table["accuracy"], (probs.argmax(-1) == labels[:, None]).mean(0))
+    # samples_lmeval.jsonl: lm-eval's raw log-likelihoods (acc_norm's before the division)
+    samples = [json.loads(line) for line in (tmp_path / "samples_lmeval.jsonl").open()]
+    for sample, record, row in zip(samples, records, expected):
+        raw = [r[0] for r in sample["filtered_resps"]]
+        np.testing.assert_allclose(raw, [s * len(o) for s, o in zip(row, record.options)],
+                                   rtol=0, atol=1e-3)
+        assert sample["arguments"][0] == [f"Question: {record.question}\nAnswer:",
+                                          " " + record.options[0]]
+        assert sample["acc_norm"] == float(np.argmax(row[:len(record.options)]) == record.label)
 
 
 # ---------------------------------------------------------------- bad input through the CLI

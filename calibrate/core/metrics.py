@@ -32,7 +32,10 @@ import pandas as pd
 from scipy.special import xlogy
 
 from calibrate import values
-from calibrate.core import calibration_extra  # module access: it imports this one
+from calibrate.core import (
+    calibration_extra,  # module access: it imports this one
+    selective,
+)
 from calibrate.errors import ConfigError
 
 BINNINGS: tuple[str, ...] = ("guo", "torchmetrics")
@@ -285,6 +288,8 @@ def _metrics_unchecked(probs: np.ndarray, labels: np.ndarray, n_bins: int, binni
         out[f"mce_{n}"] = float(np.max(gap))
     if extra_calibration:
         out.update(calibration_extra.extra_metrics(conf, corr, n_bins))
+        out["aurc"] = selective.aurc(conf, corr)
+        out["eaurc"] = out["aurc"] - selective.optimal_aurc(corr)
     return out
 
 
@@ -310,7 +315,8 @@ def option_metrics(
             (default: the smallest positive normal float64, i.e. NLL <= ~708.4).
         sum_atol: tolerance on the row sums.
         extra_calibration: also ece_adaptive, ece_debiased (``n_bins`` equal-mass bins) and
-            smece, see :mod:`calibrate.core.calibration_extra` (smece: ~10-50 ms at N = 14k).
+            smece, see :mod:`calibrate.core.calibration_extra` (smece: ~10-50 ms at N = 14k),
+            and the selective-prediction areas aurc and eaurc (:mod:`calibrate.core.selective`).
 
     Returns:
         accuracy, confidence (mean max prob), ece, mce, rmsce, brier (multiclass, summed over

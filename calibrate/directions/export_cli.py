@@ -79,6 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename,
                                  warning.lineno)
+    if args.target == "lmeval":
+        from calibrate.directions.lmeval import lmeval_command
+
+        print(f"[calibrate] evaluate it with (the model from this machine's folder; lm-eval "
+              f"loads its task data from the hub unless cached):\n  "
+              f"{lmeval_command(args.job_dir, path)}", file=sys.stderr)
     print(path)
     return 0
 

@@ -165,3 +165,23 @@ def export_job(job_dir: str | Path, eta: float, out: str | Path | None = None,
     _forced(forced)
     path = Path(out) if out else job_dir / f"lmeval_steer_eta{eta:g}.pt"
     return results.atomic_write(path, lambda handle: torch.save(config, handle))
+
+
+# calibrate's dataset config -> lm-eval's task of the same data (None: lm-eval has none offline)
+LMEVAL_TASKS = {"mmlu": "mmlu", "arc_easy": "arc_easy", "arc_challenge": "arc_challenge",
+                "sst2": "sst2", "boolq": "boolq", "copa": "copa", "hellaswag": "hellaswag",
+                "openbookqa": "openbookqa", "piqa": "piqa", "sciq": "sciq",
+                "truthfulqa": "truthfulqa_mc1"}
+
+
+def lmeval_command(job_dir: str | Path, steer_file: str | Path) -> str:
+    """The ``lm_eval`` command that evaluates the job's model steered by ``steer_file``: the
+    model's local folder (or hub id) as the job loaded it, the task of the job's dataset."""
+    import shlex
+
+    metrics = json.loads((Path(job_dir) / "metrics.json").read_text())
+    source = metrics.get("model_source") or metrics.get("model")
+    task = LMEVAL_TASKS.get(metrics.get("dataset"), "<task>")
+    return (f"lm_eval --model steered --model_args "
+            f"{shlex.quote(f'pretrained={source},steer_path={Path(steer_file).absolute()}')} "
+            f"--tasks {task} --device cpu --batch_size 8")

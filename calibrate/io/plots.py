@@ -179,6 +179,32 @@ def plot_reliability(
     return save_figure(reliability_figure(probs, labels, title, n_bins, binning), path)
 
 
+def risk_coverage_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> Figure:
+    """Risk against coverage, one curve per named layer (each ``(confidence, correct)``), the
+    AURC in the legend and each curve's full-coverage error rate as a dotted line."""
+    from calibrate.core.selective import aurc, risk_coverage
+
+    labels = [f"{name} (AURC {aurc(*c):.3f})" for name, c in curves.items()]
+    fig, (ax,) = ps.facet_figure(1, labels)
+    for colour, label, (conf, right) in zip(ps.colours(len(curves)), labels, curves.values()):
+        coverage, risk = risk_coverage(conf, right)
+        ax.plot(coverage, risk, "-", color=colour, label=label)
+        ax.axhline(risk[-1], color=colour, ls=":", lw=0.8)
+    ax.set_xlabel("coverage (answers kept, most confident first)")
+    ax.set_ylabel("risk (error rate of the answers kept)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0.0, 1.0)
+    fig.suptitle(title)
+    _figure_legend(fig, [ax])
+    return fig
+
+
+def plot_risk_coverage(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path,
+                       title: str) -> Path:
+    """Write :func:`risk_coverage_figure` as PNG to ``path``; returns ``path``."""
+    return save_figure(risk_coverage_figure(curves, title), path)
+
+
 def overlay_figure(tables: Mapping[str, pd.DataFrame], metric: str, title: str,
                    relative_depth: bool = False) -> Figure:
     """Several per-layer curves of one metric on one axis (bands where the tables have

@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 MIN_SPAN = 0.05  # the smallest y-span of a probability-scale metric (accuracy, ECE, MCE ...)
 UNIT_METRICS = frozenset({"accuracy", "confidence", "ece", "mce", "rmsce", "brier", "ece_10",
-                          "mce_10", "ece_adaptive", "ece_debiased", "smece", "option_mass",
+                          "mce_10", "ece_adaptive", "ece_debiased", "smece", "aurc", "option_mass",
                           "changed"})
 LABEL_WIDTH = 34  # characters per legend line
 LABEL_LINES = 3

@@ -68,6 +68,15 @@ def as_prompt_config(cfg: PromptConfig | DatasetConfig) -> PromptConfig:
 
 
 @dataclass(frozen=True)
+class ExampleInfo:
+    """What a prompt was made from: its record's source row, subject and option texts."""
+
+    record: str  # the source row (e.g. "row 12 (id 'x')"), or the record's position
+    subject: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class PromptSet:
     """Prompts ready for the probe.
 
@@ -91,6 +100,9 @@ class PromptSet:
     # What build_prompts found in the data (repeated records and options, control tokens as
     # text): counts for metrics.json. None: built by hand, nothing checked.
     data_checks: DataChecks | None = None
+    # Which record each prompt is: its source row (or position), subject and option texts, for
+    # the tidy per-example tables. None: built without records.
+    examples: tuple[ExampleInfo, ...] | None = None
 
     @property
     def is_cloze(self) -> bool:
@@ -103,9 +115,10 @@ class PromptSet:
         requests = None if self.requests is None else tuple(self.requests[i] for i in idx)
         groups = None if self.groups is None else tuple(self.groups[i] for i in idx)
         checks = None if self.data_checks is None else self.data_checks.subset(idx)
+        examples = None if self.examples is None else tuple(self.examples[i] for i in idx)
         return PromptSet([self.prompts[i] for i in idx], self.labels[idx], self.option_ids[idx],
                          self.option_strings, self.adds_bos, requests, self.cloze_norm, groups,
-                         self.style, checks)
+                         self.style, checks, examples)
 
 
 def _not_text(what: str, value: Any, accepted: str = "") -> str:
@@ -509,7 +522,8 @@ def build_prompts(records: Sequence[Any],
             lengths = [len(r.context_ids) + max(len(c) for c in r.continuations)
                        for r in prompt_set.requests]
             _refuse_too_long(lengths, max_length, "context + longest continuation", records)
-        return replace(_styled(prompt_set, records, style, exemplars), data_checks=checks)
+        return replace(_styled(prompt_set, records, style, exemplars), data_checks=checks,
+                       examples=_examples(records, config))
     if max_length is not None or chat:
         prompt_ids = tokenizer(prompts)["input_ids"]
         if chat:
@@ -530,5 +544,11 @@ def build_prompts(records: Sequence[Any],
         option_ids[i, : len(record.options)] = ids[: len(record.options)]
     labels = np.array([r.label for r in records], dtype=np.int64)
     prompt_set = PromptSet(prompts, labels, option_ids, strings, _adds_bos(tokenizer),
-                           data_checks=checks)
+                           data_checks=checks, examples=_examples(records, config))
     return _styled(prompt_set, records, style, exemplars)
+
+
+def _examples(records: Sequence[Any], config: PromptConfig) -> tuple[ExampleInfo, ...]:
+    return tuple(ExampleInfo(getattr(r, "origin", "") or str(i),
+                             getattr(r, "subject", "") or config.subject, tuple(r.options))
+                 for i, r in enumerate(records))

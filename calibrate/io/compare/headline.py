@@ -85,7 +85,8 @@ def _final_table(runs: Sequence[Run]) -> pd.DataFrame:
                          "ECE": _num(f.get("ece")),
                          "ECE interval": _interval(f.get("ece_lo"), f.get("ece_hi")),
                          "MCE": _num(f.get("mce")), "NLL": _num(f.get("nll")),
-                         "Brier": _num(f.get("brier")), "smECE": _num(f.get("smece"))})
+                         "Brier": _num(f.get("brier")), "smECE": _num(f.get("smece")),
+                         "AURC": _num(f.get("aurc"))})
     return pd.DataFrame(rows).dropna(axis=1, how="all")
 
 
