@@ -156,7 +156,7 @@ def test_the_captured_activations_are_the_last_positions(lm):
     down = down_module(lm.model, lm.model.config.model_type, 2)
     for i, prompt in enumerate(ps.prompts):
         seen = []
-        handle = down.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+        handle = down.register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0].clone()))
         try:
             with torch.no_grad():
                 lm.model(input_ids=torch.tensor([lm.tokenizer(prompt)["input_ids"]]))
@@ -222,9 +222,8 @@ def test_direct_effect_per_layer_sums_the_blocks_below(lm):
 
 def test_hooks_are_removed_after_an_error(lm):
     blocks = [2, 3]
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture_mlps(lm.adapter, blocks):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), capture_mlps(lm.adapter, blocks):
+        raise RuntimeError("boom")
     for b in blocks:
         assert not down_module(lm.model, lm.model.config.model_type, b)._forward_pre_hooks
 

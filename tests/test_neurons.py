@@ -28,7 +28,7 @@ DATASET = PromptConfig(name="toy", answer_format="verbalizer",
                        verbalizer=[" negative", " positive"],
                        template="{question} \n question : is this sentence positive or negative ? "
                                 "answer :")
-WORDS = "the movie was great a very boring film this is not good it bad fun".split()
+WORDS = ["the", "movie", "was", "great", "a", "very", "boring", "film", "this", "is", "not", "good", "it", "bad", "fun"]
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 LEAN = ["tracker=none", "probe.progress=false", "metrics.bootstrap=0", "direction.layers=[2,3]",
         "nullspace.n_random=20", "intervention=neurons", "intervention.n_null=6",

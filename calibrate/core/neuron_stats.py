@@ -182,7 +182,7 @@ def span_null(vector: np.ndarray, weights: np.ndarray, candidates: np.ndarray,
     null = np.array([span_share(vector, weights[d]) for d in draws])
     lo, median, hi = np.quantile(null, [0.05, 0.5, 0.95])
     return {"share": share, "null_mean": float(null.mean()), "null_median": float(median),
-            "null_p05": float(lo), "null_p95": float(hi), "n_draws": int(len(null)),
+            "null_p05": float(lo), "null_p95": float(hi), "n_draws": len(null),
             "p_value": float((1 + np.sum(null >= share)) / (1 + len(null))),
             "random_subspace": len(candidates) / weights.shape[1]}
 

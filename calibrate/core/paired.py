@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
 from scipy.special import xlogy
 
 from calibrate.core.metrics import bin_index
@@ -98,7 +97,7 @@ def add_paired_columns(table: pd.DataFrame, probs: np.ndarray, labels: np.ndarra
 def multiple_comparisons(table: pd.DataFrame, column: str, reference_value, alpha: float) -> dict:
     """How many arm × layer cells were tested, how many flagged, and the Bonferroni threshold."""
     tested = table[table[column] != reference_value]
-    cells = int(len(tested))
+    cells = len(tested)
     return {"cells_tested": cells, "alpha": alpha,
             "flagged_ece": int(tested["significant_ece"].sum()) if cells else 0,
             "expected_false_positives": alpha * cells,

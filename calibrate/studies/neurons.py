@@ -52,7 +52,6 @@ from calibrate.directions.fit import obtain_direction
 from calibrate.engine.edits import InterventionSettings
 from calibrate.engine.neuron_ablation import (
     NeuronArms,
-    direct_readable,
     last_layer_edits,
     neuron_pass,
     output_weights,
@@ -268,7 +267,7 @@ def _final_null(plan: ArmPlan, total: np.ndarray, base: np.ndarray, labels: np.n
     null = ns.variant_metrics(draws, labels, n_bins, binning)
     deltas = {m: null[m] - ref[m] for m in ns.EFFECT_METRICS}
     deltas["abs_entropy"] = ns.abs_entropy_change(base, draws)
-    return {**ns.null_summary(observed, deltas), "n_null": int(len(plan.draws))}
+    return {**ns.null_summary(observed, deltas), "n_null": len(plan.draws)}
 
 
 @dataclass
@@ -415,8 +414,8 @@ class NeuronsStudy(Study):
         report["direction"] = {key: fit.direction.meta.get(key) for key in
                                ("method", "layers", "raw_norm", "null_space_rho",
                                 "cosine_layer_diff")}
-        summary = {"intervention": self.name, "n_calibration": int(len(cal)),
-                   "n_evaluation": int(len(evaluation)),
+        summary = {"intervention": self.name, "n_calibration": len(cal),
+                   "n_evaluation": len(evaluation),
                    "neurons": {key: report[key] for key in
                                ("blocks", "k", "n_neurons", "entropy_candidates", "candidates",
                                 "frequency_candidates", "frequency_source", "c_hat", "final",
@@ -476,7 +475,7 @@ class NeuronsStudy(Study):
                         effects.loc[at, key] = value
         top = table.iloc[cands.top]
         report = {
-            "blocks": blocks, "k": cands.k, "n_neurons": int(len(table)),
+            "blocks": blocks, "k": cands.k, "n_neurons": len(table),
             "settings": {f: getattr(settings, f) for f in
                          ("top_k", "norm_quantile", "null_fraction", "frequency_top",
                           "null_pool", "n_null", "span_draws")},
@@ -501,7 +500,7 @@ class NeuronsStudy(Study):
                labels: np.ndarray, last: int, m: Any) -> dict[str, dict[str, dict[str, float]]]:
         """Per arm and effect: the last layer's row, with the matched null's p-values."""
         keep = ["delta_" + x for x in ns.EFFECT_METRICS] + ["changed", "abs_delta_entropy"] + [
-            c for c in effects.columns if c.endswith("_lo") or c.endswith("_hi")]
+            c for c in effects.columns if c.endswith(("_lo", "_hi"))]
         out: dict[str, dict[str, dict[str, float]]] = {}
         rows = effects[effects["layer"] == last]
         for row in rows.to_dict("records"):
