@@ -241,3 +241,14 @@ def test_other_studies_do_not_take_its_keys():
 
     with pytest.raises(ConfigCompositionException, match="intervention.top_k"):
         spec_of("intervention=nullspace", "intervention.top_k=3")
+
+
+def test_bench_neurons_refuses_bad_counts_in_one_line_before_loading(capsys):
+    from calibrate import cli
+
+    for argv, message in ((["--n", "1"], "--n=1; accepted: an integer >= 2"),
+                          (["--rounds", "0"], "--rounds=0; accepted: an integer >= 1"),
+                          (["--n-null", "-3"], "--n-null=-3; accepted: an integer >= 0")):
+        assert cli.main(["bench", "neurons", *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [f"error: {message}"]

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from calibrate.errors import ConfigError
 from calibrate.io.results import merge_json
 
 BENCH_FILE = "bench.json"
@@ -48,21 +49,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=8, help="intervention.top_k")
     parser.add_argument("--n-null", type=int, default=100, help="intervention.n_null")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--out", default=BENCH_FILE)
+    parser.add_argument("--output", "--out", dest="out", default=BENCH_FILE)
     args = parser.parse_args(argv)
-    for name in ("n", "rounds", "top_k"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; accepted: an "
-                         "integer >= 1")
-    if args.n_null < 0:
-        parser.error(f"--n-null={args.n_null}; accepted: an integer >= 0")
+    for name, least in (("n", 2), ("rounds", 1), ("top_k", 1), ("n_null", 0)):
+        if getattr(args, name) < least:  # before the model loads
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}; accepted: an "
+                              f"integer >= {least}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from calibrate.api import compose
     from calibrate.bench.probe_bench import load_inputs
     from calibrate.config.spec import build_spec
-    from calibrate.api import compose
     from calibrate.engine.scoring import score
     from calibrate.studies import get_study
     from calibrate.studies.job_context import JobContext
