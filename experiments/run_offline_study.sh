@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
-STEPS=${STEPS:-1 2 3 4 5 6 7 8 9}
+STEPS=${STEPS:-1 2 3 4 5 6 7 8 9 10}
 common="probe.progress=false tracker=none dataset.shuffle=true"
 steer="intervention=steering intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -106,6 +106,24 @@ if step 9; then
       hydra.sweep.dir=$OUT/prompt_styles/transfer_zero_to_five
   $PY -m calibrate.run -m $tr prompt.shots=0 'direction.source_prompt={shots:5}' \
       hydra.sweep.dir=$OUT/prompt_styles/transfer_five_to_zero
+fi
+
+# 10. confidence-regulation neurons (issue 22): the MLP neurons of the last block, from the
+#     weights, related to c_hat and mean-ablated (total and direct effect), 1000 matched-norm
+#     random neurons (sets) as the null; all 872 SST-2, 1000 shuffled Rotten Tomatoes, all 570
+#     ARC-Easy read as letters (the study reads one token per option: cloze is refused).
+#     MODELS picks the models (run one process per model to use two cores).
+MODELS=${MODELS:-smollm2 gemma3_270m}
+nrn="$common resume=true output.predictions=false intervention=neurons intervention.blocks=1
+     intervention.n_null=1000 intervention.null_pool=64"
+if step 10; then
+  for m in $MODELS; do
+    $PY -m calibrate.run $nrn model=$m dataset=sst2 hydra.run.dir=$OUT/neurons/sst2/$m
+    $PY -m calibrate.run $nrn model=$m dataset=rotten_tomatoes dataset.limit=1000 \
+        dataset.local_path=$SHARED/rotten_tomatoes hydra.run.dir=$OUT/neurons/rotten_tomatoes/$m
+    $PY -m calibrate.run $nrn model=$m dataset=arc_easy dataset.answer_format=letters \
+        hydra.run.dir=$OUT/neurons/arc_easy_letters/$m
+  done
 fi
 
 # 4. one report of everything: report.html (self-contained) and report.md, figures, tables

@@ -18,7 +18,8 @@ together count on these noisy machines), it times:
 setting is the study's default (the null space and its cache included: the first round fills it,
 as a job's first run does, and the medians are reported). It prints the ratios and merges
 ``neurons_last_over_probe`` (target <= 1.5), ``neurons_last3_over_probe`` (target <= 3), the
-seconds and the settings into ``bench.json`` in the current directory.
+seconds (the probe's as ``neurons_bench_probe_s``) and the settings into ``bench.json`` in the
+current directory.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figures = {
         "neurons_last_over_probe": med["neurons_last"] / med["probe"],
         "neurons_last3_over_probe": med["neurons_last3"] / med["probe"],
-        **{f"{k}_s": v for k, v in med.items()},
+        **{f"neurons_bench_{k}_s" if k == "probe" else f"{k}_s": v for k, v in med.items()},
         "neurons_bench": {"model": args.model, "dataset": args.dataset, "n": args.n,
                           "rounds": args.rounds, "threads": torch.get_num_threads(),
                           "top_k": args.top_k, "n_null": args.n_null,
