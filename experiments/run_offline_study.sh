@@ -110,19 +110,23 @@ fi
 
 # 10. confidence-regulation neurons (issue 22): the MLP neurons of the last block, from the
 #     weights, related to c_hat and mean-ablated (total and direct effect), 1000 matched-norm
-#     random neurons (sets) as the null; all 872 SST-2, 1000 shuffled Rotten Tomatoes, all 570
-#     ARC-Easy read as letters (the study reads one token per option: cloze is refused).
+#     random neurons (sets) as the null; SST-2, Rotten Tomatoes and ARC-Easy read as letters
+#     (the study reads one token per option: cloze is refused). Sizes shrunk to what the shared
+#     2-core CPU allowed (seed-shuffled first rows; half evaluated): SmolLM2 all 872 SST-2, 600
+#     Rotten Tomatoes, 300 ARC-Easy; Gemma-3-270M 400 / 400 / 200.
 #     MODELS picks the models (run one process per model to use two cores).
 MODELS=${MODELS:-smollm2 gemma3_270m}
 nrn="$common resume=true output.predictions=false intervention=neurons intervention.blocks=1
      intervention.n_null=1000 intervention.null_pool=64"
 if step 10; then
   for m in $MODELS; do
-    $PY -m calibrate.run $nrn model=$m dataset=sst2 hydra.run.dir=$OUT/neurons/sst2/$m
-    $PY -m calibrate.run $nrn model=$m dataset=rotten_tomatoes dataset.limit=1000 \
+    if [[ $m == smollm2 ]]; then sizes=("" 600 300); else sizes=(400 400 200); fi  # "": all
+    $PY -m calibrate.run $nrn model=$m dataset=sst2 ${sizes[0]:+dataset.limit=${sizes[0]}} \
+        hydra.run.dir=$OUT/neurons/sst2/$m
+    $PY -m calibrate.run $nrn model=$m dataset=rotten_tomatoes dataset.limit=${sizes[1]} \
         dataset.local_path=$SHARED/rotten_tomatoes hydra.run.dir=$OUT/neurons/rotten_tomatoes/$m
     $PY -m calibrate.run $nrn model=$m dataset=arc_easy dataset.answer_format=letters \
-        hydra.run.dir=$OUT/neurons/arc_easy_letters/$m
+        dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_letters/$m
   done
 fi
 
