@@ -181,7 +181,10 @@ def ablation(sweeps: list[str]) -> pd.DataFrame:
                     if f"delta_{metric}_lo" not in v:
                         return fmt(d)
                     lo, hi = v[f"delta_{metric}_lo"], v[f"delta_{metric}_hi"]
-                    return f"{fmt(d)} {interval(lo, hi)}" + (" *" if lo > 0 or hi < 0 else "")
+                    flag = " *" if lo > 0 or hi < 0 else ""
+                    if max(abs(d), abs(lo), abs(hi)) < 1e-3:  # too small for 3 decimals
+                        return f"{d:+.1e} [{lo:+.1e}, {hi:+.1e}]{flag}"
+                    return f"{fmt(d)} {interval(lo, hi)}{flag}"
 
                 rows.append({"model": m["model"], "dataset": _dataset(m),
                              "n eval": m["n_evaluation"], "ECE": f"{m['final']['ece']:.4f}",
@@ -191,7 +194,7 @@ def ablation(sweeps: list[str]) -> pd.DataFrame:
                              "Δentropy [paired 95 %]": cell("entropy"),
                              "p entropy": f"{v['p_value_entropy']:.3f}"
                              if "p_value_entropy" in v else "—",
-                             "mean abs Δentropy": f"{v['abs_delta_entropy']:.4f}",
+                             "mean abs Δentropy": f"{v['abs_delta_entropy']:.1e}",
                              "p abs": f"{v['p_value_abs_entropy']:.3f}"
                              if "p_value_abs_entropy" in v else "—",
                              "Δacc": fmt(v["delta_accuracy"], 3),
