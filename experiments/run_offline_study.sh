@@ -127,6 +127,10 @@ if step 10; then
         dataset.local_path=$SHARED/rotten_tomatoes hydra.run.dir=$OUT/neurons/rotten_tomatoes/$m
     $PY -m calibrate.run $nrn model=$m dataset=arc_easy dataset.answer_format=letters \
         dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_letters/$m
+    # the last three blocks on SST-2: candidates below the last block run the blocks above them
+    # (on the key/value cache) for every arm, so 200 null draws instead of 1000
+    $PY -m calibrate.run $nrn model=$m dataset=sst2 ${sizes[0]:+dataset.limit=${sizes[0]}} \
+        intervention.blocks=3 intervention.n_null=200 hydra.run.dir=$OUT/neurons/sst2_last3/$m
   done
 fi
 
