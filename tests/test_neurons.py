@@ -185,7 +185,14 @@ def test_the_study_against_references(tiny_lm, tmp_path):
     # every arm has its layers from the lowest block up, both effects, and a null at the last
     arms = set(result.table["arm"])
     assert arms == {c["arm"] for c in report["candidates"]} | {"top_set", "c_hat", "temperature"}
-    assert set(result.table.loc[result.table["arm"] == "top_set", "layer"]) == {2, 3}
+    lowest = min(c["block"] for c in report["candidates"])
+    assert set(result.table.loc[result.table["arm"] == "top_set", "layer"]) == \
+        set(range(lowest, 4))
+    for c in report["candidates"]:  # a candidate's rows: the layers from its block up, no lower
+        for effect in ("total", "direct"):
+            rows = result.table[(result.table["arm"] == c["arm"])
+                                & (result.table["effect"] == effect)]
+            assert sorted(rows["layer"]) == list(range(c["block"], 4))
     for arm in [c["arm"] for c in report["candidates"]] + ["top_set"]:
         for effect in ("total", "direct"):
             assert report["final"][arm][effect]["n_null"] == 6

@@ -465,6 +465,13 @@ class NeuronsStudy(Study):
         rows += ns.effect_table(final_base, (final_base / t)[None], labels, [TEMPERATURE_ARM],
                                 [last], "total", m.n_bins, m.binning, *boot)
         effects = pd.DataFrame(rows)
+        # only the layers an arm can move: from its lowest block up (the rows below are the
+        # unablated reads by construction, and counting them would inflate the comparisons)
+        lowest = {name: min(b for b, _, _ in arm) for name, arm in
+                  zip(plan.names, plan.arms[:n_main])}
+        movable = [int(layer) >= lowest.get(arm, 0) for arm, layer in
+                   zip(effects["arm"], effects["layer"])]
+        effects = effects[movable].reset_index(drop=True)
         final = self._final(effects, plan, eval_pass, base_eval, labels, last, m)
         for arm, per_effect in final.items():  # the null's columns on the last layer's rows
             for effect, values_ in per_effect.items():
