@@ -224,9 +224,9 @@ def test_settings_are_typed_and_checked():
             ("intervention.blocks=0", "intervention.blocks=0; accepted: an integer >= 1"),
             ("intervention.norm_quantile=1.5",
              "intervention.norm_quantile=1.5; accepted: a number in [0, 1]"),
-            ("intervention.null_pool=2", "intervention.null_pool=2; accepted: an integer >= "
-                                         "intervention.top_k (8), so every draw of matched "
-                                         "neurons can be distinct"),
+            ("intervention.null_pool=2", ("intervention.null_pool=2; accepted: an integer >= "
+                                          "intervention.top_k (8), so every draw of matched "
+                                          "neurons can be distinct")),
             ("intervention.n_null=-1", "intervention.n_null=-1; accepted: an integer >= 0")]:
         with pytest.raises(ConfigError) as err:
             spec_of("intervention=neurons", override)

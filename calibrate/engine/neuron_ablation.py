@@ -378,8 +378,8 @@ def neuron_pass(loaded: LoadedModel, prompt_set: PromptSet, blocks: Sequence[int
             logits[idx] = base.cpu().numpy()
             if mass is not None:
                 mass[idx] = batch_mass.cpu().numpy()
-            for layer in kept:
-                kept[layer][idx] = stacked[:, layer].float().cpu().numpy()
+            for layer, dest in kept.items():
+                dest[idx] = stacked[:, layer].float().cpu().numpy()
             for b in blocks:
                 acts[b][idx] = batch_acts[b].cpu().numpy()
             if out is not None:

@@ -252,8 +252,8 @@ def _merged(n: int, parts: list[tuple[np.ndarray, ProbeResult]]) -> ProbeResult:
         logits[idx], probs[idx], labels[idx] = part.option_logits, part.probs, part.labels
         if mass is not None:
             mass[idx] = part.option_mass
-        for layer in residuals:
-            residuals[layer][idx] = part.residuals[layer]
+        for layer, kept in residuals.items():
+            kept[idx] = part.residuals[layer]
         real, computed = real + part.real_tokens, computed + part.computed_tokens
     return ProbeResult(logits, probs, labels, mass, residuals, real, computed)
 
@@ -332,9 +332,10 @@ class NeuronsResult(StudyResult):
 
     def headline(self) -> list[str]:
         report = self.report_json
-        lines = [f"  entropy-neuron candidates: {len(report['entropy_candidates'])} of "
-                 f"{report['n_neurons']} neurons (norm >= q{report['settings']['norm_quantile']:g}, "
-                 f"null fraction >= {report['settings']['null_fraction']:g})"]
+        lines = [(f"  entropy-neuron candidates: {len(report['entropy_candidates'])} of "
+                  f"{report['n_neurons']} neurons (norm >= "
+                  f"q{report['settings']['norm_quantile']:g}, "
+                  f"null fraction >= {report['settings']['null_fraction']:g})")]
         for c in report["candidates"][:3]:
             lines.append(f"  #{c['rank']} block {c['block']} neuron {c['neuron']}: norm "
                          f"{c['norm']:.3g}, null fraction {c['null_fraction']:.3f}")
