@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-experiments/offline_study}
 SHARED=${SHARED:-../shared/data}
-STEPS=${STEPS:-1 2 3 4 5 6 7 8 9 10}
+STEPS=${STEPS:-1 2 3 4 5 6 7 8 9 10 11}
 common="probe.progress=false tracker=none dataset.shuffle=true"
 steer="intervention=steering intervention.eta_scale=residual_norm eta=[0,0.05,0.1,0.2,0.4]"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -134,6 +134,32 @@ if step 10; then
       hydra.sweep.dir=$OUT/seeds/arc_easy_cloze
   $PY -m calibrate report $OUT/seeds/{sst2,sst2_gradient,rotten_tomatoes,arc_easy_cloze} \
       --out $OUT/seeds/report --dpi 60
+fi
+
+# 11. confidence-regulation neurons (issue 22): the MLP neurons of the last block, from the
+#     weights, related to c_hat and mean-ablated (total and direct effect), 1000 matched-norm
+#     random neurons (sets) as the null; SST-2, Rotten Tomatoes and ARC-Easy read as letters
+#     (the study reads one token per option: cloze is refused). Sizes shrunk to what the shared
+#     2-core CPU allowed (seed-shuffled first rows; half evaluated): SmolLM2 all 872 SST-2, 600
+#     Rotten Tomatoes, 300 ARC-Easy; Gemma-3-270M 400 / 400 / 200.
+#     MODELS picks the models (run one process per model to use two cores).
+MODELS=${MODELS:-smollm2 gemma3_270m}
+nrn="$common resume=true output.predictions=false intervention=neurons intervention.blocks=1
+     intervention.n_null=1000 intervention.null_pool=64"
+if step 11; then
+  for m in $MODELS; do
+    if [[ $m == smollm2 ]]; then sizes=("" 600 300); else sizes=(400 400 200); fi  # "": all
+    $PY -m calibrate.run $nrn model=$m dataset=sst2 ${sizes[0]:+dataset.limit=${sizes[0]}} \
+        hydra.run.dir=$OUT/neurons/sst2/$m
+    $PY -m calibrate.run $nrn model=$m dataset=rotten_tomatoes dataset.limit=${sizes[1]} \
+        dataset.local_path=$SHARED/rotten_tomatoes hydra.run.dir=$OUT/neurons/rotten_tomatoes/$m
+    $PY -m calibrate.run $nrn model=$m dataset=arc_easy dataset.answer_format=letters \
+        dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_letters/$m
+    # the last three blocks on SST-2: candidates below the last block run the blocks above them
+    # (on the key/value cache) for every arm, so 200 null draws instead of 1000
+    $PY -m calibrate.run $nrn model=$m dataset=sst2 ${sizes[0]:+dataset.limit=${sizes[0]}} \
+        intervention.blocks=3 intervention.n_null=200 hydra.run.dir=$OUT/neurons/sst2_last3/$m
+  done
 fi
 
 # 4. one report of everything: report.html (self-contained) and report.md, figures, tables

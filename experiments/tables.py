@@ -8,9 +8,11 @@
     python experiments/tables.py seeds experiments/offline_study/seeds/*          # across seeds
     python experiments/tables.py seed_baselines experiments/offline_study/seeds/* # baselines vs raw
     python experiments/tables.py best_baselines experiments/offline_study/seeds/* # the best of them
+    python experiments/tables.py neurons experiments/offline_study/neurons/*
+    python experiments/tables.py ablation experiments/offline_study/neurons/*
 
-Every number comes from a job's metrics.json, steering.csv, null.csv, effects.csv or
-baselines.csv.
+Every number comes from a job's metrics.json, steering.csv, null.csv, effects.csv,
+baselines.csv or neurons.json.
 """
 
 from __future__ import annotations
@@ -278,9 +280,72 @@ def best_baselines(sweeps: list[str]) -> pd.DataFrame:
     return table.loc[mean.groupby([table["model"], table["dataset"]], sort=False).idxmin()]
 
 
+def _dataset(m: dict) -> str:
+    return m["dataset"] + {"cloze": " (cloze)", "letters": " (letters)"}.get(m["answer_format"], "")
+
+
+def neurons(sweeps: list[str]) -> pd.DataFrame:
+    """Per job of ``intervention=neurons``: the candidates from the weights and ĉ's share in
+    the top candidates' span against matched random neurons."""
+    rows = []
+    for job in jobs(sweeps):
+        m, n = metrics(job), json.loads((job / "neurons.json").read_text())
+        ref, span = n["reference"], n["c_hat"]["span"]
+        top = "; ".join(f"{c['block']}.{c['neuron']} ({c['norm']:.2f}, p{100 * c['norm_pct']:.0f}; "
+                        f"{c['null_fraction']:.2f})" for c in n["candidates"][:3])
+        rows.append({"model": m["model"], "dataset": _dataset(m), "n eval": m["n_evaluation"],
+                     "k": n["k"], "neurons": n["n_neurons"],
+                     "null fraction median / q99 / max": f"{ref['null_fraction']['median']:.3f} / "
+                     f"{ref['null_fraction']['q99']:.3f} / {ref['null_fraction']['max']:.3f}",
+                     "entropy candidates": len(n["entropy_candidates"]),
+                     "top 3: block.neuron (norm, norm pct; null fraction)": top,
+                     "ĉ share in top-8 span": f"{span['share']:.3f}",
+                     "matched random mean [5–95 %]": f"{span['null_mean']:.3f} "
+                     f"[{span['null_p05']:.3f}, {span['null_p95']:.3f}]",
+                     "p": f"{span['p_value']:.3f}",
+                     "max |cos(ĉ, w)|": f"{n['c_hat']['max_abs_cosine']:.2f}"})
+    return pd.DataFrame(rows)
+
+
+def ablation(sweeps: list[str]) -> pd.DataFrame:
+    """Per job: the final-layer effect of the top candidate, the top set, ĉ's component and
+    temperature scaling, total and direct, with paired intervals and the null's p-values."""
+    rows = []
+    for job in jobs(sweeps):
+        m, n = metrics(job), json.loads((job / "neurons.json").read_text())
+        first = n["candidates"][0]["arm"]
+        for arm in (first, "top_set", "c_hat", "temperature"):
+            for effect, v in n["final"].get(arm, {}).items():
+                def cell(metric: str, v=v) -> str:
+                    d = v[f"delta_{metric}"]
+                    if f"delta_{metric}_lo" not in v:
+                        return fmt(d)
+                    lo, hi = v[f"delta_{metric}_lo"], v[f"delta_{metric}_hi"]
+                    flag = " *" if lo > 0 or hi < 0 else ""
+                    if max(abs(d), abs(lo), abs(hi)) < 1e-3:  # too small for 3 decimals
+                        return f"{d:+.1e} [{lo:+.1e}, {hi:+.1e}]{flag}"
+                    return f"{fmt(d)} {interval(lo, hi)}{flag}"
+
+                rows.append({"model": m["model"], "dataset": _dataset(m),
+                             "n eval": m["n_evaluation"], "ECE": f"{m['final']['ece']:.4f}",
+                             "arm": "top candidate " + first if arm == first else arm,
+                             "effect": effect, "ΔECE [paired 95 %]": cell("ece"),
+                             "p ECE": f"{v['p_value_ece']:.3f}" if "p_value_ece" in v else "—",
+                             "Δentropy [paired 95 %]": cell("entropy"),
+                             "p entropy": f"{v['p_value_entropy']:.3f}"
+                             if "p_value_entropy" in v else "—",
+                             "mean abs Δentropy": f"{v['abs_delta_entropy']:.1e}",
+                             "p abs": f"{v['p_value_abs_entropy']:.3f}"
+                             if "p_value_abs_entropy" in v else "—",
+                             "Δacc": fmt(v["delta_accuracy"], 3),
+                             "answers changed": f"{v['changed']:.3f}"})
+    return pd.DataFrame(rows)
+
+
 if __name__ == "__main__":
     kind, *dirs = sys.argv[1:]
     table = {"adjudicate": adjudicate, "methods": methods, "styles": styles,
              "transfer": transfer, "seeds": seeds, "seed_jobs": seed_jobs,
-             "seed_baselines": seed_baselines, "best_baselines": best_baselines}[kind](dirs)
+             "seed_baselines": seed_baselines, "best_baselines": best_baselines,
+             "neurons": neurons, "ablation": ablation}[kind](dirs)
     print(table.to_markdown(index=False))

@@ -131,3 +131,69 @@ def test_adapter_is_built_from_model_config_not_attribute_names():
     model.config.model_type = "llama_custom"
     with pytest.raises(UnsupportedArchitecture):
         get_adapter(model)
+
+
+# ---------------------------------------------------------------- MLP neurons, the final norm
+
+def _hand_mlp(model: nn.Module, model_type: str, i: int) -> tuple[nn.Module, nn.Module | None]:
+    """(output projection, post-MLP norm) of block index i, by hand per architecture."""
+    if model_type == "phi":
+        return model.model.layers[i].mlp.fc2, None
+    if model_type == "gpt2":
+        return model.transformer.h[i].mlp.c_proj, None
+    if model_type == "gpt_neox":
+        return model.gpt_neox.layers[i].mlp.dense_4h_to_h, None
+    if model_type == "opt":
+        return model.model.decoder.layers[i].fc2, None
+    layer = model.model.layers[i]
+    post = layer.post_feedforward_layernorm if model_type in ("gemma2", "gemma3_text") else None
+    return layer.mlp.down_proj, post
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_ARCHITECTURES)
+def test_mlp_parts_are_the_models_own_modules(model_type):
+    from calibrate.model.adapters import mlp_parts
+
+    model = build_tiny(model_type, 20)
+    adapter = get_adapter(model)
+    for block in (1, 3):
+        parts = mlp_parts(adapter, block)
+        down, post = _hand_mlp(model, model_type, block - 1)
+        assert parts.down is down and parts.post_norm is post
+        assert parts.out_weight.shape == (parts.width, 32)
+        with torch.no_grad():  # row i: what one unit of activation i writes
+            one = torch.zeros(1, parts.width)
+            one[0, 4] = 1.0
+            written = down(one) - down(torch.zeros(1, parts.width))
+        torch.testing.assert_close(parts.out_weight[4], written[0])
+    with pytest.raises(ValueError, match="outside 1..3"):
+        mlp_parts(adapter, 0)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_ARCHITECTURES)
+def test_the_final_norm_as_an_affine_map_equals_the_module(model_type):
+    """gain * centre(x) / scale(x) + bias is the final norm, with a non-trivial gain and bias."""
+    from calibrate.model.adapters import final_norm_affine
+
+    model = build_tiny(model_type, 20)
+    adapter = get_adapter(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        adapter.final_norm.weight.normal_()
+        if getattr(adapter.final_norm, "bias", None) is not None:
+            adapter.final_norm.bias.normal_()
+    affine = final_norm_affine(adapter)
+    assert affine.centre == (model_type in ("phi", "gpt2", "gpt_neox", "opt"))
+    x = torch.randn(5, 32) * 3
+    got = affine.linear(x) / affine.scale(x) + (0.0 if affine.bias is None else affine.bias)
+    torch.testing.assert_close(got, adapter.final_norm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_opt_with_its_layer_norm_after_the_residual_has_no_neuron_write():
+    from calibrate.model.adapters import UnsupportedMLP, mlp_parts
+
+    model = build_tiny("opt", 20)
+    adapter = get_adapter(model)
+    adapter.blocks[2].do_layer_norm_before = False
+    with pytest.raises(UnsupportedMLP, match="do_layer_norm_before"):
+        mlp_parts(adapter, 3)

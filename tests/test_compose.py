@@ -153,8 +153,8 @@ def test_compose_typed_is_both():
 # ---------------------------------------------------------------- group options
 
 def test_group_options_are_files_and_stored_nodes():
-    assert group_options("intervention") == ["baselines", "direction_ablate", "nullspace", "probe",
-                                             "steering"]  # registered by the studies, no files
+    assert group_options("intervention") == ["baselines", "direction_ablate", "neurons",
+                                             "nullspace", "probe", "steering"]  # registered, no files
     assert not (CONF_DIR / "intervention").exists()
     assert "logit" in group_options("lens")
     assert group_options("model") == sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

@@ -59,7 +59,7 @@ def test_groups_are_known():
     assert set(options("tracker")) >= {"wandb", "none"}
     # the studies are registered options (no YAML files): probe (was none), steering (direction)
     assert set(options("intervention")) == {"probe", "steering", "nullspace", "direction_ablate",
-                                            "baselines"}
+                                            "baselines", "neurons"}
     assert not (CONF / "intervention").exists()
     assert "logit" in options("lens")
     assert set(groups()) <= {"model", "dataset", "tracker", "intervention", "experiment", "lens"}, \

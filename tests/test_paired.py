@@ -205,3 +205,30 @@ def test_columns_for_a_steering_table_and_the_comparison_count():
     note = multiple_comparisons(out, 0.05, "none", 100)
     assert note["cells_tested"] == 1 and note["bonferroni_alpha"] == pytest.approx(0.05)
     assert note["flagged_ece"] == int(out.loc[1, "significant_ece"])
+
+
+def test_confidence_and_entropy_intervals_when_asked():
+    """Δconfidence and Δentropy: the percentile interval of the same resamples, recomputed by
+    hand; without asking, the table keeps its three metrics."""
+    from scipy.special import xlogy
+
+    calibrated, overconfident, labels = arms(120, seed=5)
+    both = paired_intervals(calibrated, overconfident, labels, n_boot=40, seed=3,
+                            metrics=("accuracy", "ece", "mce", "confidence", "entropy"))
+    rng = np.random.default_rng(3)
+    idx = np.stack([rng.integers(0, 120, size=120) for _ in range(40)])
+
+    def entropy(p):
+        return -xlogy(p, p).sum(-1)
+
+    for metric, f in (("confidence", lambda p: p.max(-1)), ("entropy", entropy)):
+        diffs = f(overconfident[:, 0])[idx].mean(1) - f(calibrated[:, 0])[idx].mean(1)
+        lo, hi = np.quantile(diffs, [0.025, 0.975])
+        assert both[f"delta_{metric}_lo"].iloc[0] == pytest.approx(lo)
+        assert both[f"delta_{metric}_hi"].iloc[0] == pytest.approx(hi)
+    assert both["significant_entropy"].iloc[0] and both["delta_entropy_hi"].iloc[0] < 0
+    plain = paired_intervals(calibrated, overconfident, labels, n_boot=40, seed=3)
+    assert not any("confidence" in c or "entropy" in c for c in plain.columns)
+    pd.testing.assert_frame_equal(plain, both[plain.columns])
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_intervals(calibrated, overconfident, labels, metrics=("brier",))

@@ -182,7 +182,7 @@ def test_ablation_studies_read_every_layer_through_the_lens(tiny_lm, prompt_set,
 
 def test_the_registry_finds_and_refuses(tiny_lm, prompt_set, tmp_path):
     assert {"probe", "steering", "nullspace", "direction_ablate"} <= set(STUDIES)
-    with pytest.raises(KeyError, match=r"study 'nope'; accepted: baselines, direction_ablate, nullspace"):
+    with pytest.raises(KeyError, match=r"study 'nope'; accepted: baselines, direction_ablate, neurons, nullspace"):
         get_study("nope")
     # the study names are the intervention= options (no YAML files); the old names are gone
     from calibrate.config.compose import group_options

@@ -31,11 +31,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.special import xlogy
 
 from calibrate.core.metrics import CORRECTIONS, bin_index
 
 METRICS = ("accuracy", "ece", "mce")
 _MAX_CELLS = 4_000_000  # replicates x examples held at once (memory only: results do not change)
+MORE_METRICS = ("confidence", "entropy")  # mean top-label confidence, mean option entropy
 
 
 def binned_errors(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15,
@@ -60,21 +62,26 @@ def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def _replicate_metrics(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, n_bins: int,
-                       binning: str) -> dict[str, np.ndarray]:
-    """accuracy, ECE, MCE [R] of ``probs`` [N, K] on each resample ``idx`` [R, N], in chunks of
-    replicates (vectorised within a chunk)."""
+                       binning: str, metrics: tuple[str, ...] = METRICS) -> dict[str, np.ndarray]:
+    """accuracy, ECE, MCE (and, when asked, mean confidence and mean option entropy) [R] of
+    ``probs`` [N, K] on each resample ``idx`` [R, N], in chunks of replicates (vectorised within
+    a chunk)."""
     conf_all, right_all = probs.max(axis=-1), probs.argmax(axis=-1) == labels
+    entropy_all = -xlogy(probs, probs).sum(axis=-1) if "entropy" in metrics else None
     step = max(1, _MAX_CELLS // max(1, idx.shape[1]))
-    parts: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
     for start in range(0, len(idx), step):
         rows = idx[start:start + step]
         conf, correct = conf_all[rows], right_all[rows]
         ece, mce = binned_errors(conf, correct, n_bins, binning)
-        parts["accuracy"].append(correct.mean(axis=1))
-        parts["ece"].append(ece)
-        parts["mce"].append(mce)
+        found = {"accuracy": correct.mean(axis=1), "ece": ece, "mce": mce}
+        if "confidence" in metrics:
+            found["confidence"] = conf.mean(axis=1)
+        if entropy_all is not None:
+            found["entropy"] = entropy_all[rows].mean(axis=1)
+        for m in metrics:
+            parts[m].append(found[m])
     return {m: np.concatenate(v) for m, v in parts.items()}
-
 
 def bootstrap_p_value(deltas: np.ndarray) -> float:
     """Two-sided bootstrap p-value of "the difference is 0" from replicate differences [B]:
@@ -116,12 +123,18 @@ def adjust_p_values(p: np.ndarray, method: str) -> np.ndarray:
 def paired_intervals(reference: np.ndarray, arm: np.ndarray, labels: np.ndarray,
                      n_boot: int = 200, alpha: float = 0.05, seed: int = 0, n_bins: int = 15,
                      binning: str = "guo", tested: Sequence[bool] | None = None,
-                     n_boot_tested: int | None = None) -> pd.DataFrame:
-    """Per layer: the percentile interval of (arm − reference) for accuracy, ECE and MCE, and
-    whether it excludes 0. ``reference``/``arm``: probabilities [N, L, K] on the same examples.
+                     n_boot_tested: int | None = None,
+                     metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
+    """Per layer: the percentile interval of (arm − reference) for accuracy, ECE and MCE (and
+    any of :data:`MORE_METRICS` listed in ``metrics``), and whether it excludes 0.
+    ``reference``/``arm``: probabilities [N, L, K] on the same examples.
 
     Layers marked in ``tested`` (default: none) use ``n_boot_tested`` replicates (default
     ``n_boot``) and get the two-sided bootstrap p-value ``p_<metric>`` (NaN elsewhere)."""
+    unknown = [m for m in metrics if m not in METRICS + MORE_METRICS]
+    if unknown:
+        raise ValueError(f"paired_intervals: unknown metric(s) {unknown}; accepted: "
+                         f"{', '.join(METRICS + MORE_METRICS)}")
     if reference.shape != arm.shape or reference.shape[0] != len(labels):
         raise ValueError(f"paired arms need equal shapes [N, L, K] and N labels, got "
                          f"{reference.shape}, {arm.shape} and {len(labels)}")
@@ -131,23 +144,25 @@ def paired_intervals(reference: np.ndarray, arm: np.ndarray, labels: np.ndarray,
         raise ValueError(f"tested needs one flag per layer ({layers}), got {marks.shape}")
     most = max(n_boot, n_boot_tested or n_boot) if marks.any() else n_boot
     idx = resample_indices(n, most, seed)
-    out = {f"delta_{m}_{end}": np.empty(layers) for m in METRICS for end in ("lo", "hi")}
-    p_values = {m: np.full(layers, np.nan) for m in METRICS}
+    out = {f"delta_{m}_{end}": np.empty(layers) for m in metrics for end in ("lo", "hi")}
+    p_values = {m: np.full(layers, np.nan) for m in metrics}
     for layer in range(layers):
         rows = idx[:(n_boot_tested or n_boot)] if marks[layer] else idx[:n_boot]
-        ref = _replicate_metrics(reference[:, layer], labels, rows, n_bins, binning)
-        new = _replicate_metrics(arm[:, layer], labels, rows, n_bins, binning)
-        for metric in METRICS:
+        ref = _replicate_metrics(reference[:, layer], labels, rows, n_bins, binning,
+                                 metrics)
+        new = _replicate_metrics(arm[:, layer], labels, rows, n_bins, binning,
+                                 metrics)
+        for metric in metrics:
             deltas = new[metric] - ref[metric]
             lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
             out[f"delta_{metric}_lo"][layer], out[f"delta_{metric}_hi"][layer] = lo, hi
             if marks[layer]:
                 p_values[metric][layer] = bootstrap_p_value(deltas)
     table = pd.DataFrame(out)
-    for metric in METRICS:
+    for metric in metrics:
         table[f"significant_{metric}"] = (table[f"delta_{metric}_lo"] > 0) | \
             (table[f"delta_{metric}_hi"] < 0)
-    for metric in METRICS:
+    for metric in metrics:
         table[f"p_{metric}"] = p_values[metric]
     return table
 

@@ -107,6 +107,156 @@ def get_adapter(model: nn.Module) -> Adapter:
     return Adapter(model_type, blocks, norm, unembed, backbone, softcap)
 
 
+# --- MLP neurons and the final norm as an affine map (the neurons study) ---------------------
+
+
+class UnsupportedMLP(UserError):
+    """A block's MLP cannot be read or edited neuron by neuron."""
+
+
+@dataclass(frozen=True)
+class MLPParts:
+    """Where one block's MLP keeps its neurons.
+
+    ``down`` is the output projection: its input [..., d_mlp] holds the neurons' activations and
+    row i of :attr:`out_weight` is what neuron i writes per unit of activation. ``mlp`` is the
+    module whose output is the MLP's output before any norm; ``post_norm`` is the norm applied to
+    that output before it joins the residual (Gemma-2 and Gemma-3's
+    ``post_feedforward_layernorm``), None where the output joins the residual as it is.
+    """
+
+    down: nn.Module
+    mlp: nn.Module
+    post_norm: nn.Module | None
+    conv1d: bool = False  # GPT-2's Conv1D stores its weight [in, out], nn.Linear [out, in]
+
+    @property
+    def out_weight(self) -> torch.Tensor:
+        """[d_mlp, hidden]: row i is neuron i's output weight (before ``post_norm``)."""
+        weight = self.down.weight
+        return weight if self.conv1d else weight.T
+
+    @property
+    def width(self) -> int:
+        """d_mlp, the number of neurons."""
+        return int(self.out_weight.shape[0])
+
+
+def _llama_mlp(block: nn.Module) -> MLPParts:
+    return MLPParts(block.mlp.down_proj, block.mlp, None)
+
+
+def _gemma2_mlp(block: nn.Module) -> MLPParts:
+    return MLPParts(block.mlp.down_proj, block.mlp, block.post_feedforward_layernorm)
+
+
+def _phi_mlp(block: nn.Module) -> MLPParts:
+    return MLPParts(block.mlp.fc2, block.mlp, None)
+
+
+def _gpt2_mlp(block: nn.Module) -> MLPParts:
+    return MLPParts(block.mlp.c_proj, block.mlp, None, conv1d=True)
+
+
+def _gpt_neox_mlp(block: nn.Module) -> MLPParts:
+    return MLPParts(block.mlp.dense_4h_to_h, block.mlp, None)
+
+
+def _opt_mlp(block: nn.Module) -> MLPParts:
+    if not getattr(block, "do_layer_norm_before", True):
+        raise UnsupportedMLP("OPT blocks that apply their layer norm after the residual sum "
+                             "(do_layer_norm_before=false) have no neuron-wise residual write")
+    return MLPParts(block.fc2, block.fc2, None)
+
+
+_MLPS: dict[str, Callable[[nn.Module], MLPParts]] = {
+    "llama": _llama_mlp,
+    "mistral": _llama_mlp,
+    "qwen2": _llama_mlp,
+    "qwen3": _llama_mlp,
+    "gemma": _llama_mlp,
+    "gemma2": _gemma2_mlp,
+    "gemma3_text": _gemma2_mlp,
+    "phi": _phi_mlp,
+    "gpt2": _gpt2_mlp,
+    "gpt_neox": _gpt_neox_mlp,
+    "opt": _opt_mlp,
+}
+
+
+def mlp_parts(adapter: Adapter, block: int) -> MLPParts:
+    """The MLP of block ``block`` (1-based: the block whose output is layer ``block``)."""
+    check_supported(adapter.model_type)
+    if not 1 <= block <= adapter.num_blocks:
+        raise ValueError(f"block {block} outside 1..{adapter.num_blocks}")
+    return _MLPS[adapter.model_type](adapter.blocks[block - 1])
+
+
+@dataclass(frozen=True)
+class NormAffine:
+    """The final norm as ``gain * centre(x) / scale(x) + bias``, with
+    ``scale(x) = sqrt(mean(centre(x)^2) + eps)``: RMSNorm (no centring, no bias) or LayerNorm
+    (centred, with bias). Holding ``scale`` fixed makes the norm affine in the residual: what
+    the direct effect of an edit reads."""
+
+    centre: bool
+    gain: torch.Tensor  # [hidden] float32
+    bias: torch.Tensor | None  # [hidden] float32
+    eps: float
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., 1] the norm's divisor of residuals ``x`` [..., hidden] (float32)."""
+        x = x.float()
+        if self.centre:
+            x = x - x.mean(-1, keepdim=True)
+        return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def linear(self, delta: torch.Tensor) -> torch.Tensor:
+        """``gain * centre(delta)``: the numerator's change for a residual change ``delta``."""
+        delta = delta.float()
+        if self.centre:
+            delta = delta - delta.mean(-1, keepdim=True)
+        return self.gain.to(delta.device) * delta
+
+
+def _rms(norm: nn.Module, offset: float) -> NormAffine:
+    eps = getattr(norm, "variance_epsilon", None)
+    eps = norm.eps if eps is None else eps
+    return NormAffine(False, norm.weight.detach().float() + offset, None, float(eps))
+
+
+def _layer_norm(norm: nn.Module) -> NormAffine:
+    bias = None if norm.bias is None else norm.bias.detach().float()
+    return NormAffine(True, norm.weight.detach().float(), bias, float(norm.eps))
+
+
+_NORMS: dict[str, Callable[[nn.Module], NormAffine]] = {
+    "llama": lambda n: _rms(n, 0.0),
+    "mistral": lambda n: _rms(n, 0.0),
+    "qwen2": lambda n: _rms(n, 0.0),
+    "qwen3": lambda n: _rms(n, 0.0),
+    "gemma": lambda n: _rms(n, 1.0),  # Gemma's RMSNorm multiplies by (1 + weight)
+    "gemma2": lambda n: _rms(n, 1.0),
+    "gemma3_text": lambda n: _rms(n, 1.0),
+    "phi": _layer_norm,
+    "gpt2": _layer_norm,
+    "gpt_neox": _layer_norm,
+    "opt": _layer_norm,
+}
+
+
+def final_norm_affine(adapter: Adapter) -> NormAffine:
+    """The adapter's final norm written as :class:`NormAffine` (per architecture, explicit)."""
+    check_supported(adapter.model_type)
+    return _NORMS[adapter.model_type](adapter.final_norm)
+
+
+def norm_affine(model_type: str, norm: nn.Module) -> NormAffine:
+    """Any norm module of a ``model_type`` model as :class:`NormAffine` (the post-MLP norm)."""
+    check_supported(model_type)
+    return _NORMS[model_type](norm)
+
+
 def block_hidden(output: torch.Tensor | tuple) -> torch.Tensor:
     """The hidden state of a block output: a tensor in transformers 5, a tuple's first item in 4.x."""
     return output[0] if isinstance(output, tuple) else output

@@ -3,7 +3,7 @@
 Every module of this package is imported with it, so a study registers itself by being here
 (:func:`~calibrate.studies.study.register`). Built in: ``probe`` (:mod:`.layerwise`), ``steering``
 (:mod:`.steering`), ``nullspace`` and ``direction_ablate`` (:mod:`.subspace_ablation`),
-``baselines`` (:mod:`.baselines`).
+``baselines`` (:mod:`.baselines`), ``neurons`` (:mod:`.neurons`).
 """
 
 import importlib

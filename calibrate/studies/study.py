@@ -77,11 +77,18 @@ class StudyResult:
 
 
 class Study(ABC):
-    """A kind of job: what runs between a loaded model with its prompts and the files."""
+    """A kind of job: what runs between a loaded model with its prompts and the files.
+
+    A study with settings of its own gives them as ``Settings``, a dataclass subclassing
+    :class:`~calibrate.engine.edits.InterventionSettings` (checked in its ``__post_init__``):
+    ``intervention=<name>`` then composes that node, so its keys are ``intervention.<key>``, as a
+    readout's are ``lens.<key>``, and nothing outside the study's module names them.
+    """
 
     name: ClassVar[str]
     reads: ClassVar[tuple[str, ...]] = ()  # setting prefixes read beyond COMMON
     description: ClassVar[str] = ""
+    Settings: ClassVar[type[InterventionSettings]] = InterventionSettings
 
     def check_shape(self, spec: Any, num_blocks: int, hidden_size: int) -> None:
         """Checks of the settings the study reads that need the model's shape (no weights)."""
@@ -109,8 +116,10 @@ def register(cls: type[Study]) -> type[Study]:
     if cls.name in STUDIES and STUDIES[cls.name] is not cls:
         raise ValueError(f"a study named {cls.name!r} is registered already")
     STUDIES[cls.name] = cls
+    if not issubclass(cls.Settings, InterventionSettings):
+        raise TypeError(f"study {cls.name!r}: Settings must subclass InterventionSettings")
     ConfigStore.instance().store(group="intervention", name=cls.name,
-                                 node=InterventionSettings(name=cls.name))
+                                 node=cls.Settings(name=cls.name))
     return cls
 
 
