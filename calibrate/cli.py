@@ -4,11 +4,7 @@
     calibrate report DIR [DIR ...] [--out OUT]    one HTML + markdown report of sweeps
     calibrate compare DIR [DIR ...] [--out OUT]   tables and figures across sweeps
     calibrate export lmeval|repeng JOB_DIR ...    a steering job's direction for other tools
-<<<<<<< HEAD
-    calibrate bench [probe|cloze|prefix|gradient|nullspace|seeds|lens] ...   speed, ratios side by side
-=======
-    calibrate bench [probe|cloze|prefix|gradient|nullspace|neurons] ... speed, ratios side by side
->>>>>>> issue22
+    calibrate bench [probe|cloze|prefix|gradient|nullspace|seeds|lens|neurons] ...   speed, ratios side by side
     calibrate assets prepare NAME ...             offline models (config names) and ``data``
 
 ``python -m calibrate ...`` is the same command. Every subcommand exits 0 on success, 2 on bad
@@ -22,11 +18,7 @@ from collections.abc import Callable, Sequence
 
 from calibrate.errors import USER_ERRORS, one_line
 
-<<<<<<< HEAD
-BENCHES = ("probe", "cloze", "prefix", "gradient", "nullspace", "seeds", "lens")
-=======
-BENCHES = ("probe", "cloze", "prefix", "gradient", "nullspace", "neurons")
->>>>>>> issue22
+BENCHES = ("probe", "cloze", "prefix", "gradient", "nullspace", "seeds", "lens", "neurons")
 
 
 def _run(argv: list[str]) -> int:
