@@ -204,7 +204,7 @@ def test_layer_lines_never_label_an_unsteered_curve_with_an_eta(runs):
     panels = cmp.layer_lines(found, "ece")
     ((panel, curves),) = panels.items()
     assert panel.startswith("tiny3 / ")
-    assert len(curves) == 1 and curves[0].label == "unsteered"
+    assert len(curves) == 1 and curves[0].label == "steering (unsteered)"
     table = pd.read_csv(runs.steer / "0" / "layers.csv")
     np.testing.assert_allclose(curves[0].y, table["ece"])
 

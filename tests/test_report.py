@@ -51,7 +51,7 @@ def test_html_is_self_contained(built):
     assert len(images) == 4  # layers, eta, ablation, null space
     assert all(base64.b64decode(i)[:8] == PNG_MAGIC for i in images)
     assert page.count('<table class="sortable">') >= 6 and "addEventListener" in page
-    headline = page.split("<h2>Headline</h2>")[1].split("</table>")[0]
+    headline = page.split("<h3>Headline</h3>")[1].split("</table>")[0]
     assert headline.count("<tr>") == 1 + 8  # header and the complete runs
 
 

@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pandas as pd
 
-from calibrate.io.report.html import html_figure, html_table, render_page
+from calibrate.io.report.html import Section, html_figure, html_table, render_page
 
 
 def test_table_escapes_and_keeps_exact_sort_keys():
@@ -28,7 +28,12 @@ def test_figure_is_a_data_uri():
 
 
 def test_page_has_its_script_and_no_external_resource():
-    page = render_page("t <1>", ["intro"], {"A": pd.DataFrame({"x": [1]})}, {"f.png": b"png"})
+    page = render_page("t <1>", ["intro"], [
+        Section("Steering", {"eta_ece.png": b"png"}, {"A": pd.DataFrame({"x": [1]})}),
+        Section("Empty"), Section("Jobs", {}, {"B": pd.DataFrame({"y": [2]})})])
     assert page.startswith("<!DOCTYPE html>") and "<title>t &lt;1&gt;</title>" in page
     assert "<script>" in page and "http" not in page and "<link" not in page
-    assert page.index("<h2>A</h2>") < page.index("<h2>Figures</h2>")
+    # each section: its figures first, then its tables; an empty section is left out
+    assert page.index("<h2>Steering</h2>") < page.index('id="eta_ece.png"') \
+        < page.index("<h3>A</h3>") < page.index("<h2>Jobs</h2>") < page.index("<h3>B</h3>")
+    assert "Empty" not in page

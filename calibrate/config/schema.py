@@ -46,10 +46,13 @@ class CheckSettings:
 
     edit_ratio_warn: float = 100.0  # warn when |eta * c_hat| exceeds the residual norm this much
     max_chars_per_token: float = 64.0  # a prompt longer than context x this is refused untokenized
+    edit_ratio_tiny: float = 0.01   # warn when the largest |eta * c_hat| is below this fraction of it
     option_mass_warn: float = 0.1  # warn when the options hold less of the output's mass
 
     def __post_init__(self) -> None:
         values.number("checks.edit_ratio_warn", self.edit_ratio_warn, lambda r: r >= 0,
+                      "a number >= 0 (0: never warn)")
+        values.number("checks.edit_ratio_tiny", self.edit_ratio_tiny, lambda r: r >= 0,
                       "a number >= 0 (0: never warn)")
         values.number("checks.max_chars_per_token", self.max_chars_per_token, lambda c: c > 0,
                       "a number > 0")

@@ -84,6 +84,7 @@ class SteeringResult(StudyResult):
     null_draws: pd.DataFrame | None = None  # each random direction's matched multiple of eta
     null_vectors: np.ndarray | None = None  # ĉ then the random directions of the null
     effects: pd.DataFrame | None = None  # per variant and η: effect, T(η), residual KL
+    steer_layers: tuple[int, ...] = ()  # where η·ĉ is added (the headline names them)
     files: ClassVar[tuple[str, ...]] = (*FILES, NULL_FILE, BASELINES_FILE, EFFECTS_FILE)
 
     def write(self, job_dir: Path) -> None:
@@ -158,13 +159,26 @@ class SteeringResult(StudyResult):
         return {"steering_summary": [{**head, **row} for row in final.to_dict("records")]}
 
     def headline(self) -> list[str]:
-        lines = []
+        lines = [f"  {steering_label(self.direction.meta, self.steer_layers, self.eta_scale)}"]
         for eta, v in self.summary["steering"].items():
             if float(eta) != 0.0:
                 lines.append(f"  eta={eta}: accuracy {v['accuracy']:.3f} ({v['delta_accuracy']:+.3f}), "
                              f"ECE {v['ece']:.4f} ({v['delta_ece']:+.4f}), MCE {v['mce']:.4f} "
                              f"({v['delta_mce']:+.4f})")
         return lines
+
+
+def steering_label(meta: Mapping[str, Any], steer_layers: Sequence[int],
+                   eta_scale: str | None) -> str:
+    """What a steering job did, in one line: the direction's method, the layers it was fit on
+    and its data, the layers it is added at and the unit of η."""
+    unit = ("x the mean residual norm at the edited layer" if eta_scale == "residual_norm"
+            else "absolute (x a unit c_hat)")
+    fit_on = meta.get("layers")
+    where = f" from layers {list(fit_on)}" if isinstance(fit_on, (list, tuple)) else ""
+    data = f" on {meta['dataset']}" if meta.get("dataset") else ""
+    return (f"steering: c_hat by {meta.get('method', '?')}{where}{data}, added at layer(s) "
+            f"{list(steer_layers)}; eta {unit}")
 
 
 def _method_names() -> set[str]:
@@ -230,7 +244,7 @@ class SteeringStudy(Study):
                               eta_scale=spec.intervention.eta_scale, null=null,
                               baselines=baselines, plots_on=spec.output.plots,
                               null_draws=null_draws, null_vectors=null_vectors_used,
-                              effects=effects)
+                              effects=effects, steer_layers=tuple(int(x) for x in layers))
 
 
 def _etas(spec: JobSpec, direction: Direction) -> tuple[tuple[float, ...], float | None]:
@@ -303,8 +317,9 @@ def _effects(ctx: JobContext, fit: Any, eval_set: Any, steering: Steering, logit
 def _check_edit_size(spec: JobSpec, etas: Sequence[float], base: ProbeResult,
                      cal_idx: np.ndarray, layers: Sequence[int],
                      scale: Mapping[int, float] | None) -> None:
-    """Refuse an edit that overflows the float32 read; warn when it dwarfs the residual."""
-    limit = spec.checks.edit_ratio_warn
+    """Refuse an edit that overflows the float32 read; warn when it dwarfs the residual, or
+    when it is too small a fraction of it to move the output (naming the unit that would)."""
+    limit, tiny = spec.checks.edit_ratio_warn, spec.checks.edit_ratio_tiny
     largest = max(abs(e) for e in etas)
     for layer in layers:
         norm = float(np.linalg.norm(base.residuals[layer][cal_idx], axis=-1).mean())
@@ -319,6 +334,14 @@ def _check_edit_size(spec: JobSpec, etas: Sequence[float], base: ProbeResult,
                         "(checks.edit_ratio_warn=%g): the model's output is swamped; consider "
                         "intervention.eta_scale=residual_norm or a smaller eta",
                         largest, ratio, norm, layer, limit)
+        if tiny and largest > 0 and ratio < tiny:
+            hint = ("eta is in multiples of that norm (intervention.eta_scale=residual_norm): "
+                    "raise it" if scale else
+                    f"eta is absolute; with intervention.eta_scale=residual_norm (eta in "
+                    f"multiples of that norm) this edit is eta={ratio:.3g}")
+            LOG.warning("eta=%g adds an edit only %.3g times the mean residual norm (%.4g) at "
+                        "layer %d (checks.edit_ratio_tiny=%g): too small to move the output; %s",
+                        largest, ratio, norm, layer, tiny, hint)
 
 
 def _steer_with_null(ctx: JobContext, fit: Any, eval_set: Any, steering: Steering

@@ -88,6 +88,34 @@ def palette(labels: Iterable[str]) -> dict[str, Any]:
 IDENTITY = (*IDENTITY_KEYS, "model", "dataset")
 
 
+def study_of(run: Run) -> str:
+    """The study a run ran (metrics.json ``study``; its ``intervention`` override, or ``probe``,
+    for a run without metrics)."""
+    study = (run.metrics or {}).get("study")
+    if not study:
+        for override in run.overrides:
+            if _key(override) == "intervention":
+                study = override.split("=", 1)[1]
+    return str(study or "probe")
+
+
+def study_labels(runs: Sequence[Run], extra_drop: Iterable[str] = ()) -> dict[Path, str]:
+    """Per run: its study and the overrides that vary among the runs of that study (without
+    bookkeeping, model, dataset and ``extra_drop``): ``steering: eta=0.1``, or ``probe``."""
+    out: dict[Path, str] = {}
+    for study, members in group(runs, study_of).items():
+        labels = varying_labels(members, (*IDENTITY, "intervention", *extra_drop))
+        out.update({k: f"{study}: {v}" if v else study for k, v in labels.items()})
+    return out
+
+
+def run_names(runs: Sequence[Run]) -> dict[Path, str]:
+    """Per run: ``model × dataset · study: the overrides that vary within its study``."""
+    labels = study_labels(runs)
+    return {r.job_dir: f"{' × '.join(model_dataset(r).split(' / '))} · {labels[r.job_dir]}"
+            for r in runs}
+
+
 def facet_labels(runs: Sequence[Run], extra_drop: Iterable[str] = ()) -> Mapping[Path, str]:
     """Colour labels for runs drawn in model × dataset panels: the varying overrides without
     model, dataset and ``extra_drop``; a run with none gets :data:`NO_LABEL`."""

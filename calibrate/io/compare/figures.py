@@ -29,6 +29,7 @@ from calibrate.io.compare.facets import (
     group,
     model_dataset,
     palette,
+    study_labels,
 )
 from calibrate.io.compare.runs import Run, _warn
 from calibrate.io.compare.tables import final_steering_rows
@@ -79,8 +80,8 @@ def layer_lines(runs: Sequence[Run], metric: str) -> dict[str, list[Curve]]:
     table has ``<metric>_lo/hi``). A steering job's layers.csv is its *unsteered* evaluation
     split: labelled without its steering overrides and drawn once for the jobs that share it."""
     having = [r for r in runs if r.layers is not None and {"layer", metric} <= set(r.layers)]
-    plain = facet_labels([r for r in having if not r.steering])
-    steered = facet_labels([r for r in having if r.steering], STEERING_KEYS)
+    plain = study_labels([r for r in having if not r.steering])
+    steered = study_labels([r for r in having if r.steering], STEERING_KEYS)
     panels: dict[str, list[Curve]] = {}
     for panel, members in group(having, model_dataset).items():
         seen: dict[tuple, str] = {}
@@ -88,7 +89,7 @@ def layer_lines(runs: Sequence[Run], metric: str) -> dict[str, list[Curve]]:
             table = run.layers.sort_values("layer")
             label = (steered if run.steering else plain)[run.job_dir]
             if run.steering:
-                label = "unsteered" if label == NO_LABEL else f"{label} (unsteered)"
+                label = f"{label} (unsteered)"
             content = (label, tuple(np.round(table[metric].to_numpy(float), 12)))
             if content in seen:
                 continue

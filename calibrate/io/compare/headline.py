@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibrate.io.compare.facets import eta_unit, facet_labels
+from calibrate.io.compare.facets import eta_unit, run_names, study_of
 from calibrate.io.compare.nullspace_json import nullspace_rows
 from calibrate.io.compare.runs import Run
 from calibrate.io.compare.tables import final_steering_rows, md_text
@@ -62,11 +62,11 @@ def _best_eta(run: Run) -> tuple[float, float, bool] | None:
 
 
 def headline_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per complete run: #, what sets it apart (the overrides that differ, without model
-    and dataset), model, dataset, N, final accuracy and ECE, the
+    """One row per complete run, grouped by study: #, its name (model × dataset · study and the
+    overrides that vary within the study), N, final accuracy and ECE, the
     ECE peak and its layer, the final layer's option mass and, for steering runs, the best
     final-layer ΔECE with its η (``*``: flagged after the multiple-comparisons correction)."""
-    labels = facet_labels([r for r in runs if r.complete])
+    labels = run_names([r for r in runs if r.complete])
     rows = []
     for number, run in enumerate(runs, 1):
         if not run.complete:
@@ -74,14 +74,17 @@ def headline_table(runs: Sequence[Run]) -> pd.DataFrame:
         m, final = run.metrics, run.metrics.get("final") or {}
         peak = _f(m.get("peak_ece"))
         best = _best_eta(run)
-        rows.append({"#": number, "run": labels[run.job_dir], "model": m.get("model"),
-                     "dataset": m.get("dataset"), "N": m.get("n_examples"),
+        rows.append({"#": number, "run": labels[run.job_dir], "_study": study_of(run),
+                     "N": m.get("n_examples"),
                      "acc": _num(final.get("accuracy")), "ECE": _num(final.get("ece")),
                      "mass": _num(final.get("option_mass")),
                      "peak ECE (layer)": f"{peak} (L{m.get('peak_ece_layer')})" if peak else "",
                      "best ΔECE (η)": "" if best is None else
                      f"{best[0]:+.3f}{'*' if best[2] else ''} (η={best[1]:g})"})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if not len(table):
+        return table
+    return table.sort_values("_study", kind="stable", ignore_index=True).drop(columns="_study")
 
 
 def _final_table(runs: Sequence[Run]) -> pd.DataFrame:

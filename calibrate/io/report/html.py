@@ -8,6 +8,7 @@ import base64
 import html
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ import pandas as pd
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+h1 { font-size: 1.5em; } h3 { font-size: 1em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: .5em 0 1em; font-size: 12px; }
 th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
@@ -77,16 +78,27 @@ def html_figure(name: str, png: bytes, caption: str = "") -> str:
             f'src="data:image/png;base64,{data}"><figcaption>{text}</figcaption></figure>')
 
 
-def render_page(title: str, intro: Sequence[str], tables: Mapping[str, pd.DataFrame],
-                figures: Mapping[str, bytes]) -> str:
-    """The whole page: title, intro lines, the tables in order, then the figures."""
+@dataclass(frozen=True)
+class Section:
+    """One part of the page: its figures first, then its tables (each with its own title)."""
+
+    title: str
+    figures: Mapping[str, bytes] = field(default_factory=dict)
+    tables: Mapping[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def render_page(title: str, intro: Sequence[str], sections: Sequence[Section]) -> str:
+    """The whole page: title, intro lines, then each non-empty section (an ``<h2>``, its
+    figures, then its tables under ``<h3>`` titles)."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(line)}</p>" for line in intro]
-    for heading, table in tables.items():
-        parts.append(f"<h2>{html.escape(heading)}</h2>\n{html_table(table)}")
-    if figures:
-        parts.append("<h2>Figures</h2>")
-        parts += [html_figure(name, png) for name, png in figures.items()]
+    for section in sections:
+        if not section.figures and not section.tables:
+            continue
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        parts += [html_figure(name, png) for name, png in section.figures.items()]
+        for heading, table in section.tables.items():
+            parts.append(f"<h3>{html.escape(heading)}</h3>\n{html_table(table)}")
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from calibrate.io.compare.figures import comparison_figures
 from calibrate.io.compare.headline import detail_tables, headline_table, markdown_sections
 from calibrate.io.compare.runs import CompareError, resolve_inputs
 from calibrate.io.compare.tables import md_text, md_wrap
-from calibrate.io.report.html import render_page
+from calibrate.io.report.html import Section, render_page
 
 REPORT_DIR = "report"
 DPI = 100
@@ -41,6 +42,32 @@ def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+# The report's parts in order: (title, figure name prefixes, detail table title prefixes).
+SECTIONS = (
+    ("Runs at a glance", (), ("Headline",)),
+    ("Every layer (probe, and each study's unsteered evaluation split)", ("layers_",),
+     ("Final layer", "Phases")),
+    ("Steering", ("eta_",), ("Steering", "Across seeds")),
+    ("Ablations and the null space", ("ablation_", "nullspace_"), ("Null-space",)),
+    ("Jobs", (), ("Runs", "Failed runs")),
+)
+
+
+def report_sections(tables: dict[str, object], pngs: dict[str, bytes]) -> list[Section]:
+    """The tables and figures grouped by study, figures first (:data:`SECTIONS`); anything
+    matching no section goes last, so nothing is dropped."""
+    sections, used_t, used_f = [], set(), set()
+    for title, fig_prefixes, table_prefixes in SECTIONS:
+        figs = {n: p for n, p in pngs.items() if n.startswith(fig_prefixes) and n not in used_f}
+        tabs = {t: v for t, v in tables.items() if t.startswith(table_prefixes) and t not in used_t}
+        used_f |= set(figs)
+        used_t |= set(tabs)
+        sections.append(Section(title, figs, tabs))
+    sections.append(Section("Other", {n: p for n, p in pngs.items() if n not in used_f},
+                            {t: v for t, v in tables.items() if t not in used_t}))
+    return sections
 
 
 def build_report(dirs: Sequence[str | Path], out: str | Path | None = None,
@@ -62,6 +89,7 @@ def build_report(dirs: Sequence[str | Path], out: str | Path | None = None,
                                  relative_depth, csvs.get("nullspace.csv"))
     pngs = {name: png_bytes(fig, dpi) for name, fig in figures.items()}
     tables = {"Headline": headline_table(runs), **detail_tables(runs)}
+    sections = report_sections(tables, pngs)
     done = sum(r.complete for r in runs)
     intro = [f"{len(runs)} runs ({done} complete) from {', '.join(str(d) for d in dirs)}; "
              "every table is keyed by the run number #."]
@@ -69,13 +97,18 @@ def build_report(dirs: Sequence[str | Path], out: str | Path | None = None,
                for name, png in pngs.items()]
     written += [results.write_csv(out / name, table) for name, table in csvs.items()]
     lines = [md_wrap(md_text(line)) for line in intro]  # paths are user text: never markup
-    md = ("# calibrate report\n\n" + "\n\n".join(lines) + "\n\n" + markdown_sections(tables)
-          + "\n## Figures\n\n" + "".join(f"![{md_text(n)}]({quote(n)})\n\n" for n in pngs))
+    md = "# calibrate report\n\n" + "\n\n".join(lines) + "\n\n"
+    for section in sections:
+        if section.figures or section.tables:
+            md += f"## {md_text(section.title)}\n\n"
+            md += "".join(f"![{md_text(n)}]({quote(n)})\n\n" for n in section.figures)
+            tables_md = markdown_sections(section.tables)
+            md += re.sub(r"^## ", "### ", tables_md, flags=re.MULTILINE) + "\n"
     written.append(results.write_text(out / "report.md", md))
     written.append(results.write_text(out / "report.html",
                                       render_page("calibrate report",
                                                   [*intro, "Click a column header to sort."],
-                                                  tables, pngs)))
+                                                  sections)))
     return written
 
 
