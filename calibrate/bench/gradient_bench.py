@@ -21,8 +21,6 @@ It prints the ratios and merges ``gradient_last_over_probe`` (target <= 2),
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrate.bench.rounds import median_seconds
 from calibrate.io.results import merge_json
 
 BENCH_FILE = "bench.json"
@@ -84,14 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "gradient_block4": fit(last - 4, "gradient_block4")}
     print(f"bench: gradient fit vs probe, {args.model} on {args.n} {args.dataset} prompts, "
           f"{args.rounds} rounds, {torch.get_num_threads()} threads")
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for round_ in range(args.rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            print(f"  round {round_ + 1}/{args.rounds} {name:16s} {times[name][-1]:8.2f} s")
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = median_seconds(variants, args.rounds, 16)
     figures = {
         "gradient_last_over_probe": med["gradient_last"] / med["probe"],
         "gradient_block4_over_probe": med["gradient_block4"] / med["probe"],

@@ -25,15 +25,14 @@ current directory.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from calibrate.bench.rounds import median_seconds
 from calibrate.errors import ConfigError
 from calibrate.io.results import merge_json
 
@@ -95,14 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"bench: neurons study vs probe, {args.model} on {args.n} {args.dataset} prompts, "
           f"top_k {args.top_k}, n_null {args.n_null}, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for round_ in range(args.rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            print(f"  round {round_ + 1}/{args.rounds} {name:14s} {times[name][-1]:8.2f} s")
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = median_seconds(variants, args.rounds, 14)
     figures = {
         "neurons_last_over_probe": med["neurons_last"] / med["probe"],
         "neurons_last3_over_probe": med["neurons_last3"] / med["probe"],

@@ -64,7 +64,7 @@ class CudaPeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20

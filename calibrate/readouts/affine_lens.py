@@ -30,8 +30,9 @@ from calibrate import values
 from calibrate.engine.lens import LogitLens
 from calibrate.readouts import lens_cache, lens_text
 from calibrate.readouts.readout_kind import ReadoutKind, ReadoutSource, register_readout
-from calibrate.readouts.translators import TranslatedLens, load_lens, save_lens
+from calibrate.readouts.translators import TranslatedLens, save_lens
 from calibrate.readouts.tuned_lens import (
+    cached_fit,
     check_text_path,
     fit_summary,
     held_out_residuals,
@@ -138,17 +139,10 @@ class Affine(ReadoutKind):
         adapter = source.loaded.adapter
         seed = source.seed if settings.seed is None else settings.seed
         text = lens_text.training_text(settings, source)
-        key = lens_cache.fit_key(self.name, source.loaded, text.digest,
-                                 {**settings.fitting(), "seed": seed})
-        identity = f"{self.name}:{key[:24]}"
-        cached = lens_cache.load(self.name, key, source.cache_dir)
+        key, identity, cached = cached_fit(self.name, source, text.digest,
+                                           {**settings.fitting(), "seed": seed})
         if cached is not None:
-            folder, record = cached
-            hidden = int(adapter.unembed_weight.shape[1])
-            weight, bias, _ = load_lens(folder, adapter.num_blocks, hidden, "cached lens")
-            LOG.info("affine lens: cached fit %s", folder)
-            return TranslatedLens(adapter, weight, bias, identity,
-                                  {**record["summary"], "cache": str(folder)})
+            return cached
         clock = time.perf_counter()
         fit_idx, held_idx = lens_text.split_sequences(len(text.sequences),
                                                       settings.holdout_fraction, seed)

@@ -80,6 +80,23 @@ def check_lens_path(key: str, value: Any) -> str | None:
     return path
 
 
+def cached_fit(kind: str, source: ReadoutSource, text_digest: str, fitting: dict[str, Any]
+               ) -> tuple[str, str, TranslatedLens | None]:
+    """The cache key of a fit, the lens identity and, when fit before, the cached lens."""
+    adapter = source.loaded.adapter
+    key = lens_cache.fit_key(kind, source.loaded, text_digest, fitting)
+    identity = f"{kind}:{key[:24]}"
+    cached = lens_cache.load(kind, key, source.cache_dir)
+    if cached is None:
+        return key, identity, None
+    folder, record = cached
+    hidden = int(adapter.unembed_weight.shape[1])
+    weight, bias, _ = load_lens(folder, adapter.num_blocks, hidden, "cached lens")
+    LOG.info("%s lens: cached fit %s", kind, folder)
+    return key, identity, TranslatedLens(adapter, weight, bias, identity,
+                                         {**record["summary"], "cache": str(folder)})
+
+
 @dataclass
 class TunedLensSettings:
     """``lens=tuned``: how the tuned lens is trained (or which one is loaded)."""
@@ -264,17 +281,10 @@ class Tuned(ReadoutKind):
             return self._load(settings, source)
         seed = source.seed if settings.seed is None else settings.seed
         text = lens_text.training_text(settings, source)
-        key = lens_cache.fit_key(self.name, source.loaded, text.digest,
-                                 {**settings.training(), "seed": seed})
-        identity = f"{self.name}:{key[:24]}"
-        cached = lens_cache.load(self.name, key, source.cache_dir)
+        key, identity, cached = cached_fit(self.name, source, text.digest,
+                                           {**settings.training(), "seed": seed})
         if cached is not None:
-            folder, record = cached
-            hidden = int(adapter.unembed_weight.shape[1])
-            weight, bias, _ = load_lens(folder, adapter.num_blocks, hidden, "cached lens")
-            LOG.info("tuned lens: cached fit %s", folder)
-            return TranslatedLens(adapter, weight, bias, identity,
-                                  {**record["summary"], "cache": str(folder)})
+            return cached
         clock = time.perf_counter()
         seconds = {}
         fit_idx, held_idx = lens_text.split_sequences(len(text.sequences),
