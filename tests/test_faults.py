@@ -333,11 +333,13 @@ def test_caches_are_written_under_the_cache_root(background):
 
 
 def test_no_unsafe_deserialization_in_the_package():
-    """No torch.load / pickle / joblib / pandas pickles; every np.load passes allow_pickle=False."""
-    forbidden = {"torch.load", "pickle.load", "pickle.loads", "joblib.load", "pd.read_pickle",
+    """No pickle / joblib / pandas pickles; every np.load passes allow_pickle=False and every
+    torch.load weights_only=True (the tuned-lens library's params.pt: tensors only, read by
+    torch's restricted unpickler)."""
+    forbidden = {"pickle.load", "pickle.loads", "joblib.load", "pd.read_pickle",
                  "pandas.read_pickle", "dill.load", "dill.loads", "cloudpickle.load",
                  "cloudpickle.loads", "torch.serialization.load"}
-    np_loads, problems = 0, []
+    np_loads, torch_loads, problems = 0, 0, []
     for path in sorted((REPO / "calibrate").rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
@@ -351,6 +353,12 @@ def test_no_unsafe_deserialization_in_the_package():
             where = f"{path.name}:{node.lineno} {name}"
             if name in forbidden:
                 problems.append(where)
+            elif name == "torch.load":
+                torch_loads += 1
+                flag = [k for k in node.keywords if k.arg == "weights_only"]
+                if not flag or not (isinstance(flag[0].value, ast.Constant)
+                                    and flag[0].value.value is True):
+                    problems.append(f"{where} without weights_only=True")
             elif name in ("np.load", "numpy.load"):
                 np_loads += 1
                 flag = [k for k in node.keywords if k.arg == "allow_pickle"]
@@ -359,6 +367,7 @@ def test_no_unsafe_deserialization_in_the_package():
                     problems.append(f"{where} without allow_pickle=False")
     assert not problems, problems
     assert np_loads >= 1  # the scan sees the probe cache's reader
+    assert torch_loads >= 1  # ... and the tuned lens's params.pt reader
 
 
 # ---------------------------------------------------------------- resume and SIGKILL
