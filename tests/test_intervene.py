@@ -515,4 +515,7 @@ def test_an_eta_that_swamps_the_residual_is_warned_with_the_ratio(steered, tmp_p
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="calibrate"):
         run(tmp_path / "small", "eta=[2]", "output.predictions=false")
-    assert "mean residual norm" not in caplog.text
+    assert "swamped" not in caplog.text
+    # ... and the paper's absolute eta=2 is ~0.2 % of SmolLM2's residual: the tiny-edit warning
+    (tiny,) = [r.getMessage() for r in caplog.records if "adds an edit only" in r.getMessage()]
+    assert tiny.startswith("eta=2 adds an edit only 0.00") and "eta_scale=residual_norm" in tiny
