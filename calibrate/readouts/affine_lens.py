@@ -33,6 +33,7 @@ from calibrate.readouts.readout_kind import ReadoutKind, ReadoutSource, register
 from calibrate.readouts.translators import TranslatedLens, save_lens
 from calibrate.readouts.tuned_lens import (
     cached_fit,
+    check_held_out,
     check_text_path,
     fit_summary,
     held_out_residuals,
@@ -61,11 +62,7 @@ class AffineLensSettings:
         values.number("lens.ridge", self.ridge, lambda v: v > 0, "a number > 0")
         self.text_path = check_text_path("lens.text_path", self.text_path)
         values.integer("lens.max_tokens", self.max_tokens, 1)
-        values.number("lens.holdout_fraction", self.holdout_fraction, lambda v: 0 <= v < 1,
-                      "a number in [0, 1)")
-        values.integer("lens.kl_tokens", self.kl_tokens, 0)
-        values.integer("lens.max_length", self.max_length, 2)
-        values.optional_integer("lens.seed", self.seed, 0)
+        check_held_out(self)
 
     def fitting(self) -> dict[str, Any]:
         """The settings that decide the fit (its cache key)."""

@@ -80,6 +80,15 @@ def check_lens_path(key: str, value: Any) -> str | None:
     return path
 
 
+def check_held_out(settings: Any) -> None:
+    """The settings every lens fit on unlabelled text shares: the held-out share and its KL
+    positions, the sequence length of a text file, the seed."""
+    values.number("lens.holdout_fraction", settings.holdout_fraction, lambda v: 0 <= v < 1,
+                  "a number in [0, 1)")
+    values.integer("lens.kl_tokens", settings.kl_tokens, 0)
+    values.integer("lens.max_length", settings.max_length, 2)
+    values.optional_integer("lens.seed", settings.seed, 0)
+
 def cached_fit(kind: str, source: ReadoutSource, text_digest: str, fitting: dict[str, Any]
                ) -> tuple[str, str, TranslatedLens | None]:
     """The cache key of a fit, the lens identity and, when fit before, the cached lens."""
@@ -131,11 +140,7 @@ class TunedLensSettings:
         values.number("lens.weight_decay", self.weight_decay, lambda v: v >= 0, "a number >= 0")
         values.number("lens.clip", self.clip, lambda v: v > 0, "a number > 0")
         values.choice("lens.train_dtype", self.train_dtype, tuple(TRAIN_DTYPES))
-        values.number("lens.holdout_fraction", self.holdout_fraction, lambda v: 0 <= v < 1,
-                      "a number in [0, 1)")
-        values.integer("lens.kl_tokens", self.kl_tokens, 0)
-        values.integer("lens.max_length", self.max_length, 2)
-        values.optional_integer("lens.seed", self.seed, 0)
+        check_held_out(self)
 
     def training(self) -> dict[str, Any]:
         """The settings that decide a trained lens (its cache key)."""
