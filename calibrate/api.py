@@ -30,6 +30,7 @@ from calibrate.config import compose as composing
 from calibrate.config.schema import Config
 from calibrate.errors import UserError
 from calibrate.model import load as models
+from calibrate.model import transformerlens
 from calibrate.tasks import data
 
 
@@ -64,10 +65,12 @@ def load_model(name: str, **values: Any) -> models.LoadedModel:
 
 def use_model(model: Any, tokenizer: Any = None, name: str | None = None) -> models.LoadedModel:
     """A model already loaded in your code, as calibrate reads it: a transformers causal LM (any
-    dtype, device or ``device_map``) with its tokenizer, or an nnsight ``LanguageModel`` (its
-    underlying transformers model and tokenizer). It goes through the same architecture adapter
-    and carries the same identity (weights fingerprint, unembedding hash) as a model calibrate
-    loads itself.
+    dtype, device or ``device_map``) with its tokenizer, an nnsight ``LanguageModel`` (its
+    underlying transformers model and tokenizer) or a TransformerLens ``TransformerBridge`` with
+    the model's own weights (its transformers model rebuilt from the bridge's tensors, no copy;
+    a bridge whose weights ``enable_compatibility_mode()`` processed is refused). It goes through
+    the same architecture adapter and carries the same identity (weights fingerprint, unembedding
+    hash) as a model calibrate loads itself.
 
     >>> import calibrate, transformers
     >>> folder = calibrate.load_model("smollm2").source
@@ -81,6 +84,8 @@ def use_model(model: Any, tokenizer: Any = None, name: str | None = None) -> mod
     if inner is not None and type(model).__module__.startswith("nnsight"):  # an nnsight model
         tokenizer = tokenizer or vars(model).get("tokenizer") or getattr(model, "tokenizer", None)
         model = inner
+    elif transformerlens.is_transformerlens(model):
+        model, tokenizer = transformerlens.unwrap_bridge(model, tokenizer)
     if tokenizer is None:
         raise models.ModelConfigError("use_model() needs the model's tokenizer (tokenizer=...); "
                                       "accepted: the tokenizer the model was trained with")

@@ -11,8 +11,8 @@ Conventions:
 
 * ``weight`` is the unembedding as Hugging Face stores it, ``lm_head.weight`` of shape
   ``[vocab, hidden]``, exactly as loaded. It is *not* centred or LayerNorm-folded the way
-  TransformerLens rewrites it by default, so the basis here is that of the model's own W_U and
-  differs from a TransformerLens null space. An ``lm_head`` bias (Phi-2) only shifts logits by a
+  TransformerLens's compatibility mode (and its former HookedTransformer) rewrites it, so the
+  basis here is that of the model's own W_U and differs from such a null space. An ``lm_head`` bias (Phi-2) only shifts logits by a
   constant and plays no part.
 * The null space ``U_k`` is the ``k`` left singular vectors of ``M = W_Uᵀ`` (hidden × vocab)
   with the smallest singular values. They are the bottom eigenvectors of the hidden × hidden
