@@ -163,11 +163,19 @@ def _frozen_reference(lm, request, option: int, arm, means) -> float:
     return float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum())
 
 
-def test_the_direct_effect_holds_the_norms_scale(lm):
+def test_the_direct_effect_holds_the_norms_scale(lm, monkeypatch):
+    """Also: the last block's arms are read in logit space (no per-arm vocabulary product)."""
+    from calibrate.engine import neuron_logits
+
     ps, blocks = cloze_set(lm.tokenizer), [3]
     means = _means(lm, blocks, seed=2)
     arm = [(3, 5, 1.0), (3, 11, 2.0)]
+    calls = []
+    read = neuron_logits.LastBlockLogits.read
+    monkeypatch.setattr(neuron_logits.LastBlockLogits, "read",
+                        lambda self, *a, **k: calls.append(1) or read(self, *a, **k))
     out = neuron_pass(lm, ps, blocks, SETTINGS, arms=NeuronArms.build(blocks, means, [arm]))
+    assert calls
     for i, req in enumerate(ps.requests):
         for k in range(req.n_options):
             want = _frozen_reference(lm, req, k, arm, means)
@@ -221,7 +229,7 @@ def test_a_last_layer_edit_of_the_scoring_states(lm):
             ids, t = list(req.context_ids) + list(cont), len(req.context_ids)
             scored = slice(t - 1, t + len(cont) - 1)
 
-            def pre(_m, args):
+            def pre(_m, args, scored=scored):
                 x = args[0].clone()
                 x[0, scored] += (mean - x[0, scored] @ vt)[:, None] * vt[None]
                 return (x, *args[1:])

@@ -48,6 +48,7 @@ from calibrate.engine.neuron_ablation import (
     replace_activations,
     residual_changes,
 )
+from calibrate.engine.neuron_logits import LastBlockLogits
 from calibrate.engine.prefix import SharedPrefix, grouped_batches
 from calibrate.engine.probe import ProbeResult, ProbeSettings, check_finite
 from calibrate.engine.readout import Readout
@@ -167,8 +168,9 @@ class _Batch:
 
 def _batch(loaded: LoadedModel, lens: Readout, max_rows: int, batch: Sequence[ClozeRequest],
            settings: ProbeSettings, prefix: SharedPrefix | None, blocks: Sequence[int],
-           arms: NeuronArms | None, direct: bool, arm_chunk: int, budget: int) -> _Batch:
-    adapter, last = loaded.adapter, loaded.adapter.num_blocks
+           arms: NeuronArms | None, direct: bool, arm_chunk: int, budget: int,
+           reader: LastBlockLogits | None = None) -> _Batch:
+    last = loaded.adapter.num_blocks
     tails = _NeuronTails(loaded, batch, settings, prefix, blocks)
     plan, n_rows = tails.plan, len(tails.conts)
     src = plan.state_src.to(tails.states.device)
@@ -198,7 +200,7 @@ def _batch(loaded: LoadedModel, lens: Readout, max_rows: int, batch: Sequence[Cl
     total = direct_out = None
     if arms is not None:
         total, direct_out = _arms(loaded, lens, max_rows, tails, arms, direct, arm_chunk, budget,
-                                  base, summed)
+                                  base, summed, reader)
     context_last = tails.states[tails.first_rows, 0]
     return _Batch(base, context_last, act_mean, act_sq, terms.cpu(), total, direct_out, final,
                   int(tails.tail_mask.sum()))
@@ -206,9 +208,10 @@ def _batch(loaded: LoadedModel, lens: Readout, max_rows: int, batch: Sequence[Cl
 
 def _arms(loaded: LoadedModel, lens: Readout, max_rows: int, tails: _NeuronTails,
           arms: NeuronArms, direct: bool, arm_chunk: int, budget: int, base: torch.Tensor,
-          summed: Callable[[torch.Tensor], torch.Tensor]
+          summed: Callable[[torch.Tensor], torch.Tensor], reader: LastBlockLogits | None
           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Total and direct log-likelihoods [A, R, L+1-first] of every arm for one batch."""
+    """Total and direct log-likelihoods [A, R, L+1-first] of every arm for one batch
+    (``reader``: the last block's arms read in logit space)."""
     adapter, last = loaded.adapter, loaded.adapter.num_blocks
     first = min(arms.blocks)
     plan, n_rows, width = tails.plan, len(tails.conts), tails.width
@@ -219,11 +222,29 @@ def _arms(loaded: LoadedModel, lens: Readout, max_rows: int, tails: _NeuronTails
     total = base[None, :, first:].repeat(arms.n_arms, 1, 1)
     direct_out = total.clone() if direct else None
     affine = final_norm_affine(adapter) if direct else None
+    done = np.zeros(arms.n_arms, dtype=bool)
+    if reader is not None:  # the last block's arms, in logit space
+        def at_states(t: torch.Tensor) -> torch.Tensor:
+            return tails.sources(t)[src]
+
+        outs = tails.outputs.get(last)
+        tot, frozen = reader.read(at_states(tails.states[:, :, last]),
+                                  at_states(tails.activations[last]),
+                                  None if outs is None else at_states(outs), plan.token_state,
+                                  plan.token_target, direct)
+        for j, arm in enumerate(reader.arm_ids):
+            total[arm, :, -1] = summed(tot[j][:, None])[:, 0]
+            if direct:
+                direct_out[arm, :, -1] = summed(frozen[j][:, None])[:, 0]
+        done[reader.arm_ids] = True
     for lo in range(0, arms.n_arms, arm_chunk):
         arm_ids = np.arange(lo, min(lo + arm_chunk, arms.n_arms))
+        arm_ids = arm_ids[~done[arm_ids]]
+        if not len(arm_ids):
+            continue
         deltas = {b: d.reshape(len(arm_ids), n_rows, width, -1) for b, d in residual_changes(
             adapter, arms, arm_ids, flat_acts, flat_outs, weights).items()}  # [A', R, W, H]
-        for j, arm in enumerate(arm_ids):
+        for j, arm in enumerate(arm_ids):  # deltas are indexed by position in arm_ids
             if direct:
                 x = tails.states[:, :, first:].float()  # [R, W, n, H]
                 stack = torch.zeros_like(x)
@@ -235,7 +256,7 @@ def _arms(loaded: LoadedModel, lens: Readout, max_rows: int, tails: _NeuronTails
                 direct_out[arm] = summed(lp)
         for start in sorted(set(arms.lowest[arm_ids].tolist())):
             group = arm_ids[arms.lowest[arm_ids] == start]
-            local = torch.as_tensor(group - lo)
+            local = torch.as_tensor(np.searchsorted(arm_ids, group))
             if start == last:  # no block above: the last layer's states move by Δ_L
                 for j, arm in zip(local.tolist(), group.tolist()):
                     moved = tails.states[:, :, last].float() + deltas[last][j].to(tails.states.device)
@@ -315,6 +336,10 @@ def cloze_neuron_pass(loaded: LoadedModel, prompt_set: PromptSet, blocks: Sequen
     total = np.full((n_arms, n, last + 1 - first, k), -np.inf) if arms is not None else None
     direct_out = np.full_like(total, -np.inf) if direct else None
     finals: list[ClozeFinal] = []
+    reader = None
+    if arms is not None and direct_readable(lens) and np.any(arms.lowest == last):
+        with torch.inference_mode():
+            reader = LastBlockLogits(loaded, lens, arms)
     tokens = [0]
     budget = settings.max_tokens * loaded.adapter.num_blocks
     widest = [max(map(len, r.continuations)) for r in requests]
@@ -322,7 +347,7 @@ def cloze_neuron_pass(loaded: LoadedModel, prompt_set: PromptSet, blocks: Sequen
     def run(idx: np.ndarray, current: ProbeSettings, prefix: SharedPrefix | None) -> _Batch:
         with torch.inference_mode():
             return _batch(loaded, lens, max_rows, [requests[i] for i in idx], current, prefix,
-                          blocks, arms, direct, arm_chunk, budget)
+                          blocks, arms, direct, arm_chunk, budget, reader)
 
     with tqdm(total=n, desc=f"cloze neurons {loaded.name}" + (f" x{n_arms}" if arms else ""),
               unit="ex", disable=not settings.progress) as bar:
