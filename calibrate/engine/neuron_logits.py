@@ -108,17 +108,19 @@ class LastBlockLogits:
                     s_new = self.post.scale(m + coef @ self.raw[rows])  # [c, 1]
                     alpha, beta = 1.0 / s_new - 1.0 / s_m, coef / s_new
                     delta = alpha * u + beta @ self.v[rows]
-                num = p_x + beta @ self.logits_v[rows]
+                num = torch.addmm(p_x, beta, self.logits_v[rows])
                 if alpha is not None:
-                    num = num + alpha * u_logits
-                total[j, sel] = self._logprob(num / self.final.scale(xs + delta), local, target)
+                    num.addcmul_(alpha.expand_as(num), u_logits)
+                total[j, sel] = self._logprob(num, 1.0 / self.final.scale(xs + delta), local,
+                                              target)
                 if direct:
-                    frozen[j, sel] = self._logprob(num / s_x, local, target)
+                    frozen[j, sel] = self._logprob(num, 1.0 / s_x, local, target)
         return total, frozen
 
-    def _logprob(self, scaled: torch.Tensor, local: torch.Tensor, target: torch.Tensor
-                 ) -> torch.Tensor:
-        logits = scaled + self.const
+    def _logprob(self, num: torch.Tensor, inv_scale: torch.Tensor, local: torch.Tensor,
+                 target: torch.Tensor) -> torch.Tensor:
+        """log-softmax at ``target`` of ``num · inv_scale + const`` (soft-capped), rows ``local``."""
+        logits = torch.addcmul(self.const[None], num, inv_scale)
         cap = getattr(self.lens, "softcap", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
