@@ -329,17 +329,21 @@ def test_the_study_on_cloze_against_hooked_passes(tiny_lm, tmp_path):
 
     rng = np.random.default_rng(1)
     records = [SimpleNamespace(question=" ".join(rng.choice(WORDS, size=4)),
-                               options=("very good fun", "bad", "not it"), label=i % 3,
-                               subject="", dataset="") for i in range(16)]
+                               options=("very good fun", "bad", "not it") + (("the film",) * (i == 5)),
+                               label=i % 3, subject="", dataset="")
+               for i in range(16)]  # one row with 4 options: the two splits differ in width
     config = PromptConfig(name="toy", answer_format="cloze", cloze_norm="token",
                           template="{question} question : good or bad ? answer :")
     ps = build_prompts(records, config, tiny_lm.tokenizer)
     result = run(tiny_lm, ps, tmp_path, "intervention.top_k=3", "intervention.frequency_top=2")
     cal, evaluation = split_indices(16, 0.5, 0)
+    assert (5 in cal) != (5 in evaluation)
     probe = run_cloze(tiny_lm, [ps.requests[i] for i in evaluation], ps.labels[evaluation],
                       ProbeSettings(progress=False), norm="token")
-    np.testing.assert_allclose(result.report.result.option_logits, probe.option_logits,
-                               rtol=1e-5, atol=1e-5)
+    got, width = result.report.result.option_logits, probe.option_logits.shape[-1]
+    assert got.shape[-1] == 4  # the whole set's width
+    np.testing.assert_allclose(got[..., :width], probe.option_logits, rtol=1e-5, atol=1e-5)
+    assert np.all(np.isneginf(got[..., width:]))
     report = result.report_json
     block, neuron = next((c["block"], c["neuron"]) for c in report["candidates"] if c["block"] == 3)
     down = tiny_lm.model.model.layers[block - 1].mlp.down_proj
@@ -371,8 +375,10 @@ def test_the_study_on_cloze_against_hooked_passes(tiny_lm, tmp_path):
     row_mean = result.neurons[(result.neurons["block"] == block)
                               & (result.neurons["neuron"] == neuron)]["mean_activation"].iloc[0]
     assert row_mean == pytest.approx(mean, abs=1e-5)
-    scores = np.array([[scored_pass(ps.requests[i], c, mean)[0]
-                        for c in ps.requests[i].continuations] for i in evaluation])
+    scores = np.full((len(evaluation), 4), -np.inf)
+    for row, i in enumerate(evaluation):
+        for k, c in enumerate(ps.requests[i].continuations):
+            scores[row, k] = scored_pass(ps.requests[i], c, mean)[0]
     want = option_metrics(option_probabilities(scores), ps.labels[evaluation])
     row = result.table[(result.table["arm"] == f"b{block}_n{neuron}")
                        & (result.table["effect"] == "total") & (result.table["layer"] == 3)]

@@ -319,7 +319,11 @@ def cloze_neuron_pass(loaded: LoadedModel, prompt_set: PromptSet, blocks: Sequen
     lens, max_rows = cloze_readout(loaded.adapter, readout)
     direct = direct and arms is not None and direct_readable(lens)
     divisors = cloze_divisors(requests, prompt_set.cloze_norm or "none")
-    n, k = len(requests), max(r.n_options for r in requests)
+    n = len(requests)
+    # the prompt set's option width (a subset may have fewer options than the whole set)
+    k = max([r.n_options for r in requests]
+            + [np.shape(getattr(prompt_set, "option_ids", np.zeros((0, 0))))[-1]])
+    divisors = np.pad(divisors, ((0, 0), (0, k - divisors.shape[1])), constant_values=1.0)
     last = loaded.adapter.num_blocks
     blocks = sorted(int(b) for b in blocks)
     first = min(blocks)
