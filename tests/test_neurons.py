@@ -319,6 +319,8 @@ def test_the_frequency_set_is_ablated_with_its_own_null(tiny_lm, tmp_path):
     for effect in ("total", "direct"):
         assert final[effect]["n_null"] == 6 and 0 < final[effect]["p_value_ece"] <= 1
     assert "frequency_set" in {r["arm"] for r in result.summary_rows()}
+    # 3 candidates, the top set, the frequency set; 6 draws for each of the 3 and each set
+    assert report["n_arms"] == 3 + 2 + 6 * (3 + 2)
 
 
 def test_the_study_on_cloze_against_hooked_passes(tiny_lm, tmp_path):

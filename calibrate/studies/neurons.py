@@ -443,6 +443,7 @@ class NeuronsStudy(Study):
             "counts_from": "the job's own prompts, all splits (the tokenizer carries no training "
                            "counts)", "n_prompts": len(ctx.prompt_set.prompts),
             "n_tokens": int(counts.sum()), "distinct_tokens": int((counts > 0).sum())}
+        report["n_arms"] = arms.n_arms  # ablated arms, the nulls' included
         report["direction"] = {key: fit.direction.meta.get(key) for key in
                                ("method", "layers", "raw_norm", "null_space_rho",
                                 "cosine_layer_diff")}
