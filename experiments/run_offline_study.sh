@@ -140,7 +140,7 @@ fi
 #     weights, related to c_hat and mean-ablated (total and direct effect), 1000 matched-norm
 #     random neurons (sets) as the null; SST-2, Rotten Tomatoes, ARC-Easy read as letters and
 #     ARC-Easy cloze (ablation at every position that scores a continuation token; each arm
-#     reads the full vocabulary per scored token, so 20 null draws). Sizes shrunk to what the
+#     reads the full vocabulary per scored token, so few null draws). Sizes shrunk to what the
 #     shared 2-core CPU allowed (seed-shuffled first rows; half evaluated): SmolLM2 all 872
 #     SST-2, 600 Rotten Tomatoes, 300 ARC-Easy; Gemma-3-270M 400 / 400 / 200.
 #     MODELS picks the models (run one process per model to use two cores).
@@ -156,7 +156,10 @@ if step 11; then
         dataset.local_path=$SHARED/rotten_tomatoes hydra.run.dir=$OUT/neurons/rotten_tomatoes/$m
     $PY -m calibrate.run $nrn model=$m dataset=arc_easy dataset.answer_format=letters \
         dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_letters/$m
-    $PY -m calibrate.run $nrn model=$m dataset=arc_easy intervention.n_null=20 \
+    # cloze: every arm reads the full vocabulary at every scored token; 20 null draws for
+    # SmolLM2, none for Gemma (its 262k vocabulary made 10 draws cost an hour on the shared CPU)
+    if [[ $m == smollm2 ]]; then cz_null=20; else cz_null=0; fi
+    $PY -m calibrate.run $nrn model=$m dataset=arc_easy intervention.n_null=$cz_null \
         dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_cloze/$m
     # the last three blocks on SST-2: candidates below the last block run the blocks above them
     # (on the key/value cache) for every arm, so 200 null draws instead of 1000
