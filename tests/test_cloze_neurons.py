@@ -244,3 +244,28 @@ def test_a_last_layer_edit_of_the_scoring_states(lm):
             want = float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum())
             np.testing.assert_allclose(total[0, i, k], want, rtol=1e-4, atol=1e-4)
         assert np.all(np.isneginf(total[0, i, req.n_options:]))
+
+
+def test_the_logit_space_read_does_not_depend_on_its_chunks(lm):
+    """The last block's arms read over chunks of 5 states and 2 at a time for the arms equal
+    the default chunks (64 and 16: one chunk here), token by token."""
+    from calibrate.engine.cloze import cloze_readout
+    from calibrate.engine.neuron_logits import LastBlockLogits
+
+    blocks = [3]
+    arms = NeuronArms.build(blocks, _means(lm, blocks, seed=5),
+                            [[(3, 5, 1.0)], [(3, 2, 1.0), (3, 9, 0.5)]])
+    lens, _ = cloze_readout(lm.adapter)
+    reader = LastBlockLogits(lm, lens, arms)
+    gen = torch.Generator().manual_seed(0)
+    hidden, width = lm.adapter.unembed_weight.shape[1], output_weights(lm.adapter, 3).shape[0]
+    x = torch.randn(23, hidden, generator=gen) * 3
+    acts = torch.randn(23, width, generator=gen)
+    outs = torch.randn(23, hidden, generator=gen) if reader.post is not None else None
+    state = torch.arange(23).repeat_interleave(2)
+    target = torch.randint(0, lens.weight.shape[0], (46,), generator=gen)
+    with torch.inference_mode():
+        whole = reader.read(x, acts, outs, state, target, True)
+        pieces = reader.read(x, acts, outs, state, target, True, chunk=5, inner=2)
+    for a, b in zip(whole, pieces):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)

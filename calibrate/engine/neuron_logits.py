@@ -70,7 +70,7 @@ class LastBlockLogits:
 
     def read(self, x: torch.Tensor, acts: torch.Tensor, outputs: torch.Tensor | None,
              token_state: torch.Tensor, token_target: torch.Tensor, direct: bool,
-             chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+             chunk: int = 64, inner: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probabilities [A', M] (total; and direct, or None) of the target tokens under
         each of ``self.arm_ids``: x [S, H] the last layer's states, acts [S, d_mlp] the last
         block's activations there, outputs [S, H] its MLP output (post-MLP norm only); token m
@@ -86,36 +86,55 @@ class LastBlockLogits:
         scale_all = self.arms.scale[self.block][self.arm_ids]
         for start in range(0, x.shape[0], chunk):
             xs = x[start:start + chunk]
-            sel = ((token_state >= start) & (token_state < start + chunk)).nonzero().squeeze(1)
-            local, target = token_state[sel] - start, token_target[sel]
-            p_x = self._logits(xs)  # [c, V]
-            s_x = self.final.scale(xs)  # [c, 1]
-            u_logits = None
+            p_x = self._logits(xs)  # [c, V]: one vocabulary product per state
+            u_logits = u = s_m = None
             if self.post is not None:
-                m = outputs[start:start + chunk]
-                u = self.post.linear(m)
-                u_logits, s_m = self._logits(u), self.post.scale(m)
-            for j in range(n_arm):
-                keep = scale_all[j] != 0
-                neurons = torch.as_tensor(idx_all[j][keep], device=device)
-                s = torch.as_tensor(scale_all[j][keep], dtype=torch.float32, device=device)
-                rows = torch.as_tensor(self.local[idx_all[j][keep]], device=device)
-                coef = s * (self.mu[neurons] - acts[start:start + chunk][:, neurons])  # [c, n]
-                if self.post is None:
-                    alpha, beta = None, coef
-                    delta = beta @ self.v[rows]
-                else:
-                    s_new = self.post.scale(m + coef @ self.raw[rows])  # [c, 1]
-                    alpha, beta = 1.0 / s_new - 1.0 / s_m, coef / s_new
-                    delta = alpha * u + beta @ self.v[rows]
-                num = torch.addmm(p_x, beta, self.logits_v[rows])
-                if alpha is not None:
-                    num.addcmul_(alpha.expand_as(num), u_logits)
-                total[j, sel] = self._logprob(num, 1.0 / self.final.scale(xs + delta), local,
-                                              target)
-                if direct:
-                    frozen[j, sel] = self._logprob(num, 1.0 / s_x, local, target)
+                m_all = outputs[start:start + chunk]
+                u = self.post.linear(m_all)
+                u_logits, s_m = self._logits(u), self.post.scale(m_all)
+            # the arms over a few states at a time: their [rows, V] passes stay in cache
+            # (measured 3x faster than 64 rows at a 262k vocabulary)
+            for lo in range(0, len(xs), inner):
+                hi = min(lo + inner, len(xs))
+                sel = ((token_state >= start + lo) & (token_state < start + hi)).nonzero().squeeze(1)
+                if not len(sel):
+                    continue
+                local, target = token_state[sel] - start - lo, token_target[sel]
+                part = slice(lo, hi)
+                self._arms(xs[part], acts[start + lo:start + hi], p_x[part],
+                           None if u is None else (outputs[start + lo:start + hi], u[part],
+                                                   u_logits[part], s_m[part]),
+                           sel, local, target, idx_all, scale_all, total, frozen)
         return total, frozen
+
+    def _arms(self, xs: torch.Tensor, acts: torch.Tensor, p_x: torch.Tensor, post: tuple | None,
+              sel: torch.Tensor, local: torch.Tensor, target: torch.Tensor, idx_all: np.ndarray,
+              scale_all: np.ndarray, total: torch.Tensor, frozen: torch.Tensor | None) -> None:
+        """Every arm's log-probabilities of the tokens ``sel`` (read at rows ``local`` of the
+        states ``xs``), written into ``total`` / ``frozen``."""
+        device = xs.device
+        s_x = self.final.scale(xs)
+        for j in range(len(self.arm_ids)):
+            keep = scale_all[j] != 0
+            neurons = torch.as_tensor(idx_all[j][keep], device=device)
+            s = torch.as_tensor(scale_all[j][keep], dtype=torch.float32, device=device)
+            rows = torch.as_tensor(self.local[idx_all[j][keep]], device=device)
+            coef = s * (self.mu[neurons] - acts[:, neurons])  # [c, n]
+            alpha = None
+            if post is None:
+                beta = coef
+                delta = beta @ self.v[rows]
+            else:
+                m, u, u_logits, s_m = post
+                s_new = self.post.scale(m + coef @ self.raw[rows])  # [c, 1]
+                alpha, beta = 1.0 / s_new - 1.0 / s_m, coef / s_new
+                delta = alpha * u + beta @ self.v[rows]
+            num = torch.addmm(p_x, beta, self.logits_v[rows])
+            if alpha is not None:
+                num.addcmul_(alpha.expand_as(num), u_logits)
+            total[j, sel] = self._logprob(num, 1.0 / self.final.scale(xs + delta), local, target)
+            if frozen is not None:
+                frozen[j, sel] = self._logprob(num, 1.0 / s_x, local, target)
 
     def _logprob(self, num: torch.Tensor, inv_scale: torch.Tensor, local: torch.Tensor,
                  target: torch.Tensor) -> torch.Tensor:
