@@ -157,8 +157,8 @@ if step 11; then
     $PY -m calibrate.run $nrn model=$m dataset=arc_easy dataset.answer_format=letters \
         dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_letters/$m
     # cloze: every arm reads the full vocabulary at every scored token; 20 null draws for
-    # SmolLM2, none for Gemma (its 262k vocabulary made 10 draws cost an hour on the shared CPU)
-    if [[ $m == smollm2 ]]; then cz_null=20; else cz_null=0; fi
+    # SmolLM2, 10 for Gemma (its 262k vocabulary makes every draw costly)
+    if [[ $m == smollm2 ]]; then cz_null=20; else cz_null=10; fi
     $PY -m calibrate.run $nrn model=$m dataset=arc_easy intervention.n_null=$cz_null \
         dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_cloze/$m
     # the last three blocks on SST-2: candidates below the last block run the blocks above them
