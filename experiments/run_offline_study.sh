@@ -138,10 +138,11 @@ fi
 
 # 11. confidence-regulation neurons (issue 22): the MLP neurons of the last block, from the
 #     weights, related to c_hat and mean-ablated (total and direct effect), 1000 matched-norm
-#     random neurons (sets) as the null; SST-2, Rotten Tomatoes and ARC-Easy read as letters
-#     (the study reads one token per option: cloze is refused). Sizes shrunk to what the shared
-#     2-core CPU allowed (seed-shuffled first rows; half evaluated): SmolLM2 all 872 SST-2, 600
-#     Rotten Tomatoes, 300 ARC-Easy; Gemma-3-270M 400 / 400 / 200.
+#     random neurons (sets) as the null; SST-2, Rotten Tomatoes, ARC-Easy read as letters and
+#     ARC-Easy cloze (ablation at every position that scores a continuation token; each arm
+#     reads the full vocabulary per scored token, so few null draws). Sizes shrunk to what the
+#     shared 2-core CPU allowed (seed-shuffled first rows; half evaluated): SmolLM2 all 872
+#     SST-2, 600 Rotten Tomatoes, 300 ARC-Easy; Gemma-3-270M 400 / 400 / 200.
 #     MODELS picks the models (run one process per model to use two cores).
 MODELS=${MODELS:-smollm2 gemma3_270m}
 nrn="$common resume=true output.predictions=false intervention=neurons intervention.blocks=1
@@ -155,6 +156,11 @@ if step 11; then
         dataset.local_path=$SHARED/rotten_tomatoes hydra.run.dir=$OUT/neurons/rotten_tomatoes/$m
     $PY -m calibrate.run $nrn model=$m dataset=arc_easy dataset.answer_format=letters \
         dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_letters/$m
+    # cloze: every arm reads the full vocabulary at every scored token; 20 null draws for
+    # SmolLM2, 10 for Gemma (its 262k vocabulary makes every draw costly)
+    if [[ $m == smollm2 ]]; then cz_null=20; else cz_null=10; fi
+    $PY -m calibrate.run $nrn model=$m dataset=arc_easy intervention.n_null=$cz_null \
+        dataset.limit=${sizes[2]} hydra.run.dir=$OUT/neurons/arc_easy_cloze/$m
     # the last three blocks on SST-2: candidates below the last block run the blocks above them
     # (on the key/value cache) for every arm, so 200 null draws instead of 1000
     $PY -m calibrate.run $nrn model=$m dataset=sst2 ${sizes[0]:+dataset.limit=${sizes[0]}} \

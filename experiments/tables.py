@@ -308,13 +308,14 @@ def neurons(sweeps: list[str]) -> pd.DataFrame:
 
 
 def ablation(sweeps: list[str]) -> pd.DataFrame:
-    """Per job: the final-layer effect of the top candidate, the top set, ĉ's component and
-    temperature scaling, total and direct, with paired intervals and the null's p-values."""
+    """Per job: the final-layer effect of the top candidate, the top set, the token-frequency
+    set, ĉ's component and temperature scaling, total and direct, with paired intervals, the
+    null's p-values and its number of draws."""
     rows = []
     for job in jobs(sweeps):
         m, n = metrics(job), json.loads((job / "neurons.json").read_text())
         first = n["candidates"][0]["arm"]
-        for arm in (first, "top_set", "c_hat", "temperature"):
+        for arm in (first, "top_set", "frequency_set", "c_hat", "temperature"):
             for effect, v in n["final"].get(arm, {}).items():
                 def cell(metric: str, v=v) -> str:
                     d = v[f"delta_{metric}"]
@@ -337,6 +338,7 @@ def ablation(sweeps: list[str]) -> pd.DataFrame:
                              "mean abs Δentropy": f"{v['abs_delta_entropy']:.1e}",
                              "p abs": f"{v['p_value_abs_entropy']:.3f}"
                              if "p_value_abs_entropy" in v else "—",
+                             "null draws": int(v["n_null"]) if "n_null" in v else "—",
                              "Δacc": fmt(v["delta_accuracy"], 3),
                              "answers changed": f"{v['changed']:.3f}"})
     return pd.DataFrame(rows)

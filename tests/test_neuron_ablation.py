@@ -237,12 +237,26 @@ def test_arms_are_checked():
         NeuronArms.build([3], {3: np.zeros(4)}, [[]])
 
 
-def test_cloze_prompts_are_refused(word_tokenizer):
+def test_cloze_prompts_need_a_whole_vocabulary_readout_and_prompts(word_tokenizer):
+    """Cloze prompt sets run (tests/test_cloze_neurons.py); a readout of the options alone and
+    an empty set are refused, each in one line naming what was given, before any pass."""
+    from calibrate.engine.lens import LogitLens
+    from calibrate.tasks.continuations import build_requests
+
     lm = wrap_model(build_tiny("llama", len(word_tokenizer)), word_tokenizer, name="tiny")
-    ps = prompt_set(word_tokenizer)
-    cloze = SimpleNamespace(**{**ps.__dict__, "requests": ()}, is_cloze=True)
-    with pytest.raises(NeuronAblationError, match="cloze"):
-        neuron_pass(lm, cloze, [3], SETTINGS)
+
+    class OptionsOnly(LogitLens):
+        name = "options-only"
+        full_vocabulary = False
+
+    reqs = tuple(build_requests(word_tokenizer, ["the movie"], [["was fun", "bad"]]))
+    cloze = SimpleNamespace(requests=reqs, cloze_norm="none", groups=None, is_cloze=True,
+                            labels=np.array([0]))
+    with pytest.raises(ValueError, match="the options-only readout reads only the answer options"):
+        neuron_pass(lm, cloze, [3], SETTINGS, readout=OptionsOnly(lm.adapter))
+    empty = SimpleNamespace(**{**cloze.__dict__, "requests": (), "labels": np.array([])})
+    with pytest.raises(NeuronAblationError, match="no cloze prompts"):
+        neuron_pass(lm, empty, [3], SETTINGS)
 
 
 def test_direct_reads_need_the_logit_lens_state(lm):

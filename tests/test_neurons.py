@@ -184,7 +184,8 @@ def test_the_study_against_references(tiny_lm, tmp_path):
     assert row["entropy"].iloc[0] == pytest.approx(want["entropy"], abs=1e-5)
     # every arm has its layers from the lowest block up, both effects, and a null at the last
     arms = set(result.table["arm"])
-    assert arms == {c["arm"] for c in report["candidates"]} | {"top_set", "c_hat", "temperature"}
+    assert arms == {c["arm"] for c in report["candidates"]} | {"top_set", "frequency_set",
+                                                                 "c_hat", "temperature"}
     lowest = min(c["block"] for c in report["candidates"])
     assert set(result.table.loc[result.table["arm"] == "top_set", "layer"]) == \
         set(range(lowest, 4))
@@ -193,7 +194,7 @@ def test_the_study_against_references(tiny_lm, tmp_path):
             rows = result.table[(result.table["arm"] == c["arm"])
                                 & (result.table["effect"] == effect)]
             assert sorted(rows["layer"]) == list(range(c["block"], 4))
-    for arm in [c["arm"] for c in report["candidates"]] + ["top_set"]:
+    for arm in [c["arm"] for c in report["candidates"]] + ["top_set", "frequency_set"]:
         for effect in ("total", "direct"):
             assert report["final"][arm][effect]["n_null"] == 6
             assert 0 < report["final"][arm][effect]["p_value_ece"] <= 1
@@ -237,8 +238,7 @@ def test_shape_and_format_refusals():
     study = get_study("neurons")
     with pytest.raises(ConfigError, match=r"intervention.blocks=31; accepted: 1..30"):
         study.check_shape(spec_of("intervention=neurons", "intervention.blocks=31"), 30, 576)
-    with pytest.raises(ConfigError, match="dataset.answer_format=cloze is not supported"):
-        study.check_shape(spec_of("intervention=neurons", "dataset=arc_easy"), 30, 576)
+    study.check_shape(spec_of("intervention=neurons", "dataset=arc_easy"), 30, 576)  # cloze
     study.check_shape(spec_of("intervention=neurons", "dataset=arc_easy",
                               "dataset.answer_format=letters"), 30, 576)
 
@@ -259,3 +259,132 @@ def test_bench_neurons_refuses_bad_counts_in_one_line_before_loading(capsys):
         assert cli.main(["bench", "neurons", *argv]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines == [f"error: {message}"]
+
+
+def _hooked_set_logits(lm, prompt_set, changes):
+    """[N, K] last-layer option logits with each (block, neuron) of ``changes`` set to its value
+    at the last position by a hook (value None: recorded, not changed); and the recorded
+    activations {(block, neuron): [N]}."""
+    seen: dict = {}
+    out = []
+    per_block: dict = {}
+    for (block, neuron), value in changes.items():
+        per_block.setdefault(block, []).append((neuron, value))
+    for i, prompt in enumerate(prompt_set.prompts):
+        handles = []
+
+        def make(block, pairs):
+            def pre(_m, args):
+                x = args[0].clone()
+                for neuron, value in pairs:
+                    seen.setdefault((block, neuron), []).append(x[0, -1, neuron].item())
+                    if value is not None:
+                        x[0, -1, neuron] = value
+                return (x, *args[1:])
+            return pre
+
+        try:
+            for block, pairs in per_block.items():
+                handles.append(lm.model.model.layers[block - 1].mlp.down_proj
+                               .register_forward_pre_hook(make(block, pairs)))
+            with torch.no_grad():
+                logits = lm.model(input_ids=torch.tensor([lm.tokenizer(prompt)["input_ids"]])).logits
+        finally:
+            for h in handles:
+                h.remove()
+        out.append(logits[0, -1, prompt_set.option_ids[i]].numpy())
+    return np.stack(out), {k: np.array(v) for k, v in seen.items()}
+
+
+def test_the_frequency_set_is_ablated_with_its_own_null(tiny_lm, tmp_path):
+    """The frequency set is the frequency_top neurons of largest |correlation| (by hand from the
+    table), ablated together (a hooked pass with the calibration means) against its own matched
+    null of n_null draws."""
+    ps = prompts(tiny_lm.tokenizer)
+    result = run(tiny_lm, ps, tmp_path, "intervention.top_k=3", "intervention.frequency_top=4")
+    table, report = result.neurons, result.report_json
+    order = np.argsort(-np.abs(table["frequency_corr"].to_numpy()), kind="stable")[:4]
+    want = [(int(table["block"].iloc[r]), int(table["neuron"].iloc[r])) for r in order]
+    assert [(c["block"], c["neuron"]) for c in report["frequency_candidates"]] == want
+    cal, evaluation = split_indices(24, 0.5, 0)
+    _, acts = _hooked_set_logits(tiny_lm, ps.subset(cal), {bn: None for bn in want})
+    ablated, _ = _hooked_set_logits(tiny_lm, ps.subset(evaluation),
+                                    {bn: acts[bn].mean() for bn in want})
+    ref = option_metrics(option_probabilities(ablated), ps.labels[evaluation])
+    row = result.table[(result.table["arm"] == "frequency_set")
+                       & (result.table["effect"] == "total") & (result.table["layer"] == 3)]
+    assert row["ece"].iloc[0] == pytest.approx(ref["ece"], abs=1e-5)
+    assert row["entropy"].iloc[0] == pytest.approx(ref["entropy"], abs=1e-5)
+    final = report["final"]["frequency_set"]
+    for effect in ("total", "direct"):
+        assert final[effect]["n_null"] == 6 and 0 < final[effect]["p_value_ece"] <= 1
+    assert "frequency_set" in {r["arm"] for r in result.summary_rows()}
+    # 3 candidates, the top set, the frequency set; 6 draws for each of the 3 and each set
+    assert report["n_arms"] == 3 + 2 + 6 * (3 + 2)
+
+
+def test_the_study_on_cloze_against_hooked_passes(tiny_lm, tmp_path):
+    """Cloze: a last-block candidate ablated at every scoring position with the mean over the
+    calibration split's scored terms (both by hooked full passes) gives the study's ECE; the
+    probe is the cloze probe."""
+    from calibrate.engine.cloze import run_cloze
+
+    rng = np.random.default_rng(1)
+    records = [SimpleNamespace(question=" ".join(rng.choice(WORDS, size=4)),
+                               options=("very good fun", "bad", "not it") + (("the film",) * (i == 5)),
+                               label=i % 3, subject="", dataset="")
+               for i in range(16)]  # one row with 4 options: the two splits differ in width
+    config = PromptConfig(name="toy", answer_format="cloze", cloze_norm="token",
+                          template="{question} question : good or bad ? answer :")
+    ps = build_prompts(records, config, tiny_lm.tokenizer)
+    result = run(tiny_lm, ps, tmp_path, "intervention.top_k=3", "intervention.frequency_top=2")
+    cal, evaluation = split_indices(16, 0.5, 0)
+    assert (5 in cal) != (5 in evaluation)
+    probe = run_cloze(tiny_lm, [ps.requests[i] for i in evaluation], ps.labels[evaluation],
+                      ProbeSettings(progress=False), norm="token")
+    got, width = result.report.result.option_logits, probe.option_logits.shape[-1]
+    assert got.shape[-1] == 4  # the whole set's width
+    np.testing.assert_allclose(got[..., :width], probe.option_logits, rtol=1e-5, atol=1e-5)
+    assert np.all(np.isneginf(got[..., width:]))
+    report = result.report_json
+    block, neuron = next((c["block"], c["neuron"]) for c in report["candidates"] if c["block"] == 3)
+    down = tiny_lm.model.model.layers[block - 1].mlp.down_proj
+
+    def scored_pass(request, cont, value):
+        ids, t = list(request.context_ids) + list(cont), len(request.context_ids)
+        scored = slice(t - 1, t + len(cont) - 1)
+        seen = []
+
+        def pre(_m, args):
+            x = args[0].clone()
+            seen.extend(x[0, scored, neuron].tolist())
+            if value is not None:
+                x[0, scored, neuron] = value
+            return (x, *args[1:])
+
+        handle = down.register_forward_pre_hook(pre)
+        try:
+            with torch.no_grad():
+                logits = tiny_lm.model(input_ids=torch.tensor([ids])).logits
+        finally:
+            handle.remove()
+        lp = torch.log_softmax(logits[0, scored].double(), -1)
+        return float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum()) / len(cont), seen
+
+    terms = [a for i in cal for c in ps.requests[i].continuations
+             for a in scored_pass(ps.requests[i], c, None)[1]]
+    mean = float(np.mean(terms))
+    row_mean = result.neurons[(result.neurons["block"] == block)
+                              & (result.neurons["neuron"] == neuron)]["mean_activation"].iloc[0]
+    assert row_mean == pytest.approx(mean, abs=1e-5)
+    scores = np.full((len(evaluation), 4), -np.inf)
+    for row, i in enumerate(evaluation):
+        for k, c in enumerate(ps.requests[i].continuations):
+            scores[row, k] = scored_pass(ps.requests[i], c, mean)[0]
+    want = option_metrics(option_probabilities(scores), ps.labels[evaluation])
+    row = result.table[(result.table["arm"] == f"b{block}_n{neuron}")
+                       & (result.table["effect"] == "total") & (result.table["layer"] == 3)]
+    assert row["ece"].iloc[0] == pytest.approx(want["ece"], abs=1e-5)
+    assert row["entropy"].iloc[0] == pytest.approx(want["entropy"], abs=1e-5)
+    assert {"c_hat", "temperature", "top_set", "frequency_set"} <= set(result.table["arm"])
+    assert report["final"]["top_set"]["direct"]["n_null"] == 6

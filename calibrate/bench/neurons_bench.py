@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def job(name: str):
         def run() -> None:  # a fresh context per run: nothing carried over but the null space
             out = study.run(JobContext(specs[name], loaded, prompt_set))
-            summaries[name] = out.report_json["candidates"][0]
+            summaries[name] = {**out.report_json["candidates"][0],
+                               "n_arms": out.report_json["n_arms"]}
         return run
 
     variants = {"probe": lambda: score(loaded, prompt_set, settings),
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "neurons_bench": {"model": args.model, "dataset": args.dataset, "n": args.n,
                           "rounds": args.rounds, "threads": torch.get_num_threads(),
                           "top_k": args.top_k, "n_null": args.n_null,
-                          "arms_last": (args.top_k + 1) * (1 + args.n_null),
+                          "arms_last": summaries.get("neurons_last", {}).get("n_arms"),
                           "top_candidate": summaries.get("neurons_last", {}).get("arm")},
     }
     print(f"neurons_last_over_probe  {figures['neurons_last_over_probe']:.3f}  (target <= 1.5)")

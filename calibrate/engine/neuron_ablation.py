@@ -229,6 +229,31 @@ class NeuronPass:
     first: int = 0  # the lowest captured block: layers first..L are in total/direct
     total: np.ndarray | None = None  # [A, N, L+1-first, K]
     direct: np.ndarray | None = None
+    # cloze (:mod:`calibrate.engine.cloze_neurons`): ``activations`` is each example's mean over
+    # its scored terms, ``squares`` the mean square, ``terms`` their number; ``finals`` the
+    # last layer's scoring states, ``divisors`` [N, K] the cloze normalization
+    terms: np.ndarray | None = None  # [N]; None: one position per example
+    squares: dict[int, np.ndarray] | None = None
+    finals: list | None = None
+    divisors: np.ndarray | None = None
+
+    def pooled_mean(self) -> dict[int, np.ndarray]:
+        """Per block [d_mlp] float64: the mean activation over every ablated position of the
+        pass (letters: the examples' last positions; cloze: every scored term)."""
+        w = np.ones(len(self.result.labels)) if self.terms is None else self.terms
+        return {b: (a.astype(np.float64) * w[:, None]).sum(0) / w.sum()
+                for b, a in self.activations.items()}
+
+    def pooled_std(self) -> dict[int, np.ndarray]:
+        """Per block [d_mlp]: the population standard deviation over the same positions."""
+        w = np.ones(len(self.result.labels)) if self.terms is None else self.terms
+        means = self.pooled_mean()
+        out = {}
+        for b, a in self.activations.items():
+            sq = a.astype(np.float64) ** 2 if self.squares is None else \
+                self.squares[b].astype(np.float64)
+            out[b] = np.sqrt(np.maximum((sq * w[:, None]).sum(0) / w.sum() - means[b] ** 2, 0))
+        return out
 
 
 def _read_rows(lens: Readout, residual: torch.Tensor, layers: Sequence[int],
@@ -309,14 +334,18 @@ def neuron_pass(loaded: LoadedModel, prompt_set: PromptSet, blocks: Sequence[int
     """Run every prompt once (context cached, last token with capture hooks), read every layer
     through ``readout`` (the probe, with the residuals of ``keep`` and of
     ``settings.keep_layers``), keep the activations of
-    ``blocks`` at the last position and, with ``arms``, every arm's total and direct effect."""
+    ``blocks`` at the last position and, with ``arms``, every arm's total and direct effect.
+    Cloze prompt sets run :func:`calibrate.engine.cloze_neurons.cloze_neuron_pass` (ablation at
+    every position that scores a continuation token)."""
     from calibrate.engine.prefix import grouped_batches
 
     lens = readout or LogitLens(loaded.adapter)
     direct = direct and arms is not None and direct_readable(lens)
     if prompt_set.is_cloze:
-        raise NeuronAblationError("neuron ablation reads one token per option; cloze "
-                                  "continuations are not supported")
+        from calibrate.engine.cloze_neurons import cloze_neuron_pass
+
+        return cloze_neuron_pass(loaded, prompt_set, blocks, settings, readout, keep, arms,
+                                 direct, arm_chunk)
     token_ids = tokenize(loaded, prompt_set.prompts)
     n, k = prompt_set.option_ids.shape
     last = loaded.adapter.num_blocks

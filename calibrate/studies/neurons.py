@@ -16,20 +16,25 @@ MLP neuron of the last ``intervention.blocks`` blocks:
    weight, and the share of its squared norm in the span of the top ``intervention.top_k``
    candidates against the same share for ``intervention.span_draws`` random sets of neurons of
    matched norm (one-sided p-value).
-3. **Ablation** at the last prompt position, activation → its calibration-split mean: each top
-   candidate and the top set, per layer from the block up, the total effect (the model's own
+3. **Ablation** at the scored positions, activation → its calibration-split mean over the same
+   kind of positions: with one token per option (letters, verbalizer) the last prompt
+   position; with cloze scoring every position whose next-token prediction scores a
+   continuation token (the context's last token and each continuation's tokens but the last),
+   the mean taken over every scored term (:mod:`calibrate.engine.cloze_neurons`). Arms: each
+   top candidate, the top set and the token-frequency set (the ``intervention.frequency_top``
+   candidates together); per layer from the block up, the total effect (the model's own
    forward computation) and the direct effect (Δ through the final norm with its scale held
    fixed, and the unembedding), with paired bootstrap intervals of ΔECE, ΔMCE, Δconfidence,
    Δentropy and Δaccuracy (evaluation split), and at the last layer ``intervention.n_null`` draws
    of random neurons of matched norm (same block, among the ``intervention.null_pool``
    non-candidates nearest in norm, their change scaled by the norm ratio) with two-sided
-   p-values. Beside them, at the last layer: ĉ's own component mean-ablated, and temperature
-   scaling fit on the calibration split.
+   p-values, for each candidate and each set. Beside them, at the last layer: ĉ's own component
+   mean-ablated at the same positions, and temperature scaling fit on the calibration split.
 
-One pass over the prompts (:mod:`calibrate.engine.neuron_ablation`) is the job's probe, captures
-the activations and runs the ablations: in the last block none needs a forward pass, below it
-only the blocks above run, on the key/value cache. One token per option (letters, verbalizer);
-cloze scoring is refused. Outputs: ``neurons.csv`` (every neuron of the blocks), ``neurons.json``,
+One pass over the prompts (:mod:`calibrate.engine.neuron_ablation`,
+:mod:`calibrate.engine.cloze_neurons`) is the job's probe, captures the activations and runs
+the ablations: in the last block none needs a forward pass, below it only the blocks above run,
+on the key/value cache. Outputs: ``neurons.csv`` (every neuron of the blocks), ``neurons.json``,
 ``neuron_ablation.csv``, ``neurons.png``, ``neuron_ablation.png``.
 """
 
@@ -49,6 +54,7 @@ from calibrate.core.direction import check_layers, residual_layers_for
 from calibrate.core.posthoc import fit_temperature
 from calibrate.directions import get_method
 from calibrate.directions.fit import obtain_direction
+from calibrate.engine.cloze_neurons import cloze_final_edits, final_term_mean
 from calibrate.engine.edits import InterventionSettings
 from calibrate.engine.neuron_ablation import (
     NeuronArms,
@@ -72,6 +78,7 @@ NEURONS_JSON = "neurons.json"
 ABLATION_FILE = "neuron_ablation.csv"
 FILES = (NEURONS_FILE, NEURONS_JSON, ABLATION_FILE, "neurons.png", "neuron_ablation.png")
 SET_ARM, C_HAT_ARM, TEMPERATURE_ARM = "top_set", "c_hat", "temperature"
+FREQUENCY_ARM = "frequency_set"
 
 
 @dataclass
@@ -166,44 +173,71 @@ def find_candidates(loaded: LoadedModel, blocks: list[int], k: int, cache_dir: P
 
 @dataclass
 class ArmPlan:
-    """The ablated arms (candidates one by one, then the top set) and their nulls: ``draws``
-    [n_null, top_k] matched neurons (rows of the table), ``scales`` the norm ratios."""
+    """The ablated arms (candidates one by one, the top set, then the token-frequency set) and
+    their nulls: ``draws`` [n_null, top_k] matched neurons of the top candidates (rows of the
+    table); ``nulls[arm]`` the arm indices of that main arm's matched random draws."""
 
     names: list[str]
     arms: list[list[tuple[int, int, float]]]
     draws: np.ndarray
     n_main: int
+    nulls: dict[int, np.ndarray] = field(default_factory=dict)
+    frequency: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def null_of(self, arm: int) -> np.ndarray:
-        """Arm indices of ``arm``'s null (candidate j: the j-th neuron of every draw; the set:
-        every draw)."""
-        n_null, m = self.draws.shape
-        start = self.n_main
-        if arm < m:
-            return start + arm * n_null + np.arange(n_null)
-        return start + m * n_null + np.arange(n_null)
+        """Arm indices of main arm ``arm``'s null (candidate j: the j-th neuron of every draw;
+        a set: every draw of its own matched sets)."""
+        return self.nulls[arm]
+
+
+def frequency_rows(table: pd.DataFrame, n: int) -> np.ndarray:
+    """Rows of the ``n`` token-frequency candidates (largest |correlation| first; none without
+    the correlation column)."""
+    if "frequency_corr" not in table or not n:
+        return np.zeros(0, dtype=np.int64)
+    corr = np.nan_to_num(np.abs(table["frequency_corr"].to_numpy()), nan=-1.0)
+    return ns.top_indices(corr, min(n, len(table)))
 
 
 def plan_arms(cands: Candidates, settings: NeuronSettings, seed: int) -> ArmPlan:
-    """Each top candidate, the top set, and ``n_null`` matched random draws of each."""
+    """Each top candidate, the top set, the token-frequency set (the ``frequency_top``
+    candidates, where counted) and ``n_null`` matched random draws of each (the frequency set's
+    drawn with seed + 2)."""
     table, top = cands.table, cands.top
     block, neuron, norm = (table[c].to_numpy() for c in ("block", "neuron", "norm"))
+    freq = frequency_rows(table, settings.frequency_top)
 
     def entry(row: int, scale: float = 1.0) -> tuple[int, int, float]:
         return int(block[row]), int(neuron[row]), float(scale)
 
     names = [cands.label(r) for r in top] + [SET_ARM]
     arms = [[entry(r)] for r in top] + [[entry(r) for r in top]]
+    if len(freq):
+        names.append(FREQUENCY_ARM)
+        arms.append([entry(r) for r in freq])
+    n_main = len(names)
     draws = np.zeros((0, len(top)), dtype=np.int64)
+    nulls: dict[int, np.ndarray] = {}
+
+    def matched(rows: np.ndarray, draw_seed: int) -> tuple[np.ndarray, np.ndarray]:
+        pools = ns.matched_pools(norm, block, rows, settings.null_pool)
+        got = ns.matched_draws(pools, settings.n_null, draw_seed)
+        return got, norm[rows][None] / np.maximum(norm[got], 1e-300)  # [n_null, m] norm ratios
+
     if settings.n_null:
-        pools = ns.matched_pools(norm, block, top, settings.null_pool)
-        draws = ns.matched_draws(pools, settings.n_null, seed)
-        ratio = norm[top][None] / np.maximum(norm[draws], 1e-300)  # [n_null, m]
+        draws, ratio = matched(top, seed)
         for j in range(len(top)):
+            nulls[j] = len(arms) + np.arange(len(draws))
             arms += [[entry(draws[d, j], ratio[d, j])] for d in range(len(draws))]
+        nulls[len(top)] = len(arms) + np.arange(len(draws))
         arms += [[entry(draws[d, j], ratio[d, j]) for j in range(len(top))]
                  for d in range(len(draws))]
-    return ArmPlan(names, arms, draws, len(names))
+        if len(freq):
+            fdraws, fratio = matched(freq, seed + 2)
+            nulls[len(top) + 1] = len(arms) + np.arange(len(fdraws))
+            arms += [[entry(fdraws[d, j], fratio[d, j]) for j in range(len(freq))]
+                     for d in range(len(fdraws))]
+    return ArmPlan(names, arms, draws, n_main, nulls, freq)
 
 
 # --- the study ---------------------------------------------------------------------------------
@@ -263,11 +297,12 @@ def _final_null(plan: ArmPlan, total: np.ndarray, base: np.ndarray, labels: np.n
                 ) -> dict[str, float]:
     """The arm's final-layer deltas against its matched null's (``total``: [A, N, K])."""
     ref = ns.variant_metrics(base, labels, n_bins, binning)
-    draws = total[plan.null_of(arm)]
+    chosen = plan.null_of(arm)
+    draws = total[chosen]
     null = ns.variant_metrics(draws, labels, n_bins, binning)
     deltas = {m: null[m] - ref[m] for m in ns.EFFECT_METRICS}
     deltas["abs_entropy"] = ns.abs_entropy_change(base, draws)
-    return {**ns.null_summary(observed, deltas), "n_null": len(plan.draws)}
+    return {**ns.null_summary(observed, deltas), "n_null": len(chosen)}
 
 
 @dataclass
@@ -304,7 +339,7 @@ class NeuronsResult(StudyResult):
         flat["neurons/entropy_candidates"] = len(report["entropy_candidates"])
         flat["neurons/c_hat_share"] = report["c_hat"]["span"].get("share")
         flat["neurons/c_hat_share_p"] = report["c_hat"]["span"].get("p_value")
-        for arm in (SET_ARM, C_HAT_ARM, TEMPERATURE_ARM):
+        for arm in (SET_ARM, FREQUENCY_ARM, C_HAT_ARM, TEMPERATURE_ARM):
             for effect, row in (report["final"].get(arm) or {}).items():
                 for key in ("delta_ece", "delta_entropy", "p_value_ece", "p_value_entropy"):
                     if key in row:
@@ -344,7 +379,7 @@ class NeuronsResult(StudyResult):
             lines.append(f"  c_hat in the top {report['settings']['top_k']}'s span: "
                          f"{span['share']:.4f} (matched random {span['null_mean']:.4f}, "
                          f"p = {span['p_value']:.3g})")
-        for arm in (SET_ARM, C_HAT_ARM, TEMPERATURE_ARM):
+        for arm in (SET_ARM, FREQUENCY_ARM, C_HAT_ARM, TEMPERATURE_ARM):
             for effect, v in (report["final"].get(arm) or {}).items():
                 ci = (f" [{v['delta_ece_lo']:+.4f}, {v['delta_ece_hi']:+.4f}]"
                       if "delta_ece_lo" in v else "")
@@ -372,10 +407,6 @@ class NeuronsStudy(Study):
         if settings.blocks > num_blocks:
             raise ConfigError(f"intervention.blocks={settings.blocks}; accepted: 1..{num_blocks} "
                               "(this model's blocks)")
-        if spec.dataset.answer_format == "cloze":
-            raise ConfigError("intervention=neurons reads one answer token per option; "
-                              "dataset.answer_format=cloze is not supported (ablating through "
-                              "continuations is out of scope): use dataset.answer_format=letters")
 
     def run(self, ctx: JobContext) -> NeuronsResult:
         spec, loaded = ctx.spec, ctx.loaded
@@ -398,7 +429,7 @@ class NeuronsStudy(Study):
         probe = spec.probe
         cal_pass = neuron_pass(loaded, ctx.prompt_set.subset(cal), blocks, probe, ctx.readout,
                                keep)
-        means = {b: acts.astype(np.float64).mean(0) for b, acts in cal_pass.activations.items()}
+        means = cal_pass.pooled_mean()
         arms = NeuronArms.build(blocks, means, plan.arms)
         eval_set = ctx.prompt_set.subset(evaluation)
         eval_pass = neuron_pass(loaded, eval_set, blocks, probe, ctx.readout, keep, arms)
@@ -407,11 +438,12 @@ class NeuronsStudy(Study):
         fit = obtain_direction(_Probed(ctx, base), [last])
         c_hat = fit.direction.vector
         table, report = self._measure(ctx, settings, cands, plan, eval_pass, base, cal, evaluation,
-                                      c_hat, blocks, means, cal_pass.activations)
+                                      c_hat, blocks, means, cal_pass)
         report["frequency_source"] = {
             "counts_from": "the job's own prompts, all splits (the tokenizer carries no training "
                            "counts)", "n_prompts": len(ctx.prompt_set.prompts),
             "n_tokens": int(counts.sum()), "distinct_tokens": int((counts > 0).sum())}
+        report["n_arms"] = arms.n_arms  # ablated arms, the nulls' included
         report["direction"] = {key: fit.direction.meta.get(key) for key in
                                ("method", "layers", "raw_norm", "null_space_rho",
                                 "cosine_layer_diff")}
@@ -427,7 +459,7 @@ class NeuronsStudy(Study):
     def _measure(self, ctx: JobContext, settings: NeuronSettings, cands: Candidates,
                  plan: ArmPlan, eval_pass: Any, base: ProbeResult, cal: np.ndarray,
                  evaluation: np.ndarray, c_hat: np.ndarray, blocks: list[int],
-                 means: dict[int, np.ndarray], cal_acts: dict[int, np.ndarray]
+                 means: dict[int, np.ndarray], cal_pass: Any
                  ) -> tuple[pd.DataFrame, dict[str, Any]]:
         spec, m = ctx.spec, ctx.spec.metrics
         last = ctx.num_layers - 1
@@ -439,7 +471,8 @@ class NeuronsStudy(Study):
         table["cos_c_hat"] = ns.cosines(c_hat, cands.weights)
         table["abs_cos_c_hat_pct"] = ns.percentiles(np.abs(table["cos_c_hat"].to_numpy()))
         table["mean_activation"] = np.concatenate([means[b] for b in blocks])
-        table["activation_std"] = np.concatenate([cal_acts[b].std(0) for b in blocks])
+        spread = cal_pass.pooled_std()
+        table["activation_std"] = np.concatenate([spread[b] for b in blocks])
         n_main = plan.n_main
         boot = (m.bootstrap, m.alpha, m.seed)
         rows = ns.effect_table(base_eval, eval_pass.total[:n_main], labels, plan.names, layers,
@@ -448,13 +481,24 @@ class NeuronsStudy(Study):
         if direct:
             rows += ns.effect_table(base_eval, eval_pass.direct[:n_main], labels, plan.names,
                                     layers, "direct", m.n_bins, m.binning, *boot)
-        # ĉ's own component mean-ablated at the last layer, and temperature scaling
-        residual = base.residuals[last]
-        mean_c = float(residual[cal].astype(np.float64).mean(0) @ c_hat)
-        x = residual[evaluation].astype(np.float64)
-        delta = ((mean_c - x @ c_hat)[:, None] * c_hat[None])[None]
-        c_total, c_direct = last_layer_edits(ctx.loaded, x, delta, ctx.prompt_set.option_ids[
-            evaluation], ctx.readout, direct)
+        # ĉ's own component mean-ablated at the last layer (at the ablated positions, its
+        # mean over the calibration split's), and temperature scaling
+        if eval_pass.finals is not None:  # cloze: every scoring state
+            mean_c = final_term_mean(cal_pass, c_hat)
+
+            def along(states: np.ndarray) -> np.ndarray:
+                x = states.astype(np.float64)
+                return ((mean_c - x @ c_hat)[:, None] * c_hat[None])[None]
+
+            c_total, c_direct = cloze_final_edits(ctx.loaded, eval_pass, along, ctx.readout,
+                                                  direct)
+        else:
+            residual = base.residuals[last]
+            mean_c = float(residual[cal].astype(np.float64).mean(0) @ c_hat)
+            x = residual[evaluation].astype(np.float64)
+            delta = ((mean_c - x @ c_hat)[:, None] * c_hat[None])[None]
+            c_total, c_direct = last_layer_edits(ctx.loaded, x, delta, ctx.prompt_set.option_ids[
+                evaluation], ctx.readout, direct)
         final_base = base.option_logits[evaluation][:, -1:]
         rows += ns.effect_table(final_base, c_total[:, :, None], labels, [C_HAT_ARM], [last],
                                 "total", m.n_bins, m.binning, *boot)
@@ -514,7 +558,7 @@ class NeuronsStudy(Study):
         for row in rows.to_dict("records"):
             values_ = {k: float(row[k]) for k in keep if k in row and pd.notna(row[k])}
             arm = row["arm"]
-            if len(plan.draws) and arm in plan.names:
+            if arm in plan.names and plan.names.index(arm) in plan.nulls:
                 index = plan.names.index(arm)
                 source = eval_pass.total if row["effect"] == "total" else eval_pass.direct
                 observed = {x: row[f"delta_{x}"] for x in ns.EFFECT_METRICS}
@@ -563,7 +607,7 @@ def _frequency(table: pd.DataFrame, n: int) -> list[dict[str, Any]]:
     if "frequency_corr" not in table or not n:
         return []
     corr = table["frequency_corr"].to_numpy()
-    order = ns.top_indices(np.nan_to_num(np.abs(corr), nan=-1.0), n)
+    order = frequency_rows(table, n)
     return [{"block": int(table["block"].iloc[r]), "neuron": int(table["neuron"].iloc[r]),
              "frequency_corr": float(corr[r]), "norm": float(table["norm"].iloc[r]),
              "null_fraction": float(table["null_fraction"].iloc[r]),
