@@ -142,6 +142,13 @@ if step 10; then
   $PY -m calibrate.run -m $seeds model=smollm2 dataset=arc_easy dataset.limit=200 \
       eta=[0,0.02,0.05,0.1] direction.n_random=64 seed=0,1,2,3,4 \
       hydra.sweep.dir=$OUT/seeds/arc_easy_cloze_null
+  # twice the Rotten Tomatoes rows (2000 shuffled, 1000 evaluated), one model per sweep
+  $PY -m calibrate.run -m $seeds model=smollm2 dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=2000 eta=[0,0.02,0.05,0.1] \
+      seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes_2000
+  $PY -m calibrate.run -m $seeds model=gemma3_270m dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=2000 eta=[0,0.02,0.05,0.1] \
+      seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes_2000_gemma
   $PY -m calibrate report $OUT/seeds/{sst2,sst2_gradient,rotten_tomatoes,arc_easy_cloze} \
       --out $OUT/seeds/report --dpi 60
 fi
