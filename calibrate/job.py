@@ -29,6 +29,7 @@ from calibrate.io.track import Tracker, open_tracker
 from calibrate.model.load import (
     LoadedModel,
     check_device,
+    held_model,
     load_model,
     load_tokenizer,
     model_shape,
@@ -78,7 +79,8 @@ def prepare(spec: JobSpec) -> JobContext:
     shape = model_shape(source, spec.model)  # the config alone: no weights read yet
     check_shape(spec, shape.num_blocks, shape.hidden_size)
     get_study(spec.study).check_shape(spec, shape.num_blocks, shape.hidden_size)
-    tokenizer = load_tokenizer(source, spec.model)
+    held = held_model(spec.model, cache)  # a sweep's later jobs: the model is already loaded
+    tokenizer = held.tokenizer if held is not None else load_tokenizer(source, spec.model)
     prompt_set = build_prompts(records, spec.dataset, tokenizer, max_length=shape.context_length,
                                max_chars_per_token=spec.checks.max_chars_per_token,
                                style=spec.prompt, exemplars=exemplars)

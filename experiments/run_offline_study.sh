@@ -132,6 +132,23 @@ if step 10; then
   $PY -m calibrate.run -m $seeds model=smollm2,gemma3_270m dataset=arc_easy \
       dataset.limit=200 eta=[0,0.02,0.05,0.1] direction.n_random=0 seed=0,1,2,3,4 \
       hydra.sweep.dir=$OUT/seeds/arc_easy_cloze
+  # (run 2026-12-03: Gemma's cloze sweep stopped after seeds 0-2; seeds 3-4 were run on
+  #  2026-12-04 with the same overrides and seed=3,4 into $OUT/seeds/arc_easy_cloze_gemma_s34)
+  # cloze ARC-Easy's null at the last layer: each random direction and eta rereads the context's
+  # last state through the lens (full-vocabulary log-softmax: no pass of the blocks, but no
+  # option-rows-only algebra either), so a small null of 64 directions (p resolution 1/65), at
+  # equal norm only (matching needs a read per trial eta); SmolLM2 only (Gemma's 262k-token
+  # vocabulary makes each read ~6x dearer and did not fit the session)
+  $PY -m calibrate.run -m $seeds model=smollm2 dataset=arc_easy dataset.limit=200 \
+      eta=[0,0.02,0.05,0.1] direction.n_random=64 seed=0,1,2,3,4 \
+      hydra.sweep.dir=$OUT/seeds/arc_easy_cloze_null
+  # twice the Rotten Tomatoes rows (2000 shuffled, 1000 evaluated), one model per sweep
+  $PY -m calibrate.run -m $seeds model=smollm2 dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=2000 eta=[0,0.02,0.05,0.1] \
+      seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes_2000
+  $PY -m calibrate.run -m $seeds model=gemma3_270m dataset=rotten_tomatoes \
+      dataset.local_path=$SHARED/rotten_tomatoes dataset.limit=2000 eta=[0,0.02,0.05,0.1] \
+      seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes_2000_gemma
   $PY -m calibrate report $OUT/seeds/{sst2,sst2_gradient,rotten_tomatoes,arc_easy_cloze} \
       --out $OUT/seeds/report --dpi 60
 fi

@@ -199,25 +199,28 @@ def seed_jobs(sweeps: list[str]) -> pd.DataFrame:
 
 
 def seeds(sweeps: list[str]) -> pd.DataFrame:
-    """Across seeds, per model × dataset × method × η: ΔECE mean ± sd and range, the sign kept,
-    how many seeds flag it after Holm, the matched-null p (lower tail: median and largest; two-
-    sided: median and smallest), T(η) and the
+    """Across seeds, per model × dataset × method × η (and n evaluated and n random: runs of
+    other sizes or nulls are other rows): ΔECE mean ± sd and range, the sign kept, how many
+    seeds flag it after Holm, the equal-norm null's lower-tail p (median and largest), the
+    matched-null p (lower tail: median and largest; two-sided: median and smallest), T(η) and the
     share of the KL it leaves, ĉ's squared-norm share on its top-8 and massive coordinates."""
     groups: dict[tuple, list[dict]] = {}
     for r in _seed_records(sweeps):
         m = r["m"]
         key = (m["model"], _name(m), m["direction"]["method"],
                "fit" if m.get("eta_fit") is not None and np.isclose(r["eta"], m["eta_fit"])
-               else r["eta"])
+               else r["eta"], m["n_evaluation"],
+               0 if r["null"] is None else int(r["null"]["n_random"]))
         groups.setdefault(key, []).append(r)
     rows = []
-    for (model, dataset, method, eta), rs in groups.items():
+    for (model, dataset, method, eta, _, _), rs in groups.items():
         d = np.array([r["row"]["delta_ece"] for r in rs])
         sign = "+" if (d > 0).all() else "−" if (d < 0).all() else "mixed"
         p_matched = [r["null"]["p_matched_ece"] for r in rs
                      if r["null"] is not None and not pd.isna(r["null"].get("p_matched_ece"))]
         p_two = [r["null"]["p_matched_ece_two_sided"] for r in rs if r["null"] is not None
                  and not pd.isna(r["null"].get("p_matched_ece_two_sided"))]
+        p_norm = [r["null"]["p_value_ece"] for r in rs if r["null"] is not None]
         own = [r["own"] for r in rs if r["own"] is not None]
         coords = [r["m"]["direction"].get("coordinates") or {} for r in rs]
         etas = [r["eta"] for r in rs]
@@ -228,6 +231,8 @@ def seeds(sweeps: list[str]) -> pd.DataFrame:
                      "range": interval(d.min(), d.max()), "sign": sign,
                      "flagged (Holm)": f"{sum(bool(r['row'].get('significant_adjusted_ece')) for r in rs)}/{len(rs)}",
                      "Δacc mean": fmt(np.mean([r["row"]["delta_accuracy"] for r in rs]), 3),
+                     "p equal norm median (max)": "—" if not p_norm else
+                     f"{np.median(p_norm):.3f} ({max(p_norm):.3f})",
                      "p matched KL median (max)": "—" if not p_matched else
                      f"{np.median(p_matched):.3f} ({max(p_matched):.3f})",
                      "two-sided median (min)": "—" if not p_two else
@@ -252,16 +257,16 @@ def seed_baselines(sweeps: list[str]) -> pd.DataFrame:
             continue
         table = pd.read_csv(job / "baselines.csv")
         table = table[table["layer"] == m["baselines_layer"]]
-        groups.setdefault((m["model"], _name(m)), {})[m["config"]["seed"]] = table
+        groups.setdefault((m["model"], _name(m), m["n_evaluation"]), {})[m["config"]["seed"]] = table
     rows = []
-    for (model, dataset), per_seed in groups.items():
+    for (model, dataset, n_eval), per_seed in groups.items():
         methods = per_seed[min(per_seed)]["method"].tolist()
         for method in methods:
             rs = [t[t["method"] == method].iloc[0] for t in per_seed.values()]
             d = np.array([r["delta_ece"] for r in rs])
             params = pd.to_numeric(pd.Series([r["parameter"] for r in rs]), errors="coerce")
             rows.append({"model": model, "dataset": dataset, "baseline": method,
-                         "seeds": len(rs),
+                         "seeds": len(rs), "n eval": n_eval,
                          "parameter range": "—" if params.isna().any() else
                          f"{params.min():.3g}–{params.max():.3g}", "raw ECE mean": f"{np.mean([r['ece_before'] for r in rs]):.4f}",
                          "ECE after mean": f"{np.mean([r['ece'] for r in rs]):.4f}",
@@ -277,7 +282,8 @@ def best_baselines(sweeps: list[str]) -> pd.DataFrame:
     """Per model × dataset, the seed_baselines row of the baseline with the lowest mean ΔECE."""
     table = seed_baselines(sweeps)
     mean = table["ΔECE mean ± sd"].str.split(" ").str[0].astype(float)
-    return table.loc[mean.groupby([table["model"], table["dataset"]], sort=False).idxmin()]
+    return table.loc[mean.groupby([table["model"], table["dataset"], table["n eval"]],
+                                  sort=False).idxmin()]
 
 
 def _dataset(m: dict) -> str:

@@ -162,3 +162,40 @@ def test_validation() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(X, extraglobs={"np": np})
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_smooth_ece_matches_relplot_and_its_bandwidth_on_small_and_tied_samples() -> None:
+    """The FFT recomputation against relplot's direct convolutions where the steering jobs use
+    it: tens to hundreds of two-way confidences (>= 0.5), ties, piles near 1, and every
+    bandwidth the search reaches (its chosen sigma is relplot's too)."""
+    rng = np.random.default_rng(12)
+    for trial in range(120):
+        n = int(rng.integers(2, 600))
+        kind = trial % 4
+        conf = (rng.uniform(0.5, 1.0, n) if kind == 0 else
+                1 - rng.exponential(10 ** rng.uniform(-5, -1), n).clip(0, 0.5) if kind == 1 else
+                np.round(rng.uniform(0.5, 1.0, n), 2) if kind == 2 else rng.uniform(0, 1, n))
+        correct = (rng.random(n) < np.clip(conf + rng.normal(0, 0.15), 0, 1)).astype(np.float64)
+        value, width = relplot.smECE(conf, correct, return_width=True)
+        assert smooth_ece(conf, correct) == pytest.approx(value, abs=1e-12)
+        assert X._smooth_at(conf, conf - correct, width) == pytest.approx(value, abs=1e-12)
+
+
+def test_layer_table_serves_repeated_layers_and_recomputes_changed_ones() -> None:
+    """A layer measured again (the memo) gives the same row; one example changed in one layer
+    gives that layer's new smece and aurc, not the remembered ones."""
+    rng = np.random.default_rng(13)
+    probs = softmax64(rng.normal(size=(150, 3, 2)) * 2)
+    labels = rng.integers(0, 2, 150)
+    first = layer_table(probs, labels, n_bins=10)
+    again = layer_table(probs, labels, n_bins=10)
+    assert first.equals(again)
+    changed = probs.copy()
+    changed[0, 1] = changed[0, 1, ::-1]  # flip one example's prediction at layer 1
+    table = layer_table(changed, labels, n_bins=10)
+    conf = changed[:, 1].max(axis=1)
+    correct = (changed[:, 1].argmax(axis=1) == labels).astype(np.float64)
+    assert table.loc[1, "smece"] == pytest.approx(relplot.smECE(conf, correct), abs=1e-12)
+    assert table.loc[1, "smece"] != first.loc[1, "smece"]
+    assert table.loc[1, "aurc"] != first.loc[1, "aurc"]
+    assert table.drop(index=1).equals(first.drop(index=1))

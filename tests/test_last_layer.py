@@ -94,3 +94,33 @@ def test_the_exact_read_is_recognised_and_equals_the_lens_read(tiny):
     np.testing.assert_allclose(fast[0, 0], base.option_logits[:, -1], rtol=1e-4, atol=1e-4)
     flat = reader.logits(vectors, scales[:, 2])  # one scale per direction: [D, N, K]
     np.testing.assert_allclose(flat, fast[:, 2], rtol=1e-12, atol=1e-12)
+
+
+def test_sweep_reads_what_logits_reads_one_direction_at_a_time(tiny):
+    """The search's read (each direction's products once, any subset of directions at any
+    scales) equals :meth:`logits` of those directions alone, on the exact path and the
+    readout's; the scales differ per direction and a direction may appear twice."""
+    from calibrate.engine.last_layer import LastLayerReader
+
+    ps = prompts(tiny.tokenizer)
+    last = tiny.adapter.num_blocks
+    base = run_probe(tiny, ps, ProbeSettings(progress=False).keeping((last,)))
+    hidden = tiny.adapter.unembed_weight.shape[1]
+    residual = base.residuals[last]
+    vectors = np.stack([unit(hidden, s) for s in range(6)])
+    norm = float(np.linalg.norm(residual, axis=1).mean())
+    which = np.array([4, 0, 2, 2, 5])
+    scales = norm * np.array([0.3, -2.0, 0.05, 7.0, 1.0])
+    reader = LastLayerReader(tiny, residual, ps.option_ids)
+    assert reader.exact
+    for path in ("exact", "readout"):
+        if path == "readout":
+            reader.form = None  # the fallback: reads through the readout
+        read = reader.sweep(vectors)(which, scales)
+        assert read.shape == (len(which), len(residual), 2)
+        for i, (d, s) in enumerate(zip(which, scales)):
+            alone = reader.logits(vectors[d][None], np.array([s]))[0]
+            np.testing.assert_allclose(read[i], alone, rtol=1e-12, atol=1e-12)
+        if path == "exact":
+            exact_read = read
+    np.testing.assert_allclose(exact_read, read, rtol=2e-4, atol=2e-4)  # the two paths agree

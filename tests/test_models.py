@@ -286,6 +286,20 @@ def test_reuse_is_keyed_by_what_is_loaded(tmp_path, word_tokenizer, fresh_reuse,
     assert z is not y and z.fingerprint != y.fingerprint
 
 
+def test_held_model_is_what_load_model_would_hand_back(tmp_path, word_tokenizer, fresh_reuse):
+    """held_model answers without loading: None before a load and for another folder or dtype,
+    the reused model (whose tokenizer a sweep's later jobs take) after one."""
+    one = save_tiny(tmp_path / "one", word_tokenizer, seed=0)
+    two = save_tiny(tmp_path / "two", word_tokenizer, seed=1)
+    assert models.held_model(tiny_cfg(one)) is None
+    a = models.load_model(tiny_cfg(one))
+    assert models.held_model(tiny_cfg(one)) is a
+    assert models.held_model(tiny_cfg(two)) is None
+    assert models.held_model(tiny_cfg(one, dtype="bfloat16")) is None
+    save_tiny(tmp_path / "one", word_tokenizer, seed=2)  # re-saved in place: not held any more
+    assert models.held_model(tiny_cfg(one)) is None
+
+
 def test_model_shape_of_every_tiny_config(tmp_path, word_tokenizer, monkeypatch):
     import transformers
 

@@ -350,6 +350,21 @@ def test_cache_second_call_loads_from_disk(planted, tmp_path, monkeypatch):
     assert torch.equal(other_k[:, :K], basis)
 
 
+def test_cache_with_a_known_digest_reads_the_same_entry_without_hashing(planted, tmp_path,
+                                                                          monkeypatch):
+    """A job passes the loaded model's unembed_hash (tensor_hash: the same bytes' sha256):
+    it names the same entry as weights_hash, and nothing is hashed again."""
+    from calibrate.model.identity import tensor_hash
+
+    weight = planted[0].float()
+    basis, _ = cache.cached_null_space(weight, K, tmp_path)
+    assert tensor_hash(weight) == ns.weights_hash(weight)
+    _forbid_recompute(monkeypatch)
+    monkeypatch.setattr(cache, "weights_hash", lambda w: pytest.fail("hashed again"))
+    known, _ = cache.cached_null_space(weight, K, tmp_path, digest=tensor_hash(weight))
+    assert torch.equal(known, basis) and len(_entries(tmp_path)) == 1
+
+
 def test_cache_changed_weights_recompute(planted, tmp_path, monkeypatch):
     weight = planted[0].float()
     cache.cached_null_space(weight, K, tmp_path)

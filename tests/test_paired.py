@@ -232,3 +232,49 @@ def test_confidence_and_entropy_intervals_when_asked():
     pd.testing.assert_frame_equal(plain, both[plain.columns])
     with pytest.raises(ValueError, match="unknown metric"):
         paired_intervals(calibrated, overconfident, labels, metrics=("brier",))
+
+
+def test_resamples_are_the_documented_draws_one_replicate_at_a_time():
+    """One [B, n] draw equals B successive ``rng.integers(0, n, size=n)`` draws (odd and even
+    n), is served again for the same arguments, and cannot be written to."""
+    from calibrate.core.paired import resample_indices
+
+    for n, seed in ((7, 3), (436, 0), (1, 5)):
+        rng = np.random.default_rng(seed)
+        expected = np.stack([rng.integers(0, n, size=n) for _ in range(50)])
+        got = resample_indices(n, 50, seed)
+        np.testing.assert_array_equal(got, expected)
+        assert resample_indices(n, 50, seed) is got and not got.flags.writeable
+    np.testing.assert_array_equal(resample_indices(7, 20, 3), resample_indices(7, 50, 3)[:20])
+
+
+def test_paired_intervals_against_hand_resampled_differences():
+    """Each layer's interval is ``np.quantile`` of the arm's minus the reference's metric on the
+    documented resamples; a layer where both arms are equal has every difference exactly 0;
+    a reference memo shared by two arms changes nothing."""
+    from calibrate.core.paired import resample_indices
+
+    calibrated, overconfident, labels = arms(120, seed=6)
+    ref = np.concatenate([calibrated, calibrated], axis=1)  # [N, 2, K]
+    arm = np.concatenate([calibrated, overconfident], axis=1)  # layer 0 unchanged
+    idx = resample_indices(len(labels), 60, 11)
+    conf_r, right_r = ref[:, 1].max(-1)[idx], (ref[:, 1].argmax(-1) == labels)[idx]
+    conf_a, right_a = arm[:, 1].max(-1)[idx], (arm[:, 1].argmax(-1) == labels)[idx]
+    d_ece = binned_errors(conf_a, right_a)[0] - binned_errors(conf_r, right_r)[0]
+    d_acc = right_a.mean(1) - right_r.mean(1)
+    memo: dict = {}
+    for _ in range(2):  # the second call serves the reference from the memo
+        table = paired_intervals(ref, arm, labels, n_boot=60, alpha=0.1, seed=11,
+                                 tested=[False, True], reference_memo=memo)
+        assert table.loc[0, ["delta_ece_lo", "delta_ece_hi", "delta_accuracy_lo",
+                             "delta_mce_hi"]].tolist() == [0.0] * 4
+        assert np.isnan(table.loc[0, "p_ece"])
+        np.testing.assert_allclose(table.loc[1, ["delta_ece_lo", "delta_ece_hi"]].to_numpy(float),
+                                   np.quantile(d_ece, [0.05, 0.95]), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(
+            table.loc[1, ["delta_accuracy_lo", "delta_accuracy_hi"]].to_numpy(float),
+            np.quantile(d_acc, [0.05, 0.95]), rtol=0, atol=1e-15)
+        assert table.loc[1, "p_ece"] == bootstrap_p_value(d_ece)
+    assert len(memo) == 1  # layer 1 only: the equal layer needs no resampling
+    plain = paired_intervals(ref, arm, labels, n_boot=60, alpha=0.1, seed=11, tested=[False, True])
+    pd.testing.assert_frame_equal(table, plain)

@@ -90,3 +90,19 @@ def test_register_stores_the_root_and_the_readouts():
     assert f"{schema.SCHEMA_NAME}.yaml" in repo
     assert "logit.yaml" in repo["lens"]
     assert root_class() is root_class()  # one class per set of registered methods
+
+
+def test_register_again_stores_nothing_unless_the_store_changed():
+    """A second register() with the same methods and readouts leaves the stored nodes as they
+    are; once something re-stores the lens group (a plug-in), register() stores again."""
+    store = ConfigStore.instance()
+    schema.register()
+    node, lens = store.repo[f"{schema.SCHEMA_NAME}.yaml"], store.repo["lens"]["logit.yaml"]
+    schema.register()
+    assert store.repo[f"{schema.SCHEMA_NAME}.yaml"] is node
+    assert store.repo["lens"]["logit.yaml"] is lens
+    store.store(group="lens", name="logit", node={"replaced": True})
+    schema.register()
+    assert store.repo["lens"]["logit.yaml"] is not lens
+    assert "replaced" not in store.repo["lens"]["logit.yaml"].node
+    assert store.repo[f"{schema.SCHEMA_NAME}.yaml"] is not node

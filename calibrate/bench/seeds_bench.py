@@ -15,13 +15,15 @@ The job is the adjudication's (``intervention.eta_scale=residual_norm eta=[0,0.0
 tracker, plots and predictions off: the figures are the same work in every job and not part of
 the statistics). A warm-up job on 16 prompts loads the model and the imports first. The probe
 cache's entries go to a temporary folder (the model's files stay in the user cache). It prints
-the ratio and merges ``seeds_five_over_one`` (target <= 1.3), the seconds and the settings into
+the ratio and merges ``seeds_five_over_one`` (target <= 1.3), the median seconds, every round's
+seconds, the machine's 1-minute load average before and after, and the settings into
 ``bench.json`` in the current directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -98,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"bench: {args.seeds} seeds vs 1 of a last-layer steering job, {args.model} on "
           f"{args.n or 'all'} {args.dataset} prompts, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
+    load = [os.getloadavg()[0]]  # the machine's 1-minute load before and after the rounds
     times: dict[str, list[float]] = {"one_seed": [], "five_seeds": []}
     arms = {"one_seed": [0], "five_seeds": list(range(args.seeds))}
     for round_ in range(args.rounds):
@@ -105,12 +108,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in order:
             times[name].append(_jobs(args, arms[name]))
             print(f"  round {round_ + 1}/{args.rounds} {name:10s} {times[name][-1]:8.2f} s")
+    load.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     figures = {"seeds_five_over_one": med["five_seeds"] / med["one_seed"],
                "seeds_one_s": med["one_seed"], "seeds_five_s": med["five_seeds"],
                "seeds_bench": {"model": args.model, "dataset": args.dataset, "n": args.n,
                                "seeds": args.seeds, "rounds": args.rounds,
-                               "threads": torch.get_num_threads(), "job": list(JOB)}}
+                               "threads": torch.get_num_threads(), "job": list(JOB),
+                               "rounds_s": times, "load_average": load,
+                               "cpus": os.cpu_count()}}
     print(f"seeds_five_over_one {figures['seeds_five_over_one']:.3f}  (target <= 1.3)")
     merge_json(Path(args.out), figures)
     return figures

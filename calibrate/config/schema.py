@@ -105,6 +105,25 @@ def register() -> None:
     """Store the root schema and the readouts' ``lens`` options in Hydra's ConfigStore (again
     after a plug-in registered itself: the latest registration wins)."""
     store = ConfigStore.instance()
-    store.store(name=SCHEMA_NAME, node=root_class())
-    for name, kind in READOUTS.items():
-        store.store(group="lens", name=name, node=kind.Settings)
+    wanted = (root_class(), tuple((name, kind.Settings) for name, kind in READOUTS.items()))
+    held = _REGISTERED.get("entries")
+    if _REGISTERED.get("wanted") == wanted and held is not None and _same(held, _entries(store)):
+        return  # the store holds this very registration: building its nodes again is ~0.1 s
+    store.store(name=SCHEMA_NAME, node=wanted[0])
+    for name, settings in wanted[1]:
+        store.store(group="lens", name=name, node=settings)
+    _REGISTERED.update(wanted=wanted, entries=_entries(store))
+
+
+_REGISTERED: dict[str, Any] = {}
+
+
+def _entries(store: ConfigStore) -> tuple[Any, ...]:
+    """The store's schema node and ``lens`` group entries (a re-store replaces the objects)."""
+    lens = store.repo.get("lens", {})
+    return (store.repo.get(f"{SCHEMA_NAME}.yaml"), *sorted(lens), *(lens[k] for k in sorted(lens)))
+
+
+def _same(held: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    return len(held) == len(now) and all(a is b or (isinstance(a, str) and a == b)
+                                         for a, b in zip(held, now))

@@ -56,9 +56,21 @@ def binned_errors(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15,
 
 def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     """[n_boot, n]: replicate b is the b-th ``rng.integers(0, n, size=n)`` draw of
-    ``np.random.default_rng(seed)`` (so the first k replicates of any n_boot >= k agree)."""
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.integers(0, n, size=n) for _ in range(n_boot)])
+    ``np.random.default_rng(seed)`` (so the first k replicates of any n_boot >= k agree).
+
+    Drawn as one ``[n_boot, n]`` array (the generator fills it in the same order, so it equals
+    the draws one replicate at a time) and kept for the next call with the same arguments:
+    every arm and baseline of a job resamples the same rows. Read-only."""
+    key = (int(n), int(n_boot), int(seed))
+    if key not in _RESAMPLES:
+        _RESAMPLES.clear()  # [n_boot, n] int64 (~85 MB at 2,000 x 5,000): hold the latest only
+        idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+        idx.setflags(write=False)
+        _RESAMPLES[key] = idx
+    return _RESAMPLES[key]
+
+
+_RESAMPLES: dict[tuple[int, int, int], np.ndarray] = {}
 
 
 def _replicate_metrics(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, n_bins: int,
@@ -82,6 +94,19 @@ def _replicate_metrics(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, n
         for m in metrics:
             parts[m].append(found[m])
     return {m: np.concatenate(v) for m, v in parts.items()}
+
+def _reference_metrics(reference: np.ndarray, layer: int, labels: np.ndarray, rows: np.ndarray,
+                       n_bins: int, binning: str, metrics: tuple[str, ...],
+                       memo: dict | None) -> dict[str, np.ndarray]:
+    """The reference arm's replicate metrics at ``layer`` (through ``memo`` when given)."""
+    if memo is None:
+        return _replicate_metrics(reference[:, layer], labels, rows, n_bins, binning, metrics)
+    key = (layer, len(rows), metrics)
+    if key not in memo:
+        memo[key] = _replicate_metrics(reference[:, layer], labels, rows, n_bins, binning,
+                                       metrics)
+    return memo[key]
+
 
 def bootstrap_p_value(deltas: np.ndarray) -> float:
     """Two-sided bootstrap p-value of "the difference is 0" from replicate differences [B]:
@@ -124,13 +149,16 @@ def paired_intervals(reference: np.ndarray, arm: np.ndarray, labels: np.ndarray,
                      n_boot: int = 200, alpha: float = 0.05, seed: int = 0, n_bins: int = 15,
                      binning: str = "guo", tested: Sequence[bool] | None = None,
                      n_boot_tested: int | None = None,
-                     metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
+                     metrics: tuple[str, ...] = METRICS,
+                     reference_memo: dict | None = None) -> pd.DataFrame:
     """Per layer: the percentile interval of (arm − reference) for accuracy, ECE and MCE (and
     any of :data:`MORE_METRICS` listed in ``metrics``), and whether it excludes 0.
     ``reference``/``arm``: probabilities [N, L, K] on the same examples.
 
     Layers marked in ``tested`` (default: none) use ``n_boot_tested`` replicates (default
-    ``n_boot``) and get the two-sided bootstrap p-value ``p_<metric>`` (NaN elsewhere)."""
+    ``n_boot``) and get the two-sided bootstrap p-value ``p_<metric>`` (NaN elsewhere).
+    ``reference_memo``: a dict shared by calls with the same ``reference``, labels and settings
+    (several arms against one reference), which then resample the reference once per layer."""
     unknown = [m for m in metrics if m not in METRICS + MORE_METRICS]
     if unknown:
         raise ValueError(f"paired_intervals: unknown metric(s) {unknown}; accepted: "
@@ -148,10 +176,15 @@ def paired_intervals(reference: np.ndarray, arm: np.ndarray, labels: np.ndarray,
     p_values = {m: np.full(layers, np.nan) for m in metrics}
     for layer in range(layers):
         rows = idx[:(n_boot_tested or n_boot)] if marks[layer] else idx[:n_boot]
-        ref = _replicate_metrics(reference[:, layer], labels, rows, n_bins, binning,
-                                 metrics)
-        new = _replicate_metrics(arm[:, layer], labels, rows, n_bins, binning,
-                                 metrics)
+        if np.array_equal(arm[:, layer], reference[:, layer]):
+            # the same probabilities (a layer below an edit): every replicate's difference is
+            # exactly 0, as computing both arms would give
+            zero = np.zeros(len(rows))
+            ref, new = {m: zero for m in metrics}, {m: zero for m in metrics}
+        else:
+            ref = _reference_metrics(reference, layer, labels, rows, n_bins, binning, metrics,
+                                     reference_memo)
+            new = _replicate_metrics(arm[:, layer], labels, rows, n_bins, binning, metrics)
         for metric in metrics:
             deltas = new[metric] - ref[metric]
             lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
@@ -177,11 +210,12 @@ def add_paired_columns(table: pd.DataFrame, probs: np.ndarray, labels: np.ndarra
     — are ``tested``: ``n_boot_tested`` replicates, a p-value per metric, and its adjusted value
     over all tested cells (``correction``) with the flag at ``alpha``."""
     parts, size = [], len(table) // probs.shape[0]
+    memo: dict = {}  # the reference resampled once per layer for every arm
     for index in range(probs.shape[0]):
         block = table.iloc[index * size:(index + 1) * size].reset_index(drop=True)
         marks = (block["layer"].to_numpy() >= first_layer) & (index != reference)
         ci = paired_intervals(probs[reference], probs[index], labels, n_boot, alpha, seed,
-                              n_bins, binning, marks, n_boot_tested)
+                              n_bins, binning, marks, n_boot_tested, reference_memo=memo)
         ci.insert(0, "tested", marks)
         parts.append(pd.concat([block, ci], axis=1))
     out = pd.concat(parts, ignore_index=True)

@@ -284,6 +284,8 @@ def baseline_table(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, eval
     probs = option_probabilities(logits) if "ensemble" in settings.methods else None
     rows, tested = [], []
     raw = option_probabilities(logits[evaluation])
+    memo: dict = {}  # the raw model resampled once for every method
+    before_values = {c: before[c].to_numpy(dtype=np.float64) for c in COLUMNS}
     for method in settings.methods:
         after = np.empty_like(logits[evaluation], dtype=np.float64)
         params = []
@@ -298,11 +300,12 @@ def baseline_table(logits: np.ndarray, labels: np.ndarray, cal: np.ndarray, eval
             at = slice(tested_layer, tested_layer + 1)
             ci = paired_intervals(raw[:, at], after[:, at], labels[evaluation],
                                   paired.paired_bootstrap, paired.alpha, paired.seed, n_bins,
-                                  binning, [True]).iloc[0]
+                                  binning, [True], reference_memo=memo).iloc[0]
+        after_values = {c: table[c].to_numpy(dtype=np.float64) for c in COLUMNS}
         for layer, param in enumerate(params):
             row = {"layer": layer, "method": method, "parameter": param}
-            row.update({f"{c}_before": float(before[c].iloc[layer]) for c in COLUMNS})
-            row.update({c: float(table[c].iloc[layer]) for c in COLUMNS})
+            row.update({f"{c}_before": float(before_values[c][layer]) for c in COLUMNS})
+            row.update({c: float(after_values[c][layer]) for c in COLUMNS})
             row.update({f"delta_{c}": row[c] - row[f"{c}_before"] for c in COLUMNS})
             if ci is not None:
                 hit = layer == tested_layer

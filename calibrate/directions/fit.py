@@ -188,7 +188,8 @@ def comparison_meta(ctx: FitContext, direction: Direction,
         out["cosine_layer_diff"] = None
     weight = ctx.loaded.adapter.unembed_weight.detach().cpu()
     k = ctx.spec.nullspace.k_for(weight.shape[1])
-    basis, _ = cached_null_space(weight, k, cache_root(ctx.spec.cache_dir))
+    basis, _ = cached_null_space(weight, k, cache_root(ctx.spec.cache_dir),
+                                 digest=ctx.loaded.unembed_hash)  # that weight's sha256
     out["null_space_rho"] = nullspace.alignment(torch.as_tensor(direction.vector), basis)
     out["null_space_k"] = int(k)
     return out

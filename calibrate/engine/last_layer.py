@@ -8,6 +8,8 @@ directions × many η cost a few small matrix products instead of forward passes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -137,11 +139,39 @@ class LastLayerReader:
         out = self._exact(vectors, grid, rows) if self.exact else self._read(vectors, grid, rows)
         return out[:, 0] if flat else out
 
-    def _exact(self, vectors: np.ndarray, grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def sweep(self, vectors: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """``read(which, scales)``: option logits [m, N, K] of ``residual + scales[i] *
+        vectors[which[i]]``, as :meth:`logits` of ``(vectors[which], scales)`` gives them. On the
+        exact path each vector's products with the residuals and the option rows are computed
+        once here, so the many scales of a search (:func:`calibrate.core.effects.match_scales`)
+        cost only the elementwise part of the read."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if not self.exact:
+            return lambda which, scales: self.logits(vectors[which], scales)
+        rows = np.arange(len(self.residual))
+        products = self._products(vectors, rows)
+
+        def read(which: np.ndarray, scales: np.ndarray) -> np.ndarray:
+            grid = np.asarray(scales, dtype=np.float64)[:, None]
+            return self._combine(*(p[which] for p in products), grid, rows)[:, 0]
+
+        return read
+
+    def _products(self, vectors: np.ndarray, rows: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per vector v: u_j·v [D, J], 2 Pr·Pv / H [D, n] and |Pv|² / H [D]."""
         pv = self._norm.project(vectors)
         b = vectors @ self._u.T  # [D, J]: u_j·v
         q1 = 2.0 * (pv @ self._pr[rows].T) / self._h  # [D, n]
         q2 = (pv ** 2).mean(axis=-1)  # [D]
+        return b, q1, q2
+
+    def _exact(self, vectors: np.ndarray, grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return self._combine(*self._products(vectors, rows), grid, rows)
+
+    def _combine(self, b: np.ndarray, q1: np.ndarray, q2: np.ndarray, grid: np.ndarray,
+                 rows: np.ndarray) -> np.ndarray:
+        """Logits [D, E, n, K] at scales ``grid`` [D, E] from :meth:`_products`."""
         slot = self._slot[rows]
         num_a = self._a[rows][None, None]  # [1, 1, n, K]
         num_b = b[:, slot][:, None]  # [D, 1, n, K]

@@ -96,7 +96,8 @@ def _save_entry(
 
 
 def cached_null_space(
-    weight: torch.Tensor, k: int, cache_dir: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    weight: torch.Tensor, k: int, cache_dir: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    digest: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``null_space`` served from ``cache_dir/nullspace/<weights sha256>.safetensors``.
 
@@ -104,12 +105,14 @@ def cached_null_space(
     one entry serves every k. An entry that is unreadable or whose metadata (hash, shape,
     dtype) does not match is recomputed and atomically rewritten. A cache that cannot be written
     (permission denied, read-only, disk full, quota) is logged once per process on the
-    ``calibrate`` logger and the result is returned uncached.
+    ``calibrate`` logger and the result is returned uncached. ``digest``: the weights' sha256
+    when already known (a loaded model's ``unembed_hash``, the same bytes' hash), so a job does
+    not hash the unembedding again.
     """
     check_weight(weight)
     hidden = weight.shape[1]
     resolve_k(hidden, k)
-    digest = weights_hash(weight)
+    digest = weights_hash(weight) if digest is None else digest
     path = _cache_path(cache_dir, digest)
     metadata = _metadata(weight, digest)
     entry = _load_entry(path, metadata, hidden)

@@ -99,6 +99,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_HASHED: dict[tuple[str, int, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """:func:`sha256_file`, kept per (path, size, mtime, inode) in this process: every job of a
+    sweep verifies the same packaged wheel, and a file rewritten since changes its stat."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
 def _wheel_name(spec: str) -> tuple[str, str]:
     if "==" not in spec:
         raise AssetError(f"wheel spec {spec!r} must pin a version as name==version")
@@ -114,7 +127,7 @@ def fetch_wheel(spec: str, sha256: str, root: Path) -> Path:
     wheel_dir = root / "wheels"
     stem = f"{name.replace('-', '_')}-{version}-"
     for existing in sorted(wheel_dir.glob(f"{stem}*.whl")):
-        if sha256_file(existing) == sha256:
+        if _file_sha256(existing) == sha256:
             return existing
         existing.unlink()  # a corrupted or partial download: fetch again
     writable_folder(wheel_dir)

@@ -48,7 +48,8 @@ __all__ = [
     "HUB_PROBE_TIMEOUT_S", "TOKENIZER_FILES", "LoadedModel", "ModelConfig", "ModelConfigError",
     "ModelShape", "available_devices", "check_architecture", "check_device",
     "check_loading_info", "check_source", "check_tokenizer_files", "check_weights",
-    "get_adapter", "hub_endpoint", "hub_offline", "hub_reachable", "load_model", "load_tokenizer",
+    "get_adapter", "held_model", "hub_endpoint", "hub_offline", "hub_reachable", "load_model",
+    "load_tokenizer",
     "model_shape", "resolve_device", "resolve_dtype", "resolve_source", "tensor_hash",
     "weights_fingerprint", "wrap_model",
 ]
@@ -185,6 +186,13 @@ def _reuse_key(config: ModelConfig, cache_dir: str | Path | None) -> str:
                        "device_map": config.device_map, "trust_remote_code": config.trust_remote_code,
                        "source": source, "device": device, "dtype": str(dtype),
                        "files": _source_stamp(source, config)}, sort_keys=True, default=str)
+
+
+def held_model(cfg: ModelConfig, cache_dir: str | Path | None = None) -> LoadedModel | None:
+    """The model :func:`load_model` would hand back without loading (same resolved source and
+    files, device, dtype, revision), or None: a job of a sweep takes its tokenizer from it
+    instead of reading the tokenizer files again."""
+    return _LOADED.get(_reuse_key(cfg, cache_dir))
 
 
 def load_model(cfg: ModelConfig, cache_dir: str | Path | None = None,

@@ -415,6 +415,7 @@ def _matched(table: pd.DataFrame, reader: LastLayerReader, randoms: np.ndarray,
     zero = list(etas).index(0.0)
     unsteered = swept[0, zero]
     unsteered_log = log_probs(unsteered)
+    read = reader.sweep(randoms)  # each direction's products once, for every trial eta
     rows = []
     for row in table.to_dict("records"):
         e = list(etas).index(row["eta"])
@@ -422,15 +423,14 @@ def _matched(table: pd.DataFrame, reader: LastLayerReader, randoms: np.ndarray,
         target = float(effect(swept[0, e], unsteered, settings.match))
 
         def effect_of(multiple: np.ndarray, which: np.ndarray, eta: float = eta) -> np.ndarray:
-            return effect(reader.logits(randoms[which], multiple * eta), unsteered,
-                          settings.match, unsteered_log)
+            return effect(read(which, multiple * eta), unsteered, settings.match, unsteered_log)
 
         multiples = match_scales(effect_of, target, len(randoms), settings.match_max_factor,
                                  settings.match_tol)
         matched = np.full((len(randoms), *unsteered.shape), np.nan)
         ok = ~np.isnan(multiples)
         if ok.any():
-            matched[ok] = reader.logits(randoms[ok], multiples[ok] * eta)
+            matched[ok] = read(np.flatnonzero(ok), multiples[ok] * eta)
         draws.extend({"eta": row["eta"], "direction": d + 1, "matched_multiple": float(x)}
                      for d, x in enumerate(multiples))
         rows.append({**row, **matched_null(row["c_hat_delta_ece"], matched, unsteered,
