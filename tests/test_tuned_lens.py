@@ -5,6 +5,7 @@ load by ``lens.path``, and bad settings are one line."""
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import pytest
 import torch
