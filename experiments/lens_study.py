@@ -15,6 +15,7 @@ phases and the KL at three depths. Run from the repository root::
     python experiments/lens_study.py [--out experiments/lens_study] [--models smollm2 gemma3_270m]
         [--datasets sst2 rotten_tomatoes mmlu arc_easy] [--limit 200] [--threads 1]
         [--text truthfulqa|prompts] [--pairs 240] [--lens lens.steps=40 ...]
+    python experiments/lens_study.py --tables | --figures   # from OUT's committed results
 
 Uses the same code a job uses (``calibrate.job.prepare``, ``JobContext.readout``, the probe
 scoring and ``measure``); fitted lenses are cached in the calibrate cache, so a rerun is reads only.
@@ -164,6 +165,37 @@ def tables(out: Path) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(kl_lines) + "\n"
 
 
+def figures(out: Path) -> list[Path]:
+    """One PNG per model x dataset in ``OUT/<model>/<dataset>/layers.png``: accuracy and ECE per
+    layer under every lens that read it, with the 95% bootstrap intervals as bands."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    written = []
+    for folder in sorted(p for p in out.glob("*/*") if list(p.glob("layers_*.csv"))):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+        for lens in LENSES:
+            path = folder / f"layers_{lens}.csv"
+            if not path.exists():
+                continue
+            t = pd.read_csv(path)
+            for ax, metric in zip(axes, ("accuracy", "ece")):
+                line, = ax.plot(t["layer"], t[metric], marker=".", label=lens)
+                ax.fill_between(t["layer"], t[f"{metric}_lo"], t[f"{metric}_hi"], alpha=0.15,
+                                color=line.get_color())
+        for ax, metric in zip(axes, ("accuracy", "ECE")):
+            ax.set_xlabel("layer")
+            ax.set_ylabel(metric)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{folder.parent.name} × {folder.name}: every layer under every lens "
+                     "(95% bootstrap bands)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(folder / "layers.png", dpi=90)
+        plt.close(fig)
+        written.append(folder / "layers.png")
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,9 +209,15 @@ def main() -> None:
                         help="--text truthfulqa: question-answer pairs of the text (of 817)")
     parser.add_argument("--lens", nargs="*", default=[], help="tuned-lens settings (key=value)")
     parser.add_argument("--tables", action="store_true", help="print OUT's tables and stop")
+    parser.add_argument("--figures", action="store_true",
+                        help="write OUT/<model>/<dataset>/layers.png and stop")
     args = parser.parse_args()
     if args.tables:
         print(tables(Path(args.out)))
+        return
+    if args.figures:
+        for path in figures(Path(args.out)):
+            print(path)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

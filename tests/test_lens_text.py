@@ -14,6 +14,7 @@ from calibrate.errors import ConfigError
 from calibrate.model.load import wrap_model
 from calibrate.readouts import lens_text
 from calibrate.readouts.readout_kind import ReadoutSource
+from calibrate.readouts.translators import TranslatedLens
 from calibrate.readouts.tuned_lens import TunedLensSettings
 from calibrate.tasks.prompts import PromptSet
 
@@ -95,6 +96,25 @@ def test_layer_kl_is_the_kl_to_the_models_own_distribution(model_type, word_toke
                                                   all_ids)[:, 0].double(), -1)
         expected = (logp.exp() * (logp - logq)).sum(-1).mean()
         assert got[layer] == pytest.approx(float(expected), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("rows", [1, 1 << 30])  # one layer per unembedding matmul, or all
+def test_layer_kl_through_translators_is_each_layers_own_kl(rows, word_tokenizer, monkeypatch):
+    loaded = wrap_model(build_tiny("llama", len(word_tokenizer)), word_tokenizer, name="tiny")
+    gen = torch.Generator().manual_seed(3)
+    residual = torch.randn(70, 4, 32, generator=gen) * 2  # two chunks of KL_CHUNK tokens
+    translated = TranslatedLens(loaded.adapter, torch.randn(3, 32, 32, generator=gen) * 0.2,
+                                torch.randn(3, 32, generator=gen), "random")
+    lens = LogitLens(loaded.adapter)
+    monkeypatch.setattr(lens_text, "KL_ROWS", rows)
+    got = lens_text.layer_kl(lens, residual, translated.prepare)
+    logp = torch.log_softmax(lens_text.full_logits(
+        lens, lens.normalize(residual[:, -1])).double(), -1)
+    for layer in range(3):
+        normed = translated.prepare(residual[:, layer:layer + 1], [layer])[:, 0]
+        logq = torch.log_softmax(lens_text.full_logits(lens, normed).double(), -1)
+        expected = (logp.exp() * (logp - logq)).sum(-1).mean()
+        assert got[layer] == pytest.approx(float(expected), rel=1e-9, abs=1e-12)
 
 
 def test_a_text_file_is_split_at_blank_lines_and_cut_into_windows(word_tokenizer, tmp_path):

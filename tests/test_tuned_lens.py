@@ -4,6 +4,8 @@ load by ``lens.path``, and bad settings are one line."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,34 @@ def test_the_gradient_is_the_kls(model_type, word_tokenizer):
     torch.testing.assert_close(kl_part + (p * target).sum(-1), kl.detach().float(), rtol=1e-4,
                                atol=1e-5)
     torch.testing.assert_close(grad, x.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_one_step_moves_every_translator_against_its_layers_kl_gradient(word_tokenizer):
+    """Adam's first step is -lr x sign(gradient): every layer's translator and bias move against
+    the float64 autograd gradient of that layer's KL (one token: the step's sample is it)."""
+    loaded = sharp_lm("llama", word_tokenizer)
+    lens = LogitLens(loaded.adapter)
+    residual = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(1)) * 3
+    settings = TunedLensSettings(steps=1, tokens_per_step=8, lr=1e-3, weight_decay=0.0,
+                                 clip=1e9, train_dtype="float32")
+    w, b, _ = train_translators(lens, residual, settings, seed=0)
+    norm = copy.deepcopy(lens.norm).double()
+    unembed = lens.weight.detach().double()
+    h = residual[0].double()  # [L+1, H]
+    logp = torch.log_softmax(norm(h[-1]) @ unembed.T, -1)
+    gw = torch.zeros(3, 32, 32, dtype=torch.float64, requires_grad=True)
+    gb = torch.zeros(3, 32, dtype=torch.float64, requires_grad=True)
+    total = 0
+    for layer in range(3):
+        logq = torch.log_softmax(norm(h[layer] + gw[layer] @ h[layer] + gb[layer]) @ unembed.T, -1)
+        total = total + (logp.exp() * (logp - logq)).sum()
+    total.backward()
+    for got, grad in ((w, gw.grad), (b, gb.grad)):
+        big = grad.abs() > 1e-3 * grad.abs().max()
+        assert big.sum() > 20
+        assert torch.equal(torch.sign(got[big]).double(), -torch.sign(grad[big]))
+    big = gw.grad.abs() > 1e-3 * gw.grad.abs().max()  # the weight's step is lr in size
+    torch.testing.assert_close(w[big].abs(), torch.full_like(w[big], 1e-3), rtol=1e-3, atol=0)
 
 
 def test_training_is_seeded_and_starts_from_the_identity(word_tokenizer):

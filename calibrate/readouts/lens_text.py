@@ -29,6 +29,8 @@ from calibrate.model.load import LoadedModel
 COLLECT_TOKENS = 2048
 # Tokens per chunk when full-vocabulary logits are formed (bounds [chunk, vocab] float32).
 KL_CHUNK = 64
+# Rows x vocabulary of the float32 logits one KL matmul forms (several layers of a chunk).
+KL_ROWS = 1 << 24
 
 
 @dataclass
@@ -167,22 +169,31 @@ def layer_kl(lens: LogitLens, residual: torch.Tensor,
              ) -> np.ndarray:
     """Mean KL(final layer ‖ lens at layer ℓ) over the tokens of ``residual`` [n, L+1, H], for
     every layer ℓ below the last: [L] float64 nats. The final layer is the logit lens of the
-    last residual (the model's own next-token distribution); ``prepare(h [n, H], [ℓ])`` gives
-    the lens's normed state (default: the logit lens's final norm). The logits are float32 (as
-    every read), the log-softmax and the sums float64 (a KL near 0 is a small difference of
-    two entropies)."""
+    last residual (the model's own next-token distribution); ``prepare(h [n, L', H], layers)``
+    gives the lens's normed states (default: the logit lens's final norm). The logits are
+    float32 (as every read), the log-softmax and the sums float64 (a KL near 0 is a small
+    difference of two entropies). Several layers share one unembedding matmul (up to
+    ``KL_ROWS`` rows of logits), which streams the unembedding fewer times."""
     n_layers = residual.shape[1] - 1
+    vocab = int(lens.weight.shape[0])
+    group = max(1, KL_ROWS // (KL_CHUNK * vocab))  # layers per matmul
     total = np.zeros(n_layers)
     with torch.no_grad():
         for start in range(0, residual.shape[0], KL_CHUNK):
             chunk = residual[start:start + KL_CHUNK].to(lens.device)
+            m = chunk.shape[0]
             target = torch.log_softmax(
                 full_logits(lens, lens.normalize(chunk[:, -1])).double(), -1)
             p = target.exp()
             neg_entropy = (p * target).sum(-1)
-            for layer in range(n_layers):
-                h = chunk[:, layer]
-                normed = lens.normalize(h) if prepare is None else prepare(h[:, None], [layer])[:, 0]
-                logq = torch.log_softmax(full_logits(lens, normed).double(), -1)
-                total[layer] += float((neg_entropy - (p * logq).sum(-1)).sum())
+            below = chunk[:, :-1]
+            normed = (lens.normalize(below) if prepare is None
+                      else prepare(below, list(range(n_layers))))  # [m, L, H]
+            for first in range(0, n_layers, group):
+                part = normed[:, first:first + group].transpose(0, 1)  # [g, m, H]
+                logits = full_logits(lens, part.reshape(-1, part.shape[-1])).view(
+                    part.shape[0], m, -1)
+                for i in range(part.shape[0]):
+                    logq = torch.log_softmax(logits[i].double(), -1)
+                    total[first + i] += float((neg_entropy - (p * logq).sum(-1)).sum())
     return total / max(residual.shape[0], 1)

@@ -158,7 +158,7 @@ def _unembed_grad(lens: LogitLens, normed: torch.Tensor, p: torch.Tensor, unembe
         raw = raw + lens.bias
     z = lens._cap(raw)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    q = torch.exp(z - lse)
+    q = (z - lse).exp_()
     kl_part = lse[:, 0] - (p * z).sum(-1)  # + sum p log p, added by the caller
     g = q.sub_(p)
     if lens.softcap is not None:
@@ -199,15 +199,19 @@ def train_translators(lens: LogitLens, residual: torch.Tensor, settings: TunedLe
             p = target.exp()
             neg_entropy = (p * target).sum(-1)
         opt.zero_grad(set_to_none=False)
+        # the layers' views by unbind and one backward per step: a backward per layer through
+        # w[layer] wrote a zero [L, H, H] gradient each time (the same numbers, bit for bit)
+        ws, bs = w.unbind(0), b_unit.unbind(0)
+        normed, grads = [], []
         total = 0.0
         for layer in range(n_layers):
             h = batch[:, layer]
-            translated = h + h @ w[layer].T + b_unit[layer] * scale[layer]
-            normed = lens.norm(translated)
+            normed.append(lens.norm(h + h @ ws[layer].T + bs[layer] * scale[layer]))
             with torch.no_grad():
-                kl_part, grad = _unembed_grad(lens, normed.detach(), p, weight_u)
-            normed.backward(grad)
+                kl_part, grad = _unembed_grad(lens, normed[-1].detach(), p, weight_u)
+            grads.append(grad)
             total += float((kl_part + neg_entropy).mean())
+        torch.autograd.backward(normed, grads)
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
         opt.step()
         schedule.step()
