@@ -12,15 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
-from test_neuron_ablation import down_module, final_norm
+from test_neuron_ablation import ARMS, down_module, final_norm, lm  # noqa: F401 - lm: fixture
 
 from calibrate.engine.cloze import run_cloze
 from calibrate.engine.cloze_neurons import cloze_final_edits, final_term_mean
 from calibrate.engine.neuron_ablation import NeuronArms, neuron_pass, output_weights
 from calibrate.engine.probe import ProbeSettings
-from calibrate.model.adapters import SUPPORTED_ARCHITECTURES
-from calibrate.model.load import wrap_model
 from calibrate.tasks.continuations import build_requests
 
 CONTEXTS = ["question : the movie was great ? answer :", "question : is this a film ? answer :",
@@ -29,17 +26,6 @@ OPTIONS = [["very good fun", "bad", "not very good ."], ["yes", "no no"],
            ["was fun", "film", "is not very very good , it was bad", "the"],
            ["good", "very bad", "very good", "very good fun , not bad"]]
 SETTINGS = ProbeSettings(progress=False, option_mass="none")
-ARMS = [[(3, 5, 1.0)],                      # the last block: no forward pass
-        [(1, 7, 1.0)],                      # the first block: the blocks above run
-        [(2, 3, 2.5)],                      # a scaled change
-        [(1, 2, 1.0), (3, 9, 1.0)],         # a set across blocks: a hook in block 3
-        [(2, 4, 1.0), (2, 8, 0.5), (3, 1, 1.0)]]
-
-
-@pytest.fixture(params=SUPPORTED_ARCHITECTURES)
-def lm(request, word_tokenizer):
-    return wrap_model(build_tiny(request.param, len(word_tokenizer)), word_tokenizer,
-                      name=f"tiny-{request.param}")
 
 
 def cloze_set(tokenizer, norm: str = "none"):

@@ -278,3 +278,16 @@ def test_paired_intervals_against_hand_resampled_differences():
     assert len(memo) == 1  # layer 1 only: the equal layer needs no resampling
     plain = paired_intervals(ref, arm, labels, n_boot=60, alpha=0.1, seed=11, tested=[False, True])
     pd.testing.assert_frame_equal(table, plain)
+
+
+def test_a_reference_memo_shared_by_other_references_or_seeds_serves_each_its_own():
+    """The memo is keyed by what the reference's replicates come from (its probabilities, the
+    labels, the seed's draws): sharing one across other references or seeds changes nothing."""
+    calibrated, overconfident, labels = arms(120, seed=7)
+    memo: dict = {}
+    for ref, arm, seed in [(calibrated, overconfident, 3), (overconfident, calibrated, 3),
+                           (calibrated, overconfident, 4)]:
+        shared = paired_intervals(ref, arm, labels, n_boot=50, seed=seed, reference_memo=memo)
+        alone = paired_intervals(ref, arm, labels, n_boot=50, seed=seed)
+        pd.testing.assert_frame_equal(shared, alone)
+    assert len(memo) == 3

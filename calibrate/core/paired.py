@@ -26,6 +26,8 @@ above the lowest edited layer (``first_layer``). A tested cell gets ``n_boot_tes
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,13 +97,21 @@ def _replicate_metrics(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, n
             parts[m].append(found[m])
     return {m: np.concatenate(v) for m, v in parts.items()}
 
+
 def _reference_metrics(reference: np.ndarray, layer: int, labels: np.ndarray, rows: np.ndarray,
-                       n_bins: int, binning: str, metrics: tuple[str, ...],
+                       seed: int, n_bins: int, binning: str, metrics: tuple[str, ...],
                        memo: dict | None) -> dict[str, np.ndarray]:
-    """The reference arm's replicate metrics at ``layer`` (through ``memo`` when given)."""
+    """The reference arm's replicate metrics at ``layer`` (through ``memo`` when given, keyed by
+    what they are computed from: the reference column's and labels' bytes, and the resamples,
+    which are the first ``len(rows)`` draws of ``seed`` — so a memo shared by mistake cannot
+    misserve)."""
     if memo is None:
         return _replicate_metrics(reference[:, layer], labels, rows, n_bins, binning, metrics)
-    key = (layer, len(rows), metrics)
+    digest = hashlib.blake2b(repr((reference[:, layer].shape, rows.shape, seed, n_bins, binning,
+                                   metrics)).encode(), digest_size=20)
+    for part in (reference[:, layer], labels):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    key = digest.digest()
     if key not in memo:
         memo[key] = _replicate_metrics(reference[:, layer], labels, rows, n_bins, binning,
                                        metrics)
@@ -182,8 +192,8 @@ def paired_intervals(reference: np.ndarray, arm: np.ndarray, labels: np.ndarray,
             zero = np.zeros(len(rows))
             ref, new = {m: zero for m in metrics}, {m: zero for m in metrics}
         else:
-            ref = _reference_metrics(reference, layer, labels, rows, n_bins, binning, metrics,
-                                     reference_memo)
+            ref = _reference_metrics(reference, layer, labels, rows, seed, n_bins, binning,
+                                     metrics, reference_memo)
             new = _replicate_metrics(arm[:, layer], labels, rows, n_bins, binning, metrics)
         for metric in metrics:
             deltas = new[metric] - ref[metric]

@@ -131,8 +131,8 @@ def _frozen_logprobs(lens: Readout, affine, states: torch.Tensor, deltas: torch.
     out = torch.empty((len(token_state), n_layers), dtype=torch.float64, device=lens.device)
     for start in range(0, states.shape[0], step):
         x = states[start:start + step].to(lens.device, torch.float32)
-        normed = lens.normalize(x) + affine.linear(deltas[start:start + step].to(lens.device)) \
-            / affine.scale(x)
+        normed = lens.normalize(x) + affine.held_scale_shift(
+            x, deltas[start:start + step].to(lens.device))
         lse = lens.vocab_logsumexp(normed)
         sel = ((token_state >= start) & (token_state < start + step)).nonzero().squeeze(1)
         local = token_state[sel] - start

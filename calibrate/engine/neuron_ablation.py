@@ -269,9 +269,8 @@ def _direct(lens: LogitLens, affine, residuals: torch.Tensor, deltas: torch.Tens
     option logits [A', B, n, K]."""
     x = residuals.to(lens.device, torch.float32)
     normed = lens.normalize(x)  # [B, n, H]
-    scale = affine.scale(x)  # [B, n, 1]
     a_count = deltas.shape[0]
-    edited = normed[None] + affine.linear(deltas.to(lens.device)) / scale[None]
+    edited = normed[None] + affine.held_scale_shift(x, deltas.to(lens.device))
     flat = edited.reshape(a_count * x.shape[0], x.shape[1], x.shape[2])
     ids = option_ids.repeat(a_count, 1)
     return lens.option_logits(flat, ids).reshape(a_count, x.shape[0], x.shape[1], -1)

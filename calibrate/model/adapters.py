@@ -218,6 +218,11 @@ class NormAffine:
             delta = delta - delta.mean(-1, keepdim=True)
         return self.gain.to(delta.device) * delta
 
+    def held_scale_shift(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The normed state's change when residuals ``x`` [..., hidden] move by ``delta``
+        (broadcast from the right) with the divisor held at ``scale(x)``: the direct effect."""
+        return self.linear(delta) / self.scale(x)
+
 
 def _rms(norm: nn.Module, offset: float) -> NormAffine:
     eps = getattr(norm, "variance_epsilon", None)
