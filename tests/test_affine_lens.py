@@ -13,6 +13,7 @@ from sklearn.linear_model import Ridge
 from calibrate.errors import ConfigError
 from calibrate.model.load import wrap_model
 from calibrate.readouts import ReadoutSource, build_readout
+from calibrate.readouts import affine_lens
 from calibrate.readouts.affine_lens import AffineLensSettings, RidgeSums
 from calibrate.readouts.tuned_lens import TunedLensSettings
 from calibrate.tasks.prompts import PromptSet
@@ -76,6 +77,44 @@ def test_massive_activations_do_not_break_the_fit():
         w_ref, b_ref = sklearn_fit(x, residual[:, -1].double().numpy(), 0.001)
         np.testing.assert_allclose(weight[layer].numpy(), w_ref, rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(bias[layer].numpy(), b_ref, rtol=1e-3, atol=2e-2)
+
+
+def float64_ridge(residual: torch.Tensor, ridge: float) -> torch.Tensor:
+    """W [L, H, H] of the ridge fit from float64 normal equations on every residual at once."""
+    r = residual.double()
+    weights = []
+    for layer in range(r.shape[1] - 1):
+        x = r[:, layer] - r[:, layer].mean(0)
+        d = r[:, -1] - r[:, layer]
+        d = d - d.mean(0)
+        cov = x.T @ x / len(x)
+        lam = ridge * torch.trace(cov) / x.shape[1]
+        weights.append(torch.linalg.solve(cov + lam * torch.eye(x.shape[1], dtype=r.dtype),
+                                          x.T @ d / len(x)).T)
+    return torch.stack(weights)
+
+
+def test_massive_positions_are_summed_in_float64(monkeypatch):
+    """The positions with a massive activation have their products summed in float64: the fit is
+    then within 2e-5 (relative to its largest weight) of float64 normal equations, where
+    summing them in float32 like the rest (HEAVY_NORM = inf) is 1e-4 off."""
+    gen = torch.Generator().manual_seed(1)
+    n, layers, hidden = 900, 30, 64
+    residual = torch.randn(n, layers + 1, hidden, generator=gen)
+    residual[::30, :, 3] = 2.5e4 + 50 * torch.randn(n // 30, layers + 1, generator=gen)
+    residual[:, -1, :8] += 0.5 * residual[:, 0, 8:16]
+    reference = float64_ridge(residual, 0.001)
+
+    def error() -> float:
+        sums = RidgeSums()
+        for part in residual.split(128):
+            sums.add(part)
+        weight, _ = sums.solve(0.001)
+        return float((weight.double() - reference).abs().max() / reference.abs().max())
+
+    assert error() < 2e-5
+    monkeypatch.setattr(affine_lens, "HEAVY_NORM", float("inf"))
+    assert error() > 5e-5
 
 
 def reference_residuals(loaded, texts) -> np.ndarray:

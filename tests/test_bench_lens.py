@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from calibrate.bench.lens_bench import depths, parse_args
+from calibrate.bench.lens_bench import depths, fit_only, parse_args
 
 
 def test_depths_are_a_quarter_a_half_and_three_quarters_of_the_layers():
@@ -20,6 +20,8 @@ def test_depths_are_a_quarter_a_half_and_three_quarters_of_the_layers():
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["--rounds", "2", "--fit-rounds", "3"], "--fit-rounds 3 exceeds --rounds 2"),
+    (["--fits", "affine,logit"], "--fits 'affine,logit': accepted: affine, tuned or both"),
+    (["--fits", ","], "--fits ',': accepted"),
 ])
 def test_bad_arguments_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -44,8 +46,20 @@ def test_ratios_are_per_round_medians():
 
     # the load triples after round 1: per-round ratios keep it out
     times = {"probe": [10.0, 30.0, 30.0], "tuned_read": [12.0, 33.0, 39.0],
-             "tuned_fit": [100.0], "affine_fit": [20.0]}
+             "tuned_fit": [100.0], "affine_fit": [20.0], "affine_fit_only": [15.0]}
     out = ratios(times)
     assert out["tuned_read_over_probe"] == pytest.approx(1.2)  # median of 1.2, 1.1, 1.3
     assert out["tuned_fit_over_probe"] == pytest.approx(10.0)
     assert out["affine_fit_over_probe"] == pytest.approx(2.0)
+    assert out["affine_fit_only_over_probe"] == pytest.approx(1.5)
+    assert "tuned_fit_only_over_probe" not in out
+
+
+def test_the_fits_are_both_by_default_or_those_named():
+    assert parse_args([]).fits == ["affine", "tuned"]
+    assert parse_args(["--fits", "affine"]).fits == ["affine"]
+
+
+def test_a_fit_without_its_report_is_the_rest_of_its_breakdown():
+    assert fit_only({"fit": 40.0, "kl_report": 20.0}) == 40.0
+    assert fit_only({"residuals": 30.0, "training": 70.0, "kl_report": 20.0}) == 100.0

@@ -115,6 +115,10 @@ def test_layer_kl_through_translators_is_each_layers_own_kl(rows, word_tokenizer
         logq = torch.log_softmax(lens_text.full_logits(lens, normed).double(), -1)
         expected = (logp.exp() * (logp - logq)).sum(-1).mean()
         assert got[layer] == pytest.approx(float(expected), rel=1e-9, abs=1e-12)
+    # several lenses in one pass: each its own KL
+    both = lens_text.layer_kls(lens, residual, {"logit": None, "translated": translated.prepare})
+    np.testing.assert_array_equal(both["translated"], got)
+    np.testing.assert_array_equal(both["logit"], lens_text.layer_kl(lens, residual))
 
 
 def test_a_text_file_is_split_at_blank_lines_and_cut_into_windows(word_tokenizer, tmp_path):

@@ -124,7 +124,9 @@ def residual_batches(loaded: LoadedModel, sequences: Sequence[Sequence[int]],
                      budget: int = COLLECT_TOKENS) -> Iterator[torch.Tensor]:
     """Residuals [n, L+1, H] (float32, the model's device) of every layer at the kept positions
     of each sequence (default: all), batch by batch; one forward pass each, left-padded with
-    explicit positions as the probe runs."""
+    explicit positions as the probe runs, each sequence cut after its last kept position. The
+    batches are planned on the whole sequences (rows come back in the same order however many
+    positions are kept)."""
     keep = [np.arange(len(s)) for s in sequences] if keep is None else keep
     wanted = [i for i, k in enumerate(keep) if len(k)]
     lengths = np.array([len(sequences[i]) for i in wanted])
@@ -132,10 +134,12 @@ def residual_batches(loaded: LoadedModel, sequences: Sequence[Sequence[int]],
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     for batch in plan_batches(lengths, settings):
         idx = [wanted[int(b)] for b in batch]
-        ids, mask = left_pad([sequences[i] for i in idx], pad)
+        # causal: a sequence is run up to its last kept position only
+        cut = [sequences[i][:int(keep[i].max()) + 1] for i in idx]
+        ids, mask = left_pad(cut, pad)
         width = ids.shape[1]
         rows = torch.cat([torch.full((len(keep[i]),), r) for r, i in enumerate(idx)])
-        cols = torch.cat([torch.as_tensor(width - len(sequences[i]) + keep[i]) for i in idx])
+        cols = torch.cat([torch.as_tensor(width - len(c) + keep[i]) for c, i in zip(cut, idx)])
         rows, cols = rows.to(loaded.device), cols.to(loaded.device)
         with torch.inference_mode(), capture_layers(
                 loaded.adapter, lambda hidden, r=rows, c=cols: hidden[r, c]) as store:
@@ -174,10 +178,18 @@ def layer_kl(lens: LogitLens, residual: torch.Tensor,
     float32 (as every read), the log-softmax and the sums float64 (a KL near 0 is a small
     difference of two entropies). Several layers share one unembedding matmul (up to
     ``KL_ROWS`` rows of logits), which streams the unembedding fewer times."""
+    return layer_kls(lens, residual, {"kl": prepare})["kl"]
+
+
+def layer_kls(lens: LogitLens, residual: torch.Tensor,
+              prepares: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor] | None]
+              ) -> dict[str, np.ndarray]:
+    """:func:`layer_kl` of several lenses (name: prepare, None for the logit lens) on the same
+    residuals, the final layer's distribution computed once per chunk."""
     n_layers = residual.shape[1] - 1
     vocab = int(lens.weight.shape[0])
     group = max(1, KL_ROWS // (KL_CHUNK * vocab))  # layers per matmul
-    total = np.zeros(n_layers)
+    totals = {name: np.zeros(n_layers) for name in prepares}
     with torch.no_grad():
         for start in range(0, residual.shape[0], KL_CHUNK):
             chunk = residual[start:start + KL_CHUNK].to(lens.device)
@@ -187,13 +199,14 @@ def layer_kl(lens: LogitLens, residual: torch.Tensor,
             p = target.exp()
             neg_entropy = (p * target).sum(-1)
             below = chunk[:, :-1]
-            normed = (lens.normalize(below) if prepare is None
-                      else prepare(below, list(range(n_layers))))  # [m, L, H]
-            for first in range(0, n_layers, group):
-                part = normed[:, first:first + group].transpose(0, 1)  # [g, m, H]
-                logits = full_logits(lens, part.reshape(-1, part.shape[-1])).view(
-                    part.shape[0], m, -1)
-                for i in range(part.shape[0]):
-                    logq = torch.log_softmax(logits[i].double(), -1)
-                    total[first + i] += float((neg_entropy - (p * logq).sum(-1)).sum())
-    return total / max(residual.shape[0], 1)
+            for name, prepare in prepares.items():
+                normed = (lens.normalize(below) if prepare is None
+                          else prepare(below, list(range(n_layers))))  # [m, L, H]
+                for first in range(0, n_layers, group):
+                    part = normed[:, first:first + group].transpose(0, 1)  # [g, m, H]
+                    logits = full_logits(lens, part.reshape(-1, part.shape[-1])).view(
+                        part.shape[0], m, -1)
+                    for i in range(part.shape[0]):
+                        logq = torch.log_softmax(logits[i].double(), -1)
+                        totals[name][first + i] += float((neg_entropy - (p * logq).sum(-1)).sum())
+    return {name: total / max(residual.shape[0], 1) for name, total in totals.items()}

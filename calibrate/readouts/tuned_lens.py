@@ -258,9 +258,9 @@ def kl_report(lens: LogitLens, readout: TranslatedLens, held: torch.Tensor, name
     """Per-layer KL to the final layer on held-out residuals: the logit lens's and this lens's."""
     if held.shape[0] == 0:
         return None
+    kl = lens_text.layer_kls(lens, held, {"logit": None, name: readout.prepare})
     return {"layer": list(range(held.shape[1] - 1)), "tokens": int(held.shape[0]),
-            "logit": [float(v) for v in lens_text.layer_kl(lens, held)],
-            name: [float(v) for v in lens_text.layer_kl(lens, held, readout.prepare)]}
+            **{key: [float(v) for v in values] for key, values in kl.items()}}
 
 
 def held_out_residuals(loaded: Any, text: lens_text.TrainingText, held: np.ndarray,
