@@ -199,3 +199,40 @@ def test_layer_table_serves_repeated_layers_and_recomputes_changed_ones() -> Non
     assert table.loc[1, "smece"] != first.loc[1, "smece"]
     assert table.loc[1, "aurc"] != first.loc[1, "aurc"]
     assert table.drop(index=1).equals(first.drop(index=1))
+
+
+def test_smooth_ece_takes_its_final_value_from_the_search_bit_for_bit(monkeypatch) -> None:
+    """The final sigma was tried by the bandwidth search, so its smECE_sigma is not computed
+    twice: the value equals the plain search's (every sigma computed when asked), and no sigma
+    is computed more than once."""
+    smooth_at = X._smooth_at
+
+    def plain(conf: np.ndarray, corr: np.ndarray) -> float:
+        residual = conf - corr
+        sigma = 1.0
+        if not (sigma < smooth_at(conf, residual, sigma)):
+            start, end = 1.0, 0.0
+            for _ in range(10):
+                mid = (start + end) / 2
+                if mid < X._SEARCH_EPS or mid < smooth_at(conf, residual, mid):
+                    end = mid
+                else:
+                    start = mid
+            sigma = start
+        return smooth_at(conf, residual, sigma)
+
+    calls: list[float] = []
+
+    def counted(conf, residual, sigma):
+        calls.append(sigma)
+        return smooth_at(conf, residual, sigma)
+
+    for seed, (n, gap) in enumerate([(50, 0.1), (400, 0.0), (3000, 0.2), (7, -0.3)]):
+        conf, correct = _sample(np.random.default_rng(seed), n, gap)
+        want = plain(conf, correct)
+        calls.clear()
+        monkeypatch.setattr(X, "_smooth_at", counted)
+        got = X._smooth(conf, correct)
+        monkeypatch.setattr(X, "_smooth_at", smooth_at)
+        assert got == want
+        assert len(calls) == len(set(calls))

@@ -96,3 +96,47 @@ def test_coordinate_shares_by_hand():
     np.testing.assert_array_equal(out["without_massive"], [0.8, 0.0, 0.0, 0.0, 0.0])
     two = coordinate_shares(direction, residuals, top_k=2, ratio=100.0)
     assert two["top_coordinates"] == [0, 2] and two["share_top_k"] == pytest.approx(1.0)
+
+
+def _reference_log_probs(logits):
+    """log_probs and example_kl as first written (numpy's reductions, a temporary per step)."""
+    x = np.asarray(logits, dtype=np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _reference_kl(edited, base, base_log=None):
+    log_e = _reference_log_probs(edited)
+    log_b = _reference_log_probs(base) if base_log is None else base_log
+    p_e = np.exp(log_e)
+    present = p_e > 0
+    gap = np.where(present, log_e, 0.0) - np.where(present & np.isfinite(log_b), log_b, 0.0)
+    return np.where(present, p_e * gap, 0.0).sum(axis=-1)
+
+
+def test_log_probs_and_kl_equal_the_reference_expressions_bit_for_bit():
+    """The in-place, option-sliced computation gives the same float64 values as the plain
+    expressions: directions x examples x options, options missing in the base, the edit or
+    both, a whole row missing, float32 input, and an edited array broadcast against the base."""
+    from calibrate.core.effects import log_probs
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((30, 3)) * 4
+    edited = base + rng.standard_normal((7, 30, 3)) * 2
+    base[2, 1] = edited[:, 2, 1] = -np.inf  # missing in both
+    base[4, 2] = -np.inf  # in the edit only
+    edited[:, 5, 0] = -np.inf  # in the base only
+    edited[1, 6, 0] = 80.0  # p_e of the other options underflows to 0
+    cases = [(edited, base), (edited[0], base), (edited.astype(np.float32), base),
+             (edited[:, :1], base[:1]), (edited[0, :1], base)]
+    for e, b in cases:
+        want = _reference_kl(e, b)
+        got = example_kl(e, b)
+        assert got.shape == want.shape and np.array_equal(got, want)
+        got = example_kl(e, b, log_probs(b))
+        assert np.array_equal(got, _reference_kl(e, b, _reference_log_probs(b)))
+        assert np.array_equal(log_probs(e), _reference_log_probs(e))
+    with np.errstate(invalid="ignore"):  # a row with no option at all: NaN in both
+        empty = np.full((1, 3), -np.inf)
+        assert np.array_equal(log_probs(empty), _reference_log_probs(empty), equal_nan=True)
+        assert np.array_equal(example_kl(empty, base[:1]), _reference_kl(empty, base[:1]))

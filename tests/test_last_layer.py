@@ -124,3 +124,44 @@ def test_sweep_reads_what_logits_reads_one_direction_at_a_time(tiny):
         if path == "exact":
             exact_read = read
     np.testing.assert_allclose(exact_read, read, rtol=2e-4, atol=2e-4)  # the two paths agree
+
+
+def _reference_combine(reader, b, q1, q2, grid, rows):
+    """LastLayerReader._combine as first written: the expression with a temporary per step."""
+    slot = reader._slot[rows]
+    num_a = reader._a[rows][None, None]
+    num_b = b[:, slot][:, None]
+    s = grid[:, :, None, None]
+    denom = np.sqrt(reader._q0[rows][None, None, :, None] + s * q1[:, None, :, None]
+                    + s ** 2 * q2[:, None, None, None] + reader._form_eps)
+    logits = (num_a + s * num_b) / denom + reader._const[slot][None, None]
+    if reader.lens.softcap is not None:
+        logits = np.tanh(logits / reader.lens.softcap) * reader.lens.softcap
+    return np.where(reader.ids[rows][None, None] < 0, -np.inf, logits)
+
+
+def test_the_exact_read_equals_its_expression_bit_for_bit(tiny, monkeypatch):
+    """The in-place read gives the expression's float64 values, with and without soft-capping
+    and with a missing option slot (-inf), for a subset of rows and many scales."""
+    from calibrate.engine.last_layer import LastLayerReader
+
+    ps = prompts(tiny.tokenizer)
+    last = tiny.adapter.num_blocks
+    base = run_probe(tiny, ps, ProbeSettings(progress=False).keeping((last,)))
+    hidden = tiny.adapter.unembed_weight.shape[1]
+    reader = LastLayerReader(tiny, base.residuals[last], ps.option_ids)
+    assert reader.exact
+    vectors = np.stack([unit(hidden, s) for s in range(4)])
+    grid = np.array([[0.0, 0.5, -3.0], [1.0, 2.0, 40.0], [0.1, -0.2, 0.3], [5.0, 0.0, -1.0]])
+    rows = np.array([3, 0, 2])
+    products = reader._products(vectors, rows)
+    for softcap in (None, 3.0):
+        monkeypatch.setattr(reader.lens, "softcap", softcap)
+        for ids in (reader.ids, np.where(np.arange(reader.ids.size).reshape(reader.ids.shape)
+                                         == 1, -1, reader.ids)):
+            monkeypatch.setattr(reader, "ids", ids)
+            got = reader._combine(*products, grid, rows)
+            want = _reference_combine(reader, *products, grid, rows)
+            assert got.shape == want.shape == (4, 3, 3, ids.shape[1])
+            assert np.array_equal(got, want)
+    assert np.isneginf(got[:, :, 1, 1]).all()  # rows[1] is example 0, whose option 1 is gone

@@ -291,3 +291,26 @@ def test_a_reference_memo_shared_by_other_references_or_seeds_serves_each_its_ow
         alone = paired_intervals(ref, arm, labels, n_boot=50, seed=seed)
         pd.testing.assert_frame_equal(shared, alone)
     assert len(memo) == 3
+
+
+def test_layers_equal_in_both_arms_get_the_zero_differences_quantiles_and_p_value():
+    """A layer whose arms are equal (below an edit) gets, for every metric, the quantiles and
+    the bootstrap p-value of an all-zero difference of its number of replicates — as if every
+    replicate had been computed — whether it is tested (n_boot_tested) or not (n_boot)."""
+    calibrated, overconfident, labels = arms()
+    reference = np.concatenate([calibrated, calibrated, calibrated], axis=1)
+    arm = np.concatenate([calibrated, overconfident, calibrated], axis=1)
+    table = paired_intervals(reference, arm, labels, n_boot=40, alpha=0.1, seed=2,
+                             tested=[False, True, True], n_boot_tested=90)
+    for layer, replicates in ((0, 40), (2, 90)):
+        zeros = np.zeros(replicates)
+        lo, hi = np.quantile(zeros, [0.05, 0.95])
+        for metric in ("accuracy", "ece", "mce"):
+            assert table.loc[layer, f"delta_{metric}_lo"] == lo
+            assert table.loc[layer, f"delta_{metric}_hi"] == hi
+            assert not table.loc[layer, f"significant_{metric}"]
+    assert np.isnan(table.loc[0, "p_ece"])  # not tested
+    assert table.loc[2, "p_ece"] == bootstrap_p_value(np.zeros(90)) == 1.0
+    alone = paired_intervals(calibrated, overconfident, labels, n_boot=40, alpha=0.1, seed=2,
+                             tested=[True], n_boot_tested=90)
+    pd.testing.assert_series_equal(table.iloc[1], alone.iloc[0], check_names=False)

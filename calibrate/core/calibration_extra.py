@@ -103,9 +103,15 @@ def _smooth(conf: np.ndarray, corr: np.ndarray) -> float:
     within ~1e-16, tests/test_calibration_extra.py) and no matplotlib import."""
     conf = np.asarray(conf, dtype=np.float64)
     residual = conf - np.asarray(corr, dtype=np.float64)
+    found: dict[float, float] = {}  # smECE_sigma per sigma tried: the final sigma was tried
+
+    def at(sigma: float) -> float:
+        if sigma not in found:
+            found[sigma] = _smooth_at(conf, residual, sigma)
+        return found[sigma]
 
     def wide_enough(sigma: float) -> bool:
-        return sigma < _SEARCH_EPS or sigma < _smooth_at(conf, residual, sigma)
+        return sigma < _SEARCH_EPS or sigma < at(sigma)
 
     sigma: float = 1
     if not wide_enough(1):
@@ -117,7 +123,7 @@ def _smooth(conf: np.ndarray, corr: np.ndarray) -> float:
             else:
                 start = mid
         sigma = start
-    return _smooth_at(conf, residual, sigma)
+    return at(sigma)
 
 
 def adaptive_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:

@@ -24,14 +24,17 @@ from collections.abc import Callable
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from calibrate.core.option_scores import option_max, option_sum
+
 EFFECTS = ("kl", "confidence")
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:
     """log softmax over the last axis in float64 (-inf slots stay -inf)."""
     x = np.asarray(logits, dtype=np.float64)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    shifted = x - option_max(x)[..., None]
+    # in place: the same values as ``shifted - log(sum exp)``, without another temporary
+    return np.subtract(shifted, np.log(option_sum(np.exp(shifted)))[..., None], out=shifted)
 
 
 def example_kl(edited: np.ndarray, base: np.ndarray,
@@ -42,8 +45,16 @@ def example_kl(edited: np.ndarray, base: np.ndarray,
     log_b = log_probs(base) if base_log is None else base_log
     p_e = np.exp(log_e)
     present = p_e > 0
-    gap = np.where(present, log_e, 0.0) - np.where(present & np.isfinite(log_b), log_b, 0.0)
-    return np.where(present, p_e * gap, 0.0).sum(axis=-1)
+    # Where p_e > 0 the term is p_e * (log p_e - log p_b), log p_b read as 0 where the base has
+    # no such option; elsewhere 0. Computed in place in log_e's buffer (the searches call this
+    # on [directions, N, K] arrays, whose temporaries cost more than the arithmetic).
+    known = np.where(np.isfinite(log_b), log_b, 0.0)
+    own = np.broadcast_shapes(log_e.shape, known.shape) == log_e.shape
+    term = np.subtract(log_e, known, out=log_e if own else None)
+    with np.errstate(invalid="ignore"):  # 0 * -inf where p_e == 0: set to 0 just below
+        np.multiply(p_e, term, out=term)
+    np.copyto(term, 0.0, where=~present)
+    return option_sum(term)
 
 
 def effect(edited: np.ndarray, base: np.ndarray, kind: str,

@@ -184,20 +184,29 @@ def paired_intervals(reference: np.ndarray, arm: np.ndarray, labels: np.ndarray,
     idx = resample_indices(n, most, seed)
     out = {f"delta_{m}_{end}": np.empty(layers) for m in metrics for end in ("lo", "hi")}
     p_values = {m: np.full(layers, np.nan) for m in metrics}
+    levels = [alpha / 2, 1 - alpha / 2]
+    zeros: dict[int, tuple[np.ndarray, float]] = {}  # per number of replicates
     for layer in range(layers):
         rows = idx[:(n_boot_tested or n_boot)] if marks[layer] else idx[:n_boot]
         if np.array_equal(arm[:, layer], reference[:, layer]):
             # the same probabilities (a layer below an edit): every replicate's difference is
-            # exactly 0, as computing both arms would give
-            zero = np.zeros(len(rows))
-            ref, new = {m: zero for m in metrics}, {m: zero for m in metrics}
-        else:
-            ref = _reference_metrics(reference, layer, labels, rows, seed, n_bins, binning,
-                                     metrics, reference_memo)
-            new = _replicate_metrics(arm[:, layer], labels, rows, n_bins, binning, metrics)
+            # exactly 0, as computing both arms would give, for every metric; the quantiles and
+            # p-value of those zeros are taken once per number of replicates
+            if len(rows) not in zeros:
+                deltas = np.zeros(len(rows))
+                zeros[len(rows)] = (np.quantile(deltas, levels), bootstrap_p_value(deltas))
+            (lo, hi), p_zero = zeros[len(rows)]
+            for metric in metrics:
+                out[f"delta_{metric}_lo"][layer], out[f"delta_{metric}_hi"][layer] = lo, hi
+                if marks[layer]:
+                    p_values[metric][layer] = p_zero
+            continue
+        ref = _reference_metrics(reference, layer, labels, rows, seed, n_bins, binning,
+                                 metrics, reference_memo)
+        new = _replicate_metrics(arm[:, layer], labels, rows, n_bins, binning, metrics)
         for metric in metrics:
             deltas = new[metric] - ref[metric]
-            lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2])
+            lo, hi = np.quantile(deltas, levels)
             out[f"delta_{metric}_lo"][layer], out[f"delta_{metric}_hi"][layer] = lo, hi
             if marks[layer]:
                 p_values[metric][layer] = bootstrap_p_value(deltas)

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize, minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import softmax
 
 from calibrate import values
 from calibrate.core.metrics import NLL_FLOOR, MetricSettings, bin_index, layer_table
-from calibrate.core.option_scores import option_probabilities
+from calibrate.core.option_scores import option_log_softmax, option_probabilities
 from calibrate.core.paired import METRICS as PAIRED
 from calibrate.core.paired import adjust_table, paired_intervals
 from calibrate.errors import ConfigError
@@ -89,7 +89,7 @@ def _check(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the labels under ``softmax(logits / temperature)``."""
     logits, labels = _check(logits, labels)
-    logp = log_softmax(logits / temperature, axis=1)
+    logp = option_log_softmax(logits / temperature)
     return float(-logp[np.arange(len(labels)), labels].mean())
 
 
@@ -179,7 +179,7 @@ def fit_vector(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = theta[:k], theta[k:]
         scores = np.where(present, w * z + b, -np.inf)
-        logp = log_softmax(scores, axis=1)
+        logp = option_log_softmax(scores)
         p = np.exp(logp)
         grad_scores = np.where(present, p, 0.0)
         grad_scores[rows, labels] -= 1.0

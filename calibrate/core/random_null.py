@@ -20,7 +20,7 @@ import pandas as pd
 
 from calibrate.core.effects import effect
 from calibrate.core.nullspace import random_unit_vectors
-from calibrate.core.option_scores import option_probabilities
+from calibrate.core.option_scores import option_argmax, option_max, option_probabilities
 from calibrate.core.paired import binned_errors
 
 
@@ -29,7 +29,7 @@ def final_metrics(logits: np.ndarray, labels: np.ndarray, n_bins: int,
     """accuracy, ECE, MCE of option logits [..., N, K], vectorised over the leading axes."""
     lead = logits.shape[:-2]
     probs = option_probabilities(logits.reshape(-1, *logits.shape[-2:]))
-    conf, right = probs.max(-1), probs.argmax(-1) == labels
+    conf, right = option_max(probs), option_argmax(probs) == labels
     ece, mce = binned_errors(conf, right, n_bins, binning)
     return {"accuracy": right.mean(-1).reshape(lead), "ece": ece.reshape(lead),
             "mce": mce.reshape(lead)}

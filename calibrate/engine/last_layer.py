@@ -176,12 +176,27 @@ class LastLayerReader:
         num_a = self._a[rows][None, None]  # [1, 1, n, K]
         num_b = b[:, slot][:, None]  # [D, 1, n, K]
         s = grid[:, :, None, None]  # [D, E, 1, 1]
-        denom = np.sqrt(self._q0[rows][None, None, :, None] + s * q1[:, None, :, None]
-                        + s ** 2 * q2[:, None, None, None] + self._form_eps)
-        logits = (num_a + s * num_b) / denom + self._const[slot][None, None]
+        # denom = sqrt(q0 + s q1 + s² q2 + eps) and (num_a + s num_b) / denom + c, soft-capped,
+        # each step by step in one buffer: the same values as the expressions, without a
+        # temporary per step (these arrays are [directions, E, n, .] and a search reads them
+        # many times)
+        denom = s * q1[:, None, :, None]
+        np.add(self._q0[rows][None, None, :, None], denom, out=denom)
+        np.add(denom, s ** 2 * q2[:, None, None, None], out=denom)
+        np.add(denom, self._form_eps, out=denom)
+        np.sqrt(denom, out=denom)
+        logits = s * num_b
+        np.add(num_a, logits, out=logits)
+        np.divide(logits, denom, out=logits)
+        np.add(logits, self._const[slot][None, None], out=logits)
         if self.lens.softcap is not None:
-            logits = np.tanh(logits / self.lens.softcap) * self.lens.softcap
-        return np.where(self.ids[rows][None, None] < 0, -np.inf, logits)
+            np.divide(logits, self.lens.softcap, out=logits)
+            np.tanh(logits, out=logits)
+            np.multiply(logits, self.lens.softcap, out=logits)
+        missing = self.ids[rows] < 0
+        if missing.any():
+            np.copyto(logits, -np.inf, where=missing[None, None])
+        return logits
 
     def _read(self, vectors: np.ndarray, grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
         lens = self.lens
