@@ -12,8 +12,7 @@ from sklearn.linear_model import Ridge
 
 from calibrate.errors import ConfigError
 from calibrate.model.load import wrap_model
-from calibrate.readouts import ReadoutSource, build_readout
-from calibrate.readouts import affine_lens
+from calibrate.readouts import ReadoutSource, affine_lens, build_readout
 from calibrate.readouts.affine_lens import AffineLensSettings, RidgeSums
 from calibrate.readouts.tuned_lens import TunedLensSettings
 from calibrate.tasks.prompts import PromptSet

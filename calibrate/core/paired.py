@@ -27,7 +27,6 @@ above the lowest edited layer (``first_layer``). A tested cell gets ``n_boot_tes
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Sequence
 from typing import Any
 
