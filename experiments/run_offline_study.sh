@@ -151,7 +151,7 @@ if step 10; then
       seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes_2000_gemma
   # the full sets (run 2026-12-04, one thread per sweep beside other work): all 10,662 Rotten
   # Tomatoes sentences for both models; all 570 ARC-Easy questions for SmolLM2, its seeds split
-  # over two sweeps run side by side (Gemma's, ~40 min a seed here, did not fit)
+  # over two sweeps run side by side; Gemma's seed 0 only (~35 min a seed here)
   $PY -m calibrate.run -m $seeds model=smollm2 dataset=rotten_tomatoes \
       dataset.local_path=$SHARED/rotten_tomatoes eta=[0,0.02,0.05,0.1] \
       seed=0,1,2,3,4 hydra.sweep.dir=$OUT/seeds/rotten_tomatoes_full
@@ -162,6 +162,8 @@ if step 10; then
       direction.n_random=0 seed=0,1,2 hydra.sweep.dir=$OUT/seeds/arc_easy_cloze_full
   $PY -m calibrate.run -m $seeds model=smollm2 dataset=arc_easy eta=[0,0.02,0.05,0.1] \
       direction.n_random=0 seed=3,4 hydra.sweep.dir=$OUT/seeds/arc_easy_cloze_full_s34
+  $PY -m calibrate.run -m $seeds model=gemma3_270m dataset=arc_easy eta=[0,0.02,0.05,0.1] \
+      direction.n_random=0 seed=0 hydra.sweep.dir=$OUT/seeds/arc_easy_cloze_full_gemma
   $PY -m calibrate report $OUT/seeds/{sst2,sst2_gradient,rotten_tomatoes,arc_easy_cloze} \
       --out $OUT/seeds/report --dpi 60
 fi

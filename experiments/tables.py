@@ -198,6 +198,11 @@ def seed_jobs(sweeps: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mean_sd(d: np.ndarray) -> str:
+    """"+m ± sd" over seeds; one seed has no sd ("—")."""
+    return f"{d.mean():+.4f} ± {d.std(ddof=1):.4f}" if len(d) > 1 else f"{d.mean():+.4f} ± —"
+
+
 def seeds(sweeps: list[str]) -> pd.DataFrame:
     """Across seeds, per model × dataset × method × η (and n evaluated and n random: runs of
     other sizes or nulls are other rows): ΔECE mean ± sd and range, the sign kept, how many
@@ -227,7 +232,7 @@ def seeds(sweeps: list[str]) -> pd.DataFrame:
         rows.append({"model": model, "dataset": dataset, "method": method,
                      "η": f"{eta:g}" if eta != "fit" else f"fit ({min(etas):.3g}–{max(etas):.3g})",
                      "seeds": len(rs), "n eval": rs[0]["m"]["n_evaluation"],
-                     "ΔECE mean ± sd": f"{d.mean():+.4f} ± {d.std(ddof=1):.4f}",
+                     "ΔECE mean ± sd": mean_sd(d),
                      "range": interval(d.min(), d.max()), "sign": sign,
                      "flagged (Holm)": f"{sum(bool(r['row'].get('significant_adjusted_ece')) for r in rs)}/{len(rs)}",
                      "Δacc mean": fmt(np.mean([r["row"]["delta_accuracy"] for r in rs]), 3),
@@ -270,7 +275,7 @@ def seed_baselines(sweeps: list[str]) -> pd.DataFrame:
                          "parameter range": "—" if params.isna().any() else
                          f"{params.min():.3g}–{params.max():.3g}", "raw ECE mean": f"{np.mean([r['ece_before'] for r in rs]):.4f}",
                          "ECE after mean": f"{np.mean([r['ece'] for r in rs]):.4f}",
-                         "ΔECE mean ± sd": f"{d.mean():+.4f} ± {d.std(ddof=1):.4f}",
+                         "ΔECE mean ± sd": mean_sd(d),
                          "paired 95 % per seed": " ".join(interval(r["delta_ece_lo"], r["delta_ece_hi"])
                                                           for r in rs),
                          "flagged (Holm)": f"{sum(bool(r['significant_adjusted_ece']) for r in rs)}/{len(rs)}",
