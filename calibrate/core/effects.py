@@ -24,17 +24,14 @@ from collections.abc import Callable
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from calibrate.core.option_scores import option_max, option_sum
+from calibrate.core.option_scores import option_log_softmax, option_max, option_sum
 
 EFFECTS = ("kl", "confidence")
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:
     """log softmax over the last axis in float64 (-inf slots stay -inf)."""
-    x = np.asarray(logits, dtype=np.float64)
-    shifted = x - option_max(x)[..., None]
-    # in place: the same values as ``shifted - log(sum exp)``, without another temporary
-    return np.subtract(shifted, np.log(option_sum(np.exp(shifted)))[..., None], out=shifted)
+    return option_log_softmax(np.asarray(logits, dtype=np.float64))
 
 
 def example_kl(edited: np.ndarray, base: np.ndarray,
@@ -67,7 +64,7 @@ def effect(edited: np.ndarray, base: np.ndarray, kind: str,
     log_b = log_probs(base) if base_log is None else base_log
     if kind == "kl":
         return example_kl(edited, base, log_b).mean(axis=-1)
-    top_e = np.exp(log_probs(edited)).max(axis=-1)
+    top_e = option_max(np.exp(log_probs(edited)))
     top_b = np.exp(log_b).max(axis=-1)
     return np.abs(top_e - top_b).mean(axis=-1)
 

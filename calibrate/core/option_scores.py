@@ -87,7 +87,7 @@ def option_log_softmax(x: np.ndarray) -> np.ndarray:
     tmp = x - top
     with np.errstate(divide="ignore"):
         out = np.log(option_sum(np.exp(tmp))[..., None])
-    return tmp - out
+    return np.subtract(tmp, out, out=tmp)  # in place: no temporary on [directions, N, K] arrays
 
 
 def option_mass(option_logits: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:

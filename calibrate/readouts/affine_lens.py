@@ -14,7 +14,8 @@ The tokens are the tuned lens's (:mod:`.tuned_lens`): the calibration split's pr
 sample, so ``lens=affine`` and ``lens=tuned`` with the same seed fit on the same positions. The
 sums are accumulated batch by batch (:class:`RidgeSums`: float32 products, float64 for positions
 with a massive activation, float64 totals, on residuals shifted by the first batch's medians),
-never holding every residual at once; the normal equations are solved in float64. Cached and saved like the tuned lens (its file format, ``<cache>/lenses/affine/``).
+never holding every residual at once; the normal equations are solved in float64. Cached and
+saved like the tuned lens (its file format, ``<cache>/lenses/affine/``).
 """
 
 from __future__ import annotations
